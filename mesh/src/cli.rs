@@ -1,0 +1,410 @@
+//! The `mesh` command line: run a node, publish, subscribe, list peers, run
+//! the demo and the benchmarks.
+//!
+//! This is binary code that lives in the library so that both the `mesh`
+//! binary and the workspace root's binary (`cargo run -- ...`) share it.
+
+#![allow(missing_docs)]
+
+use std::{
+    path::PathBuf,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+use base64::Engine as _;
+use clap::{Args, Parser, Subcommand};
+use futures::StreamExt;
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::{Message, Multiaddr, Node};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "mesh",
+    version,
+    about = "A brokerless peer-to-peer messaging mesh"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run a long-lived node until interrupted.
+    Node {
+        #[command(flatten)]
+        net: NetArgs,
+        /// Keep the node identity in this directory.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Subscribe to a pattern and print each message as a JSON line.
+    Sub {
+        /// Pattern: dot-separated segments, `*` for one segment, `>` for the rest.
+        pattern: String,
+        /// Exit after this many messages.
+        #[arg(long)]
+        count: Option<u64>,
+        #[command(flatten)]
+        net: NetArgs,
+    },
+    /// Publish a message (or several) and exit once peers have it.
+    Pub {
+        /// Topic: dot-separated segments.
+        topic: String,
+        /// The payload.
+        message: String,
+        /// Publish this many copies (numbered if more than one).
+        #[arg(long, default_value_t = 1)]
+        count: u64,
+        /// Pad or cut the payload to this many bytes.
+        #[arg(long)]
+        size: Option<usize>,
+        #[command(flatten)]
+        net: NetArgs,
+    },
+    /// List the peers of the mesh.
+    Peers {
+        #[command(flatten)]
+        net: NetArgs,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a few local peers, exchange messages, print a summary.
+    Demo,
+    /// Benchmarks.
+    Bench {
+        #[command(subcommand)]
+        which: BenchCmd,
+    },
+    /// (internal) the remote side of a benchmark.
+    #[command(hide = true)]
+    BenchPeer {
+        #[arg(long)]
+        mode: String,
+        #[arg(long)]
+        messages: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCmd {
+    /// Pub/sub between two processes on loopback.
+    Pubsub {
+        /// Transport (only `quic` for now).
+        #[arg(long, default_value = "quic")]
+        transport: String,
+        /// Payload size in bytes.
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        /// Messages to send.
+        #[arg(long, default_value_t = 2_000_000)]
+        messages: u64,
+        /// `throughput` or `pingpong`.
+        #[arg(long, default_value = "throughput")]
+        pattern: String,
+        /// Print only the JSON result line.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args, Clone)]
+struct NetArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "/ip4/0.0.0.0/udp/0/quic-v1")]
+    listen: Multiaddr,
+    /// Peer to join through (repeatable), e.g. /ip4/127.0.0.1/udp/4001/quic-v1/p2p/12D3...
+    #[arg(long)]
+    bootstrap: Vec<Multiaddr>,
+    /// Do not use mDNS discovery.
+    #[arg(long)]
+    no_mdns: bool,
+    /// How long to look for a peer before giving up (seconds).
+    #[arg(long, default_value_t = 5.0)]
+    timeout: f64,
+}
+
+impl NetArgs {
+    fn builder(&self) -> crate::Builder {
+        let mut b = Node::builder()
+            .listen(self.listen.clone())
+            .mdns(!self.no_mdns);
+        for addr in &self.bootstrap {
+            b = b.bootstrap(addr.clone());
+        }
+        b.join_timeout(self.timeout())
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_secs_f64(self.timeout.max(0.0))
+    }
+
+    /// Starts a short-lived node and waits until it has joined the mesh.
+    async fn join(&self) -> anyhow::Result<Node> {
+        let node = self.builder().start().await?;
+        if node.joined(self.timeout()).await.is_err() {
+            node.shutdown().await;
+            bail!(
+                "no mesh peer found within {:.1}s (give one with --bootstrap ADDR, or run `mesh node` on this LAN)",
+                self.timeout
+            );
+        }
+        Ok(node)
+    }
+}
+
+/// Runs the CLI with the process arguments.
+pub fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    rt.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Cmd::Node { net, data_dir } => run_node(net, data_dir).await,
+        Cmd::Sub {
+            pattern,
+            count,
+            net,
+        } => run_sub(pattern, count, net).await,
+        Cmd::Pub {
+            topic,
+            message,
+            count,
+            size,
+            net,
+        } => run_pub(topic, message, count, size, net).await,
+        Cmd::Peers { net, json } => run_peers(net, json).await,
+        Cmd::Demo => crate::cli::demo::run().await,
+        Cmd::Bench {
+            which:
+                BenchCmd::Pubsub {
+                    transport,
+                    size,
+                    messages,
+                    pattern,
+                    json,
+                },
+        } => {
+            if transport != "quic" {
+                bail!("unknown transport {transport:?}: only `quic` is available");
+            }
+            bench::pubsub(size, messages, &pattern, json).await
+        }
+        Cmd::BenchPeer { mode, messages } => bench::peer(&mode, messages).await,
+    }
+}
+
+async fn run_node(net: NetArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    let mut b = net.builder();
+    if let Some(dir) = data_dir {
+        b = b.data_dir(dir);
+    }
+    let node = b.start().await?;
+    let addrs = wait_addrs(&node).await;
+    println!("peer id: {}", node.peer_id());
+    for a in &addrs {
+        println!("listening: {a}");
+    }
+    let mut last = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = tick.tick() => {
+                let mut now: Vec<(String, String)> = node
+                    .peers()
+                    .await
+                    .into_iter()
+                    .map(|p| (p.id.to_string(), format!("{:?}", p.state).to_lowercase()))
+                    .collect();
+                now.sort();
+                for (id, state) in &now {
+                    if !last.iter().any(|(i, s)| i == id && s == state) {
+                        println!("peer {id} {state}");
+                    }
+                }
+                last = now;
+            }
+        }
+    }
+    node.shutdown().await;
+    Ok(())
+}
+
+/// The node's listen addresses, waiting briefly for the first one.
+pub(crate) async fn wait_addrs(node: &Node) -> Vec<Multiaddr> {
+    for _ in 0..200 {
+        let addrs = node.listen_addrs().await;
+        if !addrs.is_empty() {
+            return addrs;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Vec::new()
+}
+
+/// A message as one JSON object.
+pub fn message_json(m: &Message) -> serde_json::Value {
+    let (payload, encoding) = match std::str::from_utf8(&m.payload) {
+        Ok(s) => (s.to_owned(), "utf8"),
+        Err(_) => (
+            base64::engine::general_purpose::STANDARD.encode(&m.payload),
+            "base64",
+        ),
+    };
+    serde_json::json!({
+        "topic": m.topic.as_str(),
+        "id": format!("{}/{}", m.publisher, m.id.seq),
+        "seq": m.id.seq,
+        "publisher": m.publisher.to_string(),
+        "timestamp_us": m.timestamp,
+        "payload": payload,
+        "encoding": encoding,
+    })
+}
+
+async fn run_sub(pattern: String, count: Option<u64>, net: NetArgs) -> anyhow::Result<()> {
+    crate::Pattern::new(&pattern)?;
+    let node = net.join().await?;
+    let mut sub = node.subscribe(&pattern).await?;
+    let mut seen = 0u64;
+    use std::io::Write;
+    let stdout = std::io::stdout();
+    loop {
+        if count.is_some_and(|c| seen >= c) {
+            break;
+        }
+        tokio::select! {
+            m = sub.next() => match m {
+                Some(m) => {
+                    seen += 1;
+                    let mut out = stdout.lock();
+                    writeln!(out, "{}", message_json(&m))?;
+                    out.flush()?;
+                }
+                None => break,
+            },
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+    drop(sub);
+    node.shutdown().await;
+    Ok(())
+}
+
+async fn run_pub(
+    topic: String,
+    message: String,
+    count: u64,
+    size: Option<usize>,
+    net: NetArgs,
+) -> anyhow::Result<()> {
+    crate::Topic::new(&topic)?;
+    let node = net.join().await?;
+    for i in 0..count {
+        let mut payload = if count > 1 {
+            format!("{message} {}", i + 1).into_bytes()
+        } else {
+            message.clone().into_bytes()
+        };
+        if let Some(size) = size {
+            payload.resize(size, b'.');
+        }
+        node.publish(&topic, payload).await?;
+    }
+    node.shutdown().await;
+    Ok(())
+}
+
+async fn run_peers(net: NetArgs, json: bool) -> anyhow::Result<()> {
+    let node = net.join().await?;
+    let peers = node.peers().await;
+    if json {
+        let list: Vec<_> = peers
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "id": p.id.to_string(),
+                    "state": format!("{:?}", p.state).to_lowercase(),
+                    "addrs": p.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(list));
+    } else {
+        println!("{:<54} {:<8} ADDRESSES", "PEER", "STATE");
+        for p in &peers {
+            let addrs: Vec<String> = p.addrs.iter().map(|a| a.to_string()).collect();
+            println!(
+                "{:<54} {:<8} {}",
+                p.id,
+                format!("{:?}", p.state).to_lowercase(),
+                addrs.join(" ")
+            );
+        }
+    }
+    node.shutdown().await;
+    Ok(())
+}
+
+/// Spawns this executable with `args`, stdout piped.
+pub(crate) fn spawn_self(args: &[String]) -> anyhow::Result<tokio::process::Child> {
+    let exe = std::env::current_exe().context("cannot find the mesh executable")?;
+    tokio::process::Command::new(exe)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start a child mesh process")
+}
+
+/// Reads lines from a child's stdout until one starts with `prefix`.
+pub(crate) async fn read_until<R: tokio::io::AsyncBufRead + Unpin>(
+    lines: &mut tokio::io::Lines<R>,
+    prefix: &str,
+    timeout: Duration,
+) -> anyhow::Result<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, lines.next_line()).await {
+            Ok(Ok(Some(line))) => {
+                if let Some(rest) = line.strip_prefix(prefix) {
+                    return Ok(rest.trim().to_owned());
+                }
+            }
+            Ok(Ok(None)) => bail!("child process exited before printing {prefix:?}"),
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => bail!("timed out waiting for {prefix:?} from a child process"),
+        }
+    }
+}
+
+pub(crate) fn lines_of(
+    child: &mut tokio::process::Child,
+) -> anyhow::Result<tokio::io::Lines<BufReader<tokio::process::ChildStdout>>> {
+    let out = child.stdout.take().context("child stdout not piped")?;
+    Ok(BufReader::new(out).lines())
+}
+
+mod bench;
+mod demo;

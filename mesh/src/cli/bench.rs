@@ -1,0 +1,202 @@
+//! `mesh bench pubsub`: a publisher here and a subscriber in a child process,
+//! on loopback.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use futures::StreamExt;
+
+use super::{lines_of, read_until, spawn_self, wait_addrs};
+use crate::Node;
+
+const DATA: &str = "bench.data";
+const PING: &str = "bench.ping";
+const PONG: &str = "bench.pong";
+
+fn loopback() -> crate::Multiaddr {
+    "/ip4/127.0.0.1/udp/0/quic-v1"
+        .parse()
+        .expect("valid multiaddr")
+}
+
+/// The child side: `sink` counts `bench.data`, `echo` answers pings.
+pub(super) async fn peer(mode: &str, messages: u64) -> anyhow::Result<()> {
+    let node = Node::builder()
+        .listen(loopback())
+        .mdns(false)
+        .start()
+        .await?;
+    let topic = match mode {
+        "sink" => DATA,
+        "echo" => PING,
+        other => bail!("unknown bench peer mode {other:?}"),
+    };
+    let mut sub = node.subscribe(topic).await?;
+    let addr = wait_addrs(&node)
+        .await
+        .into_iter()
+        .next()
+        .context("no listen address")?;
+    println!("ADDR {addr}");
+    let mut seen = 0u64;
+    let mut first = None;
+    let idle = Duration::from_secs(30);
+    while seen < messages {
+        match tokio::time::timeout(idle, sub.next()).await {
+            Ok(Some(m)) => {
+                seen += 1;
+                first.get_or_insert_with(Instant::now);
+                if mode == "echo" {
+                    node.publish(PONG, m.payload).await?;
+                }
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    let elapsed = first.map(|t| t.elapsed().as_micros()).unwrap_or(0);
+    println!("DONE {seen} {elapsed}");
+    node.shutdown().await;
+    Ok(())
+}
+
+pub(super) async fn pubsub(
+    size: usize,
+    messages: u64,
+    pattern: &str,
+    json: bool,
+) -> anyhow::Result<()> {
+    match pattern {
+        "throughput" => throughput(size, messages, json).await,
+        "pingpong" => pingpong(size, messages, json).await,
+        other => bail!("unknown pattern {other:?}: use throughput or pingpong"),
+    }
+}
+
+async fn start_pair(
+    mode: &str,
+    messages: u64,
+) -> anyhow::Result<(
+    tokio::process::Child,
+    tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    Node,
+)> {
+    let mut child = spawn_self(&[
+        "bench-peer".into(),
+        "--mode".into(),
+        mode.into(),
+        "--messages".into(),
+        messages.to_string(),
+    ])?;
+    let mut lines = lines_of(&mut child)?;
+    let addr: crate::Multiaddr = read_until(&mut lines, "ADDR ", Duration::from_secs(20))
+        .await?
+        .parse()?;
+    let node = Node::builder()
+        .listen(loopback())
+        .mdns(false)
+        .bootstrap(addr)
+        .start()
+        .await?;
+    node.ready_timeout(Duration::from_secs(10))
+        .await
+        .context("bench peer did not answer")?;
+    Ok((child, lines, node))
+}
+
+async fn throughput(size: usize, messages: u64, json: bool) -> anyhow::Result<()> {
+    let (mut child, mut lines, node) = start_pair("sink", messages).await?;
+    let payload = bytes::Bytes::from(vec![0xa5u8; size]);
+    let start = Instant::now();
+    for _ in 0..messages {
+        node.publish(DATA, payload.clone()).await?;
+    }
+    let sent = start.elapsed();
+    let done = read_until(&mut lines, "DONE ", Duration::from_secs(120)).await?;
+    let elapsed = start.elapsed();
+    let received: u64 = done
+        .split_whitespace()
+        .next()
+        .unwrap_or("0")
+        .parse()
+        .unwrap_or(0);
+    let secs = elapsed.as_secs_f64();
+    let rate = received as f64 / secs;
+    if !json {
+        println!(
+            "published {messages} x {size} B in {:.3}s; subscriber received {received} in {secs:.3}s",
+            sent.as_secs_f64()
+        );
+        println!("{:.0} msgs/s, {:.1} MB/s", rate, rate * size as f64 / 1e6);
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "pubsub", "transport": "quic", "size": size, "messages": messages,
+            "received": received,
+            "msgs_per_sec": rate.round(), "mb_per_sec": (rate * size as f64 / 1e6 * 10.0).round() / 10.0,
+        })
+    );
+    node.shutdown().await;
+    let _ = child.wait().await;
+    if received < messages {
+        bail!("subscriber received {received} of {messages} messages");
+    }
+    Ok(())
+}
+
+async fn pingpong(size: usize, messages: u64, json: bool) -> anyhow::Result<()> {
+    let warmup = 200u64;
+    let (mut child, lines, node) = start_pair("echo", messages + warmup + 1000).await?;
+    let mut pongs = node.subscribe(PONG).await?;
+    let payload = bytes::Bytes::from(vec![0x5au8; size]);
+    // Until the echo side has our subscription, pings go unanswered.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        node.publish(PING, payload.clone()).await?;
+        if tokio::time::timeout(Duration::from_millis(100), pongs.next())
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("echo peer never answered");
+        }
+    }
+    // Drain stray pongs from the warm-up retries.
+    while tokio::time::timeout(Duration::from_millis(50), pongs.next())
+        .await
+        .is_ok()
+    {}
+    let mut rtts = Vec::with_capacity(messages as usize);
+    for i in 0..messages + warmup {
+        let t = Instant::now();
+        node.publish(PING, payload.clone()).await?;
+        match tokio::time::timeout(Duration::from_secs(5), pongs.next()).await {
+            Ok(Some(_)) => {}
+            _ => bail!("no pong within 5 s"),
+        }
+        if i >= warmup {
+            rtts.push(t.elapsed().as_nanos() as u64);
+        }
+    }
+    rtts.sort_unstable();
+    let pct = |p: f64| rtts[((rtts.len() as f64 - 1.0) * p) as usize] as f64 / 2.0 / 1000.0;
+    let (p50, p99) = (pct(0.5), pct(0.99));
+    if !json {
+        println!(
+            "{messages} round trips of {size} B; one-way latency p50 {p50:.1} µs, p99 {p99:.1} µs"
+        );
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "pubsub", "transport": "quic", "pattern": "pingpong", "size": size,
+            "messages": messages, "p50_us": (p50 * 10.0).round() / 10.0, "p99_us": (p99 * 10.0).round() / 10.0,
+        })
+    );
+    node.shutdown().await;
+    let _ = child.kill().await;
+    let _ = lines;
+    Ok(())
+}

@@ -1,0 +1,299 @@
+//! Interest: which node subscribes to which patterns.
+//!
+//! Each node declares the full set of its subscription patterns with a
+//! version; a newer version replaces an older one wholesale, so any two nodes
+//! that have seen the same declarations agree, whatever order they arrived in
+//! (views converge after a partition). A version is `(epoch, seq)`: the epoch
+//! is chosen by the driver at start (wall-clock micros in the runtime), so a
+//! restarted node's declarations outrank those of its previous life.
+
+use std::collections::{BTreeMap, HashMap};
+
+use super::{topic::Pattern, NodeId};
+
+/// Most patterns one node may declare; larger declarations are refused.
+pub const MAX_PATTERNS_PER_NODE: usize = 16 * 1024;
+
+/// The version of a node's declaration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Version {
+    /// Chosen at node start; a restart gives a larger one.
+    pub epoch: u64,
+    /// Bumped on every change within an epoch.
+    pub seq: u64,
+}
+
+/// A node's full set of subscription patterns at a version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Declaration {
+    /// The declaring node.
+    pub node: NodeId,
+    /// Its version.
+    pub version: Version,
+    /// Its patterns, sorted and without duplicates.
+    pub patterns: Vec<Pattern>,
+}
+
+/// Why a declaration was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeclarationError {
+    /// More patterns than [`MAX_PATTERNS_PER_NODE`].
+    #[error("declaration of {count} patterns exceeds the limit of {MAX_PATTERNS_PER_NODE}")]
+    TooManyPatterns {
+        /// How many were declared.
+        count: usize,
+    },
+}
+
+#[derive(Debug)]
+struct Entry {
+    version: Version,
+    patterns: Vec<Pattern>,
+}
+
+/// The interest table of one node: its own patterns and every other node's
+/// latest declaration.
+#[derive(Debug)]
+pub struct Interest {
+    local: NodeId,
+    version: Version,
+    /// Pattern -> number of local subscriptions using it.
+    local_patterns: BTreeMap<Pattern, usize>,
+    /// Bounded by the membership: the driver removes forgotten nodes.
+    remote: BTreeMap<NodeId, Entry>,
+    generation: u64,
+}
+
+impl Interest {
+    /// An empty table for `local`, whose declarations use `epoch`.
+    pub fn new(local: NodeId, epoch: u64) -> Self {
+        Self {
+            local,
+            version: Version { epoch, seq: 0 },
+            local_patterns: BTreeMap::new(),
+            remote: BTreeMap::new(),
+            generation: 0,
+        }
+    }
+
+    /// Bumped whenever the remote interest changes; routing caches compare it.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Adds a local subscription. Returns the new declaration to announce if
+    /// the set of patterns changed.
+    pub fn subscribe(&mut self, pattern: &Pattern) -> Option<Declaration> {
+        let count = self.local_patterns.entry(pattern.clone()).or_insert(0);
+        *count += 1;
+        (*count == 1).then(|| self.bump())
+    }
+
+    /// Removes a local subscription. Returns the new declaration to announce if
+    /// the set of patterns changed.
+    pub fn unsubscribe(&mut self, pattern: &Pattern) -> Option<Declaration> {
+        let count = self.local_patterns.get_mut(pattern)?;
+        *count -= 1;
+        if *count > 0 {
+            return None;
+        }
+        self.local_patterns.remove(pattern);
+        Some(self.bump())
+    }
+
+    fn bump(&mut self) -> Declaration {
+        self.version.seq += 1;
+        self.local_declaration()
+    }
+
+    /// The local node's current declaration.
+    pub fn local_declaration(&self) -> Declaration {
+        Declaration {
+            node: self.local,
+            version: self.version,
+            patterns: self.local_patterns.keys().cloned().collect(),
+        }
+    }
+
+    /// Applies a declaration from the mesh. Returns whether it was newer than
+    /// what we had (and so changed the table).
+    pub fn handle_declaration(&mut self, decl: Declaration) -> Result<bool, DeclarationError> {
+        if decl.patterns.len() > MAX_PATTERNS_PER_NODE {
+            return Err(DeclarationError::TooManyPatterns {
+                count: decl.patterns.len(),
+            });
+        }
+        if decl.node == self.local {
+            return Ok(false);
+        }
+        if let Some(entry) = self.remote.get(&decl.node) {
+            if entry.version >= decl.version {
+                return Ok(false);
+            }
+        }
+        let mut patterns = decl.patterns;
+        patterns.sort();
+        patterns.dedup();
+        self.remote.insert(
+            decl.node,
+            Entry {
+                version: decl.version,
+                patterns,
+            },
+        );
+        self.generation += 1;
+        Ok(true)
+    }
+
+    /// Forgets a node (it left the membership for good).
+    pub fn remove(&mut self, node: &NodeId) {
+        if self.remote.remove(node).is_some() {
+            self.generation += 1;
+        }
+    }
+
+    /// Every declaration known, the local one first: what a joining peer is
+    /// sent so it knows the mesh's subscriptions before it reports ready.
+    pub fn snapshot(&self) -> Vec<Declaration> {
+        let mut out = vec![self.local_declaration()];
+        out.extend(self.remote.iter().map(|(node, e)| Declaration {
+            node: *node,
+            version: e.version,
+            patterns: e.patterns.clone(),
+        }));
+        out
+    }
+
+    /// Remote nodes with a pattern matching `topic`, in id order.
+    pub fn interested(&self, topic: &str) -> Vec<NodeId> {
+        self.remote
+            .iter()
+            .filter(|(_, e)| e.patterns.iter().any(|p| p.matches(topic)))
+            .map(|(node, _)| *node)
+            .collect()
+    }
+
+    /// Whether `node` has declared any pattern.
+    pub fn patterns_of(&self, node: &NodeId) -> &[Pattern] {
+        self.remote
+            .get(node)
+            .map(|e| e.patterns.as_slice())
+            .unwrap_or(&[])
+    }
+}
+
+/// Caches [`Interest::interested`] per topic until the interest changes.
+#[derive(Debug, Default)]
+pub struct RouteCache {
+    generation: u64,
+    routes: HashMap<std::sync::Arc<str>, std::sync::Arc<[NodeId]>>,
+}
+
+/// Most topics cached before the cache is cleared (bounds memory for
+/// publishers that use unbounded topic sets).
+const MAX_CACHED_ROUTES: usize = 64 * 1024;
+
+impl RouteCache {
+    /// The remote nodes interested in `topic`.
+    pub fn route(
+        &mut self,
+        interest: &Interest,
+        topic: &std::sync::Arc<str>,
+    ) -> std::sync::Arc<[NodeId]> {
+        if self.generation != interest.generation() || self.routes.len() >= MAX_CACHED_ROUTES {
+            self.routes.clear();
+            self.generation = interest.generation();
+        }
+        if let Some(r) = self.routes.get(topic) {
+            return r.clone();
+        }
+        let r: std::sync::Arc<[NodeId]> = interest.interested(topic).into();
+        self.routes.insert(topic.clone(), r.clone());
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> Pattern {
+        Pattern::new(s).unwrap()
+    }
+
+    #[test]
+    fn local_refcounts_patterns() {
+        let me = NodeId::random();
+        let mut i = Interest::new(me, 7);
+        let d1 = i.subscribe(&p("a.>")).unwrap();
+        assert_eq!(d1.version, Version { epoch: 7, seq: 1 });
+        assert!(i.subscribe(&p("a.>")).is_none());
+        assert!(i.unsubscribe(&p("a.>")).is_none());
+        let d2 = i.unsubscribe(&p("a.>")).unwrap();
+        assert!(d2.patterns.is_empty());
+        assert!(d2.version > d1.version);
+        assert!(i.unsubscribe(&p("never")).is_none());
+    }
+
+    #[test]
+    fn newest_version_wins_in_any_order() {
+        let a = NodeId::random();
+        let decls = [
+            Declaration {
+                node: a,
+                version: Version { epoch: 1, seq: 1 },
+                patterns: vec![p("x")],
+            },
+            Declaration {
+                node: a,
+                version: Version { epoch: 1, seq: 2 },
+                patterns: vec![p("y")],
+            },
+            Declaration {
+                node: a,
+                version: Version { epoch: 2, seq: 1 },
+                patterns: vec![p("z")],
+            },
+        ];
+        for order in [[0, 1, 2], [2, 1, 0], [1, 2, 0], [2, 0, 1]] {
+            let mut i = Interest::new(NodeId::random(), 0);
+            for k in order {
+                i.handle_declaration(decls[k].clone()).unwrap();
+            }
+            assert_eq!(i.interested("z"), vec![a]);
+            assert!(i.interested("x").is_empty());
+        }
+    }
+
+    #[test]
+    fn route_cache_follows_changes() {
+        let a = NodeId::random();
+        let mut i = Interest::new(NodeId::random(), 0);
+        let mut cache = RouteCache::default();
+        let t: std::sync::Arc<str> = "orders.eu".into();
+        assert!(cache.route(&i, &t).is_empty());
+        i.handle_declaration(Declaration {
+            node: a,
+            version: Version { epoch: 0, seq: 1 },
+            patterns: vec![p("orders.*")],
+        })
+        .unwrap();
+        assert_eq!(&*cache.route(&i, &t), &[a]);
+        i.remove(&a);
+        assert!(cache.route(&i, &t).is_empty());
+    }
+
+    #[test]
+    fn oversize_declaration_is_refused() {
+        let mut i = Interest::new(NodeId::random(), 0);
+        let d = Declaration {
+            node: NodeId::random(),
+            version: Version::default(),
+            patterns: vec![p("a"); MAX_PATTERNS_PER_NODE + 1],
+        };
+        assert!(matches!(
+            i.handle_declaration(d),
+            Err(DeclarationError::TooManyPatterns { .. })
+        ));
+    }
+}

@@ -1,0 +1,22 @@
+//! Sans-IO protocol cores.
+//!
+//! Every core here is a plain state machine in the manner of `quinn-proto`:
+//! it takes time (`now: Instant`) and randomness (`&mut impl RngCore`) as
+//! arguments, never reads a clock, opens a socket or spawns a task. Inputs are
+//! `handle_*` methods; outputs are drained with `poll_*` methods. A driver
+//! (the tokio [`crate::runtime`], or a simulator) owns the I/O.
+//!
+//! - [`topic`]: topic names and subscription patterns (`*`, `>`).
+//! - [`membership`]: SWIM-style failure detection and member dissemination.
+//! - [`interest`]: versioned subscription declarations per node.
+//! - [`pubsub`]: routing published messages to interested peers, and
+//!   delivering received ones to local subscriptions.
+
+pub mod interest;
+pub mod membership;
+pub mod pubsub;
+pub mod topic;
+
+/// The identity of a node in the mesh: its libp2p peer id (derived from its
+/// Ed25519 public key).
+pub type NodeId = libp2p::PeerId;

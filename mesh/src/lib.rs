@@ -1,0 +1,46 @@
+//! mesh: a brokerless peer-to-peer messaging mesh.
+//!
+//! Every service embeds a [`Node`]; nodes find each other (bootstrap peers,
+//! mDNS, Kademlia) and talk directly over QUIC, with no broker anywhere.
+//!
+//! Layout:
+//! - [`core`]: sans-IO protocol state machines (topics, membership,
+//!   interest, pub/sub routing). No tokio, no sockets, no clock.
+//! - [`wire`]: the frames peers exchange.
+//! - `runtime`: the tokio driver that runs the cores over QUIC links.
+//! - [`node`]: the public API ([`Node`], [`Subscription`], [`Message`]).
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use futures::StreamExt;
+//!
+//! let a = mesh::Node::builder().listen("/ip4/127.0.0.1/udp/0/quic-v1".parse()?).start().await?;
+//! let addr = a.listen_addrs().await.remove(0);
+//! let b = mesh::Node::builder().bootstrap(addr).start().await?;
+//!
+//! let mut sub = a.subscribe("orders.>").await?;
+//! b.publish("orders.eu.created", "order 42").await?;
+//! let msg = sub.next().await.expect("node running");
+//! assert_eq!(msg.payload, "order 42");
+//! # Ok(()) }
+//! ```
+#![warn(missing_docs)]
+
+pub mod core;
+pub mod node;
+pub(crate) mod runtime;
+pub mod wire;
+
+#[cfg(feature = "cli")]
+pub mod cli;
+
+pub use crate::core::{
+    pubsub::{Message, MessageId},
+    topic::{Pattern, Topic, TopicError},
+    NodeId,
+};
+pub use libp2p::{Multiaddr, PeerId};
+pub use node::{
+    Builder, Node, PeerInfo, PeerState, PublishError, ReadyError, StartError, SubscribeError,
+    Subscription,
+};

@@ -1,0 +1,421 @@
+//! The public API: [`Node`], its [`Builder`], [`Subscription`].
+
+use std::{
+    collections::VecDeque,
+    path::PathBuf,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use libp2p::{identity::Keypair, Multiaddr, PeerId};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::{
+    core::{
+        membership,
+        pubsub::Message,
+        topic::{Pattern, Topic, TopicError},
+    },
+    runtime::{self, queue::SubQueue, Command},
+};
+
+/// A peer as seen by this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// Its id.
+    pub id: PeerId,
+    /// What failure detection says of it.
+    pub state: PeerState,
+    /// Whether a data link to it is up.
+    pub linked: bool,
+    /// Addresses it announced.
+    pub addrs: Vec<Multiaddr>,
+}
+
+/// A peer's liveness.
+pub type PeerState = membership::MemberState;
+
+/// Node configuration; see [`Builder`].
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub(crate) listen: Vec<Multiaddr>,
+    pub(crate) bootstrap: Vec<Multiaddr>,
+    pub(crate) data_dir: Option<PathBuf>,
+    pub(crate) mdns: bool,
+    pub(crate) membership: membership::Config,
+    pub(crate) join_timeout: Duration,
+    pub(crate) max_frame: usize,
+    pub(crate) subscription_capacity: usize,
+    pub(crate) link_buffer: usize,
+    pub(crate) keypair: Option<Keypair>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: vec!["/ip4/0.0.0.0/udp/0/quic-v1"
+                .parse()
+                .expect("valid multiaddr")],
+            bootstrap: Vec::new(),
+            data_dir: None,
+            mdns: true,
+            membership: membership::Config::default(),
+            join_timeout: Duration::from_secs(5),
+            max_frame: mesh_transports::frame::DEFAULT_MAX_FRAME,
+            subscription_capacity: 64 * 1024,
+            link_buffer: 8 * 1024 * 1024,
+            keypair: None,
+        }
+    }
+}
+
+/// Builds a [`Node`]: `Node::builder().listen(addr).bootstrap(peer).start().await`.
+#[derive(Debug, Clone, Default)]
+pub struct Builder {
+    config: Config,
+}
+
+impl Builder {
+    /// Listens on `addr` (default `/ip4/0.0.0.0/udp/0/quic-v1`); the first
+    /// call replaces the default, later calls add.
+    pub fn listen(mut self, addr: Multiaddr) -> Self {
+        if self.config.listen == Config::default().listen {
+            self.config.listen.clear();
+        }
+        self.config.listen.push(addr);
+        self
+    }
+
+    /// Adds a peer to join through (`/ip4/../udp/../quic-v1/p2p/PEERID`).
+    pub fn bootstrap(mut self, addr: Multiaddr) -> Self {
+        self.config.bootstrap.push(addr);
+        self
+    }
+
+    /// Keeps the node identity (and later, durable state) in `dir`.
+    /// Without it the identity is ephemeral.
+    pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.config.data_dir = Some(dir.into());
+        self
+    }
+
+    /// Uses this identity instead of loading or generating one.
+    pub fn identity(mut self, keypair: Keypair) -> Self {
+        self.config.keypair = Some(keypair);
+        self
+    }
+
+    /// Turns mDNS discovery on or off (default on).
+    pub fn mdns(mut self, on: bool) -> Self {
+        self.config.mdns = on;
+        self
+    }
+
+    /// Failure-detection timings. The defaults mark a dead peer down within
+    /// about 3 s in a small mesh.
+    pub fn failure_detection(mut self, config: membership::Config) -> Self {
+        self.config.membership = config;
+        self
+    }
+
+    /// How long [`Builder::start`] waits to learn the mesh from a bootstrap
+    /// peer before returning anyway (default 5 s).
+    pub fn join_timeout(mut self, timeout: Duration) -> Self {
+        self.config.join_timeout = timeout;
+        self
+    }
+
+    /// Largest frame accepted from a peer (default 4 MiB).
+    pub fn max_frame(mut self, bytes: usize) -> Self {
+        self.config.max_frame = bytes;
+        self
+    }
+
+    /// Messages buffered per subscription before the node stops reading its
+    /// links, pushing back on publishers (default 65,536).
+    pub fn subscription_capacity(mut self, messages: usize) -> Self {
+        self.config.subscription_capacity = messages.max(1);
+        self
+    }
+
+    /// Starts the node. With bootstrap peers, waits (up to the join timeout)
+    /// until one of them has told this node the mesh's members and
+    /// subscriptions, so a publish right after start reaches existing
+    /// subscribers.
+    pub async fn start(self) -> Result<Node, StartError> {
+        let join_timeout = self.config.join_timeout;
+        let has_bootstrap = !self.config.bootstrap.is_empty();
+        let node = runtime::start(self.config).await?;
+        if has_bootstrap {
+            if let Err(e) = node.ready_timeout(join_timeout).await {
+                tracing::warn!("{e}; continuing, the node joins when a peer answers");
+            }
+        }
+        Ok(node)
+    }
+}
+
+/// Errors starting a node.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The identity file exists but cannot be read or parsed.
+    #[error("identity file {path}: {reason}")]
+    Identity {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The data directory cannot be created or written.
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The network transport failed to start.
+    #[error(transparent)]
+    Transport(#[from] mesh_transports::quic::StartError),
+}
+
+/// Errors publishing.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The topic is not valid.
+    #[error("invalid topic: {0}")]
+    Topic(#[from] TopicError),
+    /// The payload is larger than a frame may be.
+    #[error("message of {size} bytes exceeds the frame limit of {limit} bytes")]
+    TooLarge {
+        /// The message size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// Encoding a typed value failed.
+    #[error("cannot encode value: {0}")]
+    Encode(#[from] postcard::Error),
+    /// The node has shut down.
+    #[error("node is shut down")]
+    Closed,
+}
+
+/// Errors subscribing.
+#[derive(Debug, thiserror::Error)]
+pub enum SubscribeError {
+    /// The pattern is not valid.
+    #[error("invalid pattern: {0}")]
+    Pattern(#[from] TopicError),
+    /// The node has shut down.
+    #[error("node is shut down")]
+    Closed,
+}
+
+/// The node did not join a mesh in time.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ReadyError {
+    /// No peer answered within the timeout.
+    #[error("no peer found within {0:?}")]
+    Timeout(Duration),
+    /// The node has shut down.
+    #[error("node is shut down")]
+    Closed,
+}
+
+/// A running mesh node. Cheap to clone; every clone talks to the same node.
+///
+/// Dropping the last clone stops the node; [`Node::shutdown`] does so
+/// gracefully, flushing what was published to peers first.
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub(crate) inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub(crate) peer_id: PeerId,
+    pub(crate) cmd: mpsc::Sender<Command>,
+    /// Unbounded, but bounded in practice by the number of live
+    /// subscriptions: each sends its id once, when dropped.
+    pub(crate) unsubscribe: mpsc::UnboundedSender<u64>,
+    pub(crate) max_payload: usize,
+}
+
+impl Node {
+    /// Starts configuring a node.
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    /// This node's id.
+    pub fn peer_id(&self) -> PeerId {
+        self.inner.peer_id
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Option<T> {
+        let (tx, rx) = oneshot::channel();
+        self.inner.cmd.send(make(tx)).await.ok()?;
+        rx.await.ok()
+    }
+
+    /// Addresses this node listens on, each ending in `/p2p/PEERID` so it
+    /// can be given to another node as a bootstrap address.
+    pub async fn listen_addrs(&self) -> Vec<Multiaddr> {
+        self.ask(Command::ListenAddrs).await.unwrap_or_default()
+    }
+
+    /// Known peers and their state.
+    pub async fn peers(&self) -> Vec<PeerInfo> {
+        self.ask(Command::Peers).await.unwrap_or_default()
+    }
+
+    /// Resolves once this node knows the mesh: at once without bootstrap
+    /// peers, otherwise when a peer has sent its view.
+    pub async fn ready(&self) -> Result<(), ReadyError> {
+        self.ask(Command::Ready).await.ok_or(ReadyError::Closed)
+    }
+
+    /// [`Node::ready`] with a timeout.
+    pub async fn ready_timeout(&self, timeout: Duration) -> Result<(), ReadyError> {
+        tokio::time::timeout(timeout, self.ready())
+            .await
+            .map_err(|_| ReadyError::Timeout(timeout))?
+    }
+
+    /// Waits until a peer has told this node the mesh's members and
+    /// subscriptions (whether it was configured with bootstrap peers or
+    /// finds them by mDNS). One-shot tools use this before publishing.
+    pub async fn joined(&self, timeout: Duration) -> Result<(), ReadyError> {
+        tokio::time::timeout(timeout, self.ask(Command::Joined))
+            .await
+            .map_err(|_| ReadyError::Timeout(timeout))?
+            .ok_or(ReadyError::Closed)
+    }
+
+    /// Publishes `payload` to `topic`. Resolves once the node has taken the
+    /// message (waiting if links are congested), not when it is delivered.
+    pub async fn publish(
+        &self,
+        topic: &str,
+        payload: impl Into<Bytes>,
+    ) -> Result<(), PublishError> {
+        self.publish_with(topic, Vec::new(), payload).await
+    }
+
+    /// Publishes with headers.
+    pub async fn publish_with(
+        &self,
+        topic: &str,
+        headers: Vec<(String, Bytes)>,
+        payload: impl Into<Bytes>,
+    ) -> Result<(), PublishError> {
+        let topic = Topic::new(topic)?;
+        let payload = payload.into();
+        let size = payload.len()
+            + headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>();
+        if size > self.inner.max_payload {
+            return Err(PublishError::TooLarge {
+                size,
+                limit: self.inner.max_payload,
+            });
+        }
+        self.inner
+            .cmd
+            .send(Command::Publish {
+                topic,
+                headers,
+                payload,
+            })
+            .await
+            .map_err(|_| PublishError::Closed)
+    }
+
+    /// Publishes a value encoded with postcard.
+    pub async fn publish_value<T: serde::Serialize>(
+        &self,
+        topic: &str,
+        value: &T,
+    ) -> Result<(), PublishError> {
+        let bytes = postcard::to_stdvec(value)?;
+        self.publish(topic, bytes).await
+    }
+
+    /// Subscribes to every topic matching `pattern` (`*` for one segment,
+    /// `>` for one or more trailing ones). Messages published after this
+    /// returns reach the subscription; dropping it unsubscribes.
+    pub async fn subscribe(&self, pattern: &str) -> Result<Subscription, SubscribeError> {
+        let pattern = Pattern::new(pattern)?;
+        let (id, queue) = self
+            .ask(|reply| Command::Subscribe {
+                pattern: pattern.clone(),
+                reply,
+            })
+            .await
+            .ok_or(SubscribeError::Closed)?;
+        Ok(Subscription {
+            id,
+            pattern,
+            queue,
+            buffered: VecDeque::new(),
+            unsubscribe: self.inner.unsubscribe.clone(),
+        })
+    }
+
+    /// Stops the node: says goodbye to every peer once what was published
+    /// has been written (waiting up to 2 s for them to confirm), ends every
+    /// subscription, and stops the network.
+    pub async fn shutdown(&self) {
+        let _ = self.ask(Command::Shutdown).await;
+    }
+}
+
+/// A stream of the [`Message`]s matching a pattern. Drop it to unsubscribe.
+#[derive(Debug)]
+pub struct Subscription {
+    id: u64,
+    pattern: Pattern,
+    queue: Arc<SubQueue>,
+    buffered: VecDeque<Message>,
+    unsubscribe: mpsc::UnboundedSender<u64>,
+}
+
+impl Subscription {
+    /// The pattern subscribed to.
+    pub fn pattern(&self) -> &Pattern {
+        &self.pattern
+    }
+
+    /// The next message; `None` once the node has shut down.
+    pub async fn recv(&mut self) -> Option<Message> {
+        futures::StreamExt::next(self).await
+    }
+}
+
+impl futures::Stream for Subscription {
+    type Item = Message;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
+        let this = &mut *self;
+        if let Some(m) = this.buffered.pop_front() {
+            return Poll::Ready(Some(m));
+        }
+        match this.queue.poll_take(cx, &mut this.buffered) {
+            Poll::Ready(true) => Poll::Ready(this.buffered.pop_front()),
+            Poll::Ready(false) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let _ = self.unsubscribe.send(self.id);
+    }
+}

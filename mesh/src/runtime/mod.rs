@@ -1,0 +1,864 @@
+//! The tokio driver: one task owns the node's state (the sans-IO cores, the
+//! links, the subscriptions) and runs the cores over the QUIC transport.
+//!
+//! Data path: `Node::publish` sends a command on a bounded channel; the node
+//! task takes commands in batches, routes each message, encodes it into the
+//! per-link scratch buffer, and at the end of the batch moves each buffer
+//! into the link's [`queue::Outbox`] for its writer task. Received frames
+//! come from the link reader tasks in batches, are decoded here and pushed
+//! to the matching [`queue::SubQueue`]s.
+//!
+//! Back-pressure: when a link has more than `link_buffer` bytes pending the
+//! node stops taking publish commands (so `publish` waits); when a
+//! subscription is over capacity it stops reading links (so QUIC flow
+//! control slows the publishers). Membership timers keep running either way.
+
+pub(crate) mod link;
+pub(crate) mod queue;
+
+use std::{
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use bytes::Bytes;
+use libp2p::{identity::Keypair, multiaddr::Protocol, Multiaddr};
+use mesh_transports::quic;
+use rand::{rngs::SmallRng, SeedableRng};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use crate::{
+    core::{
+        interest::{Interest, RouteCache},
+        membership::{self, MemberState, Membership},
+        pubsub::{
+            LinkDecoder, LinkEncoder, LocalSubscriptions, Message, MessageId, Outgoing, SubId,
+        },
+        topic::{Pattern, Topic},
+        NodeId,
+    },
+    node::{Config, Inner, Node, PeerInfo, StartError},
+    wire::{self, Frame, Hello, Raw, WireError, MAGIC, PROTOCOL_VERSION},
+};
+use link::{LinkEvent, LinkId};
+use queue::{Outbox, SubQueue};
+
+/// Commands from [`Node`] handles to the node task.
+#[derive(Debug)]
+pub(crate) enum Command {
+    Publish {
+        topic: Topic,
+        headers: Vec<(String, Bytes)>,
+        payload: Bytes,
+    },
+    Subscribe {
+        pattern: Pattern,
+        reply: oneshot::Sender<(SubId, Arc<SubQueue>)>,
+    },
+    ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
+    Peers(oneshot::Sender<Vec<PeerInfo>>),
+    Ready(oneshot::Sender<()>),
+    /// Resolves once a peer has sent its view of the mesh.
+    Joined(oneshot::Sender<()>),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// Commands taken per wake-up; bounds the latency other events see.
+const COMMAND_BATCH: usize = 1024;
+/// How long a link to a peer may wait for its stream before its buffered
+/// bytes are dropped (and counted).
+const LINK_SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long shutdown waits for peers to confirm they read everything.
+const BYE_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn unix_micros() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// Loads the identity from `dir/identity.key`, creating it (mode 0600) if
+/// missing.
+fn load_identity(dir: &std::path::Path) -> Result<Keypair, StartError> {
+    let path = dir.join("identity.key");
+    std::fs::create_dir_all(dir).map_err(|source| StartError::DataDir {
+        path: dir.to_owned(),
+        source,
+    })?;
+    match std::fs::read(&path) {
+        Ok(bytes) => Keypair::from_protobuf_encoding(&bytes).map_err(|e| StartError::Identity {
+            path,
+            reason: format!("not a valid key ({e}); move it away to generate a new identity"),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = Keypair::generate_ed25519();
+            let bytes = key
+                .to_protobuf_encoding()
+                .map_err(|e| StartError::Identity {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
+            write_private(&path, &bytes).map_err(|source| StartError::DataDir {
+                path: path.clone(),
+                source,
+            })?;
+            Ok(key)
+        }
+        Err(e) => Err(StartError::Identity {
+            path,
+            reason: e.to_string(),
+        }),
+    }
+}
+
+fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts.open(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+/// Starts the transport and the node task.
+pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
+    let keypair = match (&config.keypair, &config.data_dir) {
+        (Some(k), _) => k.clone(),
+        (None, Some(dir)) => load_identity(dir)?,
+        (None, None) => Keypair::generate_ed25519(),
+    };
+    let local = keypair.public().to_peer_id();
+    let (transport, transport_events) = quic::start(
+        keypair,
+        quic::Config {
+            listen: config.listen.clone(),
+            bootstrap: config.bootstrap.clone(),
+            mdns: config.mdns,
+            ..quic::Config::default()
+        },
+    )
+    .await?;
+
+    let (cmd_tx, cmd_rx) = mpsc::channel(4096);
+    let (unsub_tx, unsub_rx) = mpsc::unbounded_channel();
+    let (link_tx, link_rx) = mpsc::channel(64);
+    let now = Instant::now();
+    let epoch = unix_micros();
+    let space = Arc::new(Notify::new());
+    let task = NodeTask {
+        local,
+        membership: Membership::new(local, Vec::new(), epoch, config.membership.clone(), now),
+        interest: Interest::new(local, epoch),
+        routes: RouteCache::default(),
+        subs: LocalSubscriptions::default(),
+        sub_queues: HashMap::new(),
+        links: HashMap::new(),
+        next_link: 0,
+        link_events: link_tx,
+        transport,
+        listen_addrs: Vec::new(),
+        connected: HashMap::new(),
+        seq: 0,
+        ready: config.bootstrap.is_empty(),
+        ready_waiters: Vec::new(),
+        synced: false,
+        joined_waiters: Vec::new(),
+        space,
+        rng: SmallRng::from_entropy(),
+        config,
+        blocked_subs: Vec::new(),
+        stats: Stats::default(),
+    };
+    let max_payload = task.config.max_frame.saturating_sub(1024);
+    tokio::spawn(task.run(cmd_rx, unsub_rx, link_rx, transport_events));
+    Ok(Node {
+        inner: Arc::new(Inner {
+            peer_id: local,
+            cmd: cmd_tx,
+            unsubscribe: unsub_tx,
+            max_payload,
+        }),
+    })
+}
+
+#[derive(Debug, Default)]
+struct Stats {
+    links_refused: u64,
+    bytes_dropped_unreachable: u64,
+}
+
+/// One peer's link as the node task sees it.
+struct Link {
+    id: LinkId,
+    outbox: Arc<Outbox>,
+    enc: LinkEncoder,
+    dec: LinkDecoder,
+    scratch: Vec<u8>,
+    /// `None` while waiting for a stream (data is buffered meanwhile).
+    reader: Option<tokio::task::AbortHandle>,
+    up: bool,
+    created: Instant,
+    bye_acked: bool,
+}
+
+impl Link {
+    fn new(id: LinkId, peer: NodeId, space: Arc<Notify>, now: Instant) -> Self {
+        Self {
+            id,
+            outbox: Arc::new(Outbox::new(space)),
+            enc: LinkEncoder::default(),
+            dec: LinkDecoder::new(peer),
+            scratch: Vec::new(),
+            reader: None,
+            up: false,
+            created: now,
+            bye_acked: false,
+        }
+    }
+
+    fn close(&mut self) {
+        self.outbox.close();
+        if let Some(r) = self.reader.take() {
+            r.abort();
+        }
+    }
+}
+
+struct NodeTask {
+    local: NodeId,
+    config: Config,
+    membership: Membership,
+    interest: Interest,
+    routes: RouteCache,
+    subs: LocalSubscriptions,
+    sub_queues: HashMap<SubId, Arc<SubQueue>>,
+    /// One per peer we have, or are setting up, a data stream with.
+    links: HashMap<NodeId, Link>,
+    next_link: LinkId,
+    link_events: mpsc::Sender<LinkEvent>,
+    transport: quic::Handle,
+    listen_addrs: Vec<Multiaddr>,
+    /// Peers with a live connection, and the address seen.
+    connected: HashMap<NodeId, Multiaddr>,
+    seq: u64,
+    ready: bool,
+    ready_waiters: Vec<oneshot::Sender<()>>,
+    /// A peer has sent us its view (Sync).
+    synced: bool,
+    joined_waiters: Vec<oneshot::Sender<()>>,
+    /// Signalled when an outbox or subscription queue drains.
+    space: Arc<Notify>,
+    rng: SmallRng,
+    /// Subscriptions over capacity; links are not read while non-empty.
+    blocked_subs: Vec<Arc<SubQueue>>,
+    stats: Stats,
+}
+
+impl NodeTask {
+    async fn run(
+        mut self,
+        mut cmds: mpsc::Receiver<Command>,
+        mut unsubs: mpsc::UnboundedReceiver<SubId>,
+        mut links: mpsc::Receiver<LinkEvent>,
+        mut transport: mpsc::Receiver<quic::Event>,
+    ) {
+        let mut batch = Vec::with_capacity(COMMAND_BATCH);
+        let shutdown_reply = loop {
+            let congested = self.congested();
+            self.blocked_subs.retain(|q| q.is_over());
+            let reading = self.blocked_subs.is_empty();
+            let timer = self
+                .membership
+                .poll_timeout()
+                .map(tokio::time::Instant::from_std)
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                ev = transport.recv() => match ev {
+                    Some(ev) => self.handle_transport(ev).await,
+                    None => break None,
+                },
+                ev = links.recv(), if reading => {
+                    if let Some(ev) = ev {
+                        self.handle_link_event(ev);
+                    }
+                }
+                n = cmds.recv_many(&mut batch, COMMAND_BATCH), if !congested => {
+                    if n == 0 {
+                        break None;
+                    }
+                    let mut shutdown = None;
+                    for cmd in batch.drain(..) {
+                        if let Command::Shutdown(reply) = cmd {
+                            shutdown = Some(reply);
+                            break;
+                        }
+                        self.handle_command(cmd);
+                    }
+                    if shutdown.is_some() {
+                        break shutdown;
+                    }
+                }
+                Some(id) = unsubs.recv() => self.unsubscribe(id),
+                _ = tokio::time::sleep_until(timer) => {
+                    self.membership.handle_timeout(Instant::now(), &mut self.rng);
+                    self.expire_links();
+                }
+                _ = self.space.notified(), if congested || !reading => {}
+            }
+            self.drive_membership().await;
+            self.flush();
+        };
+        self.shutdown(&mut links, &mut transport).await;
+        if let Some(reply) = shutdown_reply {
+            let _ = reply.send(());
+        }
+    }
+
+    fn congested(&self) -> bool {
+        self.links
+            .values()
+            .any(|l| l.outbox.pending() > self.config.link_buffer)
+    }
+
+    /// Moves each link's scratch buffer into its outbox.
+    fn flush(&mut self) {
+        for link in self.links.values_mut() {
+            if !link.scratch.is_empty() {
+                link.outbox.push(&mut link.scratch);
+            }
+        }
+    }
+
+    fn our_addrs(&self) -> Vec<Vec<u8>> {
+        self.listen_addrs.iter().map(|a| a.to_vec()).collect()
+    }
+
+    fn hello(&self) -> Vec<u8> {
+        let addrs = self.our_addrs();
+        let mut buf = Vec::new();
+        wire::encode(
+            &mut buf,
+            &Frame::Hello(Hello {
+                magic: MAGIC,
+                version: PROTOCOL_VERSION,
+                features: 0,
+                incarnation: self.membership.incarnation(),
+                addrs: addrs.iter().map(|a| Raw(a)).collect(),
+            }),
+        );
+        buf
+    }
+
+    /// Everything we know, for a peer whose link just came up.
+    fn encode_sync(&self, buf: &mut Vec<u8>) {
+        let mut members = vec![membership::Update {
+            node: self.local,
+            incarnation: self.membership.incarnation(),
+            state: MemberState::Alive,
+            addrs: self.our_addrs(),
+        }];
+        members.extend(self.membership.members().map(|m| membership::Update {
+            node: m.node,
+            incarnation: m.incarnation,
+            state: m.state,
+            addrs: m.addrs.clone(),
+        }));
+        wire::encode_sync(buf, &members, &self.interest.snapshot());
+    }
+
+    fn link_mut(&mut self, peer: NodeId) -> &mut Link {
+        let now = Instant::now();
+        let space = self.space.clone();
+        let next = &mut self.next_link;
+        self.links.entry(peer).or_insert_with(|| {
+            *next += 1;
+            Link::new(*next, peer, space, now)
+        })
+    }
+
+    async fn handle_transport(&mut self, ev: quic::Event) {
+        match ev {
+            quic::Event::Listening(addr) => {
+                tracing::debug!(%addr, "listening");
+                if !self.listen_addrs.contains(&addr) {
+                    self.listen_addrs.push(addr);
+                    self.membership.set_local_addrs(self.our_addrs());
+                }
+            }
+            quic::Event::ListenerClosed(addr) => {
+                self.listen_addrs.retain(|a| a != &addr);
+                self.membership.set_local_addrs(self.our_addrs());
+            }
+            quic::Event::Connected { peer, addr } => {
+                tracing::debug!(%peer, %addr, "connected");
+                self.connected.insert(peer, addr);
+            }
+            quic::Event::Disconnected { peer } => {
+                tracing::debug!(%peer, "disconnected");
+                self.connected.remove(&peer);
+                if let Some(mut link) = self.links.remove(&peer) {
+                    link.close();
+                    if link.up {
+                        self.membership.handle_link_down(Instant::now(), peer);
+                    }
+                }
+            }
+            quic::Event::Stream {
+                peer,
+                stream,
+                outbound,
+            } => {
+                tracing::debug!(%peer, outbound, "data stream");
+                self.attach_stream(peer, stream);
+            }
+            quic::Event::Discovered { peer, addrs } => {
+                if peer != self.local
+                    && !self.connected.contains_key(&peer)
+                    && self.membership.state_of(&peer) != Some(MemberState::Down)
+                {
+                    self.transport.dial_peer(peer, addrs).await;
+                }
+            }
+            quic::Event::DialFailed { peer, error } => {
+                tracing::debug!(?peer, %error, "dial failed");
+            }
+        }
+    }
+
+    fn attach_stream(&mut self, peer: NodeId, stream: quic::Stream) {
+        // A newer stream replaces an older one: the older was from a
+        // connection that is going away. Bytes buffered while waiting for
+        // a first stream go out on it.
+        let reuse = matches!(self.links.get(&peer), Some(l) if l.reader.is_none());
+        if !reuse {
+            if let Some(mut old) = self.links.remove(&peer) {
+                old.close();
+            }
+        }
+        let hello = self.hello();
+        let mut sync = Vec::new();
+        self.encode_sync(&mut sync);
+        let max_frame = self.config.max_frame;
+        let events = self.link_events.clone();
+        let link = self.link_mut(peer);
+        // The sync must precede buffered messages only for readiness, not
+        // for correctness; put it first anyway so the peer is ready early.
+        sync.append(&mut link.scratch);
+        link.scratch = sync;
+        link.reader = Some(link::spawn(
+            link.id,
+            peer,
+            stream,
+            hello,
+            link.outbox.clone(),
+            max_frame,
+            events,
+        ));
+    }
+
+    fn handle_link_event(&mut self, ev: LinkEvent) {
+        match ev {
+            LinkEvent::Up {
+                link,
+                peer,
+                incarnation,
+                addrs,
+            } => {
+                let Some(l) = self.links.get_mut(&peer).filter(|l| l.id == link) else {
+                    return;
+                };
+                l.up = true;
+                tracing::debug!(%peer, incarnation, "link up");
+                self.membership.handle_link_up(Instant::now(), peer, addrs);
+            }
+            LinkEvent::Frames { link, frames } => {
+                let Some(peer) = self
+                    .links
+                    .iter()
+                    .find(|(_, l)| l.id == link)
+                    .map(|(p, _)| *p)
+                else {
+                    return;
+                };
+                for frame in frames {
+                    if let Err(e) = self.handle_frame(peer, &frame) {
+                        tracing::warn!(%peer, error = %e, "closing link: bad frame from peer");
+                        self.stats.links_refused += 1;
+                        if let Some(mut l) = self.links.remove(&peer) {
+                            l.close();
+                        }
+                        self.membership.handle_link_down(Instant::now(), peer);
+                        return;
+                    }
+                }
+            }
+            LinkEvent::Closed { link, peer, error } => {
+                let Some(l) = self.links.get(&peer).filter(|l| l.id == link) else {
+                    return;
+                };
+                let was_up = l.up;
+                match &error {
+                    Some(e) => tracing::warn!(%peer, error = %e, "link closed"),
+                    None => tracing::debug!(%peer, "link closed by peer"),
+                }
+                if error.is_some() && !was_up {
+                    self.stats.links_refused += 1;
+                }
+                if let Some(mut l) = self.links.remove(&peer) {
+                    l.close();
+                }
+                if was_up {
+                    self.membership.handle_link_down(Instant::now(), peer);
+                }
+            }
+        }
+    }
+
+    fn handle_frame(&mut self, peer: NodeId, body: &Bytes) -> Result<(), WireError> {
+        match wire::decode(body)? {
+            Frame::Msg(m) => {
+                let link = self
+                    .links
+                    .get_mut(&peer)
+                    .ok_or(WireError::Unexpected("Msg"))?;
+                let (msg, targets) = link.dec.handle_msg(body, &m, &self.subs)?;
+                self.deliver(msg, &targets);
+            }
+            Frame::Topic { id, name } => {
+                let link = self
+                    .links
+                    .get_mut(&peer)
+                    .ok_or(WireError::Unexpected("Topic"))?;
+                link.dec.handle_topic(id, name)?;
+            }
+            Frame::Member(m) => {
+                let msg = wire::member_from_wire(&m)?;
+                self.membership.handle_message(Instant::now(), peer, msg);
+            }
+            Frame::Declare(d) => {
+                let decl = wire::decl_from_wire(&d)?;
+                if decl.node != peer {
+                    return Err(WireError::Unexpected("Declare for another node"));
+                }
+                self.interest.handle_declaration(decl)?;
+            }
+            Frame::Sync(s) => {
+                let now = Instant::now();
+                let updates = s
+                    .members
+                    .iter()
+                    .map(wire::update_from_wire)
+                    .collect::<Result<Vec<_>, _>>()?;
+                self.membership.apply_updates(now, updates);
+                for d in &s.decls {
+                    self.interest.handle_declaration(wire::decl_from_wire(d)?)?;
+                }
+                self.ready = true;
+                self.synced = true;
+                for w in self
+                    .ready_waiters
+                    .drain(..)
+                    .chain(self.joined_waiters.drain(..))
+                {
+                    let _ = w.send(());
+                }
+            }
+            Frame::Bye => {
+                let link = self
+                    .links
+                    .get_mut(&peer)
+                    .ok_or(WireError::Unexpected("Bye"))?;
+                wire::encode(&mut link.scratch, &Frame::ByeAck);
+            }
+            Frame::ByeAck => {
+                if let Some(link) = self.links.get_mut(&peer) {
+                    link.bye_acked = true;
+                }
+            }
+            Frame::Hello(_) => return Err(WireError::Unexpected("second Hello")),
+        }
+        Ok(())
+    }
+
+    fn deliver(&mut self, msg: Message, targets: &[SubId]) {
+        let Some((last, rest)) = targets.split_last() else {
+            return;
+        };
+        // Every target but the last gets a clone (reference counts only).
+        for id in rest {
+            if let Some(q) = self.sub_queues.get(id) {
+                if q.push([msg.clone()]) {
+                    self.blocked_subs.push(q.clone());
+                }
+            }
+        }
+        if let Some(q) = self.sub_queues.get(last) {
+            if q.push([msg]) {
+                self.blocked_subs.push(q.clone());
+            }
+        }
+    }
+
+    fn handle_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Publish {
+                topic,
+                headers,
+                payload,
+            } => self.publish(topic, headers, payload),
+            Command::Subscribe { pattern, reply } => {
+                let queue = Arc::new(SubQueue::new(
+                    self.config.subscription_capacity,
+                    self.space.clone(),
+                ));
+                let id = self.subs.add(pattern.clone());
+                self.sub_queues.insert(id, queue.clone());
+                if let Some(decl) = self.interest.subscribe(&pattern) {
+                    self.announce(&decl);
+                }
+                if reply.send((id, queue)).is_err() {
+                    self.unsubscribe(id);
+                }
+            }
+            Command::ListenAddrs(reply) => {
+                let addrs = self
+                    .listen_addrs
+                    .iter()
+                    .map(|a| a.clone().with(Protocol::P2p(self.local)))
+                    .collect();
+                let _ = reply.send(addrs);
+            }
+            Command::Peers(reply) => {
+                let peers = self
+                    .membership
+                    .members()
+                    .map(|m| PeerInfo {
+                        id: m.node,
+                        state: m.state,
+                        linked: self.links.get(&m.node).is_some_and(|l| l.up),
+                        addrs: m
+                            .addrs
+                            .iter()
+                            .filter_map(|a| Multiaddr::try_from(a.clone()).ok())
+                            .collect(),
+                    })
+                    .collect();
+                let _ = reply.send(peers);
+            }
+            Command::Ready(reply) => {
+                if self.ready {
+                    let _ = reply.send(());
+                } else {
+                    self.ready_waiters.retain(|w| !w.is_closed());
+                    self.ready_waiters.push(reply);
+                }
+            }
+            Command::Joined(reply) => {
+                if self.synced {
+                    let _ = reply.send(());
+                } else {
+                    self.joined_waiters.retain(|w| !w.is_closed());
+                    self.joined_waiters.push(reply);
+                }
+            }
+            Command::Shutdown(_) => unreachable!("handled by the loop"),
+        }
+    }
+
+    fn announce(&mut self, decl: &crate::core::interest::Declaration) {
+        let mut frame = Vec::new();
+        wire::encode_decl(&mut frame, decl);
+        for link in self.links.values_mut() {
+            link.scratch.extend_from_slice(&frame);
+        }
+    }
+
+    fn unsubscribe(&mut self, id: SubId) {
+        if let Some(q) = self.sub_queues.remove(&id) {
+            q.close();
+        }
+        if let Some(pattern) = self.subs.remove(id) {
+            if let Some(decl) = self.interest.unsubscribe(&pattern) {
+                self.announce(&decl);
+            }
+        }
+    }
+
+    fn publish(&mut self, topic: Topic, headers: Vec<(String, Bytes)>, payload: Bytes) {
+        self.seq += 1;
+        let timestamp = unix_micros();
+        let route = self.routes.route(&self.interest, topic.as_arc());
+        let out = Outgoing {
+            topic: topic.as_arc(),
+            seq: self.seq,
+            timestamp,
+            headers: &headers,
+            payload: &payload,
+        };
+        for peer in route.iter() {
+            match self.membership.state_of(peer) {
+                Some(MemberState::Alive | MemberState::Suspect) => {}
+                _ => continue,
+            }
+            let link = self.link_mut(*peer);
+            link.enc.encode(&mut link.scratch, &out);
+        }
+        let targets = self.subs.matching(topic.as_str());
+        if !targets.is_empty() {
+            let msg = Message {
+                id: MessageId {
+                    publisher: self.local,
+                    seq: self.seq,
+                },
+                topic,
+                publisher: self.local,
+                timestamp,
+                headers,
+                payload,
+            };
+            self.deliver(msg, &targets);
+        }
+    }
+
+    /// Acts on what the membership core wants: transmits and events.
+    async fn drive_membership(&mut self) {
+        while let Some(t) = self.membership.poll_transmit() {
+            if t.to == self.local {
+                continue;
+            }
+            // Membership messages go only on links that exist; to a member
+            // with no link we dial instead (the probe then fails or not).
+            if let Some(link) = self.links.get_mut(&t.to).filter(|l| l.reader.is_some()) {
+                wire::encode_member(&mut link.scratch, &t.message);
+            } else if !self.connected.contains_key(&t.to) {
+                let addrs = self.addrs_of(&t.to);
+                self.transport.dial_peer(t.to, addrs).await;
+            }
+        }
+        while let Some(ev) = self.membership.poll_event() {
+            match ev {
+                membership::Event::Up { node, addrs } => {
+                    tracing::info!(peer = %node, "peer up");
+                    if !self.connected.contains_key(&node) {
+                        let addrs = addrs
+                            .into_iter()
+                            .filter_map(|a| Multiaddr::try_from(a).ok())
+                            .collect();
+                        self.transport.dial_peer(node, addrs).await;
+                    }
+                }
+                membership::Event::Suspect { node } => tracing::info!(peer = %node, "peer suspect"),
+                membership::Event::Down { node } => {
+                    tracing::info!(peer = %node, "peer down");
+                    if let Some(mut l) = self.links.remove(&node) {
+                        l.close();
+                    }
+                    self.transport.disconnect(node).await;
+                }
+                membership::Event::Refuted { incarnation } => {
+                    tracing::debug!(incarnation, "refuted suspicion of this node");
+                }
+            }
+        }
+        // Forget the interest of members the membership forgot.
+        let known: Vec<NodeId> = self
+            .interest
+            .snapshot()
+            .iter()
+            .skip(1)
+            .map(|d| d.node)
+            .collect();
+        for node in known {
+            if self.membership.state_of(&node).is_none() {
+                self.interest.remove(&node);
+            }
+        }
+    }
+
+    fn addrs_of(&self, node: &NodeId) -> Vec<Multiaddr> {
+        self.membership
+            .members()
+            .find(|m| &m.node == node)
+            .map(|m| {
+                m.addrs
+                    .iter()
+                    .filter_map(|a| Multiaddr::try_from(a.clone()).ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Drops buffers for peers whose stream never came.
+    fn expire_links(&mut self) {
+        let now = Instant::now();
+        let stale: Vec<NodeId> = self
+            .links
+            .iter()
+            .filter(|(_, l)| {
+                l.reader.is_none() && now.duration_since(l.created) > LINK_SETUP_TIMEOUT
+            })
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in stale {
+            if let Some(mut l) = self.links.remove(&peer) {
+                let dropped = (l.outbox.pending() + l.scratch.len()) as u64;
+                self.stats.bytes_dropped_unreachable += dropped;
+                tracing::warn!(%peer, bytes = dropped, "no link to peer in time; dropped messages buffered for it");
+                l.close();
+            }
+        }
+    }
+
+    async fn shutdown(
+        &mut self,
+        links: &mut mpsc::Receiver<LinkEvent>,
+        transport: &mut mpsc::Receiver<quic::Event>,
+    ) {
+        // Say goodbye after everything already queued, then wait until every
+        // peer confirms it has read up to the goodbye (links still being set
+        // up get the same time to come up and drain).
+        let deadline = tokio::time::Instant::now() + BYE_TIMEOUT;
+        for link in self.links.values_mut() {
+            wire::encode(&mut link.scratch, &Frame::Bye);
+        }
+        self.flush();
+        loop {
+            let waiting = self.links.values().any(|l| !l.bye_acked);
+            if !waiting {
+                break;
+            }
+            tokio::select! {
+                ev = links.recv() => match ev {
+                    Some(ev) => self.handle_link_event(ev),
+                    None => break,
+                },
+                ev = transport.recv() => match ev {
+                    Some(ev) => self.handle_transport(ev).await,
+                    None => break,
+                },
+                _ = tokio::time::sleep_until(deadline) => {
+                    let unconfirmed = self.links.values().filter(|l| !l.bye_acked).count();
+                    tracing::debug!(unconfirmed, "shutdown: not every peer confirmed in time");
+                    break;
+                }
+            }
+            self.flush();
+        }
+        for (_, mut l) in self.links.drain() {
+            l.close();
+        }
+        for (_, q) in self.sub_queues.drain() {
+            q.close();
+        }
+        self.transport.shutdown().await;
+        tracing::debug!(
+            links_refused = self.stats.links_refused,
+            bytes_dropped_unreachable = self.stats.bytes_dropped_unreachable,
+            "node stopped"
+        );
+    }
+}

@@ -1,0 +1,178 @@
+//! The two bounded hand-off points between the node task and the outside:
+//! [`Outbox`] (node task -> link writer, bytes) and [`SubQueue`] (node task
+//! -> subscription, messages).
+//!
+//! Both are filled a batch at a time under one short lock and drained a batch
+//! at a time, so the per-message cost is a copy, not a channel operation.
+//! Neither blocks the node task: a full one makes the node stop taking new
+//! work of that kind until a drain signals `space`.
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex, MutexGuard},
+    task::{Context, Poll, Waker},
+};
+
+use tokio::sync::Notify;
+
+use crate::core::pubsub::Message;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding these locks leaves plain buffers behind; keep
+    // going with whatever they hold rather than poisoning the node.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Bytes waiting to be written to one link.
+#[derive(Debug)]
+pub(crate) struct Outbox {
+    inner: Mutex<OutboxInner>,
+    wake_writer: Notify,
+    /// Node-wide: signalled whenever a writer takes bytes out.
+    space: Arc<Notify>,
+}
+
+#[derive(Debug, Default)]
+struct OutboxInner {
+    buf: Vec<u8>,
+    closed: bool,
+}
+
+impl Outbox {
+    pub(crate) fn new(space: Arc<Notify>) -> Self {
+        Self {
+            inner: Mutex::new(OutboxInner::default()),
+            wake_writer: Notify::new(),
+            space,
+        }
+    }
+
+    /// Appends `bytes` (whole frames); returns the bytes now pending.
+    pub(crate) fn push(&self, bytes: &mut Vec<u8>) -> usize {
+        let mut g = lock(&self.inner);
+        if g.closed {
+            bytes.clear();
+            return 0;
+        }
+        if g.buf.is_empty() {
+            std::mem::swap(&mut g.buf, bytes);
+        } else {
+            g.buf.extend_from_slice(bytes);
+            bytes.clear();
+        }
+        let pending = g.buf.len();
+        drop(g);
+        self.wake_writer.notify_one();
+        pending
+    }
+
+    pub(crate) fn pending(&self) -> usize {
+        lock(&self.inner).buf.len()
+    }
+
+    /// No more pushes; the writer drains what is there and ends the stream.
+    pub(crate) fn close(&self) {
+        lock(&self.inner).closed = true;
+        self.wake_writer.notify_one();
+    }
+
+    /// Takes everything pending into `out` (which must be empty). Returns
+    /// `false` once the outbox is closed and drained.
+    pub(crate) async fn take(&self, out: &mut Vec<u8>) -> bool {
+        loop {
+            {
+                let mut g = lock(&self.inner);
+                if !g.buf.is_empty() {
+                    std::mem::swap(&mut g.buf, out);
+                    drop(g);
+                    self.space.notify_one();
+                    return true;
+                }
+                if g.closed {
+                    return false;
+                }
+            }
+            self.wake_writer.notified().await;
+        }
+    }
+}
+
+/// Messages waiting for one subscription.
+#[derive(Debug)]
+pub(crate) struct SubQueue {
+    inner: Mutex<SubInner>,
+    capacity: usize,
+    space: Arc<Notify>,
+}
+
+#[derive(Debug, Default)]
+struct SubInner {
+    items: VecDeque<Message>,
+    waker: Option<Waker>,
+    closed: bool,
+    /// The node stopped reading because of us; tell it when we drain.
+    over: bool,
+}
+
+impl SubQueue {
+    pub(crate) fn new(capacity: usize, space: Arc<Notify>) -> Self {
+        Self {
+            inner: Mutex::new(SubInner::default()),
+            capacity,
+            space,
+        }
+    }
+
+    /// Appends messages. Returns `true` if the queue is now over capacity,
+    /// in which case the node must stop reading links until `space` fires.
+    /// The overshoot is bounded by one batch.
+    pub(crate) fn push(&self, msgs: impl IntoIterator<Item = Message>) -> bool {
+        let mut g = lock(&self.inner);
+        if g.closed {
+            return false;
+        }
+        g.items.extend(msgs);
+        let over = g.items.len() >= self.capacity;
+        g.over |= over;
+        if let Some(w) = g.waker.take() {
+            w.wake();
+        }
+        over
+    }
+
+    pub(crate) fn is_over(&self) -> bool {
+        lock(&self.inner).over
+    }
+
+    /// No more messages will come.
+    pub(crate) fn close(&self) {
+        let mut g = lock(&self.inner);
+        g.closed = true;
+        if let Some(w) = g.waker.take() {
+            w.wake();
+        }
+    }
+
+    /// Moves every queued message into `out`; `Ready(false)` when closed
+    /// and empty.
+    pub(crate) fn poll_take(
+        &self,
+        cx: &mut Context<'_>,
+        out: &mut VecDeque<Message>,
+    ) -> Poll<bool> {
+        let mut g = lock(&self.inner);
+        if !g.items.is_empty() {
+            std::mem::swap(&mut g.items, out);
+            if std::mem::take(&mut g.over) {
+                drop(g);
+                self.space.notify_one();
+            }
+            return Poll::Ready(true);
+        }
+        if g.closed {
+            return Poll::Ready(false);
+        }
+        g.waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}

@@ -1,0 +1,535 @@
+//! The frames two nodes exchange on a link.
+//!
+//! Each frame is a postcard-encoded [`Frame`] behind a u32 length prefix
+//! (see `mesh_transports::frame`). The first frame each side sends is
+//! [`Frame::Hello`] with the protocol version. Bytes from a peer are parsed
+//! into typed values here, at the edge, or rejected with a [`WireError`]; a
+//! link that sends a bad frame is closed.
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::core::{
+    interest::{Declaration, Version},
+    membership::{self, MemberState},
+    topic::Pattern,
+    NodeId,
+};
+
+/// The protocol version spoken by this build.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Magic number opening every handshake, so a stray stream is told apart
+/// from a mesh peer at once.
+pub const MAGIC: u32 = 0x4d45_5348; // "MESH"
+
+/// Bytes borrowed from the frame, encoded as a postcard byte string.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Raw<'a>(pub &'a [u8]);
+
+impl Serialize for Raw<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(self.0)
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Raw<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        <&'de [u8]>::deserialize(d).map(Raw)
+    }
+}
+
+/// A frame on a link.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Frame<'a> {
+    /// First frame of each side of a link.
+    Hello(Hello<'a>),
+    /// A membership (failure detection) message.
+    #[serde(borrow)]
+    Member(MemberWire<'a>),
+    /// A node's full set of subscription patterns.
+    Declare(DeclWire<'a>),
+    /// Everything the sender knows of the mesh, sent once after `Hello`.
+    Sync(SyncWire<'a>),
+    /// Binds a link-local topic id to a topic name, before its first use.
+    Topic {
+        /// The id, unique per link direction.
+        id: u32,
+        /// The topic.
+        name: &'a str,
+    },
+    /// A published message.
+    Msg(MsgWire<'a>),
+    /// The sender is shutting down; nothing follows but `ByeAck`.
+    Bye,
+    /// Answers `Bye`: everything sent before it has been read.
+    ByeAck,
+}
+
+/// The handshake.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello<'a> {
+    /// Always [`MAGIC`].
+    pub magic: u32,
+    /// The sender's protocol version.
+    pub version: u32,
+    /// Feature bits (none defined yet).
+    pub features: u64,
+    /// The sender's membership incarnation.
+    pub incarnation: u64,
+    /// The sender's dialable addresses (multiaddr bytes).
+    #[serde(borrow)]
+    pub addrs: Vec<Raw<'a>>,
+}
+
+/// A membership record on the wire.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpdateWire<'a> {
+    /// Peer id bytes.
+    #[serde(borrow)]
+    pub node: Raw<'a>,
+    /// Incarnation.
+    pub incarnation: u64,
+    /// State.
+    pub state: MemberState,
+    /// Multiaddr bytes.
+    pub addrs: Vec<Raw<'a>>,
+}
+
+/// A membership message on the wire.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum MemberWire<'a> {
+    /// See [`membership::Message::Ping`].
+    Ping {
+        /// Probe sequence.
+        seq: u64,
+        /// Piggybacked updates.
+        #[serde(borrow)]
+        updates: Vec<UpdateWire<'a>>,
+    },
+    /// See [`membership::Message::Ack`].
+    Ack {
+        /// Probe sequence.
+        seq: u64,
+        /// Piggybacked updates.
+        #[serde(borrow)]
+        updates: Vec<UpdateWire<'a>>,
+    },
+    /// See [`membership::Message::PingReq`].
+    PingReq {
+        /// Probe sequence.
+        seq: u64,
+        /// Who to probe.
+        target: Raw<'a>,
+        /// Piggybacked updates.
+        updates: Vec<UpdateWire<'a>>,
+    },
+    /// See [`membership::Message::IndirectAck`].
+    IndirectAck {
+        /// Probe sequence.
+        seq: u64,
+        /// Who answered.
+        target: Raw<'a>,
+        /// Piggybacked updates.
+        updates: Vec<UpdateWire<'a>>,
+    },
+}
+
+/// A declaration on the wire.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeclWire<'a> {
+    /// Peer id bytes.
+    #[serde(borrow)]
+    pub node: Raw<'a>,
+    /// Version epoch.
+    pub epoch: u64,
+    /// Version sequence.
+    pub seq: u64,
+    /// Patterns.
+    pub patterns: Vec<&'a str>,
+}
+
+/// A snapshot of the sender's view of the mesh.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SyncWire<'a> {
+    /// Members the sender knows (including itself).
+    #[serde(borrow)]
+    pub members: Vec<UpdateWire<'a>>,
+    /// Declarations the sender knows (including its own).
+    pub decls: Vec<DeclWire<'a>>,
+}
+
+/// A published message. Sequence and timestamp are deltas from the previous
+/// message on the same link, so they usually take one or two bytes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MsgWire<'a> {
+    /// Link-local topic id (see [`Frame::Topic`]), or `u32::MAX` when the
+    /// name follows inline in `name`.
+    pub topic: u32,
+    /// The topic name when not interned.
+    pub name: Option<&'a str>,
+    /// Publisher sequence minus the previous one on this link.
+    pub seq_delta: u64,
+    /// Timestamp (µs since the Unix epoch) minus the previous one.
+    pub ts_delta: i64,
+    /// Headers.
+    #[serde(borrow)]
+    pub headers: Vec<(&'a str, Raw<'a>)>,
+    /// Payload.
+    pub payload: Raw<'a>,
+}
+
+/// A frame from a peer that cannot be accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    /// Not a valid postcard `Frame`.
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    /// The handshake had the wrong magic number.
+    #[error("not a mesh peer (bad magic {0:#x})")]
+    BadMagic(u32),
+    /// The peer speaks another protocol version.
+    #[error("unsupported protocol version {0} (this node speaks {PROTOCOL_VERSION})")]
+    UnsupportedVersion(u32),
+    /// The first frame was not a handshake.
+    #[error("expected a Hello frame first")]
+    ExpectedHello,
+    /// A peer id that does not parse.
+    #[error("invalid peer id in frame")]
+    BadPeerId,
+    /// A pattern that does not parse.
+    #[error("invalid pattern in declaration: {0}")]
+    BadPattern(String),
+    /// A topic that does not parse.
+    #[error("invalid topic in message: {0}")]
+    BadTopic(String),
+    /// A topic id never defined on this link.
+    #[error("unknown topic id {0}")]
+    UnknownTopic(u32),
+    /// The peer defined more topics than allowed per link.
+    #[error("too many topics on one link (limit {0})")]
+    TooManyTopics(usize),
+    /// A frame sent at the wrong time (e.g. a second Hello).
+    #[error("unexpected {0} frame")]
+    Unexpected(&'static str),
+    /// A declaration over the limits.
+    #[error("{0}")]
+    Declaration(#[from] crate::core::interest::DeclarationError),
+}
+
+/// Decodes one frame body (without its length prefix).
+pub fn decode(body: &[u8]) -> Result<Frame<'_>, WireError> {
+    postcard::from_bytes(body).map_err(|e| WireError::Malformed(e.to_string()))
+}
+
+/// Appends a length-prefixed frame to `buf`.
+pub fn encode(buf: &mut Vec<u8>, frame: &Frame<'_>) {
+    mesh_transports::frame::encode_frame(buf, |b| {
+        // Serializing into a Vec cannot fail for these types.
+        let taken = std::mem::take(b);
+        *b = postcard::to_extend(frame, taken).expect("postcard into Vec is infallible");
+    });
+}
+
+/// Parses a peer id from frame bytes.
+pub fn node_id(raw: Raw<'_>) -> Result<NodeId, WireError> {
+    NodeId::from_bytes(raw.0).map_err(|_| WireError::BadPeerId)
+}
+
+/// Converts a membership record to its wire form; `buf` keeps the id bytes.
+pub fn update_to_wire<'a>(u: &'a membership::Update, ids: &'a [u8]) -> UpdateWire<'a> {
+    UpdateWire {
+        node: Raw(ids),
+        incarnation: u.incarnation,
+        state: u.state,
+        addrs: u.addrs.iter().map(|a| Raw(a)).collect(),
+    }
+}
+
+/// Parses a membership record.
+pub fn update_from_wire(u: &UpdateWire<'_>) -> Result<membership::Update, WireError> {
+    Ok(membership::Update {
+        node: node_id(u.node)?,
+        incarnation: u.incarnation,
+        state: u.state,
+        addrs: u.addrs.iter().map(|a| a.0.to_vec()).collect(),
+    })
+}
+
+fn ids_of(updates: &[membership::Update]) -> Vec<Vec<u8>> {
+    updates.iter().map(|u| u.node.to_bytes()).collect()
+}
+
+fn wire_updates<'a>(updates: &'a [membership::Update], ids: &'a [Vec<u8>]) -> Vec<UpdateWire<'a>> {
+    updates
+        .iter()
+        .zip(ids)
+        .map(|(u, id)| update_to_wire(u, id))
+        .collect()
+}
+
+/// Encodes a membership message as a frame into `buf`.
+pub fn encode_member(buf: &mut Vec<u8>, msg: &membership::Message) {
+    use membership::Message as M;
+    match msg {
+        M::Ping { seq, updates } => {
+            let ids = ids_of(updates);
+            let updates = wire_updates(updates, &ids);
+            encode(buf, &Frame::Member(MemberWire::Ping { seq: *seq, updates }));
+        }
+        M::Ack { seq, updates } => {
+            let ids = ids_of(updates);
+            let updates = wire_updates(updates, &ids);
+            encode(buf, &Frame::Member(MemberWire::Ack { seq: *seq, updates }));
+        }
+        M::PingReq {
+            seq,
+            target,
+            updates,
+        } => {
+            let ids = ids_of(updates);
+            let updates = wire_updates(updates, &ids);
+            let target = target.to_bytes();
+            encode(
+                buf,
+                &Frame::Member(MemberWire::PingReq {
+                    seq: *seq,
+                    target: Raw(&target),
+                    updates,
+                }),
+            );
+        }
+        M::IndirectAck {
+            seq,
+            target,
+            updates,
+        } => {
+            let ids = ids_of(updates);
+            let updates = wire_updates(updates, &ids);
+            let target = target.to_bytes();
+            encode(
+                buf,
+                &Frame::Member(MemberWire::IndirectAck {
+                    seq: *seq,
+                    target: Raw(&target),
+                    updates,
+                }),
+            );
+        }
+    }
+}
+
+/// Parses a membership message.
+pub fn member_from_wire(m: &MemberWire<'_>) -> Result<membership::Message, WireError> {
+    use membership::Message as M;
+    let ups = |u: &[UpdateWire<'_>]| {
+        u.iter()
+            .map(update_from_wire)
+            .collect::<Result<Vec<_>, _>>()
+    };
+    Ok(match m {
+        MemberWire::Ping { seq, updates } => M::Ping {
+            seq: *seq,
+            updates: ups(updates)?,
+        },
+        MemberWire::Ack { seq, updates } => M::Ack {
+            seq: *seq,
+            updates: ups(updates)?,
+        },
+        MemberWire::PingReq {
+            seq,
+            target,
+            updates,
+        } => M::PingReq {
+            seq: *seq,
+            target: node_id(*target)?,
+            updates: ups(updates)?,
+        },
+        MemberWire::IndirectAck {
+            seq,
+            target,
+            updates,
+        } => M::IndirectAck {
+            seq: *seq,
+            target: node_id(*target)?,
+            updates: ups(updates)?,
+        },
+    })
+}
+
+/// Parses a declaration, validating every pattern.
+pub fn decl_from_wire(d: &DeclWire<'_>) -> Result<Declaration, WireError> {
+    if d.patterns.len() > crate::core::interest::MAX_PATTERNS_PER_NODE {
+        return Err(crate::core::interest::DeclarationError::TooManyPatterns {
+            count: d.patterns.len(),
+        }
+        .into());
+    }
+    let patterns = d
+        .patterns
+        .iter()
+        .map(|p| Pattern::new(p).map_err(|e| WireError::BadPattern(e.to_string())))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Declaration {
+        node: node_id(d.node)?,
+        version: Version {
+            epoch: d.epoch,
+            seq: d.seq,
+        },
+        patterns,
+    })
+}
+
+/// Encodes a declaration as a frame into `buf`.
+pub fn encode_decl(buf: &mut Vec<u8>, d: &Declaration) {
+    let id = d.node.to_bytes();
+    let frame = Frame::Declare(decl_to_wire(d, &id));
+    encode(buf, &frame);
+}
+
+/// The wire form of a declaration; `id` holds the node id bytes.
+pub fn decl_to_wire<'a>(d: &'a Declaration, id: &'a [u8]) -> DeclWire<'a> {
+    DeclWire {
+        node: Raw(id),
+        epoch: d.version.epoch,
+        seq: d.version.seq,
+        patterns: d.patterns.iter().map(Pattern::as_str).collect(),
+    }
+}
+
+/// Encodes a sync snapshot as a frame into `buf`.
+pub fn encode_sync(buf: &mut Vec<u8>, members: &[membership::Update], decls: &[Declaration]) {
+    let member_ids: Vec<Vec<u8>> = members.iter().map(|u| u.node.to_bytes()).collect();
+    let decl_ids: Vec<Vec<u8>> = decls.iter().map(|d| d.node.to_bytes()).collect();
+    let frame = Frame::Sync(SyncWire {
+        members: members
+            .iter()
+            .zip(&member_ids)
+            .map(|(u, id)| update_to_wire(u, id))
+            .collect(),
+        decls: decls
+            .iter()
+            .zip(&decl_ids)
+            .map(|(d, id)| decl_to_wire(d, id))
+            .collect(),
+    });
+    encode(buf, &frame);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn body(frame: &Frame<'_>) -> Vec<u8> {
+        postcard::to_stdvec(frame).unwrap()
+    }
+
+    #[test]
+    fn msg_header_is_compact() {
+        let payload = [7u8; 64];
+        let frame = Frame::Msg(MsgWire {
+            topic: 3,
+            name: None,
+            seq_delta: 1,
+            ts_delta: 12,
+            headers: vec![],
+            payload: Raw(&payload),
+        });
+        let b = body(&frame);
+        // tag, topic, name, seq, ts, headers, payload length: 7 bytes.
+        assert_eq!(b.len(), 64 + 7);
+        assert_eq!(decode(&b).unwrap(), frame);
+    }
+
+    #[test]
+    fn round_trips() {
+        let id = NodeId::random();
+        let idb = id.to_bytes();
+        let frames = vec![
+            Frame::Hello(Hello {
+                magic: MAGIC,
+                version: 1,
+                features: 0,
+                incarnation: 9,
+                addrs: vec![Raw(b"x")],
+            }),
+            Frame::Topic { id: 1, name: "a.b" },
+            Frame::Declare(DeclWire {
+                node: Raw(&idb),
+                epoch: 1,
+                seq: 2,
+                patterns: vec!["a.*", "b.>"],
+            }),
+            Frame::Member(MemberWire::PingReq {
+                seq: 4,
+                target: Raw(&idb),
+                updates: vec![],
+            }),
+            Frame::Bye,
+            Frame::ByeAck,
+        ];
+        for f in frames {
+            assert_eq!(decode(&body(&f)).unwrap(), f);
+        }
+        let d = Frame::Declare(DeclWire {
+            node: Raw(&idb),
+            epoch: 1,
+            seq: 2,
+            patterns: vec!["a.*"],
+        });
+        let bytes = body(&d);
+        let Frame::Declare(dw) = decode(&bytes).unwrap() else {
+            panic!()
+        };
+        assert_eq!(decl_from_wire(&dw).unwrap().node, id);
+    }
+
+    #[test]
+    fn bad_values_are_typed_errors() {
+        let bad = DeclWire {
+            node: Raw(b"nope"),
+            epoch: 0,
+            seq: 0,
+            patterns: vec![],
+        };
+        assert_eq!(decl_from_wire(&bad), Err(WireError::BadPeerId));
+        let idb = NodeId::random().to_bytes();
+        let bad = DeclWire {
+            node: Raw(&idb),
+            epoch: 0,
+            seq: 0,
+            patterns: vec!["a..b"],
+        };
+        assert!(matches!(
+            decl_from_wire(&bad),
+            Err(WireError::BadPattern(_))
+        ));
+        assert!(matches!(
+            decode(&[0xff, 0xff]),
+            Err(WireError::Malformed(_))
+        ));
+        assert!(matches!(decode(&[]), Err(WireError::Malformed(_))));
+    }
+
+    proptest! {
+        /// Garbage and truncated frames give errors, never panics or huge
+        /// allocations.
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            if let Ok(Frame::Declare(d)) = decode(&bytes) {
+                let _ = decl_from_wire(&d);
+            }
+            if let Ok(Frame::Member(m)) = decode(&bytes) {
+                let _ = member_from_wire(&m);
+            }
+        }
+
+        #[test]
+        fn truncations_of_valid_frames_fail_cleanly(cut in 0usize..80) {
+            let payload = [1u8; 64];
+            let b = body(&Frame::Msg(MsgWire { topic: 1, name: Some("a.b"), seq_delta: 300, ts_delta: -5, headers: vec![("k", Raw(b"v"))], payload: Raw(&payload) }));
+            let cut = cut.min(b.len() - 1);
+            prop_assert!(decode(&b[..cut]).is_err());
+        }
+    }
+}

@@ -1,0 +1,4 @@
+//! `cargo run -- ARGS` from the workspace root runs the `mesh` command line.
+fn main() -> anyhow::Result<()> {
+    mesh::cli::main()
+}

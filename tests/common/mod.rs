@@ -1,0 +1,120 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::{future::Future, time::Duration};
+
+use futures::StreamExt;
+use mesh::{Message, Multiaddr, Node, PeerId, PeerState, Subscription};
+
+/// Generous bound for conditions awaited in tests (never a sleep).
+pub const WAIT: Duration = Duration::from_secs(20);
+
+pub fn loopback() -> Multiaddr {
+    "/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()
+}
+
+/// Fast failure detection so tests of dead peers finish quickly.
+pub fn fast_fd() -> mesh::core::membership::Config {
+    mesh::core::membership::Config {
+        probe_interval: Duration::from_millis(200),
+        probe_timeout: Duration::from_millis(100),
+        suspicion_timeout: Duration::from_millis(600),
+        ..Default::default()
+    }
+}
+
+pub async fn start(bootstrap: Option<&Multiaddr>) -> Node {
+    let mut b = Node::builder()
+        .listen(loopback())
+        .mdns(false)
+        .failure_detection(fast_fd());
+    if let Some(addr) = bootstrap {
+        b = b.bootstrap(addr.clone());
+    }
+    b.start().await.expect("node starts")
+}
+
+pub async fn addr(node: &Node) -> Multiaddr {
+    eventually("a listen address", || async {
+        node.listen_addrs().await.into_iter().next()
+    })
+    .await
+}
+
+/// Polls `f` until it returns `Some`, failing the test after [`WAIT`].
+pub async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits until `node` sees `peer` in `state`.
+pub async fn peer_state(node: &Node, peer: PeerId, state: PeerState) {
+    eventually(&format!("{peer} to be {state:?}"), || async {
+        node.peers()
+            .await
+            .iter()
+            .any(|p| p.id == peer && p.state == state)
+            .then_some(())
+    })
+    .await
+}
+
+/// Waits until `node` has a data link to each of `peers`.
+pub async fn linked(node: &Node, peers: &[PeerId]) {
+    eventually("links", || async {
+        let known = node.peers().await;
+        peers
+            .iter()
+            .all(|p| {
+                known
+                    .iter()
+                    .any(|k| &k.id == p && k.linked && k.state == PeerState::Alive)
+            })
+            .then_some(())
+    })
+    .await
+}
+
+/// The next message that is not a routing probe (see [`until_routed`]).
+pub async fn next(sub: &mut Subscription) -> Message {
+    loop {
+        let m = tokio::time::timeout(WAIT, sub.next())
+            .await
+            .expect("a message in time")
+            .expect("subscription open");
+        if m.payload != "probe" {
+            return m;
+        }
+    }
+}
+
+/// Publishes `probe` messages on `topic` until one reaches `sub`: the way to
+/// know a subscription has spread without sleeping. Later probes may still
+/// arrive; [`next`] skips them.
+pub async fn until_routed(publisher: &Node, topic: &str, sub: &mut Subscription) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        publisher.publish(topic, "probe").await.unwrap();
+        if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(100), sub.next()).await {
+            assert_eq!(m.payload, "probe");
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "subscription never routed"
+        );
+    }
+}

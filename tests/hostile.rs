@@ -1,0 +1,105 @@
+//! A peer that sends garbage, truncated, oversize or wrong-version frames
+//! loses its link; the node lives on and keeps serving others.
+
+mod common;
+
+use common::*;
+use futures::{AsyncReadExt, AsyncWriteExt};
+use mesh::wire::{self, Frame, Hello, MAGIC, PROTOCOL_VERSION};
+use mesh_transports::{identity::Keypair, quic};
+
+fn frame(f: &Frame<'_>) -> Vec<u8> {
+    let mut b = Vec::new();
+    wire::encode(&mut b, f);
+    b
+}
+
+fn hello(version: u32) -> Vec<u8> {
+    frame(&Frame::Hello(Hello {
+        magic: MAGIC,
+        version,
+        features: 0,
+        incarnation: 1,
+        addrs: vec![],
+    }))
+}
+
+/// Connects a raw transport to `target`, writes `bytes` on the data stream,
+/// and waits until the node closes that stream.
+async fn send_raw(target: &mesh::Multiaddr, bytes: Vec<u8>) {
+    let (_handle, mut events) = quic::start(
+        Keypair::generate_ed25519(),
+        quic::Config {
+            listen: vec![loopback()],
+            bootstrap: vec![target.clone()],
+            mdns: false,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut stream = loop {
+        match tokio::time::timeout(WAIT, events.recv())
+            .await
+            .expect("a stream in time")
+            .expect("events")
+        {
+            quic::Event::Stream { stream, .. } => break stream,
+            _ => continue,
+        }
+    };
+    stream.write_all(&bytes).await.unwrap();
+    // End our side too, so a frame cut short is seen as truncated.
+    stream.close().await.unwrap();
+    // The node answers with its own Hello (and a sync), then closes the
+    // stream: reading ends with EOF or a reset, never hangs.
+    let mut sink = Vec::new();
+    let read = tokio::time::timeout(WAIT, stream.read_to_end(&mut sink)).await;
+    assert!(read.is_ok(), "node did not close the link after bad input");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_peers_lose_their_link_and_the_node_lives_on() {
+    let a = start(None).await;
+    let a_addr = addr(&a).await;
+
+    let mut hello_then_garbage = hello(PROTOCOL_VERSION);
+    hello_then_garbage.extend_from_slice(&[5, 0, 0, 0, 0xff, 0xfe, 0xfd, 0xfc, 0xfb]);
+    let mut hello_then_oversize = hello(PROTOCOL_VERSION);
+    hello_then_oversize.extend_from_slice(&u32::MAX.to_le_bytes());
+    let mut hello_then_unknown_topic = hello(PROTOCOL_VERSION);
+    hello_then_unknown_topic.extend(frame(&Frame::Msg(wire::MsgWire {
+        topic: 77,
+        name: None,
+        seq_delta: 1,
+        ts_delta: 0,
+        headers: vec![],
+        payload: wire::Raw(b"x"),
+    })));
+    let mut truncated = hello(PROTOCOL_VERSION);
+    truncated.extend_from_slice(&[200, 0, 0, 0, 1, 2, 3]);
+
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("garbage instead of a handshake", (0..200u8).collect()),
+        ("wrong protocol version", hello(PROTOCOL_VERSION + 1)),
+        ("oversize frame", u32::MAX.to_le_bytes().to_vec()),
+        ("no Hello first", frame(&Frame::Bye)),
+        ("garbage after the handshake", hello_then_garbage),
+        ("oversize after the handshake", hello_then_oversize),
+        ("undefined topic id", hello_then_unknown_topic),
+        ("truncated frame", truncated),
+    ];
+    for (what, bytes) in cases {
+        eprintln!("case: {what}");
+        send_raw(&a_addr, bytes).await;
+    }
+
+    // The node still works for well-behaved peers.
+    let b = start(Some(&a_addr)).await;
+    let mut sub = b.subscribe("still.alive").await.unwrap();
+    until_routed(&a, "still.alive", &mut sub).await;
+    a.publish("still.alive", "yes").await.unwrap();
+    assert_eq!(next(&mut sub).await.payload, "yes");
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -1,0 +1,192 @@
+//! Pub/sub between real nodes over loopback QUIC.
+
+mod common;
+
+use common::*;
+use futures::StreamExt;
+use mesh::PeerState;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_wildcards_and_fifo() {
+    let a = start(None).await;
+    let a_addr = addr(&a).await;
+    let b = start(Some(&a_addr)).await;
+    let c = start(Some(&a_addr)).await;
+    // Everyone learns everyone through a's view and links directly.
+    linked(&a, &[b.peer_id(), c.peer_id()]).await;
+    linked(&b, &[a.peer_id(), c.peer_id()]).await;
+    linked(&c, &[a.peer_id(), b.peer_id()]).await;
+
+    let mut on_b = b.subscribe("orders.*.created").await.unwrap();
+    let mut on_c = c.subscribe("orders.>").await.unwrap();
+    until_routed(&a, "orders.x.created", &mut on_b).await;
+    until_routed(&a, "orders.x.created", &mut on_c).await;
+
+    for i in 0..100u32 {
+        a.publish("orders.eu.created", format!("m{i}"))
+            .await
+            .unwrap();
+    }
+    a.publish("orders.eu.paid", "paid").await.unwrap();
+    a.publish("invoices.eu", "not for them").await.unwrap();
+
+    for i in 0..100u32 {
+        let m = next(&mut on_b).await;
+        assert_eq!(m.payload, format!("m{i}"), "FIFO per publisher");
+        assert_eq!(m.topic.as_str(), "orders.eu.created");
+        assert_eq!(m.publisher, a.peer_id());
+        assert_eq!(m.id.publisher, a.peer_id());
+    }
+    for i in 0..100u32 {
+        assert_eq!(next(&mut on_c).await.payload, format!("m{i}"));
+    }
+    assert_eq!(
+        next(&mut on_c).await.payload,
+        "paid",
+        "orders.> matches orders.eu.paid"
+    );
+
+    // b's pattern does not match orders.eu.paid: the next thing b sees is a
+    // later message, not "paid".
+    a.publish("orders.us.created", "after").await.unwrap();
+    assert_eq!(next(&mut on_b).await.payload, "after");
+
+    for n in [a, b, c] {
+        n.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_subscriber_and_unsubscribe() {
+    let a = start(None).await;
+    let b = start(Some(&addr(&a).await)).await;
+    linked(&a, &[b.peer_id()]).await;
+
+    // Published before anyone subscribed: goes nowhere.
+    a.publish("news", "early").await.unwrap();
+    let mut sub = b.subscribe("news").await.unwrap();
+    until_routed(&a, "news", &mut sub).await;
+    a.publish("news", "late").await.unwrap();
+    let m = next(&mut sub).await;
+    assert_eq!(
+        m.payload, "late",
+        "a late subscriber gets only what follows"
+    );
+
+    // Local delivery: a node receives its own messages too.
+    let mut own = a.subscribe("news").await.unwrap();
+    a.publish("news", "self").await.unwrap();
+    assert_eq!(next(&mut own).await.payload, "self");
+    assert_eq!(next(&mut sub).await.payload, "self");
+
+    // Unsubscribe by dropping; a second subscription on b tells us when the
+    // drop has been seen by a (FIFO: b's declaration precedes later routing).
+    drop(sub);
+    let mut other = b.subscribe("weather").await.unwrap();
+    until_routed(&a, "weather", &mut other).await;
+    let mut again = b.subscribe("news.>").await.unwrap();
+    until_routed(&a, "news.x", &mut again).await;
+    a.publish("news", "after unsubscribe").await.unwrap();
+    a.publish("news.x", "marker").await.unwrap();
+    // The node-level routing no longer sends "news" to b; the marker arrives.
+    assert_eq!(next(&mut again).await.payload, "marker");
+
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_topics_are_typed_errors() {
+    let a = start(None).await;
+    let err = a.publish("a..b", "x").await.unwrap_err();
+    assert!(matches!(
+        err,
+        mesh::PublishError::Topic(mesh::TopicError::EmptySegment { index: 1, .. })
+    ));
+    let err = a.subscribe("a.>.b").await.unwrap_err();
+    assert!(err.to_string().contains("misplaced wildcard"), "{err}");
+    assert!(a.publish("a.*", "x").await.is_err());
+    a.shutdown().await;
+    // After shutdown, calls fail cleanly.
+    assert!(matches!(
+        a.publish("a", "x").await,
+        Err(mesh::PublishError::Closed)
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscription_ends_on_shutdown() {
+    let a = start(None).await;
+    let mut sub = a.subscribe(">").await.unwrap();
+    a.shutdown().await;
+    assert!(tokio::time::timeout(WAIT, sub.next())
+        .await
+        .unwrap()
+        .is_none());
+}
+
+/// Starts `mesh node` as a separate process and returns it with its id.
+async fn spawn_node(
+    dir: &std::path::Path,
+    bootstrap: &mesh::Multiaddr,
+) -> (tokio::process::Child, mesh::PeerId) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mesh-cli"))
+        .args([
+            "node",
+            "--no-mdns",
+            "--listen",
+            "/ip4/127.0.0.1/udp/0/quic-v1",
+            "--bootstrap",
+        ])
+        .arg(bootstrap.to_string())
+        .arg("--data-dir")
+        .arg(dir)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("mesh binary runs");
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(WAIT, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let id = line
+        .strip_prefix("peer id: ")
+        .expect("first line names the peer id")
+        .parse()
+        .unwrap();
+    // Keep draining its stdout so it never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    (child, id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_peer_is_detected_and_restart_readmitted() {
+    let dir = tempdir("restart");
+    let a = start(None).await;
+    let a_addr = addr(&a).await;
+
+    let (mut b, b_id) = spawn_node(&dir, &a_addr).await;
+    peer_state(&a, b_id, PeerState::Alive).await;
+
+    // SIGKILL: no goodbye, no connection close.
+    b.kill().await.unwrap();
+    peer_state(&a, b_id, PeerState::Down).await;
+
+    // Same identity (data dir), new life: readmitted.
+    let (mut b2, b2_id) = spawn_node(&dir, &a_addr).await;
+    assert_eq!(b2_id, b_id, "identity persisted in the data dir");
+    peer_state(&a, b_id, PeerState::Alive).await;
+
+    b2.kill().await.unwrap();
+    a.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn tempdir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("mesh-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}

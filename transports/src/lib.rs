@@ -1,0 +1,22 @@
+//! How mesh peers are found and reached, and how framed bytes move between
+//! two of them.
+//!
+//! - [`frame`]: u32-length-prefixed frames, read and written in batches.
+//! - [`quic`]: the libp2p swarm (QUIC, mDNS, Kademlia, identify) and one
+//!   long-lived data stream per peer.
+//!
+//! ```
+//! use mesh_transports::frame::{encode_frame, split_frames, DEFAULT_MAX_FRAME};
+//! let mut wire = Vec::new();
+//! encode_frame(&mut wire, |b| b.extend_from_slice(b"hello"));
+//! let mut buf = bytes::BytesMut::from(&wire[..]);
+//! let mut frames = Vec::new();
+//! split_frames(&mut buf, DEFAULT_MAX_FRAME, &mut frames).unwrap();
+//! assert_eq!(frames[0], &b"hello"[..]);
+//! ```
+#![warn(missing_docs)]
+
+pub mod frame;
+pub mod quic;
+
+pub use libp2p::{identity, Multiaddr, PeerId};
