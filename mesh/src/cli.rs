@@ -367,8 +367,12 @@ async fn run_peers(net: NetArgs, json: bool) -> anyhow::Result<()> {
 /// Spawns this executable with `args`, stdout piped.
 pub(crate) fn spawn_self(args: &[String]) -> anyhow::Result<tokio::process::Child> {
     let exe = std::env::current_exe().context("cannot find the mesh executable")?;
-    tokio::process::Command::new(exe)
-        .args(args)
+    let mut cmd = tokio::process::Command::new(exe);
+    // Children log only errors unless the user asked for more.
+    if std::env::var_os("RUST_LOG").is_none() {
+        cmd.env("RUST_LOG", "error");
+    }
+    cmd.args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .stdin(Stdio::null())

@@ -124,6 +124,8 @@ async fn read_loop(
                 }
             }
         }
+        // A peer that goes away before saying anything is churn, not an error.
+        Err(HandshakeError::Eof) => None,
         Err(e) => Some(format!("handshake failed: {e}")),
     };
     let _ = events.send(LinkEvent::Closed { link, peer, error }).await;

@@ -172,6 +172,7 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
         config,
         blocked_subs: Vec::new(),
         stats: Stats::default(),
+        shutting_down: false,
     };
     let max_payload = task.config.max_frame.saturating_sub(1024);
     tokio::spawn(task.run(cmd_rx, unsub_rx, link_rx, transport_events));
@@ -203,6 +204,10 @@ struct Link {
     up: bool,
     created: Instant,
     bye_acked: bool,
+    /// The peer said `Bye`: it is leaving, and will close the connection.
+    leaving: bool,
+    /// Messages were encoded for it (shutdown waits for those to go out).
+    has_data: bool,
 }
 
 impl Link {
@@ -217,10 +222,16 @@ impl Link {
             up: false,
             created: now,
             bye_acked: false,
+            leaving: false,
+            has_data: false,
         }
     }
 
+    /// Stops the link; whatever is already encoded is still written.
     fn close(&mut self) {
+        if !self.scratch.is_empty() {
+            self.outbox.push(&mut self.scratch);
+        }
         self.outbox.close();
         if let Some(r) = self.reader.take() {
             r.abort();
@@ -256,6 +267,7 @@ struct NodeTask {
     /// Subscriptions over capacity; links are not read while non-empty.
     blocked_subs: Vec<Arc<SubQueue>>,
     stats: Stats,
+    shutting_down: bool,
 }
 
 impl NodeTask {
@@ -434,6 +446,11 @@ impl NodeTask {
         // connection that is going away. Bytes buffered while waiting for
         // a first stream go out on it.
         let reuse = matches!(self.links.get(&peer), Some(l) if l.reader.is_none());
+        if self.shutting_down && !reuse {
+            // Nothing to say to a new peer while leaving; dropping the
+            // stream resets it.
+            return;
+        }
         if !reuse {
             if let Some(mut old) = self.links.remove(&peer) {
                 old.close();
@@ -706,6 +723,7 @@ impl NodeTask {
             }
             let link = self.link_mut(*peer);
             link.enc.encode(&mut link.scratch, &out);
+            link.has_data = true;
         }
         let targets = self.subs.matching(topic.as_str());
         if !targets.is_empty() {
@@ -754,10 +772,18 @@ impl NodeTask {
                 membership::Event::Suspect { node } => tracing::info!(peer = %node, "peer suspect"),
                 membership::Event::Down { node } => {
                     tracing::info!(peer = %node, "peer down");
-                    if let Some(mut l) = self.links.remove(&node) {
-                        l.close();
+                    let leaving = match self.links.remove(&node) {
+                        Some(mut l) => {
+                            l.close();
+                            l.leaving
+                        }
+                        None => false,
+                    };
+                    // A peer that said goodbye closes its own connection once
+                    // it has our ByeAck; closing it here could lose that.
+                    if !leaving {
+                        self.transport.disconnect(node).await;
                     }
-                    self.transport.disconnect(node).await;
                 }
                 membership::Event::Refuted { incarnation } => {
                     tracing::debug!(incarnation, "refuted suspicion of this node");
@@ -822,12 +848,18 @@ impl NodeTask {
         // peer confirms it has read up to the goodbye (links still being set
         // up get the same time to come up and drain).
         let deadline = tokio::time::Instant::now() + BYE_TIMEOUT;
+        self.shutting_down = true;
         for link in self.links.values_mut() {
             wire::encode(&mut link.scratch, &Frame::Bye);
         }
         self.flush();
         loop {
-            let waiting = self.links.values().any(|l| !l.bye_acked);
+            // Wait for peers with a stream, and for those we still owe
+            // messages to (their stream may yet come up).
+            let waiting = self
+                .links
+                .values()
+                .any(|l| !l.bye_acked && !l.leaving && (l.reader.is_some() || l.has_data));
             if !waiting {
                 break;
             }
@@ -841,8 +873,9 @@ impl NodeTask {
                     None => break,
                 },
                 _ = tokio::time::sleep_until(deadline) => {
-                    let unconfirmed = self.links.values().filter(|l| !l.bye_acked).count();
-                    tracing::debug!(unconfirmed, "shutdown: not every peer confirmed in time");
+                    for (peer, l) in self.links.iter().filter(|(_, l)| !l.bye_acked && !l.leaving) {
+                        tracing::debug!(%peer, up = l.up, stream = l.reader.is_some(), "shutdown: peer did not confirm in time");
+                    }
                     break;
                 }
             }
