@@ -411,13 +411,11 @@ impl Driver {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established,
+                num_established: 0,
                 ..
             } => {
-                if num_established == 0 {
-                    self.connected.remove(&peer_id);
-                    emit(&self.events, Event::Disconnected { peer: peer_id }).await?;
-                }
+                self.connected.remove(&peer_id);
+                emit(&self.events, Event::Disconnected { peer: peer_id }).await?;
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 emit(
@@ -458,17 +456,15 @@ impl Driver {
                 peer,
                 addresses,
                 ..
-            })) => {
-                if peer != self.local && !self.connected.contains(&peer) {
-                    emit(
-                        &self.events,
-                        Event::Discovered {
-                            peer,
-                            addrs: addresses.into_vec(),
-                        },
-                    )
-                    .await?;
-                }
+            })) if peer != self.local && !self.connected.contains(&peer) => {
+                emit(
+                    &self.events,
+                    Event::Discovered {
+                        peer,
+                        addrs: addresses.into_vec(),
+                    },
+                )
+                .await?;
             }
             _ => {}
         }

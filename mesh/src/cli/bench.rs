@@ -106,9 +106,10 @@ async fn start_pair(
 async fn throughput(size: usize, messages: u64, json: bool) -> anyhow::Result<()> {
     let (mut child, mut lines, node) = start_pair("sink", messages).await?;
     let payload = bytes::Bytes::from(vec![0xa5u8; size]);
+    let publisher = node.publisher(DATA)?;
     let start = Instant::now();
     for _ in 0..messages {
-        node.publish(DATA, payload.clone()).await?;
+        publisher.publish(payload.clone()).await?;
     }
     let sent = start.elapsed();
     let done = read_until(&mut lines, "DONE ", Duration::from_secs(120)).await?;

@@ -7,7 +7,7 @@
 //! is chosen by the driver at start (wall-clock micros in the runtime), so a
 //! restarted node's declarations outrank those of its previous life.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use super::{topic::Pattern, NodeId};
 
@@ -182,11 +182,17 @@ impl Interest {
     }
 }
 
-/// Caches [`Interest::interested`] per topic until the interest changes.
+/// Caches [`Interest::interested`] (filtered by liveness) per topic until
+/// the interest changes or the driver calls [`RouteCache::invalidate`].
 #[derive(Debug, Default)]
 pub struct RouteCache {
     generation: u64,
-    routes: HashMap<std::sync::Arc<str>, std::sync::Arc<[NodeId]>>,
+    // Keys are topics this node publishes to, not peer input: a fast
+    // non-keyed hash is safe here.
+    routes: rustc_hash::FxHashMap<std::sync::Arc<str>, std::sync::Arc<[NodeId]>>,
+    /// The last topic routed: publishers usually repeat one topic, and a
+    /// pointer comparison is cheaper than hashing it.
+    last: Option<(std::sync::Arc<str>, std::sync::Arc<[NodeId]>)>,
 }
 
 /// Most topics cached before the cache is cleared (bounds memory for
@@ -194,22 +200,54 @@ pub struct RouteCache {
 const MAX_CACHED_ROUTES: usize = 64 * 1024;
 
 impl RouteCache {
-    /// The remote nodes interested in `topic`.
+    /// Forgets every cached route (call when liveness changes).
+    pub fn invalidate(&mut self) {
+        self.routes.clear();
+        self.last = None;
+    }
+
+    /// The remote nodes interested in `topic` for which `usable` holds.
     pub fn route(
         &mut self,
         interest: &Interest,
         topic: &std::sync::Arc<str>,
+        usable: impl Fn(&NodeId) -> bool,
     ) -> std::sync::Arc<[NodeId]> {
+        self.route_ref(interest, topic, usable);
+        self.last
+            .as_ref()
+            .map(|(_, r)| r.clone())
+            .unwrap_or_else(|| Vec::new().into())
+    }
+
+    /// Like [`RouteCache::route`], but borrows the cached route; when
+    /// `topic` is the same allocation as the last one routed this costs a
+    /// pointer comparison (publishers usually repeat one topic).
+    pub fn route_ref(
+        &mut self,
+        interest: &Interest,
+        topic: &std::sync::Arc<str>,
+        usable: impl Fn(&NodeId) -> bool,
+    ) -> &[NodeId] {
         if self.generation != interest.generation() || self.routes.len() >= MAX_CACHED_ROUTES {
-            self.routes.clear();
+            self.invalidate();
             self.generation = interest.generation();
         }
-        if let Some(r) = self.routes.get(topic) {
-            return r.clone();
+        let hit = matches!(&self.last, Some((t, _)) if std::sync::Arc::ptr_eq(t, topic));
+        if !hit {
+            let r = match self.routes.get(topic) {
+                Some(r) => r.clone(),
+                None => {
+                    let mut nodes = interest.interested(topic);
+                    nodes.retain(|n| usable(n));
+                    let r: std::sync::Arc<[NodeId]> = nodes.into();
+                    self.routes.insert(topic.clone(), r.clone());
+                    r
+                }
+            };
+            self.last = Some((topic.clone(), r));
         }
-        let r: std::sync::Arc<[NodeId]> = interest.interested(topic).into();
-        self.routes.insert(topic.clone(), r.clone());
-        r
+        self.last.as_ref().map(|(_, r)| &**r).unwrap_or(&[])
     }
 }
 
@@ -271,16 +309,19 @@ mod tests {
         let mut i = Interest::new(NodeId::random(), 0);
         let mut cache = RouteCache::default();
         let t: std::sync::Arc<str> = "orders.eu".into();
-        assert!(cache.route(&i, &t).is_empty());
+        assert!(cache.route(&i, &t, |_| true).is_empty());
         i.handle_declaration(Declaration {
             node: a,
             version: Version { epoch: 0, seq: 1 },
             patterns: vec![p("orders.*")],
         })
         .unwrap();
-        assert_eq!(&*cache.route(&i, &t), &[a]);
+        assert_eq!(&*cache.route(&i, &t, |_| true), &[a]);
+        assert!(cache.route(&i, &t, |_| true).len() == 1, "fast path");
+        cache.invalidate();
+        assert!(cache.route(&i, &t, |n| n != &a).is_empty(), "filtered");
         i.remove(&a);
-        assert!(cache.route(&i, &t).is_empty());
+        assert!(cache.route(&i, &t, |_| true).is_empty());
     }
 
     #[test]

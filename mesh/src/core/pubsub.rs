@@ -15,10 +15,7 @@
 //! message on the link, so a 64-byte message costs 7 bytes of header plus
 //! the 4-byte frame length.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    sync::Arc,
-};
+use std::{collections::BTreeMap, sync::Arc};
 
 use bytes::Bytes;
 
@@ -83,7 +80,10 @@ pub struct Outgoing<'a> {
 /// Encoding state of one link direction (the sending side).
 #[derive(Debug, Default)]
 pub struct LinkEncoder {
-    topics: HashMap<Arc<str>, u32>,
+    // Our own topics, not peer input: a fast non-keyed hash is safe.
+    topics: rustc_hash::FxHashMap<Arc<str>, u32>,
+    /// The last topic encoded, compared by pointer before hashing.
+    last_topic: Option<(Arc<str>, u32)>,
     last_seq: u64,
     last_ts: u64,
 }
@@ -92,8 +92,18 @@ impl LinkEncoder {
     /// Appends the frames for `msg` to `buf` (a `Topic` frame first if the
     /// topic is new on this link).
     pub fn encode(&mut self, buf: &mut Vec<u8>, msg: &Outgoing<'_>) {
-        let (topic, name) = match self.topics.get(msg.topic) {
-            Some(id) => (*id, None),
+        let cached = match &self.last_topic {
+            Some((t, id)) if Arc::ptr_eq(t, msg.topic) => Some(*id),
+            _ => {
+                let id = self.topics.get(msg.topic).copied();
+                if let Some(id) = id {
+                    self.last_topic = Some((msg.topic.clone(), id));
+                }
+                id
+            }
+        };
+        let (topic, name) = match cached {
+            Some(id) => (id, None),
             None if self.topics.len() < MAX_TOPICS_PER_LINK => {
                 let id = self.topics.len() as u32;
                 self.topics.insert(msg.topic.clone(), id);

@@ -35,23 +35,18 @@ use crate::{
         pubsub::{
             LinkDecoder, LinkEncoder, LocalSubscriptions, Message, MessageId, Outgoing, SubId,
         },
-        topic::{Pattern, Topic},
+        topic::Pattern,
         NodeId,
     },
     node::{Config, Inner, Node, PeerInfo, StartError},
     wire::{self, Frame, Hello, Raw, WireError, MAGIC, PROTOCOL_VERSION},
 };
 use link::{LinkEvent, LinkId};
-use queue::{Outbox, SubQueue};
+use queue::{Outbox, PublishCmd, PublishQueue, SubQueue};
 
 /// Commands from [`Node`] handles to the node task.
 #[derive(Debug)]
 pub(crate) enum Command {
-    Publish {
-        topic: Topic,
-        headers: Vec<(String, Bytes)>,
-        payload: Bytes,
-    },
     Subscribe {
         pattern: Pattern,
         reply: oneshot::Sender<(SubId, Arc<SubQueue>)>,
@@ -65,7 +60,9 @@ pub(crate) enum Command {
 }
 
 /// Commands taken per wake-up; bounds the latency other events see.
-const COMMAND_BATCH: usize = 1024;
+const COMMAND_BATCH: usize = 64;
+/// Publishes queued for the node task before `publish` waits.
+const PUBLISH_QUEUE: usize = 8192;
 /// How long a link to a peer may wait for its stream before its buffered
 /// bytes are dropped (and counted).
 const LINK_SETUP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -143,7 +140,8 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
     )
     .await?;
 
-    let (cmd_tx, cmd_rx) = mpsc::channel(4096);
+    let (cmd_tx, cmd_rx) = mpsc::channel(256);
+    let publishes = Arc::new(PublishQueue::new(PUBLISH_QUEUE));
     let (unsub_tx, unsub_rx) = mpsc::unbounded_channel();
     let (link_tx, link_rx) = mpsc::channel(64);
     let now = Instant::now();
@@ -156,7 +154,7 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
         routes: RouteCache::default(),
         subs: LocalSubscriptions::default(),
         sub_queues: HashMap::new(),
-        links: HashMap::new(),
+        links: Default::default(),
         next_link: 0,
         link_events: link_tx,
         transport,
@@ -173,6 +171,8 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
         blocked_subs: Vec::new(),
         stats: Stats::default(),
         shutting_down: false,
+        publishes: publishes.clone(),
+        pending_delivery: Vec::new(),
     };
     let max_payload = task.config.max_frame.saturating_sub(1024);
     tokio::spawn(task.run(cmd_rx, unsub_rx, link_rx, transport_events));
@@ -180,6 +180,7 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
         inner: Arc::new(Inner {
             peer_id: local,
             cmd: cmd_tx,
+            publishes,
             unsubscribe: unsub_tx,
             max_payload,
         }),
@@ -239,6 +240,19 @@ impl Link {
     }
 }
 
+/// The link to `peer`, created (waiting for a stream) if there is none.
+fn link_entry<'a>(
+    links: &'a mut rustc_hash::FxHashMap<NodeId, Link>,
+    next: &mut LinkId,
+    space: &Arc<Notify>,
+    peer: NodeId,
+) -> &'a mut Link {
+    links.entry(peer).or_insert_with(|| {
+        *next += 1;
+        Link::new(*next, peer, space.clone(), Instant::now())
+    })
+}
+
 struct NodeTask {
     local: NodeId,
     config: Config,
@@ -248,7 +262,9 @@ struct NodeTask {
     subs: LocalSubscriptions,
     sub_queues: HashMap<SubId, Arc<SubQueue>>,
     /// One per peer we have, or are setting up, a data stream with.
-    links: HashMap<NodeId, Link>,
+    // Keyed by authenticated peer ids (bounded by connections): a fast
+    // non-keyed hash is fine.
+    links: rustc_hash::FxHashMap<NodeId, Link>,
     next_link: LinkId,
     link_events: mpsc::Sender<LinkEvent>,
     transport: quic::Handle,
@@ -268,6 +284,10 @@ struct NodeTask {
     blocked_subs: Vec<Arc<SubQueue>>,
     stats: Stats,
     shutting_down: bool,
+    publishes: Arc<PublishQueue>,
+    /// Messages decoded in the current batch, pushed to their subscription
+    /// queues together at the end of it.
+    pending_delivery: Vec<(SubId, Message)>,
 }
 
 impl NodeTask {
@@ -279,8 +299,15 @@ impl NodeTask {
         mut transport: mpsc::Receiver<quic::Event>,
     ) {
         let mut batch = Vec::with_capacity(COMMAND_BATCH);
+        let mut publish_batch = Vec::new();
+        let publishes = self.publishes.clone();
         let shutdown_reply = loop {
             let congested = self.congested();
+            if !congested {
+                // Publishes first, all that are queued: they are the hot path.
+                publishes.take(&mut publish_batch);
+                self.publish_batch(&mut publish_batch);
+            }
             self.blocked_subs.retain(|q| q.is_over());
             let reading = self.blocked_subs.is_empty();
             let timer = self
@@ -288,6 +315,7 @@ impl NodeTask {
                 .poll_timeout()
                 .map(tokio::time::Instant::from_std)
                 .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            self.flush();
             tokio::select! {
                 ev = transport.recv() => match ev {
                     Some(ev) => self.handle_transport(ev).await,
@@ -298,7 +326,8 @@ impl NodeTask {
                         self.handle_link_event(ev);
                     }
                 }
-                n = cmds.recv_many(&mut batch, COMMAND_BATCH), if !congested => {
+                _ = publishes.wake_node.notified(), if !congested => {}
+                n = cmds.recv_many(&mut batch, COMMAND_BATCH) => {
                     if n == 0 {
                         break None;
                     }
@@ -322,8 +351,11 @@ impl NodeTask {
                 _ = self.space.notified(), if congested || !reading => {}
             }
             self.drive_membership().await;
-            self.flush();
         };
+        // What was published before shutdown goes out before the goodbye.
+        publishes.close();
+        publishes.take(&mut publish_batch);
+        self.publish_batch(&mut publish_batch);
         self.shutdown(&mut links, &mut transport).await;
         if let Some(reply) = shutdown_reply {
             let _ = reply.send(());
@@ -383,13 +415,7 @@ impl NodeTask {
     }
 
     fn link_mut(&mut self, peer: NodeId) -> &mut Link {
-        let now = Instant::now();
-        let space = self.space.clone();
-        let next = &mut self.next_link;
-        self.links.entry(peer).or_insert_with(|| {
-            *next += 1;
-            Link::new(*next, peer, space, now)
-        })
+        link_entry(&mut self.links, &mut self.next_link, &self.space, peer)
     }
 
     async fn handle_transport(&mut self, ev: quic::Event) {
@@ -509,9 +535,11 @@ impl NodeTask {
                             l.close();
                         }
                         self.membership.handle_link_down(Instant::now(), peer);
-                        return;
+                        break;
                     }
                 }
+                // Messages before a bad frame were good: deliver them.
+                self.flush_deliveries();
             }
             LinkEvent::Closed { link, peer, error } => {
                 let Some(l) = self.links.get(&peer).filter(|l| l.id == link) else {
@@ -607,26 +635,33 @@ impl NodeTask {
         };
         // Every target but the last gets a clone (reference counts only).
         for id in rest {
-            if let Some(q) = self.sub_queues.get(id) {
-                if q.push([msg.clone()]) {
+            self.pending_delivery.push((*id, msg.clone()));
+        }
+        self.pending_delivery.push((*last, msg));
+    }
+
+    /// Pushes decoded messages to their subscriptions, one lock per run of
+    /// messages for the same subscription.
+    fn flush_deliveries(&mut self) {
+        let mut pending = std::mem::take(&mut self.pending_delivery);
+        let mut iter = pending.drain(..).peekable();
+        while let Some((id, first)) = iter.next() {
+            let mut run = vec![first];
+            while let Some((_, m)) = iter.next_if(|(next, _)| *next == id) {
+                run.push(m);
+            }
+            if let Some(q) = self.sub_queues.get(&id) {
+                if q.push(run) {
                     self.blocked_subs.push(q.clone());
                 }
             }
         }
-        if let Some(q) = self.sub_queues.get(last) {
-            if q.push([msg]) {
-                self.blocked_subs.push(q.clone());
-            }
-        }
+        drop(iter);
+        self.pending_delivery = pending;
     }
 
     fn handle_command(&mut self, cmd: Command) {
         match cmd {
-            Command::Publish {
-                topic,
-                headers,
-                payload,
-            } => self.publish(topic, headers, payload),
             Command::Subscribe { pattern, reply } => {
                 let queue = Arc::new(SubQueue::new(
                     self.config.subscription_capacity,
@@ -705,10 +740,32 @@ impl NodeTask {
         }
     }
 
-    fn publish(&mut self, topic: Topic, headers: Vec<(String, Bytes)>, payload: Bytes) {
-        self.seq += 1;
+    fn publish_batch(&mut self, batch: &mut Vec<PublishCmd>) {
+        if batch.is_empty() {
+            return;
+        }
+        // One clock read per batch: messages taken together share a time.
         let timestamp = unix_micros();
-        let route = self.routes.route(&self.interest, topic.as_arc());
+        for cmd in batch.drain(..) {
+            self.publish(cmd, timestamp);
+        }
+        self.flush_deliveries();
+    }
+
+    fn publish(&mut self, cmd: PublishCmd, timestamp: u64) {
+        self.seq += 1;
+        let PublishCmd {
+            topic,
+            headers,
+            payload,
+        } = cmd;
+        let membership = &self.membership;
+        let route = self.routes.route_ref(&self.interest, topic.as_arc(), |n| {
+            matches!(
+                membership.state_of(n),
+                Some(MemberState::Alive | MemberState::Suspect)
+            )
+        });
         let out = Outgoing {
             topic: topic.as_arc(),
             seq: self.seq,
@@ -716,29 +773,27 @@ impl NodeTask {
             headers: &headers,
             payload: &payload,
         };
-        for peer in route.iter() {
-            match self.membership.state_of(peer) {
-                Some(MemberState::Alive | MemberState::Suspect) => {}
-                _ => continue,
-            }
-            let link = self.link_mut(*peer);
+        for peer in route {
+            let link = link_entry(&mut self.links, &mut self.next_link, &self.space, *peer);
             link.enc.encode(&mut link.scratch, &out);
             link.has_data = true;
         }
-        let targets = self.subs.matching(topic.as_str());
-        if !targets.is_empty() {
-            let msg = Message {
-                id: MessageId {
+        if !self.subs.is_empty() {
+            let targets = self.subs.matching(topic.as_str());
+            if !targets.is_empty() {
+                let msg = Message {
+                    id: MessageId {
+                        publisher: self.local,
+                        seq: self.seq,
+                    },
+                    topic,
                     publisher: self.local,
-                    seq: self.seq,
-                },
-                topic,
-                publisher: self.local,
-                timestamp,
-                headers,
-                payload,
-            };
-            self.deliver(msg, &targets);
+                    timestamp,
+                    headers,
+                    payload,
+                };
+                self.deliver(msg, &targets);
+            }
         }
     }
 
@@ -758,6 +813,7 @@ impl NodeTask {
             }
         }
         while let Some(ev) = self.membership.poll_event() {
+            self.routes.invalidate();
             match ev {
                 membership::Event::Up { node, addrs } => {
                     tracing::info!(peer = %node, "peer up");

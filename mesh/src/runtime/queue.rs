@@ -176,3 +176,96 @@ impl SubQueue {
         Poll::Pending
     }
 }
+
+/// A message handed to the node by `publish`.
+#[derive(Debug)]
+pub(crate) struct PublishCmd {
+    pub(crate) topic: crate::core::topic::Topic,
+    pub(crate) headers: Vec<(String, bytes::Bytes)>,
+    pub(crate) payload: bytes::Bytes,
+}
+
+/// Publishes waiting for the node task: filled one at a time by any number
+/// of handles, taken all at once by the node task. Bounded: a full queue
+/// makes `publish` wait.
+#[derive(Debug)]
+pub(crate) struct PublishQueue {
+    inner: Mutex<PubInner>,
+    capacity: usize,
+    /// Wakes the node task when the queue becomes non-empty.
+    pub(crate) wake_node: Notify,
+    /// Wakes publishers waiting for room.
+    space: Notify,
+}
+
+#[derive(Debug, Default)]
+struct PubInner {
+    items: Vec<PublishCmd>,
+    closed: bool,
+}
+
+/// The node is shut down.
+#[derive(Debug)]
+pub(crate) struct Closed;
+
+impl PublishQueue {
+    pub(crate) fn new(capacity: usize) -> Self {
+        Self {
+            inner: Mutex::new(PubInner::default()),
+            capacity,
+            wake_node: Notify::new(),
+            space: Notify::new(),
+        }
+    }
+
+    fn try_push(&self, cmd: PublishCmd) -> Result<Result<(), PublishCmd>, Closed> {
+        let mut g = lock(&self.inner);
+        if g.closed {
+            return Err(Closed);
+        }
+        if g.items.len() >= self.capacity {
+            return Ok(Err(cmd));
+        }
+        g.items.push(cmd);
+        let first = g.items.len() == 1;
+        drop(g);
+        if first {
+            self.wake_node.notify_one();
+        }
+        Ok(Ok(()))
+    }
+
+    /// Queues a publish, waiting while the queue is full.
+    pub(crate) async fn push(&self, mut cmd: PublishCmd) -> Result<(), Closed> {
+        loop {
+            match self.try_push(cmd)? {
+                Ok(()) => return Ok(()),
+                Err(back) => cmd = back,
+            }
+            let notified = self.space.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let g = lock(&self.inner);
+                if g.closed || g.items.len() < self.capacity {
+                    continue;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Takes everything queued (swapping with `out`, which must be empty).
+    pub(crate) fn take(&self, out: &mut Vec<PublishCmd>) {
+        let mut g = lock(&self.inner);
+        std::mem::swap(&mut g.items, out);
+        drop(g);
+        self.space.notify_waiters();
+    }
+
+    /// Refuses further publishes and wakes everyone waiting.
+    pub(crate) fn close(&self) {
+        lock(&self.inner).closed = true;
+        self.space.notify_waiters();
+    }
+}
