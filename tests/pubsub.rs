@@ -190,3 +190,31 @@ fn tempdir(name: &str) -> std::path::PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     dir
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_subscriber_pushes_back_without_loss() {
+    let a = start(None).await;
+    let b = mesh::Node::builder()
+        .listen(loopback())
+        .mdns(false)
+        .failure_detection(fast_fd())
+        .subscription_capacity(64)
+        .bootstrap(addr(&a).await)
+        .start()
+        .await
+        .unwrap();
+    let mut sub = b.subscribe("flood").await.unwrap();
+    until_routed(&a, "flood", &mut sub).await;
+    // Far more than the subscription holds, published before b reads any.
+    let publisher = a.publisher("flood").unwrap();
+    let n = 20_000u32;
+    for i in 0..n {
+        publisher.publish(i.to_le_bytes().to_vec()).await.unwrap();
+    }
+    for i in 0..n {
+        let m = next(&mut sub).await;
+        assert_eq!(&m.payload[..], &i.to_le_bytes()[..], "in order, none lost");
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -57,7 +57,7 @@ pub(super) async fn run() -> anyhow::Result<()> {
 
     // 3. Wait until every node sees the others and both subscriptions are known.
     let deadline = Instant::now() + Duration::from_secs(15);
-    let peers_seen = loop {
+    let seen = loop {
         let out = spawn_self(&args(&[
             "peers",
             "--json",
@@ -70,17 +70,29 @@ pub(super) async fn run() -> anyhow::Result<()> {
         .wait_with_output()
         .await?;
         let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        let alive = list
+        let alive: Vec<String> = list
             .as_array()
-            .map(|l| l.iter().filter(|p| p["state"] == "alive").count())
-            .unwrap_or(0);
-        // 2 other nodes + 2 subscribers, as seen from a fresh peer via node-1.
-        if alive >= 5 || Instant::now() > deadline {
+            .map(|l| {
+                l.iter()
+                    .filter(|p| p["state"] == "alive")
+                    .filter_map(|p| p["id"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        // 3 nodes + 2 subscribers, as seen by a newcomer joining via node-1.
+        if alive.len() >= 5 || Instant::now() > deadline {
             break alive;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    println!("\n  discovery: a newcomer joining via node-1 sees {peers_seen} live peers (3 nodes + 2 subscribers)");
+    println!(
+        "\n  discovery: a newcomer joining via node-1 learns {} live peers (3 nodes + 2 subscribers):",
+        seen.len()
+    );
+    for id in &seen {
+        println!("      {id}");
+    }
+    println!();
 
     // 4. Publish from a one-shot process; it exits once peers have the messages.
     let publishes = [

@@ -190,6 +190,7 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
 #[derive(Debug, Default)]
 struct Stats {
     links_refused: u64,
+    dropped_slow_subscriber: u64,
     bytes_dropped_unreachable: u64,
 }
 
@@ -539,7 +540,7 @@ impl NodeTask {
                     }
                 }
                 // Messages before a bad frame were good: deliver them.
-                self.flush_deliveries();
+                self.flush_deliveries(false);
             }
             LinkEvent::Closed { link, peer, error } => {
                 let Some(l) = self.links.get(&peer).filter(|l| l.id == link) else {
@@ -642,7 +643,7 @@ impl NodeTask {
 
     /// Pushes decoded messages to their subscriptions, one lock per run of
     /// messages for the same subscription.
-    fn flush_deliveries(&mut self) {
+    fn flush_deliveries(&mut self, local: bool) {
         let mut pending = std::mem::take(&mut self.pending_delivery);
         let mut iter = pending.drain(..).peekable();
         while let Some((id, first)) = iter.next() {
@@ -651,8 +652,18 @@ impl NodeTask {
                 run.push(m);
             }
             if let Some(q) = self.sub_queues.get(&id) {
-                if q.push(run) {
+                let (over, dropped) = q.push(run, local);
+                if over {
                     self.blocked_subs.push(q.clone());
+                }
+                if dropped > 0 {
+                    self.stats.dropped_slow_subscriber += dropped;
+                    tracing::warn!(
+                        subscription = id,
+                        dropped,
+                        total = self.stats.dropped_slow_subscriber,
+                        "subscription at twice its capacity: dropped local messages"
+                    );
                 }
             }
         }
@@ -749,7 +760,7 @@ impl NodeTask {
         for cmd in batch.drain(..) {
             self.publish(cmd, timestamp);
         }
-        self.flush_deliveries();
+        self.flush_deliveries(true);
     }
 
     fn publish(&mut self, cmd: PublishCmd, timestamp: u64) {

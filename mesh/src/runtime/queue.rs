@@ -123,21 +123,35 @@ impl SubQueue {
         }
     }
 
-    /// Appends messages. Returns `true` if the queue is now over capacity,
-    /// in which case the node must stop reading links until `space` fires.
-    /// The overshoot is bounded by one batch.
-    pub(crate) fn push(&self, msgs: impl IntoIterator<Item = Message>) -> bool {
+    /// Appends messages. Returns `(over, dropped)`: `over` if the queue is
+    /// now over capacity, in which case the node must stop reading links
+    /// until `space` fires (so remote publishers are pushed back and the
+    /// overshoot is one batch); `dropped` counts messages refused because
+    /// the queue is at twice its capacity, which only the node's own
+    /// publishes can cause (blocking those could deadlock a subscriber that
+    /// publishes from its handler).
+    pub(crate) fn push(&self, msgs: impl IntoIterator<Item = Message>, local: bool) -> (bool, u64) {
         let mut g = lock(&self.inner);
         if g.closed {
-            return false;
+            return (false, 0);
         }
-        g.items.extend(msgs);
+        // Remote messages are never dropped: the node stops reading links
+        // instead, so they overshoot by at most one read batch.
+        let hard = if local { self.capacity.saturating_mul(2) } else { usize::MAX };
+        let mut dropped = 0;
+        for m in msgs {
+            if g.items.len() < hard {
+                g.items.push_back(m);
+            } else {
+                dropped += 1;
+            }
+        }
         let over = g.items.len() >= self.capacity;
         g.over |= over;
         if let Some(w) = g.waker.take() {
             w.wake();
         }
-        over
+        (over, dropped)
     }
 
     pub(crate) fn is_over(&self) -> bool {
