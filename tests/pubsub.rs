@@ -218,3 +218,56 @@ async fn slow_subscriber_pushes_back_without_loss() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// A subscriber that stops reading while it is flooded pushes the publisher
+/// back, yet both stay up: failure detection travels apart from the data
+/// stream, so a full stream is not taken for a dead peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_subscriber_is_not_declared_dead() {
+    let a = start(None).await;
+    let b = mesh::Node::builder()
+        .listen(loopback())
+        .mdns(false)
+        .failure_detection(fast_fd())
+        .subscription_capacity(64)
+        .bootstrap(addr(&a).await)
+        .start()
+        .await
+        .unwrap();
+    let mut sub = b.subscribe("flood").await.unwrap();
+    until_routed(&a, "flood", &mut sub).await;
+
+    // Enough to fill the subscription, the QUIC windows and a's link buffer,
+    // so a's publisher ends up waiting.
+    let n = 600_000u32;
+    let publisher = a.publisher("flood").unwrap();
+    let flood = tokio::spawn(async move {
+        let payload = vec![7u8; 60];
+        for i in 0..n {
+            let mut p = payload.clone();
+            p[..4].copy_from_slice(&i.to_le_bytes());
+            publisher.publish(p).await.unwrap();
+        }
+    });
+    // The stall: several suspicion timeouts long (a fault's duration, not a
+    // synchronisation).
+    tokio::time::sleep(fast_fd().suspicion_timeout * 4).await;
+    let state_of =
+        |peers: Vec<mesh::PeerInfo>, id| peers.into_iter().find(|p| p.id == id).map(|p| p.state);
+    assert_eq!(
+        state_of(a.peers().await, b.peer_id()),
+        Some(PeerState::Alive)
+    );
+    assert_eq!(
+        state_of(b.peers().await, a.peer_id()),
+        Some(PeerState::Alive)
+    );
+
+    for i in 0..n {
+        let m = next(&mut sub).await;
+        assert_eq!(&m.payload[..4], &i.to_le_bytes()[..], "in order, none lost");
+    }
+    flood.await.unwrap();
+    a.shutdown().await;
+    b.shutdown().await;
+}

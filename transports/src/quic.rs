@@ -7,9 +7,9 @@
 //! peers that dial each other at once still end up with streams on both
 //! connections and the caller keeps the newest (see `Event::Stream`).
 
-use std::{collections::HashSet, time::Duration};
+use std::{collections::HashSet, sync::Arc, time::Duration};
 
-use futures::StreamExt;
+use futures::{AsyncWriteExt, StreamExt};
 use libp2p::{
     identify,
     identity::Keypair,
@@ -20,10 +20,17 @@ use libp2p::{
     swarm::{NetworkBehaviour, SwarmEvent},
     Multiaddr, PeerId, StreamProtocol, Swarm,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
-/// The protocol name of mesh data streams.
+/// The protocol name of mesh data streams (one long-lived stream per peer).
 pub const DATA_PROTOCOL: StreamProtocol = StreamProtocol::new("/mesh/data/1");
+/// The protocol name of control streams: one short-lived stream per batch of
+/// control frames, so they never wait behind data on a congested stream.
+pub const CONTROL_PROTOCOL: StreamProtocol = StreamProtocol::new("/mesh/ctl/1");
+/// Control sends in flight at once; more are dropped (and reported).
+const MAX_CONTROL_IN_FLIGHT: usize = 256;
+/// How long opening and writing a control stream may take.
+const CONTROL_SEND_TIMEOUT: Duration = Duration::from_secs(5);
 const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/mesh/kad/1");
 const IDENTIFY_PROTOCOL: &str = "/mesh/id/1";
 
@@ -85,6 +92,13 @@ pub enum Event {
         /// Whether this side opened it.
         outbound: bool,
     },
+    /// A peer opened a control stream: read its frames, then it ends.
+    ControlStream {
+        /// The remote peer.
+        peer: PeerId,
+        /// The stream.
+        stream: Stream,
+    },
     /// A peer was found by mDNS or Kademlia, with addresses to dial.
     Discovered {
         /// The peer found.
@@ -127,10 +141,20 @@ enum Command {
 }
 
 /// Talks to the swarm task. Cheap to clone.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Handle {
     cmd: mpsc::Sender<Command>,
     local: PeerId,
+    streams: libp2p_stream::Control,
+    control_permits: Arc<Semaphore>,
+}
+
+impl std::fmt::Debug for Handle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handle")
+            .field("local", &self.local)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Handle {
@@ -147,6 +171,34 @@ impl Handle {
     /// Dials `peer` at any of `addrs`, unless already connected or dialing.
     pub async fn dial_peer(&self, peer: PeerId, addrs: Vec<Multiaddr>) {
         let _ = self.cmd.send(Command::DialPeer(peer, addrs)).await;
+    }
+
+    /// Sends `bytes` (whole frames) to a connected peer on a new control
+    /// stream, in the background. Returns `false` if too many control sends
+    /// are in flight and this one was dropped (control traffic is periodic
+    /// or versioned, so a later send supersedes it).
+    pub fn send_control(&self, peer: PeerId, bytes: Vec<u8>) -> bool {
+        let Ok(permit) = self.control_permits.clone().try_acquire_owned() else {
+            return false;
+        };
+        let mut streams = self.streams.clone();
+        tokio::spawn(async move {
+            let send = async {
+                let mut stream = streams
+                    .open_stream(peer, CONTROL_PROTOCOL)
+                    .await
+                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                stream.write_all(&bytes).await?;
+                stream.close().await
+            };
+            match tokio::time::timeout(CONTROL_SEND_TIMEOUT, send).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "control send failed"),
+                Err(_) => tracing::debug!(%peer, "control send timed out"),
+            }
+            drop(permit);
+        });
+        true
     }
 
     /// Opens a fresh data stream to a connected peer.
@@ -239,6 +291,21 @@ pub async fn start(
     let mut incoming = control
         .accept(DATA_PROTOCOL)
         .map_err(|e| StartError::Build(e.to_string()))?;
+    let mut incoming_control = control
+        .accept(CONTROL_PROTOCOL)
+        .map_err(|e| StartError::Build(e.to_string()))?;
+    let control_tx = event_tx.clone();
+    tokio::spawn(async move {
+        while let Some((peer, stream)) = incoming_control.next().await {
+            if control_tx
+                .send(Event::ControlStream { peer, stream })
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
     // Inbound streams must be accepted continuously: libp2p-stream drops
     // those that find its channel full.
     let inbound_tx = event_tx.clone();
@@ -264,6 +331,12 @@ pub async fn start(
         }
     }
 
+    let handle = Handle {
+        cmd: cmd_tx,
+        local,
+        streams: control.clone(),
+        control_permits: Arc::new(Semaphore::new(MAX_CONTROL_IN_FLIGHT)),
+    };
     let driver = Driver {
         swarm,
         control,
@@ -272,7 +345,7 @@ pub async fn start(
         connected: HashSet::new(),
     };
     tokio::spawn(driver.run(cmd_rx));
-    Ok((Handle { cmd: cmd_tx, local }, event_rx))
+    Ok((handle, event_rx))
 }
 
 async fn emit(events: &mpsc::Sender<Event>, event: Event) -> Result<(), ()> {

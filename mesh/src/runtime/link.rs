@@ -131,6 +131,41 @@ async fn read_loop(
     let _ = events.send(LinkEvent::Closed { link, peer, error }).await;
 }
 
+/// Most frames one control stream may carry.
+const MAX_CONTROL_FRAMES: usize = 64;
+/// How long a peer may take to deliver one control stream.
+const CONTROL_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Reads one control stream (a few frames, then end of stream) and hands
+/// its frames, or why they were refused, to the node task.
+pub(crate) fn spawn_control_reader(
+    peer: NodeId,
+    stream: Stream,
+    max_frame: usize,
+    events: mpsc::Sender<(NodeId, Result<Vec<Bytes>, String>)>,
+) {
+    tokio::spawn(async move {
+        let mut reader = FrameReader::new(stream, max_frame);
+        let read = async {
+            let mut frames = Vec::new();
+            while reader.read_batch(&mut frames).await? {
+                if frames.len() > MAX_CONTROL_FRAMES {
+                    return Ok::<_, mesh_transports::frame::FrameError>(Err(format!(
+                        "more than {MAX_CONTROL_FRAMES} frames on one control stream"
+                    )));
+                }
+            }
+            Ok(Ok(frames))
+        };
+        let result = match tokio::time::timeout(CONTROL_READ_TIMEOUT, read).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("control stream not finished in time".to_owned()),
+        };
+        let _ = events.send((peer, result)).await;
+    });
+}
+
 async fn handshake<R: futures::AsyncRead + Unpin>(
     reader: &mut FrameReader<R>,
 ) -> Result<(u64, Vec<Vec<u8>>), HandshakeError> {

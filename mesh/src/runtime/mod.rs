@@ -144,6 +144,7 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
     let publishes = Arc::new(PublishQueue::new(PUBLISH_QUEUE));
     let (unsub_tx, unsub_rx) = mpsc::unbounded_channel();
     let (link_tx, link_rx) = mpsc::channel(64);
+    let (control_tx, control_rx) = mpsc::channel(256);
     let now = Instant::now();
     let epoch = unix_micros();
     let space = Arc::new(Notify::new());
@@ -172,10 +173,12 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
         stats: Stats::default(),
         shutting_down: false,
         publishes: publishes.clone(),
+        control_out: Default::default(),
+        control_tx,
         pending_delivery: Vec::new(),
     };
     let max_payload = task.config.max_frame.saturating_sub(1024);
-    tokio::spawn(task.run(cmd_rx, unsub_rx, link_rx, transport_events));
+    tokio::spawn(task.run(cmd_rx, unsub_rx, link_rx, control_rx, transport_events));
     Ok(Node {
         inner: Arc::new(Inner {
             peer_id: local,
@@ -241,6 +244,19 @@ impl Link {
     }
 }
 
+fn frame_name(f: &Frame<'_>) -> &'static str {
+    match f {
+        Frame::Hello(_) => "Hello",
+        Frame::Member(_) => "Member",
+        Frame::Declare(_) => "Declare",
+        Frame::Sync(_) => "Sync",
+        Frame::Topic { .. } => "Topic",
+        Frame::Msg(_) => "Msg",
+        Frame::Bye => "Bye",
+        Frame::ByeAck => "ByeAck",
+    }
+}
+
 /// The link to `peer`, created (waiting for a stream) if there is none.
 fn link_entry<'a>(
     links: &'a mut rustc_hash::FxHashMap<NodeId, Link>,
@@ -286,6 +302,9 @@ struct NodeTask {
     stats: Stats,
     shutting_down: bool,
     publishes: Arc<PublishQueue>,
+    /// Control frames to send per peer, flushed as one control stream each.
+    control_out: rustc_hash::FxHashMap<NodeId, Vec<u8>>,
+    control_tx: mpsc::Sender<(NodeId, Result<Vec<Bytes>, String>)>,
     /// Messages decoded in the current batch, pushed to their subscription
     /// queues together at the end of it.
     pending_delivery: Vec<(SubId, Message)>,
@@ -297,6 +316,7 @@ impl NodeTask {
         mut cmds: mpsc::Receiver<Command>,
         mut unsubs: mpsc::UnboundedReceiver<SubId>,
         mut links: mpsc::Receiver<LinkEvent>,
+        mut control: mpsc::Receiver<(NodeId, Result<Vec<Bytes>, String>)>,
         mut transport: mpsc::Receiver<quic::Event>,
     ) {
         let mut batch = Vec::with_capacity(COMMAND_BATCH);
@@ -327,6 +347,8 @@ impl NodeTask {
                         self.handle_link_event(ev);
                     }
                 }
+                // Control frames are read even while data is pushed back.
+                Some((peer, frames)) = control.recv() => self.handle_control(peer, frames),
                 _ = publishes.wake_node.notified(), if !congested => {}
                 n = cmds.recv_many(&mut batch, COMMAND_BATCH) => {
                     if n == 0 {
@@ -369,8 +391,15 @@ impl NodeTask {
             .any(|l| l.outbox.pending() > self.config.link_buffer)
     }
 
-    /// Moves each link's scratch buffer into its outbox.
+    /// Moves each link's scratch buffer into its outbox, and sends pending
+    /// control frames.
     fn flush(&mut self) {
+        for (peer, bytes) in self.control_out.iter_mut() {
+            if !bytes.is_empty() && !self.transport.send_control(*peer, std::mem::take(bytes)) {
+                tracing::debug!(%peer, "too many control sends in flight; dropped one");
+            }
+        }
+        self.control_out.retain(|_, b| !b.is_empty());
         for link in self.links.values_mut() {
             if !link.scratch.is_empty() {
                 link.outbox.push(&mut link.scratch);
@@ -454,6 +483,14 @@ impl NodeTask {
                 tracing::debug!(%peer, outbound, "data stream");
                 self.attach_stream(peer, stream);
             }
+            quic::Event::ControlStream { peer, stream } => {
+                link::spawn_control_reader(
+                    peer,
+                    stream,
+                    self.config.max_frame,
+                    self.control_tx.clone(),
+                );
+            }
             quic::Event::Discovered { peer, addrs } => {
                 if peer != self.local
                     && !self.connected.contains_key(&peer)
@@ -489,8 +526,8 @@ impl NodeTask {
         let max_frame = self.config.max_frame;
         let events = self.link_events.clone();
         let link = self.link_mut(peer);
-        // The sync must precede buffered messages only for readiness, not
-        // for correctness; put it first anyway so the peer is ready early.
+        // State (sync, declarations) travels on the ordered, reliable data
+        // stream; the sync goes first so the peer is ready early.
         sync.append(&mut link.scratch);
         link.scratch = sync;
         link.reader = Some(link::spawn(
@@ -558,6 +595,34 @@ impl NodeTask {
                     l.close();
                 }
                 if was_up {
+                    self.membership.handle_link_down(Instant::now(), peer);
+                }
+            }
+        }
+    }
+
+    /// Frames from a control stream: only membership messages belong there.
+    /// They travel apart from the data stream so that a probe measures
+    /// whether the peer is alive, not how much data is queued before it
+    /// (a subscriber pushing back stops reading its data streams).
+    fn handle_control(&mut self, peer: NodeId, frames: Result<Vec<Bytes>, String>) {
+        let result = frames.and_then(|frames| {
+            for body in &frames {
+                match wire::decode(body).map_err(|e| e.to_string())? {
+                    Frame::Member(_) => self.handle_frame(peer, body).map_err(|e| e.to_string())?,
+                    other => {
+                        return Err(format!("{} frame on a control stream", frame_name(&other)))
+                    }
+                }
+            }
+            Ok(())
+        });
+        if let Err(e) = result {
+            tracing::warn!(%peer, error = %e, "bad control stream from peer; closing its link");
+            self.stats.links_refused += 1;
+            if let Some(mut l) = self.links.remove(&peer) {
+                l.close();
+                if l.up {
                     self.membership.handle_link_down(Instant::now(), peer);
                 }
             }
@@ -816,9 +881,9 @@ impl NodeTask {
             }
             // Membership messages go only on links that exist; to a member
             // with no link we dial instead (the probe then fails or not).
-            if let Some(link) = self.links.get_mut(&t.to).filter(|l| l.reader.is_some()) {
-                wire::encode_member(&mut link.scratch, &t.message);
-            } else if !self.connected.contains_key(&t.to) {
+            if self.connected.contains_key(&t.to) {
+                wire::encode_member(self.control_out.entry(t.to).or_default(), &t.message);
+            } else {
                 let addrs = self.addrs_of(&t.to);
                 self.transport.dial_peer(t.to, addrs).await;
             }

@@ -137,7 +137,11 @@ impl SubQueue {
         }
         // Remote messages are never dropped: the node stops reading links
         // instead, so they overshoot by at most one read batch.
-        let hard = if local { self.capacity.saturating_mul(2) } else { usize::MAX };
+        let hard = if local {
+            self.capacity.saturating_mul(2)
+        } else {
+            usize::MAX
+        };
         let mut dropped = 0;
         for m in msgs {
             if g.items.len() < hard {
