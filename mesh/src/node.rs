@@ -153,6 +153,9 @@ impl Builder {
         let join_timeout = self.config.join_timeout;
         let has_bootstrap = !self.config.bootstrap.is_empty();
         let node = runtime::start(self.config).await?;
+        // Listen addresses come up asynchronously; a caller asking for them
+        // right after start should get them.
+        let _ = tokio::time::timeout(Duration::from_secs(2), node.ask(Command::Listening)).await;
         if has_bootstrap {
             if let Err(e) = node.ready_timeout(join_timeout).await {
                 tracing::warn!("{e}; continuing, the node joins when a peer answers");

@@ -52,6 +52,8 @@ pub(crate) enum Command {
         reply: oneshot::Sender<(SubId, Arc<SubQueue>)>,
     },
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
+    /// Resolves once the transport listens on at least one address.
+    Listening(oneshot::Sender<()>),
     Peers(oneshot::Sender<Vec<PeerInfo>>),
     Ready(oneshot::Sender<()>),
     /// Resolves once a peer has sent its view of the mesh.
@@ -166,6 +168,7 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
         ready_waiters: Vec::new(),
         synced: false,
         joined_waiters: Vec::new(),
+        listening_waiters: Vec::new(),
         space,
         rng: SmallRng::from_entropy(),
         config,
@@ -294,6 +297,7 @@ struct NodeTask {
     /// A peer has sent us its view (Sync).
     synced: bool,
     joined_waiters: Vec<oneshot::Sender<()>>,
+    listening_waiters: Vec<oneshot::Sender<()>>,
     /// Signalled when an outbox or subscription queue drains.
     space: Arc<Notify>,
     rng: SmallRng,
@@ -455,6 +459,9 @@ impl NodeTask {
                 if !self.listen_addrs.contains(&addr) {
                     self.listen_addrs.push(addr);
                     self.membership.set_local_addrs(self.our_addrs());
+                }
+                for w in self.listening_waiters.drain(..) {
+                    let _ = w.send(());
                 }
             }
             quic::Event::ListenerClosed(addr) => {
@@ -783,6 +790,13 @@ impl NodeTask {
                 } else {
                     self.ready_waiters.retain(|w| !w.is_closed());
                     self.ready_waiters.push(reply);
+                }
+            }
+            Command::Listening(reply) => {
+                if self.listen_addrs.is_empty() {
+                    self.listening_waiters.push(reply);
+                } else {
+                    let _ = reply.send(());
                 }
             }
             Command::Joined(reply) => {
