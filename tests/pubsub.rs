@@ -271,3 +271,81 @@ async fn stalled_subscriber_is_not_declared_dead() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+fn sub_node(bootstrap: &mesh::Multiaddr, slow: std::time::Duration) -> mesh::Builder {
+    mesh::Node::builder()
+        .listen(loopback())
+        .mdns(false)
+        .failure_detection(fast_fd())
+        .subscription_capacity(64)
+        .slow_consumer_timeout(slow)
+        .bootstrap(bootstrap.clone())
+}
+
+/// A subscription nobody reads holds the node back only until the
+/// slow-consumer timeout; then its messages are dropped and counted, and the
+/// node's other subscriptions flow again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn never_polled_subscription_does_not_stall_the_node() {
+    let a = start(None).await;
+    let b = sub_node(&addr(&a).await, std::time::Duration::from_millis(300))
+        .start()
+        .await
+        .unwrap();
+    let mut stuck = b.subscribe("bulk").await.unwrap();
+    let mut live = b.subscribe("live").await.unwrap();
+    until_routed(&a, "bulk", &mut stuck).await;
+    until_routed(&a, "live", &mut live).await;
+
+    let bulk = a.publisher("bulk").unwrap();
+    for i in 0..50_000u32 {
+        bulk.publish(i.to_le_bytes().to_vec()).await.unwrap();
+    }
+    for i in 0..10u32 {
+        a.publish("live", format!("live {i}")).await.unwrap();
+    }
+    for i in 0..10u32 {
+        assert_eq!(next(&mut live).await.payload, format!("live {i}"));
+    }
+    assert!(
+        stuck.dropped() > 0,
+        "the stalled subscription's losses are counted"
+    );
+    // What it did receive is in order, with no gap before the first drop.
+    let mut expect = 0u32;
+    while let Ok(Some(m)) =
+        tokio::time::timeout(std::time::Duration::from_millis(50), stuck.next()).await
+    {
+        if m.payload == "probe" {
+            continue;
+        }
+        let got = u32::from_le_bytes(m.payload[..4].try_into().unwrap());
+        assert!(got >= expect, "order kept");
+        expect = got + 1;
+    }
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// Dropping a full subscription releases the node at once (no timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_a_full_subscription_releases_the_node() {
+    let a = start(None).await;
+    let b = sub_node(&addr(&a).await, std::time::Duration::from_secs(3600))
+        .start()
+        .await
+        .unwrap();
+    let mut stuck = b.subscribe("bulk").await.unwrap();
+    let mut live = b.subscribe("live").await.unwrap();
+    until_routed(&a, "bulk", &mut stuck).await;
+    until_routed(&a, "live", &mut live).await;
+    let bulk = a.publisher("bulk").unwrap();
+    for i in 0..5_000u32 {
+        bulk.publish(i.to_le_bytes().to_vec()).await.unwrap();
+    }
+    a.publish("live", "after the flood").await.unwrap();
+    drop(stuck);
+    assert_eq!(next(&mut live).await.payload, "after the flood");
+    a.shutdown().await;
+    b.shutdown().await;
+}

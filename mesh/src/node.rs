@@ -54,6 +54,7 @@ pub struct Config {
     pub(crate) max_frame: usize,
     pub(crate) subscription_capacity: usize,
     pub(crate) link_buffer: usize,
+    pub(crate) slow_consumer_timeout: Duration,
     pub(crate) keypair: Option<Keypair>,
 }
 
@@ -71,6 +72,7 @@ impl Default for Config {
             max_frame: mesh_transports::frame::DEFAULT_MAX_FRAME,
             subscription_capacity: 64 * 1024,
             link_buffer: 8 * 1024 * 1024,
+            slow_consumer_timeout: Duration::from_secs(5),
             keypair: None,
         }
     }
@@ -132,9 +134,11 @@ impl Builder {
         self
     }
 
-    /// Largest frame accepted from a peer (default 4 MiB).
+    /// Largest frame accepted from a peer (default 4 MiB, at least 2 MiB so
+    /// that control frames always fit). Every node of a mesh should use the
+    /// same value: a peer refuses frames over its own limit.
     pub fn max_frame(mut self, bytes: usize) -> Self {
-        self.config.max_frame = bytes;
+        self.config.max_frame = bytes.max(2 * 1024 * 1024);
         self
     }
 
@@ -142,6 +146,16 @@ impl Builder {
     /// links, pushing back on publishers (default 65,536).
     pub fn subscription_capacity(mut self, messages: usize) -> Self {
         self.config.subscription_capacity = messages.max(1);
+        self
+    }
+
+    /// How long a full subscription may hold the node back (it stops
+    /// reading from peers, which pushes back on publishers) before it is
+    /// treated as a slow consumer: its new messages are then dropped, and
+    /// counted in [`Subscription::dropped`], until it has taken its backlog.
+    /// Default 5 s.
+    pub fn slow_consumer_timeout(mut self, timeout: Duration) -> Self {
+        self.config.slow_consumer_timeout = timeout;
         self
     }
 
@@ -217,6 +231,13 @@ pub enum SubscribeError {
     /// The pattern is not valid.
     #[error("invalid pattern: {0}")]
     Pattern(#[from] TopicError),
+    /// This node already declares as many patterns as one node may.
+    #[error(
+        "too many distinct subscription patterns on this node (limits: {} patterns, {} bytes)",
+        crate::core::interest::MAX_PATTERNS_PER_NODE,
+        crate::core::interest::MAX_DECLARATION_BYTES
+    )]
+    TooManyPatterns,
     /// The node has shut down.
     #[error("node is shut down")]
     Closed,
@@ -260,10 +281,13 @@ impl Inner {
         headers: Vec<(String, Bytes)>,
         payload: Bytes,
     ) -> Result<(), PublishError> {
+        // Everything the frame carries: payload, topic (inline at worst) and
+        // headers with their length prefixes.
         let size = payload.len()
+            + topic.as_str().len()
             + headers
                 .iter()
-                .map(|(k, v)| k.len() + v.len())
+                .map(|(k, v)| k.len() + v.len() + 10)
                 .sum::<usize>();
         if size > self.max_payload {
             return Err(PublishError::TooLarge {
@@ -413,8 +437,13 @@ impl Node {
     }
 
     /// Subscribes to every topic matching `pattern` (`*` for one segment,
-    /// `>` for one or more trailing ones). Messages published after this
-    /// returns reach the subscription; dropping it unsubscribes.
+    /// `>` for one or more trailing ones); dropping it unsubscribes.
+    ///
+    /// Local publishes after this returns reach it at once. Remote
+    /// publishers learn of it when the declaration reaches them (one
+    /// message latency), and nodes that join later learn of it when they
+    /// join; as with NATS or Zenoh, a message published remotely at the same
+    /// instant may miss it.
     pub async fn subscribe(&self, pattern: &str) -> Result<Subscription, SubscribeError> {
         let pattern = Pattern::new(pattern)?;
         let (id, queue) = self
@@ -423,8 +452,9 @@ impl Node {
                 reply,
             })
             .await
-            .ok_or(SubscribeError::Closed)?;
+            .ok_or(SubscribeError::Closed)??;
         Ok(Subscription {
+            _node: self.clone(),
             id,
             pattern,
             queue,
@@ -444,6 +474,8 @@ impl Node {
 /// A stream of the [`Message`]s matching a pattern. Drop it to unsubscribe.
 #[derive(Debug)]
 pub struct Subscription {
+    /// Keeps the node running while the subscription lives.
+    _node: Node,
     id: u64,
     pattern: Pattern,
     queue: Arc<SubQueue>,
@@ -455,6 +487,14 @@ impl Subscription {
     /// The pattern subscribed to.
     pub fn pattern(&self) -> &Pattern {
         &self.pattern
+    }
+
+    /// Messages dropped for this subscription because it stayed full longer
+    /// than the slow-consumer timeout (see
+    /// [`Builder::slow_consumer_timeout`]). Zero for a subscriber that keeps
+    /// up.
+    pub fn dropped(&self) -> u64 {
+        self.queue.dropped()
     }
 
     /// The next message; `None` once the node has shut down.

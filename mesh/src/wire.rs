@@ -156,6 +156,9 @@ pub struct SyncWire<'a> {
     pub members: Vec<UpdateWire<'a>>,
     /// Declarations the sender knows (including its own).
     pub decls: Vec<DeclWire<'a>>,
+    /// More `Sync` frames follow (a large view is split across frames so
+    /// that none nears the frame limit).
+    pub more: bool,
 }
 
 /// A published message. Sequence and timestamp are deltas from the previous
@@ -398,21 +401,59 @@ pub fn decl_to_wire<'a>(d: &'a Declaration, id: &'a [u8]) -> DeclWire<'a> {
 
 /// Encodes a sync snapshot as a frame into `buf`.
 pub fn encode_sync(buf: &mut Vec<u8>, members: &[membership::Update], decls: &[Declaration]) {
+    // Chunks stay far below any frame limit (members are ~100 bytes,
+    // declarations at most MAX_DECLARATION_BYTES).
+    const MEMBERS_PER_FRAME: usize = 1024;
+    const DECL_BYTES_PER_FRAME: usize = 256 * 1024;
     let member_ids: Vec<Vec<u8>> = members.iter().map(|u| u.node.to_bytes()).collect();
     let decl_ids: Vec<Vec<u8>> = decls.iter().map(|d| d.node.to_bytes()).collect();
-    let frame = Frame::Sync(SyncWire {
-        members: members
+    let mut chunks: Vec<SyncWire<'_>> = members
+        .chunks(MEMBERS_PER_FRAME)
+        .zip(member_ids.chunks(MEMBERS_PER_FRAME))
+        .map(|(ms, ids)| SyncWire {
+            members: ms
+                .iter()
+                .zip(ids)
+                .map(|(u, id)| update_to_wire(u, id))
+                .collect(),
+            decls: Vec::new(),
+            more: true,
+        })
+        .collect();
+    let mut current = SyncWire {
+        members: Vec::new(),
+        decls: Vec::new(),
+        more: true,
+    };
+    let mut bytes = 0;
+    for (d, id) in decls.iter().zip(&decl_ids) {
+        let size = d
+            .patterns
             .iter()
-            .zip(&member_ids)
-            .map(|(u, id)| update_to_wire(u, id))
-            .collect(),
-        decls: decls
-            .iter()
-            .zip(&decl_ids)
-            .map(|(d, id)| decl_to_wire(d, id))
-            .collect(),
-    });
-    encode(buf, &frame);
+            .map(|p| p.as_str().len() + 2)
+            .sum::<usize>()
+            + 64;
+        if bytes + size > DECL_BYTES_PER_FRAME && !current.decls.is_empty() {
+            chunks.push(std::mem::replace(
+                &mut current,
+                SyncWire {
+                    members: Vec::new(),
+                    decls: Vec::new(),
+                    more: true,
+                },
+            ));
+            bytes = 0;
+        }
+        bytes += size;
+        current.decls.push(decl_to_wire(d, id));
+    }
+    chunks.push(current);
+    if let Some(last) = chunks.last_mut() {
+        last.more = false;
+    }
+    for chunk in chunks {
+        encode(buf, &Frame::Sync(chunk));
+    }
 }
 
 #[cfg(test)]
@@ -482,6 +523,58 @@ mod tests {
             panic!()
         };
         assert_eq!(decl_from_wire(&dw).unwrap().node, id);
+    }
+
+    #[test]
+    fn large_sync_is_split_and_round_trips() {
+        use bytes::BytesMut;
+        let members: Vec<membership::Update> = (0..2500)
+            .map(|i| membership::Update {
+                node: NodeId::random(),
+                incarnation: i,
+                state: MemberState::Alive,
+                addrs: vec![b"/ip4/127.0.0.1/udp/1/quic-v1".to_vec()],
+            })
+            .collect();
+        let decls: Vec<Declaration> = (0..300)
+            .map(|i| Declaration {
+                node: NodeId::random(),
+                version: Version { epoch: 1, seq: i },
+                patterns: (0..20)
+                    .map(|j| Pattern::new(&format!("p{i}.{j}.{}", "x".repeat(60))).unwrap())
+                    .collect(),
+            })
+            .collect();
+        let mut buf = Vec::new();
+        encode_sync(&mut buf, &members, &decls);
+        let mut frames = Vec::new();
+        mesh_transports::frame::split_frames(
+            &mut BytesMut::from(&buf[..]),
+            1024 * 1024,
+            &mut frames,
+        )
+        .unwrap();
+        assert!(frames.len() > 3, "split into several frames");
+        let (mut m, mut d, mut last) = (0, 0, 0);
+        for (i, f) in frames.iter().enumerate() {
+            let Frame::Sync(s) = decode(f).unwrap() else {
+                panic!("not a sync")
+            };
+            m += s.members.len();
+            d += s.decls.len();
+            if !s.more {
+                last = i;
+            }
+            for dw in &s.decls {
+                decl_from_wire(dw).unwrap();
+            }
+        }
+        assert_eq!((m, d), (2500, 300));
+        assert_eq!(
+            last,
+            frames.len() - 1,
+            "only the last frame says no more follow"
+        );
     }
 
     #[test]

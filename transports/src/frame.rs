@@ -119,9 +119,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 self.buf.reserve(READ_CHUNK);
             }
             let len = self.buf.len();
-            let cap = self.buf.capacity();
             // Safe-code read into spare capacity: zero-fill then truncate.
-            self.buf.resize(cap, 0);
+            // At most one chunk at a time, so a large reservation (for a big
+            // frame) is not zeroed again on every small read.
+            let room = (self.buf.capacity() - len).min(READ_CHUNK);
+            self.buf.resize(len + room, 0);
             let n = match self.io.read(&mut self.buf[len..]).await {
                 Ok(n) => n,
                 Err(e) => {

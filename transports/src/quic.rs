@@ -465,8 +465,6 @@ impl Driver {
                         .kad
                         .add_address(&peer_id, addr.clone());
                 }
-                // One data stream per peer, opened by the smaller id so the
-                // two sides never race each other.
                 if num_established.get() == 1 {
                     self.connected.insert(peer_id);
                     emit(
@@ -477,9 +475,13 @@ impl Driver {
                         },
                     )
                     .await?;
-                    if self.local < peer_id {
-                        self.open_stream(peer_id);
-                    }
+                }
+                // One data stream per peer, opened by the smaller id so the
+                // two sides never race each other. A stream on each new
+                // connection: the peer may have restarted, and its stream on
+                // the old connection is dead; the receiver keeps the newest.
+                if self.local < peer_id {
+                    self.open_stream(peer_id);
                 }
             }
             SwarmEvent::ConnectionClosed {

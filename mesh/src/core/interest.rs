@@ -13,6 +13,9 @@ use super::{topic::Pattern, NodeId};
 
 /// Most patterns one node may declare; larger declarations are refused.
 pub const MAX_PATTERNS_PER_NODE: usize = 16 * 1024;
+/// Most bytes of patterns one node may declare, so that a declaration
+/// always fits a frame.
+pub const MAX_DECLARATION_BYTES: usize = 1024 * 1024;
 
 /// The version of a node's declaration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -79,6 +82,17 @@ impl Interest {
     /// Bumped whenever the remote interest changes; routing caches compare it.
     pub fn generation(&self) -> u64 {
         self.generation
+    }
+
+    /// Whether adding `pattern` keeps the local declaration within
+    /// [`MAX_PATTERNS_PER_NODE`] and [`MAX_DECLARATION_BYTES`].
+    pub fn has_room_for(&self, pattern: &Pattern) -> bool {
+        if self.local_patterns.contains_key(pattern) {
+            return true;
+        }
+        let bytes: usize = self.local_patterns.keys().map(|p| p.as_str().len()).sum();
+        self.local_patterns.len() < MAX_PATTERNS_PER_NODE
+            && bytes + pattern.as_str().len() <= MAX_DECLARATION_BYTES
     }
 
     /// Adds a local subscription. Returns the new declaration to announce if
@@ -171,6 +185,11 @@ impl Interest {
             .filter(|(_, e)| e.patterns.iter().any(|p| p.matches(topic)))
             .map(|(node, _)| *node)
             .collect()
+    }
+
+    /// The remote nodes with a declaration.
+    pub fn nodes(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.remote.keys().copied()
     }
 
     /// Whether `node` has declared any pattern.

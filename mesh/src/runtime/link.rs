@@ -133,6 +133,10 @@ async fn read_loop(
 
 /// Most frames one control stream may carry.
 const MAX_CONTROL_FRAMES: usize = 64;
+/// Largest control frame: membership messages are small.
+const MAX_CONTROL_FRAME: usize = 64 * 1024;
+/// Most bytes one control stream may carry.
+pub(crate) const MAX_CONTROL_BYTES: usize = 256 * 1024;
 /// How long a peer may take to deliver one control stream.
 const CONTROL_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -141,20 +145,25 @@ const CONTROL_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs
 pub(crate) fn spawn_control_reader(
     peer: NodeId,
     stream: Stream,
-    max_frame: usize,
+    permit: tokio::sync::OwnedSemaphorePermit,
     events: mpsc::Sender<(NodeId, Result<Vec<Bytes>, String>)>,
 ) {
     tokio::spawn(async move {
-        let mut reader = FrameReader::new(stream, max_frame);
+        let _permit = permit;
+        let mut reader = FrameReader::new(stream, MAX_CONTROL_FRAME);
         let read = async {
             let mut frames = Vec::new();
+            let mut bytes = 0;
             while reader.read_batch(&mut frames).await? {
-                if frames.len() > MAX_CONTROL_FRAMES {
+                bytes = frames.iter().map(|f| f.len()).sum::<usize>();
+                if frames.len() > MAX_CONTROL_FRAMES || bytes > MAX_CONTROL_BYTES {
                     return Ok::<_, mesh_transports::frame::FrameError>(Err(format!(
-                        "more than {MAX_CONTROL_FRAMES} frames on one control stream"
+                        "control stream over its limits ({} frames, {bytes} bytes)",
+                        frames.len()
                     )));
                 }
             }
+            let _ = bytes;
             Ok(Ok(frames))
         };
         let result = match tokio::time::timeout(CONTROL_READ_TIMEOUT, read).await {

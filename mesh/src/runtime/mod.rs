@@ -49,7 +49,7 @@ use queue::{Outbox, PublishCmd, PublishQueue, SubQueue};
 pub(crate) enum Command {
     Subscribe {
         pattern: Pattern,
-        reply: oneshot::Sender<(SubId, Arc<SubQueue>)>,
+        reply: oneshot::Sender<Result<(SubId, Arc<SubQueue>), crate::node::SubscribeError>>,
     },
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     /// Resolves once the transport listens on at least one address.
@@ -68,8 +68,17 @@ const PUBLISH_QUEUE: usize = 8192;
 /// How long a link to a peer may wait for its stream before its buffered
 /// bytes are dropped (and counted).
 const LINK_SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Control streams read at once; more are refused.
+const MAX_CONTROL_READERS: usize = 256;
+/// How long the side that does not open streams waits for a new one before
+/// it drops the connection to force a fresh start.
+const RELINK_GRACE: Duration = Duration::from_secs(2);
 /// How long shutdown waits for peers to confirm they read everything.
 const BYE_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(3600)
+}
 
 fn unix_micros() -> u64 {
     SystemTime::now()
@@ -172,12 +181,15 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
         space,
         rng: SmallRng::from_entropy(),
         config,
-        blocked_subs: Vec::new(),
+        blocked_subs: Default::default(),
+        blocked_since: None,
         stats: Stats::default(),
         shutting_down: false,
+        relink: Vec::new(),
         publishes: publishes.clone(),
         control_out: Default::default(),
         control_tx,
+        control_readers: Arc::new(tokio::sync::Semaphore::new(MAX_CONTROL_READERS)),
         pending_delivery: Vec::new(),
     };
     let max_payload = task.config.max_frame.saturating_sub(1024);
@@ -196,8 +208,11 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
 #[derive(Debug, Default)]
 struct Stats {
     links_refused: u64,
+    slow_consumers: u64,
     dropped_slow_subscriber: u64,
     bytes_dropped_unreachable: u64,
+    dropped_unreachable: u64,
+    control_refused: u64,
 }
 
 /// One peer's link as the node task sees it.
@@ -216,6 +231,8 @@ struct Link {
     leaving: bool,
     /// Messages were encoded for it (shutdown waits for those to go out).
     has_data: bool,
+    /// Messages dropped because its buffer was full before its stream came.
+    dropped: u64,
 }
 
 impl Link {
@@ -232,6 +249,7 @@ impl Link {
             bye_acked: false,
             leaving: false,
             has_data: false,
+            dropped: 0,
         }
     }
 
@@ -302,13 +320,21 @@ struct NodeTask {
     space: Arc<Notify>,
     rng: SmallRng,
     /// Subscriptions over capacity; links are not read while non-empty.
-    blocked_subs: Vec<Arc<SubQueue>>,
+    blocked_subs: std::collections::BTreeMap<SubId, Arc<SubQueue>>,
+    /// When the node stopped reading links for a full subscription.
+    blocked_since: Option<Instant>,
     stats: Stats,
     shutting_down: bool,
+    /// Peers whose link ended and may need a new one, and when to act
+    /// (see `relink`). Bounded by the number of peers with links.
+    relink: Vec<(Instant, NodeId)>,
     publishes: Arc<PublishQueue>,
     /// Control frames to send per peer, flushed as one control stream each.
     control_out: rustc_hash::FxHashMap<NodeId, Vec<u8>>,
     control_tx: mpsc::Sender<(NodeId, Result<Vec<Bytes>, String>)>,
+    /// Bounds the control streams read at once (each holds at most
+    /// `link::MAX_CONTROL_BYTES`).
+    control_readers: Arc<tokio::sync::Semaphore>,
     /// Messages decoded in the current batch, pushed to their subscription
     /// queues together at the end of it.
     pending_delivery: Vec<(SubId, Message)>,
@@ -333,8 +359,24 @@ impl NodeTask {
                 publishes.take(&mut publish_batch);
                 self.publish_batch(&mut publish_batch);
             }
-            self.blocked_subs.retain(|q| q.is_over());
+            self.blocked_subs.retain(|_, q| q.is_over());
             let reading = self.blocked_subs.is_empty();
+            // Push back for a while; a subscription that stays full past the
+            // slow-consumer timeout is cut loose (its messages are dropped
+            // and counted) so one stalled consumer cannot stall the mesh, or
+            // two nodes that publish from their handlers deadlock.
+            let slow_deadline = match (reading, self.blocked_since) {
+                (true, _) => {
+                    self.blocked_since = None;
+                    None
+                }
+                (false, None) => {
+                    self.blocked_since = Some(Instant::now());
+                    self.blocked_since
+                        .map(|t| t + self.config.slow_consumer_timeout)
+                }
+                (false, Some(t)) => Some(t + self.config.slow_consumer_timeout),
+            };
             let timer = self
                 .membership
                 .poll_timeout()
@@ -374,8 +416,22 @@ impl NodeTask {
                 _ = tokio::time::sleep_until(timer) => {
                     self.membership.handle_timeout(Instant::now(), &mut self.rng);
                     self.expire_links();
+                    self.forget_departed();
                 }
                 _ = self.space.notified(), if congested || !reading => {}
+                _ = tokio::time::sleep_until(tokio::time::Instant::from_std(slow_deadline.unwrap_or(far_future()))), if slow_deadline.is_some() => {
+                    for (id, q) in std::mem::take(&mut self.blocked_subs) {
+                        let backlog = q.set_lagging();
+                        self.stats.slow_consumers += 1;
+                        tracing::warn!(
+                            subscription = id,
+                            backlog,
+                            timeout = ?self.config.slow_consumer_timeout,
+                            "slow consumer: subscription stayed full; dropping its messages (counted in Subscription::dropped) until it catches up"
+                        );
+                    }
+                    self.blocked_since = None;
+                }
             }
             self.drive_membership().await;
         };
@@ -389,10 +445,14 @@ impl NodeTask {
         }
     }
 
+    /// Whether a link with a stream has more than `link_buffer` bytes
+    /// waiting. Links still waiting for their stream do not count: one
+    /// unreachable peer must not stall publishing to everyone else (their
+    /// buffers are capped in `publish` instead).
     fn congested(&self) -> bool {
         self.links
             .values()
-            .any(|l| l.outbox.pending() > self.config.link_buffer)
+            .any(|l| l.reader.is_some() && l.outbox.pending() > self.config.link_buffer)
     }
 
     /// Moves each link's scratch buffer into its outbox, and sends pending
@@ -491,12 +551,16 @@ impl NodeTask {
                 self.attach_stream(peer, stream);
             }
             quic::Event::ControlStream { peer, stream } => {
-                link::spawn_control_reader(
-                    peer,
-                    stream,
-                    self.config.max_frame,
-                    self.control_tx.clone(),
-                );
+                match self.control_readers.clone().try_acquire_owned() {
+                    Ok(permit) => {
+                        link::spawn_control_reader(peer, stream, permit, self.control_tx.clone())
+                    }
+                    Err(_) => {
+                        // Dropping the stream resets it; SWIM tolerates the loss.
+                        self.stats.control_refused += 1;
+                        tracing::debug!(%peer, "too many control streams being read; refused one");
+                    }
+                }
             }
             quic::Event::Discovered { peer, addrs } => {
                 if peer != self.local
@@ -580,6 +644,7 @@ impl NodeTask {
                             l.close();
                         }
                         self.membership.handle_link_down(Instant::now(), peer);
+                        self.schedule_relink(peer);
                         break;
                     }
                 }
@@ -598,11 +663,18 @@ impl NodeTask {
                 if error.is_some() && !was_up {
                     self.stats.links_refused += 1;
                 }
-                if let Some(mut l) = self.links.remove(&peer) {
-                    l.close();
-                }
+                let leaving = match self.links.remove(&peer) {
+                    Some(mut l) => {
+                        l.close();
+                        l.leaving
+                    }
+                    None => false,
+                };
                 if was_up {
                     self.membership.handle_link_down(Instant::now(), peer);
+                }
+                if !leaving {
+                    self.schedule_relink(peer);
                 }
             }
         }
@@ -625,14 +697,10 @@ impl NodeTask {
             Ok(())
         });
         if let Err(e) = result {
-            tracing::warn!(%peer, error = %e, "bad control stream from peer; closing its link");
-            self.stats.links_refused += 1;
-            if let Some(mut l) = self.links.remove(&peer) {
-                l.close();
-                if l.up {
-                    self.membership.handle_link_down(Instant::now(), peer);
-                }
-            }
+            // Only this batch is refused: control traffic is periodic, and a
+            // reset or slow control stream says nothing about the data link.
+            self.stats.control_refused += 1;
+            tracing::warn!(%peer, error = %e, "refused a control stream from peer");
         }
     }
 
@@ -675,6 +743,9 @@ impl NodeTask {
                 for d in &s.decls {
                     self.interest.handle_declaration(wire::decl_from_wire(d)?)?;
                 }
+                if s.more {
+                    return Ok(());
+                }
                 self.ready = true;
                 self.synced = true;
                 for w in self
@@ -691,6 +762,22 @@ impl NodeTask {
                     .get_mut(&peer)
                     .ok_or(WireError::Unexpected("Bye"))?;
                 wire::encode(&mut link.scratch, &Frame::ByeAck);
+                link.leaving = true;
+                // A graceful leave: mark it down at its current incarnation
+                // now (the membership spreads it) instead of suspecting it
+                // after a timeout, and stop routing to it.
+                let update = self.membership.members().find(|m| m.node == peer).map(|m| {
+                    membership::Update {
+                        node: peer,
+                        incarnation: m.incarnation,
+                        state: MemberState::Down,
+                        addrs: m.addrs.clone(),
+                    }
+                });
+                if let Some(update) = update {
+                    self.membership.apply_updates(Instant::now(), [update]);
+                }
+                self.routes.invalidate();
             }
             Frame::ByeAck => {
                 if let Some(link) = self.links.get_mut(&peer) {
@@ -726,7 +813,7 @@ impl NodeTask {
             if let Some(q) = self.sub_queues.get(&id) {
                 let (over, dropped) = q.push(run, local);
                 if over {
-                    self.blocked_subs.push(q.clone());
+                    self.blocked_subs.insert(id, q.clone());
                 }
                 if dropped > 0 {
                     self.stats.dropped_slow_subscriber += dropped;
@@ -746,6 +833,10 @@ impl NodeTask {
     fn handle_command(&mut self, cmd: Command) {
         match cmd {
             Command::Subscribe { pattern, reply } => {
+                if !self.interest.has_room_for(&pattern) {
+                    let _ = reply.send(Err(crate::node::SubscribeError::TooManyPatterns));
+                    return;
+                }
                 let queue = Arc::new(SubQueue::new(
                     self.config.subscription_capacity,
                     self.space.clone(),
@@ -755,7 +846,7 @@ impl NodeTask {
                 if let Some(decl) = self.interest.subscribe(&pattern) {
                     self.announce(&decl);
                 }
-                if reply.send((id, queue)).is_err() {
+                if reply.send(Ok((id, queue))).is_err() {
                     self.unsubscribe(id);
                 }
             }
@@ -823,6 +914,8 @@ impl NodeTask {
         if let Some(q) = self.sub_queues.remove(&id) {
             q.close();
         }
+        // A dropped subscription holds nothing back any more.
+        self.blocked_subs.remove(&id);
         if let Some(pattern) = self.subs.remove(id) {
             if let Some(decl) = self.interest.unsubscribe(&pattern) {
                 self.announce(&decl);
@@ -865,6 +958,18 @@ impl NodeTask {
         };
         for peer in route {
             let link = link_entry(&mut self.links, &mut self.next_link, &self.space, *peer);
+            if link.reader.is_none()
+                && link.scratch.len() + link.outbox.pending() > self.config.link_buffer
+            {
+                // No stream yet and its buffer is full: drop, count, and say
+                // so once per link.
+                if link.dropped == 0 {
+                    tracing::warn!(%peer, "no link to peer yet and its buffer is full; dropping messages for it");
+                }
+                link.dropped += 1;
+                self.stats.dropped_unreachable += 1;
+                continue;
+            }
             link.enc.encode(&mut link.scratch, &out);
             link.has_data = true;
         }
@@ -888,7 +993,49 @@ impl NodeTask {
     }
 
     /// Acts on what the membership core wants: transmits and events.
+    /// A link ended while its peer may still be alive: get a new one. The
+    /// smaller id opens a stream on the live connection; the larger, which
+    /// must not open one (both would, and each side would keep a different
+    /// stream), drops the connection so the next dial starts afresh.
+    async fn relink(&mut self) {
+        let now = Instant::now();
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.relink)
+            .into_iter()
+            .partition(|(at, _)| *at <= now);
+        self.relink = later;
+        for (_, peer) in due {
+            if self.shutting_down || self.links.get(&peer).is_some_and(|l| l.reader.is_some()) {
+                continue;
+            }
+            let alive = matches!(
+                self.membership.state_of(&peer),
+                Some(MemberState::Alive | MemberState::Suspect)
+            );
+            if !alive || !self.connected.contains_key(&peer) {
+                continue;
+            }
+            if self.local < peer {
+                self.transport.open_stream(peer).await;
+            } else {
+                self.transport.disconnect(peer).await;
+            }
+        }
+    }
+
+    /// Schedules `relink` for `peer`: at once on the side that opens
+    /// streams; on the other after a grace period, in which the opener's
+    /// new stream usually arrives and nothing needs tearing down.
+    fn schedule_relink(&mut self, peer: NodeId) {
+        let delay = if self.local < peer {
+            Duration::ZERO
+        } else {
+            RELINK_GRACE
+        };
+        self.relink.push((Instant::now() + delay, peer));
+    }
+
     async fn drive_membership(&mut self) {
+        self.relink().await;
         while let Some(t) = self.membership.poll_transmit() {
             if t.to == self.local {
                 continue;
@@ -936,18 +1083,18 @@ impl NodeTask {
                 }
             }
         }
-        // Forget the interest of members the membership forgot.
-        let known: Vec<NodeId> = self
+    }
+
+    /// Forgets the interest of members the membership has forgotten. Run on
+    /// the membership timer, not per event: it walks every declaration.
+    fn forget_departed(&mut self) {
+        let gone: Vec<NodeId> = self
             .interest
-            .snapshot()
-            .iter()
-            .skip(1)
-            .map(|d| d.node)
+            .nodes()
+            .filter(|n| self.membership.state_of(n).is_none())
             .collect();
-        for node in known {
-            if self.membership.state_of(&node).is_none() {
-                self.interest.remove(&node);
-            }
+        for node in gone {
+            self.interest.remove(&node);
         }
     }
 

@@ -110,6 +110,10 @@ struct SubInner {
     items: VecDeque<Message>,
     waker: Option<Waker>,
     closed: bool,
+    /// Cut loose as a slow consumer: new messages are dropped (and
+    /// counted) until it has taken what it holds.
+    lagging: bool,
+    dropped: u64,
     /// The node stopped reading because of us; tell it when we drain.
     over: bool,
 }
@@ -144,13 +148,14 @@ impl SubQueue {
         };
         let mut dropped = 0;
         for m in msgs {
-            if g.items.len() < hard {
+            if !g.lagging && g.items.len() < hard {
                 g.items.push_back(m);
             } else {
                 dropped += 1;
             }
         }
-        let over = g.items.len() >= self.capacity;
+        g.dropped += dropped;
+        let over = !g.lagging && g.items.len() >= self.capacity;
         g.over |= over;
         if let Some(w) = g.waker.take() {
             w.wake();
@@ -162,10 +167,26 @@ impl SubQueue {
         lock(&self.inner).over
     }
 
+    /// Marks the subscription a slow consumer: it no longer holds the node
+    /// back, and messages for it are dropped and counted until it drains
+    /// its queue. Returns the backlog it holds.
+    pub(crate) fn set_lagging(&self) -> usize {
+        let mut g = lock(&self.inner);
+        g.lagging = true;
+        g.over = false;
+        g.items.len()
+    }
+
+    /// Messages dropped because the subscriber did not keep up.
+    pub(crate) fn dropped(&self) -> u64 {
+        lock(&self.inner).dropped
+    }
+
     /// No more messages will come.
     pub(crate) fn close(&self) {
         let mut g = lock(&self.inner);
         g.closed = true;
+        g.over = false;
         if let Some(w) = g.waker.take() {
             w.wake();
         }
@@ -181,6 +202,8 @@ impl SubQueue {
         let mut g = lock(&self.inner);
         if !g.items.is_empty() {
             std::mem::swap(&mut g.items, out);
+            // It has taken its backlog: deliver to it again.
+            g.lagging = false;
             if std::mem::take(&mut g.over) {
                 drop(g);
                 self.space.notify_one();
