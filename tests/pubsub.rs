@@ -349,3 +349,60 @@ async fn dropping_a_full_subscription_releases_the_node() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// A publisher that shuts down learns which subscribers did not confirm
+/// reading its messages, instead of losing them silently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_reports_peers_that_did_not_confirm() {
+    use tokio::io::AsyncBufReadExt;
+    // Default failure detection: slower than this test's steps.
+    let a = mesh::Node::builder()
+        .listen(loopback())
+        .mdns(false)
+        .start()
+        .await
+        .unwrap();
+    let a_addr = addr(&a).await;
+    let mut sub = tokio::process::Command::new(env!("CARGO_BIN_EXE_mesh-cli"))
+        .args([
+            "sub",
+            "reports",
+            "--no-mdns",
+            "--listen",
+            "/ip4/127.0.0.1/udp/0/quic-v1",
+            "--bootstrap",
+        ])
+        .arg(a_addr.to_string())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(sub.stdout.take().unwrap()).lines();
+    // Probe until the subscriber prints one: its interest has reached a.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        a.publish("reports", "probe").await.unwrap();
+        if let Ok(Ok(Some(_))) =
+            tokio::time::timeout(std::time::Duration::from_millis(100), lines.next_line()).await
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "subscriber never reached"
+        );
+    }
+    let sub_id = a
+        .peers()
+        .await
+        .into_iter()
+        .find(|p| p.linked)
+        .map(|p| p.id)
+        .expect("linked subscriber");
+
+    sub.kill().await.unwrap();
+    a.publish("reports", "into the void").await.unwrap();
+    let report = a.shutdown().await;
+    assert_eq!(report.unconfirmed, vec![sub_id]);
+    assert!(!report.is_clean());
+}

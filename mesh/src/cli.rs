@@ -329,7 +329,18 @@ async fn run_pub(
         }
         node.publish(&topic, payload).await?;
     }
-    node.shutdown().await;
+    let report = node.shutdown().await;
+    if !report.is_clean() {
+        bail!(
+            "not every subscriber confirmed receipt: {} peer(s) did not answer in time{}; messages may be lost",
+            report.unconfirmed.len(),
+            if report.dropped_unreachable > 0 {
+                format!(", {} message(s) dropped for unreachable peers", report.dropped_unreachable)
+            } else {
+                String::new()
+            }
+        );
+    }
     Ok(())
 }
 

@@ -41,6 +41,6 @@ pub use crate::core::{
 };
 pub use libp2p::{Multiaddr, PeerId};
 pub use node::{
-    Builder, Node, PeerInfo, PeerState, PublishError, Publisher, ReadyError, StartError,
-    SubscribeError, Subscription,
+    Builder, Node, PeerInfo, PeerState, PublishError, Publisher, ReadyError, ShutdownReport,
+    StartError, SubscribeError, Subscription,
 };

@@ -203,6 +203,24 @@ pub enum StartError {
     Transport(#[from] mesh_transports::quic::StartError),
 }
 
+/// What [`Node::shutdown`] could confirm.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Peers that were sent messages and did not confirm reading them
+    /// before the shutdown timeout: they may have missed some.
+    pub unconfirmed: Vec<PeerId>,
+    /// Messages dropped over the node's life because a peer's link never
+    /// came up in time (also logged when it happened).
+    pub dropped_unreachable: u64,
+}
+
+impl ShutdownReport {
+    /// Whether every peer confirmed and nothing was dropped.
+    pub fn is_clean(&self) -> bool {
+        self.unconfirmed.is_empty() && self.dropped_unreachable == 0
+    }
+}
+
 /// Errors publishing.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
@@ -465,9 +483,11 @@ impl Node {
 
     /// Stops the node: says goodbye to every peer once what was published
     /// has been written (waiting up to 2 s for them to confirm), ends every
-    /// subscription, and stops the network.
-    pub async fn shutdown(&self) {
-        let _ = self.ask(Command::Shutdown).await;
+    /// subscription, and stops the network. The report says which peers did
+    /// not confirm reading what was sent to them (empty when the node was
+    /// already shut down).
+    pub async fn shutdown(&self) -> ShutdownReport {
+        self.ask(Command::Shutdown).await.unwrap_or_default()
     }
 }
 

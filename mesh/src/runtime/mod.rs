@@ -58,7 +58,7 @@ pub(crate) enum Command {
     Ready(oneshot::Sender<()>),
     /// Resolves once a peer has sent its view of the mesh.
     Joined(oneshot::Sender<()>),
-    Shutdown(oneshot::Sender<()>),
+    Shutdown(oneshot::Sender<crate::node::ShutdownReport>),
 }
 
 /// Commands taken per wake-up; bounds the latency other events see.
@@ -210,7 +210,6 @@ struct Stats {
     links_refused: u64,
     slow_consumers: u64,
     dropped_slow_subscriber: u64,
-    bytes_dropped_unreachable: u64,
     dropped_unreachable: u64,
     control_refused: u64,
 }
@@ -233,6 +232,8 @@ struct Link {
     has_data: bool,
     /// Messages dropped because its buffer was full before its stream came.
     dropped: u64,
+    /// Messages buffered before its stream came.
+    queued: u64,
 }
 
 impl Link {
@@ -250,6 +251,7 @@ impl Link {
             leaving: false,
             has_data: false,
             dropped: 0,
+            queued: 0,
         }
     }
 
@@ -439,9 +441,9 @@ impl NodeTask {
         publishes.close();
         publishes.take(&mut publish_batch);
         self.publish_batch(&mut publish_batch);
-        self.shutdown(&mut links, &mut transport).await;
+        let report = self.shutdown(&mut links, &mut transport).await;
         if let Some(reply) = shutdown_reply {
-            let _ = reply.send(());
+            let _ = reply.send(report);
         }
     }
 
@@ -972,6 +974,9 @@ impl NodeTask {
             }
             link.enc.encode(&mut link.scratch, &out);
             link.has_data = true;
+            if link.reader.is_none() {
+                link.queued += 1;
+            }
         }
         if !self.subs.is_empty() {
             let targets = self.subs.matching(topic.as_str());
@@ -1124,9 +1129,8 @@ impl NodeTask {
             .collect();
         for peer in stale {
             if let Some(mut l) = self.links.remove(&peer) {
-                let dropped = (l.outbox.pending() + l.scratch.len()) as u64;
-                self.stats.bytes_dropped_unreachable += dropped;
-                tracing::warn!(%peer, bytes = dropped, "no link to peer in time; dropped messages buffered for it");
+                self.stats.dropped_unreachable += l.queued;
+                tracing::warn!(%peer, messages = l.queued, "no link to peer in time; dropped the messages buffered for it");
                 l.close();
             }
         }
@@ -1136,7 +1140,7 @@ impl NodeTask {
         &mut self,
         links: &mut mpsc::Receiver<LinkEvent>,
         transport: &mut mpsc::Receiver<quic::Event>,
-    ) {
+    ) -> crate::node::ShutdownReport {
         // Say goodbye after everything already queued, then wait until every
         // peer confirms it has read up to the goodbye (links still being set
         // up get the same time to come up and drain).
@@ -1174,6 +1178,14 @@ impl NodeTask {
             }
             self.flush();
         }
+        // Peers we sent messages to that did not confirm reading them.
+        let mut unconfirmed: Vec<NodeId> = self
+            .links
+            .iter()
+            .filter(|(_, l)| l.has_data && !l.bye_acked && !l.leaving)
+            .map(|(p, _)| *p)
+            .collect();
+        unconfirmed.sort();
         for (_, mut l) in self.links.drain() {
             l.close();
         }
@@ -1183,8 +1195,12 @@ impl NodeTask {
         self.transport.shutdown().await;
         tracing::debug!(
             links_refused = self.stats.links_refused,
-            bytes_dropped_unreachable = self.stats.bytes_dropped_unreachable,
+            dropped_unreachable = self.stats.dropped_unreachable,
             "node stopped"
         );
+        crate::node::ShutdownReport {
+            unconfirmed,
+            dropped_unreachable: self.stats.dropped_unreachable,
+        }
     }
 }
