@@ -99,6 +99,13 @@ pub enum Event {
         /// The stream.
         stream: Stream,
     },
+    /// Opening a data stream to `peer` failed.
+    StreamFailed {
+        /// The remote peer.
+        peer: PeerId,
+        /// Why.
+        error: String,
+    },
     /// A peer was found by mDNS or Kademlia, with addresses to dial.
     Discovered {
         /// The peer found.
@@ -439,7 +446,15 @@ impl Driver {
                         })
                         .await;
                 }
-                Err(e) => tracing::debug!(%peer, error = %e, "cannot open data stream"),
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "cannot open data stream");
+                    let _ = events
+                        .send(Event::StreamFailed {
+                            peer,
+                            error: e.to_string(),
+                        })
+                        .await;
+                }
             }
         });
     }

@@ -138,7 +138,7 @@ const MAX_CONTROL_FRAME: usize = 64 * 1024;
 /// Most bytes one control stream may carry.
 pub(crate) const MAX_CONTROL_BYTES: usize = 256 * 1024;
 /// How long a peer may take to deliver one control stream.
-const CONTROL_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const CONTROL_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Reads one control stream (a few frames, then end of stream) and hands
 /// its frames, or why they were refused, to the node task.

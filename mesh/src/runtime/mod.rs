@@ -70,6 +70,8 @@ const PUBLISH_QUEUE: usize = 8192;
 const LINK_SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Control streams read at once; more are refused.
 const MAX_CONTROL_READERS: usize = 256;
+/// Control streams read at once from one peer.
+const MAX_CONTROL_READERS_PER_PEER: usize = 16;
 /// How long the side that does not open streams waits for a new one before
 /// it drops the connection to force a fresh start.
 const RELINK_GRACE: Duration = Duration::from_secs(2);
@@ -182,10 +184,12 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
         rng: SmallRng::from_entropy(),
         config,
         blocked_subs: Default::default(),
-        blocked_since: None,
         stats: Stats::default(),
         shutting_down: false,
+        last_drop_warning: None,
         relink: Vec::new(),
+        relink_backoff: Default::default(),
+        control_inflight: Default::default(),
         publishes: publishes.clone(),
         control_out: Default::default(),
         control_tx,
@@ -322,14 +326,19 @@ struct NodeTask {
     space: Arc<Notify>,
     rng: SmallRng,
     /// Subscriptions over capacity; links are not read while non-empty.
-    blocked_subs: std::collections::BTreeMap<SubId, Arc<SubQueue>>,
-    /// When the node stopped reading links for a full subscription.
-    blocked_since: Option<Instant>,
+    /// Full subscriptions holding the node back, with when each filled.
+    blocked_subs: std::collections::BTreeMap<SubId, (Arc<SubQueue>, Instant)>,
     stats: Stats,
+    last_drop_warning: Option<Instant>,
     shutting_down: bool,
     /// Peers whose link ended and may need a new one, and when to act
     /// (see `relink`). Bounded by the number of peers with links.
     relink: Vec<(Instant, NodeId)>,
+    /// Current relink back-off per peer; cleared when a link comes up.
+    relink_backoff: rustc_hash::FxHashMap<NodeId, Duration>,
+    /// Control streams being read, per peer (bounded per peer so one peer
+    /// cannot take every reader).
+    control_inflight: rustc_hash::FxHashMap<NodeId, usize>,
     publishes: Arc<PublishQueue>,
     /// Control frames to send per peer, flushed as one control stream each.
     control_out: rustc_hash::FxHashMap<NodeId, Vec<u8>>,
@@ -361,24 +370,17 @@ impl NodeTask {
                 publishes.take(&mut publish_batch);
                 self.publish_batch(&mut publish_batch);
             }
-            self.blocked_subs.retain(|_, q| q.is_over());
+            self.blocked_subs.retain(|_, (q, _)| q.is_over());
             let reading = self.blocked_subs.is_empty();
             // Push back for a while; a subscription that stays full past the
             // slow-consumer timeout is cut loose (its messages are dropped
             // and counted) so one stalled consumer cannot stall the mesh, or
             // two nodes that publish from their handlers deadlock.
-            let slow_deadline = match (reading, self.blocked_since) {
-                (true, _) => {
-                    self.blocked_since = None;
-                    None
-                }
-                (false, None) => {
-                    self.blocked_since = Some(Instant::now());
-                    self.blocked_since
-                        .map(|t| t + self.config.slow_consumer_timeout)
-                }
-                (false, Some(t)) => Some(t + self.config.slow_consumer_timeout),
-            };
+            let slow_deadline = self
+                .blocked_subs
+                .values()
+                .map(|(_, since)| *since + self.config.slow_consumer_timeout)
+                .min();
             let timer = self
                 .membership
                 .poll_timeout()
@@ -422,17 +424,27 @@ impl NodeTask {
                 }
                 _ = self.space.notified(), if congested || !reading => {}
                 _ = tokio::time::sleep_until(tokio::time::Instant::from_std(slow_deadline.unwrap_or(far_future()))), if slow_deadline.is_some() => {
-                    for (id, q) in std::mem::take(&mut self.blocked_subs) {
-                        let backlog = q.set_lagging();
-                        self.stats.slow_consumers += 1;
-                        tracing::warn!(
-                            subscription = id,
-                            backlog,
-                            timeout = ?self.config.slow_consumer_timeout,
-                            "slow consumer: subscription stayed full; dropping its messages (counted in Subscription::dropped) until it catches up"
-                        );
+                    let now = Instant::now();
+                    let timeout = self.config.slow_consumer_timeout;
+                    let expired: Vec<SubId> = self
+                        .blocked_subs
+                        .iter()
+                        .filter(|(_, (_, since))| *since + timeout <= now)
+                        .map(|(id, _)| *id)
+                        .collect();
+                    for id in expired {
+                        let Some((q, _)) = self.blocked_subs.remove(&id) else { continue };
+                        // It may have drained just now: then it is not slow.
+                        if let Some(backlog) = q.set_lagging() {
+                            self.stats.slow_consumers += 1;
+                            tracing::warn!(
+                                subscription = id,
+                                backlog,
+                                ?timeout,
+                                "slow consumer: subscription stayed full; dropping its messages (counted in Subscription::dropped) until it catches up"
+                            );
+                        }
                     }
-                    self.blocked_since = None;
                 }
             }
             self.drive_membership().await;
@@ -553,8 +565,15 @@ impl NodeTask {
                 self.attach_stream(peer, stream);
             }
             quic::Event::ControlStream { peer, stream } => {
+                let inflight = self.control_inflight.entry(peer).or_insert(0);
+                if *inflight >= MAX_CONTROL_READERS_PER_PEER {
+                    self.stats.control_refused += 1;
+                    tracing::debug!(%peer, "peer has too many control streams being read; refused one");
+                    return;
+                }
                 match self.control_readers.clone().try_acquire_owned() {
                     Ok(permit) => {
+                        *inflight += 1;
                         link::spawn_control_reader(peer, stream, permit, self.control_tx.clone())
                     }
                     Err(_) => {
@@ -563,6 +582,10 @@ impl NodeTask {
                         tracing::debug!(%peer, "too many control streams being read; refused one");
                     }
                 }
+            }
+            quic::Event::StreamFailed { peer, error } => {
+                tracing::debug!(%peer, %error, "data stream failed to open");
+                self.schedule_relink(peer);
             }
             quic::Event::Discovered { peer, addrs } => {
                 if peer != self.local
@@ -626,6 +649,7 @@ impl NodeTask {
                     return;
                 };
                 l.up = true;
+                self.relink_backoff.remove(&peer);
                 tracing::debug!(%peer, incarnation, "link up");
                 self.membership.handle_link_up(Instant::now(), peer, addrs);
             }
@@ -687,6 +711,12 @@ impl NodeTask {
     /// whether the peer is alive, not how much data is queued before it
     /// (a subscriber pushing back stops reading its data streams).
     fn handle_control(&mut self, peer: NodeId, frames: Result<Vec<Bytes>, String>) {
+        if let Some(n) = self.control_inflight.get_mut(&peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.control_inflight.remove(&peer);
+            }
+        }
         let result = frames.and_then(|frames| {
             for body in &frames {
                 match wire::decode(body).map_err(|e| e.to_string())? {
@@ -815,10 +845,23 @@ impl NodeTask {
             if let Some(q) = self.sub_queues.get(&id) {
                 let (over, dropped) = q.push(run, local);
                 if over {
-                    self.blocked_subs.insert(id, q.clone());
+                    self.blocked_subs
+                        .entry(id)
+                        .or_insert_with(|| (q.clone(), Instant::now()));
                 }
+                // Drops of a subscription already cut loose were reported
+                // when it was; these are the local cap's.
                 if dropped > 0 {
                     self.stats.dropped_slow_subscriber += dropped;
+                    // At most one warning a second: this can recur per batch.
+                    let now = Instant::now();
+                    if self
+                        .last_drop_warning
+                        .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+                    {
+                        continue;
+                    }
+                    self.last_drop_warning = Some(now);
                     tracing::warn!(
                         subscription = id,
                         dropped,
@@ -1030,13 +1073,21 @@ impl NodeTask {
     /// Schedules `relink` for `peer`: at once on the side that opens
     /// streams; on the other after a grace period, in which the opener's
     /// new stream usually arrives and nothing needs tearing down.
+    /// Repeated failures back off exponentially (250 ms doubling to 30 s)
+    /// until a link comes up, so a peer that fails the same way every time
+    /// (another protocol version, say) is not retried in a tight loop.
     fn schedule_relink(&mut self, peer: NodeId) {
-        let delay = if self.local < peer {
+        let base = if self.local < peer {
             Duration::ZERO
         } else {
             RELINK_GRACE
         };
-        self.relink.push((Instant::now() + delay, peer));
+        let backoff = self.relink_backoff.entry(peer).or_insert(Duration::ZERO);
+        let delay = base + *backoff;
+        *backoff = (*backoff * 2).clamp(Duration::from_millis(250), Duration::from_secs(30));
+        if !self.relink.iter().any(|(_, p)| *p == peer) {
+            self.relink.push((Instant::now() + delay, peer));
+        }
     }
 
     async fn drive_membership(&mut self) {
@@ -1101,6 +1152,9 @@ impl NodeTask {
         for node in gone {
             self.interest.remove(&node);
         }
+        let membership = &self.membership;
+        self.relink_backoff
+            .retain(|n, _| membership.state_of(n).is_some());
     }
 
     fn addrs_of(&self, node: &NodeId) -> Vec<Multiaddr> {

@@ -146,15 +146,17 @@ impl SubQueue {
         } else {
             usize::MAX
         };
-        let mut dropped = 0;
+        let (mut dropped, mut lagged) = (0, 0);
         for m in msgs {
-            if !g.lagging && g.items.len() < hard {
+            if g.lagging {
+                lagged += 1;
+            } else if g.items.len() < hard {
                 g.items.push_back(m);
             } else {
                 dropped += 1;
             }
         }
-        g.dropped += dropped;
+        g.dropped += dropped + lagged;
         let over = !g.lagging && g.items.len() >= self.capacity;
         g.over |= over;
         if let Some(w) = g.waker.take() {
@@ -167,14 +169,18 @@ impl SubQueue {
         lock(&self.inner).over
     }
 
-    /// Marks the subscription a slow consumer: it no longer holds the node
-    /// back, and messages for it are dropped and counted until it drains
-    /// its queue. Returns the backlog it holds.
-    pub(crate) fn set_lagging(&self) -> usize {
+    /// Marks the subscription a slow consumer if it is still full: it no
+    /// longer holds the node back, and messages for it are dropped and
+    /// counted until it takes its backlog. Returns the backlog, or `None`
+    /// if it has drained meanwhile (then it is not slow).
+    pub(crate) fn set_lagging(&self) -> Option<usize> {
         let mut g = lock(&self.inner);
+        if !g.over {
+            return None;
+        }
         g.lagging = true;
         g.over = false;
-        g.items.len()
+        Some(g.items.len())
     }
 
     /// Messages dropped because the subscriber did not keep up.
@@ -210,6 +216,8 @@ impl SubQueue {
             }
             return Poll::Ready(true);
         }
+        // An empty queue is a caught-up consumer, whatever it was before.
+        g.lagging = false;
         if g.closed {
             return Poll::Ready(false);
         }
@@ -308,5 +316,76 @@ impl PublishQueue {
     pub(crate) fn close(&self) {
         lock(&self.inner).closed = true;
         self.space.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::{pubsub::MessageId, topic::Topic, NodeId};
+
+    fn msg(seq: u64) -> Message {
+        let node = NodeId::random();
+        Message {
+            id: MessageId {
+                publisher: node,
+                seq,
+            },
+            topic: Topic::new("t").unwrap(),
+            publisher: node,
+            timestamp: 0,
+            headers: Vec::new(),
+            payload: bytes::Bytes::new(),
+        }
+    }
+
+    fn take(q: &SubQueue) -> Option<usize> {
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut out = VecDeque::new();
+        match q.poll_take(&mut cx, &mut out) {
+            Poll::Ready(true) => Some(out.len()),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn remote_messages_push_back_then_lag_then_recover() {
+        let q = SubQueue::new(4, Arc::new(Notify::new()));
+        assert_eq!(q.push((0..3).map(msg), false), (false, 0));
+        // Over capacity: remote messages are kept, the node must stop.
+        assert_eq!(q.push((3..10).map(msg), false), (true, 0));
+        assert!(q.is_over());
+        // Cut loose: new messages are dropped and counted.
+        assert_eq!(q.set_lagging(), Some(10));
+        assert_eq!(q.push((10..12).map(msg), false), (false, 0));
+        assert_eq!(q.dropped(), 2);
+        // Taking the backlog makes it a normal subscription again.
+        assert_eq!(take(&q), Some(10));
+        assert_eq!(q.push([msg(12)], false), (false, 0));
+        assert_eq!(take(&q), Some(1));
+    }
+
+    #[test]
+    fn a_drained_queue_is_never_cut_loose_and_empty_polls_clear_lagging() {
+        let q = SubQueue::new(2, Arc::new(Notify::new()));
+        q.push((0..3).map(msg), false);
+        assert_eq!(take(&q), Some(3));
+        // The timeout fires just after the consumer caught up.
+        assert_eq!(q.set_lagging(), None);
+        q.push((0..3).map(msg), false);
+        assert_eq!(q.set_lagging(), Some(3));
+        assert_eq!(take(&q), Some(3));
+        // Lagging was cleared with the backlog; an empty poll keeps it so.
+        assert_eq!(take(&q), None);
+        assert_eq!(q.push([msg(9)], false), (false, 0));
+        assert_eq!(take(&q), Some(1));
+    }
+
+    #[test]
+    fn local_messages_stop_at_twice_capacity() {
+        let q = SubQueue::new(2, Arc::new(Notify::new()));
+        assert_eq!(q.push((0..6).map(msg), true), (true, 2));
+        assert_eq!(q.dropped(), 2);
     }
 }
