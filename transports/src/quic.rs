@@ -7,7 +7,11 @@
 //! peers that dial each other at once still end up with streams on both
 //! connections and the caller keeps the newest (see `Event::Stream`).
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use futures::{AsyncWriteExt, StreamExt};
 use libp2p::{
@@ -17,7 +21,7 @@ use libp2p::{
     multiaddr::Protocol,
     swarm::behaviour::toggle::Toggle,
     swarm::dial_opts::{DialOpts, PeerCondition},
-    swarm::{NetworkBehaviour, SwarmEvent},
+    swarm::{ConnectionId, NetworkBehaviour, SwarmEvent},
     Multiaddr, PeerId, StreamProtocol, Swarm,
 };
 use tokio::sync::{mpsc, oneshot, Semaphore};
@@ -77,6 +81,11 @@ pub enum Event {
         peer: PeerId,
         /// The remote address of the connection.
         addr: Multiaddr,
+    },
+    /// Another connection to an already connected `peer` is up.
+    ExtraConnection {
+        /// The remote peer.
+        peer: PeerId,
     },
     /// The last connection to `peer` closed.
     Disconnected {
@@ -143,6 +152,7 @@ enum Command {
     Dial(Multiaddr),
     DialPeer(PeerId, Vec<Multiaddr>),
     OpenStream(PeerId),
+    FreshStream(PeerId),
     Disconnect(PeerId),
     Shutdown(oneshot::Sender<()>),
 }
@@ -206,6 +216,14 @@ impl Handle {
             drop(permit);
         });
         true
+    }
+
+    /// Closes every connection to `peer` but the newest, then opens a data
+    /// stream on that one: for a peer that restarted while its old
+    /// connection lingers (until QUIC's idle timeout) and would otherwise
+    /// take half of the new streams.
+    pub async fn fresh_stream(&self, peer: PeerId) {
+        let _ = self.cmd.send(Command::FreshStream(peer)).await;
     }
 
     /// Opens a fresh data stream to a connected peer.
@@ -350,6 +368,8 @@ pub async fn start(
         events: event_tx,
         local,
         connected: HashSet::new(),
+        connections: HashMap::new(),
+        fresh_pending: HashSet::new(),
     };
     tokio::spawn(driver.run(cmd_rx));
     Ok((handle, event_rx))
@@ -373,6 +393,11 @@ struct Driver {
     events: mpsc::Sender<Event>,
     local: PeerId,
     connected: HashSet<PeerId>,
+    /// Open connections per peer, oldest first.
+    connections: HashMap<PeerId, Vec<ConnectionId>>,
+    /// Peers waiting for their older connections to close before a fresh
+    /// stream is opened (so it cannot land on a dead connection).
+    fresh_pending: HashSet<PeerId>,
 }
 
 impl Driver {
@@ -425,6 +450,19 @@ impl Driver {
                 }
             }
             Command::OpenStream(peer) => self.open_stream(peer),
+            Command::FreshStream(peer) => {
+                let conns = self.connections.get(&peer).cloned().unwrap_or_default();
+                match conns.split_last() {
+                    Some((_, older)) if !older.is_empty() => {
+                        for id in older {
+                            self.swarm.close_connection(*id);
+                        }
+                        self.fresh_pending.insert(peer);
+                    }
+                    Some(_) => self.open_stream(peer),
+                    None => {}
+                }
+            }
             Command::Disconnect(peer) => {
                 let _ = self.swarm.disconnect_peer_id(peer);
             }
@@ -469,10 +507,15 @@ impl Driver {
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
+                connection_id,
                 endpoint,
                 num_established,
                 ..
             } => {
+                self.connections
+                    .entry(peer_id)
+                    .or_default()
+                    .push(connection_id);
                 let addr = endpoint.get_remote_address().clone();
                 if endpoint.is_dialer() {
                     self.swarm
@@ -492,20 +535,37 @@ impl Driver {
                     .await?;
                 }
                 // One data stream per peer, opened by the smaller id so the
-                // two sides never race each other. A stream on each new
-                // connection: the peer may have restarted, and its stream on
-                // the old connection is dead; the receiver keeps the newest.
-                if self.local < peer_id {
-                    self.open_stream(peer_id);
+                // two sides never race each other. A further connection is
+                // reported instead: the caller decides whether it means a
+                // restarted peer (open a fresh stream) or a simultaneous
+                // dial (keep the stream it has).
+                if num_established.get() == 1 {
+                    if self.local < peer_id {
+                        self.open_stream(peer_id);
+                    }
+                } else {
+                    emit(&self.events, Event::ExtraConnection { peer: peer_id }).await?;
                 }
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established: 0,
+                connection_id,
+                num_established,
                 ..
             } => {
-                self.connected.remove(&peer_id);
-                emit(&self.events, Event::Disconnected { peer: peer_id }).await?;
+                if let Some(list) = self.connections.get_mut(&peer_id) {
+                    list.retain(|c| *c != connection_id);
+                    if list.is_empty() {
+                        self.connections.remove(&peer_id);
+                    }
+                }
+                if num_established == 0 {
+                    self.fresh_pending.remove(&peer_id);
+                    self.connected.remove(&peer_id);
+                    emit(&self.events, Event::Disconnected { peer: peer_id }).await?;
+                } else if num_established == 1 && self.fresh_pending.remove(&peer_id) {
+                    self.open_stream(peer_id);
+                }
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 emit(

@@ -68,6 +68,9 @@ const PUBLISH_QUEUE: usize = 8192;
 /// How long a link to a peer may wait for its stream before its buffered
 /// bytes are dropped (and counted).
 const LINK_SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection this soon after a link was set up is a simultaneous dial,
+/// not a restarted peer.
+const EXTRA_CONNECTION_GRACE: Duration = Duration::from_secs(1);
 /// Control streams read at once; more are refused.
 const MAX_CONTROL_READERS: usize = 256;
 /// Control streams read at once from one peer.
@@ -581,6 +584,19 @@ impl NodeTask {
                         self.stats.control_refused += 1;
                         tracing::debug!(%peer, "too many control streams being read; refused one");
                     }
+                }
+            }
+            quic::Event::ExtraConnection { peer } => {
+                // Two connections within moments of each other are a
+                // simultaneous dial: keep the stream we have. A new one next
+                // to an old link may be a restarted peer whose old
+                // connection lingers until QUIC's idle timeout: open a
+                // fresh stream (the newest wins on both sides).
+                let settled = self.links.get(&peer).is_some_and(|l| {
+                    l.reader.is_some() && l.created.elapsed() < EXTRA_CONNECTION_GRACE
+                });
+                if self.local < peer && !settled {
+                    self.transport.fresh_stream(peer).await;
                 }
             }
             quic::Event::StreamFailed { peer, error } => {
