@@ -397,6 +397,13 @@ impl NodeTask {
                 },
                 ev = links.recv(), if reading => {
                     if let Some(ev) = ev {
+                        // Publishes queued before this event arrived go
+                        // first: a message published before a peer's new
+                        // subscription reached us must not be routed by it.
+                        if !congested {
+                            publishes.take(&mut publish_batch);
+                            self.publish_batch(&mut publish_batch);
+                        }
                         self.handle_link_event(ev);
                     }
                 }
