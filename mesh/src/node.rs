@@ -135,10 +135,11 @@ impl Builder {
     }
 
     /// Largest frame accepted from a peer (default 4 MiB, at least 2 MiB so
-    /// that control frames always fit). Every node of a mesh should use the
+    /// that control frames always fit, at most 4 GiB - 1). Every node of a mesh should use the
     /// same value: a peer refuses frames over its own limit.
     pub fn max_frame(mut self, bytes: usize) -> Self {
-        self.config.max_frame = bytes.max(2 * 1024 * 1024);
+        // The wire length prefix is a u32.
+        self.config.max_frame = bytes.clamp(2 * 1024 * 1024, u32::MAX as usize);
         self
     }
 
