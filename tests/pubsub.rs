@@ -194,12 +194,8 @@ fn tempdir(name: &str) -> std::path::PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_subscriber_pushes_back_without_loss() {
     let a = start(None).await;
-    let b = mesh::Node::builder()
-        .listen(loopback())
-        .mdns(false)
-        .failure_detection(fast_fd())
-        .subscription_capacity(64)
-        .bootstrap(addr(&a).await)
+    // The default slow-consumer timeout (5 s).
+    let b = sub_node(&addr(&a).await, std::time::Duration::from_secs(5))
         .start()
         .await
         .unwrap();
@@ -225,12 +221,8 @@ async fn slow_subscriber_pushes_back_without_loss() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_subscriber_is_not_declared_dead() {
     let a = start(None).await;
-    let b = mesh::Node::builder()
-        .listen(loopback())
-        .mdns(false)
-        .failure_detection(fast_fd())
-        .subscription_capacity(64)
-        .bootstrap(addr(&a).await)
+    // The default slow-consumer timeout (5 s).
+    let b = sub_node(&addr(&a).await, std::time::Duration::from_secs(5))
         .start()
         .await
         .unwrap();

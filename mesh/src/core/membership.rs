@@ -1048,6 +1048,12 @@ mod tests {
 
     const LATENCY: Duration = Duration::from_millis(10);
 
+    /// The start of virtual time. The core never reads a clock; tests only
+    /// need some `Instant` to count from, and every later time is an offset.
+    fn origin() -> Instant {
+        Instant::now()
+    }
+
     /// Deterministic ids (unlike `PeerId::random`), so that BTreeMap orders
     /// and hence whole runs repeat for a given seed.
     fn node_id(i: usize) -> NodeId {
@@ -1106,7 +1112,7 @@ mod tests {
 
     impl Sim {
         fn new(n: usize, seed: u64) -> Self {
-            let start = Instant::now();
+            let start = origin();
             let ids: Vec<NodeId> = (0..n).map(node_id).collect();
             let nodes = (0..n)
                 .map(|i| Membership::new(ids[i], addrs_of(i), 1, Config::default(), start))
@@ -1484,7 +1490,7 @@ mod tests {
     // (5), unit level.
     #[test]
     fn suspicion_about_self_bumps_incarnation() {
-        let now = Instant::now();
+        let now = origin();
         let (me, peer) = (node_id(0), node_id(1));
         let mut m = Membership::new(me, addrs_of(0), 5, Config::default(), now);
         m.handle_link_up(now, peer, addrs_of(1));
@@ -1715,7 +1721,7 @@ mod tests {
         }
 
         // The same through the public surface.
-        let now = Instant::now();
+        let now = origin();
         let (me, peer, x) = (node_id(0), node_id(1), node_id(2));
         let mut m = Membership::new(me, Vec::new(), 1, Config::default(), now);
         let feed = |m: &mut Membership, u: Update| {
@@ -1764,7 +1770,7 @@ mod tests {
 
     #[test]
     fn outdated_gossip_is_answered_with_the_current_record() {
-        let now = Instant::now();
+        let now = origin();
         let (me, peer, x) = (node_id(0), node_id(1), node_id(2));
         let mut m = Membership::new(me, Vec::new(), 1, Config::default(), now);
         m.handle_link_up(now, peer, Vec::new());
@@ -1796,7 +1802,7 @@ mod tests {
 
     #[test]
     fn state_sync_applies_like_gossip() {
-        let now = Instant::now();
+        let now = origin();
         let (me, a, b) = (node_id(0), node_id(1), node_id(2));
         let mut m = Membership::new(me, Vec::new(), 4, Config::default(), now);
         m.handle_link_up(now, a, Vec::new());
@@ -1828,7 +1834,7 @@ mod tests {
 
     #[test]
     fn strangers_enter_per_announced_state() {
-        let now = Instant::now();
+        let now = origin();
         let (me, peer) = (node_id(0), node_id(1));
         let (a, s, d) = (node_id(2), node_id(3), node_id(4));
         let mut m = Membership::new(me, Vec::new(), 1, Config::default(), now);
@@ -1877,7 +1883,7 @@ mod tests {
 
     #[test]
     fn link_down_suspects_then_link_up_readmits() {
-        let now = Instant::now();
+        let now = origin();
         let (me, peer) = (node_id(0), node_id(1));
         let config = Config::default();
         let mut m = Membership::new(me, Vec::new(), 1, config.clone(), now);
@@ -1950,7 +1956,7 @@ mod tests {
 
     #[test]
     fn piggyback_respects_budget_and_retransmit_limit() {
-        let now = Instant::now();
+        let now = origin();
         let config = Config {
             max_piggyback: 3,
             ..Config::default()
@@ -2009,7 +2015,7 @@ mod tests {
 
     #[test]
     fn ping_req_forwarding_is_bounded_and_expires() {
-        let now = Instant::now();
+        let now = origin();
         let config = Config::default();
         let (me, requester, target, other) = (node_id(0), node_id(1), node_id(2), node_id(3));
         let mut m = Membership::new(me, Vec::new(), 1, config.clone(), now);
@@ -2127,7 +2133,7 @@ mod tests {
 
     #[test]
     fn lone_node_disarms_and_rearms_probing() {
-        let now = Instant::now();
+        let now = origin();
         let mut rng = SmallRng::seed_from_u64(0);
         let mut m = Membership::new(node_id(0), Vec::new(), 1, Config::default(), now);
         let t = m.poll_timeout().expect("first period armed");
@@ -2147,7 +2153,7 @@ mod tests {
 
     #[test]
     fn every_member_is_probed_once_per_round() {
-        let now = Instant::now();
+        let now = origin();
         let config = Config::default();
         let mut rng = SmallRng::seed_from_u64(3);
         let mut m = Membership::new(node_id(0), Vec::new(), 1, config.clone(), now);
@@ -2188,7 +2194,7 @@ mod tests {
 
     #[test]
     fn set_local_addrs_reannounces() {
-        let now = Instant::now();
+        let now = origin();
         let (me, peer) = (node_id(0), node_id(1));
         let mut m = Membership::new(me, addrs_of(0), 1, Config::default(), now);
         m.handle_link_up(now, peer, Vec::new());
