@@ -9,6 +9,8 @@
 //! - [`wire`]: the frames peers exchange.
 //! - `runtime`: the tokio driver that runs the cores over QUIC links.
 //! - [`node`]: the public API ([`Node`], [`Subscription`], [`Message`]).
+//! - [`sim`]: the deterministic simulator: many nodes, a simulated network
+//!   with partitions and faults, virtual time.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
@@ -29,6 +31,7 @@
 pub mod core;
 pub mod node;
 pub(crate) mod runtime;
+pub mod sim;
 pub mod wire;
 
 #[cfg(feature = "cli")]

@@ -56,6 +56,8 @@ pub struct Config {
     pub(crate) link_buffer: usize,
     pub(crate) slow_consumer_timeout: Duration,
     pub(crate) keypair: Option<Keypair>,
+    /// Set by the simulator: run over its network and clock.
+    pub(crate) sim: Option<crate::sim::Hooks>,
 }
 
 impl Default for Config {
@@ -74,6 +76,7 @@ impl Default for Config {
             link_buffer: 8 * 1024 * 1024,
             slow_consumer_timeout: Duration::from_secs(5),
             keypair: None,
+            sim: None,
         }
     }
 }
@@ -157,6 +160,13 @@ impl Builder {
     /// Default 5 s.
     pub fn slow_consumer_timeout(mut self, timeout: Duration) -> Self {
         self.config.slow_consumer_timeout = timeout;
+        self
+    }
+
+    pub(crate) fn sim(mut self, hooks: crate::sim::Hooks) -> Self {
+        self.config.sim = Some(hooks);
+        self.config.mdns = false;
+        self.config.listen.clear();
         self
     }
 
@@ -483,6 +493,16 @@ impl Node {
     }
 
     /// Stops the node: says goodbye to every peer once what was published
+    /// The peers that a message published now on `topic` would be sent to:
+    /// live members that declared a matching subscription.
+    pub async fn remote_subscribers(&self, topic: &str) -> Result<Vec<PeerId>, TopicError> {
+        let topic = Topic::new(topic)?;
+        Ok(self
+            .ask(|reply| Command::Route { topic, reply })
+            .await
+            .unwrap_or_default())
+    }
+
     /// has been written (waiting up to 2 s for them to confirm), ends every
     /// subscription, and stops the network. The report says which peers did
     /// not confirm reading what was sent to them (empty when the node was

@@ -20,3 +20,17 @@ pub mod frame;
 pub mod quic;
 
 pub use libp2p::{identity, Multiaddr, PeerId};
+
+/// A bidirectional byte stream to a peer.
+pub trait DuplexStream: futures::AsyncRead + futures::AsyncWrite + Send + Unpin {}
+impl<T: futures::AsyncRead + futures::AsyncWrite + Send + Unpin> DuplexStream for T {}
+
+impl std::fmt::Debug for dyn DuplexStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Stream")
+    }
+}
+
+/// A stream as the node runtime sees it, whatever transport carries it
+/// (a QUIC stream, or an in-memory pipe in the simulator).
+pub type Stream = Box<dyn DuplexStream>;

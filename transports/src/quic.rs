@@ -38,8 +38,9 @@ const CONTROL_SEND_TIMEOUT: Duration = Duration::from_secs(5);
 const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/mesh/kad/1");
 const IDENTIFY_PROTOCOL: &str = "/mesh/id/1";
 
-/// A data stream: bidirectional, byte-oriented, authenticated by QUIC's TLS.
-pub type Stream = libp2p::Stream;
+/// A stream as the runtime sees it: QUIC streams here, in-memory pipes in
+/// the simulator.
+pub use crate::Stream;
 
 /// How the swarm is set up.
 #[derive(Debug, Clone)]
@@ -323,7 +324,10 @@ pub async fn start(
     tokio::spawn(async move {
         while let Some((peer, stream)) = incoming_control.next().await {
             if control_tx
-                .send(Event::ControlStream { peer, stream })
+                .send(Event::ControlStream {
+                    peer,
+                    stream: Box::new(stream),
+                })
                 .await
                 .is_err()
             {
@@ -338,7 +342,7 @@ pub async fn start(
         while let Some((peer, stream)) = incoming.next().await {
             let event = Event::Stream {
                 peer,
-                stream,
+                stream: Box::new(stream),
                 outbound: false,
             };
             if inbound_tx.send(event).await.is_err() {
@@ -479,7 +483,7 @@ impl Driver {
                     let _ = events
                         .send(Event::Stream {
                             peer,
-                            stream,
+                            stream: Box::new(stream),
                             outbound: true,
                         })
                         .await;

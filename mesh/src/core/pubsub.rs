@@ -41,7 +41,8 @@ pub const MAX_TOPICS_PER_LINK: usize = 16 * 1024;
 pub struct MessageId {
     /// The publishing node.
     pub publisher: NodeId,
-    /// The publisher's sequence number (starts at 1, per node start).
+    /// The publisher's sequence number: increasing, also across restarts
+    /// (each start numbers from 16 × its start time in µs).
     pub seq: u64,
 }
 

@@ -17,7 +17,6 @@ pub(crate) mod link;
 pub(crate) mod queue;
 
 use std::{
-    collections::HashMap,
     sync::Arc,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -59,6 +58,11 @@ pub(crate) enum Command {
     /// Resolves once a peer has sent its view of the mesh.
     Joined(oneshot::Sender<()>),
     Shutdown(oneshot::Sender<crate::node::ShutdownReport>),
+    /// The live peers a message on `topic` would go to now.
+    Route {
+        topic: crate::core::topic::Topic,
+        reply: oneshot::Sender<Vec<NodeId>>,
+    },
 }
 
 /// Commands taken per wake-up; bounds the latency other events see.
@@ -78,18 +82,117 @@ const MAX_CONTROL_READERS_PER_PEER: usize = 16;
 /// How long the side that does not open streams waits for a new one before
 /// it drops the connection to force a fresh start.
 const RELINK_GRACE: Duration = Duration::from_secs(2);
+/// How often a node tries to reach a peer it declared down, and bootstrap
+/// peers it is not connected to: a partition that lasted past the failure
+/// detector must still heal without outside help (Serf's reconnect).
+const RECONNECT_INTERVAL: Duration = Duration::from_secs(2);
 /// How long shutdown waits for peers to confirm they read everything.
 const BYE_TIMEOUT: Duration = Duration::from_secs(2);
 
-fn far_future() -> Instant {
-    Instant::now() + Duration::from_secs(3600)
+/// The runtime's clock: tokio's, so that the simulator's virtual time
+/// (a paused tokio clock) drives every timer and timeout.
+pub(crate) fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
 }
 
-fn unix_micros() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_micros() as u64)
-        .unwrap_or(0)
+fn far_future() -> Instant {
+    now() + Duration::from_secs(3600)
+}
+
+/// Wall-clock time for message timestamps and membership epochs: the
+/// system clock, or in the simulator a fixed start plus virtual time.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum WallClock {
+    System,
+    Virtual {
+        unix_micros_at_origin: u64,
+        origin: tokio::time::Instant,
+    },
+}
+
+impl WallClock {
+    fn unix_micros(&self) -> u64 {
+        match self {
+            WallClock::System => SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_micros() as u64)
+                .unwrap_or(0),
+            WallClock::Virtual {
+                unix_micros_at_origin,
+                origin,
+            } => *unix_micros_at_origin + origin.elapsed().as_micros() as u64,
+        }
+    }
+}
+
+/// Spawns the node's tasks: on tokio directly, or in the simulator through
+/// the node's [`crate::sim::Gate`], which can pause or kill them all.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Spawner {
+    gate: Option<Arc<crate::sim::Gate>>,
+}
+
+impl Spawner {
+    pub(crate) fn spawn<F>(&self, fut: F) -> tokio::task::AbortHandle
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        match &self.gate {
+            None => tokio::spawn(fut).abort_handle(),
+            Some(gate) => gate.spawn(fut),
+        }
+    }
+}
+
+/// What carries the node's links: the QUIC swarm, or the simulated network.
+#[derive(Debug)]
+enum Transport {
+    Quic(quic::Handle),
+    Sim(crate::sim::Endpoint),
+}
+
+impl Transport {
+    async fn dial_peer(&self, peer: NodeId, addrs: Vec<Multiaddr>) {
+        match self {
+            Transport::Quic(h) => h.dial_peer(peer, addrs).await,
+            Transport::Sim(e) => e.dial_peer(peer, addrs),
+        }
+    }
+
+    fn send_control(&self, peer: NodeId, bytes: Vec<u8>) -> bool {
+        match self {
+            Transport::Quic(h) => h.send_control(peer, bytes),
+            Transport::Sim(e) => e.send_control(peer, bytes),
+        }
+    }
+
+    async fn fresh_stream(&self, peer: NodeId) {
+        match self {
+            Transport::Quic(h) => h.fresh_stream(peer).await,
+            Transport::Sim(e) => e.fresh_stream(peer),
+        }
+    }
+
+    async fn open_stream(&self, peer: NodeId) {
+        match self {
+            Transport::Quic(h) => h.open_stream(peer).await,
+            Transport::Sim(e) => e.open_stream(peer),
+        }
+    }
+
+    async fn disconnect(&self, peer: NodeId) {
+        match self {
+            Transport::Quic(h) => h.disconnect(peer).await,
+            Transport::Sim(e) => e.disconnect(peer),
+        }
+    }
+
+    async fn shutdown(&self) {
+        match self {
+            Transport::Quic(h) => h.shutdown().await,
+            Transport::Sim(e) => e.shutdown(),
+        }
+    }
 }
 
 /// Loads the identity from `dir/identity.key`, creating it (mode 0600) if
@@ -145,24 +248,47 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
         (None, None) => Keypair::generate_ed25519(),
     };
     let local = keypair.public().to_peer_id();
-    let (transport, transport_events) = quic::start(
-        keypair,
-        quic::Config {
-            listen: config.listen.clone(),
-            bootstrap: config.bootstrap.clone(),
-            mdns: config.mdns,
-            ..quic::Config::default()
-        },
-    )
-    .await?;
+    let (transport, transport_events, spawner, clock, rng) = match &config.sim {
+        None => {
+            let (handle, events) = quic::start(
+                keypair,
+                quic::Config {
+                    listen: config.listen.clone(),
+                    bootstrap: config.bootstrap.clone(),
+                    mdns: config.mdns,
+                    ..quic::Config::default()
+                },
+            )
+            .await?;
+            (
+                Transport::Quic(handle),
+                events,
+                Spawner::default(),
+                WallClock::System,
+                SmallRng::from_entropy(),
+            )
+        }
+        Some(hooks) => {
+            let (endpoint, events) = hooks.attach(local, &config.bootstrap);
+            (
+                Transport::Sim(endpoint),
+                events,
+                Spawner {
+                    gate: Some(hooks.gate.clone()),
+                },
+                hooks.clock,
+                SmallRng::seed_from_u64(hooks.seed),
+            )
+        }
+    };
 
     let (cmd_tx, cmd_rx) = mpsc::channel(256);
     let publishes = Arc::new(PublishQueue::new(PUBLISH_QUEUE));
     let (unsub_tx, unsub_rx) = mpsc::unbounded_channel();
     let (link_tx, link_rx) = mpsc::channel(64);
     let (control_tx, control_rx) = mpsc::channel(256);
-    let now = Instant::now();
-    let epoch = unix_micros();
+    let now = now();
+    let epoch = clock.unix_micros();
     let space = Arc::new(Notify::new());
     let task = NodeTask {
         local,
@@ -170,21 +296,27 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
         interest: Interest::new(local, epoch),
         routes: RouteCache::default(),
         subs: LocalSubscriptions::default(),
-        sub_queues: HashMap::new(),
+        sub_queues: Default::default(),
         links: Default::default(),
         next_link: 0,
         link_events: link_tx,
         transport,
         listen_addrs: Vec::new(),
-        connected: HashMap::new(),
-        seq: 0,
+        connected: Default::default(),
+        // Message ids stay unique and increasing across restarts: a new
+        // start numbers from its start time (16 per µs of uptime before a
+        // restart could reuse a number).
+        seq: epoch << 4,
         ready: config.bootstrap.is_empty(),
         ready_waiters: Vec::new(),
         synced: false,
         joined_waiters: Vec::new(),
         listening_waiters: Vec::new(),
         space,
-        rng: SmallRng::from_entropy(),
+        rng,
+        next_reconnect: now + RECONNECT_INTERVAL,
+        clock,
+        spawner: spawner.clone(),
         config,
         blocked_subs: Default::default(),
         stats: Stats::default(),
@@ -200,7 +332,7 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
         pending_delivery: Vec::new(),
     };
     let max_payload = task.config.max_frame.saturating_sub(1024);
-    tokio::spawn(task.run(cmd_rx, unsub_rx, link_rx, control_rx, transport_events));
+    spawner.spawn(task.run(cmd_rx, unsub_rx, link_rx, control_rx, transport_events));
     Ok(Node {
         inner: Arc::new(Inner {
             peer_id: local,
@@ -296,7 +428,7 @@ fn link_entry<'a>(
 ) -> &'a mut Link {
     links.entry(peer).or_insert_with(|| {
         *next += 1;
-        Link::new(*next, peer, space.clone(), Instant::now())
+        Link::new(*next, peer, space.clone(), now())
     })
 }
 
@@ -307,17 +439,17 @@ struct NodeTask {
     interest: Interest,
     routes: RouteCache,
     subs: LocalSubscriptions,
-    sub_queues: HashMap<SubId, Arc<SubQueue>>,
+    sub_queues: rustc_hash::FxHashMap<SubId, Arc<SubQueue>>,
     /// One per peer we have, or are setting up, a data stream with.
     // Keyed by authenticated peer ids (bounded by connections): a fast
     // non-keyed hash is fine.
     links: rustc_hash::FxHashMap<NodeId, Link>,
     next_link: LinkId,
     link_events: mpsc::Sender<LinkEvent>,
-    transport: quic::Handle,
+    transport: Transport,
     listen_addrs: Vec<Multiaddr>,
     /// Peers with a live connection, and the address seen.
-    connected: HashMap<NodeId, Multiaddr>,
+    connected: rustc_hash::FxHashMap<NodeId, Multiaddr>,
     seq: u64,
     ready: bool,
     ready_waiters: Vec<oneshot::Sender<()>>,
@@ -328,6 +460,9 @@ struct NodeTask {
     /// Signalled when an outbox or subscription queue drains.
     space: Arc<Notify>,
     rng: SmallRng,
+    next_reconnect: Instant,
+    clock: WallClock,
+    spawner: Spawner,
     /// Subscriptions over capacity; links are not read while non-empty.
     /// Full subscriptions holding the node back, with when each filled.
     blocked_subs: std::collections::BTreeMap<SubId, (Arc<SubQueue>, Instant)>,
@@ -388,9 +523,12 @@ impl NodeTask {
                 .membership
                 .poll_timeout()
                 .map(tokio::time::Instant::from_std)
-                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+                .unwrap_or_else(|| tokio::time::Instant::from_std(far_future()));
             self.flush();
+            // `biased`: a fixed order of checks keeps the simulator's runs
+            // reproducible (tokio's default picks a random branch first).
             tokio::select! {
+                biased;
                 ev = transport.recv() => match ev {
                     Some(ev) => self.handle_transport(ev).await,
                     None => break None,
@@ -428,13 +566,14 @@ impl NodeTask {
                 }
                 Some(id) = unsubs.recv() => self.unsubscribe(id),
                 _ = tokio::time::sleep_until(timer) => {
-                    self.membership.handle_timeout(Instant::now(), &mut self.rng);
+                    self.membership.handle_timeout(now(), &mut self.rng);
+                    self.reconnect().await;
                     self.expire_links();
                     self.forget_departed();
                 }
                 _ = self.space.notified(), if congested || !reading => {}
                 _ = tokio::time::sleep_until(tokio::time::Instant::from_std(slow_deadline.unwrap_or(far_future()))), if slow_deadline.is_some() => {
-                    let now = Instant::now();
+                    let now = now();
                     let timeout = self.config.slow_consumer_timeout;
                     let expired: Vec<SubId> = self
                         .blocked_subs
@@ -562,7 +701,7 @@ impl NodeTask {
                 if let Some(mut link) = self.links.remove(&peer) {
                     link.close();
                     if link.up {
-                        self.membership.handle_link_down(Instant::now(), peer);
+                        self.membership.handle_link_down(now(), peer);
                     }
                 }
             }
@@ -584,7 +723,13 @@ impl NodeTask {
                 match self.control_readers.clone().try_acquire_owned() {
                     Ok(permit) => {
                         *inflight += 1;
-                        link::spawn_control_reader(peer, stream, permit, self.control_tx.clone())
+                        link::spawn_control_reader(
+                            &self.spawner,
+                            peer,
+                            stream,
+                            permit,
+                            self.control_tx.clone(),
+                        )
                     }
                     Err(_) => {
                         // Dropping the stream resets it; SWIM tolerates the loss.
@@ -600,7 +745,7 @@ impl NodeTask {
                 // connection lingers until QUIC's idle timeout: open a
                 // fresh stream (the newest wins on both sides).
                 let settled = self.links.get(&peer).is_some_and(|l| {
-                    l.reader.is_some() && l.created.elapsed() < EXTRA_CONNECTION_GRACE
+                    l.reader.is_some() && now().duration_since(l.created) < EXTRA_CONNECTION_GRACE
                 });
                 if self.local < peer && !settled {
                     self.transport.fresh_stream(peer).await;
@@ -644,12 +789,14 @@ impl NodeTask {
         self.encode_sync(&mut sync);
         let max_frame = self.config.max_frame;
         let events = self.link_events.clone();
+        let spawner = self.spawner.clone();
         let link = self.link_mut(peer);
         // State (sync, declarations) travels on the ordered, reliable data
         // stream; the sync goes first so the peer is ready early.
         sync.append(&mut link.scratch);
         link.scratch = sync;
         link.reader = Some(link::spawn(
+            &spawner,
             link.id,
             peer,
             stream,
@@ -674,7 +821,7 @@ impl NodeTask {
                 l.up = true;
                 self.relink_backoff.remove(&peer);
                 tracing::debug!(%peer, incarnation, "link up");
-                self.membership.handle_link_up(Instant::now(), peer, addrs);
+                self.membership.handle_link_up(now(), peer, addrs);
             }
             LinkEvent::Frames { link, frames } => {
                 let Some(peer) = self
@@ -692,7 +839,7 @@ impl NodeTask {
                         if let Some(mut l) = self.links.remove(&peer) {
                             l.close();
                         }
-                        self.membership.handle_link_down(Instant::now(), peer);
+                        self.membership.handle_link_down(now(), peer);
                         self.schedule_relink(peer);
                         break;
                     }
@@ -720,7 +867,7 @@ impl NodeTask {
                     None => false,
                 };
                 if was_up {
-                    self.membership.handle_link_down(Instant::now(), peer);
+                    self.membership.handle_link_down(now(), peer);
                 }
                 if !leaving {
                     self.schedule_relink(peer);
@@ -778,7 +925,7 @@ impl NodeTask {
             }
             Frame::Member(m) => {
                 let msg = wire::member_from_wire(&m)?;
-                self.membership.handle_message(Instant::now(), peer, msg);
+                self.membership.handle_message(now(), peer, msg);
             }
             Frame::Declare(d) => {
                 let decl = wire::decl_from_wire(&d)?;
@@ -788,7 +935,7 @@ impl NodeTask {
                 self.interest.handle_declaration(decl)?;
             }
             Frame::Sync(s) => {
-                let now = Instant::now();
+                let now = now();
                 let updates = s
                     .members
                     .iter()
@@ -830,7 +977,7 @@ impl NodeTask {
                     }
                 });
                 if let Some(update) = update {
-                    self.membership.apply_updates(Instant::now(), [update]);
+                    self.membership.apply_updates(now(), [update]);
                 }
                 self.routes.invalidate();
             }
@@ -870,14 +1017,14 @@ impl NodeTask {
                 if over {
                     self.blocked_subs
                         .entry(id)
-                        .or_insert_with(|| (q.clone(), Instant::now()));
+                        .or_insert_with(|| (q.clone(), now()));
                 }
                 // Drops of a subscription already cut loose were reported
                 // when it was; these are the local cap's.
                 if dropped > 0 {
                     self.stats.dropped_slow_subscriber += dropped;
                     // At most one warning a second: this can recur per batch.
-                    let now = Instant::now();
+                    let now = now();
                     if self
                         .last_drop_warning
                         .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
@@ -966,6 +1113,16 @@ impl NodeTask {
                     self.joined_waiters.push(reply);
                 }
             }
+            Command::Route { topic, reply } => {
+                let membership = &self.membership;
+                let route = self.routes.route_ref(&self.interest, topic.as_arc(), |n| {
+                    matches!(
+                        membership.state_of(n),
+                        Some(MemberState::Alive | MemberState::Suspect)
+                    )
+                });
+                let _ = reply.send(route.to_vec());
+            }
             Command::Shutdown(_) => unreachable!("handled by the loop"),
         }
     }
@@ -996,7 +1153,7 @@ impl NodeTask {
             return;
         }
         // One clock read per batch: messages taken together share a time.
-        let timestamp = unix_micros();
+        let timestamp = self.clock.unix_micros();
         for cmd in batch.drain(..) {
             self.publish(cmd, timestamp);
         }
@@ -1069,7 +1226,7 @@ impl NodeTask {
     /// must not open one (both would, and each side would keep a different
     /// stream), drops the connection so the next dial starts afresh.
     async fn relink(&mut self) {
-        let now = Instant::now();
+        let now = now();
         let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.relink)
             .into_iter()
             .partition(|(at, _)| *at <= now);
@@ -1109,7 +1266,7 @@ impl NodeTask {
         let delay = base + *backoff;
         *backoff = (*backoff * 2).clamp(Duration::from_millis(250), Duration::from_secs(30));
         if !self.relink.iter().any(|(_, p)| *p == peer) {
-            self.relink.push((Instant::now() + delay, peer));
+            self.relink.push((now() + delay, peer));
         }
     }
 
@@ -1164,6 +1321,37 @@ impl NodeTask {
         }
     }
 
+    /// Every [`RECONNECT_INTERVAL`]: dials one member declared down (chosen
+    /// at random) and every bootstrap peer not connected. A down member
+    /// that answers is readmitted when its link comes up.
+    async fn reconnect(&mut self) {
+        let now = now();
+        if now < self.next_reconnect || self.shutting_down {
+            return;
+        }
+        self.next_reconnect = now + RECONNECT_INTERVAL;
+        let down: Vec<NodeId> = self
+            .membership
+            .members()
+            .filter(|m| m.state == MemberState::Down && !self.connected.contains_key(&m.node))
+            .map(|m| m.node)
+            .collect();
+        if !down.is_empty() {
+            let node = down[rand::Rng::gen_range(&mut self.rng, 0..down.len())];
+            let addrs = self.addrs_of(&node);
+            self.transport.dial_peer(node, addrs).await;
+        }
+        for addr in self.config.bootstrap.clone() {
+            match quic::peer_of(&addr) {
+                Some(peer) if self.connected.contains_key(&peer) => {}
+                Some(peer) => self.transport.dial_peer(peer, vec![addr]).await,
+                // Without a peer id we cannot tell whether we are connected;
+                // it was dialed at start.
+                None => {}
+            }
+        }
+    }
+
     /// Forgets the interest of members the membership has forgotten. Run on
     /// the membership timer, not per event: it walks every declaration.
     fn forget_departed(&mut self) {
@@ -1195,7 +1383,7 @@ impl NodeTask {
 
     /// Drops buffers for peers whose stream never came.
     fn expire_links(&mut self) {
-        let now = Instant::now();
+        let now = now();
         let stale: Vec<NodeId> = self
             .links
             .iter()
@@ -1238,6 +1426,7 @@ impl NodeTask {
                 break;
             }
             tokio::select! {
+                biased;
                 ev = links.recv() => match ev {
                     Some(ev) => self.handle_link_event(ev),
                     None => break,
