@@ -143,7 +143,14 @@ async fn node_sub_pub_processes() {
     assert_eq!(got[2]["topic"], "demo.bin");
     assert_eq!(got[2]["payload"], "x...");
     assert!(got[0]["publisher"].as_str().unwrap().starts_with("12D3"));
-    assert!(got[0]["id"].as_str().unwrap().ends_with("/1"));
+    // Ids are publisher/seq, the sequence counting up per publisher.
+    let seq = |v: &serde_json::Value| -> u64 {
+        let id = v["id"].as_str().unwrap();
+        let (publisher, seq) = id.rsplit_once('/').unwrap();
+        assert_eq!(publisher, v["publisher"].as_str().unwrap());
+        seq.parse().unwrap()
+    };
+    assert_eq!(seq(&got[1]), seq(&got[0]) + 1);
     // --count 3: the subscriber exits by itself.
     let status = tokio::time::timeout(WAIT, sub.wait())
         .await

@@ -63,6 +63,11 @@ pub enum Frame<'a> {
     Bye,
     /// Answers `Bye`: everything sent before it has been read.
     ByeAck,
+    /// Control only, from the peer with the larger id (which never opens
+    /// data streams): "I have a connection to you but no data stream;
+    /// open a fresh one". Sent by a restarted node, or after its link
+    /// ended while the connection stayed.
+    Relink,
 }
 
 /// The handshake.

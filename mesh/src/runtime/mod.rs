@@ -72,16 +72,14 @@ const PUBLISH_QUEUE: usize = 8192;
 /// How long a link to a peer may wait for its stream before its buffered
 /// bytes are dropped (and counted).
 const LINK_SETUP_TIMEOUT: Duration = Duration::from_secs(10);
-/// A connection this soon after a link was set up is a simultaneous dial,
-/// not a restarted peer.
-const EXTRA_CONNECTION_GRACE: Duration = Duration::from_secs(1);
 /// Control streams read at once; more are refused.
 const MAX_CONTROL_READERS: usize = 256;
 /// Control streams read at once from one peer.
 const MAX_CONTROL_READERS_PER_PEER: usize = 16;
-/// How long the side that does not open streams waits for a new one before
-/// it drops the connection to force a fresh start.
-const RELINK_GRACE: Duration = Duration::from_secs(2);
+/// How long the side that does not open streams waits for one before it
+/// asks the peer for a fresh stream (`Relink`); a stream younger than half
+/// of it is taken to be still on its way and not replaced.
+const RELINK_GRACE: Duration = Duration::from_millis(500);
 /// How often a node tries to reach a peer it declared down, and bootstrap
 /// peers it is not connected to: a partition that lasted past the failure
 /// detector must still heal without outside help (Serf's reconnect).
@@ -416,6 +414,7 @@ fn frame_name(f: &Frame<'_>) -> &'static str {
         Frame::Msg(_) => "Msg",
         Frame::Bye => "Bye",
         Frame::ByeAck => "ByeAck",
+        Frame::Relink => "Relink",
     }
 }
 
@@ -489,6 +488,18 @@ struct NodeTask {
     pending_delivery: Vec<(SubId, Message)>,
 }
 
+/// Whatever ends the node task (shutdown, or its future dropped: a
+/// simulated crash, a runtime going away), handles notice: publishing fails
+/// and subscriptions end instead of waiting forever.
+impl Drop for NodeTask {
+    fn drop(&mut self) {
+        self.publishes.close();
+        for q in self.sub_queues.values() {
+            q.close();
+        }
+    }
+}
+
 impl NodeTask {
     async fn run(
         mut self,
@@ -546,7 +557,7 @@ impl NodeTask {
                     }
                 }
                 // Control frames are read even while data is pushed back.
-                Some((peer, frames)) = control.recv() => self.handle_control(peer, frames),
+                Some((peer, frames)) = control.recv() => self.handle_control(peer, frames).await,
                 _ = publishes.wake_node.notified(), if !congested => {}
                 n = cmds.recv_many(&mut batch, COMMAND_BATCH) => {
                     if n == 0 {
@@ -694,6 +705,11 @@ impl NodeTask {
             quic::Event::Connected { peer, addr } => {
                 tracing::debug!(%peer, %addr, "connected");
                 self.connected.insert(peer, addr);
+                // The larger id waits for the peer's stream; if none comes
+                // in the grace period it asks for one.
+                if self.local > peer {
+                    self.schedule_relink(peer);
+                }
             }
             quic::Event::Disconnected { peer } => {
                 tracing::debug!(%peer, "disconnected");
@@ -739,17 +755,11 @@ impl NodeTask {
                 }
             }
             quic::Event::ExtraConnection { peer } => {
-                // Two connections within moments of each other are a
-                // simultaneous dial: keep the stream we have. A new one next
-                // to an old link may be a restarted peer whose old
-                // connection lingers until QUIC's idle timeout: open a
-                // fresh stream (the newest wins on both sides).
-                let settled = self.links.get(&peer).is_some_and(|l| {
-                    l.reader.is_some() && now().duration_since(l.created) < EXTRA_CONNECTION_GRACE
-                });
-                if self.local < peer && !settled {
-                    self.transport.fresh_stream(peer).await;
-                }
+                // A simultaneous or late dial: the data stream we have stays
+                // (closing its connection would lose what is in flight on
+                // it). A restarted peer tells us instead: it opens a stream
+                // itself (smaller id) or asks for one (`Relink`).
+                tracing::debug!(%peer, "extra connection");
             }
             quic::Event::StreamFailed { peer, error } => {
                 tracing::debug!(%peer, %error, "data stream failed to open");
@@ -880,7 +890,8 @@ impl NodeTask {
     /// They travel apart from the data stream so that a probe measures
     /// whether the peer is alive, not how much data is queued before it
     /// (a subscriber pushing back stops reading its data streams).
-    fn handle_control(&mut self, peer: NodeId, frames: Result<Vec<Bytes>, String>) {
+    async fn handle_control(&mut self, peer: NodeId, frames: Result<Vec<Bytes>, String>) {
+        let mut relink = false;
         if let Some(n) = self.control_inflight.get_mut(&peer) {
             *n = n.saturating_sub(1);
             if *n == 0 {
@@ -891,6 +902,7 @@ impl NodeTask {
             for body in &frames {
                 match wire::decode(body).map_err(|e| e.to_string())? {
                     Frame::Member(_) => self.handle_frame(peer, body).map_err(|e| e.to_string())?,
+                    Frame::Relink => relink = true,
                     other => {
                         return Err(format!("{} frame on a control stream", frame_name(&other)))
                     }
@@ -903,6 +915,8 @@ impl NodeTask {
             // reset or slow control stream says nothing about the data link.
             self.stats.control_refused += 1;
             tracing::warn!(%peer, error = %e, "refused a control stream from peer");
+        } else if relink {
+            self.relink_requested(peer).await;
         }
     }
 
@@ -987,6 +1001,7 @@ impl NodeTask {
                 }
             }
             Frame::Hello(_) => return Err(WireError::Unexpected("second Hello")),
+            Frame::Relink => return Err(WireError::Unexpected("Relink on a data stream")),
         }
         Ok(())
     }
@@ -1235,19 +1250,46 @@ impl NodeTask {
             if self.shutting_down || self.links.get(&peer).is_some_and(|l| l.reader.is_some()) {
                 continue;
             }
-            let alive = matches!(
-                self.membership.state_of(&peer),
-                Some(MemberState::Alive | MemberState::Suspect)
-            );
-            if !alive || !self.connected.contains_key(&peer) {
+            if !self.connected.contains_key(&peer) {
                 continue;
             }
             if self.local < peer {
-                self.transport.open_stream(peer).await;
+                let alive = matches!(
+                    self.membership.state_of(&peer),
+                    Some(MemberState::Alive | MemberState::Suspect)
+                );
+                if alive {
+                    self.transport.open_stream(peer).await;
+                }
             } else {
-                self.transport.disconnect(peer).await;
+                // Ask again later if no stream comes (backing off).
+                let mut frame = Vec::new();
+                wire::encode(&mut frame, &Frame::Relink);
+                self.control_out
+                    .entry(peer)
+                    .or_default()
+                    .extend_from_slice(&frame);
+                self.schedule_relink(peer);
             }
         }
+    }
+
+    /// The peer (larger id) has a connection but no data stream from us:
+    /// open a fresh one on its newest connection, closing older ones (they
+    /// may belong to its previous run, lingering until QUIC's idle
+    /// timeout). A stream we opened moments ago is still on its way.
+    async fn relink_requested(&mut self, peer: NodeId) {
+        if self.local > peer || self.shutting_down {
+            return;
+        }
+        let fresh = self.links.get(&peer).is_some_and(|l| {
+            l.reader.is_some() && now().duration_since(l.created) < RELINK_GRACE / 2
+        });
+        if fresh {
+            return;
+        }
+        tracing::debug!(%peer, "peer asked for a fresh data stream");
+        self.transport.fresh_stream(peer).await;
     }
 
     /// Schedules `relink` for `peer`: at once on the side that opens

@@ -51,6 +51,8 @@ pub struct SubscriberReport {
     /// Deliveries of messages nobody published, or that do not match the
     /// subscription.
     pub unexpected: u64,
+    /// The first few lost messages, as `publisher:n`.
+    pub lost_examples: Vec<String>,
 }
 
 /// Per-publisher summary.
@@ -89,8 +91,17 @@ impl std::fmt::Display for Report {
         for (name, s) in &self.subscribers {
             writeln!(
                 f,
-                "{name}: received {} lost {} duplicated {} out-of-order {} unexpected {}",
-                s.received, s.lost, s.duplicated, s.out_of_order, s.unexpected
+                "{name}: received {} lost {} duplicated {} out-of-order {} unexpected {}{}",
+                s.received,
+                s.lost,
+                s.duplicated,
+                s.out_of_order,
+                s.unexpected,
+                if s.lost_examples.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (lost: {})", s.lost_examples.join(", "))
+                }
             )?;
         }
         Ok(())
@@ -204,14 +215,16 @@ impl Checker {
             }
             for (publisher, msgs) in &self.published {
                 let from = sub.expect_from.get(publisher).copied().unwrap_or(0);
-                r.lost += msgs
-                    .iter()
-                    .filter(|(n, topic)| {
-                        **n >= from
-                            && sub.pattern.matches(topic)
-                            && !seen.contains(&(publisher.as_str(), **n))
-                    })
-                    .count() as u64;
+                for (n, _) in msgs.iter().filter(|(n, topic)| {
+                    **n >= from
+                        && sub.pattern.matches(topic)
+                        && !seen.contains(&(publisher.as_str(), **n))
+                }) {
+                    r.lost += 1;
+                    if r.lost_examples.len() < 8 {
+                        r.lost_examples.push(format!("{publisher}:{n}"));
+                    }
+                }
             }
             report.subscribers.insert(name.clone(), r);
         }

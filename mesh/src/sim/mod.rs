@@ -564,6 +564,13 @@ impl Sim {
         let _guard = self.rt.enter();
         self.net.crash(self.hosts[i].id);
         self.hosts[i].gate.kill();
+        // Let the runtime drop the killed tasks now (no time passes), so
+        // the crash is complete when this returns.
+        self.rt.block_on(async {
+            for _ in 0..4 {
+                tokio::task::yield_now().await;
+            }
+        });
         true
     }
 
@@ -586,6 +593,7 @@ impl Sim {
     /// until [`Sim::resume`] (a stopped-the-world process).
     pub fn pause(&mut self, name: &str) {
         let i = self.index(name);
+        let _guard = self.rt.enter();
         self.hosts[i].gate.pause();
         self.net.set_paused(self.hosts[i].id, true);
     }
@@ -593,6 +601,7 @@ impl Sim {
     /// Resumes a paused node.
     pub fn resume(&mut self, name: &str) {
         let i = self.index(name);
+        let _guard = self.rt.enter();
         self.net.set_paused(self.hosts[i].id, false);
         self.hosts[i].gate.resume();
     }

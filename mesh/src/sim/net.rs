@@ -16,8 +16,9 @@
 //!   hears nothing for the idle timeout (partition, crashed or paused peer)
 //!   closes at both ends, as QUIC's idle timeout does.
 //! - A crashed host sends nothing, not even a close: its peers find out by
-//!   the idle timeout, or at once when a restarted process answers the old
-//!   connection (QUIC's stateless reset).
+//!   the idle timeout. A restarted process does not know its previous run's
+//!   connections (and, as with quinn's per-process reset key, cannot reset
+//!   them): they linger until the idle timeout beside its new ones.
 
 use std::{
     collections::{BTreeMap, BTreeSet, VecDeque},
@@ -251,9 +252,6 @@ impl NetHandle {
         let incarnation = h.incarnation;
         let addr = h.addr.clone();
         net.record(now, "start", host, host, &[]);
-        // A restarted process answers its peers' old connections with a
-        // stateless reset: they close at once.
-        net.reset_stale(now);
         let endpoint = Endpoint {
             net: self.clone(),
             host,
@@ -345,15 +343,18 @@ impl NetHandle {
     pub(crate) fn check_idle(&self) {
         let mut net = self.lock();
         let now = Instant::now();
-        net.reset_stale(now);
         let idle = net.idle_timeout;
         let ids: Vec<u64> = net.conns.keys().copied().collect();
         for id in ids {
-            let (a, b) = {
+            let (a, b, current) = {
                 let c = &net.conns[&id];
-                (c.ends[0], c.ends[1])
+                let current = (0..2).all(|s| net.hosts[c.ends[s]].incarnation == c.incarnations[s]);
+                (c.ends[0], c.ends[1], current)
             };
-            let live = net.path_open(a, b)
+            // A connection of a previous run of a host is silent: the new
+            // process does not know it (and, like quinn, cannot reset it).
+            let live = current
+                && net.path_open(a, b)
                 && net.path_open(b, a)
                 && !net.hosts[a].paused
                 && !net.hosts[b].paused;
@@ -472,28 +473,6 @@ impl Net {
                 let peer = self.hosts[other].peer;
                 self.send_event(host, incarnation, Event::Disconnected { peer });
             }
-        }
-    }
-
-    /// Connections whose other end is an incarnation that no longer runs
-    /// but whose host is up again: closed at once (stateless reset).
-    fn reset_stale(&mut self, now: Instant) {
-        let stale: Vec<u64> = self
-            .conns
-            .iter()
-            .filter(|(_, c)| {
-                (0..2).any(|s| {
-                    let h = &self.hosts[c.ends[s]];
-                    h.up && h.incarnation != c.incarnations[s]
-                })
-            })
-            .map(|(id, _)| *id)
-            .collect();
-        for id in stale {
-            let c = &self.conns[&id];
-            let (a, b) = (c.ends[0], c.ends[1]);
-            self.record(now, "reset", a, b, &[]);
-            self.close_conn(id, [true, true]);
         }
     }
 
