@@ -44,6 +44,6 @@ pub use crate::core::{
 };
 pub use libp2p::{Multiaddr, PeerId};
 pub use node::{
-    Builder, Node, PeerInfo, PeerState, PublishError, Publisher, ReadyError, ShutdownReport,
-    StartError, SubscribeError, Subscription,
+    Builder, Delivery, Lagged, Node, PeerInfo, PeerState, PublishError, Publisher, ReadyError,
+    ReliableSubscription, ShutdownReport, StartError, SubscribeError, Subscription,
 };

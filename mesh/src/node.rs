@@ -56,6 +56,7 @@ pub struct Config {
     pub(crate) link_buffer: usize,
     pub(crate) slow_consumer_timeout: Duration,
     pub(crate) keypair: Option<Keypair>,
+    pub(crate) reliable_window: usize,
     /// Set by the simulator: run over its network and clock.
     pub(crate) sim: Option<crate::sim::Hooks>,
 }
@@ -76,6 +77,7 @@ impl Default for Config {
             link_buffer: 8 * 1024 * 1024,
             slow_consumer_timeout: Duration::from_secs(5),
             keypair: None,
+            reliable_window: 4096,
             sim: None,
         }
     }
@@ -160,6 +162,15 @@ impl Builder {
     /// Default 5 s.
     pub fn slow_consumer_timeout(mut self, timeout: Duration) -> Self {
         self.config.slow_consumer_timeout = timeout;
+        self
+    }
+
+    /// How many recent messages this node keeps, per peer with a reliable
+    /// subscription, to send again after a partition or broken link
+    /// (default 4096; also capped at 8 MiB of payload per peer). A
+    /// subscriber cut off for longer gets [`Delivery::Lagged`].
+    pub fn reliable_window(mut self, messages: usize) -> Self {
+        self.config.reliable_window = messages.max(1);
         self
     }
 
@@ -474,10 +485,38 @@ impl Node {
     /// join; as with NATS or Zenoh, a message published remotely at the same
     /// instant may miss it.
     pub async fn subscribe(&self, pattern: &str) -> Result<Subscription, SubscribeError> {
+        self.subscribe_with(pattern, false).await
+    }
+
+    /// Subscribes reliably: every publisher keeps a retransmit window of
+    /// its recent messages for this node (see
+    /// [`Builder::reliable_window`]), numbered per publisher, so after a
+    /// partition or a broken link shorter than the window this
+    /// subscription receives every message exactly once and in order;
+    /// beyond the window it gets [`Delivery::Lagged`] with the number
+    /// missed, never a silent gap.
+    ///
+    /// Guarantees hold while both nodes run: a message in a publisher's
+    /// window is lost if the publisher crashes before resending it.
+    pub async fn subscribe_reliable(
+        &self,
+        pattern: &str,
+    ) -> Result<ReliableSubscription, SubscribeError> {
+        Ok(ReliableSubscription {
+            inner: self.subscribe_with(pattern, true).await?,
+        })
+    }
+
+    async fn subscribe_with(
+        &self,
+        pattern: &str,
+        reliable: bool,
+    ) -> Result<Subscription, SubscribeError> {
         let pattern = Pattern::new(pattern)?;
         let (id, queue) = self
             .ask(|reply| Command::Subscribe {
                 pattern: pattern.clone(),
+                reliable,
                 reply,
             })
             .await
@@ -492,7 +531,6 @@ impl Node {
         })
     }
 
-    /// Stops the node: says goodbye to every peer once what was published
     /// The peers that a message published now on `topic` would be sent to:
     /// live members that declared a matching subscription.
     pub async fn remote_subscribers(&self, topic: &str) -> Result<Vec<PeerId>, TopicError> {
@@ -503,6 +541,7 @@ impl Node {
             .unwrap_or_default())
     }
 
+    /// Stops the node: says goodbye to every peer once what was published
     /// has been written (waiting up to 2 s for them to confirm), ends every
     /// subscription, and stops the network. The report says which peers did
     /// not confirm reading what was sent to them (empty when the node was
@@ -520,7 +559,7 @@ pub struct Subscription {
     id: u64,
     pattern: Pattern,
     queue: Arc<SubQueue>,
-    buffered: VecDeque<Message>,
+    buffered: VecDeque<Delivery>,
     unsubscribe: mpsc::UnboundedSender<u64>,
 }
 
@@ -548,15 +587,80 @@ impl futures::Stream for Subscription {
     type Item = Message;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
-        let this = &mut *self;
-        if let Some(m) = this.buffered.pop_front() {
-            return Poll::Ready(Some(m));
+        match self.poll_delivery(cx) {
+            Poll::Ready(Some(Delivery::Message(m))) => Poll::Ready(Some(m)),
+            // Only reliable subscriptions are told of losses.
+            Poll::Ready(Some(Delivery::Lagged(_))) => {
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
         }
-        match this.queue.poll_take(cx, &mut this.buffered) {
-            Poll::Ready(true) => Poll::Ready(this.buffered.pop_front()),
+    }
+}
+
+impl Subscription {
+    fn poll_delivery(&mut self, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
+        if let Some(d) = self.buffered.pop_front() {
+            return Poll::Ready(Some(d));
+        }
+        match self.queue.poll_take(cx, &mut self.buffered) {
+            Poll::Ready(true) => Poll::Ready(self.buffered.pop_front()),
             Poll::Ready(false) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }
+    }
+}
+
+/// What a [`ReliableSubscription`] yields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delivery {
+    /// The next message.
+    Message(Message),
+    /// Messages that are gone for good: here in the stream is where they
+    /// would have been.
+    Lagged(Lagged),
+}
+
+/// Messages a reliable subscription will never get: they left the
+/// publisher's retransmit window before this node could fetch them (a
+/// partition or outage longer than the window).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lagged {
+    /// The publisher whose messages were missed.
+    pub publisher: PeerId,
+    /// How many of its messages to this node were missed (they may match
+    /// any of this node's reliable subscriptions).
+    pub missed: u64,
+}
+
+/// A reliable subscription (see [`Node::subscribe_reliable`]): a stream of
+/// [`Delivery`], messages in order per publisher, exactly once, and
+/// explicit [`Delivery::Lagged`] where some could not be recovered. Drop it
+/// to unsubscribe.
+#[derive(Debug)]
+pub struct ReliableSubscription {
+    inner: Subscription,
+}
+
+impl ReliableSubscription {
+    /// The pattern subscribed to.
+    pub fn pattern(&self) -> &Pattern {
+        &self.inner.pattern
+    }
+
+    /// The next delivery; `None` once the node has shut down.
+    pub async fn recv(&mut self) -> Option<Delivery> {
+        futures::StreamExt::next(self).await
+    }
+}
+
+impl futures::Stream for ReliableSubscription {
+    type Item = Delivery;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
+        self.inner.poll_delivery(cx)
     }
 }
 

@@ -68,6 +68,32 @@ pub enum Frame<'a> {
     /// open a fresh one". Sent by a restarted node, or after its link
     /// ended while the connection stayed.
     Relink,
+    /// The next `Msg` on this link is reliable message `rseq` of the
+    /// sender's `session` to the receiver (numbered per receiver).
+    Seq {
+        /// The sender's reliable session (its start time).
+        session: u64,
+        /// Number of the message, from 1, per receiver.
+        rseq: u64,
+    },
+    /// Asks the sender of reliable messages to send again everything of
+    /// `session` from `next` on (after a gap, or when a link comes up).
+    Resume {
+        /// The session the receiver knows (0: none).
+        session: u64,
+        /// The first message the receiver has not got.
+        next: u64,
+    },
+    /// Answers `Resume`: messages before `next` left the retransmit
+    /// window; `missed` of them never reached the receiver.
+    Lagged {
+        /// The sender's session.
+        session: u64,
+        /// How many are gone.
+        missed: u64,
+        /// The first message that follows.
+        next: u64,
+    },
 }
 
 /// The handshake.
@@ -151,6 +177,8 @@ pub struct DeclWire<'a> {
     pub seq: u64,
     /// Patterns.
     pub patterns: Vec<&'a str>,
+    /// Patterns with a reliable subscription.
+    pub reliable: Vec<&'a str>,
 }
 
 /// A snapshot of the sender's view of the mesh.
@@ -366,17 +394,17 @@ pub fn member_from_wire(m: &MemberWire<'_>) -> Result<membership::Message, WireE
 
 /// Parses a declaration, validating every pattern.
 pub fn decl_from_wire(d: &DeclWire<'_>) -> Result<Declaration, WireError> {
-    if d.patterns.len() > crate::core::interest::MAX_PATTERNS_PER_NODE {
-        return Err(crate::core::interest::DeclarationError::TooManyPatterns {
-            count: d.patterns.len(),
-        }
-        .into());
+    let count = d.patterns.len() + d.reliable.len();
+    if count > crate::core::interest::MAX_PATTERNS_PER_NODE {
+        return Err(crate::core::interest::DeclarationError::TooManyPatterns { count }.into());
     }
-    let patterns = d
-        .patterns
-        .iter()
-        .map(|p| Pattern::new(p).map_err(|e| WireError::BadPattern(e.to_string())))
-        .collect::<Result<Vec<_>, _>>()?;
+    let parse = |list: &[&str]| {
+        list.iter()
+            .map(|p| Pattern::new(p).map_err(|e| WireError::BadPattern(e.to_string())))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let patterns = parse(&d.patterns)?;
+    let reliable = parse(&d.reliable)?;
     Ok(Declaration {
         node: node_id(d.node)?,
         version: Version {
@@ -384,6 +412,7 @@ pub fn decl_from_wire(d: &DeclWire<'_>) -> Result<Declaration, WireError> {
             seq: d.seq,
         },
         patterns,
+        reliable,
     })
 }
 
@@ -401,6 +430,7 @@ pub fn decl_to_wire<'a>(d: &'a Declaration, id: &'a [u8]) -> DeclWire<'a> {
         epoch: d.version.epoch,
         seq: d.version.seq,
         patterns: d.patterns.iter().map(Pattern::as_str).collect(),
+        reliable: d.reliable.iter().map(Pattern::as_str).collect(),
     }
 }
 
@@ -505,6 +535,7 @@ mod tests {
                 epoch: 1,
                 seq: 2,
                 patterns: vec!["a.*", "b.>"],
+                reliable: vec![],
             }),
             Frame::Member(MemberWire::PingReq {
                 seq: 4,
@@ -522,6 +553,7 @@ mod tests {
             epoch: 1,
             seq: 2,
             patterns: vec!["a.*"],
+            reliable: vec![],
         });
         let bytes = body(&d);
         let Frame::Declare(dw) = decode(&bytes).unwrap() else {
@@ -548,6 +580,7 @@ mod tests {
                 patterns: (0..20)
                     .map(|j| Pattern::new(&format!("p{i}.{j}.{}", "x".repeat(60))).unwrap())
                     .collect(),
+                reliable: Vec::new(),
             })
             .collect();
         let mut buf = Vec::new();
@@ -589,6 +622,7 @@ mod tests {
             epoch: 0,
             seq: 0,
             patterns: vec![],
+            reliable: vec![],
         };
         assert_eq!(decl_from_wire(&bad), Err(WireError::BadPeerId));
         let idb = NodeId::random().to_bytes();
@@ -597,6 +631,7 @@ mod tests {
             epoch: 0,
             seq: 0,
             patterns: vec!["a..b"],
+            reliable: vec![],
         };
         assert!(matches!(
             decl_from_wire(&bad),

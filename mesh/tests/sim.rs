@@ -567,3 +567,127 @@ fn sim_random_4() {
     let n = per_test();
     sweep(3 * n..4 * n);
 }
+
+// --- reliable pub/sub ---
+
+fn reliable_pair(
+    seed: u64,
+    window: usize,
+) -> (Sim, Node, mesh::ReliableSubscription, mesh::Subscription) {
+    let mut sim = Sim::new(seed);
+    let a = sim.node_with("a", Node::builder().reliable_window(window));
+    let _b = sim.node("b");
+    let c = sim.node("c");
+    let d = sim.node("d");
+    sim.run_until(|s| s.converged(), 30 * S).unwrap();
+    let reliable = sim.block_on(c.subscribe_reliable("t.>")).unwrap();
+    // A best-effort subscriber (on a node without reliable ones).
+    let best_effort = sim.block_on(d.subscribe("t.>")).unwrap();
+    sim.run_until(
+        |s| s.block_on(a.remote_subscribers("t.x")).unwrap().len() == 2,
+        5 * S,
+    )
+    .unwrap();
+    (sim, a, reliable, best_effort)
+}
+
+/// Publishes `n` numbered messages from `from`, 10 ms apart.
+fn publish_numbered(sim: &mut Sim, node: &Node, from: u64, n: u64) {
+    for i in from..from + n {
+        sim.block_on(node.publish("t.x", i.to_string())).unwrap();
+        sim.run_for(Duration::from_millis(10));
+    }
+}
+
+fn number(d: &mesh::Delivery) -> Option<u64> {
+    match d {
+        mesh::Delivery::Message(m) => std::str::from_utf8(&m.payload).ok()?.parse().ok(),
+        mesh::Delivery::Lagged(_) => None,
+    }
+}
+
+#[test]
+fn reliable_subscriber_gets_every_message_after_a_long_partition() {
+    let (mut sim, a, mut reliable, mut best_effort) = reliable_pair(11, 4096);
+    publish_numbered(&mut sim, &a, 0, 20);
+    // Long enough for the connection to time out and c to be declared down.
+    sim.partition(&[&["a", "b"], &["c", "d"]]);
+    sim.run_until(|s| !s.routed("a", "t.x"), 30 * S)
+        .expect("c declared down");
+    publish_numbered(&mut sim, &a, 20, 300);
+    sim.heal();
+    sim.run_until(|s| s.converged(), 60 * S).expect("heals");
+    publish_numbered(&mut sim, &a, 320, 20);
+    sim.run_for(2 * S);
+
+    let mut got = Vec::new();
+    while let Ok(Some(d)) = sim.block_on_for(Duration::from_millis(100), reliable.next()) {
+        got.push(number(&d).expect("no loss within the window"));
+    }
+    assert_eq!(
+        got,
+        (0..340).collect::<Vec<_>>(),
+        "every message, once, in order"
+    );
+
+    // The best-effort subscriber lost the partition's.
+    let mut plain = 0;
+    while let Ok(Some(_)) = sim.block_on_for(Duration::from_millis(100), best_effort.next()) {
+        plain += 1;
+    }
+    assert!(plain < 340, "best effort lost messages ({plain})");
+}
+
+#[test]
+fn reliable_subscriber_cut_off_past_the_window_gets_lagged() {
+    let (mut sim, a, mut reliable, _) = reliable_pair(12, 50);
+    publish_numbered(&mut sim, &a, 0, 10);
+    sim.partition(&[&["a", "b"], &["c", "d"]]);
+    sim.run_until(|s| !s.routed("a", "t.x"), 30 * S)
+        .expect("c declared down");
+    publish_numbered(&mut sim, &a, 10, 200);
+    sim.heal();
+    sim.run_until(|s| s.converged(), 60 * S).expect("heals");
+    // Let c's resume request reach a before a publishes again (a later
+    // publish would push one more message out of the window).
+    sim.run_for(S);
+    publish_numbered(&mut sim, &a, 210, 5);
+    sim.run_for(2 * S);
+
+    let mut got = Vec::new();
+    let mut lagged = Vec::new();
+    while let Ok(Some(d)) = sim.block_on_for(Duration::from_millis(100), reliable.next()) {
+        match d {
+            mesh::Delivery::Lagged(l) => {
+                assert_eq!(l.publisher, a.peer_id());
+                lagged.push((got.len(), l.missed));
+            }
+            m => got.push(number(&m).unwrap()),
+        }
+    }
+    // 10 before, then 200 during of which the window kept the last 50.
+    assert_eq!(
+        lagged,
+        vec![(10, 150)],
+        "one explicit gap where it happened"
+    );
+    let want: Vec<u64> = (0..10).chain(160..215).collect();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn reliable_subscription_survives_a_publisher_restart() {
+    let (mut sim, a, mut reliable, _) = reliable_pair(13, 4096);
+    publish_numbered(&mut sim, &a, 0, 5);
+    sim.crash("a");
+    let a = sim.restart("a");
+    sim.run_until(|s| s.converged(), 60 * S).expect("rejoins");
+    sim.run_until(|s| s.routed("a", "t.x"), 10 * S).unwrap();
+    publish_numbered(&mut sim, &a, 5, 5);
+    sim.run_for(2 * S);
+    let mut got = Vec::new();
+    while let Ok(Some(d)) = sim.block_on_for(Duration::from_millis(100), reliable.next()) {
+        got.push(number(&d).expect("a new session is not a gap"));
+    }
+    assert_eq!(got, (0..10).collect::<Vec<_>>());
+}

@@ -35,6 +35,9 @@ pub struct Declaration {
     pub version: Version,
     /// Its patterns, sorted and without duplicates.
     pub patterns: Vec<Pattern>,
+    /// The patterns (among `patterns`) with a reliable subscription:
+    /// publishers keep a retransmit window of their messages for this node.
+    pub reliable: Vec<Pattern>,
 }
 
 /// Why a declaration was refused.
@@ -52,6 +55,7 @@ pub enum DeclarationError {
 struct Entry {
     version: Version,
     patterns: Vec<Pattern>,
+    reliable: Vec<Pattern>,
 }
 
 /// The interest table of one node: its own patterns and every other node's
@@ -60,8 +64,11 @@ struct Entry {
 pub struct Interest {
     local: NodeId,
     version: Version,
-    /// Pattern -> number of local subscriptions using it.
-    local_patterns: BTreeMap<Pattern, usize>,
+    /// Pattern -> number of local subscriptions using it, and how many of
+    /// those are reliable.
+    local_patterns: BTreeMap<Pattern, (usize, usize)>,
+    /// Remote nodes with reliable patterns.
+    reliable_nodes: usize,
     /// Bounded by the membership: the driver removes forgotten nodes.
     remote: BTreeMap<NodeId, Entry>,
     generation: u64,
@@ -74,6 +81,7 @@ impl Interest {
             local,
             version: Version { epoch, seq: 0 },
             local_patterns: BTreeMap::new(),
+            reliable_nodes: 0,
             remote: BTreeMap::new(),
             generation: 0,
         }
@@ -97,19 +105,21 @@ impl Interest {
 
     /// Adds a local subscription. Returns the new declaration to announce if
     /// the set of patterns changed.
-    pub fn subscribe(&mut self, pattern: &Pattern) -> Option<Declaration> {
-        let count = self.local_patterns.entry(pattern.clone()).or_insert(0);
+    pub fn subscribe(&mut self, pattern: &Pattern, reliable: bool) -> Option<Declaration> {
+        let (count, reliables) = self.local_patterns.entry(pattern.clone()).or_insert((0, 0));
         *count += 1;
-        (*count == 1).then(|| self.bump())
+        *reliables += usize::from(reliable);
+        (*count == 1 || (reliable && *reliables == 1)).then(|| self.bump())
     }
 
     /// Removes a local subscription. Returns the new declaration to announce if
     /// the set of patterns changed.
-    pub fn unsubscribe(&mut self, pattern: &Pattern) -> Option<Declaration> {
-        let count = self.local_patterns.get_mut(pattern)?;
+    pub fn unsubscribe(&mut self, pattern: &Pattern, reliable: bool) -> Option<Declaration> {
+        let (count, reliables) = self.local_patterns.get_mut(pattern)?;
         *count -= 1;
+        *reliables -= usize::from(reliable);
         if *count > 0 {
-            return None;
+            return (reliable && *reliables == 0).then(|| self.bump());
         }
         self.local_patterns.remove(pattern);
         Some(self.bump())
@@ -126,16 +136,21 @@ impl Interest {
             node: self.local,
             version: self.version,
             patterns: self.local_patterns.keys().cloned().collect(),
+            reliable: self
+                .local_patterns
+                .iter()
+                .filter(|(_, (_, r))| *r > 0)
+                .map(|(p, _)| p.clone())
+                .collect(),
         }
     }
 
     /// Applies a declaration from the mesh. Returns whether it was newer than
     /// what we had (and so changed the table).
     pub fn handle_declaration(&mut self, decl: Declaration) -> Result<bool, DeclarationError> {
-        if decl.patterns.len() > MAX_PATTERNS_PER_NODE {
-            return Err(DeclarationError::TooManyPatterns {
-                count: decl.patterns.len(),
-            });
+        let count = decl.patterns.len() + decl.reliable.len();
+        if count > MAX_PATTERNS_PER_NODE {
+            return Err(DeclarationError::TooManyPatterns { count });
         }
         if decl.node == self.local {
             return Ok(false);
@@ -148,22 +163,50 @@ impl Interest {
         let mut patterns = decl.patterns;
         patterns.sort();
         patterns.dedup();
-        self.remote.insert(
+        let mut reliable = decl.reliable;
+        reliable.sort();
+        reliable.dedup();
+        self.reliable_nodes += usize::from(!reliable.is_empty());
+        let old = self.remote.insert(
             decl.node,
             Entry {
                 version: decl.version,
                 patterns,
+                reliable,
             },
         );
+        if let Some(old) = old {
+            self.reliable_nodes -= usize::from(!old.reliable.is_empty());
+        }
         self.generation += 1;
         Ok(true)
     }
 
     /// Forgets a node (it left the membership for good).
     pub fn remove(&mut self, node: &NodeId) {
-        if self.remote.remove(node).is_some() {
+        if let Some(old) = self.remote.remove(node) {
+            self.reliable_nodes -= usize::from(!old.reliable.is_empty());
             self.generation += 1;
         }
+    }
+
+    /// The version of `node`'s declaration, if we have one.
+    pub fn version_of(&self, node: &NodeId) -> Option<Version> {
+        self.remote.get(node).map(|e| e.version)
+    }
+
+    /// Whether any remote node has a reliable subscription.
+    pub fn has_reliable(&self) -> bool {
+        self.reliable_nodes > 0
+    }
+
+    /// Remote nodes with a reliable pattern matching `topic`, in id order.
+    pub fn reliable_interested(&self, topic: &str) -> Vec<NodeId> {
+        self.remote
+            .iter()
+            .filter(|(_, e)| e.reliable.iter().any(|p| p.matches(topic)))
+            .map(|(node, _)| *node)
+            .collect()
     }
 
     /// Every declaration known, the local one first: what a joining peer is
@@ -174,6 +217,7 @@ impl Interest {
             node: *node,
             version: e.version,
             patterns: e.patterns.clone(),
+            reliable: e.reliable.clone(),
         }));
         out
     }
@@ -205,6 +249,8 @@ impl Interest {
 /// the interest changes or the driver calls [`RouteCache::invalidate`].
 #[derive(Debug, Default)]
 pub struct RouteCache {
+    /// Routes to reliable subscribers (whatever their liveness) instead.
+    reliable: bool,
     generation: u64,
     // Keys are topics this node publishes to, not peer input: a fast
     // non-keyed hash is safe here.
@@ -219,6 +265,14 @@ pub struct RouteCache {
 const MAX_CACHED_ROUTES: usize = 64 * 1024;
 
 impl RouteCache {
+    /// A cache of the nodes with a matching reliable subscription.
+    pub fn reliable() -> Self {
+        Self {
+            reliable: true,
+            ..Self::default()
+        }
+    }
+
     /// Forgets every cached route (call when liveness changes).
     pub fn invalidate(&mut self) {
         self.routes.clear();
@@ -257,7 +311,11 @@ impl RouteCache {
             let r = match self.routes.get(topic) {
                 Some(r) => r.clone(),
                 None => {
-                    let mut nodes = interest.interested(topic);
+                    let mut nodes = if self.reliable {
+                        interest.reliable_interested(topic)
+                    } else {
+                        interest.interested(topic)
+                    };
                     nodes.retain(|n| usable(n));
                     let r: std::sync::Arc<[NodeId]> = nodes.into();
                     self.routes.insert(topic.clone(), r.clone());
@@ -282,14 +340,14 @@ mod tests {
     fn local_refcounts_patterns() {
         let me = NodeId::random();
         let mut i = Interest::new(me, 7);
-        let d1 = i.subscribe(&p("a.>")).unwrap();
+        let d1 = i.subscribe(&p("a.>"), false).unwrap();
         assert_eq!(d1.version, Version { epoch: 7, seq: 1 });
-        assert!(i.subscribe(&p("a.>")).is_none());
-        assert!(i.unsubscribe(&p("a.>")).is_none());
-        let d2 = i.unsubscribe(&p("a.>")).unwrap();
+        assert!(i.subscribe(&p("a.>"), false).is_none());
+        assert!(i.unsubscribe(&p("a.>"), false).is_none());
+        let d2 = i.unsubscribe(&p("a.>"), false).unwrap();
         assert!(d2.patterns.is_empty());
         assert!(d2.version > d1.version);
-        assert!(i.unsubscribe(&p("never")).is_none());
+        assert!(i.unsubscribe(&p("never"), false).is_none());
     }
 
     #[test]
@@ -300,16 +358,19 @@ mod tests {
                 node: a,
                 version: Version { epoch: 1, seq: 1 },
                 patterns: vec![p("x")],
+                reliable: vec![],
             },
             Declaration {
                 node: a,
                 version: Version { epoch: 1, seq: 2 },
                 patterns: vec![p("y")],
+                reliable: vec![],
             },
             Declaration {
                 node: a,
                 version: Version { epoch: 2, seq: 1 },
                 patterns: vec![p("z")],
+                reliable: vec![],
             },
         ];
         for order in [[0, 1, 2], [2, 1, 0], [1, 2, 0], [2, 0, 1]] {
@@ -333,6 +394,7 @@ mod tests {
             node: a,
             version: Version { epoch: 0, seq: 1 },
             patterns: vec![p("orders.*")],
+            reliable: vec![],
         })
         .unwrap();
         assert_eq!(&*cache.route(&i, &t, |_| true), &[a]);
@@ -350,10 +412,33 @@ mod tests {
             node: NodeId::random(),
             version: Version::default(),
             patterns: vec![p("a"); MAX_PATTERNS_PER_NODE + 1],
+            reliable: vec![],
         };
         assert!(matches!(
             i.handle_declaration(d),
             Err(DeclarationError::TooManyPatterns { .. })
         ));
+    }
+
+    #[test]
+    fn reliable_patterns_are_declared_and_routed_separately() {
+        let mut local = Interest::new(NodeId::random(), 1);
+        let d = local.subscribe(&p("a.>"), false).unwrap();
+        assert!(d.reliable.is_empty());
+        // A reliable subscription to the same pattern changes the declaration.
+        let d = local.subscribe(&p("a.>"), true).unwrap();
+        assert_eq!(d.reliable, vec![p("a.>")]);
+        let mut remote = Interest::new(NodeId::random(), 1);
+        remote.handle_declaration(d).unwrap();
+        assert!(remote.has_reliable());
+        assert_eq!(remote.reliable_interested("a.x").len(), 1);
+        assert!(remote.reliable_interested("b").is_empty());
+        // Dropping the reliable one keeps the pattern, but not reliable.
+        let d = local.unsubscribe(&p("a.>"), true).unwrap();
+        assert_eq!(d.patterns, vec![p("a.>")]);
+        assert!(d.reliable.is_empty());
+        remote.handle_declaration(d).unwrap();
+        assert!(!remote.has_reliable());
+        assert_eq!(remote.interested("a.x").len(), 1);
     }
 }

@@ -48,6 +48,7 @@ use queue::{Outbox, PublishCmd, PublishQueue, SubQueue};
 pub(crate) enum Command {
     Subscribe {
         pattern: Pattern,
+        reliable: bool,
         reply: oneshot::Sender<Result<(SubId, Arc<SubQueue>), crate::node::SubscribeError>>,
     },
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
@@ -328,6 +329,11 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
         control_tx,
         control_readers: Arc::new(tokio::sync::Semaphore::new(MAX_CONTROL_READERS)),
         pending_delivery: Vec::new(),
+        reliable_subs: Default::default(),
+        session: epoch,
+        reliable_routes: RouteCache::reliable(),
+        rel_out: Default::default(),
+        rel_in: Default::default(),
     };
     let max_payload = task.config.max_frame.saturating_sub(1024);
     spawner.spawn(task.run(cmd_rx, unsub_rx, link_rx, control_rx, transport_events));
@@ -351,6 +357,73 @@ struct Stats {
     control_refused: u64,
 }
 
+/// Most payload bytes kept in one peer's retransmit window.
+const RELIABLE_WINDOW_BYTES: usize = 8 * 1024 * 1024;
+/// How long a receiver waits for a requested resend before asking again.
+const RESUME_RETRY: Duration = Duration::from_millis(500);
+
+/// A reliable message kept for resending.
+#[derive(Debug)]
+struct Kept {
+    rseq: u64,
+    seq: u64,
+    timestamp: u64,
+    topic: Arc<str>,
+    headers: Vec<(String, Bytes)>,
+    payload: Bytes,
+}
+
+/// The retransmit window for one peer: its reliable messages, numbered
+/// from 1 without gaps; the oldest leave when it is full.
+#[derive(Debug)]
+struct RelOut {
+    next: u64,
+    window: std::collections::VecDeque<Kept>,
+    bytes: usize,
+}
+
+impl Default for RelOut {
+    fn default() -> Self {
+        Self {
+            next: 1,
+            window: Default::default(),
+            bytes: 0,
+        }
+    }
+}
+
+impl RelOut {
+    fn keep(&mut self, mut kept: Kept, max: usize) -> u64 {
+        let rseq = self.next;
+        self.next += 1;
+        kept.rseq = rseq;
+        self.bytes += kept.payload.len();
+        self.window.push_back(kept);
+        while self.window.len() > max
+            || (self.bytes > RELIABLE_WINDOW_BYTES && self.window.len() > 1)
+        {
+            if let Some(old) = self.window.pop_front() {
+                self.bytes -= old.payload.len();
+            }
+        }
+        rseq
+    }
+
+    /// The first number still in the window.
+    fn first(&self) -> u64 {
+        self.window.front().map_or(self.next, |k| k.rseq)
+    }
+}
+
+/// What a node has received of one publisher's reliable messages to it.
+#[derive(Debug)]
+struct RelIn {
+    session: u64,
+    next: u64,
+    /// When we last asked for a resend (`None`: not waiting for one).
+    asked: Option<Instant>,
+}
+
 /// One peer's link as the node task sees it.
 struct Link {
     id: LinkId,
@@ -367,6 +440,8 @@ struct Link {
     leaving: bool,
     /// Messages were encoded for it (shutdown waits for those to go out).
     has_data: bool,
+    /// The `Seq` frame just read: the next `Msg` is that reliable message.
+    pending_seq: Option<(u64, u64)>,
     /// Messages dropped because its buffer was full before its stream came.
     dropped: u64,
     /// Messages buffered before its stream came.
@@ -387,6 +462,7 @@ impl Link {
             bye_acked: false,
             leaving: false,
             has_data: false,
+            pending_seq: None,
             dropped: 0,
             queued: 0,
         }
@@ -415,6 +491,9 @@ fn frame_name(f: &Frame<'_>) -> &'static str {
         Frame::Bye => "Bye",
         Frame::ByeAck => "ByeAck",
         Frame::Relink => "Relink",
+        Frame::Seq { .. } => "Seq",
+        Frame::Resume { .. } => "Resume",
+        Frame::Lagged { .. } => "Lagged",
     }
 }
 
@@ -486,6 +565,16 @@ struct NodeTask {
     /// Messages decoded in the current batch, pushed to their subscription
     /// queues together at the end of it.
     pending_delivery: Vec<(SubId, Message)>,
+    /// Reliable subscriptions (their patterns are declared reliable).
+    reliable_subs: rustc_hash::FxHashSet<SubId>,
+    /// This run's reliable session id (its start time).
+    session: u64,
+    /// Nodes with a reliable subscription per topic, whatever their state.
+    reliable_routes: RouteCache,
+    /// Retransmit windows, per peer with a reliable subscription.
+    rel_out: rustc_hash::FxHashMap<NodeId, RelOut>,
+    /// What we have received of each publisher's reliable messages.
+    rel_in: rustc_hash::FxHashMap<NodeId, RelIn>,
 }
 
 /// Whatever ends the node task (shutdown, or its future dropped: a
@@ -829,6 +918,23 @@ impl NodeTask {
                     return;
                 };
                 l.up = true;
+                // Fetch what this publisher kept for us while we were apart
+                // (everything it kept, if we never heard from it).
+                if !self.reliable_subs.is_empty() {
+                    let r = self.rel_in.entry(peer).or_insert(RelIn {
+                        session: 0,
+                        next: 1,
+                        asked: None,
+                    });
+                    wire::encode(
+                        &mut l.scratch,
+                        &Frame::Resume {
+                            session: r.session,
+                            next: r.next,
+                        },
+                    );
+                    r.asked = Some(now());
+                }
                 self.relink_backoff.remove(&peer);
                 tracing::debug!(%peer, incarnation, "link up");
                 self.membership.handle_link_up(now(), peer, addrs);
@@ -927,9 +1033,28 @@ impl NodeTask {
                     .links
                     .get_mut(&peer)
                     .ok_or(WireError::Unexpected("Msg"))?;
+                let seq = link.pending_seq.take();
                 let (msg, targets) = link.dec.handle_msg(body, &m, &self.subs)?;
+                if let Some((session, rseq)) = seq {
+                    if !self.accept_reliable(peer, session, rseq) {
+                        return Ok(());
+                    }
+                }
                 self.deliver(msg, &targets);
             }
+            Frame::Seq { session, rseq } => {
+                let link = self
+                    .links
+                    .get_mut(&peer)
+                    .ok_or(WireError::Unexpected("Seq"))?;
+                link.pending_seq = Some((session, rseq));
+            }
+            Frame::Resume { session, next } => self.resend(peer, session, next),
+            Frame::Lagged {
+                session,
+                missed,
+                next,
+            } => self.lagged(peer, session, missed, next),
             Frame::Topic { id, name } => {
                 let link = self
                     .links
@@ -946,7 +1071,7 @@ impl NodeTask {
                 if decl.node != peer {
                     return Err(WireError::Unexpected("Declare for another node"));
                 }
-                self.interest.handle_declaration(decl)?;
+                self.apply_declaration(decl)?;
             }
             Frame::Sync(s) => {
                 let now = now();
@@ -957,7 +1082,7 @@ impl NodeTask {
                     .collect::<Result<Vec<_>, _>>()?;
                 self.membership.apply_updates(now, updates);
                 for d in &s.decls {
-                    self.interest.handle_declaration(wire::decl_from_wire(d)?)?;
+                    self.apply_declaration(wire::decl_from_wire(d)?)?;
                 }
                 if s.more {
                     return Ok(());
@@ -1004,6 +1129,139 @@ impl NodeTask {
             Frame::Relink => return Err(WireError::Unexpected("Relink on a data stream")),
         }
         Ok(())
+    }
+
+    /// Applies a declaration; a node that restarted (a new epoch) starts
+    /// with an empty retransmit window: what we kept was for its previous
+    /// run.
+    fn apply_declaration(
+        &mut self,
+        decl: crate::core::interest::Declaration,
+    ) -> Result<(), crate::core::interest::DeclarationError> {
+        let node = decl.node;
+        let epoch = decl.version.epoch;
+        let before = self.interest.version_of(&node).map(|v| v.epoch);
+        if self.interest.handle_declaration(decl)? && before.is_some_and(|e| e != epoch) {
+            self.rel_out.remove(&node);
+        }
+        Ok(())
+    }
+
+    /// Whether reliable message `rseq` of `peer`'s `session` is the next
+    /// one to deliver. Earlier ones are duplicates (of a resend); after a
+    /// gap we drop it and ask the publisher to resend from the gap, which
+    /// resends it too, in order.
+    fn accept_reliable(&mut self, peer: NodeId, session: u64, rseq: u64) -> bool {
+        let now = now();
+        // First contact: the publisher's window for us starts at 1 (it
+        // numbers only what it published after it knew of our interest).
+        let state = self.rel_in.entry(peer).or_insert(RelIn {
+            session,
+            next: 1,
+            asked: None,
+        });
+        if state.session == 0 {
+            // We asked before we knew its session.
+            state.session = session;
+        } else if state.session != session {
+            // The publisher restarted: its new session starts at 1.
+            *state = RelIn {
+                session,
+                next: 1,
+                asked: None,
+            };
+        }
+        if rseq < state.next {
+            return false;
+        }
+        if rseq == state.next {
+            state.next += 1;
+            state.asked = None;
+            return true;
+        }
+        if state
+            .asked
+            .is_none_or(|at| now.duration_since(at) >= RESUME_RETRY)
+        {
+            state.asked = Some(now);
+            let next = state.next;
+            if let Some(link) = self.links.get_mut(&peer) {
+                wire::encode(&mut link.scratch, &Frame::Resume { session, next });
+            }
+        }
+        false
+    }
+
+    /// `peer` asks for our reliable messages from `next` on.
+    fn resend(&mut self, peer: NodeId, session: u64, next: u64) {
+        let Some(out) = self.rel_out.get(&peer) else {
+            return;
+        };
+        let Some(link) = self.links.get_mut(&peer) else {
+            return;
+        };
+        // A peer that knows an older session of ours has nothing of this one.
+        let next = if session == self.session { next } else { 1 };
+        let first = out.first();
+        if next < first {
+            wire::encode(
+                &mut link.scratch,
+                &Frame::Lagged {
+                    session: self.session,
+                    missed: first - next,
+                    next: first,
+                },
+            );
+        }
+        for k in out.window.iter().filter(|k| k.rseq >= next) {
+            wire::encode(
+                &mut link.scratch,
+                &Frame::Seq {
+                    session: self.session,
+                    rseq: k.rseq,
+                },
+            );
+            link.enc.encode(
+                &mut link.scratch,
+                &Outgoing {
+                    topic: &k.topic,
+                    seq: k.seq,
+                    timestamp: k.timestamp,
+                    headers: &k.headers,
+                    payload: &k.payload,
+                },
+            );
+            link.has_data = true;
+        }
+    }
+
+    /// `peer` says its messages before `next` are gone: tell the reliable
+    /// subscriptions, and go on from `next`.
+    fn lagged(&mut self, peer: NodeId, session: u64, missed: u64, next: u64) {
+        let state = self.rel_in.entry(peer).or_insert(RelIn {
+            session,
+            next: 1,
+            asked: None,
+        });
+        if state.session != session {
+            state.session = session;
+            state.next = 1;
+        }
+        if next <= state.next {
+            return;
+        }
+        let missed = missed.min(next - state.next);
+        state.next = next;
+        state.asked = None;
+        tracing::warn!(publisher = %peer, missed, "reliable messages left the publisher's window before we could fetch them");
+        for id in &self.reliable_subs {
+            if let Some(q) = self.sub_queues.get(id) {
+                q.push_lagged(crate::node::Lagged {
+                    publisher: peer,
+                    missed,
+                });
+            }
+        }
     }
 
     fn deliver(&mut self, msg: Message, targets: &[SubId]) {
@@ -1062,7 +1320,11 @@ impl NodeTask {
 
     fn handle_command(&mut self, cmd: Command) {
         match cmd {
-            Command::Subscribe { pattern, reply } => {
+            Command::Subscribe {
+                pattern,
+                reliable,
+                reply,
+            } => {
                 if !self.interest.has_room_for(&pattern) {
                     let _ = reply.send(Err(crate::node::SubscribeError::TooManyPatterns));
                     return;
@@ -1073,7 +1335,10 @@ impl NodeTask {
                 ));
                 let id = self.subs.add(pattern.clone());
                 self.sub_queues.insert(id, queue.clone());
-                if let Some(decl) = self.interest.subscribe(&pattern) {
+                if reliable {
+                    self.reliable_subs.insert(id);
+                }
+                if let Some(decl) = self.interest.subscribe(&pattern, reliable) {
                     self.announce(&decl);
                 }
                 if reply.send(Ok((id, queue))).is_err() {
@@ -1156,8 +1421,9 @@ impl NodeTask {
         }
         // A dropped subscription holds nothing back any more.
         self.blocked_subs.remove(&id);
+        let reliable = self.reliable_subs.remove(&id);
         if let Some(pattern) = self.subs.remove(id) {
-            if let Some(decl) = self.interest.unsubscribe(&pattern) {
+            if let Some(decl) = self.interest.unsubscribe(&pattern, reliable) {
                 self.announce(&decl);
             }
         }
@@ -1182,6 +1448,28 @@ impl NodeTask {
             headers,
             payload,
         } = cmd;
+        // Reliable subscribers get a numbered copy kept for resending,
+        // even while down or unreachable: they fetch it when they are back.
+        let mut rseqs: Vec<(NodeId, u64)> = Vec::new();
+        if self.interest.has_reliable() {
+            let reliable = self
+                .reliable_routes
+                .route(&self.interest, topic.as_arc(), |_| true);
+            for peer in reliable.iter() {
+                let kept = Kept {
+                    rseq: 0,
+                    seq: self.seq,
+                    timestamp,
+                    topic: topic.as_arc().clone(),
+                    headers: headers.clone(),
+                    payload: payload.clone(),
+                };
+                let window = self.config.reliable_window;
+                let rseq = self.rel_out.entry(*peer).or_default().keep(kept, window);
+                rseqs.push((*peer, rseq));
+            }
+        }
+        let session = self.session;
         let membership = &self.membership;
         let route = self.routes.route_ref(&self.interest, topic.as_arc(), |n| {
             matches!(
@@ -1209,6 +1497,15 @@ impl NodeTask {
                 link.dropped += 1;
                 self.stats.dropped_unreachable += 1;
                 continue;
+            }
+            if let Some((_, rseq)) = rseqs.iter().find(|(p, _)| p == peer) {
+                wire::encode(
+                    &mut link.scratch,
+                    &Frame::Seq {
+                        session,
+                        rseq: *rseq,
+                    },
+                );
             }
             link.enc.encode(&mut link.scratch, &out);
             link.has_data = true;
@@ -1408,6 +1705,8 @@ impl NodeTask {
         let membership = &self.membership;
         self.relink_backoff
             .retain(|n, _| membership.state_of(n).is_some());
+        self.rel_out.retain(|n, _| membership.state_of(n).is_some());
+        self.rel_in.retain(|n, _| membership.state_of(n).is_some());
     }
 
     fn addrs_of(&self, node: &NodeId) -> Vec<Multiaddr> {

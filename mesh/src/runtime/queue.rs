@@ -15,7 +15,7 @@ use std::{
 
 use tokio::sync::Notify;
 
-use crate::core::pubsub::Message;
+use crate::{core::pubsub::Message, node::Delivery};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding these locks leaves plain buffers behind; keep
@@ -107,7 +107,7 @@ pub(crate) struct SubQueue {
 
 #[derive(Debug, Default)]
 struct SubInner {
-    items: VecDeque<Message>,
+    items: VecDeque<Delivery>,
     waker: Option<Waker>,
     closed: bool,
     /// Cut loose as a slow consumer: new messages are dropped (and
@@ -151,7 +151,7 @@ impl SubQueue {
             if g.lagging {
                 lagged += 1;
             } else if g.items.len() < hard {
-                g.items.push_back(m);
+                g.items.push_back(Delivery::Message(m));
             } else {
                 dropped += 1;
             }
@@ -163,6 +163,19 @@ impl SubQueue {
             w.wake();
         }
         (over, dropped)
+    }
+
+    /// Tells a reliable subscription that messages are gone for good, at
+    /// this point of its stream (never refused: it is rare and small).
+    pub(crate) fn push_lagged(&self, lagged: crate::node::Lagged) {
+        let mut g = lock(&self.inner);
+        if g.closed {
+            return;
+        }
+        g.items.push_back(Delivery::Lagged(lagged));
+        if let Some(w) = g.waker.take() {
+            w.wake();
+        }
     }
 
     pub(crate) fn is_over(&self) -> bool {
@@ -203,7 +216,7 @@ impl SubQueue {
     pub(crate) fn poll_take(
         &self,
         cx: &mut Context<'_>,
-        out: &mut VecDeque<Message>,
+        out: &mut VecDeque<Delivery>,
     ) -> Poll<bool> {
         let mut g = lock(&self.inner);
         if !g.items.is_empty() {
