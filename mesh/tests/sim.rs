@@ -281,6 +281,79 @@ const NODES: [&str; 5] = ["n0", "n1", "n2", "n3", "n4"];
 
 type Shared = Arc<Mutex<Checker>>;
 
+/// The node with a reliable subscription to every topic.
+const RELIABLE_NODE: &str = "n4";
+
+/// What a reliable subscriber saw, per run of its node.
+#[derive(Debug, Clone)]
+enum REntry {
+    Msg(String, u64),
+    Lagged(mesh::PeerId),
+}
+type RLog = Arc<Mutex<Vec<Vec<REntry>>>>;
+
+/// The reliable subscriber service: logs deliveries and gaps.
+fn start_reliable_subscriber(sim: &Sim, log: &RLog) {
+    let Some(n) = sim.get(RELIABLE_NODE) else {
+        return;
+    };
+    let log = log.clone();
+    let run = {
+        let mut l = log.lock().unwrap();
+        l.push(Vec::new());
+        l.len() - 1
+    };
+    sim.spawn_on(RELIABLE_NODE, async move {
+        let mut sub = n.subscribe_reliable("t.>").await.expect("subscribes");
+        while let Some(d) = sub.next().await {
+            let entry = match d {
+                mesh::Delivery::Lagged(l) => REntry::Lagged(l.publisher),
+                mesh::Delivery::Message(m) => {
+                    let text = String::from_utf8_lossy(&m.payload).into_owned();
+                    let (who, n) = text.rsplit_once(':').expect("checker payload");
+                    REntry::Msg(who.to_owned(), n.parse().expect("number"))
+                }
+            };
+            log.lock().unwrap()[run].push(entry);
+        }
+    });
+}
+
+/// Never a silent gap: per publisher run, numbers arrive in order, once,
+/// and a skipped number is announced by a `Lagged` from that publisher.
+fn check_reliable(sim: &Sim, log: &RLog) -> Result<(), String> {
+    for (run, entries) in log.lock().unwrap().iter().enumerate() {
+        let mut last: std::collections::BTreeMap<&str, u64> = Default::default();
+        let mut lagged: std::collections::BTreeSet<mesh::PeerId> = Default::default();
+        for e in entries {
+            match e {
+                REntry::Lagged(p) => {
+                    lagged.insert(*p);
+                }
+                REntry::Msg(who, n) => {
+                    let node = who.split('/').next().unwrap();
+                    let peer = sim.peer_id(node);
+                    if let Some(prev) = last.get(who.as_str()) {
+                        if *n <= *prev {
+                            return Err(format!(
+                                "reliable subscriber run {run}: {who}:{n} after {who}:{prev}"
+                            ));
+                        }
+                        if *n != prev + 1 && !lagged.contains(&peer) {
+                            return Err(format!(
+                                "reliable subscriber run {run}: silent gap {who}:{prev} -> {who}:{n}"
+                            ));
+                        }
+                    }
+                    lagged.remove(&peer);
+                    last.insert(who, *n);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The subscriber service: records every delivery.
 fn start_subscriber(sim: &Sim, checker: &Shared, node: &str, pattern: &str) {
     let Some(n) = sim.get(node) else { return };
@@ -324,6 +397,27 @@ struct Outcome {
     converge: Duration,
 }
 
+/// Numbers of the final batch (published after convergence) that the
+/// reliable subscriber's current run did not get (the first ten).
+fn reliable_missing_final(log: &RLog, final_names: &[String]) -> Vec<String> {
+    let log = log.lock().unwrap();
+    let current = log.last().cloned().unwrap_or_default();
+    let mut missing = Vec::new();
+    for who in final_names {
+        for n in 0..FINAL_BATCH {
+            let got = current
+                .iter()
+                .any(|e| matches!(e, REntry::Msg(w, m) if w == who && *m == n));
+            if !got && missing.len() < 10 {
+                missing.push(format!("{who}:{n}"));
+            }
+        }
+    }
+    missing
+}
+
+const FINAL_BATCH: u64 = 30;
+
 fn random_run(seed: u64) -> Result<Outcome, String> {
     let mut rng = SmallRng::seed_from_u64(seed ^ 0x5eed);
     let max_latency = rng.gen_range(1..30);
@@ -348,6 +442,8 @@ fn random_run(seed: u64) -> Result<Outcome, String> {
             .subscriber(node, Pattern::new(pattern).unwrap());
         start_subscriber(&sim, &checker, node, pattern);
     }
+    let rlog: RLog = Default::default();
+    start_reliable_subscriber(&sim, &rlog);
     let mut incarnation = [0u32; NODES.len()];
     for p in PUBLISHERS {
         start_publisher(&sim, &checker, p, 0, 0, 400, Duration::from_millis(100));
@@ -387,7 +483,7 @@ fn random_run(seed: u64) -> Result<Outcome, String> {
             }
             80..=89 if !crashed.is_empty() => {
                 let n = crashed.swap_remove(rng.gen_range(0..crashed.len()));
-                restart(&mut sim, &checker, n, &mut incarnation);
+                restart(&mut sim, &checker, &rlog, n, &mut incarnation);
             }
             90..=94 if !crashed.contains(&pick) && !paused.contains(&pick) => {
                 sim.pause(pick);
@@ -407,7 +503,7 @@ fn random_run(seed: u64) -> Result<Outcome, String> {
         sim.resume(n);
     }
     for n in crashed.drain(..) {
-        restart(&mut sim, &checker, n, &mut incarnation);
+        restart(&mut sim, &checker, &rlog, n, &mut incarnation);
     }
     let converge = sim
         .run_until(|s| s.converged(), 60 * S)
@@ -432,8 +528,10 @@ fn random_run(seed: u64) -> Result<Outcome, String> {
     // Messages published after convergence reach every matching subscriber.
     sim.run_for(S);
     sim.record("final publishes");
+    let mut final_names = Vec::new();
     for (i, p) in PUBLISHERS.iter().enumerate() {
         let who = format!("{p}/{}", incarnation[i] + 1000);
+        final_names.push(who.clone());
         for (sub, _) in SUBSCRIBERS {
             checker.lock().unwrap().expect_from(sub, &who, 0);
         }
@@ -443,7 +541,7 @@ fn random_run(seed: u64) -> Result<Outcome, String> {
             p,
             incarnation[i] + 1000,
             0,
-            30,
+            FINAL_BATCH,
             Duration::from_millis(10),
         );
     }
@@ -470,11 +568,27 @@ fn random_run(seed: u64) -> Result<Outcome, String> {
         std::fs::write(path, lines.join("\n")).expect("trace written");
     }
     let report = checker.lock().unwrap().report();
+    check_reliable(&sim, &rlog)?;
+    let missing = reliable_missing_final(&rlog, &final_names);
+    if !missing.is_empty() {
+        return Err(format!(
+            "reliable subscriber missed messages published after convergence: {missing:?}"
+        ));
+    }
     Ok(Outcome { report, converge })
 }
 
-fn restart(sim: &mut Sim, checker: &Shared, node: &'static str, incarnation: &mut [u32]) {
+fn restart(
+    sim: &mut Sim,
+    checker: &Shared,
+    rlog: &RLog,
+    node: &'static str,
+    incarnation: &mut [u32],
+) {
     sim.restart(node);
+    if node == RELIABLE_NODE {
+        start_reliable_subscriber(sim, rlog);
+    }
     let i = NODES.iter().position(|n| *n == node).unwrap();
     incarnation[i] += 1;
     // Its services start again with it.
