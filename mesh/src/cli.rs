@@ -48,6 +48,11 @@ enum Cmd {
         /// Exit after this many messages.
         #[arg(long)]
         count: Option<u64>,
+        /// Subscribe reliably: messages missed during a partition are fetched
+        /// from the publishers' windows; a gap beyond them is printed as
+        /// `{"lagged": N, "publisher": ID}`.
+        #[arg(long)]
+        reliable: bool,
         #[command(flatten)]
         net: NetArgs,
     },
@@ -63,6 +68,9 @@ enum Cmd {
         /// Pad or cut the payload to this many bytes.
         #[arg(long)]
         size: Option<usize>,
+        /// Wait this many milliseconds between messages.
+        #[arg(long, default_value_t = 0)]
+        interval_ms: u64,
         #[command(flatten)]
         net: NetArgs,
     },
@@ -181,15 +189,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Sub {
             pattern,
             count,
+            reliable,
             net,
-        } => run_sub(pattern, count, net).await,
+        } => run_sub(pattern, count, reliable, net).await,
         Cmd::Pub {
             topic,
             message,
             count,
             size,
+            interval_ms,
             net,
-        } => run_pub(topic, message, count, size, net).await,
+        } => run_pub(topic, message, count, size, interval_ms, net).await,
         Cmd::Peers { net, json } => run_peers(net, json).await,
         Cmd::Demo => crate::cli::demo::run().await,
         Cmd::Bench {
@@ -280,10 +290,22 @@ pub fn message_json(m: &Message) -> serde_json::Value {
     })
 }
 
-async fn run_sub(pattern: String, count: Option<u64>, net: NetArgs) -> anyhow::Result<()> {
+async fn run_sub(
+    pattern: String,
+    count: Option<u64>,
+    reliable: bool,
+    net: NetArgs,
+) -> anyhow::Result<()> {
     crate::Pattern::new(&pattern)?;
     let node = net.join().await?;
-    let mut sub = node.subscribe(&pattern).await?;
+    let mut sub: futures::stream::BoxStream<'static, crate::Delivery> = if reliable {
+        node.subscribe_reliable(&pattern).await?.boxed()
+    } else {
+        node.subscribe(&pattern)
+            .await?
+            .map(crate::Delivery::Message)
+            .boxed()
+    };
     let mut seen = 0u64;
     use std::io::Write;
     let stdout = std::io::stdout();
@@ -293,10 +315,19 @@ async fn run_sub(pattern: String, count: Option<u64>, net: NetArgs) -> anyhow::R
         }
         tokio::select! {
             m = sub.next() => match m {
-                Some(m) => {
+                Some(crate::Delivery::Message(m)) => {
                     seen += 1;
                     let mut out = stdout.lock();
                     writeln!(out, "{}", message_json(&m))?;
+                    out.flush()?;
+                }
+                Some(crate::Delivery::Lagged(l)) => {
+                    let mut out = stdout.lock();
+                    let line = serde_json::json!({
+                        "lagged": l.missed,
+                        "publisher": l.publisher.to_string(),
+                    });
+                    writeln!(out, "{line}")?;
                     out.flush()?;
                 }
                 None => break,
@@ -314,6 +345,7 @@ async fn run_pub(
     message: String,
     count: u64,
     size: Option<usize>,
+    interval_ms: u64,
     net: NetArgs,
 ) -> anyhow::Result<()> {
     crate::Topic::new(&topic)?;
@@ -328,6 +360,9 @@ async fn run_pub(
             payload.resize(size, b'.');
         }
         node.publish(&topic, payload).await?;
+        if interval_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(interval_ms)).await;
+        }
     }
     let report = node.shutdown().await;
     if !report.is_clean() {
