@@ -119,6 +119,25 @@ enum BenchCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Gossip-mode broadcast at scale, simulated in virtual time (HyParView
+    /// and Plumtree cores; a partition into halves, then a heal).
+    GossipSim {
+        /// Number of nodes.
+        #[arg(long, default_value_t = 1000)]
+        nodes: usize,
+        /// Messages per phase (steady, partitioned, healed).
+        #[arg(long, default_value_t = 200)]
+        messages: usize,
+        /// Milliseconds between broadcasts.
+        #[arg(long, default_value_t = 5)]
+        interval_ms: u64,
+        /// Seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Print only the JSON result line.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args, Clone)]
@@ -217,6 +236,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             bench::pubsub(size, messages, &pattern, json).await
         }
+        Cmd::Bench {
+            which:
+                BenchCmd::GossipSim {
+                    nodes,
+                    messages,
+                    interval_ms,
+                    seed,
+                    json,
+                },
+        } => bench::gossip_sim(nodes, messages, interval_ms, seed, json),
         Cmd::BenchPeer { mode, messages } => bench::peer(&mode, messages).await,
     }
 }

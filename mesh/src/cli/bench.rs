@@ -206,3 +206,68 @@ async fn pingpong(size: usize, messages: u64, json: bool) -> anyhow::Result<()> 
     let _ = lines;
     Ok(())
 }
+
+/// `mesh bench gossip-sim`: see [`crate::sim::overlay`].
+pub(super) fn gossip_sim(
+    nodes: usize,
+    messages: usize,
+    interval_ms: u64,
+    seed: u64,
+    json: bool,
+) -> anyhow::Result<()> {
+    use crate::sim::overlay::{run, OverlayRun, PhaseReport};
+    let cfg = OverlayRun {
+        messages,
+        interval: Duration::from_millis(interval_ms),
+        ..OverlayRun::new(nodes, seed)
+    };
+    let started = Instant::now();
+    let r = run(&cfg);
+    let took = started.elapsed();
+    let phase = |p: &PhaseReport| {
+        serde_json::json!({
+            "broadcast": p.broadcast,
+            "expected_deliveries": p.expected,
+            "deliveries": p.delivered,
+            "latency_p50_ms": (p.latency_p50_ms * 10.0).round() / 10.0,
+            "latency_p99_ms": (p.latency_p99_ms * 10.0).round() / 10.0,
+            "max_hops": p.max_hops,
+            "payloads_per_delivery": (p.payloads_per_delivery * 1000.0).round() / 1000.0,
+            "messages_per_delivery": (p.messages_per_delivery * 1000.0).round() / 1000.0,
+            "grafts": p.grafts,
+            "prunes": p.prunes,
+        })
+    };
+    let line = serde_json::json!({
+        "bench": "gossip-sim",
+        "nodes": r.nodes,
+        "seed": seed,
+        "interval_ms": interval_ms,
+        "steady": phase(&r.steady),
+        "partitioned": phase(&r.partitioned),
+        "healed": phase(&r.healed),
+        "active_view": [r.active_view.0, r.active_view.1],
+        "wall_ms": took.as_millis() as u64,
+    });
+    if !json {
+        for (name, p) in [
+            ("steady", &r.steady),
+            ("partitioned", &r.partitioned),
+            ("healed", &r.healed),
+        ] {
+            println!(
+                "{name:>11}: {}/{} delivered, latency p50 {:.1} ms p99 {:.1} ms, {} hops max, {:.3} payloads and {:.3} messages per delivery",
+                p.delivered, p.expected, p.latency_p50_ms, p.latency_p99_ms, p.max_hops, p.payloads_per_delivery, p.messages_per_delivery
+            );
+        }
+    }
+    println!("{line}");
+    if r.healed.delivered != r.healed.expected {
+        bail!(
+            "after the heal {} of {} deliveries happened",
+            r.healed.delivered,
+            r.healed.expected
+        );
+    }
+    Ok(())
+}

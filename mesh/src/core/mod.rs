@@ -9,9 +9,11 @@
 //! - [`topic`]: topic names and subscription patterns (`*`, `>`).
 //! - [`membership`]: SWIM-style failure detection and member dissemination.
 //! - [`interest`]: versioned subscription declarations per node.
+//! - [`gossip`]: HyParView overlay and Plumtree broadcast (gossip mode).
 //! - [`pubsub`]: routing published messages to interested peers, and
 //!   delivering received ones to local subscriptions.
 
+pub mod gossip;
 pub mod interest;
 pub mod membership;
 pub mod pubsub;

@@ -43,6 +43,7 @@
 mod check;
 mod gate;
 mod net;
+pub mod overlay;
 
 use std::{
     collections::BTreeSet,
