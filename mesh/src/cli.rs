@@ -96,6 +96,9 @@ enum Cmd {
         mode: String,
         #[arg(long)]
         messages: u64,
+        /// Join through this node, with gossip mode for `bench.>`.
+        #[arg(long)]
+        gossip_via: Option<Multiaddr>,
     },
 }
 
@@ -115,6 +118,13 @@ enum BenchCmd {
         /// `throughput` or `pingpong`.
         #[arg(long, default_value = "throughput")]
         pattern: String,
+        /// `direct` (one copy per subscriber node) or `gossip` (epidemic
+        /// broadcast; with `--nodes`).
+        #[arg(long, default_value = "direct")]
+        mode: String,
+        /// Nodes in gossip mode (this one publishes, the others subscribe).
+        #[arg(long, default_value_t = 5)]
+        nodes: usize,
         /// Print only the JSON result line.
         #[arg(long)]
         json: bool,
@@ -228,13 +238,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     size,
                     messages,
                     pattern,
+                    mode,
+                    nodes,
                     json,
                 },
         } => {
             if transport != "quic" {
                 bail!("unknown transport {transport:?}: only `quic` is available");
             }
-            bench::pubsub(size, messages, &pattern, json).await
+            match mode.as_str() {
+                "direct" => bench::pubsub(size, messages, &pattern, json).await,
+                "gossip" => bench::gossip(nodes, size, messages, json).await,
+                other => bail!("unknown mode {other:?}: use direct or gossip"),
+            }
         }
         Cmd::Bench {
             which:
@@ -246,7 +262,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     json,
                 },
         } => bench::gossip_sim(nodes, messages, interval_ms, seed, json),
-        Cmd::BenchPeer { mode, messages } => bench::peer(&mode, messages).await,
+        Cmd::BenchPeer {
+            mode,
+            messages,
+            gossip_via,
+        } => bench::peer(&mode, messages, gossip_via).await,
     }
 }
 

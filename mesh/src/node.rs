@@ -57,6 +57,7 @@ pub struct Config {
     pub(crate) slow_consumer_timeout: Duration,
     pub(crate) keypair: Option<Keypair>,
     pub(crate) reliable_window: usize,
+    pub(crate) gossip: Vec<Pattern>,
     /// Set by the simulator: run over its network and clock.
     pub(crate) sim: Option<crate::sim::Hooks>,
 }
@@ -78,6 +79,7 @@ impl Default for Config {
             slow_consumer_timeout: Duration::from_secs(5),
             keypair: None,
             reliable_window: 4096,
+            gossip: Vec::new(),
             sim: None,
         }
     }
@@ -171,6 +173,17 @@ impl Builder {
     /// subscriber cut off for longer gets [`Delivery::Lagged`].
     pub fn reliable_window(mut self, messages: usize) -> Self {
         self.config.reliable_window = messages.max(1);
+        self
+    }
+
+    /// Publishes topics matching `pattern` in gossip mode: epidemic
+    /// broadcast over a partial-view overlay (HyParView, Plumtree; see
+    /// [`crate::core::gossip`]) instead of one copy per subscriber node.
+    /// Every node relays (whatever its own setting) and gets each message
+    /// about once; meant for wide fan-out. Best effort; headers are not
+    /// carried.
+    pub fn gossip(mut self, pattern: Pattern) -> Self {
+        self.config.gossip.push(pattern);
         self
     }
 

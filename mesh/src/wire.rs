@@ -84,6 +84,10 @@ pub enum Frame<'a> {
         /// The first message the receiver has not got.
         next: u64,
     },
+    /// Gossip mode (HyParView and Plumtree, see
+    /// [`crate::core::gossip`]).
+    #[serde(borrow)]
+    Gossip(GossipWire<'a>),
     /// Answers `Resume`: messages before `next` left the retransmit
     /// window; `missed` of them never reached the receiver.
     Lagged {
@@ -94,6 +98,257 @@ pub enum Frame<'a> {
         /// The first message that follows.
         next: u64,
     },
+}
+
+/// Gossip-mode messages on the wire: [`crate::core::gossip::Message`] with
+/// raw peer ids, announcements grouped by origin.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum GossipWire<'a> {
+    /// See [`crate::core::gossip::Message::Join`].
+    Join,
+    /// A join's random walk.
+    ForwardJoin {
+        /// The joining node.
+        #[serde(borrow)]
+        node: Raw<'a>,
+        /// Steps left.
+        ttl: u8,
+    },
+    /// Asks to become a neighbour.
+    Neighbor {
+        /// Accept always.
+        high: bool,
+    },
+    /// Answers `Neighbor`.
+    NeighborReply {
+        /// Accepted.
+        accept: bool,
+    },
+    /// Dropped from the active view.
+    Disconnect,
+    /// A shuffle walk.
+    Shuffle {
+        /// Who started it.
+        #[serde(borrow)]
+        origin: Raw<'a>,
+        /// Steps left.
+        ttl: u8,
+        /// A sample of the origin's views.
+        #[serde(borrow)]
+        nodes: Vec<Raw<'a>>,
+    },
+    /// Answers a shuffle.
+    ShuffleReply {
+        /// A sample of the passive view.
+        #[serde(borrow)]
+        nodes: Vec<Raw<'a>>,
+    },
+    /// A broadcast message.
+    Msg {
+        /// Its origin.
+        #[serde(borrow)]
+        origin: Raw<'a>,
+        /// The origin's sequence number.
+        seq: u64,
+        /// Hops so far.
+        round: u32,
+        /// Publish time at the origin, µs since the Unix epoch.
+        timestamp: u64,
+        /// Topic.
+        topic: &'a str,
+        /// Payload.
+        #[serde(borrow)]
+        payload: Raw<'a>,
+    },
+    /// Ids the sender has, per origin: (seq, round).
+    IHave {
+        /// Groups.
+        #[serde(borrow)]
+        groups: Vec<(Raw<'a>, Vec<(u64, u32)>)>,
+    },
+    /// Messages wanted, per origin.
+    Graft {
+        /// Groups.
+        #[serde(borrow)]
+        groups: Vec<(Raw<'a>, Vec<u64>)>,
+    },
+    /// Makes the link lazy.
+    Prune,
+}
+
+/// Most node ids in one shuffle.
+pub const MAX_GOSSIP_NODES: usize = 64;
+
+/// Encodes a gossip message as a frame into `buf` (a broadcast message's
+/// `stamp` is its publish timestamp).
+pub fn encode_gossip(buf: &mut Vec<u8>, msg: &crate::core::gossip::Message) {
+    use crate::core::gossip::Message as M;
+    let ids = |nodes: &[NodeId]| nodes.iter().map(|n| n.to_bytes()).collect::<Vec<_>>();
+    match msg {
+        M::Join => encode(buf, &Frame::Gossip(GossipWire::Join)),
+        M::ForwardJoin { node, ttl } => {
+            let id = node.to_bytes();
+            encode(
+                buf,
+                &Frame::Gossip(GossipWire::ForwardJoin {
+                    node: Raw(&id),
+                    ttl: *ttl,
+                }),
+            );
+        }
+        M::Neighbor { high } => encode(buf, &Frame::Gossip(GossipWire::Neighbor { high: *high })),
+        M::NeighborReply { accept } => encode(
+            buf,
+            &Frame::Gossip(GossipWire::NeighborReply { accept: *accept }),
+        ),
+        M::Disconnect => encode(buf, &Frame::Gossip(GossipWire::Disconnect)),
+        M::Shuffle { origin, ttl, nodes } => {
+            let o = origin.to_bytes();
+            let ns = ids(nodes);
+            encode(
+                buf,
+                &Frame::Gossip(GossipWire::Shuffle {
+                    origin: Raw(&o),
+                    ttl: *ttl,
+                    nodes: ns.iter().map(|n| Raw(n)).collect(),
+                }),
+            );
+        }
+        M::ShuffleReply { nodes } => {
+            let ns = ids(nodes);
+            encode(
+                buf,
+                &Frame::Gossip(GossipWire::ShuffleReply {
+                    nodes: ns.iter().map(|n| Raw(n)).collect(),
+                }),
+            );
+        }
+        M::Gossip {
+            id,
+            round,
+            topic,
+            payload,
+            stamp,
+        } => {
+            let o = id.0.to_bytes();
+            encode(
+                buf,
+                &Frame::Gossip(GossipWire::Msg {
+                    origin: Raw(&o),
+                    seq: id.1,
+                    round: *round,
+                    timestamp: *stamp,
+                    topic,
+                    payload: Raw(payload),
+                }),
+            );
+        }
+        M::IHave { groups } => {
+            let ids: Vec<Vec<u8>> = groups.iter().map(|(o, _)| o.to_bytes()).collect();
+            encode(
+                buf,
+                &Frame::Gossip(GossipWire::IHave {
+                    groups: groups
+                        .iter()
+                        .zip(&ids)
+                        .map(|((_, list), o)| (Raw(o), list.clone()))
+                        .collect(),
+                }),
+            );
+        }
+        M::Graft { ids } => {
+            let mut groups: Vec<(Vec<u8>, Vec<u64>)> = Vec::new();
+            let mut last: Option<NodeId> = None;
+            for (origin, seq) in ids {
+                if last != Some(*origin) {
+                    groups.push((origin.to_bytes(), Vec::new()));
+                    last = Some(*origin);
+                }
+                groups.last_mut().expect("pushed").1.push(*seq);
+            }
+            encode(
+                buf,
+                &Frame::Gossip(GossipWire::Graft {
+                    groups: groups.iter().map(|(o, v)| (Raw(o), v.clone())).collect(),
+                }),
+            );
+        }
+        M::Prune => encode(buf, &Frame::Gossip(GossipWire::Prune)),
+    }
+}
+
+/// Converts a received gossip message to the core's form (`frame` is the
+/// frame's bytes, for zero-copy payloads).
+pub fn gossip_from_wire(
+    frame: &bytes::Bytes,
+    g: &GossipWire<'_>,
+) -> Result<crate::core::gossip::Message, WireError> {
+    use crate::core::gossip::Message as M;
+    let nodes = |list: &[Raw<'_>]| {
+        if list.len() > MAX_GOSSIP_NODES {
+            return Err(WireError::Unexpected("oversized gossip node list"));
+        }
+        list.iter()
+            .map(|r| node_id(*r))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    Ok(match g {
+        GossipWire::Join => M::Join,
+        GossipWire::ForwardJoin { node, ttl } => M::ForwardJoin {
+            node: node_id(*node)?,
+            ttl: *ttl,
+        },
+        GossipWire::Neighbor { high } => M::Neighbor { high: *high },
+        GossipWire::NeighborReply { accept } => M::NeighborReply { accept: *accept },
+        GossipWire::Disconnect => M::Disconnect,
+        GossipWire::Shuffle {
+            origin,
+            ttl,
+            nodes: n,
+        } => M::Shuffle {
+            origin: node_id(*origin)?,
+            ttl: *ttl,
+            nodes: nodes(n)?,
+        },
+        GossipWire::ShuffleReply { nodes: n } => M::ShuffleReply { nodes: nodes(n)? },
+        GossipWire::Msg {
+            origin,
+            seq,
+            round,
+            timestamp,
+            topic,
+            payload,
+        } => {
+            crate::core::topic::Topic::new(topic)
+                .map_err(|e| WireError::BadTopic(e.to_string()))?;
+            M::Gossip {
+                id: (node_id(*origin)?, *seq),
+                round: *round,
+                topic: std::sync::Arc::from(*topic),
+                payload: if payload.0.is_empty() {
+                    bytes::Bytes::new()
+                } else {
+                    frame.slice_ref(payload.0)
+                },
+                stamp: *timestamp,
+            }
+        }
+        GossipWire::IHave { groups } => M::IHave {
+            groups: groups
+                .iter()
+                .map(|(origin, list)| Ok((node_id(*origin)?, list.clone())))
+                .collect::<Result<_, WireError>>()?,
+        },
+        GossipWire::Graft { groups } => {
+            let mut ids = Vec::new();
+            for (origin, list) in groups {
+                let o = node_id(*origin)?;
+                ids.extend(list.iter().map(|seq| (o, *seq)));
+            }
+            M::Graft { ids }
+        }
+        GossipWire::Prune => M::Prune,
+    })
 }
 
 /// The handshake.

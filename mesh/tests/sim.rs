@@ -54,7 +54,8 @@ fn scenario(seed: u64) -> (u64, u64) {
         .build();
     let nodes = mesh_of(&mut sim, &["a", "b", "c", "d"]);
     let mut sub = sim.block_on(nodes[3].subscribe(">")).unwrap();
-    sim.run_until(|s| s.routed("a", "x"), 5 * S).unwrap();
+    sim.run_until(|s| ["a", "b", "c"].iter().all(|p| s.routed(p, "x")), 5 * S)
+        .unwrap();
     for i in 0..50u32 {
         sim.block_on(nodes[i as usize % 3].publish("x", i.to_string()))
             .unwrap();
@@ -611,6 +612,13 @@ fn restart(
 }
 
 fn check_seed(seed: u64) -> Result<Duration, String> {
+    // MESH_SIM_LOG=mesh=debug: the nodes' logs, for replaying one seed.
+    if let Ok(filter) = std::env::var("MESH_SIM_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    }
     let out = random_run(seed)?;
     let r = &out.report;
     if !r.safe() {
@@ -804,4 +812,70 @@ fn reliable_subscription_survives_a_publisher_restart() {
         got.push(number(&d).expect("a new session is not a gap"));
     }
     assert_eq!(got, (0..10).collect::<Vec<_>>());
+}
+
+// --- gossip mode on whole nodes ---
+
+#[test]
+fn gossip_mode_reaches_every_node_and_heals() {
+    let mut sim = Sim::new(21);
+    let names: Vec<String> = (0..12).map(|i| format!("g{i}")).collect();
+    let nodes: Vec<Node> = names
+        .iter()
+        .map(|n| sim.node_with(n, Node::builder().gossip(Pattern::new("g.>").unwrap())))
+        .collect();
+    sim.run_until(|s| s.converged(), 30 * S).unwrap();
+    sim.run_for(2 * S);
+    let mut subs: Vec<_> = nodes
+        .iter()
+        .map(|n| sim.block_on(n.subscribe("g.>")).unwrap())
+        .collect();
+    sim.run_for(S);
+    let count = |sim: &Sim, subs: &mut Vec<mesh::Subscription>, want: usize| -> Vec<usize> {
+        subs.iter_mut()
+            .enumerate()
+            .map(|(i, s)| {
+                let mut got = 0;
+                while got < want {
+                    match sim.block_on_for(Duration::from_secs(2), s.next()) {
+                        Ok(Some(_)) => got += 1,
+                        _ => break,
+                    }
+                }
+                let _ = i;
+                got
+            })
+            .collect()
+    };
+    for i in 0..50 {
+        sim.block_on(nodes[i % 3].publish("g.x", format!("{i}")))
+            .unwrap();
+        sim.run_for(Duration::from_millis(5));
+    }
+    assert_eq!(
+        count(&sim, &mut subs, 50),
+        vec![50; 12],
+        "every node gets every message"
+    );
+
+    let (left, right): (Vec<&str>, Vec<&str>) = names
+        .iter()
+        .map(String::as_str)
+        .partition(|n| n[1..].parse::<u32>().unwrap() % 2 == 0);
+    sim.partition(&[&left, &right]);
+    sim.run_for(20 * S);
+    sim.heal();
+    sim.run_until(|s| s.converged(), 60 * S).expect("heals");
+    sim.run_for(5 * S);
+    for i in 0..50 {
+        sim.block_on(nodes[1].publish("g.x", format!("after {i}")))
+            .unwrap();
+        sim.run_for(Duration::from_millis(5));
+    }
+    let after = count(&sim, &mut subs, 50);
+    assert_eq!(
+        after,
+        vec![50; 12],
+        "after the heal every node gets every message"
+    );
 }

@@ -20,12 +20,18 @@ fn loopback() -> crate::Multiaddr {
 }
 
 /// The child side: `sink` counts `bench.data`, `echo` answers pings.
-pub(super) async fn peer(mode: &str, messages: u64) -> anyhow::Result<()> {
-    let node = Node::builder()
-        .listen(loopback())
-        .mdns(false)
-        .start()
-        .await?;
+pub(super) async fn peer(
+    mode: &str,
+    messages: u64,
+    gossip_via: Option<crate::Multiaddr>,
+) -> anyhow::Result<()> {
+    let mut builder = Node::builder().listen(loopback()).mdns(false);
+    if let Some(addr) = &gossip_via {
+        builder = builder
+            .bootstrap(addr.clone())
+            .gossip(crate::Pattern::new("bench.>")?);
+    }
+    let node = builder.start().await?;
     let topic = match mode {
         "sink" => DATA,
         "echo" => PING,
@@ -40,6 +46,7 @@ pub(super) async fn peer(mode: &str, messages: u64) -> anyhow::Result<()> {
     println!("ADDR {addr}");
     let mut seen = 0u64;
     let mut first = None;
+    let mut warm = false;
     let idle = Duration::from_secs(30);
     while seen < messages {
         // Take what is already buffered without arming a timer per message.
@@ -48,6 +55,13 @@ pub(super) async fn peer(mode: &str, messages: u64) -> anyhow::Result<()> {
             None => tokio::time::timeout(idle, sub.next()).await,
         };
         match next {
+            // Gossip warm-up messages (0x00) say the overlay reaches us.
+            Ok(Some(m)) if gossip_via.is_some() && m.payload.first() == Some(&0) => {
+                if !warm {
+                    warm = true;
+                    println!("WARM");
+                }
+            }
             Ok(Some(m)) => {
                 seen += 1;
                 first.get_or_insert_with(Instant::now);
@@ -59,6 +73,12 @@ pub(super) async fn peer(mode: &str, messages: u64) -> anyhow::Result<()> {
         }
     }
     let elapsed = first.map(|t| t.elapsed().as_micros()).unwrap_or(0);
+    if sub.dropped() > 0 {
+        eprintln!(
+            "bench peer: {} messages dropped as a slow consumer",
+            sub.dropped()
+        );
+    }
     println!("DONE {seen} {elapsed}");
     node.shutdown().await;
     Ok(())
@@ -268,6 +288,109 @@ pub(super) fn gossip_sim(
             r.healed.delivered,
             r.healed.expected
         );
+    }
+    Ok(())
+}
+
+/// `mesh bench pubsub --mode gossip --nodes N`: this node publishes in
+/// gossip mode, `N - 1` child processes subscribe (and relay); the rate is
+/// messages delivered to every node per second.
+pub(super) async fn gossip(
+    nodes: usize,
+    size: usize,
+    messages: u64,
+    json: bool,
+) -> anyhow::Result<()> {
+    if nodes < 2 {
+        bail!("--nodes must be at least 2");
+    }
+    let node = Node::builder()
+        .listen(loopback())
+        .mdns(false)
+        .gossip(crate::Pattern::new("bench.>")?)
+        .start()
+        .await?;
+    let addr = wait_addrs(&node)
+        .await
+        .into_iter()
+        .next()
+        .context("no listen address")?;
+    let mut children = Vec::new();
+    for _ in 1..nodes {
+        let mut child = spawn_self(&[
+            "bench-peer".into(),
+            "--mode".into(),
+            "sink".into(),
+            "--messages".into(),
+            messages.to_string(),
+            "--gossip-via".into(),
+            addr.to_string(),
+        ])?;
+        let lines = lines_of(&mut child)?;
+        children.push((child, lines));
+    }
+    for (_, lines) in children.iter_mut() {
+        read_until(lines, "ADDR ", Duration::from_secs(20)).await?;
+    }
+    // Warm up until the overlay reaches every node.
+    let warm = bytes::Bytes::from(vec![0u8; size.max(1)]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for (_, lines) in children.iter_mut() {
+        loop {
+            node.publish(DATA, warm.clone()).await?;
+            if tokio::time::timeout(
+                Duration::from_millis(20),
+                read_until(lines, "WARM", Duration::from_secs(1)),
+            )
+            .await
+            .is_ok_and(|r| r.is_ok())
+            {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("gossip overlay did not reach every node within 30 s");
+            }
+        }
+    }
+    let payload = bytes::Bytes::from(vec![0xa5u8; size.max(1)]);
+    let publisher = node.publisher(DATA)?;
+    let start = Instant::now();
+    for _ in 0..messages {
+        publisher.publish(payload.clone()).await?;
+    }
+    let mut received = Vec::new();
+    for (_, lines) in children.iter_mut() {
+        let done = read_until(lines, "DONE ", Duration::from_secs(120)).await?;
+        received.push(
+            done.split_whitespace()
+                .next()
+                .unwrap_or("0")
+                .parse::<u64>()
+                .unwrap_or(0),
+        );
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let min = received.iter().copied().min().unwrap_or(0);
+    let rate = min as f64 / secs;
+    if !json {
+        println!(
+            "gossip over {nodes} nodes: {messages} x {size} B; every node received at least {min} in {secs:.3}s"
+        );
+        println!("{rate:.0} msgs/s delivered to every node");
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "pubsub", "transport": "quic", "mode": "gossip", "nodes": nodes, "size": size,
+            "messages": messages, "received_min": min, "msgs_per_sec": rate.round(),
+        })
+    );
+    node.shutdown().await;
+    for (mut child, _) in children {
+        let _ = child.wait().await;
+    }
+    if min < messages {
+        bail!("a node received {min} of {messages} messages");
     }
     Ok(())
 }

@@ -71,8 +71,8 @@ impl Default for Config {
             shuffle_active: 3,
             shuffle_passive: 4,
             lazy_interval: Duration::from_millis(100),
-            graft_timeout: Duration::from_millis(200),
-            cache: 64 * 1024,
+            graft_timeout: Duration::from_secs(1),
+            cache: 256 * 1024,
         }
     }
 }
@@ -126,11 +126,14 @@ pub enum Message {
         topic: std::sync::Arc<str>,
         /// Its payload.
         payload: Bytes,
+        /// Opaque to the core (the runtime's publish timestamp).
+        stamp: u64,
     },
-    /// Ids of messages the sender has (lazy push).
+    /// Ids of messages the sender has (lazy push), grouped by origin:
+    /// (seq, hops) per message.
     IHave {
-        /// The ids, with their hop counts.
-        ids: Vec<(MsgId, u32)>,
+        /// Per origin, its messages.
+        groups: Vec<(NodeId, Vec<(u64, u32)>)>,
     },
     /// Asks for messages and makes the link eager.
     Graft {
@@ -163,6 +166,8 @@ pub enum Event {
         topic: std::sync::Arc<str>,
         /// Its payload.
         payload: Bytes,
+        /// As given to [`Gossip::broadcast_with`].
+        stamp: u64,
     },
     /// A node entered the active view.
     NeighborUp(NodeId),
@@ -185,6 +190,25 @@ pub struct Stats {
     pub prunes: u64,
     /// Overlay maintenance messages sent (HyParView).
     pub overlay: u64,
+    /// `Graft`s for messages no longer kept (the puller loses them).
+    pub graft_misses: u64,
+    /// Announced messages given up on: every announcer was asked.
+    pub unrecovered: u64,
+}
+
+/// A message kept to answer pulls: hops, topic, payload, stamp.
+type Kept = (u32, std::sync::Arc<str>, Bytes, u64);
+
+/// Announcements grouped by origin: (seq, hops) per message.
+type Announcements = Vec<(NodeId, Vec<(u64, u32)>)>;
+
+/// A message announced but not received yet.
+#[derive(Debug)]
+struct Missing {
+    /// When to pull it.
+    at: Instant,
+    /// Who announced it, in order.
+    from: VecDeque<NodeId>,
 }
 
 /// One node's gossip state. See the [module docs](self).
@@ -201,14 +225,22 @@ pub struct Gossip {
     /// Neighbour requests in flight (to the passive view).
     asking: BTreeSet<NodeId>,
     seq: u64,
-    seen: rustc_hash::FxHashSet<MsgId>,
-    seen_order: VecDeque<MsgId>,
+    /// Ids seen, as (hash of origin, seq): 16 bytes each, so the window
+    /// can be long at high rates.
+    seen: rustc_hash::FxHashSet<(u64, u64)>,
+    seen_order: VecDeque<(u64, u64)>,
     /// Recent messages, to answer `Graft`s.
-    store: rustc_hash::FxHashMap<MsgId, (u32, std::sync::Arc<str>, Bytes)>,
-    store_order: VecDeque<MsgId>,
+    store: rustc_hash::FxHashMap<(u64, u64), Kept>,
+    store_order: VecDeque<(u64, u64)>,
     /// Announced but not received: when to pull, and who has it.
-    missing: BTreeMap<MsgId, (Instant, VecDeque<NodeId>)>,
-    lazy_queue: BTreeMap<NodeId, Vec<(MsgId, u32)>>,
+    missing: BTreeMap<MsgId, Missing>,
+    /// The earliest deadline in `missing` (kept so `poll_timeout` does not
+    /// scan it).
+    missing_timer: Option<Instant>,
+
+    /// Announcements waiting for the next batch, per lazy neighbour,
+    /// grouped by origin.
+    lazy_queue: BTreeMap<NodeId, Announcements>,
     next_lazy: Option<Instant>,
     next_shuffle: Option<Instant>,
     /// The origin whose duplicates shape the tree (see `note_origin`).
@@ -216,6 +248,7 @@ pub struct Gossip {
     out: VecDeque<Transmit>,
     events: VecDeque<Event>,
     stats: Stats,
+    scratch: Vec<NodeId>,
 }
 
 impl Gossip {
@@ -235,6 +268,8 @@ impl Gossip {
             store: Default::default(),
             store_order: VecDeque::new(),
             missing: BTreeMap::new(),
+            missing_timer: None,
+
             lazy_queue: BTreeMap::new(),
             next_lazy: None,
             next_shuffle: None,
@@ -242,6 +277,7 @@ impl Gossip {
             out: VecDeque::new(),
             events: VecDeque::new(),
             stats: Stats::default(),
+            scratch: Vec::new(),
         }
     }
 
@@ -315,8 +351,8 @@ impl Gossip {
             self.fill_active(rng);
         }
         // Announcements from it will not be answered.
-        for (_, (_, from)) in self.missing.iter_mut() {
-            from.retain(|n| *n != node);
+        for m in self.missing.values_mut() {
+            m.from.retain(|n| *n != node);
         }
     }
 
@@ -341,16 +377,38 @@ impl Gossip {
 
     /// Broadcasts a message from this node; returns its id.
     pub fn broadcast(&mut self, now: Instant, topic: std::sync::Arc<str>, payload: Bytes) -> MsgId {
-        self.seq += 1;
-        let id = (self.local, self.seq);
+        let seq = self.seq + 1;
+        self.broadcast_with(now, seq, topic, payload, 0)
+    }
+
+    /// Broadcasts with the caller's sequence number (which must grow) and
+    /// an opaque `stamp` delivered with it.
+    pub fn broadcast_with(
+        &mut self,
+        now: Instant,
+        seq: u64,
+        topic: std::sync::Arc<str>,
+        payload: Bytes,
+        stamp: u64,
+    ) -> MsgId {
+        self.seq = self.seq.max(seq);
+        let id = (self.local, seq);
         self.note_origin(now, self.local);
-        self.remember(id, 0, &topic, &payload);
-        self.push(now, id, 0, &topic, &payload, None);
+        self.remember(id, 0, &topic, &payload, stamp);
+        self.push(now, id, 0, &topic, &payload, stamp, None);
         id
+    }
+
+    fn key(id: &MsgId) -> (u64, u64) {
+        use std::hash::{Hash, Hasher};
+        let mut h = rustc_hash::FxHasher::default();
+        id.0.hash(&mut h);
+        (h.finish(), id.1)
     }
 
     /// Sends a new message on: full to the eager neighbours, announced to
     /// the lazy ones.
+    #[allow(clippy::too_many_arguments)]
     fn push(
         &mut self,
         now: Instant,
@@ -358,15 +416,14 @@ impl Gossip {
         round: u32,
         topic: &std::sync::Arc<str>,
         payload: &Bytes,
+        stamp: u64,
         from: Option<NodeId>,
     ) {
-        let eager: Vec<NodeId> = self
-            .eager
-            .iter()
-            .copied()
-            .filter(|n| Some(*n) != from)
-            .collect();
-        for n in eager {
+        // One scratch list, reused: this runs per message.
+        let mut peers = std::mem::take(&mut self.scratch);
+        peers.clear();
+        peers.extend(self.eager.iter().copied().filter(|n| Some(*n) != from));
+        for &n in &peers {
             self.send(
                 n,
                 Message::Gossip {
@@ -374,27 +431,42 @@ impl Gossip {
                     round: round + 1,
                     topic: topic.clone(),
                     payload: payload.clone(),
+                    stamp,
                 },
             );
         }
-        let lazy: Vec<NodeId> = self
-            .active
-            .iter()
-            .copied()
-            .filter(|n| Some(*n) != from && !self.eager.contains(n))
-            .collect();
-        if !lazy.is_empty() {
-            for n in lazy {
-                self.lazy_queue.entry(n).or_default().push((id, round + 1));
+        peers.clear();
+        peers.extend(
+            self.active
+                .iter()
+                .copied()
+                .filter(|n| Some(*n) != from && !self.eager.contains(n)),
+        );
+        if !peers.is_empty() {
+            for &n in &peers {
+                let groups = self.lazy_queue.entry(n).or_default();
+                match groups.last_mut() {
+                    Some((origin, ids)) if *origin == id.0 => ids.push((id.1, round + 1)),
+                    _ => groups.push((id.0, vec![(id.1, round + 1)])),
+                }
             }
             self.next_lazy
                 .get_or_insert(now + self.config.lazy_interval);
         }
+        self.scratch = peers;
     }
 
-    fn remember(&mut self, id: MsgId, round: u32, topic: &std::sync::Arc<str>, payload: &Bytes) {
-        if self.seen.insert(id) {
-            self.seen_order.push_back(id);
+    fn remember(
+        &mut self,
+        id: MsgId,
+        round: u32,
+        topic: &std::sync::Arc<str>,
+        payload: &Bytes,
+        stamp: u64,
+    ) {
+        let key = Self::key(&id);
+        if self.seen.insert(key) {
+            self.seen_order.push_back(key);
             if self.seen_order.len() > self.config.cache {
                 if let Some(old) = self.seen_order.pop_front() {
                     self.seen.remove(&old);
@@ -402,9 +474,9 @@ impl Gossip {
             }
         }
         self.store
-            .insert(id, (round, topic.clone(), payload.clone()));
-        self.store_order.push_back(id);
-        while self.store_order.len() > self.config.cache / 4 {
+            .insert(key, (round, topic.clone(), payload.clone(), stamp));
+        self.store_order.push_back(key);
+        while self.store_order.len() > self.config.cache {
             if let Some(old) = self.store_order.pop_front() {
                 self.store.remove(&old);
             }
@@ -543,8 +615,9 @@ impl Gossip {
                 round,
                 topic,
                 payload,
+                stamp,
             } => {
-                if self.seen.contains(&id) {
+                if self.seen.contains(&Self::key(&id)) {
                     self.stats.duplicates += 1;
                     // A second path to us: keep one.
                     let shaping = self.reference.is_some_and(|(r, _)| r == id.0);
@@ -555,7 +628,7 @@ impl Gossip {
                 }
                 self.note_origin(now, id.0);
                 self.missing.remove(&id);
-                self.remember(id, round, &topic, &payload);
+                self.remember(id, round, &topic, &payload, stamp);
                 if self.active.contains(&from) {
                     self.eager.insert(from);
                 }
@@ -564,12 +637,18 @@ impl Gossip {
                     round,
                     topic: topic.clone(),
                     payload: payload.clone(),
+                    stamp,
                 });
-                self.push(now, id, round, &topic, &payload, Some(from));
+                self.push(now, id, round, &topic, &payload, stamp, Some(from));
             }
-            Message::IHave { ids } => {
-                for (id, _round) in ids {
-                    if self.seen.contains(&id) {
+            Message::IHave { groups } => {
+                let ids = groups.into_iter().flat_map(|(origin, list)| {
+                    let h = Self::key(&(origin, 0)).0;
+                    list.into_iter()
+                        .map(move |(seq, _)| ((h, seq), (origin, seq)))
+                });
+                for (key, id) in ids {
+                    if self.seen.contains(&key) {
                         continue;
                     }
                     // Jittered: the nodes that missed a message (a piece of
@@ -579,13 +658,15 @@ impl Gossip {
                     // on to the others, which then need not.
                     let base = self.config.graft_timeout;
                     let at = now + base + base.mul_f64(rng.gen::<f64>());
-                    let entry = self
-                        .missing
-                        .entry(id)
-                        .or_insert_with(|| (at, VecDeque::new()));
-                    if !entry.1.contains(&from) {
-                        entry.1.push_back(from);
+                    let entry = self.missing.entry(id).or_insert_with(|| Missing {
+                        at,
+                        from: VecDeque::new(),
+                    });
+                    if !entry.from.contains(&from) {
+                        entry.from.push_back(from);
                     }
+                    let at = entry.at;
+                    self.missing_timer = Some(self.missing_timer.map_or(at, |t| t.min(at)));
                 }
             }
             Message::Graft { ids } => {
@@ -593,7 +674,11 @@ impl Gossip {
                     self.eager.insert(from);
                 }
                 for id in ids {
-                    if let Some((round, topic, payload)) = self.store.get(&id).cloned() {
+                    let kept = self.store.get(&Self::key(&id)).cloned();
+                    if kept.is_none() {
+                        self.stats.graft_misses += 1;
+                    }
+                    if let Some((round, topic, payload, stamp)) = kept {
                         self.send(
                             from,
                             Message::Gossip {
@@ -601,6 +686,7 @@ impl Gossip {
                                 round: round + 1,
                                 topic,
                                 payload,
+                                stamp,
                             },
                         );
                     }
@@ -617,33 +703,37 @@ impl Gossip {
     pub fn handle_timeout(&mut self, now: Instant, rng: &mut impl RngCore) {
         if self.next_lazy.is_some_and(|t| t <= now) {
             self.next_lazy = None;
-            for (to, ids) in std::mem::take(&mut self.lazy_queue) {
+            for (to, groups) in std::mem::take(&mut self.lazy_queue) {
                 if self.active.contains(&to) {
-                    self.send(to, Message::IHave { ids });
+                    self.send(to, Message::IHave { groups });
                 }
             }
         }
-        let due: Vec<MsgId> = self
-            .missing
-            .iter()
-            .filter(|(_, (at, _))| *at <= now)
-            .map(|(id, _)| *id)
-            .collect();
         let mut grafts: BTreeMap<NodeId, Vec<MsgId>> = BTreeMap::new();
-        for id in due {
-            let Some((at, from)) = self.missing.get_mut(&id) else {
-                continue;
-            };
-            match from.pop_front() {
-                Some(n) => {
-                    // Ask the next announcer if this one does not answer.
-                    *at = now + self.config.graft_timeout / 2;
-                    grafts.entry(n).or_default().push(id);
-                }
-                None => {
-                    self.missing.remove(&id);
+        if self.missing_timer.is_some_and(|t| t <= now) {
+            let due: Vec<MsgId> = self
+                .missing
+                .iter()
+                .filter(|(_, m)| m.at <= now)
+                .map(|(id, _)| *id)
+                .collect();
+            for id in due {
+                let Some(m) = self.missing.get_mut(&id) else {
+                    continue;
+                };
+                match m.from.pop_front() {
+                    Some(n) => {
+                        // Ask the next announcer if this one does not answer.
+                        m.at = now + self.config.graft_timeout / 2;
+                        grafts.entry(n).or_default().push(id);
+                    }
+                    None => {
+                        self.missing.remove(&id);
+                        self.stats.unrecovered += 1;
+                    }
                 }
             }
+            self.missing_timer = self.missing.values().map(|m| m.at).min();
         }
         for (n, ids) in grafts {
             if self.active.contains(&n) {
@@ -661,8 +751,7 @@ impl Gossip {
 
     /// When `handle_timeout` next has work.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let missing = self.missing.values().map(|(at, _)| *at).min();
-        [self.next_lazy, self.next_shuffle, missing]
+        [self.next_lazy, self.next_shuffle, self.missing_timer]
             .into_iter()
             .flatten()
             .min()

@@ -119,6 +119,11 @@ impl Topic {
     pub(crate) fn as_arc(&self) -> &Arc<str> {
         &self.0
     }
+
+    /// A topic from a string validated earlier (by the wire decoder).
+    pub(crate) fn from_validated(s: Arc<str>) -> Self {
+        Self(s)
+    }
 }
 
 impl fmt::Debug for Topic {

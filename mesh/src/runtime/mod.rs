@@ -334,6 +334,9 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
         reliable_routes: RouteCache::reliable(),
         rel_out: Default::default(),
         rel_in: Default::default(),
+        gossip: crate::core::gossip::Gossip::new(local, Default::default()),
+        gossip_dial: Vec::new(),
+        gossip_cache: GossipCache::default(),
     };
     let max_payload = task.config.max_frame.saturating_sub(1024);
     spawner.spawn(task.run(cmd_rx, unsub_rx, link_rx, control_rx, transport_events));
@@ -424,6 +427,19 @@ struct RelIn {
     asked: Option<Instant>,
 }
 
+/// Per-message work of gossip mode saved by remembering the last one.
+#[derive(Debug, Default)]
+struct GossipCache {
+    /// Last origin received: its bytes and parsed id.
+    origin_in: Option<(Vec<u8>, NodeId)>,
+    /// Last topic received.
+    topic_in: Option<Arc<str>>,
+    /// Last origin sent: its id and bytes.
+    origin_out: Option<(NodeId, Vec<u8>)>,
+    /// Subscriptions matching the last topic delivered, at a generation.
+    targets: Option<(Arc<str>, u64, Arc<[SubId]>)>,
+}
+
 /// One peer's link as the node task sees it.
 struct Link {
     id: LinkId,
@@ -491,6 +507,7 @@ fn frame_name(f: &Frame<'_>) -> &'static str {
         Frame::Bye => "Bye",
         Frame::ByeAck => "ByeAck",
         Frame::Relink => "Relink",
+        Frame::Gossip(_) => "Gossip",
         Frame::Seq { .. } => "Seq",
         Frame::Resume { .. } => "Resume",
         Frame::Lagged { .. } => "Lagged",
@@ -575,6 +592,11 @@ struct NodeTask {
     rel_out: rustc_hash::FxHashMap<NodeId, RelOut>,
     /// What we have received of each publisher's reliable messages.
     rel_in: rustc_hash::FxHashMap<NodeId, RelIn>,
+    /// Gossip mode: the overlay and broadcast core.
+    gossip: crate::core::gossip::Gossip,
+    /// Peers the gossip core sent to that are not connected.
+    gossip_dial: Vec<NodeId>,
+    gossip_cache: GossipCache,
 }
 
 /// Whatever ends the node task (shutdown, or its future dropped: a
@@ -619,9 +641,10 @@ impl NodeTask {
                 .values()
                 .map(|(_, since)| *since + self.config.slow_consumer_timeout)
                 .min();
-            let timer = self
-                .membership
-                .poll_timeout()
+            let timer = [self.membership.poll_timeout(), self.gossip.poll_timeout()]
+                .into_iter()
+                .flatten()
+                .min()
                 .map(tokio::time::Instant::from_std)
                 .unwrap_or_else(|| tokio::time::Instant::from_std(far_future()));
             self.flush();
@@ -666,7 +689,22 @@ impl NodeTask {
                 }
                 Some(id) = unsubs.recv() => self.unsubscribe(id),
                 _ = tokio::time::sleep_until(timer) => {
-                    self.membership.handle_timeout(now(), &mut self.rng);
+                    let now = now();
+                    if self.membership.poll_timeout().is_some_and(|t| t <= now) {
+                        self.membership.handle_timeout(now, &mut self.rng);
+                    }
+                    if self.gossip.poll_timeout().is_some_and(|t| t <= now) {
+                        let before = self.gossip.stats().clone();
+                        self.gossip.handle_timeout(now, &mut self.rng);
+                        let after = self.gossip.stats();
+                        if after.unrecovered > before.unrecovered || after.graft_misses > before.graft_misses {
+                            tracing::warn!(
+                                unrecovered = after.unrecovered,
+                                graft_misses = after.graft_misses,
+                                "gossip messages lost: announced but no neighbour could send them"
+                            );
+                        }
+                    }
                     self.reconnect().await;
                     self.expire_links();
                     self.forget_departed();
@@ -697,6 +735,7 @@ impl NodeTask {
                 }
             }
             self.drive_membership().await;
+            self.drive_gossip().await;
         };
         // What was published before shutdown goes out before the goodbye.
         publishes.close();
@@ -937,6 +976,10 @@ impl NodeTask {
                 }
                 self.relink_backoff.remove(&peer);
                 tracing::debug!(%peer, incarnation, "link up");
+                self.gossip.handle_peer_up(peer, &mut self.rng);
+                if self.gossip.active().is_empty() {
+                    self.gossip.join(now(), peer);
+                }
                 self.membership.handle_link_up(now(), peer, addrs);
             }
             LinkEvent::Frames { link, frames } => {
@@ -1035,12 +1078,28 @@ impl NodeTask {
                     .ok_or(WireError::Unexpected("Msg"))?;
                 let seq = link.pending_seq.take();
                 let (msg, targets) = link.dec.handle_msg(body, &m, &self.subs)?;
-                if let Some((session, rseq)) = seq {
-                    if !self.accept_reliable(peer, session, rseq) {
-                        return Ok(());
+                match seq {
+                    Some((session, rseq)) => {
+                        if !self.accept_reliable(peer, session, rseq) {
+                            return Ok(());
+                        }
+                        self.deliver(msg, &targets);
                     }
+                    // Not numbered: the publisher did not know of our
+                    // reliable subscriptions yet. They start with the first
+                    // numbered message, so their stream has no hole.
+                    None if !self.reliable_subs.is_empty()
+                        && targets.iter().any(|t| self.reliable_subs.contains(t)) =>
+                    {
+                        let plain: Vec<SubId> = targets
+                            .iter()
+                            .copied()
+                            .filter(|t| !self.reliable_subs.contains(t))
+                            .collect();
+                        self.deliver(msg, &plain);
+                    }
+                    None => self.deliver(msg, &targets),
                 }
-                self.deliver(msg, &targets);
             }
             Frame::Seq { session, rseq } => {
                 let link = self
@@ -1050,6 +1109,54 @@ impl NodeTask {
                 link.pending_seq = Some((session, rseq));
             }
             Frame::Resume { session, next } => self.resend(peer, session, next),
+            Frame::Gossip(g) => {
+                let msg = match g {
+                    // The hot path: the last origin's id and topic are
+                    // reused instead of parsed and allocated per message.
+                    wire::GossipWire::Msg {
+                        origin,
+                        seq,
+                        round,
+                        timestamp,
+                        topic,
+                        payload,
+                    } => {
+                        let origin = match &self.gossip_cache.origin_in {
+                            Some((raw, id)) if raw.as_slice() == origin.0 => *id,
+                            _ => {
+                                let id = wire::node_id(origin)?;
+                                self.gossip_cache.origin_in = Some((origin.0.to_vec(), id));
+                                id
+                            }
+                        };
+                        let topic = match &self.gossip_cache.topic_in {
+                            Some(t) if &**t == topic => t.clone(),
+                            _ => {
+                                crate::core::topic::Topic::new(topic)
+                                    .map_err(|e| WireError::BadTopic(e.to_string()))?;
+                                let t: Arc<str> = Arc::from(topic);
+                                self.gossip_cache.topic_in = Some(t.clone());
+                                t
+                            }
+                        };
+                        crate::core::gossip::Message::Gossip {
+                            id: (origin, seq),
+                            round,
+                            topic,
+                            payload: if payload.0.is_empty() {
+                                Bytes::new()
+                            } else {
+                                body.slice_ref(payload.0)
+                            },
+                            stamp: timestamp,
+                        }
+                    }
+                    other => wire::gossip_from_wire(body, &other)?,
+                };
+                self.gossip.handle_message(now(), peer, msg, &mut self.rng);
+                self.gossip_events();
+                self.gossip_out();
+            }
             Frame::Lagged {
                 session,
                 missed,
@@ -1171,6 +1278,7 @@ impl NodeTask {
                 asked: None,
             };
         }
+        tracing::trace!(%peer, session, rseq, next = state.next, "reliable message");
         if rseq < state.next {
             return false;
         }
@@ -1439,6 +1547,7 @@ impl NodeTask {
             self.publish(cmd, timestamp);
         }
         self.flush_deliveries(true);
+        self.gossip_out();
     }
 
     fn publish(&mut self, cmd: PublishCmd, timestamp: u64) {
@@ -1448,6 +1557,17 @@ impl NodeTask {
             headers,
             payload,
         } = cmd;
+        if self.config.gossip.iter().any(|p| p.matches(topic.as_str())) {
+            self.gossip.broadcast_with(
+                now(),
+                self.seq,
+                topic.as_arc().clone(),
+                payload.clone(),
+                timestamp,
+            );
+            self.deliver_local(topic, timestamp, headers, payload);
+            return;
+        }
         // Reliable subscribers get a numbered copy kept for resending,
         // even while down or unreachable: they fetch it when they are back.
         let mut rseqs: Vec<(NodeId, u64)> = Vec::new();
@@ -1513,22 +1633,129 @@ impl NodeTask {
                 link.queued += 1;
             }
         }
-        if !self.subs.is_empty() {
-            let targets = self.subs.matching(topic.as_str());
-            if !targets.is_empty() {
-                let msg = Message {
-                    id: MessageId {
-                        publisher: self.local,
-                        seq: self.seq,
-                    },
-                    topic,
+        self.deliver_local(topic, timestamp, headers, payload);
+    }
+
+    /// A message published here, to this node's own subscriptions.
+    fn deliver_local(
+        &mut self,
+        topic: crate::core::topic::Topic,
+        timestamp: u64,
+        headers: Vec<(String, Bytes)>,
+        payload: Bytes,
+    ) {
+        if self.subs.is_empty() {
+            return;
+        }
+        let targets = self.subs.matching(topic.as_str());
+        if !targets.is_empty() {
+            let msg = Message {
+                id: MessageId {
                     publisher: self.local,
-                    timestamp,
-                    headers,
-                    payload,
-                };
-                self.deliver(msg, &targets);
+                    seq: self.seq,
+                },
+                topic,
+                publisher: self.local,
+                timestamp,
+                headers,
+                payload,
+            };
+            self.deliver(msg, &targets);
+        }
+    }
+
+    /// Gossip messages received: to this node's subscriptions.
+    fn gossip_events(&mut self) {
+        while let Some(ev) = self.gossip.poll_event() {
+            let crate::core::gossip::Event::Deliver {
+                id,
+                topic,
+                payload,
+                stamp,
+                ..
+            } = ev
+            else {
+                continue;
+            };
+            if self.subs.is_empty() {
+                continue;
             }
+            let generation = self.subs.generation();
+            let targets = match &self.gossip_cache.targets {
+                Some((t, g, targets)) if *g == generation && **t == *topic => targets.clone(),
+                _ => {
+                    let targets: Arc<[SubId]> = self.subs.matching(&topic).into();
+                    self.gossip_cache.targets = Some((topic.clone(), generation, targets.clone()));
+                    targets
+                }
+            };
+            if targets.is_empty() {
+                continue;
+            }
+            let msg = Message {
+                id: MessageId {
+                    publisher: id.0,
+                    seq: id.1,
+                },
+                topic: crate::core::topic::Topic::from_validated(topic),
+                publisher: id.0,
+                timestamp: stamp,
+                headers: Vec::new(),
+                payload,
+            };
+            self.deliver(msg, &targets);
+        }
+    }
+
+    /// Encodes what the gossip core wants sent into the links' buffers;
+    /// peers not connected are dialed by `drive_gossip`.
+    fn gossip_out(&mut self) {
+        while let Some(t) = self.gossip.poll_transmit() {
+            if t.to == self.local {
+                continue;
+            }
+            if !self.connected.contains_key(&t.to) && !self.gossip_dial.contains(&t.to) {
+                self.gossip_dial.push(t.to);
+            }
+            let link = link_entry(&mut self.links, &mut self.next_link, &self.space, t.to);
+            match &t.message {
+                crate::core::gossip::Message::Gossip {
+                    id,
+                    round,
+                    topic,
+                    payload,
+                    stamp,
+                } => {
+                    let cache = &mut self.gossip_cache.origin_out;
+                    if cache.as_ref().is_none_or(|(o, _)| *o != id.0) {
+                        *cache = Some((id.0, id.0.to_bytes()));
+                    }
+                    let bytes = &cache.as_ref().expect("set above").1;
+                    wire::encode(
+                        &mut link.scratch,
+                        &Frame::Gossip(wire::GossipWire::Msg {
+                            origin: Raw(bytes),
+                            seq: id.1,
+                            round: *round,
+                            timestamp: *stamp,
+                            topic,
+                            payload: Raw(payload),
+                        }),
+                    );
+                }
+                other => wire::encode_gossip(&mut link.scratch, other),
+            }
+            link.has_data = true;
+        }
+    }
+
+    async fn drive_gossip(&mut self) {
+        self.gossip_events();
+        self.flush_deliveries(false);
+        self.gossip_out();
+        for peer in std::mem::take(&mut self.gossip_dial) {
+            let addrs = self.addrs_of(&peer);
+            self.transport.dial_peer(peer, addrs).await;
         }
     }
 
@@ -1640,6 +1867,7 @@ impl NodeTask {
                 membership::Event::Suspect { node } => tracing::info!(peer = %node, "peer suspect"),
                 membership::Event::Down { node } => {
                     tracing::info!(peer = %node, "peer down");
+                    self.gossip.handle_link_down(node, &mut self.rng);
                     let leaving = match self.links.remove(&node) {
                         Some(mut l) => {
                             l.close();

@@ -381,12 +381,12 @@ pub fn run(cfg: &OverlayRun) -> OverlayReport {
     let settle = Duration::from_secs(30) + Duration::from_millis(10 * n as u64);
     w.run_until(start + settle);
     // A first round of broadcasts shapes the tree (prunes), then measure.
-    w.phase(0, cfg.messages, cfg.interval, Duration::from_secs(2));
+    w.phase(0, cfg.messages, cfg.interval, Duration::from_secs(5));
     w.delivered[0] = 0;
     w.broadcast[0] = 0;
     w.expected[0] = 0;
     w.hops[0] = 0;
-    let steady = w.phase(0, cfg.messages, cfg.interval, Duration::from_secs(2));
+    let steady = w.phase(0, cfg.messages, cfg.interval, Duration::from_secs(5));
 
     // Two halves, at random.
     let side: Vec<u8> = (0..n).map(|_| rng.gen_range(0..2)).collect();
@@ -406,7 +406,7 @@ pub fn run(cfg: &OverlayRun) -> OverlayReport {
         }
     }
     w.run_until(t + Duration::from_secs(10));
-    let partitioned = w.phase(1, cfg.messages, cfg.interval, Duration::from_secs(2));
+    let partitioned = w.phase(1, cfg.messages, cfg.interval, Duration::from_secs(5));
 
     // Heal; the membership reports the other side back up.
     w.side = None;
