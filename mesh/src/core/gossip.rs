@@ -202,6 +202,9 @@ type Kept = (u32, std::sync::Arc<str>, Bytes, u64);
 /// Announcements grouped by origin: (seq, hops) per message.
 type Announcements = Vec<(NodeId, Vec<(u64, u32)>)>;
 
+/// Most announced-but-missing messages tracked at once.
+const MAX_MISSING: usize = 64 * 1024;
+
 /// A message announced but not received yet.
 #[derive(Debug)]
 struct Missing {
@@ -651,6 +654,12 @@ impl Gossip {
                     if self.seen.contains(&key) {
                         continue;
                     }
+                    // Bounded: a peer announcing more than we can track
+                    // (hostile, or far ahead) is not followed further.
+                    if self.missing.len() >= MAX_MISSING && !self.missing.contains_key(&id) {
+                        self.stats.unrecovered += 1;
+                        continue;
+                    }
                     // Jittered: the nodes that missed a message (a piece of
                     // the tree cut off by concurrent prunes) must not all
                     // pull it at once, or each pull adds a link and the
@@ -859,5 +868,75 @@ impl Gossip {
             }
         }
         self.passive.insert(node);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{rngs::SmallRng, SeedableRng};
+
+    #[test]
+    fn announcements_beyond_the_tracking_limit_are_counted_not_stored() {
+        let mut rng = SmallRng::seed_from_u64(1);
+        let now = Instant::now();
+        let mut g = Gossip::new(NodeId::random(), Config::default());
+        let peer = NodeId::random();
+        let origin = NodeId::random();
+        let ids: Vec<(u64, u32)> = (0..(MAX_MISSING as u64 + 1000)).map(|s| (s, 1)).collect();
+        g.handle_message(
+            now,
+            peer,
+            Message::IHave {
+                groups: vec![(origin, ids)],
+            },
+            &mut rng,
+        );
+        assert_eq!(g.missing.len(), MAX_MISSING);
+        assert_eq!(g.stats().unrecovered, 1000);
+    }
+
+    #[test]
+    fn a_duplicate_prunes_the_later_sender_and_a_pull_grafts() {
+        let mut rng = SmallRng::seed_from_u64(2);
+        let t0 = Instant::now();
+        let me = NodeId::random();
+        let (a, b) = (NodeId::random(), NodeId::random());
+        let mut g = Gossip::new(me, Config::default());
+        g.handle_message(t0, a, Message::Neighbor { high: true }, &mut rng);
+        g.handle_message(t0, b, Message::Neighbor { high: true }, &mut rng);
+        while g.poll_transmit().is_some() {}
+        let msg = |seq| Message::Gossip {
+            id: (a, seq),
+            round: 0,
+            topic: "t".into(),
+            payload: Bytes::from_static(b"x"),
+            stamp: 0,
+        };
+        g.handle_message(t0, a, msg(1), &mut rng);
+        g.handle_message(t0, b, msg(1), &mut rng);
+        let sent: Vec<Transmit> = std::iter::from_fn(|| g.poll_transmit()).collect();
+        assert!(sent.contains(&Transmit {
+            to: b,
+            message: Message::Prune
+        }));
+        assert!(!g.eager().contains(&b) && g.eager().contains(&a));
+        // b announces a message we never got: after the timeout we pull it.
+        g.handle_message(
+            t0,
+            b,
+            Message::IHave {
+                groups: vec![(a, vec![(2, 1)])],
+            },
+            &mut rng,
+        );
+        let due = g.poll_timeout().expect("pull timer");
+        g.handle_timeout(due, &mut rng);
+        let sent: Vec<Transmit> = std::iter::from_fn(|| g.poll_transmit()).collect();
+        assert!(sent.contains(&Transmit {
+            to: b,
+            message: Message::Graft { ids: vec![(a, 2)] }
+        }));
+        assert!(g.eager().contains(&b), "a pull makes the link eager again");
     }
 }
