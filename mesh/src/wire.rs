@@ -179,176 +179,218 @@ pub enum GossipWire<'a> {
 /// Most node ids in one shuffle.
 pub const MAX_GOSSIP_NODES: usize = 64;
 
-/// Encodes a gossip message as a frame into `buf` (a broadcast message's
-/// `stamp` is its publish timestamp).
-pub fn encode_gossip(buf: &mut Vec<u8>, msg: &crate::core::gossip::Message) {
-    use crate::core::gossip::Message as M;
-    let ids = |nodes: &[NodeId]| nodes.iter().map(|n| n.to_bytes()).collect::<Vec<_>>();
-    match msg {
-        M::Join => encode(buf, &Frame::Gossip(GossipWire::Join)),
-        M::ForwardJoin { node, ttl } => {
-            let id = node.to_bytes();
-            encode(
-                buf,
-                &Frame::Gossip(GossipWire::ForwardJoin {
-                    node: Raw(&id),
-                    ttl: *ttl,
-                }),
-            );
-        }
-        M::Neighbor { high } => encode(buf, &Frame::Gossip(GossipWire::Neighbor { high: *high })),
-        M::NeighborReply { accept } => encode(
-            buf,
-            &Frame::Gossip(GossipWire::NeighborReply { accept: *accept }),
-        ),
-        M::Disconnect => encode(buf, &Frame::Gossip(GossipWire::Disconnect)),
-        M::Shuffle { origin, ttl, nodes } => {
-            let o = origin.to_bytes();
-            let ns = ids(nodes);
-            encode(
-                buf,
-                &Frame::Gossip(GossipWire::Shuffle {
-                    origin: Raw(&o),
-                    ttl: *ttl,
-                    nodes: ns.iter().map(|n| Raw(n)).collect(),
-                }),
-            );
-        }
-        M::ShuffleReply { nodes } => {
-            let ns = ids(nodes);
-            encode(
-                buf,
-                &Frame::Gossip(GossipWire::ShuffleReply {
-                    nodes: ns.iter().map(|n| Raw(n)).collect(),
-                }),
-            );
-        }
-        M::Gossip {
-            id,
-            round,
-            topic,
-            payload,
-            stamp,
-        } => {
-            let o = id.0.to_bytes();
-            encode(
-                buf,
-                &Frame::Gossip(GossipWire::Msg {
-                    origin: Raw(&o),
-                    seq: id.1,
-                    round: *round,
-                    timestamp: *stamp,
-                    topic,
-                    payload: Raw(payload),
-                }),
-            );
-        }
-        M::IHave { groups } => {
-            let ids: Vec<Vec<u8>> = groups.iter().map(|(o, _)| o.to_bytes()).collect();
-            encode(
-                buf,
-                &Frame::Gossip(GossipWire::IHave {
-                    groups: groups
-                        .iter()
-                        .zip(&ids)
-                        .map(|((_, list), o)| (Raw(o), list.clone()))
-                        .collect(),
-                }),
-            );
-        }
-        M::Graft { ids } => {
-            let mut groups: Vec<(Vec<u8>, Vec<u64>)> = Vec::new();
-            let mut last: Option<NodeId> = None;
-            for (origin, seq) in ids {
-                if last != Some(*origin) {
-                    groups.push((origin.to_bytes(), Vec::new()));
-                    last = Some(*origin);
-                }
-                groups.last_mut().expect("pushed").1.push(*seq);
-            }
-            encode(
-                buf,
-                &Frame::Gossip(GossipWire::Graft {
-                    groups: groups.iter().map(|(o, v)| (Raw(o), v.clone())).collect(),
-                }),
-            );
-        }
-        M::Prune => encode(buf, &Frame::Gossip(GossipWire::Prune)),
-    }
+/// Encodes and decodes gossip frames. It remembers the last origin id and
+/// topic in each direction: a stream of broadcasts from one origin then
+/// costs no id parsing, serialising or topic allocation per message.
+#[derive(Debug, Default)]
+pub struct GossipCodec {
+    origin_in: Option<(Vec<u8>, NodeId)>,
+    topic_in: Option<std::sync::Arc<str>>,
+    origin_out: Option<(NodeId, Vec<u8>)>,
 }
 
-/// Converts a received gossip message to the core's form (`frame` is the
-/// frame's bytes, for zero-copy payloads).
-pub fn gossip_from_wire(
-    frame: &bytes::Bytes,
-    g: &GossipWire<'_>,
-) -> Result<crate::core::gossip::Message, WireError> {
-    use crate::core::gossip::Message as M;
-    let nodes = |list: &[Raw<'_>]| {
-        if list.len() > MAX_GOSSIP_NODES {
-            return Err(WireError::Unexpected("oversized gossip node list"));
+impl GossipCodec {
+    fn origin_bytes(&mut self, origin: NodeId) -> &[u8] {
+        if self.origin_out.as_ref().is_none_or(|(o, _)| *o != origin) {
+            self.origin_out = Some((origin, origin.to_bytes()));
         }
-        list.iter()
-            .map(|r| node_id(*r))
-            .collect::<Result<Vec<_>, _>>()
-    };
-    Ok(match g {
-        GossipWire::Join => M::Join,
-        GossipWire::ForwardJoin { node, ttl } => M::ForwardJoin {
-            node: node_id(*node)?,
-            ttl: *ttl,
-        },
-        GossipWire::Neighbor { high } => M::Neighbor { high: *high },
-        GossipWire::NeighborReply { accept } => M::NeighborReply { accept: *accept },
-        GossipWire::Disconnect => M::Disconnect,
-        GossipWire::Shuffle {
-            origin,
-            ttl,
-            nodes: n,
-        } => M::Shuffle {
-            origin: node_id(*origin)?,
-            ttl: *ttl,
-            nodes: nodes(n)?,
-        },
-        GossipWire::ShuffleReply { nodes: n } => M::ShuffleReply { nodes: nodes(n)? },
-        GossipWire::Msg {
-            origin,
-            seq,
-            round,
-            timestamp,
-            topic,
-            payload,
-        } => {
-            crate::core::topic::Topic::new(topic)
-                .map_err(|e| WireError::BadTopic(e.to_string()))?;
+        &self.origin_out.as_ref().expect("set above").1
+    }
+
+    fn origin(&mut self, raw: Raw<'_>) -> Result<NodeId, WireError> {
+        match &self.origin_in {
+            Some((bytes, id)) if bytes.as_slice() == raw.0 => Ok(*id),
+            _ => {
+                let id = node_id(raw)?;
+                self.origin_in = Some((raw.0.to_vec(), id));
+                Ok(id)
+            }
+        }
+    }
+
+    fn topic(&mut self, topic: &str) -> Result<std::sync::Arc<str>, WireError> {
+        match &self.topic_in {
+            Some(t) if &**t == topic => Ok(t.clone()),
+            _ => {
+                crate::core::topic::Topic::new(topic)
+                    .map_err(|e| WireError::BadTopic(e.to_string()))?;
+                let t: std::sync::Arc<str> = std::sync::Arc::from(topic);
+                self.topic_in = Some(t.clone());
+                Ok(t)
+            }
+        }
+    }
+
+    /// Encodes a gossip message as a frame into `buf` (a broadcast
+    /// message's `stamp` is its publish timestamp).
+    pub fn encode(&mut self, buf: &mut Vec<u8>, msg: &crate::core::gossip::Message) {
+        use crate::core::gossip::Message as M;
+        let ids = |nodes: &[NodeId]| nodes.iter().map(|n| n.to_bytes()).collect::<Vec<_>>();
+        match msg {
+            M::Join => encode(buf, &Frame::Gossip(GossipWire::Join)),
+            M::ForwardJoin { node, ttl } => {
+                let id = node.to_bytes();
+                encode(
+                    buf,
+                    &Frame::Gossip(GossipWire::ForwardJoin {
+                        node: Raw(&id),
+                        ttl: *ttl,
+                    }),
+                );
+            }
+            M::Neighbor { high } => {
+                encode(buf, &Frame::Gossip(GossipWire::Neighbor { high: *high }))
+            }
+            M::NeighborReply { accept } => encode(
+                buf,
+                &Frame::Gossip(GossipWire::NeighborReply { accept: *accept }),
+            ),
+            M::Disconnect => encode(buf, &Frame::Gossip(GossipWire::Disconnect)),
+            M::Shuffle { origin, ttl, nodes } => {
+                let o = origin.to_bytes();
+                let ns = ids(nodes);
+                encode(
+                    buf,
+                    &Frame::Gossip(GossipWire::Shuffle {
+                        origin: Raw(&o),
+                        ttl: *ttl,
+                        nodes: ns.iter().map(|n| Raw(n)).collect(),
+                    }),
+                );
+            }
+            M::ShuffleReply { nodes } => {
+                let ns = ids(nodes);
+                encode(
+                    buf,
+                    &Frame::Gossip(GossipWire::ShuffleReply {
+                        nodes: ns.iter().map(|n| Raw(n)).collect(),
+                    }),
+                );
+            }
             M::Gossip {
-                id: (node_id(*origin)?, *seq),
+                id,
+                round,
+                topic,
+                payload,
+                stamp,
+            } => {
+                let o = self.origin_bytes(id.0);
+                encode(
+                    buf,
+                    &Frame::Gossip(GossipWire::Msg {
+                        origin: Raw(o),
+                        seq: id.1,
+                        round: *round,
+                        timestamp: *stamp,
+                        topic,
+                        payload: Raw(payload),
+                    }),
+                );
+            }
+            M::IHave { groups } => {
+                let ids: Vec<Vec<u8>> = groups.iter().map(|(o, _)| o.to_bytes()).collect();
+                encode(
+                    buf,
+                    &Frame::Gossip(GossipWire::IHave {
+                        groups: groups
+                            .iter()
+                            .zip(&ids)
+                            .map(|((_, list), o)| (Raw(o), list.clone()))
+                            .collect(),
+                    }),
+                );
+            }
+            M::Graft { ids } => {
+                let mut groups: Vec<(Vec<u8>, Vec<u64>)> = Vec::new();
+                let mut last: Option<NodeId> = None;
+                for (origin, seq) in ids {
+                    if last != Some(*origin) {
+                        groups.push((origin.to_bytes(), Vec::new()));
+                        last = Some(*origin);
+                    }
+                    groups.last_mut().expect("pushed").1.push(*seq);
+                }
+                encode(
+                    buf,
+                    &Frame::Gossip(GossipWire::Graft {
+                        groups: groups.iter().map(|(o, v)| (Raw(o), v.clone())).collect(),
+                    }),
+                );
+            }
+            M::Prune => encode(buf, &Frame::Gossip(GossipWire::Prune)),
+        }
+    }
+
+    /// Converts a received gossip message to the core's form (`frame` is the
+    /// frame's bytes, for zero-copy payloads).
+    pub fn decode(
+        &mut self,
+        frame: &bytes::Bytes,
+        g: &GossipWire<'_>,
+    ) -> Result<crate::core::gossip::Message, WireError> {
+        use crate::core::gossip::Message as M;
+        let nodes = |list: &[Raw<'_>]| {
+            if list.len() > MAX_GOSSIP_NODES {
+                return Err(WireError::Unexpected("oversized gossip node list"));
+            }
+            list.iter()
+                .map(|r| node_id(*r))
+                .collect::<Result<Vec<_>, _>>()
+        };
+        Ok(match g {
+            GossipWire::Join => M::Join,
+            GossipWire::ForwardJoin { node, ttl } => M::ForwardJoin {
+                node: node_id(*node)?,
+                ttl: *ttl,
+            },
+            GossipWire::Neighbor { high } => M::Neighbor { high: *high },
+            GossipWire::NeighborReply { accept } => M::NeighborReply { accept: *accept },
+            GossipWire::Disconnect => M::Disconnect,
+            GossipWire::Shuffle {
+                origin,
+                ttl,
+                nodes: n,
+            } => M::Shuffle {
+                origin: node_id(*origin)?,
+                ttl: *ttl,
+                nodes: nodes(n)?,
+            },
+            GossipWire::ShuffleReply { nodes: n } => M::ShuffleReply { nodes: nodes(n)? },
+            GossipWire::Msg {
+                origin,
+                seq,
+                round,
+                timestamp,
+                topic,
+                payload,
+            } => M::Gossip {
+                id: (self.origin(*origin)?, *seq),
                 round: *round,
-                topic: std::sync::Arc::from(*topic),
+                topic: self.topic(topic)?,
                 payload: if payload.0.is_empty() {
                     bytes::Bytes::new()
                 } else {
                     frame.slice_ref(payload.0)
                 },
                 stamp: *timestamp,
+            },
+            GossipWire::IHave { groups } => M::IHave {
+                groups: groups
+                    .iter()
+                    .map(|(origin, list)| Ok((node_id(*origin)?, list.clone())))
+                    .collect::<Result<_, WireError>>()?,
+            },
+            GossipWire::Graft { groups } => {
+                let mut ids = Vec::new();
+                for (origin, list) in groups {
+                    let o = node_id(*origin)?;
+                    ids.extend(list.iter().map(|seq| (o, *seq)));
+                }
+                M::Graft { ids }
             }
-        }
-        GossipWire::IHave { groups } => M::IHave {
-            groups: groups
-                .iter()
-                .map(|(origin, list)| Ok((node_id(*origin)?, list.clone())))
-                .collect::<Result<_, WireError>>()?,
-        },
-        GossipWire::Graft { groups } => {
-            let mut ids = Vec::new();
-            for (origin, list) in groups {
-                let o = node_id(*origin)?;
-                ids.extend(list.iter().map(|seq| (o, *seq)));
-            }
-            M::Graft { ids }
-        }
-        GossipWire::Prune => M::Prune,
-    })
+            GossipWire::Prune => M::Prune,
+        })
+    }
 }
 
 /// The handshake.

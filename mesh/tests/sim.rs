@@ -833,8 +833,7 @@ fn gossip_mode_reaches_every_node_and_heals() {
     sim.run_for(S);
     let count = |sim: &Sim, subs: &mut Vec<mesh::Subscription>, want: usize| -> Vec<usize> {
         subs.iter_mut()
-            .enumerate()
-            .map(|(i, s)| {
+            .map(|s| {
                 let mut got = 0;
                 while got < want {
                     match sim.block_on_for(Duration::from_secs(2), s.next()) {
@@ -842,7 +841,6 @@ fn gossip_mode_reaches_every_node_and_heals() {
                         _ => break,
                     }
                 }
-                let _ = i;
                 got
             })
             .collect()

@@ -1048,11 +1048,7 @@ mod tests {
 
     const LATENCY: Duration = Duration::from_millis(10);
 
-    /// The start of virtual time. The core never reads a clock; tests only
-    /// need some `Instant` to count from, and every later time is an offset.
-    fn origin() -> Instant {
-        Instant::now()
-    }
+    use crate::core::test_origin as origin;
 
     /// Deterministic ids (unlike `PeerId::random`), so that BTreeMap orders
     /// and hence whole runs repeat for a given seed.

@@ -268,7 +268,7 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
             )
         }
         Some(hooks) => {
-            let (endpoint, events) = hooks.attach(local, &config.bootstrap);
+            let (endpoint, events) = hooks.attach(&config.bootstrap);
             (
                 Transport::Sim(endpoint),
                 events,
@@ -336,7 +336,8 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
         rel_in: Default::default(),
         gossip: crate::core::gossip::Gossip::new(local, Default::default()),
         gossip_dial: Vec::new(),
-        gossip_cache: GossipCache::default(),
+        gossip_codec: Default::default(),
+        gossip_targets: None,
     };
     let max_payload = task.config.max_frame.saturating_sub(1024);
     spawner.spawn(task.run(cmd_rx, unsub_rx, link_rx, control_rx, transport_events));
@@ -425,19 +426,6 @@ struct RelIn {
     next: u64,
     /// When we last asked for a resend (`None`: not waiting for one).
     asked: Option<Instant>,
-}
-
-/// Per-message work of gossip mode saved by remembering the last one.
-#[derive(Debug, Default)]
-struct GossipCache {
-    /// Last origin received: its bytes and parsed id.
-    origin_in: Option<(Vec<u8>, NodeId)>,
-    /// Last topic received.
-    topic_in: Option<Arc<str>>,
-    /// Last origin sent: its id and bytes.
-    origin_out: Option<(NodeId, Vec<u8>)>,
-    /// Subscriptions matching the last topic delivered, at a generation.
-    targets: Option<(Arc<str>, u64, Arc<[SubId]>)>,
 }
 
 /// One peer's link as the node task sees it.
@@ -596,7 +584,10 @@ struct NodeTask {
     gossip: crate::core::gossip::Gossip,
     /// Peers the gossip core sent to that are not connected.
     gossip_dial: Vec<NodeId>,
-    gossip_cache: GossipCache,
+    gossip_codec: wire::GossipCodec,
+    /// Subscriptions matching the last gossip topic delivered, at a
+    /// subscription generation.
+    gossip_targets: Option<(Arc<str>, u64, Arc<[SubId]>)>,
 }
 
 /// Whatever ends the node task (shutdown, or its future dropped: a
@@ -1110,49 +1101,7 @@ impl NodeTask {
             }
             Frame::Resume { session, next } => self.resend(peer, session, next),
             Frame::Gossip(g) => {
-                let msg = match g {
-                    // The hot path: the last origin's id and topic are
-                    // reused instead of parsed and allocated per message.
-                    wire::GossipWire::Msg {
-                        origin,
-                        seq,
-                        round,
-                        timestamp,
-                        topic,
-                        payload,
-                    } => {
-                        let origin = match &self.gossip_cache.origin_in {
-                            Some((raw, id)) if raw.as_slice() == origin.0 => *id,
-                            _ => {
-                                let id = wire::node_id(origin)?;
-                                self.gossip_cache.origin_in = Some((origin.0.to_vec(), id));
-                                id
-                            }
-                        };
-                        let topic = match &self.gossip_cache.topic_in {
-                            Some(t) if &**t == topic => t.clone(),
-                            _ => {
-                                crate::core::topic::Topic::new(topic)
-                                    .map_err(|e| WireError::BadTopic(e.to_string()))?;
-                                let t: Arc<str> = Arc::from(topic);
-                                self.gossip_cache.topic_in = Some(t.clone());
-                                t
-                            }
-                        };
-                        crate::core::gossip::Message::Gossip {
-                            id: (origin, seq),
-                            round,
-                            topic,
-                            payload: if payload.0.is_empty() {
-                                Bytes::new()
-                            } else {
-                                body.slice_ref(payload.0)
-                            },
-                            stamp: timestamp,
-                        }
-                    }
-                    other => wire::gossip_from_wire(body, &other)?,
-                };
+                let msg = self.gossip_codec.decode(body, &g)?;
                 self.gossip.handle_message(now(), peer, msg, &mut self.rng);
                 self.gossip_events();
                 self.gossip_out();
@@ -1681,11 +1630,11 @@ impl NodeTask {
                 continue;
             }
             let generation = self.subs.generation();
-            let targets = match &self.gossip_cache.targets {
+            let targets = match &self.gossip_targets {
                 Some((t, g, targets)) if *g == generation && **t == *topic => targets.clone(),
                 _ => {
                     let targets: Arc<[SubId]> = self.subs.matching(&topic).into();
-                    self.gossip_cache.targets = Some((topic.clone(), generation, targets.clone()));
+                    self.gossip_targets = Some((topic.clone(), generation, targets.clone()));
                     targets
                 }
             };
@@ -1718,33 +1667,7 @@ impl NodeTask {
                 self.gossip_dial.push(t.to);
             }
             let link = link_entry(&mut self.links, &mut self.next_link, &self.space, t.to);
-            match &t.message {
-                crate::core::gossip::Message::Gossip {
-                    id,
-                    round,
-                    topic,
-                    payload,
-                    stamp,
-                } => {
-                    let cache = &mut self.gossip_cache.origin_out;
-                    if cache.as_ref().is_none_or(|(o, _)| *o != id.0) {
-                        *cache = Some((id.0, id.0.to_bytes()));
-                    }
-                    let bytes = &cache.as_ref().expect("set above").1;
-                    wire::encode(
-                        &mut link.scratch,
-                        &Frame::Gossip(wire::GossipWire::Msg {
-                            origin: Raw(bytes),
-                            seq: id.1,
-                            round: *round,
-                            timestamp: *stamp,
-                            topic,
-                            payload: Raw(payload),
-                        }),
-                    );
-                }
-                other => wire::encode_gossip(&mut link.scratch, other),
-            }
+            self.gossip_codec.encode(&mut link.scratch, &t.message);
             link.has_data = true;
         }
     }

@@ -45,13 +45,7 @@ mod gate;
 mod net;
 pub mod overlay;
 
-use std::{
-    collections::BTreeSet,
-    future::Future,
-    hash::{Hash, Hasher},
-    ops::Range,
-    time::Duration,
-};
+use std::{collections::BTreeSet, future::Future, ops::Range, time::Duration};
 
 use libp2p::identity::Keypair;
 use rand::{rngs::SmallRng, Rng, SeedableRng};
@@ -91,7 +85,6 @@ impl std::fmt::Debug for Hooks {
 impl Hooks {
     pub(crate) fn attach(
         &self,
-        _local: NodeId,
         bootstrap: &[libp2p::Multiaddr],
     ) -> (Endpoint, mpsc::Receiver<mesh_transports::quic::Event>) {
         self.net.attach(self.host, bootstrap)
@@ -239,7 +232,6 @@ struct SimHost {
     builder: Builder,
     node: Option<Node>,
     gate: std::sync::Arc<Gate>,
-    starts: u64,
 }
 
 /// A deterministic simulated mesh. See the [module docs](self).
@@ -335,7 +327,6 @@ impl Sim {
             builder,
             node: None,
             gate: Default::default(),
-            starts: 0,
         });
         self.start(self.hosts.len() - 1)
     }
@@ -343,7 +334,6 @@ impl Sim {
     fn start(&mut self, index: usize) -> Node {
         let seed = self.rng.gen();
         let h = &mut self.hosts[index];
-        h.starts += 1;
         h.gate = Default::default();
         let hooks = Hooks {
             net: self.net.clone(),
@@ -697,11 +687,4 @@ impl Drop for Sim {
             h.gate.kill();
         }
     }
-}
-
-/// A stable 64-bit hash (FxHash) for scenario code that wants one.
-pub fn stable_hash(value: &impl Hash) -> u64 {
-    let mut h = rustc_hash::FxHasher::default();
-    value.hash(&mut h);
-    h.finish()
 }

@@ -216,6 +216,16 @@ impl NetHandle {
         })))
     }
 
+    /// Runs `f` on the network at virtual time `at` (a packet arriving).
+    fn at(&self, at: Instant, f: impl FnOnce(&NetHandle, &mut Net) + Send + 'static) {
+        let handle = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(at).await;
+            let mut net = handle.lock();
+            f(&handle, &mut net);
+        });
+    }
+
     pub(crate) fn lock(&self) -> MutexGuard<'_, Net> {
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -441,6 +451,14 @@ impl Net {
         })
     }
 
+    /// The incarnation of `host` on connection `conn`, if that end is
+    /// still open.
+    fn open_end(&self, conn: u64, host: HostId) -> Option<u64> {
+        let c = self.conns.get(&conn)?;
+        let side = c.side(host)?;
+        c.open[side].then_some(c.incarnations[side])
+    }
+
     fn connected(&self, host: HostId, other: HostId) -> bool {
         self.open_conns(host, other).next().is_some()
     }
@@ -602,7 +620,7 @@ impl Endpoint {
         self.start_dial(&mut net, target);
     }
 
-    fn start_dial(&self, net: &mut MutexGuard<'_, Net>, target: HostId) {
+    fn start_dial(&self, net: &mut Net, target: HostId) {
         let now = Instant::now();
         let host = self.host;
         net.dialing.insert((host, target));
@@ -614,11 +632,8 @@ impl Endpoint {
         } else {
             now + DIAL_TIMEOUT
         };
-        let handle = self.net.clone();
         let incarnation = self.incarnation;
-        tokio::spawn(async move {
-            tokio::time::sleep_until(at).await;
-            let mut net = handle.lock();
+        self.net.at(at, move |handle, net| {
             net.dialing.remove(&(host, target));
             let me = &net.hosts[host];
             if !me.up || me.incarnation != incarnation {
@@ -681,7 +696,7 @@ impl Endpoint {
                     .enumerate()
             {
                 if first[side] && net.hosts[me].peer < net.hosts[other].peer {
-                    open_stream_locked(&handle, &mut net, me, inc, other);
+                    open_stream_locked(handle, net, me, inc, other);
                 }
             }
         });
@@ -719,7 +734,7 @@ impl Endpoint {
 
     /// Closes `id` here; the other end hears of it if the path is open
     /// (else by its idle timeout).
-    fn close_from_here(&self, net: &mut MutexGuard<'_, Net>, id: u64) {
+    fn close_from_here(&self, net: &mut Net, id: u64) {
         let Some(c) = net.conns.get(&id) else { return };
         let Some(side) = c.side(self.host) else {
             return;
@@ -789,20 +804,15 @@ impl Endpoint {
         }
         let from = self.host;
         for at in deliveries {
-            let handle = self.net.clone();
             let bytes = bytes.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep_until(at).await;
-                let mut net = handle.lock();
-                let Some(c) = net.conns.get(&conn) else {
-                    return;
+            self.net.at(at, move |handle, net| {
+                let inc = match net.open_end(conn, target) {
+                    Some(inc) if net.path_open(from, target) => inc,
+                    _ => {
+                        net.stats.control_lost += 1;
+                        return;
+                    }
                 };
-                let Some(side) = c.side(target) else { return };
-                if !c.open[side] || !net.path_open(from, target) {
-                    net.stats.control_lost += 1;
-                    return;
-                }
-                let inc = c.incarnations[side];
                 let now = Instant::now();
                 net.record(now, "ctl-in", from, target, &bytes);
                 let rx = Arc::new(Pipe::new(from, target));
@@ -824,7 +834,7 @@ impl Endpoint {
                 // answers on one.
                 let tx = Arc::new(Pipe::new(target, from));
                 tx.lock().reader_gone = true;
-                let stream = SimStream::new(target, tx, rx, &handle);
+                let stream = SimStream::new(target, tx, rx, handle);
                 let peer = net.hosts[from].peer;
                 net.send_event(
                     target,
@@ -864,7 +874,7 @@ impl Endpoint {
 
 fn open_stream_locked(
     handle: &NetHandle,
-    net: &mut MutexGuard<'_, Net>,
+    net: &mut Net,
     host: HostId,
     incarnation: u64,
     target: HostId,
@@ -895,18 +905,10 @@ fn open_stream_locked(
         },
     );
     let at = now + net.sample_latency(host, target);
-    let handle = handle.clone();
-    tokio::spawn(async move {
-        tokio::time::sleep_until(at).await;
-        let mut net = handle.lock();
-        let Some(c) = net.conns.get(&conn) else {
+    handle.at(at, move |_, net| {
+        let Some(inc) = net.open_end(conn, target) else {
             return;
         };
-        let Some(side) = c.side(target) else { return };
-        if !c.open[side] {
-            return;
-        }
-        let inc = c.incarnations[side];
         let peer = net.hosts[host].peer;
         net.send_event(
             target,

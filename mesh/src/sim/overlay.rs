@@ -132,7 +132,6 @@ enum Ev {
 
 struct World {
     now: Instant,
-    start: Instant,
     nodes: Vec<Gossip>,
     rngs: Vec<SmallRng>,
     ids: Vec<NodeId>,
@@ -345,7 +344,6 @@ pub fn run(cfg: &OverlayRun) -> OverlayReport {
     let start = Instant::now();
     let mut w = World {
         now: start,
-        start,
         nodes: ids
             .iter()
             .map(|id| Gossip::new(*id, cfg.config.clone()))
@@ -422,7 +420,6 @@ pub fn run(cfg: &OverlayRun) -> OverlayReport {
     let healed = w.phase(2, cfg.messages, cfg.interval, Duration::from_secs(5));
     let sizes = w.nodes.iter().map(|g| g.active().len());
     let active_view = (sizes.clone().min().unwrap_or(0), sizes.max().unwrap_or(0));
-    let _ = w.start;
     OverlayReport {
         nodes: n,
         steady,
