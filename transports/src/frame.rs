@@ -184,6 +184,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// Bytes read but not yet returned as frames.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
+
     /// The underlying reader.
     pub fn get_mut(&mut self) -> &mut R {
         &mut self.io

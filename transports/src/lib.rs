@@ -4,6 +4,8 @@
 //! - [`frame`]: u32-length-prefixed frames, read and written in batches.
 //! - [`quic`]: the libp2p swarm (QUIC, mDNS, Kademlia, identify) and one
 //!   long-lived data stream per peer.
+//! - [`shm`]: single-producer single-consumer byte rings in shared-memory
+//!   files, between processes on one host.
 //!
 //! ```
 //! use mesh_transports::frame::{encode_frame, split_frames, DEFAULT_MAX_FRAME};
@@ -18,6 +20,11 @@
 
 pub mod frame;
 pub mod quic;
+// The rings map shared memory and wait on futexes: unsafe by nature, kept
+// to `shm::sys` and the `Memory` implementation.
+#[cfg(unix)]
+#[allow(unsafe_code)]
+pub mod shm;
 
 pub use libp2p::{identity, Multiaddr, PeerId};
 

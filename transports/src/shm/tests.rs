@@ -1,0 +1,210 @@
+use std::os::unix::fs::PermissionsExt;
+
+use super::*;
+
+fn dir() -> PathBuf {
+    let d = std::env::temp_dir().join(format!("mesh-shm-unit-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn pair(cap: usize) -> (Producer, Consumer) {
+    let ring = Ring::create(&dir(), cap, 7, Role::Producer).unwrap();
+    let other = Ring::open(ring.path(), 7, Role::Consumer).unwrap();
+    (
+        ring.producer(WaitPolicy::default()).unwrap(),
+        other.consumer(WaitPolicy::default()).unwrap(),
+    )
+}
+
+#[test]
+fn create_open_and_pass_records() {
+    let (mut tx, mut rx) = pair(4096);
+    for i in 0..100u32 {
+        tx.push(&i.to_le_bytes()).unwrap();
+    }
+    tx.flush();
+    let mut got = Vec::new();
+    while got.len() < 100 {
+        rx.poll_blocking(usize::MAX, |r| {
+            got.push(u32::from_le_bytes(r.try_into().unwrap()));
+            true
+        })
+        .unwrap();
+    }
+    assert_eq!(got, (0..100).collect::<Vec<_>>());
+}
+
+#[test]
+fn file_is_private_and_gone_once_opened() {
+    let ring = Ring::create(&dir(), 4096, 1, Role::Producer).unwrap();
+    let path = ring.path().to_owned();
+    let mode = std::fs::metadata(&path).unwrap().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let _other = Ring::open(&path, 1, Role::Consumer).unwrap();
+    assert!(!path.exists(), "the opener unlinks the file");
+}
+
+#[test]
+fn creator_drop_removes_an_unopened_file() {
+    let ring = Ring::create(&dir(), 4096, 1, Role::Producer).unwrap();
+    let path = ring.path().to_owned();
+    assert!(path.exists());
+    drop(ring);
+    assert!(!path.exists());
+}
+
+#[test]
+fn open_refuses_wrong_nonce_side_mode_and_garbage() {
+    let ring = Ring::create(&dir(), 4096, 5, Role::Producer).unwrap();
+    let err = Ring::open(ring.path(), 6, Role::Consumer).unwrap_err();
+    assert!(err.to_string().contains("nonce"), "{err}");
+    let err = Ring::open(ring.path(), 5, Role::Producer).unwrap_err();
+    assert!(err.to_string().contains("already taken"), "{err}");
+
+    std::fs::set_permissions(ring.path(), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = Ring::open(ring.path(), 5, Role::Consumer).unwrap_err();
+    assert!(err.to_string().contains("mode 644"), "{err}");
+
+    let junk = dir().join("mesh-junk.ring");
+    std::fs::write(&junk, vec![0x55u8; HEADER_SIZE + 4096]).unwrap();
+    std::fs::set_permissions(&junk, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let err = Ring::open(&junk, 5, Role::Consumer).unwrap_err();
+    assert!(err.to_string().contains("bad magic"), "{err}");
+    std::fs::write(&junk, vec![0u8; 100]).unwrap();
+    let err = Ring::open(&junk, 5, Role::Consumer).unwrap_err();
+    assert!(err.to_string().contains("size 100"), "{err}");
+    std::fs::remove_file(&junk).unwrap();
+    assert!(Ring::open(&junk, 5, Role::Consumer).is_err());
+}
+
+#[test]
+fn bad_capacity_is_refused() {
+    for cap in [0, 100, 32, MAX_CAPACITY * 2] {
+        assert!(matches!(
+            Ring::create(&dir(), cap, 1, Role::Producer),
+            Err(ShmError::BadCapacity(_))
+        ));
+    }
+}
+
+#[test]
+fn record_larger_than_the_ring_is_a_typed_error() {
+    let (mut tx, _rx) = pair(4096);
+    let err = tx.push(&vec![0; 4096]).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ShmError::Ring(RingError::TooLarge {
+                len: 4096,
+                max: 2040
+            })
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn corrupt_position_closes_with_an_error() {
+    let (tx, mut rx) = pair(4096);
+    // A hostile producer moves its position past the ring.
+    tx.map.u64_at(OFF_TAIL).store(1 << 40, Ordering::Release);
+    let err = rx.try_poll(usize::MAX, |_| true).unwrap_err();
+    assert!(
+        matches!(err, ShmError::Ring(RingError::Corrupt(_))),
+        "{err}"
+    );
+}
+
+#[test]
+fn full_ring_blocks_the_producer_until_read() {
+    let (mut tx, mut rx) = pair(4096);
+    let writer = std::thread::spawn(move || {
+        for i in 0..10_000u32 {
+            tx.push(&[i as u8; 100]).unwrap();
+        }
+        tx.flush();
+    });
+    let mut n = 0u32;
+    while n < 10_000 {
+        rx.poll_blocking(usize::MAX, |r| {
+            assert_eq!(r, &[n as u8; 100][..], "record {n}: nothing overwritten");
+            n += 1;
+            true
+        })
+        .unwrap();
+    }
+    writer.join().unwrap();
+}
+
+#[test]
+fn close_is_seen_after_the_last_record() {
+    let (mut tx, mut rx) = pair(4096);
+    tx.push(b"last").unwrap();
+    drop(tx);
+    let mut got = Vec::new();
+    let n = rx
+        .poll_blocking(usize::MAX, |r| {
+            got.push(r.to_vec());
+            true
+        })
+        .unwrap();
+    assert_eq!((n, got), (1, vec![b"last".to_vec()]));
+    assert_eq!(rx.poll_blocking(usize::MAX, |_| true).unwrap(), 0, "closed");
+}
+
+#[test]
+fn consumer_close_fails_the_waiting_producer() {
+    let (mut tx, rx) = pair(4096);
+    drop(rx);
+    let mut result = Ok(());
+    for _ in 0..100 {
+        result = tx.push(&[0; 1000]);
+        if result.is_err() {
+            break;
+        }
+    }
+    assert!(matches!(result, Err(ShmError::Closed)), "{result:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_write_all_and_read_into() {
+    let (mut tx, mut rx) = pair(4096);
+    let total: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let expected = total.clone();
+    let writer = tokio::spawn(async move {
+        tx.write_all(&total, 1000).await.unwrap();
+    });
+    let mut got = BytesMut::new();
+    while got.len() < expected.len() {
+        assert!(rx.read_into(&mut got, 64 * 1024).await.unwrap());
+    }
+    writer.await.unwrap();
+    assert_eq!(&got[..], &expected[..]);
+    // The writer dropped its end: the reader sees the end.
+    assert!(!rx.read_into(&mut got, 1024).await.unwrap());
+}
+
+#[test]
+fn stale_files_of_dead_processes_are_removed() {
+    let d = dir().join("stale");
+    std::fs::create_dir_all(&d).unwrap();
+    let live = Ring::create(&d, 4096, 3, Role::Producer).unwrap();
+    // A ring whose creator "died": our file, with a creator pid that does
+    // not exist.
+    let dead = Ring::create(&d, 4096, 4, Role::Producer).unwrap();
+    dead.map
+        .u32_at(OFF_CREATOR_PID)
+        .store(i32::MAX as u32 - 1, Ordering::Relaxed);
+    let dead_path = dead.path().to_owned();
+    std::mem::forget(dead); // as a crash would: no unlink
+    assert_eq!(remove_stale(&d), 1);
+    assert!(!dead_path.exists());
+    assert!(live.path().exists(), "a live process's ring stays");
+}
+
+#[test]
+fn host_id_is_stable() {
+    assert_eq!(host_id(), host_id());
+    assert!(!host_id().is_empty());
+}
