@@ -21,6 +21,8 @@ fn hello(version: u32) -> Vec<u8> {
         features: 0,
         incarnation: 1,
         addrs: vec![],
+        host: mesh::wire::Raw(b"elsewhere"),
+        uid: 0,
     }))
 }
 

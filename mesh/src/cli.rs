@@ -161,6 +161,10 @@ struct NetArgs {
     /// Do not use mDNS discovery.
     #[arg(long)]
     no_mdns: bool,
+    /// Keep data links to peers on this host on QUIC instead of moving
+    /// them to shared-memory rings.
+    #[arg(long)]
+    no_shm: bool,
     /// How long to look for a peer before giving up (seconds).
     #[arg(long, default_value_t = 5.0)]
     timeout: f64,
@@ -170,7 +174,8 @@ impl NetArgs {
     fn builder(&self) -> crate::Builder {
         let mut b = Node::builder()
             .listen(self.listen.clone())
-            .mdns(!self.no_mdns);
+            .mdns(!self.no_mdns)
+            .shm(!self.no_shm);
         for addr in &self.bootstrap {
             b = b.bootstrap(addr.clone());
         }

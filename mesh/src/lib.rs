@@ -43,7 +43,8 @@ pub use crate::core::{
     NodeId,
 };
 pub use libp2p::{Multiaddr, PeerId};
+pub use mesh_transports::shm::WaitPolicy;
 pub use node::{
     Builder, Delivery, Lagged, Node, PeerInfo, PeerState, PublishError, Publisher, ReadyError,
-    ReliableSubscription, ShutdownReport, StartError, SubscribeError, Subscription,
+    ReliableSubscription, ShmConfig, ShutdownReport, StartError, SubscribeError, Subscription,
 };

@@ -35,6 +35,9 @@ pub struct PeerInfo {
     pub state: PeerState,
     /// Whether a data link to it is up.
     pub linked: bool,
+    /// Whether that link's data moves over shared-memory rings (a peer on
+    /// the same host and user) rather than QUIC.
+    pub shm: bool,
     /// Addresses it announced.
     pub addrs: Vec<Multiaddr>,
 }
@@ -58,8 +61,34 @@ pub struct Config {
     pub(crate) keypair: Option<Keypair>,
     pub(crate) reliable_window: usize,
     pub(crate) gossip: Vec<Pattern>,
+    pub(crate) shm: ShmConfig,
     /// Set by the simulator: run over its network and clock.
     pub(crate) sim: Option<crate::sim::Hooks>,
+}
+
+/// Shared-memory links between peers on the same host; see
+/// [`Builder::shm`].
+#[derive(Debug, Clone)]
+pub struct ShmConfig {
+    /// Use rings with peers on this host and user (default on).
+    pub enabled: bool,
+    /// Where ring files are made (default `/dev/shm`).
+    pub dir: PathBuf,
+    /// Bytes of each ring, a power of two (default 1 MiB; a link has two).
+    pub capacity: usize,
+    /// How the link tasks wait for data and space.
+    pub wait: mesh_transports::shm::WaitPolicy,
+}
+
+impl Default for ShmConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            dir: mesh_transports::shm::default_dir(),
+            capacity: 1 << 20,
+            wait: Default::default(),
+        }
+    }
 }
 
 impl Default for Config {
@@ -80,6 +109,7 @@ impl Default for Config {
             keypair: None,
             reliable_window: 4096,
             gossip: Vec::new(),
+            shm: ShmConfig::default(),
             sim: None,
         }
     }
@@ -187,9 +217,26 @@ impl Builder {
         self
     }
 
+    /// Moves data links to peers on the same host (same boot and network
+    /// namespace) and user onto a pair of shared-memory rings; membership
+    /// and control stay on QUIC. On by default; if the rings cannot be set
+    /// up the link stays on QUIC and the log says why.
+    pub fn shm(mut self, on: bool) -> Self {
+        self.config.shm.enabled = on;
+        self
+    }
+
+    /// Shared-memory settings in full: ring directory, size, wait policy.
+    pub fn shm_config(mut self, config: ShmConfig) -> Self {
+        self.config.shm = config;
+        self
+    }
+
     pub(crate) fn sim(mut self, hooks: crate::sim::Hooks) -> Self {
         self.config.sim = Some(hooks);
         self.config.mdns = false;
+        // Simulated nodes share one process; their links are simulated.
+        self.config.shm.enabled = false;
         self.config.listen.clear();
         self
     }
@@ -241,8 +288,9 @@ pub enum StartError {
 /// What [`Node::shutdown`] could confirm.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ShutdownReport {
-    /// Peers that were sent messages and did not confirm reading them
-    /// before the shutdown timeout: they may have missed some.
+    /// Peers that were sent messages and did not confirm reading them:
+    /// their link broke while data was on it, or they did not answer the
+    /// goodbye before the shutdown timeout. They may have missed some.
     pub unconfirmed: Vec<PeerId>,
     /// Messages dropped over the node's life because a peer's link never
     /// came up in time (also logged when it happened).

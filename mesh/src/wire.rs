@@ -16,7 +16,11 @@ use crate::core::{
 };
 
 /// The protocol version spoken by this build.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// [`Hello::features`] bit: the sender can move the link's data to
+/// shared-memory rings (see [`Frame::ShmOffer`]).
+pub const FEATURE_SHM: u64 = 1;
 
 /// Magic number opening every handshake, so a stray stream is told apart
 /// from a mesh peer at once.
@@ -98,7 +102,36 @@ pub enum Frame<'a> {
         /// The first message that follows.
         next: u64,
     },
+    /// From the peer with the smaller id, when both share a host and user
+    /// (see [`Hello::host`]): "I made two rings; open them".
+    ShmOffer {
+        /// Both ring files carry it, so only the ring offered is opened.
+        nonce: u64,
+        /// The ring the sender writes and the receiver reads.
+        to_you: &'a str,
+        /// The ring the receiver writes and the sender reads.
+        from_you: &'a str,
+    },
+    /// Answers `ShmOffer` when the rings cannot be used: the link stays on
+    /// the network.
+    ShmRefuse {
+        /// Why, for the offerer's log.
+        reason: &'a str,
+    },
+    /// The last frame the sender writes on the network stream: everything
+    /// after it comes on the shared-memory ring. Sent first by the side
+    /// that opened the rings, then in answer by the offerer.
+    ShmSwitch,
 }
+
+/// Whether an encoded frame body is [`Frame::ShmSwitch`] (checked by the
+/// link reader on every frame, so without decoding).
+pub fn is_shm_switch(body: &[u8]) -> bool {
+    body == [SHM_SWITCH_TAG]
+}
+
+/// `ShmSwitch`'s postcard variant index (checked in the tests).
+const SHM_SWITCH_TAG: u8 = 15;
 
 /// Gossip-mode messages on the wire: [`crate::core::gossip::Message`] with
 /// raw peer ids, announcements grouped by origin.
@@ -407,6 +440,11 @@ pub struct Hello<'a> {
     /// The sender's dialable addresses (multiaddr bytes).
     #[serde(borrow)]
     pub addrs: Vec<Raw<'a>>,
+    /// The sender's host (boot id and network namespace): peers on the
+    /// same host and user may move data to shared memory.
+    pub host: Raw<'a>,
+    /// The sender's user id.
+    pub uid: u32,
 }
 
 /// A membership record on the wire.
@@ -798,6 +836,14 @@ mod tests {
     }
 
     #[test]
+    fn shm_switch_is_recognised_without_decoding() {
+        let b = body(&Frame::ShmSwitch);
+        assert!(is_shm_switch(&b), "{b:?}");
+        assert!(!is_shm_switch(&body(&Frame::Bye)));
+        assert!(!is_shm_switch(&body(&Frame::ShmRefuse { reason: "" })));
+    }
+
+    #[test]
     fn msg_header_is_compact() {
         let payload = [7u8; 64];
         let frame = Frame::Msg(MsgWire {
@@ -825,8 +871,17 @@ mod tests {
                 features: 0,
                 incarnation: 9,
                 addrs: vec![Raw(b"x")],
+                host: Raw(b"boot/net:1"),
+                uid: 1000,
             }),
             Frame::Topic { id: 1, name: "a.b" },
+            Frame::ShmOffer {
+                nonce: 3,
+                to_you: "/dev/shm/a",
+                from_you: "/dev/shm/b",
+            },
+            Frame::ShmRefuse { reason: "no" },
+            Frame::ShmSwitch,
             Frame::Declare(DeclWire {
                 node: Raw(&idb),
                 epoch: 1,

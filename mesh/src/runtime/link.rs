@@ -4,12 +4,15 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures::{io::WriteHalf, AsyncReadExt, AsyncWriteExt};
-use mesh_transports::{frame::FrameReader, quic::Stream};
+use mesh_transports::{
+    frame::{split_frames, FrameReader},
+    quic::Stream,
+};
 use tokio::sync::mpsc;
 
-use super::queue::Outbox;
+use super::queue::{Outbox, Taken};
 use crate::{
     core::NodeId,
     wire::{self, Frame, WireError, MAGIC, PROTOCOL_VERSION},
@@ -25,8 +28,7 @@ pub(crate) enum LinkEvent {
     Up {
         link: LinkId,
         peer: NodeId,
-        incarnation: u64,
-        addrs: Vec<Vec<u8>>,
+        hello: PeerHello,
     },
     /// Frames after the handshake, in order.
     Frames { link: LinkId, frames: Vec<Bytes> },
@@ -36,6 +38,16 @@ pub(crate) enum LinkEvent {
         peer: NodeId,
         error: Option<String>,
     },
+}
+
+/// What the peer's `Hello` said, parsed.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct PeerHello {
+    pub(crate) incarnation: u64,
+    pub(crate) addrs: Vec<Vec<u8>>,
+    pub(crate) features: u64,
+    pub(crate) host: Vec<u8>,
+    pub(crate) uid: u32,
 }
 
 /// Why a link was dropped during the handshake.
@@ -49,6 +61,16 @@ enum HandshakeError {
     Eof,
 }
 
+/// The reading end of a link's shared-memory ring, handed to the reader
+/// task before the peer's `ShmSwitch` can arrive.
+pub(crate) type ShmRxSlot = Arc<std::sync::Mutex<Option<ShmRx>>>;
+pub(crate) type ShmRx = mesh_transports::shm::Consumer;
+
+/// Bytes taken from a ring per batch handed to the node task.
+const SHM_READ_BATCH: usize = 256 * 1024;
+/// Largest ring record the writer makes (a batch spans several).
+const SHM_RECORD: usize = 64 * 1024;
+
 /// Starts the reader and writer of a new stream. `hello` is our encoded
 /// handshake frame, written before anything in the outbox.
 // Each argument is a distinct part of the link; bundling them would only
@@ -61,12 +83,13 @@ pub(crate) fn spawn(
     stream: Stream,
     hello: Vec<u8>,
     outbox: Arc<Outbox>,
+    shm_rx: ShmRxSlot,
     max_frame: usize,
     events: mpsc::Sender<LinkEvent>,
 ) -> tokio::task::AbortHandle {
     let (read, write) = stream.split();
     spawner.spawn(write_loop(write, hello, outbox));
-    spawner.spawn(read_loop(link, peer, read, max_frame, events))
+    spawner.spawn(read_loop(link, peer, read, shm_rx, max_frame, events))
 }
 
 async fn write_loop(mut io: WriteHalf<Stream>, hello: Vec<u8>, outbox: Arc<Outbox>) {
@@ -75,12 +98,35 @@ async fn write_loop(mut io: WriteHalf<Stream>, hello: Vec<u8>, outbox: Arc<Outbo
         outbox.close();
         return;
     }
+    let mut ring: Option<super::queue::ShmTx> = None;
     let mut chunk = Vec::with_capacity(64 * 1024);
-    while outbox.take(&mut chunk).await {
-        if let Err(e) = io.write_all(&chunk).await {
+    loop {
+        let switch = match outbox.take(&mut chunk).await {
+            Taken::Closed => break,
+            Taken::Bytes => None,
+            Taken::Switch(r) => Some(r),
+        };
+        let written = match &mut ring {
+            Some(r) => r
+                .write_all(&chunk, SHM_RECORD)
+                .await
+                .map_err(|e| e.to_string()),
+            None => io.write_all(&chunk).await.map_err(|e| e.to_string()),
+        };
+        if let Err(e) = written {
             tracing::debug!(error = %e, "link write failed");
             outbox.close();
             return;
+        }
+        if let Some(r) = switch {
+            // Everything before the switch is on the network stream; the
+            // peer reads it all before it turns to the ring.
+            if let Err(e) = io.flush().await {
+                tracing::debug!(error = %e, "link write failed");
+                outbox.close();
+                return;
+            }
+            ring = Some(r);
         }
         chunk.clear();
         // Give the buffer back its usual size after a burst.
@@ -88,6 +134,8 @@ async fn write_loop(mut io: WriteHalf<Stream>, hello: Vec<u8>, outbox: Arc<Outbo
             chunk = Vec::with_capacity(64 * 1024);
         }
     }
+    // Dropping the ring's producer closes it: the peer reads to its end.
+    drop(ring);
     let _ = io.flush().await;
     let _ = io.close().await;
 }
@@ -96,31 +144,43 @@ async fn read_loop(
     link: LinkId,
     peer: NodeId,
     io: futures::io::ReadHalf<Stream>,
+    shm_rx: ShmRxSlot,
     max_frame: usize,
     events: mpsc::Sender<LinkEvent>,
 ) {
     let mut reader = FrameReader::new(io, max_frame);
     let error = match handshake(&mut reader).await {
-        Ok((incarnation, addrs)) => {
-            let up = LinkEvent::Up {
-                link,
-                peer,
-                incarnation,
-                addrs,
-            };
-            if events.send(up).await.is_err() {
+        Ok(hello) => {
+            if events
+                .send(LinkEvent::Up { link, peer, hello })
+                .await
+                .is_err()
+            {
                 return;
             }
             loop {
                 let mut frames = Vec::new();
                 match reader.read_batch(&mut frames).await {
                     Ok(true) => {
+                        let switch = frames.iter().position(|f| wire::is_shm_switch(f));
+                        if let Some(at) = switch {
+                            if at + 1 != frames.len() || reader.buffered() > 0 {
+                                break Some("data after ShmSwitch on the network stream".into());
+                            }
+                        }
                         if events
                             .send(LinkEvent::Frames { link, frames })
                             .await
                             .is_err()
                         {
                             return;
+                        }
+                        if switch.is_some() {
+                            let ring = shm_rx.lock().unwrap_or_else(|e| e.into_inner()).take();
+                            break match ring {
+                                Some(ring) => read_ring(link, ring, max_frame, &events).await,
+                                None => Some("ShmSwitch without shared-memory rings".into()),
+                            };
                         }
                     }
                     Ok(false) => break None,
@@ -133,6 +193,40 @@ async fn read_loop(
         Err(e) => Some(format!("handshake failed: {e}")),
     };
     let _ = events.send(LinkEvent::Closed { link, peer, error }).await;
+}
+
+/// Reads the rest of the link from its ring: `None` when the peer closed
+/// it cleanly, or what went wrong (a dead peer, a corrupt ring).
+async fn read_ring(
+    link: LinkId,
+    mut ring: ShmRx,
+    max_frame: usize,
+    events: &mpsc::Sender<LinkEvent>,
+) -> Option<String> {
+    let mut buf = BytesMut::with_capacity(SHM_READ_BATCH);
+    loop {
+        match ring.read_into(&mut buf, SHM_READ_BATCH).await {
+            Ok(true) => {}
+            Ok(false) if buf.is_empty() => return None,
+            Ok(false) => return Some("shared-memory ring ended inside a frame".into()),
+            Err(e) => return Some(format!("shared-memory ring: {e}")),
+        }
+        let mut frames = Vec::new();
+        if let Err(e) = split_frames(&mut buf, max_frame, &mut frames) {
+            return Some(e.to_string());
+        }
+        if !frames.is_empty()
+            && events
+                .send(LinkEvent::Frames { link, frames })
+                .await
+                .is_err()
+        {
+            return None;
+        }
+        if buf.capacity() - buf.len() < SHM_RECORD {
+            buf.reserve(SHM_READ_BATCH);
+        }
+    }
 }
 
 /// Most frames one control stream may carry.
@@ -182,7 +276,7 @@ pub(crate) fn spawn_control_reader(
 
 async fn handshake<R: futures::AsyncRead + Unpin>(
     reader: &mut FrameReader<R>,
-) -> Result<(u64, Vec<Vec<u8>>), HandshakeError> {
+) -> Result<PeerHello, HandshakeError> {
     let first = reader.read_one().await?.ok_or(HandshakeError::Eof)?;
     match wire::decode(&first)? {
         Frame::Hello(h) => {
@@ -192,10 +286,13 @@ async fn handshake<R: futures::AsyncRead + Unpin>(
             if h.version != PROTOCOL_VERSION {
                 return Err(WireError::UnsupportedVersion(h.version).into());
             }
-            Ok((
-                h.incarnation,
-                h.addrs.iter().map(|a| a.0.to_vec()).collect(),
-            ))
+            Ok(PeerHello {
+                incarnation: h.incarnation,
+                addrs: h.addrs.iter().map(|a| a.0.to_vec()).collect(),
+                features: h.features,
+                host: h.host.0.to_vec(),
+                uid: h.uid,
+            })
         }
         _ => Err(WireError::ExpectedHello.into()),
     }
@@ -212,7 +309,7 @@ mod tests {
         b
     }
 
-    fn run(bytes: Vec<u8>) -> Result<(u64, Vec<Vec<u8>>), HandshakeError> {
+    fn run(bytes: Vec<u8>) -> Result<PeerHello, HandshakeError> {
         let mut r = FrameReader::new(futures::io::Cursor::new(bytes), 1024);
         futures::executor::block_on(handshake(&mut r))
     }
@@ -225,10 +322,18 @@ mod tests {
             features: 0,
             incarnation: 3,
             addrs: vec![Raw(b"a")],
+            host: Raw(b"h"),
+            uid: 7,
         };
         assert_eq!(
             run(frame(&Frame::Hello(ok.clone()))).unwrap(),
-            (3, vec![b"a".to_vec()])
+            PeerHello {
+                incarnation: 3,
+                addrs: vec![b"a".to_vec()],
+                features: 0,
+                host: b"h".to_vec(),
+                uid: 7,
+            }
         );
         let bad_version = Hello {
             version: 99,

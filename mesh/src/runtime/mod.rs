@@ -24,7 +24,7 @@ use std::{
 use bytes::Bytes;
 use libp2p::{identity::Keypair, multiaddr::Protocol, Multiaddr};
 use mesh_transports::quic;
-use rand::{rngs::SmallRng, SeedableRng};
+use rand::{rngs::SmallRng, RngCore, SeedableRng};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::{
@@ -38,10 +38,11 @@ use crate::{
         NodeId,
     },
     node::{Config, Inner, Node, PeerInfo, StartError},
-    wire::{self, Frame, Hello, Raw, WireError, MAGIC, PROTOCOL_VERSION},
+    wire::{self, Frame, Hello, Raw, WireError, FEATURE_SHM, MAGIC, PROTOCOL_VERSION},
 };
-use link::{LinkEvent, LinkId};
-use queue::{Outbox, PublishCmd, PublishQueue, SubQueue};
+use link::{LinkEvent, LinkId, PeerHello, ShmRxSlot};
+use mesh_transports::shm;
+use queue::{Outbox, PublishCmd, PublishQueue, ShmTx, SubQueue};
 
 /// Commands from [`Node`] handles to the node task.
 #[derive(Debug)]
@@ -281,6 +282,14 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
         }
     };
 
+    let shm_host = if config.shm.enabled && config.sim.is_none() {
+        // Rings of processes that died mid-handshake have nobody to unlink
+        // them.
+        shm::remove_stale(&config.shm.dir);
+        shm::host_id()
+    } else {
+        Vec::new()
+    };
     let (cmd_tx, cmd_rx) = mpsc::channel(256);
     let publishes = Arc::new(PublishQueue::new(PUBLISH_QUEUE));
     let (unsub_tx, unsub_rx) = mpsc::unbounded_channel();
@@ -320,6 +329,8 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
         blocked_subs: Default::default(),
         stats: Stats::default(),
         shutting_down: false,
+        shm_host,
+        broken: Default::default(),
         last_drop_warning: None,
         relink: Vec::new(),
         relink_backoff: Default::default(),
@@ -450,6 +461,25 @@ struct Link {
     dropped: u64,
     /// Messages buffered before its stream came.
     queued: u64,
+    /// Shared memory: the ring the reader turns to at the peer's
+    /// `ShmSwitch`, our ring waiting for our own switch, and how far the
+    /// move went.
+    shm_rx: ShmRxSlot,
+    shm_tx: Option<ShmTx>,
+    shm: ShmState,
+}
+
+/// How far a link's move to shared memory went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ShmState {
+    /// On the network (not eligible, refused, or not tried yet).
+    Off,
+    /// We offered rings (smaller id) and wait for the peer's switch.
+    Offered,
+    /// We opened the peer's rings and switched our side (larger id).
+    Opened,
+    /// Both directions run over the rings.
+    On,
 }
 
 impl Link {
@@ -469,6 +499,9 @@ impl Link {
             pending_seq: None,
             dropped: 0,
             queued: 0,
+            shm_rx: Default::default(),
+            shm_tx: None,
+            shm: ShmState::Off,
         }
     }
 
@@ -499,6 +532,9 @@ fn frame_name(f: &Frame<'_>) -> &'static str {
         Frame::Seq { .. } => "Seq",
         Frame::Resume { .. } => "Resume",
         Frame::Lagged { .. } => "Lagged",
+        Frame::ShmOffer { .. } => "ShmOffer",
+        Frame::ShmRefuse { .. } => "ShmRefuse",
+        Frame::ShmSwitch => "ShmSwitch",
     }
 }
 
@@ -552,6 +588,11 @@ struct NodeTask {
     stats: Stats,
     last_drop_warning: Option<Instant>,
     shutting_down: bool,
+    /// This host as peers compare it (empty: shared memory off).
+    shm_host: Vec<u8>,
+    /// Peers whose link ended while they may not have read what we sent
+    /// (for the shutdown report).
+    broken: std::collections::BTreeSet<NodeId>,
     /// Peers whose link ended and may need a new one, and when to act
     /// (see `relink`). Bounded by the number of peers with links.
     relink: Vec<(Instant, NodeId)>,
@@ -776,9 +817,15 @@ impl NodeTask {
             &Frame::Hello(Hello {
                 magic: MAGIC,
                 version: PROTOCOL_VERSION,
-                features: 0,
+                features: if self.shm_host.is_empty() {
+                    0
+                } else {
+                    FEATURE_SHM
+                },
                 incarnation: self.membership.incarnation(),
                 addrs: addrs.iter().map(|a| Raw(a)).collect(),
+                host: Raw(&self.shm_host),
+                uid: shm::uid(),
             }),
         );
         buf
@@ -835,6 +882,9 @@ impl NodeTask {
                 self.connected.remove(&peer);
                 if let Some(mut link) = self.links.remove(&peer) {
                     link.close();
+                    if link.has_data && !link.bye_acked && !link.leaving {
+                        self.broken.insert(peer);
+                    }
                     if link.up {
                         self.membership.handle_link_down(now(), peer);
                     }
@@ -931,6 +981,7 @@ impl NodeTask {
             stream,
             hello,
             link.outbox.clone(),
+            link.shm_rx.clone(),
             max_frame,
             events,
         ));
@@ -938,12 +989,15 @@ impl NodeTask {
 
     fn handle_link_event(&mut self, ev: LinkEvent) {
         match ev {
-            LinkEvent::Up {
-                link,
-                peer,
-                incarnation,
-                addrs,
-            } => {
+            LinkEvent::Up { link, peer, hello } => {
+                let PeerHello {
+                    incarnation, addrs, ..
+                } = &hello;
+                let (incarnation, addrs) = (*incarnation, addrs.clone());
+                let shm_ok = self.shm_eligible(peer, &hello);
+                if shm_ok && self.local < peer {
+                    self.offer_shm(peer, link);
+                }
                 let Some(l) = self.links.get_mut(&peer).filter(|l| l.id == link) else {
                     return;
                 };
@@ -1012,6 +1066,9 @@ impl NodeTask {
                 let leaving = match self.links.remove(&peer) {
                     Some(mut l) => {
                         l.close();
+                        if l.has_data && !l.bye_acked && !l.leaving {
+                            self.broken.insert(peer);
+                        }
                         l.leaving
                     }
                     None => false,
@@ -1183,6 +1240,157 @@ impl NodeTask {
             }
             Frame::Hello(_) => return Err(WireError::Unexpected("second Hello")),
             Frame::Relink => return Err(WireError::Unexpected("Relink on a data stream")),
+            Frame::ShmOffer {
+                nonce,
+                to_you,
+                from_you,
+            } => self.open_shm(peer, nonce, to_you, from_you)?,
+            Frame::ShmRefuse { reason } => {
+                let link = self
+                    .links
+                    .get_mut(&peer)
+                    .filter(|l| l.shm == ShmState::Offered)
+                    .ok_or(WireError::Unexpected("ShmRefuse"))?;
+                tracing::info!(%peer, reason, "peer could not open shared-memory rings; link stays on QUIC");
+                link.shm = ShmState::Off;
+                link.shm_tx = None;
+                link.shm_rx.lock().unwrap_or_else(|e| e.into_inner()).take();
+            }
+            Frame::ShmSwitch => {
+                // The reader has turned to the ring already.
+                let link = self
+                    .links
+                    .get_mut(&peer)
+                    .ok_or(WireError::Unexpected("ShmSwitch"))?;
+                match link.shm {
+                    ShmState::Offered => {
+                        let ring = link
+                            .shm_tx
+                            .take()
+                            .ok_or(WireError::Unexpected("ShmSwitch"))?;
+                        wire::encode(&mut link.scratch, &Frame::ShmSwitch);
+                        link.outbox.push_and_switch(&mut link.scratch, ring);
+                    }
+                    ShmState::Opened => {}
+                    _ => return Err(WireError::Unexpected("ShmSwitch")),
+                }
+                link.shm = ShmState::On;
+                tracing::info!(%peer, "data link moved to shared memory");
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the link to `peer` may move to shared memory: both sides
+    /// want it, on one host, as one user.
+    fn shm_eligible(&self, peer: NodeId, hello: &PeerHello) -> bool {
+        if self.shm_host.is_empty() || hello.features & FEATURE_SHM == 0 {
+            return false;
+        }
+        if hello.host != self.shm_host || hello.uid != shm::uid() {
+            tracing::debug!(%peer, "peer is on another host or user; data stays on QUIC");
+            return false;
+        }
+        true
+    }
+
+    /// Smaller id: makes the link's two rings and offers them.
+    fn offer_shm(&mut self, peer: NodeId, link_id: LinkId) {
+        let nonce = self.rng.next_u64();
+        let cfg = &self.config.shm;
+        let made =
+            shm::Ring::create(&cfg.dir, cfg.capacity, nonce, shm::Role::Producer).and_then(|tx| {
+                let rx = shm::Ring::create(&cfg.dir, cfg.capacity, nonce, shm::Role::Consumer)?;
+                Ok((tx, rx))
+            });
+        let (tx, rx) = match made {
+            Ok(rings) => rings,
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "cannot make shared-memory rings; link stays on QUIC");
+                return;
+            }
+        };
+        let wait = cfg.wait;
+        let (to_you, from_you) = (
+            tx.path().to_string_lossy().into_owned(),
+            rx.path().to_string_lossy().into_owned(),
+        );
+        // The files stay until the peer opens them (it unlinks them) or
+        // these rings are dropped.
+        let (Ok(tx), Ok(rx)) = (tx.producer(wait), rx.consumer(wait)) else {
+            tracing::warn!(%peer, "shared-memory rings made with the wrong roles; link stays on QUIC");
+            return;
+        };
+        let Some(link) = self.links.get_mut(&peer).filter(|l| l.id == link_id) else {
+            return;
+        };
+        wire::encode(
+            &mut link.scratch,
+            &Frame::ShmOffer {
+                nonce,
+                to_you: &to_you,
+                from_you: &from_you,
+            },
+        );
+        *link.shm_rx.lock().unwrap_or_else(|e| e.into_inner()) = Some(rx);
+        link.shm_tx = Some(tx);
+        link.shm = ShmState::Offered;
+    }
+
+    /// Larger id: opens the peer's rings and switches our side to them,
+    /// or refuses (the link stays on QUIC).
+    fn open_shm(
+        &mut self,
+        peer: NodeId,
+        nonce: u64,
+        to_you: &str,
+        from_you: &str,
+    ) -> Result<(), WireError> {
+        let wait = self.config.shm.wait;
+        let enabled = !self.shm_host.is_empty();
+        let link = self
+            .links
+            .get_mut(&peer)
+            .filter(|l| l.shm == ShmState::Off)
+            .ok_or(WireError::Unexpected("ShmOffer"))?;
+        let ring_path = |p: &str| {
+            let path = std::path::Path::new(p);
+            let named = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("mesh-") && n.ends_with(".ring"));
+            if path.is_absolute() && named {
+                Ok(path.to_owned())
+            } else {
+                Err(format!("{p:?} is not a ring file"))
+            }
+        };
+        let opened = if enabled {
+            ring_path(to_you).and_then(|rx_path| {
+                let tx_path = ring_path(from_you)?;
+                let rx = shm::Ring::open(&rx_path, nonce, shm::Role::Consumer)
+                    .map_err(|e| e.to_string())?;
+                let tx = shm::Ring::open(&tx_path, nonce, shm::Role::Producer)
+                    .map_err(|e| e.to_string())?;
+                match (rx.consumer(wait), tx.producer(wait)) {
+                    (Ok(rx), Ok(tx)) => Ok((rx, tx)),
+                    _ => Err("ring roles do not match".to_owned()),
+                }
+            })
+        } else {
+            Err("shared memory is off on this node".to_owned())
+        };
+        match opened {
+            Ok((rx, tx)) => {
+                *link.shm_rx.lock().unwrap_or_else(|e| e.into_inner()) = Some(rx);
+                wire::encode(&mut link.scratch, &Frame::ShmSwitch);
+                link.outbox.push_and_switch(&mut link.scratch, tx);
+                link.shm = ShmState::Opened;
+            }
+            Err(reason) => {
+                tracing::warn!(%peer, %reason, "cannot open the peer's shared-memory rings; link stays on QUIC");
+                wire::encode(&mut link.scratch, &Frame::ShmRefuse { reason: &reason });
+            }
         }
         Ok(())
     }
@@ -1418,6 +1626,10 @@ impl NodeTask {
                         id: m.node,
                         state: m.state,
                         linked: self.links.get(&m.node).is_some_and(|l| l.up),
+                        shm: self
+                            .links
+                            .get(&m.node)
+                            .is_some_and(|l| l.up && l.shm == ShmState::On),
                         addrs: m
                             .addrs
                             .iter()
@@ -1942,8 +2154,10 @@ impl NodeTask {
             .iter()
             .filter(|(_, l)| l.has_data && !l.bye_acked && !l.leaving)
             .map(|(p, _)| *p)
+            .chain(std::mem::take(&mut self.broken))
             .collect();
         unconfirmed.sort();
+        unconfirmed.dedup();
         for (_, mut l) in self.links.drain() {
             l.close();
         }

@@ -36,6 +36,23 @@ pub(crate) struct Outbox {
 struct OutboxInner {
     buf: Vec<u8>,
     closed: bool,
+    /// Move to this ring once the first `.0` bytes of `buf` are written.
+    switch: Option<(usize, ShmTx)>,
+}
+
+/// The writing end of a link's shared-memory ring.
+pub(crate) type ShmTx = mesh_transports::shm::Producer;
+
+/// What [`Outbox::take`] handed over.
+#[derive(Debug)]
+pub(crate) enum Taken {
+    /// Bytes to write.
+    Bytes,
+    /// Bytes to write on the current stream, after which everything goes
+    /// to this ring.
+    Switch(ShmTx),
+    /// Closed and drained.
+    Closed,
 }
 
 impl Outbox {
@@ -66,6 +83,21 @@ impl Outbox {
         pending
     }
 
+    /// Appends `bytes` (ending with the `ShmSwitch` frame); the writer
+    /// writes everything up to here on its stream, then moves to `ring`.
+    pub(crate) fn push_and_switch(&self, bytes: &mut Vec<u8>, ring: ShmTx) {
+        let mut g = lock(&self.inner);
+        if g.closed {
+            bytes.clear();
+            return;
+        }
+        g.buf.append(bytes);
+        let at = g.buf.len();
+        g.switch = Some((at, ring));
+        drop(g);
+        self.wake_writer.notify_one();
+    }
+
     pub(crate) fn pending(&self) -> usize {
         lock(&self.inner).buf.len()
     }
@@ -76,20 +108,26 @@ impl Outbox {
         self.wake_writer.notify_one();
     }
 
-    /// Takes everything pending into `out` (which must be empty). Returns
-    /// `false` once the outbox is closed and drained.
-    pub(crate) async fn take(&self, out: &mut Vec<u8>) -> bool {
+    /// Takes everything pending into `out` (which must be empty), or
+    /// everything up to a switch to shared memory.
+    pub(crate) async fn take(&self, out: &mut Vec<u8>) -> Taken {
         loop {
             {
                 let mut g = lock(&self.inner);
+                if let Some((at, ring)) = g.switch.take() {
+                    out.extend(g.buf.drain(..at));
+                    drop(g);
+                    self.space.notify_one();
+                    return Taken::Switch(ring);
+                }
                 if !g.buf.is_empty() {
                     std::mem::swap(&mut g.buf, out);
                     drop(g);
                     self.space.notify_one();
-                    return true;
+                    return Taken::Bytes;
                 }
                 if g.closed {
-                    return false;
+                    return Taken::Closed;
                 }
             }
             self.wake_writer.notified().await;
