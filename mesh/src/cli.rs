@@ -99,6 +99,26 @@ enum Cmd {
         /// Join through this node, with gossip mode for `bench.>`.
         #[arg(long)]
         gossip_via: Option<Multiaddr>,
+        #[arg(long, default_value = "quic")]
+        transport: String,
+        #[arg(long, default_value = "adaptive")]
+        wait: String,
+    },
+    /// (internal) the remote side of `bench ring`.
+    #[command(hide = true)]
+    BenchRingPeer {
+        /// The ring to read.
+        #[arg(long)]
+        ring: PathBuf,
+        /// For pingpong: the ring to answer on.
+        #[arg(long)]
+        reply: Option<PathBuf>,
+        #[arg(long)]
+        nonce: u64,
+        #[arg(long)]
+        messages: u64,
+        #[arg(long, default_value = "spin")]
+        wait: String,
     },
 }
 
@@ -106,9 +126,13 @@ enum Cmd {
 enum BenchCmd {
     /// Pub/sub between two processes on loopback.
     Pubsub {
-        /// Transport (only `quic` for now).
+        /// `quic`, or `shm` (shared-memory rings between the two nodes).
         #[arg(long, default_value = "quic")]
         transport: String,
+        /// With `shm`: how the link tasks wait, `adaptive` (spin, yield,
+        /// then sleep) or `spin` (never sleep).
+        #[arg(long, default_value = "adaptive")]
+        wait: String,
         /// Payload size in bytes.
         #[arg(long, default_value_t = 64)]
         size: usize,
@@ -125,6 +149,27 @@ enum BenchCmd {
         /// Nodes in gossip mode (this one publishes, the others subscribe).
         #[arg(long, default_value_t = 5)]
         nodes: usize,
+        /// Print only the JSON result line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The raw shared-memory ring between two processes (no node).
+    Ring {
+        /// Record size in bytes.
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        /// Records to send.
+        #[arg(long, default_value_t = 50_000_000)]
+        messages: u64,
+        /// Ring size in bytes (a power of two).
+        #[arg(long, default_value_t = 1 << 20)]
+        capacity: usize,
+        /// `throughput` or `pingpong` (one-way latency over two rings).
+        #[arg(long, default_value = "throughput")]
+        pattern: String,
+        /// `spin` (busy-spin, lowest latency) or `adaptive`.
+        #[arg(long, default_value = "spin")]
+        wait: String,
         /// Print only the JSON result line.
         #[arg(long)]
         json: bool,
@@ -240,6 +285,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             which:
                 BenchCmd::Pubsub {
                     transport,
+                    wait,
                     size,
                     messages,
                     pattern,
@@ -248,15 +294,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     json,
                 },
         } => {
-            if transport != "quic" {
-                bail!("unknown transport {transport:?}: only `quic` is available");
-            }
+            let net = bench::Net::parse(&transport, &wait)?;
             match mode.as_str() {
-                "direct" => bench::pubsub(size, messages, &pattern, json).await,
-                "gossip" => bench::gossip(nodes, size, messages, json).await,
+                "direct" => bench::pubsub(size, messages, &pattern, net, json).await,
+                "gossip" if net == bench::Net::Quic => {
+                    bench::gossip(nodes, size, messages, json).await
+                }
+                "gossip" => bail!("gossip mode is benchmarked over quic only"),
                 other => bail!("unknown mode {other:?}: use direct or gossip"),
             }
         }
+        Cmd::Bench {
+            which:
+                BenchCmd::Ring {
+                    size,
+                    messages,
+                    capacity,
+                    pattern,
+                    wait,
+                    json,
+                },
+        } => ring_bench::run(size, messages, capacity, &pattern, &wait, json).await,
+        Cmd::BenchRingPeer {
+            ring,
+            reply,
+            nonce,
+            messages,
+            wait,
+        } => ring_bench::peer(&ring, reply.as_deref(), nonce, messages, &wait),
         Cmd::Bench {
             which:
                 BenchCmd::GossipSim {
@@ -271,7 +336,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             mode,
             messages,
             gossip_via,
-        } => bench::peer(&mode, messages, gossip_via).await,
+            transport,
+            wait,
+        } => {
+            bench::peer(
+                &mode,
+                messages,
+                gossip_via,
+                bench::Net::parse(&transport, &wait)?,
+            )
+            .await
+        }
     }
 }
 
@@ -512,3 +587,4 @@ pub(crate) fn lines_of(
 
 mod bench;
 mod demo;
+mod ring_bench;

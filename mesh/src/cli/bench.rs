@@ -24,8 +24,9 @@ pub(super) async fn peer(
     mode: &str,
     messages: u64,
     gossip_via: Option<crate::Multiaddr>,
+    net: Net,
 ) -> anyhow::Result<()> {
-    let mut builder = Node::builder().listen(loopback()).mdns(false);
+    let mut builder = net.builder();
     if let Some(addr) = &gossip_via {
         builder = builder
             .bootstrap(addr.clone())
@@ -84,15 +85,74 @@ pub(super) async fn peer(
     Ok(())
 }
 
+/// Which transport a benchmark's data link uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Net {
+    Quic,
+    /// Shared-memory rings, waiting as given.
+    Shm(crate::WaitPolicy),
+}
+
+impl Net {
+    pub(crate) fn parse(transport: &str, wait: &str) -> anyhow::Result<Net> {
+        let wait = match wait {
+            "adaptive" => crate::WaitPolicy::default(),
+            "spin" => crate::WaitPolicy::BusySpin,
+            other => bail!("unknown wait policy {other:?}: use adaptive or spin"),
+        };
+        match transport {
+            "quic" => Ok(Net::Quic),
+            "shm" => Ok(Net::Shm(wait)),
+            other => bail!("unknown transport {other:?}: use quic or shm"),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Net::Quic => "quic",
+            Net::Shm(_) => "shm",
+        }
+    }
+
+    fn wait_name(self) -> &'static str {
+        match self {
+            Net::Shm(crate::WaitPolicy::BusySpin) => "spin",
+            _ => "adaptive",
+        }
+    }
+
+    /// A loopback node whose links to local peers use this transport.
+    fn builder(self) -> crate::Builder {
+        let b = Node::builder().listen(loopback()).mdns(false);
+        match self {
+            Net::Quic => b.shm(false),
+            Net::Shm(wait) => b.shm_config(crate::ShmConfig {
+                wait,
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn args(self) -> Vec<String> {
+        vec![
+            "--transport".into(),
+            self.name().into(),
+            "--wait".into(),
+            self.wait_name().into(),
+        ]
+    }
+}
+
 pub(super) async fn pubsub(
     size: usize,
     messages: u64,
     pattern: &str,
+    net: Net,
     json: bool,
 ) -> anyhow::Result<()> {
     match pattern {
-        "throughput" => throughput(size, messages, json).await,
-        "pingpong" => pingpong(size, messages, json).await,
+        "throughput" => throughput(size, messages, net, json).await,
+        "pingpong" => pingpong(size, messages, net, json).await,
         other => bail!("unknown pattern {other:?}: use throughput or pingpong"),
     }
 }
@@ -100,36 +160,43 @@ pub(super) async fn pubsub(
 async fn start_pair(
     mode: &str,
     messages: u64,
+    net: Net,
 ) -> anyhow::Result<(
     tokio::process::Child,
     tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
     Node,
 )> {
-    let mut child = spawn_self(&[
+    let mut args = vec![
         "bench-peer".into(),
         "--mode".into(),
         mode.into(),
         "--messages".into(),
         messages.to_string(),
-    ])?;
+    ];
+    args.extend(net.args());
+    let mut child = spawn_self(&args)?;
     let mut lines = lines_of(&mut child)?;
     let addr: crate::Multiaddr = read_until(&mut lines, "ADDR ", Duration::from_secs(20))
         .await?
         .parse()?;
-    let node = Node::builder()
-        .listen(loopback())
-        .mdns(false)
-        .bootstrap(addr)
-        .start()
-        .await?;
+    let node = net.builder().bootstrap(addr).start().await?;
     node.ready_timeout(Duration::from_secs(10))
         .await
         .context("bench peer did not answer")?;
+    if let Net::Shm(_) = net {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !node.peers().await.iter().any(|p| p.shm) {
+            if Instant::now() > deadline {
+                bail!("the link to the bench peer did not move to shared memory (see the log)");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
     Ok((child, lines, node))
 }
 
-async fn throughput(size: usize, messages: u64, json: bool) -> anyhow::Result<()> {
-    let (mut child, mut lines, node) = start_pair("sink", messages).await?;
+async fn throughput(size: usize, messages: u64, net: Net, json: bool) -> anyhow::Result<()> {
+    let (mut child, mut lines, node) = start_pair("sink", messages, net).await?;
     let payload = bytes::Bytes::from(vec![0xa5u8; size]);
     let publisher = node.publisher(DATA)?;
     let start = Instant::now();
@@ -157,7 +224,7 @@ async fn throughput(size: usize, messages: u64, json: bool) -> anyhow::Result<()
     println!(
         "{}",
         serde_json::json!({
-            "bench": "pubsub", "transport": "quic", "size": size, "messages": messages,
+            "bench": "pubsub", "transport": net.name(), "size": size, "messages": messages,
             "received": received,
             "msgs_per_sec": rate.round(), "mb_per_sec": (rate * size as f64 / 1e6 * 10.0).round() / 10.0,
         })
@@ -170,9 +237,9 @@ async fn throughput(size: usize, messages: u64, json: bool) -> anyhow::Result<()
     Ok(())
 }
 
-async fn pingpong(size: usize, messages: u64, json: bool) -> anyhow::Result<()> {
+async fn pingpong(size: usize, messages: u64, net: Net, json: bool) -> anyhow::Result<()> {
     let warmup = 200u64;
-    let (mut child, lines, node) = start_pair("echo", messages + warmup + 1000).await?;
+    let (mut child, lines, node) = start_pair("echo", messages + warmup + 1000, net).await?;
     let mut pongs = node.subscribe(PONG).await?;
     let payload = bytes::Bytes::from(vec![0x5au8; size]);
     // Until the echo side has our subscription, pings go unanswered.
@@ -217,7 +284,7 @@ async fn pingpong(size: usize, messages: u64, json: bool) -> anyhow::Result<()> 
     println!(
         "{}",
         serde_json::json!({
-            "bench": "pubsub", "transport": "quic", "pattern": "pingpong", "size": size,
+            "bench": "pubsub", "transport": net.name(), "pattern": "pingpong", "size": size,
             "messages": messages, "p50_us": (p50 * 10.0).round() / 10.0, "p99_us": (p99 * 10.0).round() / 10.0,
         })
     );

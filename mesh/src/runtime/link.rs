@@ -203,9 +203,16 @@ async fn read_ring(
     max_frame: usize,
     events: &mpsc::Sender<LinkEvent>,
 ) -> Option<String> {
-    let mut buf = BytesMut::with_capacity(SHM_READ_BATCH);
+    // Room for a batch plus one more record, so that taking records never
+    // reallocates (and copies) the buffer; frames are slices of it.
+    const ROOM: usize = SHM_READ_BATCH + SHM_RECORD;
+    let mut buf = BytesMut::with_capacity(ROOM);
     loop {
-        match ring.read_into(&mut buf, SHM_READ_BATCH).await {
+        if buf.capacity() - buf.len() < ROOM {
+            buf.reserve(ROOM);
+        }
+        let limit = buf.len() + SHM_READ_BATCH;
+        match ring.read_into(&mut buf, limit).await {
             Ok(true) => {}
             Ok(false) if buf.is_empty() => return None,
             Ok(false) => return Some("shared-memory ring ended inside a frame".into()),
@@ -222,9 +229,6 @@ async fn read_ring(
                 .is_err()
         {
             return None;
-        }
-        if buf.capacity() - buf.len() < SHM_RECORD {
-            buf.reserve(SHM_READ_BATCH);
         }
     }
 }
