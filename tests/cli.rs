@@ -189,3 +189,100 @@ async fn one_shot_without_peers_fails_clearly() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("empty segment"));
     let _ = Duration::ZERO;
 }
+
+/// Node processes on one host move their data links to shared memory with
+/// no setting, and each survives the other's SIGKILL: the hub sees a
+/// killed subscriber go down and links its successor over shm again; after
+/// the hub is killed, a publisher and a subscriber linked through it keep
+/// exchanging messages over their own link.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_processes_use_shm_and_survive_each_others_crash() {
+    let spawn = |args: &[&str]| {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let out = BufReader::new(child.stdout.take().unwrap()).lines();
+        (child, out)
+    };
+    let (mut hub, mut hub_out) = spawn(&["node", "--no-mdns", "--listen", LOOP]);
+    line_with(&mut hub_out, "peer id:").await;
+    let addr = line_with(&mut hub_out, "listening:").await;
+    let sub_args = [
+        "sub",
+        "crash.>",
+        "--no-mdns",
+        "--listen",
+        LOOP,
+        "--bootstrap",
+        &addr,
+    ];
+
+    // A subscriber joins; the hub's link to it moves to shared memory.
+    let (mut sub, _sub_out) = spawn(&sub_args);
+    let link = line_with(&mut hub_out, "link ").await;
+    let (sub_id, kind) = link.split_once(' ').unwrap();
+    assert_eq!(kind, "shm", "same host and user: shared memory by default");
+    let sub_id = sub_id.to_owned();
+
+    // SIGKILL it: the hub notices and lives on.
+    sub.kill().await.unwrap();
+    line_with(&mut hub_out, &format!("peer {sub_id} down")).await;
+    assert!(hub.try_wait().unwrap().is_none(), "the hub survived");
+
+    // A new subscriber is linked over shm again.
+    let (_sub2, mut sub2_out) = spawn(&sub_args);
+    loop {
+        let link = line_with(&mut hub_out, "link ").await;
+        if link.ends_with(" shm") && !link.starts_with(&sub_id) {
+            break;
+        }
+    }
+    tokio::spawn(async move { while let Ok(Some(_)) = hub_out.next_line().await {} });
+
+    // A publisher sends through the mesh; the subscriber receives.
+    let (_publisher, _pub_out) = spawn(&[
+        "pub",
+        "crash.tick",
+        "m",
+        "--count",
+        "100000",
+        "--interval-ms",
+        "5",
+        "--no-mdns",
+        "--listen",
+        LOOP,
+        "--bootstrap",
+        &addr,
+    ]);
+    let number = |line: &str| -> u64 {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        v["payload"].as_str().unwrap()[2..].parse().unwrap()
+    };
+    let mut last = 0;
+    for _ in 0..20 {
+        let line = tokio::time::timeout(WAIT, sub2_out.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        last = number(&line);
+    }
+
+    // SIGKILL the hub: publisher and subscriber carry on between them.
+    hub.kill().await.unwrap();
+    let mut after = 0;
+    while after < 50 {
+        let line = tokio::time::timeout(WAIT, sub2_out.next_line())
+            .await
+            .expect("messages keep coming after the hub died")
+            .unwrap()
+            .unwrap();
+        let n = number(&line);
+        assert!(n > last, "in order: {n} after {last}");
+        last = n;
+        after += 1;
+    }
+}

@@ -1,4 +1,6 @@
-//! Pub/sub between real nodes over loopback QUIC.
+//! Pub/sub between real nodes: one conformance suite, run over every
+//! transport (`quic::*` with shared memory off, `shm::*` with the data
+//! links on shared-memory rings; membership is on QUIC in both).
 
 mod common;
 
@@ -6,16 +8,15 @@ use common::*;
 use futures::StreamExt;
 use mesh::PeerState;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_nodes_wildcards_and_fifo() {
-    let a = start(None).await;
+async fn three_nodes_wildcards_and_fifo(net: Net) {
+    let a = net.start(None).await;
     let a_addr = addr(&a).await;
-    let b = start(Some(&a_addr)).await;
-    let c = start(Some(&a_addr)).await;
+    let b = net.start(Some(&a_addr)).await;
+    let c = net.start(Some(&a_addr)).await;
     // Everyone learns everyone through a's view and links directly.
-    linked(&a, &[b.peer_id(), c.peer_id()]).await;
-    linked(&b, &[a.peer_id(), c.peer_id()]).await;
-    linked(&c, &[a.peer_id(), b.peer_id()]).await;
+    net.linked(&a, &[b.peer_id(), c.peer_id()]).await;
+    net.linked(&b, &[a.peer_id(), c.peer_id()]).await;
+    net.linked(&c, &[a.peer_id(), b.peer_id()]).await;
 
     let mut on_b = b.subscribe("orders.*.created").await.unwrap();
     let mut on_c = c.subscribe("orders.>").await.unwrap();
@@ -56,11 +57,10 @@ async fn three_nodes_wildcards_and_fifo() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn late_subscriber_and_unsubscribe() {
-    let a = start(None).await;
-    let b = start(Some(&addr(&a).await)).await;
-    linked(&a, &[b.peer_id()]).await;
+async fn late_subscriber_and_unsubscribe(net: Net) {
+    let a = net.start(None).await;
+    let b = net.start(Some(&addr(&a).await)).await;
+    net.linked(&a, &[b.peer_id()]).await;
 
     // Published before anyone subscribed: goes nowhere.
     a.publish("news", "early").await.unwrap();
@@ -95,9 +95,8 @@ async fn late_subscriber_and_unsubscribe() {
     b.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn invalid_topics_are_typed_errors() {
-    let a = start(None).await;
+async fn invalid_topics_are_typed_errors(net: Net) {
+    let a = net.start(None).await;
     let err = a.publish("a..b", "x").await.unwrap_err();
     assert!(matches!(
         err,
@@ -114,9 +113,8 @@ async fn invalid_topics_are_typed_errors() {
     ));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn subscription_ends_on_shutdown() {
-    let a = start(None).await;
+async fn subscription_ends_on_shutdown(net: Net) {
+    let a = net.start(None).await;
     let mut sub = a.subscribe(">").await.unwrap();
     a.shutdown().await;
     assert!(tokio::time::timeout(WAIT, sub.next())
@@ -127,6 +125,7 @@ async fn subscription_ends_on_shutdown() {
 
 /// Starts `mesh node` as a separate process and returns it with its id.
 async fn spawn_node(
+    net: Net,
     dir: &std::path::Path,
     bootstrap: &mesh::Multiaddr,
 ) -> (tokio::process::Child, mesh::PeerId) {
@@ -140,6 +139,7 @@ async fn spawn_node(
             "--bootstrap",
         ])
         .arg(bootstrap.to_string())
+        .args(net.cli_args())
         .arg("--data-dir")
         .arg(dir)
         .stdout(std::process::Stdio::piped())
@@ -162,23 +162,24 @@ async fn spawn_node(
     (child, id)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killed_peer_is_detected_and_restart_readmitted() {
+async fn killed_peer_is_detected_and_restart_readmitted(net: Net) {
     let dir = tempdir("restart");
-    let a = start(None).await;
+    let a = net.start(None).await;
     let a_addr = addr(&a).await;
 
-    let (mut b, b_id) = spawn_node(&dir, &a_addr).await;
+    let (mut b, b_id) = spawn_node(net, &dir, &a_addr).await;
     peer_state(&a, b_id, PeerState::Alive).await;
+    net.linked(&a, &[b_id]).await;
 
     // SIGKILL: no goodbye, no connection close.
     b.kill().await.unwrap();
     peer_state(&a, b_id, PeerState::Down).await;
 
     // Same identity (data dir), new life: readmitted.
-    let (mut b2, b2_id) = spawn_node(&dir, &a_addr).await;
+    let (mut b2, b2_id) = spawn_node(net, &dir, &a_addr).await;
     assert_eq!(b2_id, b_id, "identity persisted in the data dir");
     peer_state(&a, b_id, PeerState::Alive).await;
+    net.linked(&a, &[b_id]).await;
 
     b2.kill().await.unwrap();
     a.shutdown().await;
@@ -191,16 +192,17 @@ fn tempdir(name: &str) -> std::path::PathBuf {
     dir
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn slow_subscriber_pushes_back_without_loss() {
-    let a = start(None).await;
-    // The default slow-consumer timeout (5 s).
-    let b = sub_node(&addr(&a).await, std::time::Duration::from_secs(5))
+async fn slow_subscriber_pushes_back_without_loss(net: Net) {
+    let a = net.start(None).await;
+    // Long enough that a loaded CI machine never cuts the subscriber loose
+    // as a slow consumer: these tests are about push-back, not dropping.
+    let b = sub_node(net, &addr(&a).await, std::time::Duration::from_secs(60))
         .start()
         .await
         .unwrap();
     let mut sub = b.subscribe("flood").await.unwrap();
     until_routed(&a, "flood", &mut sub).await;
+    net.linked(&a, &[b.peer_id()]).await;
     // Far more than the subscription holds, published before b reads any.
     let publisher = a.publisher("flood").unwrap();
     let n = 20_000u32;
@@ -218,16 +220,17 @@ async fn slow_subscriber_pushes_back_without_loss() {
 /// A subscriber that stops reading while it is flooded pushes the publisher
 /// back, yet both stay up: failure detection travels apart from the data
 /// stream, so a full stream is not taken for a dead peer.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn stalled_subscriber_is_not_declared_dead() {
-    let a = start(None).await;
-    // The default slow-consumer timeout (5 s).
-    let b = sub_node(&addr(&a).await, std::time::Duration::from_secs(5))
+async fn stalled_subscriber_is_not_declared_dead(net: Net) {
+    let a = net.start(None).await;
+    // Long enough that a loaded CI machine never cuts the subscriber loose
+    // as a slow consumer: these tests are about push-back, not dropping.
+    let b = sub_node(net, &addr(&a).await, std::time::Duration::from_secs(60))
         .start()
         .await
         .unwrap();
     let mut sub = b.subscribe("flood").await.unwrap();
     until_routed(&a, "flood", &mut sub).await;
+    net.linked(&a, &[b.peer_id()]).await;
 
     // Enough to fill the subscription, the QUIC windows and a's link buffer,
     // so a's publisher ends up waiting.
@@ -264,11 +267,8 @@ async fn stalled_subscriber_is_not_declared_dead() {
     b.shutdown().await;
 }
 
-fn sub_node(bootstrap: &mesh::Multiaddr, slow: std::time::Duration) -> mesh::Builder {
-    mesh::Node::builder()
-        .listen(loopback())
-        .mdns(false)
-        .failure_detection(fast_fd())
+fn sub_node(net: Net, bootstrap: &mesh::Multiaddr, slow: std::time::Duration) -> mesh::Builder {
+    net.builder()
         .subscription_capacity(64)
         .slow_consumer_timeout(slow)
         .bootstrap(bootstrap.clone())
@@ -279,6 +279,7 @@ fn sub_node(bootstrap: &mesh::Multiaddr, slow: std::time::Duration) -> mesh::Bui
 /// "live", with a small subscription capacity and the given slow-consumer
 /// timeout.
 async fn flooded(
+    net: Net,
     slow: std::time::Duration,
     n: u32,
 ) -> (
@@ -287,12 +288,13 @@ async fn flooded(
     mesh::Subscription,
     mesh::Subscription,
 ) {
-    let a = start(None).await;
-    let b = sub_node(&addr(&a).await, slow).start().await.unwrap();
+    let a = net.start(None).await;
+    let b = sub_node(net, &addr(&a).await, slow).start().await.unwrap();
     let mut stuck = b.subscribe("bulk").await.unwrap();
     let mut live = b.subscribe("live").await.unwrap();
     until_routed(&a, "bulk", &mut stuck).await;
     until_routed(&a, "live", &mut live).await;
+    net.linked(&a, &[b.peer_id()]).await;
     let bulk = a.publisher("bulk").unwrap();
     for i in 0..n {
         bulk.publish(i.to_le_bytes().to_vec()).await.unwrap();
@@ -303,9 +305,9 @@ async fn flooded(
 /// A subscription nobody reads holds the node back only until the
 /// slow-consumer timeout; then its messages are dropped and counted, and the
 /// node's other subscriptions flow again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn never_polled_subscription_does_not_stall_the_node() {
-    let (a, b, mut stuck, mut live) = flooded(std::time::Duration::from_millis(300), 50_000).await;
+async fn never_polled_subscription_does_not_stall_the_node(net: Net) {
+    let (a, b, mut stuck, mut live) =
+        flooded(net, std::time::Duration::from_millis(300), 50_000).await;
     for i in 0..10u32 {
         a.publish("live", format!("live {i}")).await.unwrap();
     }
@@ -333,9 +335,8 @@ async fn never_polled_subscription_does_not_stall_the_node() {
 }
 
 /// Dropping a full subscription releases the node at once (no timeout).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dropping_a_full_subscription_releases_the_node() {
-    let (a, b, stuck, mut live) = flooded(std::time::Duration::from_secs(3600), 5_000).await;
+async fn dropping_a_full_subscription_releases_the_node(net: Net) {
+    let (a, b, stuck, mut live) = flooded(net, std::time::Duration::from_secs(3600), 5_000).await;
     a.publish("live", "after the flood").await.unwrap();
     drop(stuck);
     assert_eq!(next(&mut live).await.payload, "after the flood");
@@ -345,13 +346,13 @@ async fn dropping_a_full_subscription_releases_the_node() {
 
 /// A publisher that shuts down learns which subscribers did not confirm
 /// reading its messages, instead of losing them silently.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_reports_peers_that_did_not_confirm() {
+async fn shutdown_reports_peers_that_did_not_confirm(net: Net) {
     use tokio::io::AsyncBufReadExt;
     // Default failure detection: slower than this test's steps.
     let a = mesh::Node::builder()
         .listen(loopback())
         .mdns(false)
+        .shm(net == Net::Shm)
         .start()
         .await
         .unwrap();
@@ -366,6 +367,7 @@ async fn shutdown_reports_peers_that_did_not_confirm() {
             "--bootstrap",
         ])
         .arg(a_addr.to_string())
+        .args(net.cli_args())
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -392,6 +394,7 @@ async fn shutdown_reports_peers_that_did_not_confirm() {
         .find(|p| p.linked)
         .map(|p| p.id)
         .expect("linked subscriber");
+    net.linked(&a, &[sub_id]).await;
 
     sub.kill().await.unwrap();
     a.publish("reports", "into the void").await.unwrap();
@@ -399,3 +402,38 @@ async fn shutdown_reports_peers_that_did_not_confirm() {
     assert_eq!(report.unconfirmed, vec![sub_id]);
     assert!(!report.is_clean());
 }
+
+/// Runs each test above once per transport.
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod quic {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Net::Quic).await
+                }
+            )*
+        }
+        mod shm {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Net::Shm).await
+                }
+            )*
+        }
+    };
+}
+
+conformance!(
+    three_nodes_wildcards_and_fifo,
+    late_subscriber_and_unsubscribe,
+    invalid_topics_are_typed_errors,
+    subscription_ends_on_shutdown,
+    killed_peer_is_detected_and_restart_readmitted,
+    slow_subscriber_pushes_back_without_loss,
+    stalled_subscriber_is_not_declared_dead,
+    never_polled_subscription_does_not_stall_the_node,
+    dropping_a_full_subscription_releases_the_node,
+    shutdown_reports_peers_that_did_not_confirm
+);

@@ -362,15 +362,15 @@ async fn run_node(net: NetArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()>
         println!("listening: {a}");
     }
     let mut last = Vec::new();
+    let mut last_links = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = tick.tick() => {
-                let mut now: Vec<(String, String)> = node
-                    .peers()
-                    .await
-                    .into_iter()
+                let peers = node.peers().await;
+                let mut now: Vec<(String, String)> = peers
+                    .iter()
                     .map(|p| (p.id.to_string(), format!("{:?}", p.state).to_lowercase()))
                     .collect();
                 now.sort();
@@ -380,11 +380,32 @@ async fn run_node(net: NetArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()>
                     }
                 }
                 last = now;
+                // How each data link runs: "link ID shm|quic|none".
+                let mut links: Vec<(String, &str)> = peers
+                    .iter()
+                    .map(|p| (p.id.to_string(), link_kind(p)))
+                    .collect();
+                links.sort();
+                for (id, kind) in &links {
+                    if !last_links.iter().any(|(i, k)| i == id && k == kind) {
+                        println!("link {id} {kind}");
+                    }
+                }
+                last_links = links;
             }
         }
     }
     node.shutdown().await;
     Ok(())
+}
+
+/// What carries the data link to a peer, as the CLI prints it.
+fn link_kind(p: &crate::PeerInfo) -> &'static str {
+    match (p.linked, p.shm) {
+        (true, true) => "shm",
+        (true, false) => "quic",
+        (false, _) => "none",
+    }
 }
 
 /// The node's listen addresses, waiting briefly for the first one.
@@ -518,19 +539,21 @@ async fn run_peers(net: NetArgs, json: bool) -> anyhow::Result<()> {
                 serde_json::json!({
                     "id": p.id.to_string(),
                     "state": format!("{:?}", p.state).to_lowercase(),
+                    "link": link_kind(p),
                     "addrs": p.addrs.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
                 })
             })
             .collect();
         println!("{}", serde_json::Value::Array(list));
     } else {
-        println!("{:<54} {:<8} ADDRESSES", "PEER", "STATE");
+        println!("{:<54} {:<8} {:<5} ADDRESSES", "PEER", "STATE", "LINK");
         for p in &peers {
             let addrs: Vec<String> = p.addrs.iter().map(|a| a.to_string()).collect();
             println!(
-                "{:<54} {:<8} {}",
+                "{:<54} {:<8} {:<5} {}",
                 p.id,
                 format!("{:?}", p.state).to_lowercase(),
+                link_kind(p),
                 addrs.join(" ")
             );
         }

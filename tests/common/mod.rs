@@ -72,6 +72,60 @@ pub async fn peer_state(node: &Node, peer: PeerId, state: PeerState) {
     .await
 }
 
+/// The transport a conformance test's data links use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Net {
+    /// QUIC only (shared memory off).
+    Quic,
+    /// Shared-memory rings between these same-host nodes (the default).
+    Shm,
+}
+
+impl Net {
+    /// A loopback node with fast failure detection on this transport.
+    pub fn builder(self) -> mesh::Builder {
+        Node::builder()
+            .listen(loopback())
+            .mdns(false)
+            .failure_detection(fast_fd())
+            .shm(self == Net::Shm)
+    }
+
+    pub async fn start(self, bootstrap: Option<&Multiaddr>) -> Node {
+        let mut b = self.builder();
+        if let Some(addr) = bootstrap {
+            b = b.bootstrap(addr.clone());
+        }
+        b.start().await.expect("node starts")
+    }
+
+    /// Arguments that put a `mesh` CLI process on this transport.
+    pub fn cli_args(self) -> &'static [&'static str] {
+        match self {
+            Net::Quic => &["--no-shm"],
+            Net::Shm => &[],
+        }
+    }
+
+    /// Waits until `node` has a data link to each of `peers` on this
+    /// transport.
+    pub async fn linked(self, node: &Node, peers: &[PeerId]) {
+        let shm = self == Net::Shm;
+        eventually(&format!("links over {self:?}"), || async {
+            let known = node.peers().await;
+            peers
+                .iter()
+                .all(|p| {
+                    known.iter().any(|k| {
+                        &k.id == p && k.linked && k.state == PeerState::Alive && k.shm == shm
+                    })
+                })
+                .then_some(())
+        })
+        .await
+    }
+}
+
 /// Waits until `node` has a data link to each of `peers`.
 pub async fn linked(node: &Node, peers: &[PeerId]) {
     eventually("links", || async {
