@@ -210,13 +210,13 @@ unsafe impl Sync for Mapping {}
 
 impl Mapping {
     fn u64_at(&self, off: usize) -> &AtomicU64 {
-        debug_assert!(off % 8 == 0 && off + 8 <= HEADER_SIZE);
+        debug_assert!(off.is_multiple_of(8) && off + 8 <= HEADER_SIZE);
         // SAFETY: in bounds of the header and 8-aligned (the mapping is
         // page-aligned); lives as long as `self`.
         unsafe { &*(self.ptr.add(off) as *const AtomicU64) }
     }
     fn u32_at(&self, off: usize) -> &AtomicU32 {
-        debug_assert!(off % 4 == 0 && off + 4 <= HEADER_SIZE);
+        debug_assert!(off.is_multiple_of(4) && off + 4 <= HEADER_SIZE);
         // SAFETY: as above.
         unsafe { &*(self.ptr.add(off) as *const AtomicU32) }
     }

@@ -221,7 +221,7 @@ impl ConsumerState {
         let cap = mem.capacity();
         let tail = mem.load_tail(Ordering::Acquire);
         let avail = tail.wrapping_sub(self.head);
-        if avail > cap as u64 || avail % 8 != 0 {
+        if avail > cap as u64 || !avail.is_multiple_of(8) {
             return Err(RingError::Corrupt(format!(
                 "producer position {tail} is not within the ring (consumer at {})",
                 self.head

@@ -121,13 +121,11 @@ pub(super) fn pid_alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the command name, which is in parentheses and
         // may itself hold ')'.
-        Ok(stat) => match stat
-            .rfind(')')
-            .and_then(|i| stat[i + 1..].trim_start().chars().next())
-        {
-            Some('Z') | Some('X') => false,
-            _ => true,
-        },
+        Ok(stat) => !matches!(
+            stat.rfind(')')
+                .and_then(|i| stat[i + 1..].trim_start().chars().next()),
+            Some('Z') | Some('X')
+        ),
         Err(_) => rc == 0,
     }
 }
