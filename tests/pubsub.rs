@@ -221,10 +221,26 @@ async fn slow_subscriber_pushes_back_without_loss(net: Net) {
 /// back, yet both stay up: failure detection travels apart from the data
 /// stream, so a full stream is not taken for a dead peer.
 async fn stalled_subscriber_is_not_declared_dead(net: Net) {
-    let a = net.start(None).await;
+    // Failure detection still far faster than the stall, but with probe
+    // timeouts that a debug build on a loaded 2-core machine meets: with
+    // 100 ms ones a busy node task occasionally missed one, suspected the
+    // peer and stopped routing to it (seen before shared memory existed).
+    let fd = mesh::core::membership::Config {
+        probe_interval: std::time::Duration::from_millis(500),
+        probe_timeout: std::time::Duration::from_millis(250),
+        suspicion_timeout: std::time::Duration::from_millis(1500),
+        ..Default::default()
+    };
+    let a = net
+        .builder()
+        .failure_detection(fd.clone())
+        .start()
+        .await
+        .unwrap();
     // Long enough that a loaded CI machine never cuts the subscriber loose
     // as a slow consumer: these tests are about push-back, not dropping.
     let b = sub_node(net, &addr(&a).await, std::time::Duration::from_secs(60))
+        .failure_detection(fd.clone())
         .start()
         .await
         .unwrap();
@@ -246,7 +262,7 @@ async fn stalled_subscriber_is_not_declared_dead(net: Net) {
     });
     // The stall: several suspicion timeouts long (a fault's duration, not a
     // synchronisation).
-    tokio::time::sleep(fast_fd().suspicion_timeout * 4).await;
+    tokio::time::sleep(fd.suspicion_timeout * 4).await;
     let state_of =
         |peers: Vec<mesh::PeerInfo>, id| peers.into_iter().find(|p| p.id == id).map(|p| p.state);
     assert_eq!(
