@@ -1546,11 +1546,17 @@ impl NodeTask {
         let mut pending = std::mem::take(&mut self.pending_delivery);
         let mut iter = pending.drain(..).peekable();
         while let Some((id, first)) = iter.next() {
-            let mut run = vec![first];
-            while let Some((_, m)) = iter.next_if(|(next, _)| *next == id) {
-                run.push(m);
-            }
-            if let Some(q) = self.sub_queues.get(&id) {
+            // The run of messages for one subscription goes straight from
+            // the pending list into its queue: messages are a few hundred
+            // bytes, and each intermediate copy showed in the profile.
+            let run = std::iter::once(first).chain(std::iter::from_fn(|| {
+                iter.next_if(|(next, _)| *next == id).map(|(_, m)| m)
+            }));
+            let Some(q) = self.sub_queues.get(&id) else {
+                run.for_each(drop);
+                continue;
+            };
+            {
                 let (over, dropped) = q.push(run, local);
                 if over {
                     self.blocked_subs
