@@ -273,9 +273,7 @@ async fn pingpong(size: usize, messages: u64, net: Net, json: bool) -> anyhow::R
             rtts.push(t.elapsed().as_nanos() as u64);
         }
     }
-    rtts.sort_unstable();
-    let pct = |p: f64| rtts[((rtts.len() as f64 - 1.0) * p) as usize] as f64 / 2.0 / 1000.0;
-    let (p50, p99) = (pct(0.5), pct(0.99));
+    let (p50, p99) = one_way_p50_p99(&mut rtts);
     if !json {
         println!(
             "{messages} round trips of {size} B; one-way latency p50 {p50:.1} µs, p99 {p99:.1} µs"
@@ -292,6 +290,17 @@ async fn pingpong(size: usize, messages: u64, net: Net, json: bool) -> anyhow::R
     let _ = child.kill().await;
     let _ = lines;
     Ok(())
+}
+
+/// One-way latency in µs (half the round trip) at p50 and p99, from round
+/// trips in nanoseconds.
+pub(super) fn one_way_p50_p99(rtts: &mut [u64]) -> (f64, f64) {
+    rtts.sort_unstable();
+    let pct = |p: f64| {
+        rtts.get(((rtts.len() as f64 - 1.0) * p) as usize)
+            .map_or(0.0, |ns| *ns as f64 / 2.0 / 1000.0)
+    };
+    (pct(0.5), pct(0.99))
 }
 
 /// `mesh bench gossip-sim`: see [`crate::sim::overlay`].

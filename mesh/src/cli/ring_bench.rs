@@ -99,10 +99,9 @@ pub(super) async fn run(
         let mut rx = rx
             .consumer(policy)
             .map_err(|_| anyhow::anyhow!("ring role"))?;
-        let rtts =
+        let mut rtts =
             tokio::task::spawn_blocking(move || ping(&mut tx, &mut rx, size, messages)).await??;
-        let pct = |p: f64| rtts[((rtts.len() as f64 - 1.0) * p) as usize] as f64 / 2.0 / 1000.0;
-        let (p50, p99) = (pct(0.5), pct(0.99));
+        let (p50, p99) = super::bench::one_way_p50_p99(&mut rtts);
         if !json {
             println!(
                 "{messages} round trips of {size} B over two rings ({wait}); one-way latency p50 {p50:.2} µs, p99 {p99:.2} µs"
@@ -163,7 +162,7 @@ pub(super) async fn run(
     Ok(())
 }
 
-/// Round trips: returns each one's nanoseconds, after the warm-up.
+/// Round trips: each one's nanoseconds, after the warm-up.
 fn ping(
     tx: &mut Producer,
     rx: &mut Consumer,
@@ -196,7 +195,6 @@ fn ping(
             rtts.push(elapsed);
         }
     }
-    rtts.sort_unstable();
     Ok(rtts)
 }
 

@@ -559,6 +559,74 @@ impl Ring {
     }
 }
 
+/// What a waiter does next, per [`WaitPolicy`]: spin, then yield, then
+/// park; `BusySpin` spins for ever, checking the peer now and then.
+#[derive(Debug)]
+struct Backoff {
+    policy: WaitPolicy,
+    tries: u32,
+    /// Busy-spin checks the peer (a syscall and a /proc read) this often.
+    last_check: std::time::Instant,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    Spin,
+    /// Spun a while (busy-spin): let others run, and check the peer if
+    /// [`Backoff::check_due`].
+    CheckPeer,
+    Yield,
+    Park,
+}
+
+impl Backoff {
+    fn new(policy: WaitPolicy) -> Self {
+        Self {
+            policy,
+            tries: 0,
+            last_check: std::time::Instant::now(),
+        }
+    }
+
+    fn check_due(&mut self) -> bool {
+        let due = self.last_check.elapsed() >= PARK_TIMEOUT;
+        if due {
+            self.last_check = std::time::Instant::now();
+        }
+        due
+    }
+
+    fn next(&mut self) -> Step {
+        self.tries = self.tries.saturating_add(1);
+        match self.policy {
+            WaitPolicy::BusySpin if self.tries.is_multiple_of(256) => Step::CheckPeer,
+            WaitPolicy::BusySpin => Step::Spin,
+            WaitPolicy::Adaptive { spins, .. } if self.tries <= spins => Step::Spin,
+            WaitPolicy::Adaptive { spins, yields } if self.tries - spins <= yields => Step::Yield,
+            WaitPolicy::Adaptive { .. } => Step::Park,
+        }
+    }
+}
+
+/// Sets the sleeping flag and re-checks `ready` (the Dekker half paired
+/// with [`Mapping::notify`]); `Some(seen)`: go to sleep on the futex word
+/// while it holds `seen`.
+fn prepare_park(
+    map: &Mapping,
+    sleeping_off: usize,
+    seq_off: usize,
+    ready: &mut impl FnMut() -> bool,
+) -> Option<u32> {
+    let seen = map.u32_at(seq_off).load(Ordering::Acquire);
+    map.u32_at(sleeping_off).store(1, Ordering::Relaxed);
+    fence(Ordering::SeqCst);
+    if ready() {
+        map.u32_at(sleeping_off).store(0, Ordering::Relaxed);
+        return None;
+    }
+    Some(seen)
+}
+
 /// Waits until `ready()` or the peer dies. `ready` returns `true` when the
 /// wait is over (data, space, or the peer closed).
 fn wait_blocking(
@@ -568,47 +636,26 @@ fn wait_blocking(
     seq_off: usize,
     mut ready: impl FnMut() -> bool,
 ) -> Result<(), ShmError> {
-    let (spins, yields) = match policy {
-        WaitPolicy::BusySpin => loop {
-            for _ in 0..4096 {
-                if ready() {
+    let mut backoff = Backoff::new(policy);
+    while !ready() {
+        match backoff.next() {
+            Step::Spin => std::hint::spin_loop(),
+            Step::CheckPeer if backoff.check_due() => map.check_peer()?,
+            Step::CheckPeer => std::hint::spin_loop(),
+            Step::Yield => std::thread::yield_now(),
+            Step::Park => {
+                let Some(seen) = prepare_park(map, sleeping_off, seq_off, &mut ready) else {
                     return Ok(());
+                };
+                sys::futex_wait(map.u32_at(seq_off), seen, PARK_TIMEOUT);
+                map.u32_at(sleeping_off).store(0, Ordering::Relaxed);
+                if !ready() {
+                    map.check_peer()?;
                 }
-                std::hint::spin_loop();
             }
-            map.check_peer()?;
-        },
-        WaitPolicy::Adaptive { spins, yields } => (spins, yields),
-    };
-    for _ in 0..spins {
-        if ready() {
-            return Ok(());
         }
-        std::hint::spin_loop();
     }
-    for _ in 0..yields {
-        if ready() {
-            return Ok(());
-        }
-        std::thread::yield_now();
-    }
-    let sleeping = map.u32_at(sleeping_off);
-    let seq = map.u32_at(seq_off);
-    loop {
-        let seen = seq.load(Ordering::Acquire);
-        sleeping.store(1, Ordering::Relaxed);
-        fence(Ordering::SeqCst);
-        if ready() {
-            sleeping.store(0, Ordering::Relaxed);
-            return Ok(());
-        }
-        sys::futex_wait(seq, seen, PARK_TIMEOUT);
-        sleeping.store(0, Ordering::Relaxed);
-        if ready() {
-            return Ok(());
-        }
-        map.check_peer()?;
-    }
+    Ok(())
 }
 
 /// [`wait_blocking`] for tasks: yields to the runtime instead of the
@@ -620,50 +667,35 @@ async fn wait_async(
     seq_off: usize,
     mut ready: impl FnMut() -> bool,
 ) -> Result<(), ShmError> {
-    let (spins, yields) = match policy {
-        WaitPolicy::BusySpin => loop {
-            for _ in 0..256 {
-                if ready() {
-                    return Ok(());
+    let mut backoff = Backoff::new(policy);
+    while !ready() {
+        match backoff.next() {
+            Step::Spin => std::hint::spin_loop(),
+            Step::CheckPeer => {
+                if backoff.check_due() {
+                    map.check_peer()?;
                 }
-                std::hint::spin_loop();
+                // Busy-spinning must not starve the runtime's other tasks.
+                tokio::task::yield_now().await;
             }
-            map.check_peer()?;
-            tokio::task::yield_now().await;
-        },
-        WaitPolicy::Adaptive { spins, yields } => (spins, yields),
-    };
-    for _ in 0..spins {
-        if ready() {
-            return Ok(());
+            Step::Yield => tokio::task::yield_now().await,
+            Step::Park => {
+                let Some(seen) = prepare_park(map, sleeping_off, seq_off, &mut ready) else {
+                    return Ok(());
+                };
+                let parked = map.clone();
+                let _ = tokio::task::spawn_blocking(move || {
+                    sys::futex_wait(parked.u32_at(seq_off), seen, PARK_TIMEOUT)
+                })
+                .await;
+                map.u32_at(sleeping_off).store(0, Ordering::Relaxed);
+                if !ready() {
+                    map.check_peer()?;
+                }
+            }
         }
-        std::hint::spin_loop();
     }
-    for _ in 0..yields {
-        if ready() {
-            return Ok(());
-        }
-        tokio::task::yield_now().await;
-    }
-    loop {
-        let seen = map.u32_at(seq_off).load(Ordering::Acquire);
-        map.u32_at(sleeping_off).store(1, Ordering::Relaxed);
-        fence(Ordering::SeqCst);
-        if ready() {
-            map.u32_at(sleeping_off).store(0, Ordering::Relaxed);
-            return Ok(());
-        }
-        let parked = map.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            sys::futex_wait(parked.u32_at(seq_off), seen, PARK_TIMEOUT)
-        })
-        .await;
-        map.u32_at(sleeping_off).store(0, Ordering::Relaxed);
-        if ready() {
-            return Ok(());
-        }
-        map.check_peer()?;
-    }
+    Ok(())
 }
 
 /// The writing end of a ring.
