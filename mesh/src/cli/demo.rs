@@ -92,6 +92,30 @@ pub(super) async fn run() -> anyhow::Result<()> {
     for id in &seen {
         println!("      {id}");
     }
+    // How node-1's data links run, from its `link ID shm|quic|none` lines:
+    // all on one host, so shared memory (membership stays on QUIC).
+    let mut links = std::collections::BTreeMap::new();
+    let node1 = &mut nodes[0].1;
+    // Its peers: two nodes and two subscribers.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while links.values().filter(|k| *k == "shm").count() < 4 && Instant::now() < deadline {
+        match tokio::time::timeout(Duration::from_millis(300), node1.next_line()).await {
+            Ok(Ok(Some(line))) => {
+                if let Some((id, kind)) = line.strip_prefix("link ").and_then(|l| l.split_once(' '))
+                {
+                    links.insert(id.to_owned(), kind.to_owned());
+                }
+            }
+            Ok(_) => break,
+            Err(_) => {}
+        }
+    }
+    let count = |kind: &str| links.values().filter(|k| *k == kind).count();
+    println!(
+        "  node-1's data links: {} over shared memory, {} over QUIC (same host: rings in /dev/shm; membership on QUIC)",
+        count("shm"),
+        count("quic")
+    );
     println!();
 
     // 4. Publish from a one-shot process; it exits once peers have the messages.
