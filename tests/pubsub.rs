@@ -453,3 +453,34 @@ conformance!(
     dropping_a_full_subscription_releases_the_node,
     shutdown_reports_peers_that_did_not_confirm
 );
+
+/// When the rings cannot be made (here: their directory does not exist),
+/// the link stays on QUIC and messages flow as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn link_stays_on_quic_when_rings_cannot_be_made() {
+    let broken = mesh::ShmConfig {
+        dir: "/nonexistent/mesh-shm".into(),
+        ..Default::default()
+    };
+    let a = Net::Shm
+        .builder()
+        .shm_config(broken.clone())
+        .start()
+        .await
+        .unwrap();
+    let b = Net::Shm
+        .builder()
+        .shm_config(broken)
+        .bootstrap(addr(&a).await)
+        .start()
+        .await
+        .unwrap();
+    Net::Quic.linked(&a, &[b.peer_id()]).await;
+    let mut sub = b.subscribe("fallback").await.unwrap();
+    until_routed(&a, "fallback", &mut sub).await;
+    a.publish("fallback", "over quic").await.unwrap();
+    assert_eq!(next(&mut sub).await.payload, "over quic");
+    assert!(a.peers().await.iter().all(|p| !p.shm));
+    a.shutdown().await;
+    b.shutdown().await;
+}
