@@ -88,14 +88,31 @@ pub(crate) fn spawn(
     events: mpsc::Sender<LinkEvent>,
 ) -> tokio::task::AbortHandle {
     let (read, write) = stream.split();
-    spawner.spawn(write_loop(write, hello, outbox));
+    spawner.spawn(write_loop(link, peer, write, hello, outbox, events.clone()));
     spawner.spawn(read_loop(link, peer, read, shm_rx, max_frame, events))
 }
 
-async fn write_loop(mut io: WriteHalf<Stream>, hello: Vec<u8>, outbox: Arc<Outbox>) {
+async fn write_loop(
+    link: LinkId,
+    peer: NodeId,
+    mut io: WriteHalf<Stream>,
+    hello: Vec<u8>,
+    outbox: Arc<Outbox>,
+    events: mpsc::Sender<LinkEvent>,
+) {
+    // A failed write ends the link: the node must stop routing to it even
+    // if the reader has not noticed (a ring's reader and writer fail apart).
+    let failed = |error: String| {
+        let (outbox, events) = (&outbox, &events);
+        async move {
+            tracing::debug!(%error, "link write failed");
+            outbox.close();
+            let error = Some(format!("write failed: {error}"));
+            let _ = events.send(LinkEvent::Closed { link, peer, error }).await;
+        }
+    };
     if let Err(e) = io.write_all(&hello).await {
-        tracing::debug!(error = %e, "link write failed");
-        outbox.close();
+        failed(e.to_string()).await;
         return;
     }
     let mut ring: Option<super::queue::ShmTx> = None;
@@ -114,16 +131,14 @@ async fn write_loop(mut io: WriteHalf<Stream>, hello: Vec<u8>, outbox: Arc<Outbo
             None => io.write_all(&chunk).await.map_err(|e| e.to_string()),
         };
         if let Err(e) = written {
-            tracing::debug!(error = %e, "link write failed");
-            outbox.close();
+            failed(e).await;
             return;
         }
         if let Some(r) = switch {
             // Everything before the switch is on the network stream; the
             // peer reads it all before it turns to the ring.
             if let Err(e) = io.flush().await {
-                tracing::debug!(error = %e, "link write failed");
-                outbox.close();
+                failed(e.to_string()).await;
                 return;
             }
             ring = Some(r);
