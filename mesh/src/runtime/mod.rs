@@ -467,6 +467,9 @@ struct Link {
     shm_rx: ShmRxSlot,
     shm_tx: Option<ShmTx>,
     shm: ShmState,
+    /// The peer's `Hello` said it shares our host and user (an offer from
+    /// anyone else is refused).
+    shm_ok: bool,
 }
 
 /// How far a link's move to shared memory went.
@@ -502,6 +505,7 @@ impl Link {
             shm_rx: Default::default(),
             shm_tx: None,
             shm: ShmState::Off,
+            shm_ok: false,
         }
     }
 
@@ -1002,6 +1006,7 @@ impl NodeTask {
                     return;
                 };
                 l.up = true;
+                l.shm_ok = shm_ok;
                 // Fetch what this publisher kept for us while we were apart
                 // (everything it kept, if we never heard from it).
                 if !self.reliable_subs.is_empty() {
@@ -1348,10 +1353,12 @@ impl NodeTask {
     ) -> Result<(), WireError> {
         let wait = self.config.shm.wait;
         let enabled = !self.shm_host.is_empty();
+        // Offers come from the smaller id only, after its Hello.
+        let from_offerer = peer < self.local;
         let link = self
             .links
             .get_mut(&peer)
-            .filter(|l| l.shm == ShmState::Off)
+            .filter(|l| l.shm == ShmState::Off && l.up && from_offerer)
             .ok_or(WireError::Unexpected("ShmOffer"))?;
         let ring_path = |p: &str| {
             let path = std::path::Path::new(p);
@@ -1365,7 +1372,11 @@ impl NodeTask {
                 Err(format!("{p:?} is not a ring file"))
             }
         };
-        let opened = if enabled {
+        let opened = if !enabled {
+            Err("shared memory is off on this node".to_owned())
+        } else if !link.shm_ok {
+            Err("the peer is not on this host as this user".to_owned())
+        } else {
             ring_path(to_you).and_then(|rx_path| {
                 let tx_path = ring_path(from_you)?;
                 let rx = shm::Ring::open(&rx_path, nonce, shm::Role::Consumer)
@@ -1377,8 +1388,6 @@ impl NodeTask {
                     _ => Err("ring roles do not match".to_owned()),
                 }
             })
-        } else {
-            Err("shared memory is off on this node".to_owned())
         };
         match opened {
             Ok((rx, tx)) => {

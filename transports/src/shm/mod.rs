@@ -94,7 +94,9 @@ const OFF_CONSUMER_SLEEPING: usize = 192;
 const OFF_DATA_SEQ: usize = 196;
 const OFF_PRODUCER_SLEEPING: usize = 256;
 const OFF_SPACE_SEQ: usize = 260;
-/// Per-side slots: pid (u32), closed (u32), heartbeat ms (u64), pid ns (u64).
+/// Per-side slots: pid (u32), closed (u32), heartbeat ms (u64), pid ns
+/// (u64), process start time (u64, clock ticks since boot: tells a reused
+/// pid apart).
 const OFF_PRODUCER_SLOT: usize = 320;
 const OFF_CONSUMER_SLOT: usize = 384;
 
@@ -226,11 +228,22 @@ impl Mapping {
             .store(now_ms, Ordering::Release);
     }
 
-    fn claim_slot(&self) {
+    /// Takes our side's slot; `false` if another process has it.
+    fn claim_slot(&self) -> bool {
         let slot = self.role.slot();
+        let claimed =
+            self.u32_at(slot)
+                .compare_exchange(0, sys::pid(), Ordering::AcqRel, Ordering::Acquire);
+        if claimed.is_err() {
+            return false;
+        }
         self.u64_at(slot + 16).store(self.pidns, Ordering::Relaxed);
+        self.u64_at(slot + 24).store(
+            sys::process_start(sys::pid()).unwrap_or(0),
+            Ordering::Relaxed,
+        );
         self.beat(sys::monotonic_ms());
-        self.u32_at(slot).store(sys::pid(), Ordering::Release);
+        true
     }
 
     fn peer_closed(&self) -> bool {
@@ -271,11 +284,17 @@ impl Mapping {
             return Ok(());
         }
         let pidns = self.u64_at(slot + 16).load(Ordering::Relaxed);
-        if pidns == self.pidns && pidns != 0 && !sys::pid_alive(pid) {
-            return Err(ShmError::PeerDead {
-                pid,
-                reason: "process exited".into(),
-            });
+        if pidns == self.pidns && pidns != 0 {
+            // The pid says it all in our namespace: a peer that is only
+            // paused (stopped, swapped, starved of CPU) is not dead.
+            let start = self.u64_at(slot + 24).load(Ordering::Relaxed);
+            if !sys::pid_alive(pid, start) {
+                return Err(ShmError::PeerDead {
+                    pid,
+                    reason: "process exited".into(),
+                });
+            }
+            return Ok(());
         }
         let beat = self.u64_at(slot + 8).load(Ordering::Acquire);
         let age = sys::monotonic_ms().saturating_sub(beat);
@@ -389,7 +408,13 @@ impl Ring {
         }
         static COUNTER: AtomicU64 = AtomicU64::new(0);
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let path = dir.join(format!("{PREFIX}{}-{n}-{nonce:016x}{SUFFIX}", sys::pid()));
+        // The nonce stays secret (it is in the header of a 0600 file and in
+        // the encrypted offer, not in the name anyone can list).
+        let path = dir.join(format!(
+            "{PREFIX}{}-{n}-{:016x}{SUFFIX}",
+            sys::pid(),
+            sys::random_u64()
+        ));
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -426,6 +451,7 @@ impl Ring {
             .store(role.code(), Ordering::Relaxed);
         map.u64_at(OFF_CREATOR_PIDNS)
             .store(map.pidns, Ordering::Relaxed);
+        // A fresh file: the slot is free.
         map.claim_slot();
         // Magic last: a file with the magic has a complete header.
         map.u64_at(OFF_MAGIC).store(MAGIC, Ordering::Release);
@@ -500,10 +526,14 @@ impl Ring {
                 "nonce does not match: not the ring we were offered".into()
             ));
         }
-        if map.u32_at(role.slot()).load(Ordering::Acquire) != 0 {
+        if map.u64_at(OFF_TAIL).load(Ordering::Acquire) != 0
+            || map.u64_at(OFF_HEAD).load(Ordering::Acquire) != 0
+        {
+            return Err(bad("ring already in use (positions not at 0)".into()));
+        }
+        if !map.claim_slot() {
             return Err(bad(format!("{role:?} side already taken")));
         }
-        map.claim_slot();
         map.unlink();
         start_beating(&map);
         Ok(Ring { map })
@@ -740,7 +770,8 @@ impl Producer {
             self.check_open()?;
             let (map, state, len) = (&self.map, &mut self.state, record.len());
             wait_blocking(map, self.wait, OFF_PRODUCER_SLEEPING, OFF_SPACE_SEQ, || {
-                map.peer_closed() || state.fits(&**map, len)
+                // A corrupt position ends the wait; the push then reports it.
+                map.peer_closed() || state.fits(&**map, len).unwrap_or(true)
             })?;
             self.check_open()?;
         }
@@ -761,7 +792,7 @@ impl Producer {
             self.flush();
             let (map, state) = (&self.map, &mut self.state);
             wait_async(map, self.wait, OFF_PRODUCER_SLEEPING, OFF_SPACE_SEQ, || {
-                map.peer_closed() || state.fits(&**map, n)
+                map.peer_closed() || state.fits(&**map, n).unwrap_or(true)
             })
             .await?;
             self.check_open()?;
@@ -941,7 +972,7 @@ pub fn remove_stale(dir: &Path) -> usize {
                 OFF_CONSUMER_SLOT
             };
             let beat = field(slot + 8, 8);
-            let dead_pid = field(OFF_CREATOR_PIDNS, 8) == pidns && !sys::pid_alive(pid);
+            let dead_pid = field(OFF_CREATOR_PIDNS, 8) == pidns && !sys::pid_alive(pid, 0);
             dead_pid || now.saturating_sub(beat) > 10_000
         };
         if stale && std::fs::remove_file(&path).is_ok() {

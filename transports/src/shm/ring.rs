@@ -128,7 +128,7 @@ impl ProducerState {
         let to_end = cap - at;
         let total = if need <= to_end { need } else { to_end + need };
         if self.free(cap) < total {
-            self.head = mem.load_head(Ordering::Acquire);
+            self.load_head(mem)?;
             if self.free(cap) < total {
                 return Ok(false);
             }
@@ -151,8 +151,24 @@ impl ProducerState {
         Ok(true)
     }
 
+    /// Takes the consumer's position, which must be 8-aligned and at
+    /// most a ring behind ours (else the peer is broken or hostile).
+    fn load_head<M: Memory>(&mut self, mem: &M) -> Result<(), RingError> {
+        let head = mem.load_head(Ordering::Acquire);
+        let behind = self.tail.wrapping_sub(head);
+        if !head.is_multiple_of(8) || behind > mem.capacity() as u64 {
+            return Err(RingError::Corrupt(format!(
+                "consumer position {head} is not within the ring (producer at {})",
+                self.tail
+            )));
+        }
+        self.head = head;
+        Ok(())
+    }
+
     fn free(&self, cap: usize) -> usize {
-        cap - (self.tail - self.head) as usize
+        // `load_head` keeps this within 0..=cap.
+        cap - self.tail.wrapping_sub(self.head) as usize
     }
 
     /// Makes everything written so far visible to the consumer. Returns
@@ -168,13 +184,13 @@ impl ProducerState {
 
     /// Whether a record of `len` bytes fits now (after reloading the
     /// consumer's position).
-    pub fn fits<M: Memory>(&mut self, mem: &M, len: usize) -> bool {
+    pub fn fits<M: Memory>(&mut self, mem: &M, len: usize) -> Result<bool, RingError> {
         let cap = mem.capacity();
-        self.head = mem.load_head(Ordering::Acquire);
+        self.load_head(mem)?;
         let need = RECORD_HEADER + padded(len.min(max_record(cap)));
         let to_end = cap - ((self.tail as usize) & (cap - 1));
         let total = if need <= to_end { need } else { to_end + need };
-        self.free(cap) >= total
+        Ok(self.free(cap) >= total)
     }
 
     /// Bytes written but not yet published.
@@ -221,7 +237,7 @@ impl ConsumerState {
         let cap = mem.capacity();
         let tail = mem.load_tail(Ordering::Acquire);
         let avail = tail.wrapping_sub(self.head);
-        if avail > cap as u64 || !avail.is_multiple_of(8) {
+        if avail > cap as u64 || !tail.is_multiple_of(8) || !self.head.is_multiple_of(8) {
             return Err(RingError::Corrupt(format!(
                 "producer position {tail} is not within the ring (consumer at {})",
                 self.head
@@ -235,7 +251,7 @@ impl ConsumerState {
             }
             let at = (head as usize) & (cap - 1);
             let to_end = cap - at;
-            let left = (tail - head) as usize;
+            let left = tail.wrapping_sub(head) as usize;
             if left < RECORD_HEADER {
                 break Err(RingError::Corrupt("partial record header".into()));
             }
@@ -255,7 +271,7 @@ impl ConsumerState {
                             "padding of {len} bytes at offset {at} does not end the ring"
                         )));
                     }
-                    head += to_end as u64;
+                    head = head.wrapping_add(to_end as u64);
                 }
                 KIND_DATA => {
                     let need = RECORD_HEADER + padded(len);
@@ -266,7 +282,7 @@ impl ConsumerState {
                     }
                     // SAFETY: `at + need <= cap` and published (`need <= left`).
                     let more = unsafe { mem.read(at + RECORD_HEADER, len, &mut f) };
-                    head += need as u64;
+                    head = head.wrapping_add(need as u64);
                     n += 1;
                     if !more {
                         break Ok(n);
@@ -387,11 +403,11 @@ pub(crate) mod tests {
             !p.try_push(&m, &[9; 8]).unwrap(),
             "full: refused, nothing overwritten"
         );
-        assert!(!p.fits(&m, 8));
+        assert!(!p.fits(&m, 8).unwrap());
         p.publish(&m);
         let got = drain(&mut c, &m);
         assert_eq!(got, (0..4u8).map(|i| vec![i; 8]).collect::<Vec<_>>());
-        assert!(p.fits(&m, 8));
+        assert!(p.fits(&m, 8).unwrap());
         assert!(p.try_push(&m, &[9; 8]).unwrap());
     }
 
@@ -480,6 +496,24 @@ pub(crate) mod tests {
         assert_eq!(seen, vec![0]);
         assert_eq!(m.load_head(Ordering::Relaxed), 16);
         assert_eq!(drain(&mut c, &m), vec![vec![1], vec![2]]);
+    }
+
+    #[test]
+    fn corrupt_consumer_position_is_an_error_for_the_producer() {
+        for head in [3u64, 1 << 40, u64::MAX - 7] {
+            let m = HeapMem::new(64);
+            let mut p = ProducerState::new(&m);
+            for _ in 0..4 {
+                assert!(p.try_push(&m, &[1; 8]).unwrap());
+            }
+            p.publish(&m);
+            m.head.store(head, Ordering::Relaxed);
+            assert!(
+                matches!(p.try_push(&m, &[1; 8]), Err(RingError::Corrupt(_))),
+                "head {head}"
+            );
+            assert!(p.fits(&m, 8).is_err(), "head {head}");
+        }
     }
 
     #[test]

@@ -108,8 +108,9 @@ pub(super) fn uid() -> u32 {
 }
 
 /// Whether process `pid` (of our pid namespace) exists and has not exited.
-/// A zombie (killed, not yet reaped) counts as gone.
-pub(super) fn pid_alive(pid: u32) -> bool {
+/// A zombie (killed, not yet reaped) counts as gone, and so does a process
+/// that started at another time than `start` (a reused pid; 0: unknown).
+pub(super) fn pid_alive(pid: u32, start: u64) -> bool {
     if pid == 0 || pid > i32::MAX as u32 {
         return false;
     }
@@ -118,16 +119,39 @@ pub(super) fn pid_alive(pid: u32) -> bool {
     if rc != 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH) {
         return false;
     }
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the command name, which is in parentheses and
-        // may itself hold ')'.
-        Ok(stat) => !matches!(
-            stat.rfind(')')
-                .and_then(|i| stat[i + 1..].trim_start().chars().next()),
-            Some('Z') | Some('X')
-        ),
-        Err(_) => rc == 0,
+    match stat_fields(pid) {
+        Some((state, started)) => !matches!(state, 'Z' | 'X') && (start == 0 || started == start),
+        None => rc == 0,
     }
+}
+
+/// When process `pid` started (clock ticks since boot).
+pub(super) fn process_start(pid: u32) -> Option<u64> {
+    stat_fields(pid).map(|(_, start)| start)
+}
+
+/// A process's state letter and start time, from `/proc/PID/stat`.
+fn stat_fields(pid: u32) -> Option<(char, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may itself hold ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    // Field 22 of the file: the 19th after the state (field 3).
+    let start = fields.nth(18)?.parse().ok()?;
+    Some((state, start))
+}
+
+/// A random number from the kernel (for file names that cannot be guessed).
+pub(super) fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: `b` is a valid buffer of its length.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != b.len() as isize {
+        // No entropy source: names stay unique by pid and counter anyway.
+        return monotonic_ms() ^ (u64::from(pid()) << 40);
+    }
+    u64::from_le_bytes(b)
 }
 
 /// The inode of one of our namespaces (`net`, `pid`), 0 if unknown.

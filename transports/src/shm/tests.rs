@@ -208,3 +208,36 @@ fn host_id_is_stable() {
     assert_eq!(host_id(), host_id());
     assert!(!host_id().is_empty());
 }
+
+#[test]
+fn pid_liveness_tells_a_reused_pid_apart() {
+    let me = std::process::id();
+    let start = sys::process_start(me).expect("our own start time");
+    assert!(sys::pid_alive(me, start));
+    assert!(sys::pid_alive(me, 0), "start unknown: the pid decides");
+    assert!(
+        !sys::pid_alive(me, start + 1),
+        "another process with our pid"
+    );
+    assert!(!sys::pid_alive(i32::MAX as u32 - 1, 0));
+}
+
+#[test]
+fn open_refuses_a_ring_already_in_use() {
+    let ring = Ring::create(&dir(), 4096, 9, Role::Producer).unwrap();
+    ring.map.u64_at(OFF_TAIL).store(8, Ordering::Release);
+    let err = Ring::open(ring.path(), 9, Role::Consumer).unwrap_err();
+    assert!(err.to_string().contains("already in use"), "{err}");
+}
+
+#[test]
+fn ring_names_do_not_reveal_the_nonce() {
+    let ring = Ring::create(&dir(), 4096, 0x1234_5678_9abc_def0, Role::Producer).unwrap();
+    let name = ring
+        .path()
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    assert!(!name.contains("123456789abcdef0"), "{name}");
+}
