@@ -32,10 +32,27 @@ fn fnv(mut h: u64, bytes: &[u8]) -> u64 {
 }
 const FNV_START: u64 = 0xcbf2_9ce4_8422_2325;
 
+/// Where the tests make rings: the default directory (files are unlinked
+/// as soon as both sides have them, so nothing is left behind).
 fn dir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("mesh-shm-proc-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    shm::default_dir()
+}
+
+/// A private directory for tests that scan one, removed when dropped.
+struct TestDir(PathBuf);
+
+impl TestDir {
+    fn new(name: &str) -> Self {
+        let d = std::env::temp_dir().join(format!("mesh-shm-proc-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        TestDir(d)
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 fn spawn_child(
@@ -234,8 +251,8 @@ fn killed_writer_is_noticed_after_its_last_record() {
 
 #[test]
 fn rings_of_a_killed_creator_are_cleaned_at_start() {
-    let d = dir().join("stale");
-    std::fs::create_dir_all(&d).unwrap();
+    let guard = TestDir::new("stale");
+    let d = guard.0.clone();
     let (mut child, mut lines) = spawn_child("create", &d, 14, 0);
     let path = PathBuf::from(
         lines

@@ -2,10 +2,27 @@ use std::os::unix::fs::PermissionsExt;
 
 use super::*;
 
+/// Where the tests make rings: the default directory (files are unlinked
+/// as soon as both sides have them, so nothing is left behind).
 fn dir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("mesh-shm-unit-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    default_dir()
+}
+
+/// A private directory for tests that scan one, removed when dropped.
+struct TestDir(PathBuf);
+
+impl TestDir {
+    fn new(name: &str) -> Self {
+        let d = std::env::temp_dir().join(format!("mesh-shm-unit-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        TestDir(d)
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 fn pair(cap: usize) -> (Producer, Consumer) {
@@ -66,7 +83,7 @@ fn open_refuses_wrong_nonce_side_mode_and_garbage() {
     let err = Ring::open(ring.path(), 5, Role::Consumer).unwrap_err();
     assert!(err.to_string().contains("mode 644"), "{err}");
 
-    let junk = dir().join("mesh-junk.ring");
+    let junk = dir().join(format!("mesh-junk-{}.ring", std::process::id()));
     std::fs::write(&junk, vec![0x55u8; HEADER_SIZE + 4096]).unwrap();
     std::fs::set_permissions(&junk, std::fs::Permissions::from_mode(0o600)).unwrap();
     let err = Ring::open(&junk, 5, Role::Consumer).unwrap_err();
@@ -187,8 +204,8 @@ async fn async_write_all_and_read_into() {
 
 #[test]
 fn stale_files_of_dead_processes_are_removed() {
-    let d = dir().join("stale");
-    std::fs::create_dir_all(&d).unwrap();
+    let guard = TestDir::new("stale");
+    let d = guard.0.clone();
     let live = Ring::create(&d, 4096, 3, Role::Producer).unwrap();
     // A ring whose creator "died": our file, with a creator pid that does
     // not exist.
