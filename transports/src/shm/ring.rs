@@ -518,7 +518,8 @@ pub(crate) mod tests {
 
     #[test]
     fn corrupt_records_are_errors_not_reads_out_of_bounds() {
-        let cases: Vec<(&str, Box<dyn Fn(&HeapMem)>)> = vec![
+        type Corruption = Box<dyn Fn(&HeapMem)>;
+        let cases: Vec<(&str, Corruption)> = vec![
             (
                 "length beyond the ring",
                 Box::new(|m| {
