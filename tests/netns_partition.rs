@@ -32,9 +32,14 @@ impl Drop for Proc {
 
 /// Spawns `cmd` and forwards its stdout lines to a channel.
 fn spawn_lines(mut cmd: std::process::Command) -> (Proc, mpsc::Receiver<String>) {
+    cmd.stderr(Stdio::null());
+    spawn_lines_keeping_stderr(cmd)
+}
+
+/// [`spawn_lines`], with stderr as the caller set it.
+fn spawn_lines_keeping_stderr(mut cmd: std::process::Command) -> (Proc, mpsc::Receiver<String>) {
     let mut child = cmd
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
         .spawn()
         .expect("start mesh in a namespace");
     let out = child.stdout.take().unwrap();
@@ -190,7 +195,9 @@ fn partition_between_processes_loses_nothing_for_a_reliable_subscriber() {
         "--bootstrap",
         &hub_addr,
     ]);
-    let (mut publisher, pub_out) = spawn_lines(publisher);
+    let pub_err = std::env::temp_dir().join(format!("mesh-netns-pub-{}.err", std::process::id()));
+    publisher.stderr(std::fs::File::create(&pub_err).unwrap());
+    let (mut publisher, pub_out) = spawn_lines_keeping_stderr(publisher);
 
     // Some messages arrive, then c is cut off while b goes on publishing.
     let mut got = until(
@@ -220,7 +227,9 @@ fn partition_between_processes_loses_nothing_for_a_reliable_subscriber() {
         other => panic!("publisher did not finish: {other:?}"),
     }
     let status = publisher.0.wait().unwrap();
-    assert!(status.success(), "publisher failed: {status}");
+    let stderr = std::fs::read_to_string(&pub_err).unwrap_or_default();
+    let _ = std::fs::remove_file(&pub_err);
+    assert!(status.success(), "publisher failed: {status}: {stderr}");
 
     let last = format!("\"m {MESSAGES}\"");
     got.extend(until(

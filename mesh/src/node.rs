@@ -288,9 +288,9 @@ pub enum StartError {
 /// What [`Node::shutdown`] could confirm.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ShutdownReport {
-    /// Peers that were sent messages and did not confirm reading them:
-    /// their link broke while data was on it, or they did not answer the
-    /// goodbye before the shutdown timeout. They may have missed some.
+    /// Peers that were sent messages and did not confirm reading them
+    /// before the shutdown timeout (also when their link broke meanwhile):
+    /// they may have missed some.
     pub unconfirmed: Vec<PeerId>,
     /// Messages dropped over the node's life because a peer's link never
     /// came up in time (also logged when it happened).

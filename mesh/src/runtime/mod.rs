@@ -594,8 +594,9 @@ struct NodeTask {
     shutting_down: bool,
     /// This host as peers compare it (empty: shared memory off).
     shm_host: Vec<u8>,
-    /// Peers whose link ended while they may not have read what we sent
-    /// (for the shutdown report).
+    /// Peers whose link ended during shutdown while they may not have read
+    /// what we sent (for the shutdown report; a link that ended before
+    /// leaves messages for that peer waiting in a new one, which counts).
     broken: std::collections::BTreeSet<NodeId>,
     /// Peers whose link ended and may need a new one, and when to act
     /// (see `relink`). Bounded by the number of peers with links.
@@ -886,7 +887,7 @@ impl NodeTask {
                 self.connected.remove(&peer);
                 if let Some(mut link) = self.links.remove(&peer) {
                     link.close();
-                    if link.has_data && !link.bye_acked && !link.leaving {
+                    if self.shutting_down && link.has_data && !link.bye_acked && !link.leaving {
                         self.broken.insert(peer);
                     }
                     if link.up {
@@ -1071,7 +1072,7 @@ impl NodeTask {
                 let leaving = match self.links.remove(&peer) {
                     Some(mut l) => {
                         l.close();
-                        if l.has_data && !l.bye_acked && !l.leaving {
+                        if self.shutting_down && l.has_data && !l.bye_acked && !l.leaving {
                             self.broken.insert(peer);
                         }
                         l.leaving
