@@ -369,34 +369,35 @@ async fn run_node(net: NetArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()>
             _ = tokio::signal::ctrl_c() => break,
             _ = tick.tick() => {
                 let peers = node.peers().await;
-                let mut now: Vec<(String, String)> = peers
-                    .iter()
-                    .map(|p| (p.id.to_string(), format!("{:?}", p.state).to_lowercase()))
-                    .collect();
-                now.sort();
-                for (id, state) in &now {
-                    if !last.iter().any(|(i, s)| i == id && s == state) {
-                        println!("peer {id} {state}");
-                    }
-                }
-                last = now;
+                print_changes("peer", &mut last, peers.iter().map(|p| {
+                    (p.id.to_string(), format!("{:?}", p.state).to_lowercase())
+                }));
                 // How each data link runs: "link ID shm|quic|none".
-                let mut links: Vec<(String, &str)> = peers
-                    .iter()
-                    .map(|p| (p.id.to_string(), link_kind(p)))
-                    .collect();
-                links.sort();
-                for (id, kind) in &links {
-                    if !last_links.iter().any(|(i, k)| i == id && k == kind) {
-                        println!("link {id} {kind}");
-                    }
-                }
-                last_links = links;
+                print_changes("link", &mut last_links, peers.iter().map(|p| {
+                    (p.id.to_string(), link_kind(p).to_owned())
+                }));
             }
         }
     }
     node.shutdown().await;
     Ok(())
+}
+
+/// Prints `WHAT ID VALUE` for each peer whose value differs from `last`
+/// (sorted by id), then remembers `now`.
+fn print_changes(
+    what: &str,
+    last: &mut Vec<(String, String)>,
+    now: impl Iterator<Item = (String, String)>,
+) {
+    let mut now: Vec<_> = now.collect();
+    now.sort();
+    for (id, value) in &now {
+        if !last.iter().any(|(i, v)| i == id && v == value) {
+            println!("{what} {id} {value}");
+        }
+    }
+    *last = now;
 }
 
 /// What carries the data link to a peer, as the CLI prints it.

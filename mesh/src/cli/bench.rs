@@ -95,11 +95,7 @@ pub(crate) enum Net {
 
 impl Net {
     pub(crate) fn parse(transport: &str, wait: &str) -> anyhow::Result<Net> {
-        let wait = match wait {
-            "adaptive" => crate::WaitPolicy::default(),
-            "spin" => crate::WaitPolicy::BusySpin,
-            other => bail!("unknown wait policy {other:?}: use adaptive or spin"),
-        };
+        let wait = super::ring_bench::wait_policy(wait)?;
         match transport {
             "quic" => Ok(Net::Quic),
             "shm" => Ok(Net::Shm(wait)),

@@ -18,7 +18,8 @@ const BATCH: u64 = 32;
 /// Round trips before latency is recorded.
 const WARMUP: u64 = 10_000;
 
-fn wait_policy(name: &str) -> anyhow::Result<WaitPolicy> {
+/// `--wait spin|adaptive`.
+pub(super) fn wait_policy(name: &str) -> anyhow::Result<WaitPolicy> {
     match name {
         "spin" => Ok(WaitPolicy::BusySpin),
         "adaptive" => Ok(WaitPolicy::default()),

@@ -995,15 +995,17 @@ impl NodeTask {
     fn handle_link_event(&mut self, ev: LinkEvent) {
         match ev {
             LinkEvent::Up { link, peer, hello } => {
-                let PeerHello {
-                    incarnation, addrs, ..
-                } = &hello;
-                let (incarnation, addrs) = (*incarnation, addrs.clone());
+                if self.links.get(&peer).is_none_or(|l| l.id != link) {
+                    return;
+                }
                 let shm_ok = self.shm_eligible(peer, &hello);
                 if shm_ok && self.local < peer {
                     self.offer_shm(peer, link);
                 }
-                let Some(l) = self.links.get_mut(&peer).filter(|l| l.id == link) else {
+                let PeerHello {
+                    incarnation, addrs, ..
+                } = hello;
+                let Some(l) = self.links.get_mut(&peer) else {
                     return;
                 };
                 l.up = true;

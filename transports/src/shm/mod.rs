@@ -574,19 +574,6 @@ impl Ring {
             wait,
         })
     }
-
-    /// Fails if the peer's process is gone (heartbeat or pid).
-    pub fn check_peer(&self) -> Result<(), ShmError> {
-        self.map.check_peer()
-    }
-
-    /// Whether the other side has opened the ring.
-    pub fn peer_attached(&self) -> bool {
-        self.map
-            .u32_at(self.map.role.other().slot())
-            .load(Ordering::Acquire)
-            != 0
-    }
 }
 
 /// What a waiter does next, per [`WaitPolicy`]: spin, then yield, then
@@ -800,12 +787,6 @@ impl Producer {
         self.flush();
         Ok(())
     }
-
-    /// Fails if the consumer closed or its process is gone.
-    pub fn check_peer(&self) -> Result<(), ShmError> {
-        self.check_open()?;
-        self.map.check_peer()
-    }
 }
 
 impl Drop for Producer {
@@ -886,11 +867,6 @@ impl Consumer {
             })
             .await?;
         }
-    }
-
-    /// Fails if the producer's process is gone.
-    pub fn check_peer(&self) -> Result<(), ShmError> {
-        self.map.check_peer()
     }
 }
 

@@ -192,11 +192,6 @@ impl ProducerState {
         let total = if need <= to_end { need } else { to_end + need };
         Ok(self.free(cap) >= total)
     }
-
-    /// Bytes written but not yet published.
-    pub fn unpublished(&self) -> u64 {
-        self.tail - self.published
-    }
 }
 
 fn header(len: u32, kind: u32) -> [u8; RECORD_HEADER] {
