@@ -10,6 +10,8 @@
 //! - [`membership`]: SWIM-style failure detection and member dissemination.
 //! - [`interest`]: versioned subscription declarations per node.
 //! - [`gossip`]: HyParView overlay and Plumtree broadcast (gossip mode).
+//! - [`queue`]: work queues on their host: credits, acks, redelivery,
+//!   dead letters.
 //! - [`pubsub`]: routing published messages to interested peers, and
 //!   delivering received ones to local subscriptions.
 
@@ -17,6 +19,7 @@ pub mod gossip;
 pub mod interest;
 pub mod membership;
 pub mod pubsub;
+pub mod queue;
 pub mod topic;
 
 /// The identity of a node in the mesh: its libp2p peer id (derived from its
