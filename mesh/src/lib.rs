@@ -9,6 +9,9 @@
 //! - [`wire`]: the frames peers exchange.
 //! - `runtime`: the tokio driver that runs the cores over QUIC links.
 //! - [`node`]: the public API ([`Node`], [`Subscription`], [`Message`]).
+//! - [`queue`]: work queues ([`Node::queue`]): acks, redelivery, dead
+//!   letters.
+//! - [`rpc`]: request/reply ([`Node::request`], [`Node::serve`]).
 //! - [`sim`]: the deterministic simulator: many nodes, a simulated network
 //!   with partitions and faults, virtual time.
 //!
@@ -30,6 +33,8 @@
 
 pub mod core;
 pub mod node;
+pub mod queue;
+pub mod rpc;
 pub(crate) mod runtime;
 pub mod sim;
 pub mod wire;
@@ -42,6 +47,7 @@ pub use crate::core::{
     topic::{Pattern, Topic, TopicError},
     NodeId,
 };
+pub use bytes::Bytes;
 pub use libp2p::{Multiaddr, PeerId};
 pub use mesh_transports::shm::WaitPolicy;
 pub use node::{

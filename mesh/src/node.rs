@@ -62,6 +62,11 @@ pub struct Config {
     pub(crate) reliable_window: usize,
     pub(crate) gossip: Vec<Pattern>,
     pub(crate) shm: ShmConfig,
+    pub(crate) queue: crate::core::queue::Config,
+    pub(crate) host_all: bool,
+    pub(crate) host_queues: Vec<Arc<str>>,
+    pub(crate) queue_full: crate::queue::QueueFull,
+    pub(crate) self_host: bool,
     /// Set by the simulator: run over its network and clock.
     pub(crate) sim: Option<crate::sim::Hooks>,
 }
@@ -110,6 +115,11 @@ impl Default for Config {
             reliable_window: 4096,
             gossip: Vec::new(),
             shm: ShmConfig::default(),
+            queue: Default::default(),
+            host_all: false,
+            host_queues: Vec::new(),
+            queue_full: Default::default(),
+            self_host: true,
             sim: None,
         }
     }
@@ -214,6 +224,51 @@ impl Builder {
     /// carried.
     pub fn gossip(mut self, pattern: Pattern) -> Self {
         self.config.gossip.push(pattern);
+        self
+    }
+
+    /// Hosts these queues (and their dead-letter queues): other nodes hand
+    /// their sends to this one (see [`crate::queue`]). Names that are not
+    /// valid queue names are ignored with a warning.
+    pub fn host_queues<I, S>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        for n in names {
+            match Topic::new(n.as_ref()) {
+                Ok(t) => self.config.host_queues.push(t.as_str().into()),
+                Err(e) => tracing::warn!(error = %e, "not a queue name; not hosting it"),
+            }
+        }
+        self
+    }
+
+    /// Hosts every queue (what a long-running `mesh node` does).
+    pub fn host_all(mut self) -> Self {
+        self.config.host_all = true;
+        self
+    }
+
+    /// Whether this node hosts queues that nobody hosts when it sends to
+    /// them (default on). Off, such sends fail with
+    /// [`crate::queue::SendError::NoHost`]: for one-shot tools, which
+    /// would lose what they hosted when they exit.
+    pub fn self_host(mut self, on: bool) -> Self {
+        self.config.self_host = on;
+        self
+    }
+
+    /// Limits of the queues this node hosts (messages per queue, dedup
+    /// window and keys).
+    pub fn queue_limits(mut self, config: crate::queue::HostConfig) -> Self {
+        self.config.queue = config;
+        self
+    }
+
+    /// What a send to a full queue does (default: waits).
+    pub fn queue_full(mut self, policy: crate::queue::QueueFull) -> Self {
+        self.config.queue_full = policy;
         self
     }
 
@@ -373,6 +428,23 @@ pub(crate) struct Inner {
     /// subscriptions: each sends its id once, when dropped.
     pub(crate) unsubscribe: mpsc::UnboundedSender<u64>,
     pub(crate) max_payload: usize,
+    /// Queue sends and requests (bounded: a full one makes them wait).
+    pub(crate) work_bounded: Arc<crate::runtime::queue::HandOff<crate::runtime::work::Op>>,
+    /// Everything else for queues and request/reply (acks, consumers,
+    /// answers): bounded by credit and by the requests taken.
+    pub(crate) work_control: Arc<crate::runtime::queue::HandOff<crate::runtime::work::Op>>,
+    /// Numbers consumers and responders.
+    pub(crate) next_id: std::sync::atomic::AtomicU32,
+}
+
+/// Names starting with `$` are the mesh's own (queue hosts, responders).
+pub(crate) fn check_not_reserved(name: &str) -> Result<(), TopicError> {
+    if name.starts_with('$') {
+        return Err(TopicError::Reserved {
+            topic: name.to_owned(),
+        });
+    }
+    Ok(())
 }
 
 impl Inner {
@@ -515,12 +587,14 @@ impl Node {
         payload: impl Into<Bytes>,
     ) -> Result<(), PublishError> {
         let topic = Topic::new(topic)?;
+        check_not_reserved(topic.as_str())?;
         self.inner.publish(topic, headers, payload.into()).await
     }
 
     /// A handle for publishing to one topic, validated once: the fast way
     /// to publish many messages to the same topic.
     pub fn publisher(&self, topic: &str) -> Result<Publisher, TopicError> {
+        check_not_reserved(topic)?;
         Ok(Publisher {
             topic: Topic::new(topic)?,
             node: self.clone(),
@@ -574,6 +648,7 @@ impl Node {
         reliable: bool,
     ) -> Result<Subscription, SubscribeError> {
         let pattern = Pattern::new(pattern)?;
+        check_not_reserved(pattern.as_str())?;
         let (id, queue) = self
             .ask(|reply| Command::Subscribe {
                 pattern: pattern.clone(),

@@ -16,7 +16,7 @@ use crate::core::{
 };
 
 /// The protocol version spoken by this build.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// [`Hello::features`] bit: the sender can move the link's data to
 /// shared-memory rings (see [`Frame::ShmOffer`]).
@@ -122,6 +122,9 @@ pub enum Frame<'a> {
     /// after it comes on the shared-memory ring. Sent first by the side
     /// that opened the rings, then in answer by the offerer.
     ShmSwitch,
+    /// Work queues and request/reply.
+    #[serde(borrow)]
+    Work(WorkWire<'a>),
 }
 
 /// Whether an encoded frame body is [`Frame::ShmSwitch`] (checked by the
@@ -132,6 +135,201 @@ pub fn is_shm_switch(body: &[u8]) -> bool {
 
 /// `ShmSwitch`'s postcard variant index (checked in the tests).
 const SHM_SWITCH_TAG: u8 = 15;
+
+/// Headers on the wire.
+pub type HeadersWire<'a> = Vec<(&'a str, Raw<'a>)>;
+
+/// Work queues (see [`crate::core::queue`]) and request/reply. `cid` is a
+/// consumer's number on its node; `tag` the host's handle of a message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum WorkWire<'a> {
+    /// A message for a queue the receiver hosts; answered by `Accepted` or
+    /// `Refused`.
+    Send {
+        /// The queue.
+        queue: &'a str,
+        /// The sender's sequence number (the message id with its id).
+        seq: u64,
+        /// Not delivered for this long (ms, 0: at once).
+        delay_ms: u64,
+        /// Dead-lettered if not acked within this (ms, 0: never).
+        ttl_ms: u64,
+        /// Repeats within the host's dedup window are dropped.
+        dedup: Option<&'a str>,
+        /// Headers.
+        #[serde(borrow)]
+        headers: HeadersWire<'a>,
+        /// Payload.
+        payload: Raw<'a>,
+    },
+    /// These sends are the host's now.
+    Accepted {
+        /// Their sequence numbers.
+        seqs: Vec<u64>,
+    },
+    /// A send the host did not take.
+    Refused {
+        /// Its sequence number.
+        seq: u64,
+        /// The queue was full (try again later); otherwise final.
+        full: bool,
+        /// Why, for the sender.
+        reason: &'a str,
+    },
+    /// A consumer grants credit on a queue of the receiver (prefetch 0:
+    /// no more).
+    Flow {
+        /// The queue.
+        queue: &'a str,
+        /// The consumer.
+        cid: u32,
+        /// Most messages in flight to it.
+        prefetch: u32,
+        /// Visibility timeout, ms.
+        visibility_ms: u64,
+        /// Deliveries before dead-lettering.
+        max_attempts: u32,
+    },
+    /// A message for a consumer of the receiver.
+    Deliver {
+        /// The queue.
+        queue: &'a str,
+        /// The consumer.
+        cid: u32,
+        /// The host's handle of it.
+        tag: u64,
+        /// 1 on the first delivery.
+        attempt: u32,
+        /// Who sent it (`None`: the host itself).
+        origin: Option<Raw<'a>>,
+        /// The sender's sequence number.
+        seq: u64,
+        /// Dead letters: deliveries before it died, and why.
+        dead: Option<(u32, &'a str)>,
+        /// Headers.
+        #[serde(borrow)]
+        headers: HeadersWire<'a>,
+        /// Payload.
+        payload: Raw<'a>,
+    },
+    /// Done with these messages.
+    Acks {
+        /// The consumer.
+        cid: u32,
+        /// Their tags.
+        tags: Vec<u64>,
+    },
+    /// Give it back, to be delivered again after `delay_ms`.
+    Nack {
+        /// The consumer.
+        cid: u32,
+        /// The message.
+        tag: u64,
+        /// Delay before redelivery, ms.
+        delay_ms: u64,
+    },
+    /// Straight to the dead-letter queue.
+    Reject {
+        /// The consumer.
+        cid: u32,
+        /// The message.
+        tag: u64,
+        /// Why.
+        reason: &'a str,
+    },
+    /// Restart the visibility timeout at `ms` from now.
+    Extend {
+        /// The consumer.
+        cid: u32,
+        /// The message.
+        tag: u64,
+        /// The new timeout, ms.
+        ms: u64,
+    },
+    /// Asks for up to `limit` messages of a queue, not taking them.
+    Peek {
+        /// Request number.
+        req: u64,
+        /// The queue.
+        queue: &'a str,
+        /// How many at most.
+        limit: u32,
+    },
+    /// Answers `Peek`.
+    Peeked {
+        /// Request number.
+        req: u64,
+        /// The messages.
+        #[serde(borrow)]
+        msgs: Vec<PeekedWire<'a>>,
+    },
+    /// Moves a queue's dead letters back into it.
+    Replay {
+        /// Request number.
+        req: u64,
+        /// The queue (not its `.dlq`).
+        queue: &'a str,
+    },
+    /// Answers `Replay`.
+    Replayed {
+        /// Request number.
+        req: u64,
+        /// How many moved.
+        moved: u64,
+    },
+    /// A request for a responder of the receiver.
+    Request {
+        /// The requester's number for it.
+        id: u64,
+        /// The subject.
+        subject: &'a str,
+        /// Headers.
+        #[serde(borrow)]
+        headers: HeadersWire<'a>,
+        /// Payload.
+        payload: Raw<'a>,
+    },
+    /// Answers `Request`.
+    Reply {
+        /// The request's number.
+        id: u64,
+        /// Whether a responder answered.
+        status: ReplyStatus,
+        /// Payload.
+        payload: Raw<'a>,
+    },
+}
+
+/// How a request ended at the responder's node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplyStatus {
+    /// Answered.
+    Ok,
+    /// No responder for the subject there (any more).
+    NoResponders,
+    /// The responder dropped the request without answering.
+    Dropped,
+}
+
+/// A message in a `Peeked` answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeekedWire<'a> {
+    /// Who sent it.
+    #[serde(borrow)]
+    pub origin: Raw<'a>,
+    /// The sender's sequence number.
+    pub seq: u64,
+    /// Deliveries so far.
+    pub attempts: u32,
+    /// In flight now.
+    pub in_flight: bool,
+    /// Dead letters: deliveries before it died, and why.
+    pub dead: Option<(u32, &'a str)>,
+    /// Headers.
+    pub headers: HeadersWire<'a>,
+    /// Payload.
+    pub payload: Raw<'a>,
+}
 
 /// Gossip-mode messages on the wire: [`crate::core::gossip::Message`] with
 /// raw peer ids, announcements grouped by origin.

@@ -231,6 +231,21 @@ impl Interest {
             .collect()
     }
 
+    /// Remote nodes declaring a reserved pattern (one starting with `$`,
+    /// as queue hosts and responders do) that matches `topic`, in id
+    /// order. Ordinary subscriptions never count, even `>`.
+    pub fn reserved_interested(&self, topic: &str) -> Vec<NodeId> {
+        self.remote
+            .iter()
+            .filter(|(_, e)| {
+                e.patterns
+                    .iter()
+                    .any(|p| p.as_str().starts_with('$') && p.matches(topic))
+            })
+            .map(|(node, _)| *node)
+            .collect()
+    }
+
     /// The remote nodes with a declaration.
     pub fn nodes(&self) -> impl Iterator<Item = NodeId> + '_ {
         self.remote.keys().copied()

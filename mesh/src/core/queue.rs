@@ -376,6 +376,18 @@ impl<K: Clone + Eq + Hash> Queues<K> {
         }
     }
 
+    /// The limits.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Whether `queue` has room for one more message.
+    pub fn has_room(&self, queue: &str) -> bool {
+        self.queues
+            .get(queue)
+            .is_none_or(|q| q.msgs.len() < self.config.max_messages)
+    }
+
     /// Queues `msg` on `queue`.
     pub fn send(
         &mut self,

@@ -50,6 +50,13 @@ pub enum TopicError {
         /// The offending segment.
         segment: String,
     },
+    /// A name starting with `$`: those are the mesh's own (queue hosts,
+    /// responders).
+    #[error("{topic:?} starts with `$`, which is reserved for the mesh's own names")]
+    Reserved {
+        /// The name.
+        topic: String,
+    },
     /// `>` anywhere but as the last segment, or a wildcard mixed with text.
     #[error("misplaced wildcard in segment {index} of {pattern:?}: `*` must be a whole segment and `>` a whole last segment")]
     MisplacedWildcard {

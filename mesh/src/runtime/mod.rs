@@ -15,6 +15,7 @@
 
 pub(crate) mod link;
 pub(crate) mod queue;
+pub(crate) mod work;
 
 use std::{
     sync::Arc,
@@ -292,12 +293,15 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
     };
     let (cmd_tx, cmd_rx) = mpsc::channel(256);
     let publishes = Arc::new(PublishQueue::new(PUBLISH_QUEUE));
+    let work_bounded = Arc::new(queue::HandOff::new(PUBLISH_QUEUE));
+    let work_control = Arc::new(queue::HandOff::new(usize::MAX));
     let (unsub_tx, unsub_rx) = mpsc::unbounded_channel();
     let (link_tx, link_rx) = mpsc::channel(64);
     let (control_tx, control_rx) = mpsc::channel(256);
     let now = now();
     let epoch = clock.unix_micros();
     let space = Arc::new(Notify::new());
+    let config_for_work = config.clone();
     let task = NodeTask {
         local,
         membership: Membership::new(local, Vec::new(), epoch, config.membership.clone(), now),
@@ -349,7 +353,16 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
         gossip_dial: Vec::new(),
         gossip_codec: Default::default(),
         gossip_targets: None,
+        work: work::Work::new(&config_for_work),
+        work_bounded: work_bounded.clone(),
+        work_control: work_control.clone(),
+        work_scratch: Vec::new(),
+        links_generation: 0,
     };
+    let mut task = task;
+    for p in work::Work::host_patterns(&task.config) {
+        task.interest.subscribe(&p, false);
+    }
     let max_payload = task.config.max_frame.saturating_sub(1024);
     spawner.spawn(task.run(cmd_rx, unsub_rx, link_rx, control_rx, transport_events));
     Ok(Node {
@@ -359,6 +372,9 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
             publishes,
             unsubscribe: unsub_tx,
             max_payload,
+            work_bounded,
+            work_control,
+            next_id: Default::default(),
         }),
     })
 }
@@ -539,6 +555,7 @@ fn frame_name(f: &Frame<'_>) -> &'static str {
         Frame::ShmOffer { .. } => "ShmOffer",
         Frame::ShmRefuse { .. } => "ShmRefuse",
         Frame::ShmSwitch => "ShmSwitch",
+        Frame::Work(_) => "Work",
     }
 }
 
@@ -634,6 +651,14 @@ struct NodeTask {
     /// Subscriptions matching the last gossip topic delivered, at a
     /// subscription generation.
     gossip_targets: Option<(Arc<str>, u64, Arc<[SubId]>)>,
+    /// Work queues and request/reply.
+    work: work::Work,
+    work_bounded: Arc<queue::HandOff<work::Op>>,
+    work_control: Arc<queue::HandOff<work::Op>>,
+    work_scratch: Vec<work::Op>,
+    /// Bumped whenever a link comes up or ends (queue hosts and consumers
+    /// re-check whom they talk to).
+    links_generation: u64,
 }
 
 /// Whatever ends the node task (shutdown, or its future dropped: a
@@ -641,6 +666,7 @@ struct NodeTask {
 /// and subscriptions end instead of waiting forever.
 impl Drop for NodeTask {
     fn drop(&mut self) {
+        self.work_close();
         self.publishes.close();
         for q in self.sub_queues.values() {
             q.close();
@@ -660,6 +686,8 @@ impl NodeTask {
         let mut batch = Vec::with_capacity(COMMAND_BATCH);
         let mut publish_batch = Vec::new();
         let publishes = self.publishes.clone();
+        let work_control = self.work_control.clone();
+        let work_bounded = self.work_bounded.clone();
         let shutdown_reply = loop {
             let congested = self.congested();
             if !congested {
@@ -678,12 +706,19 @@ impl NodeTask {
                 .values()
                 .map(|(_, since)| *since + self.config.slow_consumer_timeout)
                 .min();
-            let timer = [self.membership.poll_timeout(), self.gossip.poll_timeout()]
-                .into_iter()
-                .flatten()
-                .min()
-                .map(tokio::time::Instant::from_std)
-                .unwrap_or_else(|| tokio::time::Instant::from_std(far_future()));
+            self.work_ops();
+            self.work_flush();
+            let work_room = self.work.has_room();
+            let timer = [
+                self.membership.poll_timeout(),
+                self.gossip.poll_timeout(),
+                self.work.poll_timeout(),
+            ]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(tokio::time::Instant::from_std)
+            .unwrap_or_else(|| tokio::time::Instant::from_std(far_future()));
             self.flush();
             // `biased`: a fixed order of checks keeps the simulator's runs
             // reproducible (tokio's default picks a random branch first).
@@ -708,6 +743,8 @@ impl NodeTask {
                 // Control frames are read even while data is pushed back.
                 Some((peer, frames)) = control.recv() => self.handle_control(peer, frames).await,
                 _ = publishes.wake_node.notified(), if !congested => {}
+                _ = work_control.wake_node.notified() => {}
+                _ = work_bounded.wake_node.notified(), if work_room => {}
                 n = cmds.recv_many(&mut batch, COMMAND_BATCH) => {
                     if n == 0 {
                         break None;
@@ -742,6 +779,7 @@ impl NodeTask {
                             );
                         }
                     }
+                    self.work_timeout();
                     self.reconnect().await;
                     self.expire_links();
                     self.forget_departed();
@@ -774,7 +812,10 @@ impl NodeTask {
             self.drive_membership().await;
             self.drive_gossip().await;
         };
-        // What was published before shutdown goes out before the goodbye.
+        // What was published, acked or answered before shutdown goes out
+        // before the goodbye.
+        self.work_ops();
+        self.work_flush();
         publishes.close();
         publishes.take(&mut publish_batch);
         self.publish_batch(&mut publish_batch);
@@ -966,6 +1007,9 @@ impl NodeTask {
         if !reuse {
             if let Some(mut old) = self.links.remove(&peer) {
                 old.close();
+                // What was in flight on it may be lost with it.
+                self.links_generation += 1;
+                self.work_link_down(peer);
             }
         }
         let hello = self.hello();
@@ -1010,6 +1054,7 @@ impl NodeTask {
                 };
                 l.up = true;
                 l.shm_ok = shm_ok;
+                self.links_generation += 1;
                 // Fetch what this publisher kept for us while we were apart
                 // (everything it kept, if we never heard from it).
                 if !self.reliable_subs.is_empty() {
@@ -1052,6 +1097,8 @@ impl NodeTask {
                             l.close();
                         }
                         self.membership.handle_link_down(now(), peer);
+                        self.links_generation += 1;
+                        self.work_link_down(peer);
                         self.schedule_relink(peer);
                         break;
                     }
@@ -1084,6 +1131,8 @@ impl NodeTask {
                 if was_up {
                     self.membership.handle_link_down(now(), peer);
                 }
+                self.links_generation += 1;
+                self.work_link_down(peer);
                 if !leaving {
                     self.schedule_relink(peer);
                 }
@@ -1264,6 +1313,7 @@ impl NodeTask {
                 link.shm_tx = None;
                 link.shm_rx.lock().unwrap_or_else(|e| e.into_inner()).take();
             }
+            Frame::Work(w) => self.handle_work(peer, body, w)?,
             Frame::ShmSwitch => {
                 // The reader has turned to the ring already.
                 let link = self
@@ -2021,6 +2071,8 @@ impl NodeTask {
                 membership::Event::Down { node } => {
                     tracing::info!(peer = %node, "peer down");
                     self.gossip.handle_link_down(node, &mut self.rng);
+                    self.links_generation += 1;
+                    self.work_link_down(node);
                     let leaving = match self.links.remove(&node) {
                         Some(mut l) => {
                             l.close();

@@ -1,6 +1,7 @@
-//! The two bounded hand-off points between the node task and the outside:
-//! [`Outbox`] (node task -> link writer, bytes) and [`SubQueue`] (node task
-//! -> subscription, messages).
+//! The hand-off points between the node task and the outside: [`Outbox`]
+//! (node task -> link writer, bytes), [`SubQueue`] (node task ->
+//! subscription, messages), [`HandOff`] (handles -> node task) and
+//! [`Inbox`] (node task -> a queue consumer or responder).
 //!
 //! Both are filled a batch at a time under one short lock and drained a batch
 //! at a time, so the per-message cost is a copy, not a channel operation.
@@ -277,6 +278,77 @@ impl SubQueue {
     }
 }
 
+/// Items for one receiver outside the node task (a queue consumer, a
+/// responder): pushed by the node task, taken all at once by the handle.
+/// Bounded by whoever pushes (a consumer's credit, the requests in flight).
+#[derive(Debug)]
+pub(crate) struct Inbox<T> {
+    inner: Mutex<InboxInner<T>>,
+}
+
+#[derive(Debug)]
+struct InboxInner<T> {
+    items: VecDeque<T>,
+    waker: Option<Waker>,
+    closed: bool,
+}
+
+impl<T> Default for Inbox<T> {
+    fn default() -> Self {
+        Self {
+            inner: Mutex::new(InboxInner {
+                items: VecDeque::new(),
+                waker: None,
+                closed: false,
+            }),
+        }
+    }
+}
+
+impl<T> Inbox<T> {
+    /// Adds an item; gives it back if the inbox is closed.
+    pub(crate) fn push(&self, item: T) -> Result<(), T> {
+        let mut g = lock(&self.inner);
+        if g.closed {
+            return Err(item);
+        }
+        g.items.push_back(item);
+        if let Some(w) = g.waker.take() {
+            drop(g);
+            w.wake();
+        }
+        Ok(())
+    }
+
+    /// Closes it and returns what was never taken.
+    pub(crate) fn close(&self) -> VecDeque<T> {
+        let mut g = lock(&self.inner);
+        g.closed = true;
+        let w = g.waker.take();
+        let left = std::mem::take(&mut g.items);
+        drop(g);
+        if let Some(w) = w {
+            w.wake();
+        }
+        left
+    }
+
+    /// Moves everything into `out` (empty); `Ready(false)` once closed and
+    /// empty.
+    pub(crate) fn poll_take(&self, cx: &mut Context<'_>, out: &mut VecDeque<T>) -> Poll<bool> {
+        let mut g = lock(&self.inner);
+        if !g.items.is_empty() {
+            std::mem::swap(&mut g.items, out);
+            return Poll::Ready(true);
+        }
+        if g.closed {
+            return Poll::Ready(false);
+        }
+        g.waker = Some(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
 /// A message handed to the node by `publish`.
 #[derive(Debug)]
 pub(crate) struct PublishCmd {
@@ -285,12 +357,15 @@ pub(crate) struct PublishCmd {
     pub(crate) payload: bytes::Bytes,
 }
 
-/// Publishes waiting for the node task: filled one at a time by any number
-/// of handles, taken all at once by the node task. Bounded: a full queue
-/// makes `publish` wait.
+/// Publishes waiting for the node task.
+pub(crate) type PublishQueue = HandOff<PublishCmd>;
+
+/// Work waiting for the node task: filled one at a time by any number of
+/// handles, taken all at once by the node task. Bounded: a full queue makes
+/// `push` wait.
 #[derive(Debug)]
-pub(crate) struct PublishQueue {
-    inner: Mutex<PubInner>,
+pub(crate) struct HandOff<T> {
+    inner: Mutex<PubInner<T>>,
     capacity: usize,
     /// Wakes the node task when the queue becomes non-empty.
     pub(crate) wake_node: Notify,
@@ -298,9 +373,9 @@ pub(crate) struct PublishQueue {
     space: Notify,
 }
 
-#[derive(Debug, Default)]
-struct PubInner {
-    items: Vec<PublishCmd>,
+#[derive(Debug)]
+struct PubInner<T> {
+    items: Vec<T>,
     closed: bool,
 }
 
@@ -308,22 +383,35 @@ struct PubInner {
 #[derive(Debug)]
 pub(crate) struct Closed;
 
-impl PublishQueue {
+impl<T> HandOff<T> {
     pub(crate) fn new(capacity: usize) -> Self {
         Self {
-            inner: Mutex::new(PubInner::default()),
+            inner: Mutex::new(PubInner {
+                items: Vec::new(),
+                closed: false,
+            }),
             capacity,
             wake_node: Notify::new(),
             space: Notify::new(),
         }
     }
 
-    fn try_push(&self, cmd: PublishCmd) -> Result<Result<(), PublishCmd>, Closed> {
+    fn try_push(&self, cmd: T) -> Result<Result<(), T>, Closed> {
+        self.push_inner(cmd, self.capacity)
+    }
+
+    /// Queues at once, whatever the capacity: for work bounded elsewhere
+    /// (acks, bounded by the credit a consumer granted).
+    pub(crate) fn push_now(&self, cmd: T) -> Result<(), Closed> {
+        self.push_inner(cmd, usize::MAX).map(|_| ())
+    }
+
+    fn push_inner(&self, cmd: T, capacity: usize) -> Result<Result<(), T>, Closed> {
         let mut g = lock(&self.inner);
         if g.closed {
             return Err(Closed);
         }
-        if g.items.len() >= self.capacity {
+        if g.items.len() >= capacity {
             return Ok(Err(cmd));
         }
         g.items.push(cmd);
@@ -336,7 +424,7 @@ impl PublishQueue {
     }
 
     /// Queues a publish, waiting while the queue is full.
-    pub(crate) async fn push(&self, mut cmd: PublishCmd) -> Result<(), Closed> {
+    pub(crate) async fn push(&self, mut cmd: T) -> Result<(), Closed> {
         loop {
             match self.try_push(cmd)? {
                 Ok(()) => return Ok(()),
@@ -356,7 +444,7 @@ impl PublishQueue {
     }
 
     /// Takes everything queued (swapping with `out`, which must be empty).
-    pub(crate) fn take(&self, out: &mut Vec<PublishCmd>) {
+    pub(crate) fn take(&self, out: &mut Vec<T>) {
         let mut g = lock(&self.inner);
         std::mem::swap(&mut g.items, out);
         drop(g);

@@ -1,0 +1,1294 @@
+//! Work queues and request/reply in the node task.
+//!
+//! Who does what (see `core::queue` for the host's rules):
+//! - A node *hosts* a queue when it is configured to (`host_queues`,
+//!   `host_all`) or when it sends to a queue nobody hosts (it then hosts its
+//!   own messages). Hosts declare the reserved pattern `$q.h.NAME` (or
+//!   `$q.h.>`) through the interest table, so every node knows them.
+//! - A sender that does not host the queue hands each message to one live
+//!   host, chosen by rendezvous hashing of the queue name over the hosts
+//!   (so one queue's messages go to one host while the hosts stay), and
+//!   resolves the send when that host answers `Accepted`. Sends not
+//!   answered when the link to the host ends go again, to the next choice.
+//! - A consumer grants credit (`Flow`) to every live host of its queue; the
+//!   host delivers (`Deliver`), the consumer settles (`Acks`, batched per
+//!   wake-up, `Nack`, `Reject`, `Extend`). A link that ends gives every
+//!   message in flight over it back to its queue at once.
+//! - Responders declare `$r.PATTERN`; a request goes to one responding
+//!   node (round-robin), which hands it to one local responder
+//!   (round-robin) and answers on the link it came from.
+
+use std::{
+    collections::BinaryHeap,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use rustc_hash::{FxHashMap, FxHashSet};
+use tokio::sync::oneshot;
+
+use super::{link_entry, now, queue::Inbox, NodeTask};
+use crate::{
+    core::{
+        membership::MemberState,
+        pubsub::MessageId,
+        queue::{self as core_queue, Accepted, ConsumerOptions, Dispatch, NewMessage, Peeked},
+        topic::Pattern,
+        NodeId,
+    },
+    queue::{QueueFull, SendError},
+    rpc::RequestError,
+    wire::{self, Frame, PeekedWire, Raw, ReplyStatus, WireError, WorkWire},
+};
+
+/// Reserved pattern prefix of a queue host's declaration.
+pub(crate) const HOST_PREFIX: &str = "$q.h.";
+/// Reserved pattern prefix of a responder's declaration.
+pub(crate) const SERVE_PREFIX: &str = "$r.";
+/// Most sends and requests waiting for an answer from another node; the
+/// node takes no more from handles until some are answered.
+pub(crate) const MAX_PENDING: usize = 64 * 1024;
+/// How long `peek` and `replay` wait for remote hosts.
+const GATHER_TIMEOUT: Duration = Duration::from_secs(2);
+/// First retry of a send refused because its queue was full.
+const FULL_RETRY: Duration = Duration::from_millis(50);
+/// Longest wait between such retries.
+const FULL_RETRY_MAX: Duration = Duration::from_secs(1);
+/// Most messages a `Peeked` answer carries.
+const MAX_PEEK: usize = 1000;
+
+/// A consumer as a host knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct ConsumerKey {
+    pub(crate) node: NodeId,
+    pub(crate) cid: u32,
+}
+
+/// A message for a queue, as a handle gives it.
+#[derive(Debug)]
+pub(crate) struct OutMsg {
+    pub(crate) headers: Vec<(String, Bytes)>,
+    pub(crate) payload: Bytes,
+    pub(crate) delay: Option<Duration>,
+    pub(crate) ttl: Option<Duration>,
+    pub(crate) dedup: Option<String>,
+}
+
+/// How a consumer settles a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Settle {
+    Ack,
+    Nack(Option<Duration>),
+    Reject(String),
+    Extend(Duration),
+}
+
+/// A delivery handed to a consumer handle.
+#[derive(Debug)]
+pub(crate) struct DeliveryData {
+    pub(crate) host: NodeId,
+    pub(crate) cid: u32,
+    pub(crate) tag: u64,
+    pub(crate) attempt: u32,
+    pub(crate) id: MessageId,
+    pub(crate) headers: Vec<(String, Bytes)>,
+    pub(crate) payload: Bytes,
+    pub(crate) dead: Option<(u32, String)>,
+}
+
+/// A request handed to a responder handle.
+#[derive(Debug)]
+pub(crate) struct RequestData {
+    pub(crate) from: NodeId,
+    pub(crate) id: u64,
+    pub(crate) subject: Arc<str>,
+    pub(crate) headers: Vec<(String, Bytes)>,
+    pub(crate) payload: Bytes,
+}
+
+/// Work from handles to the node task.
+#[derive(Debug)]
+pub(crate) enum Op {
+    Send {
+        queue: Arc<str>,
+        msg: OutMsg,
+        reply: oneshot::Sender<Result<MessageId, SendError>>,
+    },
+    Request {
+        subject: Arc<str>,
+        headers: Vec<(String, Bytes)>,
+        payload: Bytes,
+        timeout: Duration,
+        reply: oneshot::Sender<Result<Bytes, RequestError>>,
+    },
+    Consume {
+        cid: u32,
+        queue: Arc<str>,
+        options: ConsumerOptions,
+        inbox: Arc<Inbox<DeliveryData>>,
+    },
+    Cancel {
+        cid: u32,
+    },
+    Settle {
+        host: NodeId,
+        cid: u32,
+        tag: u64,
+        how: Settle,
+    },
+    Peek {
+        queue: Arc<str>,
+        limit: usize,
+        reply: oneshot::Sender<Vec<Peeked>>,
+    },
+    Replay {
+        queue: Arc<str>,
+        reply: oneshot::Sender<u64>,
+    },
+    Serve {
+        sid: u32,
+        pattern: Pattern,
+        inbox: Arc<Inbox<RequestData>>,
+    },
+    Unserve {
+        sid: u32,
+    },
+    Respond {
+        to: NodeId,
+        id: u64,
+        status: ReplyStatus,
+        payload: Bytes,
+    },
+}
+
+struct LocalConsumer {
+    queue: Arc<str>,
+    options: ConsumerOptions,
+    inbox: Arc<Inbox<DeliveryData>>,
+    /// Hosts that have our `Flow`.
+    granted: FxHashSet<NodeId>,
+}
+
+struct PendingSend {
+    queue: Arc<str>,
+    host: NodeId,
+    msg: OutMsg,
+    reply: oneshot::Sender<Result<MessageId, SendError>>,
+    /// Refused as full this many times in a row.
+    full: u32,
+}
+
+struct PendingRequest {
+    deadline: Instant,
+    timeout: Duration,
+    reply: oneshot::Sender<Result<Bytes, RequestError>>,
+}
+
+enum GatherReply {
+    Peek(oneshot::Sender<Vec<Peeked>>, Vec<Peeked>, usize),
+    Replay(oneshot::Sender<u64>, u64),
+}
+
+struct Gather {
+    waiting: FxHashSet<NodeId>,
+    deadline: Instant,
+    reply: GatherReply,
+}
+
+/// The node task's queue and request/reply state.
+pub(crate) struct Work {
+    pub(crate) host: core_queue::Queues<ConsumerKey>,
+    /// Queues this node hosts without being configured to (it sent to them
+    /// when nobody hosted them).
+    self_hosted: FxHashSet<Arc<str>>,
+    host_all: bool,
+    host_queues: Vec<Arc<str>>,
+    full_policy: QueueFull,
+    consumers: FxHashMap<u32, LocalConsumer>,
+    /// Acks to send, per (host, consumer).
+    acks: FxHashMap<(NodeId, u32), Vec<u64>>,
+    /// Sends answered, per sender.
+    accepted: FxHashMap<NodeId, Vec<u64>>,
+    pending_sends: FxHashMap<u64, PendingSend>,
+    /// Sends refused as full, to try again at the time given.
+    retry: BinaryHeap<std::cmp::Reverse<(Instant, u64)>>,
+    servers: FxHashMap<u32, (Pattern, Arc<Inbox<RequestData>>)>,
+    next_server: usize,
+    next_responder: usize,
+    requests: FxHashMap<u64, PendingRequest>,
+    request_deadlines: BinaryHeap<std::cmp::Reverse<(Instant, u64)>>,
+    next_request: u64,
+    gathers: FxHashMap<u64, Gather>,
+    /// Host choices per queue, at an interest and link generation.
+    host_cache: FxHashMap<Arc<str>, ((u64, u64), Vec<NodeId>)>,
+    /// The interest and link generation flows were last granted at.
+    flows_at: (u64, u64),
+    /// Host queues nobody hosts (off for one-shot tools: their sends
+    /// fail with `NoHost` instead).
+    self_host: bool,
+    /// Deliveries from the host core to push at the end of the batch.
+    dispatch: Vec<Dispatch<ConsumerKey>>,
+}
+
+impl Work {
+    pub(crate) fn new(config: &crate::node::Config) -> Self {
+        Self {
+            host: core_queue::Queues::new(config.queue.clone()),
+            self_hosted: FxHashSet::default(),
+            host_all: config.host_all,
+            host_queues: config.host_queues.clone(),
+            full_policy: config.queue_full,
+            consumers: FxHashMap::default(),
+            acks: FxHashMap::default(),
+            accepted: FxHashMap::default(),
+            pending_sends: FxHashMap::default(),
+            retry: BinaryHeap::new(),
+            servers: FxHashMap::default(),
+            next_server: 0,
+            next_responder: 0,
+            requests: FxHashMap::default(),
+            request_deadlines: BinaryHeap::new(),
+            next_request: 0,
+            gathers: FxHashMap::default(),
+            host_cache: FxHashMap::default(),
+            flows_at: (u64::MAX, u64::MAX),
+            self_host: config.self_host,
+            dispatch: Vec::new(),
+        }
+    }
+
+    /// The patterns a node configured to host queues declares at start.
+    pub(crate) fn host_patterns(config: &crate::node::Config) -> Vec<Pattern> {
+        let mut out = Vec::new();
+        if config.host_all {
+            out.extend(Pattern::new(&format!("{HOST_PREFIX}>")));
+        }
+        for q in &config.host_queues {
+            out.extend(host_patterns_of(q));
+        }
+        out
+    }
+
+    fn hosts_locally(&self, queue: &str) -> bool {
+        let base = dlq_of(queue);
+        let named = |q: &str| q == queue || base == Some(q);
+        self.host_all
+            || self.self_hosted.iter().any(|q| named(q))
+            || self.host_queues.iter().any(|q| named(q))
+    }
+
+    /// Whether the node may take more sends and requests from handles.
+    pub(crate) fn has_room(&self) -> bool {
+        self.pending_sends.len() + self.requests.len() < MAX_PENDING
+    }
+
+    /// When a timer of this module is next due.
+    pub(crate) fn poll_timeout(&mut self) -> Option<Instant> {
+        let retry = self.retry.peek().map(|r| r.0 .0);
+        let req = self.request_deadlines.peek().map(|r| r.0 .0);
+        let gather = self.gathers.values().map(|g| g.deadline).min();
+        [self.host.poll_timeout(), retry, req, gather]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+}
+
+/// `queue` and its dead-letter queue, as host patterns.
+fn host_patterns_of(queue: &str) -> Vec<Pattern> {
+    [
+        format!("{HOST_PREFIX}{queue}"),
+        format!("{HOST_PREFIX}{}", core_queue::dlq_name(queue)),
+    ]
+    .iter()
+    .filter_map(|p| Pattern::new(p).ok())
+    .collect()
+}
+
+/// The queue whose dead-letter queue `queue` is.
+fn dlq_of(queue: &str) -> Option<&str> {
+    queue.strip_suffix(core_queue::DLQ_SUFFIX)
+}
+
+/// Rendezvous hashing: the host with the highest hash of (queue, host).
+fn rendezvous(queue: &str, hosts: &[NodeId]) -> Option<NodeId> {
+    use std::hash::{Hash, Hasher};
+    hosts.iter().copied().max_by_key(|h| {
+        let mut s = rustc_hash::FxHasher::default();
+        queue.hash(&mut s);
+        h.to_bytes().hash(&mut s);
+        s.finish()
+    })
+}
+
+fn headers_to_wire(headers: &[(String, Bytes)]) -> Vec<(&str, Raw<'_>)> {
+    headers.iter().map(|(k, v)| (k.as_str(), Raw(v))).collect()
+}
+
+fn headers_from_wire(frame: &Bytes, headers: &[(&str, Raw<'_>)]) -> Vec<(String, Bytes)> {
+    headers
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), slice(frame, v.0)))
+        .collect()
+}
+
+fn slice(frame: &Bytes, part: &[u8]) -> Bytes {
+    if part.is_empty() {
+        Bytes::new()
+    } else {
+        frame.slice_ref(part)
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    d.as_millis().min(u128::from(u64::MAX)) as u64
+}
+
+impl NodeTask {
+    /// Live remote nodes declaring `topic` under a reserved prefix, with a
+    /// link up.
+    fn declared(&self, topic: &str) -> Vec<NodeId> {
+        self.interest
+            .reserved_interested(topic)
+            .into_iter()
+            .filter(|n| {
+                matches!(
+                    self.membership.state_of(n),
+                    Some(MemberState::Alive | MemberState::Suspect)
+                ) && self.links.get(n).is_some_and(|l| l.up)
+            })
+            .collect()
+    }
+
+    /// Remote hosts of `queue` a send may go to now.
+    fn remote_hosts(&mut self, queue: &Arc<str>) -> Vec<NodeId> {
+        let generation = (self.interest.generation(), self.links_generation);
+        if let Some((g, hosts)) = self.work.host_cache.get(queue) {
+            if *g == generation {
+                return hosts.clone();
+            }
+        }
+        let hosts = self.declared(&format!("{HOST_PREFIX}{queue}"));
+        if self.work.host_cache.len() > 4096 {
+            self.work.host_cache.clear();
+        }
+        self.work
+            .host_cache
+            .insert(queue.clone(), (generation, hosts.clone()));
+        hosts
+    }
+
+    fn declare(&mut self, patterns: Vec<Pattern>) {
+        for p in patterns {
+            if let Some(decl) = self.interest.subscribe(&p, false) {
+                self.announce(&decl);
+            }
+        }
+    }
+
+    /// Takes what handles queued: control ops always, sends and requests
+    /// while fewer than [`MAX_PENDING`] wait for answers.
+    pub(crate) fn work_ops(&mut self) {
+        let mut ops = std::mem::take(&mut self.work_scratch);
+        self.work_control.take(&mut ops);
+        for op in ops.drain(..) {
+            self.work_op(op);
+        }
+        if self.work.has_room() {
+            self.work_bounded.take(&mut ops);
+            for op in ops.drain(..) {
+                self.work_op(op);
+            }
+        }
+        self.work_scratch = ops;
+    }
+
+    fn work_op(&mut self, op: Op) {
+        match op {
+            Op::Send { queue, msg, reply } => {
+                self.seq += 1;
+                let id = MessageId {
+                    publisher: self.local,
+                    seq: self.seq,
+                };
+                self.route_send(id.seq, queue, msg, reply, 0);
+            }
+            Op::Request {
+                subject,
+                headers,
+                payload,
+                timeout,
+                reply,
+            } => self.request(subject, headers, payload, timeout, reply),
+            Op::Consume {
+                cid,
+                queue,
+                options,
+                inbox,
+            } => {
+                let key = ConsumerKey {
+                    node: self.local,
+                    cid,
+                };
+                self.work.consumers.insert(
+                    cid,
+                    LocalConsumer {
+                        queue: queue.clone(),
+                        options,
+                        inbox,
+                        granted: FxHashSet::default(),
+                    },
+                );
+                if self.work.hosts_locally(&queue) {
+                    if let Err(e) = self.work.host.set_consumer(&queue, key, options) {
+                        tracing::warn!(error = %e, "consumer refused");
+                    }
+                }
+                self.work.flows_at = (u64::MAX, u64::MAX);
+            }
+            Op::Cancel { cid } => self.cancel_consumer(cid),
+            Op::Settle {
+                host,
+                cid,
+                tag,
+                how,
+            } => self.settle(host, cid, tag, how),
+            Op::Peek {
+                queue,
+                limit,
+                reply,
+            } => {
+                let limit = limit.min(MAX_PEEK);
+                let local = self.work.host.peek(&queue, limit);
+                let hosts = self.remote_hosts(&queue);
+                let req = self.gather(&hosts, GatherReply::Peek(reply, local, limit));
+                for h in hosts {
+                    self.send_work(
+                        h,
+                        &WorkWire::Peek {
+                            req,
+                            queue: &queue,
+                            limit: limit as u32,
+                        },
+                    );
+                }
+            }
+            Op::Replay { queue, reply } => {
+                let moved = self.work.host.replay_dead_letters(now(), &queue) as u64;
+                let hosts = self.remote_hosts(&queue);
+                let req = self.gather(&hosts, GatherReply::Replay(reply, moved));
+                for h in hosts {
+                    self.send_work(h, &WorkWire::Replay { req, queue: &queue });
+                }
+            }
+            Op::Serve {
+                sid,
+                pattern,
+                inbox,
+            } => {
+                if let Ok(p) = Pattern::new(&format!("{SERVE_PREFIX}{pattern}")) {
+                    self.declare(vec![p]);
+                }
+                self.work.servers.insert(sid, (pattern, inbox));
+            }
+            Op::Unserve { sid } => {
+                if let Some((pattern, inbox)) = self.work.servers.remove(&sid) {
+                    if let Ok(p) = Pattern::new(&format!("{SERVE_PREFIX}{pattern}")) {
+                        if let Some(decl) = self.interest.unsubscribe(&p, false) {
+                            self.announce(&decl);
+                        }
+                    }
+                    for r in inbox.close() {
+                        self.respond(r.from, r.id, ReplyStatus::NoResponders, Bytes::new());
+                    }
+                }
+            }
+            Op::Respond {
+                to,
+                id,
+                status,
+                payload,
+            } => self.respond(to, id, status, payload),
+        }
+    }
+
+    fn gather(&mut self, hosts: &[NodeId], reply: GatherReply) -> u64 {
+        self.work.next_request += 1;
+        let req = self.work.next_request;
+        let g = Gather {
+            waiting: hosts.iter().copied().collect(),
+            deadline: now() + GATHER_TIMEOUT,
+            reply,
+        };
+        if g.waiting.is_empty() {
+            finish_gather(g);
+        } else {
+            self.work.gathers.insert(req, g);
+        }
+        req
+    }
+
+    fn send_work(&mut self, peer: NodeId, w: &WorkWire<'_>) {
+        let link = link_entry(&mut self.links, &mut self.next_link, &self.space, peer);
+        wire::encode(&mut link.scratch, &Frame::Work(w.clone()));
+        link.has_data = true;
+    }
+
+    /// Sends message `seq` to its host: this node if it hosts the queue,
+    /// else a remote host, else this node from now on.
+    fn route_send(
+        &mut self,
+        seq: u64,
+        queue: Arc<str>,
+        msg: OutMsg,
+        reply: oneshot::Sender<Result<MessageId, SendError>>,
+        full: u32,
+    ) {
+        let id = MessageId {
+            publisher: self.local,
+            seq,
+        };
+        let host = if self.work.hosts_locally(&queue) {
+            None
+        } else {
+            let hosts = self.remote_hosts(&queue);
+            rendezvous(&queue, &hosts)
+        };
+        let Some(host) = host else {
+            if !self.work.hosts_locally(&queue) {
+                if !self.work.self_host {
+                    let _ = reply.send(Err(SendError::NoHost(queue.to_string())));
+                    return;
+                }
+                tracing::debug!(%queue, "no host for queue; this node hosts its own messages");
+                self.work.self_hosted.insert(queue.clone());
+                self.declare(host_patterns_of(&queue));
+                // Our own consumers of it now consume here too.
+                let local = self.local;
+                for (cid, c) in &self.work.consumers {
+                    if c.queue == queue || dlq_of(&c.queue) == Some(&queue) {
+                        let key = ConsumerKey {
+                            node: local,
+                            cid: *cid,
+                        };
+                        let _ = self.work.host.set_consumer(&c.queue, key, c.options);
+                    }
+                }
+            }
+            if !self.work.host.has_room(&queue) {
+                if self.work.full_policy == QueueFull::Wait {
+                    self.wait_for_room(seq, queue, msg, reply, full + 1, self.local);
+                } else {
+                    let limit = self.work.host.config().max_messages;
+                    let _ = reply.send(Err(SendError::Full(format!(
+                        "queue {queue:?} is full ({limit} messages)"
+                    ))));
+                }
+                return;
+            }
+            let now = now();
+            let result = self
+                .work
+                .host
+                .send(now, &queue, new_message(id, msg, now))
+                .map(|_| id)
+                .map_err(|e| SendError::Full(e.to_string()));
+            let _ = reply.send(result);
+            return;
+        };
+        let w = WorkWire::Send {
+            queue: &queue,
+            seq,
+            delay_ms: msg.delay.map(millis).unwrap_or(0),
+            ttl_ms: msg.ttl.map(millis).unwrap_or(0),
+            dedup: msg.dedup.as_deref(),
+            headers: headers_to_wire(&msg.headers),
+            payload: Raw(&msg.payload),
+        };
+        let link = link_entry(&mut self.links, &mut self.next_link, &self.space, host);
+        wire::encode(&mut link.scratch, &Frame::Work(w));
+        link.has_data = true;
+        self.work.pending_sends.insert(
+            seq,
+            PendingSend {
+                queue,
+                host,
+                msg,
+                reply,
+                full,
+            },
+        );
+    }
+
+    /// Tries send `seq` again later (its queue was full).
+    fn wait_for_room(
+        &mut self,
+        seq: u64,
+        queue: Arc<str>,
+        msg: OutMsg,
+        reply: oneshot::Sender<Result<MessageId, SendError>>,
+        full: u32,
+        host: NodeId,
+    ) {
+        let wait = FULL_RETRY
+            .saturating_mul(1 << full.min(5))
+            .min(FULL_RETRY_MAX);
+        self.work.retry.push(std::cmp::Reverse((now() + wait, seq)));
+        self.work.pending_sends.insert(
+            seq,
+            PendingSend {
+                queue,
+                host,
+                msg,
+                reply,
+                full,
+            },
+        );
+    }
+
+    fn request(
+        &mut self,
+        subject: Arc<str>,
+        headers: Vec<(String, Bytes)>,
+        payload: Bytes,
+        timeout: Duration,
+        reply: oneshot::Sender<Result<Bytes, RequestError>>,
+    ) {
+        let local = self.work.servers.values().any(|(p, _)| p.matches(&subject));
+        let remote = self.declared(&format!("{SERVE_PREFIX}{subject}"));
+        let n = remote.len() + usize::from(local);
+        if n == 0 {
+            let _ = reply.send(Err(RequestError::NoResponders));
+            return;
+        }
+        self.work.next_responder = self.work.next_responder.wrapping_add(1);
+        let pick = self.work.next_responder % n;
+        self.work.next_request += 1;
+        let id = self.work.next_request;
+        let deadline = now() + timeout;
+        self.work.requests.insert(
+            id,
+            PendingRequest {
+                deadline,
+                timeout,
+                reply,
+            },
+        );
+        self.work
+            .request_deadlines
+            .push(std::cmp::Reverse((deadline, id)));
+        if pick < remote.len() {
+            self.send_work(
+                remote[pick],
+                &WorkWire::Request {
+                    id,
+                    subject: &subject,
+                    headers: headers_to_wire(&headers),
+                    payload: Raw(&payload),
+                },
+            );
+        } else {
+            let from = self.local;
+            self.serve_locally(RequestData {
+                from,
+                id,
+                subject,
+                headers,
+                payload,
+            });
+        }
+    }
+
+    /// Hands a request to one local responder, or answers that there is
+    /// none.
+    fn serve_locally(&mut self, r: RequestData) {
+        let mut matching: Vec<u32> = self
+            .work
+            .servers
+            .iter()
+            .filter(|(_, (p, _))| p.matches(&r.subject))
+            .map(|(sid, _)| *sid)
+            .collect();
+        matching.sort_unstable();
+        let mut r = r;
+        for i in 0..matching.len() {
+            self.work.next_server = self.work.next_server.wrapping_add(1);
+            let sid = matching[(self.work.next_server + i) % matching.len()];
+            let Some((_, inbox)) = self.work.servers.get(&sid) else {
+                continue;
+            };
+            match inbox.push(r) {
+                Ok(()) => return,
+                Err(back) => r = back,
+            }
+        }
+        self.respond(r.from, r.id, ReplyStatus::NoResponders, Bytes::new());
+    }
+
+    fn respond(&mut self, to: NodeId, id: u64, status: ReplyStatus, payload: Bytes) {
+        if to == self.local {
+            self.reply_arrived(id, status, payload);
+            return;
+        }
+        self.send_work(
+            to,
+            &WorkWire::Reply {
+                id,
+                status,
+                payload: Raw(&payload),
+            },
+        );
+    }
+
+    fn reply_arrived(&mut self, id: u64, status: ReplyStatus, payload: Bytes) {
+        let Some(p) = self.work.requests.remove(&id) else {
+            return; // timed out already
+        };
+        let result = match status {
+            ReplyStatus::Ok => Ok(payload),
+            ReplyStatus::NoResponders => Err(RequestError::NoResponders),
+            ReplyStatus::Dropped => Err(RequestError::NoReply),
+        };
+        let _ = p.reply.send(result);
+    }
+
+    fn cancel_consumer(&mut self, cid: u32) {
+        let Some(c) = self.work.consumers.remove(&cid) else {
+            return;
+        };
+        // Deliveries never taken go back now.
+        for d in c.inbox.close() {
+            self.settle(d.host, d.cid, d.tag, Settle::Nack(None));
+        }
+        let local = self.local;
+        self.work
+            .host
+            .remove_consumers(now(), |k| k.node == local && k.cid == cid);
+        for h in c.granted {
+            self.send_work(
+                h,
+                &WorkWire::Flow {
+                    queue: &c.queue,
+                    cid,
+                    prefetch: 0,
+                    visibility_ms: 0,
+                    max_attempts: 0,
+                },
+            );
+        }
+    }
+
+    fn settle(&mut self, host: NodeId, cid: u32, tag: u64, how: Settle) {
+        if host == self.local {
+            let key = ConsumerKey {
+                node: self.local,
+                cid,
+            };
+            self.host_settle(key, tag, how);
+            return;
+        }
+        match how {
+            Settle::Ack => self.work.acks.entry((host, cid)).or_default().push(tag),
+            Settle::Nack(delay) => self.send_work(
+                host,
+                &WorkWire::Nack {
+                    cid,
+                    tag,
+                    delay_ms: delay.map(millis).unwrap_or(0),
+                },
+            ),
+            Settle::Reject(reason) => self.send_work(
+                host,
+                &WorkWire::Reject {
+                    cid,
+                    tag,
+                    reason: &reason,
+                },
+            ),
+            Settle::Extend(by) => self.send_work(
+                host,
+                &WorkWire::Extend {
+                    cid,
+                    tag,
+                    ms: millis(by),
+                },
+            ),
+        }
+    }
+
+    fn host_settle(&mut self, key: ConsumerKey, tag: u64, how: Settle) {
+        let now = now();
+        let h = &mut self.work.host;
+        match how {
+            Settle::Ack => h.ack(tag, &key),
+            Settle::Nack(delay) => h.nack(now, tag, &key, delay),
+            Settle::Reject(reason) => h.reject(now, tag, &key, &reason),
+            Settle::Extend(by) => h.extend(now, tag, &key, by),
+        };
+    }
+
+    /// A work frame from `peer`.
+    pub(crate) fn handle_work(
+        &mut self,
+        peer: NodeId,
+        body: &Bytes,
+        w: WorkWire<'_>,
+    ) -> Result<(), WireError> {
+        match w {
+            WorkWire::Send {
+                queue,
+                seq,
+                delay_ms,
+                ttl_ms,
+                dedup,
+                headers,
+                payload,
+            } => {
+                crate::core::topic::Topic::new(queue)
+                    .map_err(|e| WireError::BadTopic(e.to_string()))?;
+                let id = MessageId {
+                    publisher: peer,
+                    seq,
+                };
+                let msg = OutMsg {
+                    headers: headers_from_wire(body, &headers),
+                    payload: slice(body, payload.0),
+                    delay: (delay_ms > 0).then(|| Duration::from_millis(delay_ms)),
+                    ttl: (ttl_ms > 0).then(|| Duration::from_millis(ttl_ms)),
+                    dedup: dedup.map(str::to_owned),
+                };
+                if !self.work.hosts_locally(queue) {
+                    // Its sender thought we host it (a declaration we
+                    // withdrew, or ours of a previous run): take it anyway
+                    // rather than lose it, and say so.
+                    let queue: Arc<str> = queue.into();
+                    self.work.self_hosted.insert(queue.clone());
+                    self.declare(host_patterns_of(&queue));
+                }
+                let now = now();
+                match self.work.host.send(now, queue, new_message(id, msg, now)) {
+                    Ok(Accepted::Queued | Accepted::Duplicate) => {
+                        self.work.accepted.entry(peer).or_default().push(seq)
+                    }
+                    Err(e) => {
+                        let reason = e.to_string();
+                        self.send_work(
+                            peer,
+                            &WorkWire::Refused {
+                                seq,
+                                full: true,
+                                reason: &reason,
+                            },
+                        );
+                    }
+                }
+            }
+            WorkWire::Accepted { seqs } => {
+                for seq in seqs {
+                    if let Some(p) = self.work.pending_sends.remove(&seq) {
+                        let _ = p.reply.send(Ok(MessageId {
+                            publisher: self.local,
+                            seq,
+                        }));
+                    }
+                }
+            }
+            WorkWire::Refused { seq, full, reason } => {
+                if let Some(p) = self.work.pending_sends.remove(&seq) {
+                    if full && self.work.full_policy == QueueFull::Wait {
+                        self.wait_for_room(seq, p.queue, p.msg, p.reply, p.full + 1, p.host);
+                    } else {
+                        let _ = p.reply.send(Err(SendError::Full(reason.to_owned())));
+                    }
+                }
+            }
+            WorkWire::Flow {
+                queue,
+                cid,
+                prefetch,
+                visibility_ms,
+                max_attempts,
+            } => {
+                crate::core::topic::Topic::new(queue)
+                    .map_err(|e| WireError::BadTopic(e.to_string()))?;
+                let key = ConsumerKey { node: peer, cid };
+                let options = ConsumerOptions {
+                    prefetch,
+                    visibility_timeout: Duration::from_millis(visibility_ms),
+                    max_attempts,
+                };
+                if let Err(e) = self.work.host.set_consumer(queue, key, options) {
+                    tracing::warn!(%peer, error = %e, "consumer refused");
+                }
+            }
+            WorkWire::Deliver {
+                queue: _,
+                cid,
+                tag,
+                attempt,
+                origin,
+                seq,
+                dead,
+                headers,
+                payload,
+            } => {
+                let publisher = match origin {
+                    Some(raw) => wire::node_id(raw)?,
+                    None => peer,
+                };
+                let d = DeliveryData {
+                    host: peer,
+                    cid,
+                    tag,
+                    attempt,
+                    id: MessageId { publisher, seq },
+                    headers: headers_from_wire(body, &headers),
+                    payload: slice(body, payload.0),
+                    dead: dead.map(|(n, r)| (n, r.to_owned())),
+                };
+                let back = match self.work.consumers.get(&cid) {
+                    Some(c) => c.inbox.push(d).err(),
+                    None => Some(d),
+                };
+                if let Some(d) = back {
+                    // That consumer is gone: give it back at once.
+                    self.settle(peer, d.cid, d.tag, Settle::Nack(None));
+                }
+            }
+            WorkWire::Acks { cid, tags } => {
+                let key = ConsumerKey { node: peer, cid };
+                for tag in tags {
+                    self.work.host.ack(tag, &key);
+                }
+            }
+            WorkWire::Nack { cid, tag, delay_ms } => self.host_settle(
+                ConsumerKey { node: peer, cid },
+                tag,
+                Settle::Nack((delay_ms > 0).then(|| Duration::from_millis(delay_ms))),
+            ),
+            WorkWire::Reject { cid, tag, reason } => self.host_settle(
+                ConsumerKey { node: peer, cid },
+                tag,
+                Settle::Reject(reason.to_owned()),
+            ),
+            WorkWire::Extend { cid, tag, ms } => self.host_settle(
+                ConsumerKey { node: peer, cid },
+                tag,
+                Settle::Extend(Duration::from_millis(ms)),
+            ),
+            WorkWire::Peek { req, queue, limit } => {
+                let msgs = self.work.host.peek(queue, (limit as usize).min(MAX_PEEK));
+                let ids: Vec<Vec<u8>> = msgs.iter().map(|m| m.id.publisher.to_bytes()).collect();
+                let wire_msgs = msgs
+                    .iter()
+                    .zip(&ids)
+                    .map(|(m, id)| PeekedWire {
+                        origin: Raw(id),
+                        seq: m.id.seq,
+                        attempts: m.attempts,
+                        in_flight: m.in_flight,
+                        dead: m.dead.as_ref().map(|(n, r)| (*n, r.as_str())),
+                        headers: headers_to_wire(&m.headers),
+                        payload: Raw(&m.payload),
+                    })
+                    .collect();
+                self.send_work(
+                    peer,
+                    &WorkWire::Peeked {
+                        req,
+                        msgs: wire_msgs,
+                    },
+                );
+            }
+            WorkWire::Peeked { req, msgs } => {
+                let mut got = Vec::with_capacity(msgs.len());
+                for m in msgs.iter().take(MAX_PEEK) {
+                    got.push(Peeked {
+                        id: MessageId {
+                            publisher: wire::node_id(m.origin)?,
+                            seq: m.seq,
+                        },
+                        attempts: m.attempts,
+                        dead: m.dead.map(|(n, r)| (n, r.to_owned())),
+                        in_flight: m.in_flight,
+                        headers: headers_from_wire(body, &m.headers),
+                        payload: slice(body, m.payload.0),
+                    });
+                }
+                self.gathered(req, peer, |r| {
+                    if let GatherReply::Peek(_, all, _) = r {
+                        all.extend(got);
+                    }
+                });
+            }
+            WorkWire::Replay { req, queue } => {
+                let moved = self.work.host.replay_dead_letters(now(), queue) as u64;
+                self.send_work(peer, &WorkWire::Replayed { req, moved });
+            }
+            WorkWire::Replayed { req, moved } => self.gathered(req, peer, |r| {
+                if let GatherReply::Replay(_, n) = r {
+                    *n += moved;
+                }
+            }),
+            WorkWire::Request {
+                id,
+                subject,
+                headers,
+                payload,
+            } => {
+                crate::core::topic::Topic::new(subject)
+                    .map_err(|e| WireError::BadTopic(e.to_string()))?;
+                self.serve_locally(RequestData {
+                    from: peer,
+                    id,
+                    subject: subject.into(),
+                    headers: headers_from_wire(body, &headers),
+                    payload: slice(body, payload.0),
+                });
+            }
+            WorkWire::Reply {
+                id,
+                status,
+                payload,
+            } => self.reply_arrived(id, status, slice(body, payload.0)),
+        }
+        Ok(())
+    }
+
+    fn gathered(&mut self, req: u64, peer: NodeId, add: impl FnOnce(&mut GatherReply)) {
+        let Some(g) = self.work.gathers.get_mut(&req) else {
+            return;
+        };
+        if !g.waiting.remove(&peer) {
+            return;
+        }
+        add(&mut g.reply);
+        if g.waiting.is_empty() {
+            if let Some(g) = self.work.gathers.remove(&req) {
+                finish_gather(g);
+            }
+        }
+    }
+
+    /// The link to `peer` ended (or it went down): its consumers' messages
+    /// come back, sends waiting for it go elsewhere, it no longer has our
+    /// credit, and what we asked of it is answered without it.
+    pub(crate) fn work_link_down(&mut self, peer: NodeId) {
+        self.work.host.remove_consumers(now(), |k| k.node == peer);
+        for c in self.work.consumers.values_mut() {
+            c.granted.remove(&peer);
+        }
+        self.work.flows_at = (u64::MAX, u64::MAX);
+        self.work.acks.retain(|(h, _), _| *h != peer);
+        self.work.host_cache.clear();
+        let mut again: Vec<u64> = self
+            .work
+            .pending_sends
+            .iter()
+            .filter(|(_, p)| p.host == peer)
+            .map(|(s, _)| *s)
+            .collect();
+        again.sort_unstable();
+        for seq in again {
+            if let Some(p) = self.work.pending_sends.remove(&seq) {
+                self.route_send(seq, p.queue, p.msg, p.reply, p.full);
+            }
+        }
+        let reqs: Vec<u64> = self
+            .work
+            .gathers
+            .iter()
+            .filter(|(_, g)| g.waiting.contains(&peer))
+            .map(|(r, _)| *r)
+            .collect();
+        for req in reqs {
+            self.gathered(req, peer, |_| {});
+        }
+    }
+
+    /// Timers: the host core's, sends to retry, requests and gathers that
+    /// ran out of time.
+    pub(crate) fn work_timeout(&mut self) {
+        let now = now();
+        if self.work.host.poll_timeout().is_some_and(|t| t <= now) {
+            self.work.host.handle_timeout(now);
+        }
+        while let Some(std::cmp::Reverse((at, seq))) = self.work.retry.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.work.retry.pop();
+            if let Some(p) = self.work.pending_sends.remove(&seq) {
+                self.route_send(seq, p.queue, p.msg, p.reply, p.full);
+            }
+        }
+        while let Some(std::cmp::Reverse((at, id))) = self.work.request_deadlines.peek().copied() {
+            if at > now {
+                break;
+            }
+            self.work.request_deadlines.pop();
+            if let Some(p) = self.work.requests.get(&id) {
+                if p.deadline <= now {
+                    if let Some(p) = self.work.requests.remove(&id) {
+                        let _ = p.reply.send(Err(RequestError::Timeout(p.timeout)));
+                    }
+                }
+            }
+        }
+        let expired: Vec<u64> = self
+            .work
+            .gathers
+            .iter()
+            .filter(|(_, g)| g.deadline <= now)
+            .map(|(r, _)| *r)
+            .collect();
+        for req in expired {
+            if let Some(g) = self.work.gathers.remove(&req) {
+                tracing::warn!(
+                    hosts = g.waiting.len(),
+                    "queue hosts did not answer in time; the answer lacks their part"
+                );
+                finish_gather(g);
+            }
+        }
+    }
+
+    /// End of a batch: grant credit to new hosts, hand ready messages to
+    /// consumers, send batched acks and acceptances.
+    pub(crate) fn work_flush(&mut self) {
+        let generation = (self.interest.generation(), self.links_generation);
+        if self.work.flows_at != generation && !self.work.consumers.is_empty() {
+            self.work.flows_at = generation;
+            self.grant_flows();
+        }
+        let now = now();
+        let mut out = std::mem::take(&mut self.work.dispatch);
+        while let Some(d) = self.work.host.poll_dispatch(now) {
+            out.push(d);
+        }
+        for d in out.drain(..) {
+            self.deliver_work(d);
+        }
+        self.work.dispatch = out;
+        for ((host, cid), tags) in std::mem::take(&mut self.work.acks) {
+            if !tags.is_empty() {
+                self.send_work(host, &WorkWire::Acks { cid, tags });
+            }
+        }
+        for (peer, seqs) in std::mem::take(&mut self.work.accepted) {
+            self.send_work(peer, &WorkWire::Accepted { seqs });
+        }
+    }
+
+    fn grant_flows(&mut self) {
+        let cids: Vec<u32> = self.work.consumers.keys().copied().collect();
+        for cid in cids {
+            let Some(queue) = self.work.consumers.get(&cid).map(|c| c.queue.clone()) else {
+                continue;
+            };
+            let hosts = self.declared(&format!("{HOST_PREFIX}{queue}"));
+            for h in hosts {
+                let Some(c) = self.work.consumers.get_mut(&cid) else {
+                    break;
+                };
+                if !c.granted.insert(h) {
+                    continue;
+                }
+                let o = c.options;
+                self.send_work(
+                    h,
+                    &WorkWire::Flow {
+                        queue: &queue,
+                        cid,
+                        prefetch: o.prefetch,
+                        visibility_ms: millis(o.visibility_timeout),
+                        max_attempts: o.max_attempts,
+                    },
+                );
+            }
+        }
+    }
+
+    fn deliver_work(&mut self, d: Dispatch<ConsumerKey>) {
+        if d.consumer.node == self.local {
+            let data = DeliveryData {
+                host: self.local,
+                cid: d.consumer.cid,
+                tag: d.tag,
+                attempt: d.attempt,
+                id: d.id,
+                headers: d.headers,
+                payload: d.payload,
+                dead: d.dead,
+            };
+            let back = match self.work.consumers.get(&d.consumer.cid) {
+                Some(c) => c.inbox.push(data).err(),
+                None => Some(data),
+            };
+            if let Some(data) = back {
+                let key = d.consumer.clone();
+                self.work.host.remove_consumers(now(), |k| *k == key);
+                self.host_settle(key, data.tag, Settle::Nack(None));
+            }
+            return;
+        }
+        let origin = (d.id.publisher != self.local).then(|| d.id.publisher.to_bytes());
+        let peer = d.consumer.node;
+        if !self.links.get(&peer).is_some_and(|l| l.up) {
+            // Its link went: the message comes back (the consumer is
+            // removed by then, so this is rare: a race within a batch).
+            self.work.host.remove_consumers(now(), |k| k.node == peer);
+            return;
+        }
+        self.send_work(
+            peer,
+            &WorkWire::Deliver {
+                queue: &d.queue,
+                cid: d.consumer.cid,
+                tag: d.tag,
+                attempt: d.attempt,
+                origin: origin.as_deref().map(Raw),
+                seq: d.id.seq,
+                dead: d.dead.as_ref().map(|(n, r)| (*n, r.as_str())),
+                headers: headers_to_wire(&d.headers),
+                payload: Raw(&d.payload),
+            },
+        );
+    }
+
+    /// Shutdown: handles see the node gone.
+    pub(crate) fn work_close(&mut self) {
+        self.work_bounded.close();
+        self.work_control.close();
+        for c in self.work.consumers.values() {
+            c.inbox.close();
+        }
+        for (_, inbox) in self.work.servers.values() {
+            inbox.close();
+        }
+    }
+}
+
+fn new_message(id: MessageId, msg: OutMsg, now: Instant) -> NewMessage {
+    NewMessage {
+        id,
+        headers: msg.headers,
+        payload: msg.payload,
+        not_before: msg.delay.map(|d| now + d),
+        expires: msg.ttl.map(|d| now + d),
+        dedup_key: msg.dedup,
+    }
+}
+
+fn finish_gather(g: Gather) {
+    match g.reply {
+        GatherReply::Peek(reply, mut all, limit) => {
+            all.truncate(limit);
+            let _ = reply.send(all);
+        }
+        GatherReply::Replay(reply, n) => {
+            let _ = reply.send(n);
+        }
+    }
+}
