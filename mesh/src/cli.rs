@@ -33,7 +33,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Run a long-lived node until interrupted.
+    /// Run a long-lived node until interrupted; it hosts every queue.
     Node {
         #[command(flatten)]
         net: NetArgs,
@@ -82,6 +82,41 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Work queues: send to one, consume from one.
+    Queue {
+        #[command(subcommand)]
+        which: QueueCmd,
+    },
+    /// Dead-letter queues: list or replay a queue's dead letters.
+    Dlq {
+        #[command(subcommand)]
+        which: DlqCmd,
+    },
+    /// Send a request and print the answer.
+    Request {
+        /// Subject: dot-separated segments.
+        subject: String,
+        /// The payload.
+        message: String,
+        /// Give up after this many seconds.
+        #[arg(long, default_value_t = 5.0)]
+        wait: f64,
+        #[command(flatten)]
+        net: NetArgs,
+    },
+    /// Answer requests on a pattern with their payload, prefixed.
+    Serve {
+        /// Pattern of the subjects served.
+        pattern: String,
+        /// Put this before each answer.
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// Exit after this many requests.
+        #[arg(long)]
+        count: Option<u64>,
+        #[command(flatten)]
+        net: NetArgs,
+    },
     /// Start a few local peers, exchange messages, print a summary.
     Demo,
     /// Benchmarks.
@@ -119,6 +154,67 @@ enum Cmd {
         messages: u64,
         #[arg(long, default_value = "spin")]
         wait: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum QueueCmd {
+    /// Send a message (or several); exits once the queue's host has them.
+    Send {
+        /// The queue.
+        queue: String,
+        /// The payload.
+        message: String,
+        /// Send this many (numbered if more than one).
+        #[arg(long, default_value_t = 1)]
+        count: u64,
+        #[command(flatten)]
+        net: NetArgs,
+    },
+    /// Consume: print a JSON line per delivery (id, attempt, payload) and
+    /// ack it.
+    Consume {
+        /// The queue.
+        queue: String,
+        /// Most unacked messages at once.
+        #[arg(long, default_value_t = 64)]
+        prefetch: u32,
+        /// Nack every K-th delivery instead (to show redelivery and dead
+        /// letters).
+        #[arg(long)]
+        fail_every: Option<u64>,
+        /// Deliveries before a message goes to the dead-letter queue.
+        #[arg(long, default_value_t = 5)]
+        max_attempts: u32,
+        /// Seconds a delivery stays invisible to other consumers.
+        #[arg(long, default_value_t = 30.0)]
+        visibility_timeout: f64,
+        /// Exit after this many deliveries.
+        #[arg(long)]
+        count: Option<u64>,
+        #[command(flatten)]
+        net: NetArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqCmd {
+    /// Print a JSON line per dead letter of QUEUE (in QUEUE.dlq).
+    List {
+        /// The queue (not its .dlq).
+        queue: String,
+        /// At most this many.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+        #[command(flatten)]
+        net: NetArgs,
+    },
+    /// Move QUEUE's dead letters back into QUEUE.
+    Replay {
+        /// The queue (not its .dlq).
+        queue: String,
+        #[command(flatten)]
+        net: NetArgs,
     },
 }
 
@@ -232,8 +328,10 @@ impl NetArgs {
     }
 
     /// Starts a short-lived node and waits until it has joined the mesh.
+    /// It never hosts a queue: it can exit at once without losing what
+    /// it sent.
     async fn join(&self) -> anyhow::Result<Node> {
-        let node = self.builder().start().await?;
+        let node = self.builder().self_host(false).start().await?;
         if node.joined(self.timeout()).await.is_err() {
             node.shutdown().await;
             bail!(
@@ -280,6 +378,59 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             net,
         } => run_pub(topic, message, count, size, interval_ms, net).await,
         Cmd::Peers { net, json } => run_peers(net, json).await,
+        Cmd::Queue {
+            which:
+                QueueCmd::Send {
+                    queue,
+                    message,
+                    count,
+                    net,
+                },
+        } => work::send(queue, message, count, net).await,
+        Cmd::Queue {
+            which:
+                QueueCmd::Consume {
+                    queue,
+                    prefetch,
+                    fail_every,
+                    max_attempts,
+                    visibility_timeout,
+                    count,
+                    net,
+                },
+        } => {
+            let options = crate::queue::ConsumeOptions::default()
+                .prefetch(prefetch)
+                .max_attempts(max_attempts)
+                .visibility_timeout(Duration::from_secs_f64(visibility_timeout.max(0.001)));
+            work::consume(queue, options, fail_every, count, net).await
+        }
+        Cmd::Dlq {
+            which: DlqCmd::List { queue, limit, net },
+        } => work::dlq_list(queue, limit, net).await,
+        Cmd::Dlq {
+            which: DlqCmd::Replay { queue, net },
+        } => work::dlq_replay(queue, net).await,
+        Cmd::Request {
+            subject,
+            message,
+            wait,
+            net,
+        } => {
+            work::request(
+                subject,
+                message,
+                Duration::from_secs_f64(wait.max(0.0)),
+                net,
+            )
+            .await
+        }
+        Cmd::Serve {
+            pattern,
+            prefix,
+            count,
+            net,
+        } => work::serve(pattern, prefix, count, net).await,
         Cmd::Demo => crate::cli::demo::run().await,
         Cmd::Bench {
             which:
@@ -351,7 +502,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn run_node(net: NetArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
-    let mut b = net.builder();
+    // A long-running node hosts every queue (one-shot commands never do).
+    let mut b = net.builder().host_all();
     if let Some(dir) = data_dir {
         b = b.data_dir(dir);
     }
@@ -612,3 +764,4 @@ pub(crate) fn lines_of(
 mod bench;
 mod demo;
 mod ring_bench;
+mod work;
