@@ -934,6 +934,8 @@ impl NodeTask {
                     if link.up {
                         self.membership.handle_link_down(now(), peer);
                     }
+                    self.links_generation += 1;
+                    self.work_link_down(peer);
                 }
             }
             quic::Event::Stream {
@@ -2171,6 +2173,8 @@ impl NodeTask {
                 self.stats.dropped_unreachable += l.queued;
                 tracing::warn!(%peer, messages = l.queued, "no link to peer in time; dropped the messages buffered for it");
                 l.close();
+                self.links_generation += 1;
+                self.work_link_down(peer);
             }
         }
     }

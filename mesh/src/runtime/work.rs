@@ -606,6 +606,7 @@ impl NodeTask {
             headers: headers_to_wire(&msg.headers),
             payload: Raw(&msg.payload),
         };
+        tracing::trace!(local = %self.local, %queue, seq, %host, "send handed to host");
         let link = link_entry(&mut self.links, &mut self.next_link, &self.space, host);
         wire::encode(&mut link.scratch, &Frame::Work(w));
         link.has_data = true;
@@ -866,6 +867,7 @@ impl NodeTask {
                     self.work.self_hosted.insert(queue.clone());
                     self.declare(host_patterns_of(&queue));
                 }
+                tracing::trace!(local = %self.local, %peer, seq, "work: send received");
                 let now = now();
                 match self.work.host.send(now, queue, new_message(id, msg, now)) {
                     Ok(Accepted::Queued | Accepted::Duplicate) => {
@@ -885,6 +887,7 @@ impl NodeTask {
                 }
             }
             WorkWire::Accepted { seqs } => {
+                tracing::trace!(local = %self.local, %peer, ?seqs, "work: accepted");
                 for seq in seqs {
                     if let Some(p) = self.work.pending_sends.remove(&seq) {
                         let _ = p.reply.send(Ok(MessageId {
@@ -1090,6 +1093,7 @@ impl NodeTask {
             .map(|(s, _)| *s)
             .collect();
         again.sort_unstable();
+        tracing::trace!(local = %self.local, %peer, resend = again.len(), "work: link down");
         for seq in again {
             if let Some(p) = self.work.pending_sends.remove(&seq) {
                 self.route_send(seq, p.queue, p.msg, p.reply, p.full);

@@ -44,6 +44,7 @@ mod check;
 mod gate;
 mod net;
 pub mod overlay;
+mod queue_check;
 
 use std::{collections::BTreeSet, future::Future, ops::Range, time::Duration};
 
@@ -55,6 +56,7 @@ pub use check::{Checker, PublisherReport, Report, SubscriberReport};
 pub(crate) use gate::Gate;
 pub(crate) use net::Endpoint;
 pub use net::{LinkFaults, NetStats};
+pub use queue_check::{QueueChecker, QueueReport};
 
 use crate::{
     core::NodeId,
