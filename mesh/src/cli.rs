@@ -138,6 +138,9 @@ enum Cmd {
         transport: String,
         #[arg(long, default_value = "adaptive")]
         wait: String,
+        /// `consume` mode: the consumer's prefetch.
+        #[arg(long, default_value_t = 1024)]
+        prefetch: u32,
     },
     /// (internal) the remote side of `bench ring`.
     #[command(hide = true)]
@@ -245,6 +248,46 @@ enum BenchCmd {
         /// Nodes in gossip mode (this one publishes, the others subscribe).
         #[arg(long, default_value_t = 5)]
         nodes: usize,
+        /// Print only the JSON result line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Work queue between two processes: messages sent (and hosted) here,
+    /// consumed and acked in the other; counts acks back at the host.
+    Queue {
+        /// `quic`, or `shm` (shared-memory rings between the two nodes).
+        #[arg(long, default_value = "quic")]
+        transport: String,
+        /// With `shm`: `adaptive` or `spin`.
+        #[arg(long, default_value = "adaptive")]
+        wait: String,
+        /// Payload size in bytes.
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        /// Messages to send.
+        #[arg(long, default_value_t = 1_000_000)]
+        messages: u64,
+        /// The consumer's prefetch (unacked messages in flight).
+        #[arg(long, default_value_t = 1024)]
+        prefetch: u32,
+        /// Print only the JSON result line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Request/reply round-trip latency to a responder process.
+    Request {
+        /// `quic`, or `shm`.
+        #[arg(long, default_value = "quic")]
+        transport: String,
+        /// With `shm`: `adaptive` or `spin`.
+        #[arg(long, default_value = "adaptive")]
+        wait: String,
+        /// Payload size in bytes.
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        /// Requests to time.
+        #[arg(long, default_value_t = 10_000)]
+        messages: u64,
         /// Print only the JSON result line.
         #[arg(long)]
         json: bool,
@@ -434,6 +477,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Demo => crate::cli::demo::run().await,
         Cmd::Bench {
             which:
+                BenchCmd::Queue {
+                    transport,
+                    wait,
+                    size,
+                    messages,
+                    prefetch,
+                    json,
+                },
+        } => {
+            bench::queue(
+                size,
+                messages,
+                prefetch,
+                bench::Net::parse(&transport, &wait)?,
+                json,
+            )
+            .await
+        }
+        Cmd::Bench {
+            which:
+                BenchCmd::Request {
+                    transport,
+                    wait,
+                    size,
+                    messages,
+                    json,
+                },
+        } => bench::request(size, messages, bench::Net::parse(&transport, &wait)?, json).await,
+        Cmd::Bench {
+            which:
                 BenchCmd::Pubsub {
                     transport,
                     wait,
@@ -489,12 +562,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             gossip_via,
             transport,
             wait,
+            prefetch,
         } => {
             bench::peer(
                 &mode,
                 messages,
                 gossip_via,
                 bench::Net::parse(&transport, &wait)?,
+                prefetch,
             )
             .await
         }

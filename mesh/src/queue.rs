@@ -48,7 +48,7 @@ use bytes::Bytes;
 use rustc_hash::FxHashSet;
 use tokio::sync::oneshot;
 
-pub use crate::core::queue::{Config as HostConfig, Peeked};
+pub use crate::core::queue::{Config as HostConfig, Peeked, QueueStats};
 use crate::{
     core::{pubsub::MessageId, queue::ConsumerOptions, topic::Topic},
     node::Node,
@@ -291,6 +291,22 @@ impl Queue {
             .push_now(Op::Peek {
                 queue: self.name.clone(),
                 limit,
+                reply: tx,
+            })
+            .map_err(|_| QueueError::Closed)?;
+        rx.await.map_err(|_| QueueError::Closed)
+    }
+
+    /// Counters of this queue on this node (all zero if it does not host
+    /// it): waiting, in flight, consumers, accepted, acked, redelivered,
+    /// dead-lettered, ...
+    pub async fn host_stats(&self) -> Result<QueueStats, QueueError> {
+        let (tx, rx) = oneshot::channel();
+        self.node
+            .inner
+            .work_control
+            .push_now(Op::Stats {
+                queue: self.name.clone(),
                 reply: tx,
             })
             .map_err(|_| QueueError::Closed)?;

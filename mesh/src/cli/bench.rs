@@ -25,6 +25,7 @@ pub(super) async fn peer(
     messages: u64,
     gossip_via: Option<crate::Multiaddr>,
     net: Net,
+    prefetch: u32,
 ) -> anyhow::Result<()> {
     let mut builder = net.builder();
     if let Some(addr) = &gossip_via {
@@ -33,6 +34,11 @@ pub(super) async fn peer(
             .gossip(crate::Pattern::new("bench.>")?);
     }
     let node = builder.start().await?;
+    match mode {
+        "consume" => return consume_peer(node, messages, prefetch).await,
+        "serve" => return serve_peer(node, messages).await,
+        _ => {}
+    }
     let topic = match mode {
         "sink" => DATA,
         "echo" => PING,
@@ -82,6 +88,193 @@ pub(super) async fn peer(
     }
     println!("DONE {seen} {elapsed}");
     node.shutdown().await;
+    Ok(())
+}
+
+async fn print_addr(node: &Node) -> anyhow::Result<()> {
+    let addr = wait_addrs(node)
+        .await
+        .into_iter()
+        .next()
+        .context("no listen address")?;
+    println!("ADDR {addr}");
+    Ok(())
+}
+
+/// The child side of `bench queue`: consumes `bench.q`, acking each.
+async fn consume_peer(node: Node, messages: u64, prefetch: u32) -> anyhow::Result<()> {
+    let mut c = node
+        .queue(QUEUE)?
+        .consume(crate::queue::ConsumeOptions::default().prefetch(prefetch));
+    print_addr(&node).await?;
+    let mut seen = 0u64;
+    let mut first = None;
+    let idle = Duration::from_secs(30);
+    while seen < messages {
+        let next = match c.next().now_or_never() {
+            Some(d) => Ok(d),
+            None => tokio::time::timeout(idle, c.next()).await,
+        };
+        match next {
+            Ok(Some(d)) => {
+                seen += 1;
+                first.get_or_insert_with(Instant::now);
+                d.ack();
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    let elapsed = first.map(|t| t.elapsed().as_micros()).unwrap_or(0);
+    println!("DONE {seen} {elapsed}");
+    drop(c);
+    node.shutdown().await;
+    Ok(())
+}
+
+/// The child side of `bench request`: answers `bench.rpc` with the payload.
+async fn serve_peer(node: Node, messages: u64) -> anyhow::Result<()> {
+    let mut service = node.serve(RPC).await?;
+    print_addr(&node).await?;
+    let mut seen = 0u64;
+    while seen < messages {
+        match tokio::time::timeout(Duration::from_secs(30), service.next()).await {
+            Ok(Some(r)) => {
+                seen += 1;
+                let p = r.payload().clone();
+                r.respond(p);
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    println!("DONE {seen} 0");
+    drop(service);
+    node.shutdown().await;
+    Ok(())
+}
+
+const QUEUE: &str = "bench.q";
+const RPC: &str = "bench.rpc";
+
+/// `mesh bench queue`: this process sends (and hosts the queue, as a
+/// sender with no host does); a consumer process acks every message. The
+/// rate counts messages acked back at the host.
+pub(super) async fn queue(
+    size: usize,
+    messages: u64,
+    prefetch: u32,
+    net: Net,
+    json: bool,
+) -> anyhow::Result<()> {
+    let (mut child, mut lines, node) = start_pair_with(
+        "consume",
+        messages,
+        net,
+        &["--prefetch".into(), prefetch.to_string()],
+    )
+    .await?;
+    let q = node.queue(QUEUE)?;
+    let payload = bytes::Bytes::from(vec![0xa5u8; size]);
+    let start = Instant::now();
+    // Keep many sends in flight: each resolves when the host accepted it.
+    let mut sends = futures::stream::iter(0..messages)
+        .map(|_| q.send(payload.clone()))
+        .buffer_unordered(4096);
+    while let Some(r) = sends.next().await {
+        r?;
+    }
+    let sent = start.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let acked = loop {
+        let s = q.host_stats().await?;
+        if s.acked >= messages || Instant::now() > deadline {
+            break s.acked;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
+    let elapsed = start.elapsed();
+    let _ = read_until(&mut lines, "DONE ", Duration::from_secs(30)).await;
+    let secs = elapsed.as_secs_f64();
+    let rate = acked as f64 / secs;
+    if !json {
+        println!(
+            "sent {messages} x {size} B in {:.3}s (accepted by the host); {acked} acked back at the host in {secs:.3}s (prefetch {prefetch})",
+            sent.as_secs_f64()
+        );
+        println!(
+            "{:.0} acked msgs/s, {:.1} MB/s",
+            rate,
+            rate * size as f64 / 1e6
+        );
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "queue", "transport": net.name(), "size": size, "messages": messages,
+            "prefetch": prefetch, "acked": acked,
+            "msgs_per_sec": rate.round(), "mb_per_sec": (rate * size as f64 / 1e6 * 10.0).round() / 10.0,
+        })
+    );
+    node.shutdown().await;
+    let _ = child.wait().await;
+    if acked < messages {
+        bail!("{acked} of {messages} messages acked");
+    }
+    Ok(())
+}
+
+/// `mesh bench request`: request/reply round trips to a responder process.
+pub(super) async fn request(
+    size: usize,
+    messages: u64,
+    net: Net,
+    json: bool,
+) -> anyhow::Result<()> {
+    let warmup = 200u64;
+    let (mut child, _lines, node) = start_pair("serve", messages + warmup, net).await?;
+    let payload = bytes::Bytes::from(vec![0x5au8; size]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // Until the responder's declaration arrives there are no responders.
+    while node
+        .request(RPC, payload.clone(), Duration::from_secs(5))
+        .await
+        .is_err()
+    {
+        if Instant::now() > deadline {
+            bail!("the responder never answered");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut rtts = Vec::with_capacity(messages as usize);
+    for i in 0..messages + warmup - 1 {
+        let t = Instant::now();
+        node.request(RPC, payload.clone(), Duration::from_secs(5))
+            .await
+            .context("request failed")?;
+        if i >= warmup {
+            rtts.push(t.elapsed().as_nanos() as u64);
+        }
+    }
+    rtts.sort_unstable();
+    let pct = |p: f64| {
+        rtts.get(((rtts.len() as f64 - 1.0) * p) as usize)
+            .map_or(0.0, |ns| *ns as f64 / 1000.0)
+    };
+    let (p50, p99) = (pct(0.5), pct(0.99));
+    if !json {
+        println!(
+            "{} requests of {size} B; round trip p50 {p50:.1} µs, p99 {p99:.1} µs",
+            rtts.len()
+        );
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "request", "transport": net.name(), "size": size,
+            "messages": rtts.len(), "p50_us": (p50 * 10.0).round() / 10.0, "p99_us": (p99 * 10.0).round() / 10.0,
+        })
+    );
+    node.shutdown().await;
+    let _ = child.kill().await;
     Ok(())
 }
 
@@ -153,15 +346,22 @@ pub(super) async fn pubsub(
     }
 }
 
-async fn start_pair(
-    mode: &str,
-    messages: u64,
-    net: Net,
-) -> anyhow::Result<(
+type Pair = (
     tokio::process::Child,
     tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
     Node,
-)> {
+);
+
+async fn start_pair(mode: &str, messages: u64, net: Net) -> anyhow::Result<Pair> {
+    start_pair_with(mode, messages, net, &[]).await
+}
+
+async fn start_pair_with(
+    mode: &str,
+    messages: u64,
+    net: Net,
+    extra: &[String],
+) -> anyhow::Result<Pair> {
     let mut args = vec![
         "bench-peer".into(),
         "--mode".into(),
@@ -170,6 +370,7 @@ async fn start_pair(
         messages.to_string(),
     ];
     args.extend(net.args());
+    args.extend_from_slice(extra);
     let mut child = spawn_self(&args)?;
     let mut lines = lines_of(&mut child)?;
     let addr: crate::Multiaddr = read_until(&mut lines, "ADDR ", Duration::from_secs(20))

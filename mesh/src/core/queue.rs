@@ -197,15 +197,22 @@ pub struct QueueStats {
     pub stale: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum State<K> {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
     Ready,
     Delayed(Instant),
-    InFlight { consumer: K, deadline: Instant },
+    /// In flight to consumer number `consumer` (see `Queues::consumers`).
+    InFlight {
+        consumer: u32,
+        deadline: Instant,
+    },
 }
 
 #[derive(Debug)]
-struct Msg<K> {
+struct Msg {
+    queue: u32,
+    /// Acceptance order (also across queues): oldest first.
+    order: u64,
     id: MessageId,
     headers: Vec<(String, Bytes)>,
     payload: Bytes,
@@ -215,29 +222,44 @@ struct Msg<K> {
     max_attempts: u32,
     last_error: Option<String>,
     dead: Option<(u32, String)>,
-    state: State<K>,
+    state: State,
     /// Bumped on every state change; timers carry it, so a stale timer is
     /// told apart.
+    timer: u32,
+}
+
+/// A message's place. A tag is `generation << 32 | index`, so a tag of a
+/// message gone (its slot reused) never matches.
+#[derive(Debug)]
+struct Slot {
     generation: u32,
+    msg: Option<Msg>,
 }
 
 #[derive(Debug)]
 struct Consumer<K> {
     key: K,
+    queue: u32,
     options: ConsumerOptions,
     in_flight: u32,
+    /// Visibility deadlines in dispatch order (the timeout is the same for
+    /// every message, so they are sorted): (deadline, tag, timer).
+    deadlines: VecDeque<(Instant, u64, u32)>,
 }
 
 #[derive(Debug)]
-struct Queue<K> {
+struct Queue {
     name: Arc<str>,
-    msgs: FxHashMap<u64, Msg<K>>,
+    /// Messages held (waiting, delayed and in flight).
+    held: usize,
+    in_flight: usize,
     /// Tags of messages ready for the first time, in acceptance order.
     fresh: VecDeque<u64>,
-    /// Tags of messages that came back (or whose delay ended): they go
-    /// before `fresh` ones accepted later, smallest (oldest) first.
-    again: BTreeSet<u64>,
-    consumers: Vec<Consumer<K>>,
+    /// (order, tag) of messages that came back (or whose delay ended):
+    /// they go before `fresh` ones accepted later, oldest first.
+    again: BTreeSet<(u64, u64)>,
+    /// Its consumers' numbers.
+    consumers: Vec<u32>,
     /// Where the round-robin among equally free consumers starts.
     cursor: usize,
     dedup: FxHashMap<String, Instant>,
@@ -245,11 +267,12 @@ struct Queue<K> {
     stats: QueueStats,
 }
 
-impl<K: Clone + Eq + Hash> Queue<K> {
+impl Queue {
     fn new(name: Arc<str>) -> Self {
         Self {
             name,
-            msgs: FxHashMap::default(),
+            held: 0,
+            in_flight: 0,
             fresh: VecDeque::new(),
             again: BTreeSet::new(),
             consumers: Vec::new(),
@@ -260,47 +283,8 @@ impl<K: Clone + Eq + Hash> Queue<K> {
         }
     }
 
-    fn next_ready(&mut self) -> Option<u64> {
-        loop {
-            let fresh = self.fresh.front().copied();
-            let again = self.again.first().copied();
-            let tag = match (fresh, again) {
-                (Some(f), Some(a)) if a < f => self.again.pop_first(),
-                (Some(_), _) => self.fresh.pop_front(),
-                (None, Some(_)) => self.again.pop_first(),
-                (None, None) => return None,
-            }?;
-            // Entries of messages acked meanwhile (acks of messages that had
-            // come back) are skipped.
-            if self
-                .msgs
-                .get(&tag)
-                .is_some_and(|m| matches!(m.state, State::Ready))
-            {
-                return Some(tag);
-            }
-        }
-    }
-
     fn has_ready(&self) -> bool {
         !self.fresh.is_empty() || !self.again.is_empty()
-    }
-
-    /// The consumer with the most free credit, round-robin among equals.
-    fn pick(&mut self) -> Option<usize> {
-        let n = self.consumers.len();
-        let mut best: Option<(usize, u32)> = None;
-        for i in 0..n {
-            let at = (self.cursor + i) % n;
-            let c = &self.consumers[at];
-            let free = c.options.prefetch.saturating_sub(c.in_flight);
-            if free > 0 && best.is_none_or(|(_, f)| free > f) {
-                best = Some((at, free));
-            }
-        }
-        let (at, _) = best?;
-        self.cursor = (at + 1) % n;
-        Some(at)
     }
 
     fn remember_dedup(&mut self, now: Instant, key: String, config: &Config) {
@@ -336,17 +320,29 @@ pub enum ConsumerError {
 }
 
 /// Every queue a node hosts.
+///
+/// Messages live in a slab (a tag is an index and a generation, so acks
+/// need no hashing); consumers in a table of their own, referred to by
+/// number; visibility deadlines in a sorted list per consumer.
 #[derive(Debug)]
 pub struct Queues<K> {
     config: Config,
-    queues: FxHashMap<Arc<str>, Queue<K>>,
-    /// Tag -> queue holding it.
-    tags: FxHashMap<u64, Arc<str>>,
-    next_tag: u64,
-    /// (due, tag, generation): visibility deadlines and delays.
+    queues: Vec<Queue>,
+    by_name: FxHashMap<Arc<str>, u32>,
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    held: usize,
+    next_order: u64,
+    consumers: Vec<Option<Consumer<K>>>,
+    free_consumers: Vec<u32>,
+    /// (due, tag, timer): delays and extended deadlines.
     timers: BinaryHeap<Reverse<(Instant, u64, u32)>>,
     /// Queues that may have something to dispatch.
-    dirty: Vec<Arc<str>>,
+    dirty: Vec<u32>,
+}
+
+fn split(tag: u64) -> (usize, u32) {
+    ((tag & 0xffff_ffff) as usize, (tag >> 32) as u32)
 }
 
 impl<K: Clone + Eq + Hash> Queues<K> {
@@ -354,25 +350,16 @@ impl<K: Clone + Eq + Hash> Queues<K> {
     pub fn new(config: Config) -> Self {
         Self {
             config,
-            queues: FxHashMap::default(),
-            tags: FxHashMap::default(),
-            next_tag: 0,
+            queues: Vec::new(),
+            by_name: FxHashMap::default(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            held: 0,
+            next_order: 0,
+            consumers: Vec::new(),
+            free_consumers: Vec::new(),
             timers: BinaryHeap::new(),
             dirty: Vec::new(),
-        }
-    }
-
-    fn queue_mut(&mut self, name: &str) -> &mut Queue<K> {
-        if !self.queues.contains_key(name) {
-            let name: Arc<str> = name.into();
-            self.queues.insert(name.clone(), Queue::new(name));
-        }
-        self.queues.get_mut(name).expect("inserted above")
-    }
-
-    fn mark(&mut self, name: &Arc<str>) {
-        if !self.dirty.iter().any(|d| d == name) {
-            self.dirty.push(name.clone());
         }
     }
 
@@ -383,9 +370,60 @@ impl<K: Clone + Eq + Hash> Queues<K> {
 
     /// Whether `queue` has room for one more message.
     pub fn has_room(&self, queue: &str) -> bool {
-        self.queues
+        self.by_name
             .get(queue)
-            .is_none_or(|q| q.msgs.len() < self.config.max_messages)
+            .is_none_or(|q| self.queues[*q as usize].held < self.config.max_messages)
+    }
+
+    fn index(&mut self, name: &str) -> u32 {
+        if let Some(i) = self.by_name.get(name) {
+            return *i;
+        }
+        let i = self.queues.len() as u32;
+        let name: Arc<str> = name.into();
+        self.queues.push(Queue::new(name.clone()));
+        self.by_name.insert(name, i);
+        i
+    }
+
+    fn mark(&mut self, q: u32) {
+        if !self.dirty.contains(&q) {
+            self.dirty.push(q);
+        }
+    }
+
+    fn msg(&self, tag: u64) -> Option<&Msg> {
+        let (i, generation) = split(tag);
+        let s = self.slots.get(i)?;
+        if s.generation != generation {
+            return None;
+        }
+        s.msg.as_ref()
+    }
+
+    fn msg_mut(&mut self, tag: u64) -> Option<&mut Msg> {
+        let (i, generation) = split(tag);
+        let s = self.slots.get_mut(i)?;
+        if s.generation != generation {
+            return None;
+        }
+        s.msg.as_mut()
+    }
+
+    /// Takes the message out of its slot (the tag dies with it).
+    fn take(&mut self, tag: u64) -> Option<Msg> {
+        let (i, generation) = split(tag);
+        let s = self.slots.get_mut(i)?;
+        if s.generation != generation {
+            return None;
+        }
+        let m = s.msg.take()?;
+        s.generation = s.generation.wrapping_add(1);
+        self.free.push(i as u32);
+        self.held -= 1;
+        let q = &mut self.queues[m.queue as usize];
+        q.held -= 1;
+        Some(m)
     }
 
     /// Queues `msg` on `queue`.
@@ -395,15 +433,16 @@ impl<K: Clone + Eq + Hash> Queues<K> {
         queue: &str,
         msg: NewMessage,
     ) -> Result<Accepted, SendError> {
-        let config = self.config.clone();
-        let q = self.queue_mut(queue);
+        let qi = self.index(queue);
+        let config = &self.config;
+        let q = &mut self.queues[qi as usize];
         if let Some(key) = &msg.dedup_key {
             if q.dedup.get(key).is_some_and(|until| *until > now) {
                 q.stats.deduplicated += 1;
                 return Ok(Accepted::Duplicate);
             }
         }
-        if q.msgs.len() >= config.max_messages {
+        if q.held >= config.max_messages {
             q.stats.refused += 1;
             return Err(SendError::Full {
                 queue: queue.to_owned(),
@@ -411,14 +450,15 @@ impl<K: Clone + Eq + Hash> Queues<K> {
             });
         }
         if let Some(key) = msg.dedup_key {
-            q.remember_dedup(now, key, &config);
+            let config = self.config.clone();
+            self.queues[qi as usize].remember_dedup(now, key, &config);
         }
-        q.stats.accepted += 1;
-        let name = q.name.clone();
+        self.queues[qi as usize].stats.accepted += 1;
         self.insert(
             now,
-            &name,
             Msg {
+                queue: qi,
+                order: 0,
                 id: msg.id,
                 headers: msg.headers,
                 payload: msg.payload,
@@ -428,39 +468,44 @@ impl<K: Clone + Eq + Hash> Queues<K> {
                 last_error: None,
                 dead: None,
                 state: State::Ready,
-                generation: 0,
+                timer: 0,
             },
             msg.not_before,
         );
         Ok(Accepted::Queued)
     }
 
-    /// Adds a message to `name` (which exists), ready or delayed.
-    fn insert(
-        &mut self,
-        now: Instant,
-        name: &Arc<str>,
-        mut msg: Msg<K>,
-        not_before: Option<Instant>,
-    ) {
-        self.next_tag += 1;
-        let tag = self.next_tag;
-        let Some(q) = self.queues.get_mut(name) else {
-            return;
+    /// Adds a message to its queue, ready or delayed.
+    fn insert(&mut self, now: Instant, mut msg: Msg, not_before: Option<Instant>) {
+        self.next_order += 1;
+        msg.order = self.next_order;
+        let i = match self.free.pop() {
+            Some(i) => i as usize,
+            None => {
+                self.slots.push(Slot {
+                    generation: 0,
+                    msg: None,
+                });
+                self.slots.len() - 1
+            }
         };
+        let tag = (u64::from(self.slots[i].generation) << 32) | i as u64;
+        let qi = msg.queue;
+        let q = &mut self.queues[qi as usize];
+        q.held += 1;
         match not_before.filter(|t| *t > now) {
             Some(t) => {
                 msg.state = State::Delayed(t);
-                self.timers.push(Reverse((t, tag, msg.generation)));
+                self.timers.push(Reverse((t, tag, msg.timer)));
             }
             None => {
                 msg.state = State::Ready;
                 q.fresh.push_back(tag);
             }
         }
-        q.msgs.insert(tag, msg);
-        self.tags.insert(tag, name.clone());
-        self.mark(name);
+        self.slots[i].msg = Some(msg);
+        self.held += 1;
+        self.mark(qi);
     }
 
     /// A consumer grants credit on `queue` (or changes its options); a
@@ -472,86 +517,176 @@ impl<K: Clone + Eq + Hash> Queues<K> {
         key: K,
         options: ConsumerOptions,
     ) -> Result<(), ConsumerError> {
-        let q = self.queue_mut(queue);
-        if let Some(c) = q.consumers.iter_mut().find(|c| c.key == key) {
-            c.options = options;
+        let qi = self.index(queue);
+        if let Some(ci) = self.find_consumer(qi, &key) {
+            if let Some(c) = self.consumers[ci as usize].as_mut() {
+                c.options = options;
+            }
+            if options.prefetch == 0 {
+                self.retire(ci);
+            }
         } else if options.prefetch > 0 {
+            let q = &mut self.queues[qi as usize];
             if q.consumers.len() >= MAX_CONSUMERS_PER_QUEUE {
                 return Err(ConsumerError::TooMany {
                     queue: queue.to_owned(),
                 });
             }
-            q.consumers.push(Consumer {
+            let c = Consumer {
                 key,
+                queue: qi,
                 options,
                 in_flight: 0,
-            });
+                deadlines: VecDeque::new(),
+            };
+            let ci = match self.free_consumers.pop() {
+                Some(ci) => {
+                    self.consumers[ci as usize] = Some(c);
+                    ci
+                }
+                None => {
+                    self.consumers.push(Some(c));
+                    (self.consumers.len() - 1) as u32
+                }
+            };
+            q.consumers.push(ci);
         }
-        if options.prefetch == 0 {
-            q.consumers
-                .retain(|c| c.options.prefetch > 0 || c.in_flight > 0);
-        }
-        let name = q.name.clone();
-        self.mark(&name);
+        self.mark(qi);
         Ok(())
+    }
+
+    fn find_consumer(&self, qi: u32, key: &K) -> Option<u32> {
+        self.queues[qi as usize]
+            .consumers
+            .iter()
+            .copied()
+            .find(|ci| {
+                self.consumers[*ci as usize]
+                    .as_ref()
+                    .is_some_and(|c| c.key == *key)
+            })
+    }
+
+    /// Frees a consumer with no credit and nothing in flight.
+    fn retire(&mut self, ci: u32) {
+        let Some(c) = self.consumers[ci as usize].as_ref() else {
+            return;
+        };
+        if c.options.prefetch > 0 || c.in_flight > 0 {
+            return;
+        }
+        let qi = c.queue as usize;
+        self.queues[qi].consumers.retain(|x| *x != ci);
+        self.consumers[ci as usize] = None;
+        self.free_consumers.push(ci);
     }
 
     /// A consumer is gone (its node left or its link dropped): everything
     /// in flight to it comes back now. `matches` picks the consumers.
     pub fn remove_consumers(&mut self, now: Instant, matches: impl Fn(&K) -> bool) {
-        let mut back = Vec::new();
-        for q in self.queues.values_mut() {
-            if !q.consumers.iter().any(|c| matches(&c.key)) {
+        let gone: Vec<u32> = self
+            .consumers
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.as_ref().is_some_and(|c| matches(&c.key)))
+            .map(|(i, _)| i as u32)
+            .collect();
+        if gone.is_empty() {
+            return;
+        }
+        let mut back: Vec<(u64, u64)> = Vec::new();
+        for &ci in &gone {
+            let Some(c) = self.consumers[ci as usize].as_mut() else {
                 continue;
+            };
+            c.options.prefetch = 0;
+            let queue = c.queue;
+            if c.in_flight > 0 {
+                for (_, tag, _) in std::mem::take(&mut c.deadlines) {
+                    if let Some(m) = self.msg(tag) {
+                        if m.queue == queue
+                            && matches!(m.state, State::InFlight { consumer, .. } if consumer == ci)
+                        {
+                            back.push((m.order, tag));
+                        }
+                    }
+                }
             }
-            q.consumers.retain(|c| !matches(&c.key));
-            for (tag, m) in &q.msgs {
-                if let State::InFlight { consumer, .. } = &m.state {
-                    if matches(consumer) {
-                        back.push(*tag);
+        }
+        // Extended deadlines are not in the consumer's list: look for
+        // those among the timers.
+        for Reverse((_, tag, _)) in self.timers.iter() {
+            if let Some(m) = self.msg(*tag) {
+                if let State::InFlight { consumer, .. } = m.state {
+                    if gone.contains(&consumer) {
+                        back.push((m.order, *tag));
                     }
                 }
             }
         }
         back.sort_unstable();
-        for tag in back {
+        back.dedup();
+        for (_, tag) in back {
             self.give_back(now, tag, None, "consumer lost".into());
+        }
+        for ci in gone {
+            if let Some(c) = self.consumers[ci as usize].as_mut() {
+                // Anything left would be a stale count: nothing is in
+                // flight to it any more.
+                c.in_flight = 0;
+            }
+            self.retire(ci);
         }
     }
 
     /// Takes a message out of flight: frees its consumer's credit. Returns
     /// its queue.
-    fn land(&mut self, tag: u64) -> Option<Arc<str>> {
-        let name = self.tags.get(&tag)?.clone();
-        let q = self.queues.get_mut(&name)?;
-        let m = q.msgs.get_mut(&tag)?;
-        if let State::InFlight { consumer, .. } = &m.state {
-            if let Some(c) = q.consumers.iter_mut().find(|c| &c.key == consumer) {
-                c.in_flight = c.in_flight.saturating_sub(1);
-            }
+    fn land(&mut self, tag: u64) -> Option<u32> {
+        let m = self.msg_mut(tag)?;
+        let qi = m.queue;
+        if let State::InFlight { consumer, .. } = m.state {
             m.state = State::Ready;
-            m.generation = m.generation.wrapping_add(1);
-            q.consumers
-                .retain(|c| c.options.prefetch > 0 || c.in_flight > 0);
+            m.timer = m.timer.wrapping_add(1);
+            self.queues[qi as usize].in_flight -= 1;
+            if let Some(c) = self.consumers[consumer as usize].as_mut() {
+                c.in_flight = c.in_flight.saturating_sub(1);
+                // Acks come mostly in order: drop settled deadlines from the
+                // front, and compact when settled ones pile up behind a
+                // slow message.
+                let live = c.in_flight as usize;
+                if c.deadlines.len() > 2 * live + 64 {
+                    let slots = &self.slots;
+                    c.deadlines.retain(|(_, t, timer)| {
+                        let (i, generation) = split(*t);
+                        slots.get(i).is_some_and(|s| {
+                            s.generation == generation
+                                && s.msg.as_ref().is_some_and(|m| m.timer == *timer)
+                        })
+                    });
+                }
+            }
+            self.retire(consumer);
         }
-        self.mark(&name);
-        Some(name)
+        self.mark(qi);
+        Some(qi)
     }
 
-    /// Whether `tag` is in flight to `consumer`, or waiting (came back, so
-    /// an ack of it still counts); `None` for stale and unknown tags.
-    fn owned_by(&mut self, tag: u64, consumer: &K) -> Option<()> {
-        let name = self.tags.get(&tag)?;
-        let q = self.queues.get_mut(name)?;
-        let m = q.msgs.get(&tag)?;
-        match &m.state {
-            State::InFlight { consumer: c, .. } if c == consumer => Some(()),
-            State::InFlight { .. } => {
-                q.stats.stale += 1;
-                None
-            }
-            _ => Some(()),
+    /// Whether `tag` is in flight to `consumer`.
+    fn in_flight_to(&mut self, tag: u64, key: &K) -> bool {
+        let Some(m) = self.msg(tag) else {
+            return false;
+        };
+        let qi = m.queue as usize;
+        let ok = match m.state {
+            State::InFlight { consumer, .. } => self.consumers[consumer as usize]
+                .as_ref()
+                .is_some_and(|c| c.key == *key),
+            _ => false,
+        };
+        if !ok {
+            self.queues[qi].stats.stale += 1;
         }
+        ok
     }
 
     /// `consumer` processed `tag`: the message is gone. Acks of messages
@@ -559,17 +694,21 @@ impl<K: Clone + Eq + Hash> Queues<K> {
     /// in flight to another consumer are stale and ignored. Returns whether
     /// it was taken.
     pub fn ack(&mut self, tag: u64, consumer: &K) -> bool {
-        if self.owned_by(tag, consumer).is_none() {
-            return false;
-        }
-        let Some(name) = self.land(tag) else {
+        let Some(m) = self.msg(tag) else {
             return false;
         };
-        self.tags.remove(&tag);
-        if let Some(q) = self.queues.get_mut(&name) {
-            q.msgs.remove(&tag);
-            q.stats.acked += 1;
+        if let State::InFlight { .. } = m.state {
+            if !self.in_flight_to(tag, consumer) {
+                return false;
+            }
         }
+        if self.land(tag).is_none() {
+            return false;
+        }
+        let Some(m) = self.take(tag) else {
+            return false;
+        };
+        self.queues[m.queue as usize].stats.acked += 1;
         true
     }
 
@@ -588,10 +727,10 @@ impl<K: Clone + Eq + Hash> Queues<K> {
         if !self.in_flight_to(tag, consumer) {
             return false;
         }
-        let Some(name) = self.land(tag) else {
+        if self.land(tag).is_none() {
             return false;
-        };
-        self.dead_letter(now, &name, tag, truncate(reason));
+        }
+        self.dead_letter(now, tag, truncate(reason));
         true
     }
 
@@ -601,51 +740,31 @@ impl<K: Clone + Eq + Hash> Queues<K> {
         if !self.in_flight_to(tag, consumer) {
             return false;
         }
-        let Some(m) = self
-            .tags
-            .get(&tag)
-            .and_then(|n| self.queues.get_mut(n))
-            .and_then(|q| q.msgs.get_mut(&tag))
-        else {
+        let Some(m) = self.msg_mut(tag) else {
             return false;
         };
         let deadline = now + by;
         if let State::InFlight { deadline: d, .. } = &mut m.state {
             *d = deadline;
         }
-        m.generation = m.generation.wrapping_add(1);
-        self.timers.push(Reverse((deadline, tag, m.generation)));
+        m.timer = m.timer.wrapping_add(1);
+        let timer = m.timer;
+        self.timers.push(Reverse((deadline, tag, timer)));
         true
-    }
-
-    fn in_flight_to(&mut self, tag: u64, consumer: &K) -> bool {
-        let Some(q) = self.tags.get(&tag).and_then(|n| self.queues.get_mut(n)) else {
-            return false;
-        };
-        let ok = q.msgs.get(&tag).is_some_and(
-            |m| matches!(&m.state, State::InFlight { consumer: c, .. } if c == consumer),
-        );
-        if !ok {
-            q.stats.stale += 1;
-        }
-        ok
     }
 
     /// A message leaves flight without an ack: back to the queue (after
     /// `delay`), or to the dead-letter queue after its last attempt.
     fn give_back(&mut self, now: Instant, tag: u64, delay: Option<Duration>, error: String) {
-        let Some(name) = self.land(tag) else {
+        let Some(qi) = self.land(tag) else {
             return;
         };
-        let Some(q) = self.queues.get_mut(&name) else {
-            return;
-        };
-        let Some(m) = q.msgs.get_mut(&tag) else {
+        let Some(m) = self.msg_mut(tag) else {
             return;
         };
         if m.attempts >= m.max_attempts {
             let reason = format!("{error} after {} attempts", m.attempts);
-            self.dead_letter(now, &name, tag, reason);
+            self.dead_letter(now, tag, reason);
             return;
         }
         m.last_error = Some(error);
@@ -653,94 +772,151 @@ impl<K: Clone + Eq + Hash> Queues<K> {
             Some(d) => {
                 let due = now + d;
                 m.state = State::Delayed(due);
-                self.timers.push(Reverse((due, tag, m.generation)));
+                let timer = m.timer;
+                self.timers.push(Reverse((due, tag, timer)));
             }
             None => {
-                q.again.insert(tag);
+                let order = m.order;
+                self.queues[qi as usize].again.insert((order, tag));
             }
         }
     }
 
-    /// Moves `tag` (not in flight) from `name` to `name.dlq`.
-    fn dead_letter(&mut self, now: Instant, name: &Arc<str>, tag: u64, reason: String) {
-        let Some(q) = self.queues.get_mut(name) else {
+    /// Moves `tag` (not in flight) to its queue's dead-letter queue.
+    fn dead_letter(&mut self, now: Instant, tag: u64, reason: String) {
+        let Some(mut m) = self.take(tag) else {
             return;
         };
-        let Some(mut m) = q.msgs.remove(&tag) else {
-            return;
-        };
-        self.tags.remove(&tag);
-        q.stats.dead_lettered += 1;
-        let limit = self.config.max_messages;
-        let dlq = self.queue_mut(&dlq_name(name));
-        if dlq.msgs.len() >= limit {
-            dlq.stats.dead_letters_dropped += 1;
-            if let Some(q) = self.queues.get_mut(name) {
-                q.stats.dead_letters_dropped += 1;
-            }
+        let from = m.queue as usize;
+        self.queues[from].stats.dead_lettered += 1;
+        let name = dlq_name(&self.queues[from].name);
+        let di = self.index(&name);
+        if self.queues[di as usize].held >= self.config.max_messages {
+            self.queues[di as usize].stats.dead_letters_dropped += 1;
+            self.queues[from].stats.dead_letters_dropped += 1;
             return;
         }
+        m.queue = di;
         m.dead = Some((m.attempts, reason));
         m.attempts = 0;
         m.max_attempts = u32::MAX;
         m.last_error = None;
-        m.generation = m.generation.wrapping_add(1);
-        let dlq_name = dlq.name.clone();
-        self.insert(now, &dlq_name, m, None);
+        m.timer = m.timer.wrapping_add(1);
+        self.insert(now, m, None);
+    }
+
+    /// The next ready tag of queue `qi`, oldest first.
+    fn next_ready(&mut self, qi: u32) -> Option<u64> {
+        loop {
+            let q = &self.queues[qi as usize];
+            let fresh = q.fresh.front().copied();
+            let again = q.again.first().copied();
+            let fresh_order = fresh.and_then(|t| self.msg(t).map(|m| m.order));
+            let q = &mut self.queues[qi as usize];
+            let tag = match (fresh, fresh_order, again) {
+                (Some(_), None, _) => {
+                    // Acked while waiting (after coming back): skip.
+                    q.fresh.pop_front();
+                    continue;
+                }
+                (Some(_), Some(fo), Some((ao, _))) if ao < fo => q.again.pop_first().map(|a| a.1),
+                (Some(_), Some(_), _) => q.fresh.pop_front(),
+                (None, _, Some(_)) => q.again.pop_first().map(|a| a.1),
+                (None, _, None) => return None,
+            }?;
+            if self
+                .msg(tag)
+                .is_some_and(|m| m.queue == qi && matches!(m.state, State::Ready))
+            {
+                return Some(tag);
+            }
+        }
+    }
+
+    /// The consumer of `qi` with the most free credit, round-robin among
+    /// equals.
+    fn pick(&mut self, qi: u32) -> Option<u32> {
+        let q = &self.queues[qi as usize];
+        let n = q.consumers.len();
+        let mut best: Option<(usize, u32)> = None;
+        for i in 0..n {
+            let at = (q.cursor + i) % n;
+            let Some(c) = self.consumers[q.consumers[at] as usize].as_ref() else {
+                continue;
+            };
+            let free = c.options.prefetch.saturating_sub(c.in_flight);
+            if free > 0 && best.is_none_or(|(_, f)| free > f) {
+                best = Some((at, free));
+            }
+        }
+        let (at, _) = best?;
+        let q = &mut self.queues[qi as usize];
+        q.cursor = (at + 1) % n;
+        Some(q.consumers[at])
+    }
+
+    fn has_credit(&self, qi: u32) -> bool {
+        self.queues[qi as usize].consumers.iter().any(|ci| {
+            self.consumers[*ci as usize]
+                .as_ref()
+                .is_some_and(|c| c.in_flight < c.options.prefetch)
+        })
     }
 
     /// The next message to hand to a consumer, if any queue has one ready
     /// and a consumer with credit.
     pub fn poll_dispatch(&mut self, now: Instant) -> Option<Dispatch<K>> {
-        while let Some(name) = self.dirty.last().cloned() {
-            let Some(q) = self.queues.get_mut(&name) else {
-                self.dirty.pop();
-                continue;
-            };
-            if !q.has_ready() || !q.consumers.iter().any(|c| c.in_flight < c.options.prefetch) {
+        while let Some(qi) = self.dirty.last().copied() {
+            if !self.queues[qi as usize].has_ready() || !self.has_credit(qi) {
                 self.dirty.pop();
                 continue;
             }
-            let Some(tag) = q.next_ready() else {
+            let Some(tag) = self.next_ready(qi) else {
                 self.dirty.pop();
                 continue;
             };
-            let expired = q
-                .msgs
-                .get(&tag)
+            let expired = self
+                .msg(tag)
                 .and_then(|m| m.expires)
                 .is_some_and(|t| t <= now);
             if expired {
-                self.dead_letter(now, &name, tag, "expired".into());
+                self.dead_letter(now, tag, "expired".into());
                 continue;
             }
-            let Some(at) = q.pick() else {
+            let Some(ci) = self.pick(qi) else {
                 // Credit was checked above; put it back and stop.
-                q.again.insert(tag);
+                if let Some(order) = self.msg(tag).map(|m| m.order) {
+                    self.queues[qi as usize].again.insert((order, tag));
+                }
                 self.dirty.pop();
                 continue;
             };
-            let c = &mut q.consumers[at];
-            c.in_flight += 1;
-            let consumer = c.key.clone();
-            let deadline = now + c.options.visibility_timeout;
-            let max_attempts = c.options.max_attempts.max(1);
-            let Some(m) = q.msgs.get_mut(&tag) else {
+            let Some(c) = self.consumers[ci as usize].as_mut() else {
                 continue;
             };
+            let deadline = now + c.options.visibility_timeout;
+            let max_attempts = c.options.max_attempts.max(1);
+            let consumer = c.key.clone();
+            let (i, _) = split(tag);
+            let Some(m) = self.slots[i].msg.as_mut() else {
+                continue;
+            };
+            c.in_flight += 1;
             m.attempts += 1;
             m.max_attempts = max_attempts;
-            m.generation = m.generation.wrapping_add(1);
+            m.timer = m.timer.wrapping_add(1);
             m.state = State::InFlight {
-                consumer: consumer.clone(),
+                consumer: ci,
                 deadline,
             };
+            c.deadlines.push_back((deadline, tag, m.timer));
+            let q = &mut self.queues[qi as usize];
+            q.in_flight += 1;
             if m.attempts > 1 {
                 q.stats.redelivered += 1;
             }
-            self.timers.push(Reverse((deadline, tag, m.generation)));
             return Some(Dispatch {
-                queue: name,
+                queue: q.name.clone(),
                 consumer,
                 tag,
                 attempt: m.attempts,
@@ -753,52 +929,73 @@ impl<K: Clone + Eq + Hash> Queues<K> {
         None
     }
 
+    fn timer_live(&self, tag: u64, timer: u32) -> bool {
+        self.msg(tag)
+            .is_some_and(|m| m.timer == timer && !matches!(m.state, State::Ready))
+    }
+
     /// When [`Queues::handle_timeout`] next has work.
     pub fn poll_timeout(&mut self) -> Option<Instant> {
-        // Drop stale timers from the top so the driver is not woken for
+        // Drop stale timers from the fronts so the driver is not woken for
         // nothing.
-        while let Some(Reverse((at, tag, generation))) = self.timers.peek().copied() {
-            if self.timer_live(tag, generation) {
-                return Some(at);
+        while let Some(Reverse((_, tag, timer))) = self.timers.peek().copied() {
+            if self.timer_live(tag, timer) {
+                break;
             }
             self.timers.pop();
         }
-        None
-    }
-
-    fn timer_live(&self, tag: u64, generation: u32) -> bool {
-        self.tags
-            .get(&tag)
-            .and_then(|n| self.queues.get(n))
-            .and_then(|q| q.msgs.get(&tag))
-            .is_some_and(|m| m.generation == generation && !matches!(m.state, State::Ready))
+        let mut next = self.timers.peek().map(|r| r.0 .0);
+        for ci in 0..self.consumers.len() {
+            while let Some((at, tag, timer)) = self.consumers[ci]
+                .as_ref()
+                .and_then(|c| c.deadlines.front().copied())
+            {
+                if self.timer_live(tag, timer) {
+                    next = Some(next.map_or(at, |n| n.min(at)));
+                    break;
+                }
+                if let Some(c) = self.consumers[ci].as_mut() {
+                    c.deadlines.pop_front();
+                }
+            }
+        }
+        next
     }
 
     /// Visibility timeouts and delays due by `now`.
     pub fn handle_timeout(&mut self, now: Instant) {
-        while let Some(Reverse((at, tag, generation))) = self.timers.peek().copied() {
+        let mut due = Vec::new();
+        while let Some(Reverse((at, tag, timer))) = self.timers.peek().copied() {
             if at > now {
                 break;
             }
             self.timers.pop();
-            if !self.timer_live(tag, generation) {
+            due.push((tag, timer));
+        }
+        for c in self.consumers.iter_mut().flatten() {
+            while let Some((at, tag, timer)) = c.deadlines.front().copied() {
+                if at > now {
+                    break;
+                }
+                c.deadlines.pop_front();
+                due.push((tag, timer));
+            }
+        }
+        due.sort_unstable_by_key(|(tag, _)| self.msg(*tag).map(|m| m.order));
+        for (tag, timer) in due {
+            if !self.timer_live(tag, timer) {
                 continue;
             }
-            let Some(name) = self.tags.get(&tag).cloned() else {
-                continue;
-            };
-            let Some(q) = self.queues.get_mut(&name) else {
-                continue;
-            };
-            let Some(m) = q.msgs.get_mut(&tag) else {
+            let Some(m) = self.msg_mut(tag) else {
                 continue;
             };
             match m.state {
                 State::Delayed(_) => {
                     m.state = State::Ready;
-                    m.generation = m.generation.wrapping_add(1);
-                    q.again.insert(tag);
-                    self.mark(&name);
+                    m.timer = m.timer.wrapping_add(1);
+                    let (qi, order) = (m.queue, m.order);
+                    self.queues[qi as usize].again.insert((order, tag));
+                    self.mark(qi);
                 }
                 State::InFlight { .. } => {
                     self.give_back(now, tag, None, "visibility timeout".into())
@@ -808,16 +1005,30 @@ impl<K: Clone + Eq + Hash> Queues<K> {
         }
     }
 
+    /// The tags of `qi`'s messages, oldest first.
+    fn tags_of(&self, qi: u32) -> Vec<u64> {
+        let mut tags: Vec<(u64, u64)> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                let m = s.msg.as_ref()?;
+                (m.queue == qi).then(|| (m.order, (u64::from(s.generation) << 32) | i as u64))
+            })
+            .collect();
+        tags.sort_unstable();
+        tags.into_iter().map(|(_, t)| t).collect()
+    }
+
     /// Up to `limit` messages of `queue`, oldest first, without taking them.
     pub fn peek(&self, queue: &str, limit: usize) -> Vec<Peeked> {
-        let Some(q) = self.queues.get(queue) else {
+        let Some(qi) = self.by_name.get(queue).copied() else {
             return Vec::new();
         };
-        let mut tags: Vec<u64> = q.msgs.keys().copied().collect();
-        tags.sort_unstable();
-        tags.into_iter()
+        self.tags_of(qi)
+            .into_iter()
             .take(limit)
-            .filter_map(|t| q.msgs.get(&t))
+            .filter_map(|t| self.msg(t))
             .map(|m| Peeked {
                 id: m.id,
                 attempts: m.attempts,
@@ -833,42 +1044,31 @@ impl<K: Clone + Eq + Hash> Queues<K> {
     /// flight back to `queue`, as new (attempts from 0), while `queue` has
     /// room. Returns how many moved.
     pub fn replay_dead_letters(&mut self, now: Instant, queue: &str) -> usize {
-        let dlq = dlq_name(queue);
-        let Some(d) = self.queues.get_mut(dlq.as_str()) else {
+        let Some(di) = self.by_name.get(dlq_name(queue).as_str()).copied() else {
             return 0;
         };
-        let mut tags: Vec<u64> = d
-            .msgs
-            .iter()
-            .filter(|(_, m)| !matches!(m.state, State::InFlight { .. }))
-            .map(|(t, _)| *t)
-            .collect();
-        tags.sort_unstable();
-        let limit = self.config.max_messages;
-        let target = self.queue_mut(queue).name.clone();
+        let target = self.index(queue);
         let mut moved = 0;
-        for tag in tags {
-            if self
-                .queues
-                .get(&target)
-                .is_none_or(|q| q.msgs.len() >= limit)
-            {
+        for tag in self.tags_of(di) {
+            if self.queues[target as usize].held >= self.config.max_messages {
                 break;
             }
-            let Some(mut m) = self
-                .queues
-                .get_mut(dlq.as_str())
-                .and_then(|d| d.msgs.remove(&tag))
-            else {
+            if self
+                .msg(tag)
+                .is_none_or(|m| matches!(m.state, State::InFlight { .. }))
+            {
+                continue;
+            }
+            let Some(mut m) = self.take(tag) else {
                 continue;
             };
-            self.tags.remove(&tag);
+            m.queue = target;
             m.dead = None;
             m.attempts = 0;
             m.max_attempts = u32::MAX;
             m.last_error = None;
-            m.generation = m.generation.wrapping_add(1);
-            self.insert(now, &target, m, None);
+            m.timer = m.timer.wrapping_add(1);
+            self.insert(now, m, None);
             moved += 1;
         }
         moved
@@ -876,21 +1076,20 @@ impl<K: Clone + Eq + Hash> Queues<K> {
 
     /// Counters of `queue`.
     pub fn stats(&self, queue: &str) -> QueueStats {
-        let Some(q) = self.queues.get(queue) else {
+        let Some(q) = self.by_name.get(queue).map(|i| &self.queues[*i as usize]) else {
             return QueueStats::default();
         };
-        let in_flight = q
-            .msgs
-            .values()
-            .filter(|m| matches!(m.state, State::InFlight { .. }))
-            .count();
         QueueStats {
-            waiting: q.msgs.len() - in_flight,
-            in_flight,
+            waiting: q.held - q.in_flight,
+            in_flight: q.in_flight,
             consumers: q
                 .consumers
                 .iter()
-                .filter(|c| c.options.prefetch > 0)
+                .filter(|ci| {
+                    self.consumers[**ci as usize]
+                        .as_ref()
+                        .is_some_and(|c| c.options.prefetch > 0)
+                })
                 .count(),
             ..q.stats.clone()
         }
@@ -899,19 +1098,19 @@ impl<K: Clone + Eq + Hash> Queues<K> {
     /// Names of the queues with messages or consumers.
     pub fn names(&self) -> impl Iterator<Item = &Arc<str>> + '_ {
         self.queues
-            .values()
-            .filter(|q| !q.msgs.is_empty() || !q.consumers.is_empty())
+            .iter()
+            .filter(|q| q.held > 0 || !q.consumers.is_empty())
             .map(|q| &q.name)
     }
 
     /// Messages held over every queue.
     pub fn len(&self) -> usize {
-        self.tags.len()
+        self.held
     }
 
     /// Whether no queue holds a message.
     pub fn is_empty(&self) -> bool {
-        self.tags.is_empty()
+        self.held == 0
     }
 }
 

@@ -146,6 +146,10 @@ pub(crate) enum Op {
         queue: Arc<str>,
         reply: oneshot::Sender<u64>,
     },
+    Stats {
+        queue: Arc<str>,
+        reply: oneshot::Sender<core_queue::QueueStats>,
+    },
     Serve {
         sid: u32,
         pattern: Pattern,
@@ -481,6 +485,9 @@ impl NodeTask {
                 for h in hosts {
                     self.send_work(h, &WorkWire::Replay { req, queue: &queue });
                 }
+            }
+            Op::Stats { queue, reply } => {
+                let _ = reply.send(self.work.host.stats(&queue));
             }
             Op::Serve {
                 sid,
