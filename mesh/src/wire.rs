@@ -190,27 +190,15 @@ pub enum WorkWire<'a> {
         /// Deliveries before dead-lettering.
         max_attempts: u32,
     },
-    /// A message for a consumer of the receiver.
+    /// Messages for a consumer of the receiver, in order.
     Deliver {
         /// The queue.
         queue: &'a str,
         /// The consumer.
         cid: u32,
-        /// The host's handle of it.
-        tag: u64,
-        /// 1 on the first delivery.
-        attempt: u32,
-        /// Who sent it (`None`: the host itself).
-        origin: Option<Raw<'a>>,
-        /// The sender's sequence number.
-        seq: u64,
-        /// Dead letters: deliveries before it died, and why.
-        dead: Option<(u32, &'a str)>,
-        /// Headers.
+        /// The messages.
         #[serde(borrow)]
-        headers: HeadersWire<'a>,
-        /// Payload.
-        payload: Raw<'a>,
+        msgs: Vec<DeliverWire<'a>>,
     },
     /// Done with these messages.
     Acks {
@@ -309,6 +297,26 @@ pub enum ReplyStatus {
     NoResponders,
     /// The responder dropped the request without answering.
     Dropped,
+}
+
+/// A message in a `Deliver` frame.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeliverWire<'a> {
+    /// The host's handle of it.
+    pub tag: u64,
+    /// 1 on the first delivery.
+    pub attempt: u32,
+    /// Who sent it (`None`: the host itself).
+    #[serde(borrow)]
+    pub origin: Option<Raw<'a>>,
+    /// The sender's sequence number.
+    pub seq: u64,
+    /// Dead letters: deliveries before it died, and why.
+    pub dead: Option<(u32, &'a str)>,
+    /// Headers.
+    pub headers: HeadersWire<'a>,
+    /// Payload.
+    pub payload: Raw<'a>,
 }
 
 /// A message in a `Peeked` answer.

@@ -175,10 +175,15 @@ pub(super) async fn queue(
     let q = node.queue(QUEUE)?;
     let payload = bytes::Bytes::from(vec![0xa5u8; size]);
     let start = Instant::now();
-    // Keep many sends in flight: each resolves when the host accepted it.
-    let mut sends = futures::stream::iter(0..messages)
-        .map(|_| q.send(payload.clone()))
-        .buffer_unordered(4096);
+    // Batches of 1,024, several in flight; each resolves when the host
+    // accepted all of it.
+    let batch = 1024u64;
+    let mut sends = futures::stream::iter((0..messages).step_by(batch as usize))
+        .map(|first| {
+            let n = batch.min(messages - first) as usize;
+            q.send_batch(std::iter::repeat_n(payload.clone(), n))
+        })
+        .buffer_unordered(8);
     while let Some(r) = sends.next().await {
         r?;
     }

@@ -320,6 +320,20 @@ impl<T> Inbox<T> {
         Ok(())
     }
 
+    /// Adds items in order; gives them back if the inbox is closed.
+    pub(crate) fn push_many(&self, items: Vec<T>) -> Result<(), Vec<T>> {
+        let mut g = lock(&self.inner);
+        if g.closed {
+            return Err(items);
+        }
+        g.items.extend(items);
+        if let Some(w) = g.waker.take() {
+            drop(g);
+            w.wake();
+        }
+        Ok(())
+    }
+
     /// Closes it and returns what was never taken.
     pub(crate) fn close(&self) -> VecDeque<T> {
         let mut g = lock(&self.inner);

@@ -39,7 +39,7 @@ use crate::{
     },
     queue::{QueueFull, SendError},
     rpc::RequestError,
-    wire::{self, Frame, PeekedWire, Raw, ReplyStatus, WireError, WorkWire},
+    wire::{self, DeliverWire, Frame, PeekedWire, Raw, ReplyStatus, WireError, WorkWire},
 };
 
 /// Reserved pattern prefix of a queue host's declaration.
@@ -55,6 +55,11 @@ const GATHER_TIMEOUT: Duration = Duration::from_secs(2);
 const FULL_RETRY: Duration = Duration::from_millis(50);
 /// Longest wait between such retries.
 const FULL_RETRY_MAX: Duration = Duration::from_secs(1);
+/// Most messages per `Deliver` frame.
+const DELIVER_BATCH: usize = 512;
+/// Payload bytes after which a `Deliver` frame takes no more messages
+/// (well under the smallest frame limit).
+const DELIVER_BYTES: usize = 256 * 1024;
 /// Most messages a `Peeked` answer carries.
 const MAX_PEEK: usize = 1000;
 
@@ -115,6 +120,11 @@ pub(crate) enum Op {
         msg: OutMsg,
         reply: oneshot::Sender<Result<MessageId, SendError>>,
     },
+    SendBatch {
+        queue: Arc<str>,
+        msgs: Vec<OutMsg>,
+        reply: oneshot::Sender<Result<Vec<MessageId>, SendError>>,
+    },
     Request {
         subject: Arc<str>,
         headers: Vec<(String, Bytes)>,
@@ -174,11 +184,25 @@ struct LocalConsumer {
     granted: FxHashSet<NodeId>,
 }
 
+/// Whom a send's outcome goes to.
+pub(crate) enum SendReply {
+    One(oneshot::Sender<Result<MessageId, SendError>>),
+    /// A message of batch `id` (see `Work::batches`).
+    Batch(u64),
+}
+
+struct Batch {
+    ids: Vec<MessageId>,
+    remaining: usize,
+    error: Option<SendError>,
+    reply: oneshot::Sender<Result<Vec<MessageId>, SendError>>,
+}
+
 struct PendingSend {
     queue: Arc<str>,
     host: NodeId,
     msg: OutMsg,
-    reply: oneshot::Sender<Result<MessageId, SendError>>,
+    reply: SendReply,
     /// Refused as full this many times in a row.
     full: u32,
 }
@@ -233,6 +257,9 @@ pub(crate) struct Work {
     self_host: bool,
     /// Deliveries from the host core to push at the end of the batch.
     dispatch: Vec<Dispatch<ConsumerKey>>,
+    /// `send_batch` calls waiting for all their messages.
+    batches: FxHashMap<u64, Batch>,
+    next_batch: u64,
 }
 
 impl Work {
@@ -259,6 +286,8 @@ impl Work {
             flows_at: (u64::MAX, u64::MAX),
             self_host: config.self_host,
             dispatch: Vec::new(),
+            batches: FxHashMap::default(),
+            next_batch: 0,
         }
     }
 
@@ -416,7 +445,40 @@ impl NodeTask {
                     publisher: self.local,
                     seq: self.seq,
                 };
-                self.route_send(id.seq, queue, msg, reply, 0);
+                self.route_send(id.seq, queue, msg, SendReply::One(reply), 0);
+            }
+            Op::SendBatch { queue, msgs, reply } => {
+                self.work.next_batch += 1;
+                let b = self.work.next_batch;
+                let n = msgs.len();
+                let first = self.seq + 1;
+                self.work.batches.insert(
+                    b,
+                    Batch {
+                        ids: (0..n as u64)
+                            .map(|i| MessageId {
+                                publisher: self.local,
+                                seq: first + i,
+                            })
+                            .collect(),
+                        remaining: n,
+                        error: None,
+                        reply,
+                    },
+                );
+                if n == 0 {
+                    self.resolve_send(
+                        SendReply::Batch(b),
+                        Ok(MessageId {
+                            publisher: self.local,
+                            seq: 0,
+                        }),
+                    );
+                }
+                for msg in msgs {
+                    self.seq += 1;
+                    self.route_send(self.seq, queue.clone(), msg, SendReply::Batch(b), 0);
+                }
             }
             Op::Request {
                 subject,
@@ -544,14 +606,7 @@ impl NodeTask {
 
     /// Sends message `seq` to its host: this node if it hosts the queue,
     /// else a remote host, else this node from now on.
-    fn route_send(
-        &mut self,
-        seq: u64,
-        queue: Arc<str>,
-        msg: OutMsg,
-        reply: oneshot::Sender<Result<MessageId, SendError>>,
-        full: u32,
-    ) {
+    fn route_send(&mut self, seq: u64, queue: Arc<str>, msg: OutMsg, reply: SendReply, full: u32) {
         let id = MessageId {
             publisher: self.local,
             seq,
@@ -565,7 +620,7 @@ impl NodeTask {
         let Some(host) = host else {
             if !self.work.hosts_locally(&queue) {
                 if !self.work.self_host {
-                    let _ = reply.send(Err(SendError::NoHost(queue.to_string())));
+                    self.resolve_send(reply, Err(SendError::NoHost(queue.to_string())));
                     return;
                 }
                 tracing::debug!(%queue, "no host for queue; this node hosts its own messages");
@@ -588,9 +643,8 @@ impl NodeTask {
                     self.wait_for_room(seq, queue, msg, reply, full + 1, self.local);
                 } else {
                     let limit = self.work.host.config().max_messages;
-                    let _ = reply.send(Err(SendError::Full(format!(
-                        "queue {queue:?} is full ({limit} messages)"
-                    ))));
+                    let e = SendError::Full(format!("queue {queue:?} is full ({limit} messages)"));
+                    self.resolve_send(reply, Err(e));
                 }
                 return;
             }
@@ -601,7 +655,7 @@ impl NodeTask {
                 .send(now, &queue, new_message(id, msg, now))
                 .map(|_| id)
                 .map_err(|e| SendError::Full(e.to_string()));
-            let _ = reply.send(result);
+            self.resolve_send(reply, result);
             return;
         };
         let w = WorkWire::Send {
@@ -629,13 +683,40 @@ impl NodeTask {
         );
     }
 
+    /// Tells a send's caller how it ended (a batch once all its messages
+    /// did).
+    fn resolve_send(&mut self, reply: SendReply, result: Result<MessageId, SendError>) {
+        match reply {
+            SendReply::One(tx) => {
+                let _ = tx.send(result);
+            }
+            SendReply::Batch(b) => {
+                let Some(batch) = self.work.batches.get_mut(&b) else {
+                    return;
+                };
+                if let Err(e) = result {
+                    batch.error.get_or_insert(e);
+                }
+                batch.remaining = batch.remaining.saturating_sub(1);
+                if batch.remaining == 0 {
+                    if let Some(batch) = self.work.batches.remove(&b) {
+                        let _ = batch.reply.send(match batch.error {
+                            Some(e) => Err(e),
+                            None => Ok(batch.ids),
+                        });
+                    }
+                }
+            }
+        }
+    }
+
     /// Tries send `seq` again later (its queue was full).
     fn wait_for_room(
         &mut self,
         seq: u64,
         queue: Arc<str>,
         msg: OutMsg,
-        reply: oneshot::Sender<Result<MessageId, SendError>>,
+        reply: SendReply,
         full: u32,
         host: NodeId,
     ) {
@@ -897,10 +978,11 @@ impl NodeTask {
                 tracing::trace!(local = %self.local, %peer, ?seqs, "work: accepted");
                 for seq in seqs {
                     if let Some(p) = self.work.pending_sends.remove(&seq) {
-                        let _ = p.reply.send(Ok(MessageId {
+                        let id = MessageId {
                             publisher: self.local,
                             seq,
-                        }));
+                        };
+                        self.resolve_send(p.reply, Ok(id));
                     }
                 }
             }
@@ -909,7 +991,7 @@ impl NodeTask {
                     if full && self.work.full_policy == QueueFull::Wait {
                         self.wait_for_room(seq, p.queue, p.msg, p.reply, p.full + 1, p.host);
                     } else {
-                        let _ = p.reply.send(Err(SendError::Full(reason.to_owned())));
+                        self.resolve_send(p.reply, Err(SendError::Full(reason.to_owned())));
                     }
                 }
             }
@@ -935,34 +1017,34 @@ impl NodeTask {
             WorkWire::Deliver {
                 queue: _,
                 cid,
-                tag,
-                attempt,
-                origin,
-                seq,
-                dead,
-                headers,
-                payload,
+                msgs,
             } => {
-                let publisher = match origin {
-                    Some(raw) => wire::node_id(raw)?,
-                    None => peer,
-                };
-                let d = DeliveryData {
-                    host: peer,
-                    cid,
-                    tag,
-                    attempt,
-                    id: MessageId { publisher, seq },
-                    headers: headers_from_wire(body, &headers),
-                    payload: slice(body, payload.0),
-                    dead: dead.map(|(n, r)| (n, r.to_owned())),
-                };
+                let mut batch = Vec::with_capacity(msgs.len());
+                for m in msgs {
+                    let publisher = match m.origin {
+                        Some(raw) => wire::node_id(raw)?,
+                        None => peer,
+                    };
+                    batch.push(DeliveryData {
+                        host: peer,
+                        cid,
+                        tag: m.tag,
+                        attempt: m.attempt,
+                        id: MessageId {
+                            publisher,
+                            seq: m.seq,
+                        },
+                        headers: headers_from_wire(body, &m.headers),
+                        payload: slice(body, m.payload.0),
+                        dead: m.dead.map(|(n, r)| (n, r.to_owned())),
+                    });
+                }
                 let back = match self.work.consumers.get(&cid) {
-                    Some(c) => c.inbox.push(d).err(),
-                    None => Some(d),
+                    Some(c) => c.inbox.push_many(batch).err(),
+                    None => Some(batch),
                 };
-                if let Some(d) = back {
-                    // That consumer is gone: give it back at once.
+                // That consumer is gone: give them back at once.
+                for d in back.into_iter().flatten() {
                     self.settle(peer, d.cid, d.tag, Settle::Nack(None));
                 }
             }
@@ -1178,8 +1260,16 @@ impl NodeTask {
         while let Some(d) = self.work.host.poll_dispatch(now) {
             out.push(d);
         }
+        // Grouped per consumer, in order: one frame carries many.
+        let mut groups: Vec<(ConsumerKey, Vec<Dispatch<ConsumerKey>>)> = Vec::new();
         for d in out.drain(..) {
-            self.deliver_work(d);
+            match groups.iter_mut().find(|(k, _)| *k == d.consumer) {
+                Some((_, g)) => g.push(d),
+                None => groups.push((d.consumer.clone(), vec![d])),
+            }
+        }
+        for (consumer, ds) in groups {
+            self.deliver_work(consumer, ds);
         }
         self.work.dispatch = out;
         for ((host, cid), tags) in std::mem::take(&mut self.work.acks) {
@@ -1221,51 +1311,93 @@ impl NodeTask {
         }
     }
 
-    fn deliver_work(&mut self, d: Dispatch<ConsumerKey>) {
-        if d.consumer.node == self.local {
-            let data = DeliveryData {
-                host: self.local,
-                cid: d.consumer.cid,
-                tag: d.tag,
-                attempt: d.attempt,
-                id: d.id,
-                headers: d.headers,
-                payload: d.payload,
-                dead: d.dead,
-            };
-            let back = match self.work.consumers.get(&d.consumer.cid) {
-                Some(c) => c.inbox.push(data).err(),
+    /// Hands `ds` (dispatched in this order, all to `consumer`) over: to
+    /// a local consumer's inbox, or in `Deliver` frames on its node's link.
+    fn deliver_work(&mut self, consumer: ConsumerKey, ds: Vec<Dispatch<ConsumerKey>>) {
+        if consumer.node == self.local {
+            let data: Vec<DeliveryData> = ds
+                .into_iter()
+                .map(|d| DeliveryData {
+                    host: self.local,
+                    cid: consumer.cid,
+                    tag: d.tag,
+                    attempt: d.attempt,
+                    id: d.id,
+                    headers: d.headers,
+                    payload: d.payload,
+                    dead: d.dead,
+                })
+                .collect();
+            let back = match self.work.consumers.get(&consumer.cid) {
+                Some(c) => c.inbox.push_many(data).err(),
                 None => Some(data),
             };
-            if let Some(data) = back {
-                let key = d.consumer.clone();
-                self.work.host.remove_consumers(now(), |k| *k == key);
-                self.host_settle(key, data.tag, Settle::Nack(None));
+            if let Some(back) = back {
+                self.work.host.remove_consumers(now(), |k| *k == consumer);
+                for d in back {
+                    self.host_settle(consumer.clone(), d.tag, Settle::Nack(None));
+                }
             }
             return;
         }
-        let origin = (d.id.publisher != self.local).then(|| d.id.publisher.to_bytes());
-        let peer = d.consumer.node;
+        let peer = consumer.node;
         if !self.links.get(&peer).is_some_and(|l| l.up) {
-            // Its link went: the message comes back (the consumer is
+            // Its link went: the messages come back (the consumer is
             // removed by then, so this is rare: a race within a batch).
             self.work.host.remove_consumers(now(), |k| k.node == peer);
             return;
         }
-        self.send_work(
-            peer,
-            &WorkWire::Deliver {
-                queue: &d.queue,
-                cid: d.consumer.cid,
-                tag: d.tag,
-                attempt: d.attempt,
-                origin: origin.as_deref().map(Raw),
-                seq: d.id.seq,
-                dead: d.dead.as_ref().map(|(n, r)| (*n, r.as_str())),
-                headers: headers_to_wire(&d.headers),
-                payload: Raw(&d.payload),
-            },
-        );
+        let local = self.local;
+        let origins: Vec<Option<Vec<u8>>> = ds
+            .iter()
+            .map(|d| (d.id.publisher != local).then(|| d.id.publisher.to_bytes()))
+            .collect();
+        let link = link_entry(&mut self.links, &mut self.next_link, &self.space, peer);
+        link.has_data = true;
+        // Frames of at most DELIVER_BATCH messages and about
+        // DELIVER_BYTES of payload.
+        let mut at = 0;
+        while at < ds.len() {
+            let mut end = at;
+            let mut bytes = 0;
+            while end < ds.len() && end - at < DELIVER_BATCH {
+                let d = &ds[end];
+                let size = d.payload.len()
+                    + d.headers
+                        .iter()
+                        .map(|(k, v)| k.len() + v.len() + 10)
+                        .sum::<usize>()
+                    + d.dead.as_ref().map_or(0, |(_, r)| r.len())
+                    + 128;
+                if end > at && bytes + size > DELIVER_BYTES {
+                    break;
+                }
+                bytes += size;
+                end += 1;
+            }
+            let msgs = ds[at..end]
+                .iter()
+                .zip(&origins[at..end])
+                .map(|(d, o)| DeliverWire {
+                    tag: d.tag,
+                    attempt: d.attempt,
+                    origin: o.as_deref().map(Raw),
+                    seq: d.id.seq,
+                    dead: d.dead.as_ref().map(|(n, r)| (*n, r.as_str())),
+                    headers: headers_to_wire(&d.headers),
+                    payload: Raw(&d.payload),
+                })
+                .collect();
+            wire::encode(
+                &mut link.scratch,
+                &Frame::Work(WorkWire::Deliver {
+                    queue: &ds[at].queue,
+                    cid: consumer.cid,
+                    msgs,
+                }),
+            );
+            at = end;
+        }
     }
 
     /// Shutdown: handles see the node gone.
