@@ -350,12 +350,15 @@ pub struct ShutdownReport {
     /// Messages dropped over the node's life because a peer's link never
     /// came up in time (also logged when it happened).
     pub dropped_unreachable: u64,
+    /// Queue messages this node hosted that were not acked yet: they end
+    /// with it (hosts keep messages in memory; also logged).
+    pub queued_dropped: u64,
 }
 
 impl ShutdownReport {
     /// Whether every peer confirmed and nothing was dropped.
     pub fn is_clean(&self) -> bool {
-        self.unconfirmed.is_empty() && self.dropped_unreachable == 0
+        self.unconfirmed.is_empty() && self.dropped_unreachable == 0 && self.queued_dropped == 0
     }
 }
 

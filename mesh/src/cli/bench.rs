@@ -235,7 +235,8 @@ pub(super) async fn request(
     json: bool,
 ) -> anyhow::Result<()> {
     let warmup = 200u64;
-    let (mut child, _lines, node) = start_pair("serve", messages + warmup, net).await?;
+    // The responder answers the first probe too.
+    let (mut child, _lines, node) = start_pair("serve", messages + warmup + 1, net).await?;
     let payload = bytes::Bytes::from(vec![0x5au8; size]);
     let deadline = Instant::now() + Duration::from_secs(10);
     // Until the responder's declaration arrives there are no responders.
@@ -250,7 +251,7 @@ pub(super) async fn request(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let mut rtts = Vec::with_capacity(messages as usize);
-    for i in 0..messages + warmup - 1 {
+    for i in 0..messages + warmup {
         let t = Instant::now();
         node.request(RPC, payload.clone(), Duration::from_secs(5))
             .await

@@ -136,6 +136,9 @@ pub struct Dispatch<K> {
     pub queue: Arc<str>,
     /// The consumer.
     pub consumer: K,
+    /// The consumer's number on this host (stable while it lives): a cheap
+    /// way to group dispatches by consumer.
+    pub slot: u32,
     /// The host's handle of the message, for acks.
     pub tag: u64,
     /// 1 on the first delivery.
@@ -918,6 +921,7 @@ impl<K: Clone + Eq + Hash> Queues<K> {
             return Some(Dispatch {
                 queue: q.name.clone(),
                 consumer,
+                slot: ci,
                 tag,
                 attempt: m.attempts,
                 id: m.id,

@@ -2244,9 +2244,19 @@ impl NodeTask {
             dropped_unreachable = self.stats.dropped_unreachable,
             "node stopped"
         );
+        let queued_dropped = self.work.host.len() as u64;
+        if queued_dropped > 0 {
+            let queues: Vec<String> = self.work.host.names().map(|n| n.to_string()).collect();
+            tracing::warn!(
+                messages = queued_dropped,
+                ?queues,
+                "shutting down with queue messages not acked yet; they are lost with this node (hosts keep messages in memory)"
+            );
+        }
         crate::node::ShutdownReport {
             unconfirmed,
             dropped_unreachable: self.stats.dropped_unreachable,
+            queued_dropped,
         }
     }
 }

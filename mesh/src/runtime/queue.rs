@@ -320,6 +320,11 @@ impl<T> Inbox<T> {
         Ok(())
     }
 
+    /// Items waiting to be taken.
+    pub(crate) fn len(&self) -> usize {
+        lock(&self.inner).items.len()
+    }
+
     /// Adds items in order; gives them back if the inbox is closed.
     pub(crate) fn push_many(&self, items: Vec<T>) -> Result<(), Vec<T>> {
         let mut g = lock(&self.inner);

@@ -55,6 +55,17 @@ const GATHER_TIMEOUT: Duration = Duration::from_secs(2);
 const FULL_RETRY: Duration = Duration::from_millis(50);
 /// Longest wait between such retries.
 const FULL_RETRY_MAX: Duration = Duration::from_secs(1);
+/// Most requests waiting for one responder to take them; beyond that the
+/// node answers "no responders" (a responder that stopped reading must
+/// not fill memory).
+const MAX_WAITING_REQUESTS: usize = 64 * 1024;
+
+/// Most deliveries waiting in a consumer's inbox: its credit, from every
+/// host, with room to spare.
+fn inbox_limit(prefetch: u32) -> usize {
+    (prefetch as usize).saturating_mul(64).max(64 * 1024)
+}
+
 /// Most messages per `Deliver` frame.
 const DELIVER_BATCH: usize = 512;
 /// Payload bytes after which a `Deliver` frame takes no more messages
@@ -260,6 +271,8 @@ pub(crate) struct Work {
     /// `send_batch` calls waiting for all their messages.
     batches: FxHashMap<u64, Batch>,
     next_batch: u64,
+    /// The time while a batch of operations is handled.
+    now: Option<Instant>,
 }
 
 impl Work {
@@ -288,6 +301,7 @@ impl Work {
             dispatch: Vec::new(),
             batches: FxHashMap::default(),
             next_batch: 0,
+            now: None,
         }
     }
 
@@ -423,6 +437,8 @@ impl NodeTask {
     /// Takes what handles queued: control ops always, sends and requests
     /// while fewer than [`MAX_PENDING`] wait for answers.
     pub(crate) fn work_ops(&mut self) {
+        // One clock read for the whole batch.
+        self.work.now = Some(now());
         let mut ops = std::mem::take(&mut self.work_scratch);
         self.work_control.take(&mut ops);
         for op in ops.drain(..) {
@@ -435,6 +451,7 @@ impl NodeTask {
             }
         }
         self.work_scratch = ops;
+        self.work.now = None;
     }
 
     fn work_op(&mut self, op: Op) {
@@ -607,6 +624,7 @@ impl NodeTask {
     /// Sends message `seq` to its host: this node if it hosts the queue,
     /// else a remote host, else this node from now on.
     fn route_send(&mut self, seq: u64, queue: Arc<str>, msg: OutMsg, reply: SendReply, full: u32) {
+        let now = self.work.now.unwrap_or_else(now);
         let id = MessageId {
             publisher: self.local,
             seq,
@@ -648,7 +666,6 @@ impl NodeTask {
                 }
                 return;
             }
-            let now = now();
             let result = self
                 .work
                 .host
@@ -807,6 +824,9 @@ impl NodeTask {
             let Some((_, inbox)) = self.work.servers.get(&sid) else {
                 continue;
             };
+            if inbox.len() >= MAX_WAITING_REQUESTS {
+                continue;
+            }
             match inbox.push(r) {
                 Ok(()) => return,
                 Err(back) => r = back,
@@ -1040,10 +1060,17 @@ impl NodeTask {
                     });
                 }
                 let back = match self.work.consumers.get(&cid) {
+                    // A host that ignores the credit we granted (a bug or a
+                    // hostile peer) cannot fill our memory: what is over
+                    // goes back.
+                    Some(c) if c.inbox.len() + batch.len() > inbox_limit(c.options.prefetch) => {
+                        tracing::warn!(%peer, cid, "queue host sent more than the credit granted; giving the excess back");
+                        Some(batch)
+                    }
                     Some(c) => c.inbox.push_many(batch).err(),
                     None => Some(batch),
                 };
-                // That consumer is gone: give them back at once.
+                // That consumer is gone (or full): give them back at once.
                 for d in back.into_iter().flatten() {
                     self.settle(peer, d.cid, d.tag, Settle::Nack(None));
                 }
@@ -1261,14 +1288,13 @@ impl NodeTask {
             out.push(d);
         }
         // Grouped per consumer, in order: one frame carries many.
-        let mut groups: Vec<(ConsumerKey, Vec<Dispatch<ConsumerKey>>)> = Vec::new();
-        for d in out.drain(..) {
-            match groups.iter_mut().find(|(k, _)| *k == d.consumer) {
-                Some((_, g)) => g.push(d),
-                None => groups.push((d.consumer.clone(), vec![d])),
-            }
-        }
-        for (consumer, ds) in groups {
+        out.sort_by_key(|d| d.slot);
+        while !out.is_empty() {
+            let slot = out[0].slot;
+            let n = out.iter().take_while(|d| d.slot == slot).count();
+            let rest = out.split_off(n);
+            let ds = std::mem::replace(&mut out, rest);
+            let consumer = ds[0].consumer.clone();
             self.deliver_work(consumer, ds);
         }
         self.work.dispatch = out;
