@@ -59,7 +59,7 @@ fn start_consumer(sim: &Sim, checker: &Shared, node: &str, queue: &str, how: Beh
             match how {
                 Behaviour::Hold => held.push(d),
                 Behaviour::NackPoison if name.starts_with("poison") => d.nack(None),
-                Behaviour::Flaky(k) if (n + u64::from(d.attempt())) % k == 0 => {
+                Behaviour::Flaky(k) if (n + u64::from(d.attempt())).is_multiple_of(k) => {
                     d.nack(Some(Duration::from_millis(200)))
                 }
                 _ => {

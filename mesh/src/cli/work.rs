@@ -82,7 +82,7 @@ pub(super) async fn consume(
             d = deliveries.next() => {
                 let Some(d) = d else { break };
                 seen += 1;
-                let fail = fail_every.is_some_and(|k| k > 0 && seen % k == 0);
+                let fail = fail_every.is_some_and(|k| k > 0 && seen.is_multiple_of(k));
                 let (payload, encoding) = payload_json(d.payload());
                 let mut line = serde_json::json!({
                     "queue": queue,

@@ -74,6 +74,10 @@ const DELIVER_BYTES: usize = 256 * 1024;
 /// Most messages a `Peeked` answer carries.
 const MAX_PEEK: usize = 1000;
 
+/// The interest generation and the link generation: when either moves,
+/// the hosts a node talks to may have changed.
+type Generation = (u64, u64);
+
 /// A consumer as a host knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) struct ConsumerKey {
@@ -260,9 +264,9 @@ pub(crate) struct Work {
     next_request: u64,
     gathers: FxHashMap<u64, Gather>,
     /// Host choices per queue, at an interest and link generation.
-    host_cache: FxHashMap<Arc<str>, ((u64, u64), Vec<NodeId>)>,
+    host_cache: FxHashMap<Arc<str>, (Generation, Vec<NodeId>)>,
     /// The interest and link generation flows were last granted at.
-    flows_at: (u64, u64),
+    flows_at: Generation,
     /// Host queues nobody hosts (off for one-shot tools: their sends
     /// fail with `NoHost` instead).
     self_host: bool,
