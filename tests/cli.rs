@@ -286,3 +286,138 @@ async fn node_processes_use_shm_and_survive_each_others_crash() {
         after += 1;
     }
 }
+
+/// A `mesh node` process (it hosts every queue) and its dialable address.
+async fn queue_host() -> (tokio::process::Child, String) {
+    let mut node = Command::new(BIN)
+        .args(["node", "--no-mdns", "--listen", LOOP])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(node.stdout.take().unwrap()).lines();
+    line_with(&mut out, "peer id:").await;
+    let addr = line_with(&mut out, "listening:").await;
+    tokio::spawn(async move { while let Ok(Some(_)) = out.next_line().await {} });
+    (node, addr)
+}
+
+/// Runs `mesh ARGS --no-mdns --listen LOOP --bootstrap ADDR` to completion.
+async fn via(addr: &str, args: &[&str]) -> std::process::Output {
+    let out = Command::new(BIN)
+        .args(args)
+        .args(["--no-mdns", "--listen", LOOP, "--bootstrap", addr])
+        .kill_on_drop(true)
+        .output();
+    tokio::time::timeout(WAIT, out)
+        .await
+        .expect("the command finishes in time")
+        .unwrap()
+}
+
+/// The JSON lines a command printed.
+fn json_lines(out: &std::process::Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect()
+}
+
+/// A `mesh queue send` process hands five messages to the node, which
+/// hosts them until a `mesh queue consume` process takes each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_send_and_consume_processes() {
+    let (_node, addr) = queue_host().await;
+    let sent = via(&addr, &["queue", "send", "jobs", "job", "--count", "5"]).await;
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+
+    let got = via(&addr, &["queue", "consume", "jobs", "--count", "5"]).await;
+    assert!(got.status.success(), "--count 5: it exits by itself");
+    let got = json_lines(&got);
+    assert_eq!(got.len(), 5);
+    let payloads: std::collections::BTreeSet<_> =
+        got.iter().map(|v| v["payload"].as_str().unwrap()).collect();
+    let all: std::collections::BTreeSet<_> = ["job 1", "job 2", "job 3", "job 4", "job 5"].into();
+    assert_eq!(payloads, all, "each message once");
+    let mut ids = std::collections::BTreeSet::new();
+    for v in &got {
+        assert_eq!(v["queue"], "jobs");
+        assert_eq!(v["attempt"], 1);
+        assert_eq!(v["acked"], true);
+        assert_eq!(v["encoding"], "utf8");
+        // Ids are sender/seq.
+        let (sender, seq) = v["id"].as_str().unwrap().rsplit_once('/').unwrap();
+        assert!(sender.starts_with("12D3"), "{sender}");
+        seq.parse::<u64>().unwrap();
+        assert!(ids.insert(v["id"].as_str().unwrap()), "ids are unique");
+    }
+}
+
+/// A message nacked on each of its `--max-attempts` deliveries goes to the
+/// dead-letter queue: `mesh dlq list` shows it with its attempts and
+/// `mesh dlq replay` puts it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_listed_and_replayed() {
+    let (_node, addr) = queue_host().await;
+    let sent = via(&addr, &["queue", "send", "fragile", "boom"]).await;
+    assert!(sent.status.success());
+
+    let failed = via(
+        &addr,
+        &[
+            "queue",
+            "consume",
+            "fragile",
+            "--fail-every",
+            "1",
+            "--max-attempts",
+            "2",
+            "--count",
+            "2",
+        ],
+    )
+    .await;
+    assert!(failed.status.success());
+    let failed = json_lines(&failed);
+    assert_eq!(failed.len(), 2);
+    for (v, attempt) in failed.iter().zip([1, 2]) {
+        assert_eq!(v["payload"], "boom");
+        assert_eq!(v["attempt"], attempt);
+        assert_eq!(v["acked"], false);
+    }
+
+    // The last nack reaches the host asynchronously.
+    let dead = common::eventually("the dead letter", || async {
+        let out = via(&addr, &["dlq", "list", "fragile"]).await;
+        let lines = json_lines(&out);
+        (!lines.is_empty()).then_some(lines)
+    })
+    .await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0]["queue"], "fragile.dlq");
+    assert_eq!(dead[0]["payload"], "boom");
+    assert_eq!(dead[0]["attempts"], 2);
+    assert_eq!(dead[0]["error"], "nacked after 2 attempts");
+    assert_eq!(dead[0]["id"], failed[0]["id"], "the same message");
+
+    let replay = via(&addr, &["dlq", "replay", "fragile"]).await;
+    assert!(replay.status.success());
+    let said = String::from_utf8_lossy(&replay.stdout);
+    assert!(said.starts_with("replayed 1 message(s)"), "{said}");
+
+    // Back in the queue as a new message, at its first attempt.
+    let again = via(&addr, &["queue", "consume", "fragile", "--count", "1"]).await;
+    let again = json_lines(&again);
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0]["payload"], "boom");
+    assert_eq!(again[0]["attempt"], 1);
+    let gone = via(&addr, &["dlq", "list", "fragile"]).await;
+    assert!(
+        json_lines(&gone).is_empty(),
+        "the dead-letter queue is empty"
+    );
+}

@@ -427,7 +427,7 @@ impl Drop for Consumer {
                 host: d.host,
                 cid: d.cid,
                 tag: d.tag,
-                how: Settle::Nack(None),
+                how: Settle::Release,
             });
         }
         let _ = inner.work_control.push_now(Op::Cancel { cid: self.cid });
@@ -439,15 +439,10 @@ impl futures::Stream for Consumer {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Delivery>> {
         let this = &mut *self;
-        if this.buffered.is_empty() {
-            match this.inbox.poll_take(cx, &mut this.buffered) {
-                Poll::Ready(true) => {}
-                Poll::Ready(false) => return Poll::Ready(None),
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-        let Some(data) = this.buffered.pop_front() else {
-            return Poll::Pending;
+        let data = match this.inbox.poll_next_item(cx, &mut this.buffered) {
+            Poll::Ready(Some(data)) => data,
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => return Poll::Pending,
         };
         let seen = this.seen.check(data.id);
         Poll::Ready(Some(Delivery {

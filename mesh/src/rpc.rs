@@ -189,17 +189,12 @@ impl futures::Stream for Service {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Request>> {
         let this = &mut *self;
-        if this.buffered.is_empty() {
-            match this.inbox.poll_take(cx, &mut this.buffered) {
-                Poll::Ready(true) => {}
-                Poll::Ready(false) => return Poll::Ready(None),
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-        Poll::Ready(this.buffered.pop_front().map(|data| Request {
-            node: this.node.clone(),
-            data: Some(data),
-        }))
+        this.inbox.poll_next_item(cx, &mut this.buffered).map(|d| {
+            d.map(|data| Request {
+                node: this.node.clone(),
+                data: Some(data),
+            })
+        })
     }
 }
 

@@ -216,6 +216,14 @@ pub enum WorkWire<'a> {
         /// Delay before redelivery, ms.
         delay_ms: u64,
     },
+    /// Given back unseen (the consumer stopped before its application
+    /// took it): back at once, and not counted as an attempt.
+    Release {
+        /// The consumer.
+        cid: u32,
+        /// The message.
+        tag: u64,
+    },
     /// Straight to the dead-letter queue.
     Reject {
         /// The consumer.

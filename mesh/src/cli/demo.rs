@@ -1,7 +1,11 @@
 //! `mesh demo`: three node processes on loopback, two subscribers and a
-//! publisher, then a summary. Exits by itself.
+//! publisher, then competing queue workers and a dead letter, then a
+//! summary. Exits by itself.
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context as _;
 
@@ -173,16 +177,235 @@ pub(super) async fn run() -> anyhow::Result<()> {
         let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
     }
 
+    // 6. Work queues, hosted by the three nodes.
+    let work = work_queues(&first_addr).await?;
+
     for (mut child, _) in nodes {
         let _ = child.kill().await;
     }
     println!(
-        "\nsummary: 3 nodes, 2 subscribers, 5 messages published; every subscriber got exactly its matching messages: {}; took {:.1}s",
+        "\nsummary: 3 nodes, 2 subscribers, 5 messages published; every subscriber got exactly its matching messages: {}",
         if all_ok { "yes" } else { "NO" },
+    );
+    println!(
+        "         work queue: 6 jobs to 2 competing workers, {}; each job done exactly once: {}",
+        work.split,
+        if work.jobs_ok { "yes" } else { "NO" },
+    );
+    println!(
+        "         poison message: {} deliveries, then in the dead-letter queue: {}; took {:.1}s",
+        work.poison_attempts,
+        if work.dead_ok { "yes" } else { "NO" },
         started.elapsed().as_secs_f64()
     );
     if !all_ok {
         anyhow::bail!("demo failed: some messages did not arrive");
     }
+    if !work.jobs_ok || !work.dead_ok {
+        anyhow::bail!("demo failed: the work queues did not behave as shown");
+    }
     Ok(())
+}
+
+/// The net flags of a process joining through `addr`.
+fn via(addr: &str) -> Vec<String> {
+    args(&["--no-mdns", "--listen", LOOPBACK, "--bootstrap", addr])
+}
+
+/// Runs a one-shot `mesh` command to completion (bounded), returning its
+/// stdout if it succeeded.
+async fn one_shot(list: &[&str], addr: &str) -> anyhow::Result<Option<String>> {
+    let mut a = args(list);
+    a.extend(via(addr));
+    let out = tokio::time::timeout(Duration::from_secs(15), spawn_self(&a)?.wait_with_output())
+        .await
+        .with_context(|| format!("`mesh {}` did not finish in time", list.join(" ")))??;
+    Ok(out
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned()))
+}
+
+/// What the work-queue scene showed.
+struct WorkResult {
+    /// Who did how many jobs, e.g. "worker-a did 4, worker-b did 2".
+    split: String,
+    /// Every job acked, none twice.
+    jobs_ok: bool,
+    /// Deliveries of the poison message.
+    poison_attempts: u32,
+    /// The poison message listed in the dead-letter queue after 3 attempts.
+    dead_ok: bool,
+}
+
+/// Competing workers with a redelivery on queue `jobs`, then a poison
+/// message on queue `imports` that ends in `imports.dlq`.
+///
+/// Each worker exits after a set number of deliveries, and the numbers add
+/// up whatever the timing: worker-a acks 4 jobs; worker-b acks its 1st and
+/// 3rd and nacks its 2nd (`--fail-every 2`), which is delivered again to
+/// one of them; 4 + 2 acks are the 6 jobs.
+async fn work_queues(addr: &str) -> anyhow::Result<WorkResult> {
+    println!("\n  work queues (every node hosts them; each message goes to one consumer):");
+    let workers = [("worker-a", 4u64, None), ("worker-b", 3, Some("2"))];
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(&'static str, String)>(64);
+    let mut children = Vec::new();
+    for (name, count, fail_every) in workers {
+        let count = count.to_string();
+        let mut a = args(&[
+            "queue",
+            "consume",
+            "jobs",
+            "--prefetch",
+            "1",
+            "--count",
+            &count,
+        ]);
+        if let Some(k) = fail_every {
+            a.extend(args(&["--fail-every", k]));
+        }
+        a.extend(via(addr));
+        let mut child = spawn_self(&a)?;
+        let mut lines = lines_of(&mut child)?;
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if tx.send((name, line)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        println!(
+            "    {name} consumes jobs one at a time (--prefetch 1){}",
+            if fail_every.is_some() {
+                ", failing every 2nd delivery (--fail-every 2)"
+            } else {
+                ""
+            }
+        );
+        children.push(child);
+    }
+    drop(tx);
+    let sent = one_shot(&["queue", "send", "jobs", "job", "--count", "6"], addr).await?;
+    println!(
+        "    sent \"job 1\" .. \"job 6\" to queue jobs ({})",
+        if sent.is_some() { "ok" } else { "FAILED" }
+    );
+    // 7 deliveries in all: the 6 jobs and the nacked one again.
+    let mut acked: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+    let mut did: BTreeMap<&str, usize> = workers.iter().map(|(n, ..)| (*n, 0)).collect();
+    let mut redeliveries = 0;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(Some((name, line))) = tokio::time::timeout(left, rx.recv()).await else {
+            break;
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(&line).context("a consumer printed bad JSON")?;
+        let payload = v["payload"].as_str().unwrap_or("?").to_owned();
+        let attempt = v["attempt"].as_u64().unwrap_or(0);
+        let ok = v["acked"] == true;
+        if attempt > 1 {
+            redeliveries += 1;
+        }
+        println!(
+            "    {name} got {payload:?} (attempt {attempt}): {}",
+            if ok {
+                "done, acked"
+            } else {
+                "failed, nacked: back to the queue"
+            }
+        );
+        if ok {
+            acked.entry(payload).or_default().push(name);
+            *did.entry(name).or_default() += 1;
+        }
+    }
+    for mut child in children {
+        let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+    }
+    let jobs_ok = acked.len() == 6
+        && acked.values().all(|by| by.len() == 1)
+        && (1..=6).all(|i| acked.contains_key(&format!("job {i}")));
+    let split = did
+        .iter()
+        .map(|(n, c)| format!("{n} did {c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    println!("    {split}; redeliveries: {redeliveries}");
+
+    // A poison message: its worker fails it every time (--fail-every 1);
+    // after 3 deliveries (--max-attempts 3) the host dead-letters it.
+    let sent = one_shot(&["queue", "send", "imports", "corrupt.csv"], addr).await?;
+    println!(
+        "\n    sent \"corrupt.csv\" to queue imports ({})",
+        if sent.is_some() { "ok" } else { "FAILED" }
+    );
+    let mut child = spawn_self(&{
+        let mut a = args(&[
+            "queue",
+            "consume",
+            "imports",
+            "--fail-every",
+            "1",
+            "--max-attempts",
+            "3",
+            "--count",
+            "3",
+        ]);
+        a.extend(via(addr));
+        a
+    })?;
+    println!(
+        "    worker-c consumes imports, failing every delivery (--fail-every 1 --max-attempts 3)"
+    );
+    let mut lines = lines_of(&mut child)?;
+    let mut poison_attempts = 0;
+    while poison_attempts < 3 {
+        let Ok(Ok(Some(line))) =
+            tokio::time::timeout(Duration::from_secs(10), lines.next_line()).await
+        else {
+            break;
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(&line).context("a consumer printed bad JSON")?;
+        poison_attempts += 1;
+        let attempt = v["attempt"].as_u64().unwrap_or(0);
+        println!(
+            "    worker-c got {} (attempt {attempt}): failed, nacked{}",
+            v["payload"],
+            if attempt >= 3 {
+                ": its last attempt, to imports.dlq"
+            } else {
+                ": back to the queue"
+            }
+        );
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+
+    // The last nack reaches the host asynchronously: list until it is there.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let dead = loop {
+        let out = one_shot(&["dlq", "list", "imports"], addr)
+            .await?
+            .unwrap_or_default();
+        if !out.trim().is_empty() || Instant::now() > deadline {
+            break out;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    println!("    mesh dlq list imports:");
+    let mut dead_ok = false;
+    for line in dead.lines() {
+        println!("      {line}");
+        let v: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
+        dead_ok |= v["payload"] == "corrupt.csv" && v["attempts"] == 3;
+    }
+    Ok(WorkResult {
+        split,
+        jobs_ok,
+        poison_attempts,
+        dead_ok,
+    })
 }

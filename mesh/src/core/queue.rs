@@ -725,6 +725,20 @@ impl<K: Clone + Eq + Hash> Queues<K> {
         true
     }
 
+    /// `consumer` gives `tag` back unseen (it stopped before its
+    /// application took it): it comes back at once, and that delivery does
+    /// not count as an attempt.
+    pub fn release(&mut self, now: Instant, tag: u64, consumer: &K) -> bool {
+        if !self.in_flight_to(tag, consumer) {
+            return false;
+        }
+        if let Some(m) = self.msg_mut(tag) {
+            m.attempts = m.attempts.saturating_sub(1);
+        }
+        self.give_back(now, tag, None, "released".into());
+        true
+    }
+
     /// `consumer` refuses `tag`: straight to the dead-letter queue.
     pub fn reject(&mut self, now: Instant, tag: u64, consumer: &K, reason: &str) -> bool {
         if !self.in_flight_to(tag, consumer) {
@@ -1364,6 +1378,20 @@ mod tests {
         let back = drain(&mut q, t0);
         assert_eq!(payloads(&back), ["m0", "m1", "m2"]);
         assert!(back.iter().all(|d| d.consumer == "b" && d.attempt == 2));
+    }
+
+    #[test]
+    fn released_messages_come_back_without_spending_an_attempt() {
+        let t0 = test_origin();
+        let mut q = Q::new(Config::default());
+        q.set_consumer("jobs", "a", opts(1)).unwrap();
+        q.send(t0, "jobs", msg(1, "x")).unwrap();
+        for _ in 0..5 {
+            let d = drain(&mut q, t0);
+            assert_eq!(d[0].attempt, 1, "a release is not an attempt");
+            assert!(q.release(t0, d[0].tag, &"a"));
+        }
+        assert_eq!(q.stats("jobs").dead_lettered, 0);
     }
 
     #[test]

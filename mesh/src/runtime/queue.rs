@@ -352,6 +352,26 @@ impl<T> Inbox<T> {
         left
     }
 
+    /// The next item, taking everything waiting into `buffered` when it is
+    /// empty; `Ready(None)` once closed and empty.
+    pub(crate) fn poll_next_item(
+        &self,
+        cx: &mut Context<'_>,
+        buffered: &mut VecDeque<T>,
+    ) -> Poll<Option<T>> {
+        if buffered.is_empty() {
+            match self.poll_take(cx, buffered) {
+                Poll::Ready(true) => {}
+                Poll::Ready(false) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        match buffered.pop_front() {
+            Some(item) => Poll::Ready(Some(item)),
+            None => Poll::Pending,
+        }
+    }
+
     /// Moves everything into `out` (empty); `Ready(false)` once closed and
     /// empty.
     pub(crate) fn poll_take(&self, cx: &mut Context<'_>, out: &mut VecDeque<T>) -> Poll<bool> {

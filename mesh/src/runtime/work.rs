@@ -99,6 +99,9 @@ pub(crate) struct OutMsg {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Settle {
     Ack,
+    /// Given back unseen (it never reached the application): not an
+    /// attempt.
+    Release,
     Nack(Option<Duration>),
     Reject(String),
     Extend(Duration),
@@ -872,7 +875,7 @@ impl NodeTask {
         };
         // Deliveries never taken go back now.
         for d in c.inbox.close() {
-            self.settle(d.host, d.cid, d.tag, Settle::Nack(None));
+            self.settle(d.host, d.cid, d.tag, Settle::Release);
         }
         let local = self.local;
         self.work
@@ -903,6 +906,7 @@ impl NodeTask {
         }
         match how {
             Settle::Ack => self.work.acks.entry((host, cid)).or_default().push(tag),
+            Settle::Release => self.send_work(host, &WorkWire::Release { cid, tag }),
             Settle::Nack(delay) => self.send_work(
                 host,
                 &WorkWire::Nack {
@@ -935,6 +939,7 @@ impl NodeTask {
         let h = &mut self.work.host;
         match how {
             Settle::Ack => h.ack(tag, &key),
+            Settle::Release => h.release(now, tag, &key),
             Settle::Nack(delay) => h.nack(now, tag, &key, delay),
             Settle::Reject(reason) => h.reject(now, tag, &key, &reason),
             Settle::Extend(by) => h.extend(now, tag, &key, by),
@@ -1076,7 +1081,7 @@ impl NodeTask {
                 };
                 // That consumer is gone (or full): give them back at once.
                 for d in back.into_iter().flatten() {
-                    self.settle(peer, d.cid, d.tag, Settle::Nack(None));
+                    self.settle(peer, d.cid, d.tag, Settle::Release);
                 }
             }
             WorkWire::Acks { cid, tags } => {
@@ -1090,6 +1095,9 @@ impl NodeTask {
                 tag,
                 Settle::Nack((delay_ms > 0).then(|| Duration::from_millis(delay_ms))),
             ),
+            WorkWire::Release { cid, tag } => {
+                self.host_settle(ConsumerKey { node: peer, cid }, tag, Settle::Release)
+            }
             WorkWire::Reject { cid, tag, reason } => self.host_settle(
                 ConsumerKey { node: peer, cid },
                 tag,
@@ -1365,7 +1373,7 @@ impl NodeTask {
             if let Some(back) = back {
                 self.work.host.remove_consumers(now(), |k| *k == consumer);
                 for d in back {
-                    self.host_settle(consumer.clone(), d.tag, Settle::Nack(None));
+                    self.host_settle(consumer.clone(), d.tag, Settle::Release);
                 }
             }
             return;
