@@ -38,6 +38,15 @@ pub const DLQ_SUFFIX: &str = ".dlq";
 /// Most consumers one queue accepts; more are refused.
 pub const MAX_CONSUMERS_PER_QUEUE: usize = 4096;
 
+/// Longest delay, visibility timeout or time to live honoured; longer
+/// ones are cut to it (so no deadline overflows).
+pub const MAX_WAIT: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// `now + d`, with `d` cut to [`MAX_WAIT`].
+pub fn after(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d.min(MAX_WAIT)).unwrap_or(now)
+}
+
 /// Longest reason kept with a nack or reject.
 pub const MAX_ERROR_LEN: usize = 1024;
 
@@ -57,6 +66,11 @@ pub struct Config {
     /// Most dedup keys remembered per queue (the oldest are forgotten
     /// first, early, and counted in [`QueueStats::dedup_evicted`]).
     pub max_dedup_keys: usize,
+    /// Most messages over all queues of the host.
+    pub max_total_messages: usize,
+    /// Most queues (with or without messages) the host keeps; sends and
+    /// consumers for further queues are refused.
+    pub max_queues: usize,
 }
 
 impl Default for Config {
@@ -65,6 +79,8 @@ impl Default for Config {
             max_messages: 1_000_000,
             dedup_window: Duration::from_secs(300),
             max_dedup_keys: 100_000,
+            max_total_messages: 4_000_000,
+            max_queues: 16 * 1024,
         }
     }
 }
@@ -110,6 +126,12 @@ pub struct NewMessage {
 /// Why a send was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SendError {
+    /// The host has its limit of queues.
+    #[error("the host has its limit of {limit} queues")]
+    TooManyQueues {
+        /// The limit.
+        limit: usize,
+    },
     /// The queue holds its limit of messages.
     #[error("queue {queue:?} is full ({limit} messages)")]
     Full {
@@ -305,7 +327,7 @@ impl Queue {
                 self.dedup.remove(&k);
             }
         }
-        let until = now + config.dedup_window;
+        let until = after(now, config.dedup_window);
         self.dedup.insert(key.clone(), until);
         self.dedup_order.push_back((until, key));
     }
@@ -314,6 +336,12 @@ impl Queue {
 /// Why a consumer could not be added.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConsumerError {
+    /// The host has its limit of queues.
+    #[error("the host has its limit of {limit} queues")]
+    TooManyQueues {
+        /// The limit.
+        limit: usize,
+    },
     /// The queue has [`MAX_CONSUMERS_PER_QUEUE`] consumers.
     #[error("queue {queue:?} has the limit of {MAX_CONSUMERS_PER_QUEUE} consumers")]
     TooMany {
@@ -333,7 +361,9 @@ pub struct Queues<K> {
     queues: Vec<Queue>,
     by_name: FxHashMap<Arc<str>, u32>,
     slots: Vec<Slot>,
-    free: Vec<u32>,
+    /// Free slots, oldest first (so a slot's generation wraps only after
+    /// 2^32 reuses of every slot).
+    free: VecDeque<u32>,
     held: usize,
     next_order: u64,
     consumers: Vec<Option<Consumer<K>>>,
@@ -356,7 +386,7 @@ impl<K: Clone + Eq + Hash> Queues<K> {
             queues: Vec::new(),
             by_name: FxHashMap::default(),
             slots: Vec::new(),
-            free: Vec::new(),
+            free: VecDeque::new(),
             held: 0,
             next_order: 0,
             consumers: Vec::new(),
@@ -373,9 +403,19 @@ impl<K: Clone + Eq + Hash> Queues<K> {
 
     /// Whether `queue` has room for one more message.
     pub fn has_room(&self, queue: &str) -> bool {
-        self.by_name
-            .get(queue)
-            .is_none_or(|q| self.queues[*q as usize].held < self.config.max_messages)
+        self.held < self.config.max_total_messages
+            && self
+                .by_name
+                .get(queue)
+                .is_none_or(|q| self.queues[*q as usize].held < self.config.max_messages)
+    }
+
+    /// The queue's number, making it if there is room.
+    fn try_index(&mut self, name: &str) -> Option<u32> {
+        if let Some(i) = self.by_name.get(name) {
+            return Some(*i);
+        }
+        (self.queues.len() < self.config.max_queues).then(|| self.index(name))
     }
 
     fn index(&mut self, name: &str) -> u32 {
@@ -422,7 +462,7 @@ impl<K: Clone + Eq + Hash> Queues<K> {
         }
         let m = s.msg.take()?;
         s.generation = s.generation.wrapping_add(1);
-        self.free.push(i as u32);
+        self.free.push_back(i as u32);
         self.held -= 1;
         let q = &mut self.queues[m.queue as usize];
         q.held -= 1;
@@ -436,7 +476,12 @@ impl<K: Clone + Eq + Hash> Queues<K> {
         queue: &str,
         msg: NewMessage,
     ) -> Result<Accepted, SendError> {
-        let qi = self.index(queue);
+        let Some(qi) = self.try_index(queue) else {
+            return Err(SendError::TooManyQueues {
+                limit: self.config.max_queues,
+            });
+        };
+        let total_full = self.held >= self.config.max_total_messages;
         let config = &self.config;
         let q = &mut self.queues[qi as usize];
         if let Some(key) = &msg.dedup_key {
@@ -445,11 +490,15 @@ impl<K: Clone + Eq + Hash> Queues<K> {
                 return Ok(Accepted::Duplicate);
             }
         }
-        if q.held >= config.max_messages {
+        if q.held >= config.max_messages || total_full {
             q.stats.refused += 1;
             return Err(SendError::Full {
                 queue: queue.to_owned(),
-                limit: config.max_messages,
+                limit: if total_full {
+                    config.max_total_messages
+                } else {
+                    config.max_messages
+                },
             });
         }
         if let Some(key) = msg.dedup_key {
@@ -482,7 +531,7 @@ impl<K: Clone + Eq + Hash> Queues<K> {
     fn insert(&mut self, now: Instant, mut msg: Msg, not_before: Option<Instant>) {
         self.next_order += 1;
         msg.order = self.next_order;
-        let i = match self.free.pop() {
+        let i = match self.free.pop_front() {
             Some(i) => i as usize,
             None => {
                 self.slots.push(Slot {
@@ -520,9 +569,20 @@ impl<K: Clone + Eq + Hash> Queues<K> {
         key: K,
         options: ConsumerOptions,
     ) -> Result<(), ConsumerError> {
-        let qi = self.index(queue);
+        let Some(qi) = self.try_index(queue) else {
+            return Err(ConsumerError::TooManyQueues {
+                limit: self.config.max_queues,
+            });
+        };
         if let Some(ci) = self.find_consumer(qi, &key) {
             if let Some(c) = self.consumers[ci as usize].as_mut() {
+                if c.options.visibility_timeout != options.visibility_timeout {
+                    // Its list stays sorted only for one timeout: the
+                    // deadlines so far go to the heap.
+                    for (at, tag, timer) in c.deadlines.drain(..) {
+                        self.timers.push(Reverse((at, tag, timer)));
+                    }
+                }
                 c.options = options;
             }
             if options.prefetch == 0 {
@@ -704,6 +764,12 @@ impl<K: Clone + Eq + Hash> Queues<K> {
             if !self.in_flight_to(tag, consumer) {
                 return false;
             }
+        } else if self.find_consumer(m.queue, consumer).is_none() {
+            // Waiting messages are settled only by a consumer of their
+            // queue (one whose delivery timed out), not by anyone.
+            let qi = m.queue as usize;
+            self.queues[qi].stats.stale += 1;
+            return false;
         }
         if self.land(tag).is_none() {
             return false;
@@ -760,14 +826,27 @@ impl<K: Clone + Eq + Hash> Queues<K> {
         let Some(m) = self.msg_mut(tag) else {
             return false;
         };
-        let deadline = now + by;
+        let deadline = after(now, by);
         if let State::InFlight { deadline: d, .. } = &mut m.state {
             *d = deadline;
         }
         m.timer = m.timer.wrapping_add(1);
         let timer = m.timer;
         self.timers.push(Reverse((deadline, tag, timer)));
+        self.prune_timers();
         true
+    }
+
+    /// Drops stale timers when they outnumber the messages held (repeated
+    /// extends leave one behind each).
+    fn prune_timers(&mut self) {
+        if self.timers.len() > 2 * self.held + 1024 {
+            let timers = std::mem::take(&mut self.timers);
+            self.timers = timers
+                .into_iter()
+                .filter(|Reverse((_, tag, timer))| self.timer_live(*tag, *timer))
+                .collect();
+        }
     }
 
     /// A message leaves flight without an ack: back to the queue (after
@@ -787,7 +866,7 @@ impl<K: Clone + Eq + Hash> Queues<K> {
         m.last_error = Some(error);
         match delay.filter(|d| !d.is_zero()) {
             Some(d) => {
-                let due = now + d;
+                let due = after(now, d);
                 m.state = State::Delayed(due);
                 let timer = m.timer;
                 self.timers.push(Reverse((due, tag, timer)));
@@ -911,7 +990,7 @@ impl<K: Clone + Eq + Hash> Queues<K> {
             let Some(c) = self.consumers[ci as usize].as_mut() else {
                 continue;
             };
-            let deadline = now + c.options.visibility_timeout;
+            let deadline = after(now, c.options.visibility_timeout);
             let max_attempts = c.options.max_attempts.max(1);
             let consumer = c.key.clone();
             let (i, _) = split(tag);
@@ -1263,7 +1342,6 @@ mod tests {
         assert_eq!(q.stats("jobs").in_flight, 0);
         // Timed out, not yet redelivered: the consumer's late ack still
         // settles it.
-        q.set_consumer("jobs", "a", opts(0)).unwrap();
         assert!(q.ack(d[0].tag, &"a"));
         assert_eq!(q.len(), 0);
     }
@@ -1392,6 +1470,64 @@ mod tests {
             assert!(q.release(t0, d[0].tag, &"a"));
         }
         assert_eq!(q.stats("jobs").dead_lettered, 0);
+    }
+
+    #[test]
+    fn waiting_messages_are_acked_only_by_a_consumer_of_their_queue() {
+        let t0 = test_origin();
+        let mut q = Q::new(Config::default());
+        q.set_consumer("jobs", "a", opts(1)).unwrap();
+        q.send(t0, "jobs", msg(1, "x")).unwrap();
+        let d = drain(&mut q, t0);
+        q.handle_timeout(t0 + Duration::from_secs(30));
+        // Waiting again: a stranger's ack (a guessed tag) does nothing.
+        assert!(!q.ack(d[0].tag, &"stranger"));
+        assert!(q.ack(d[0].tag, &"a"));
+    }
+
+    #[test]
+    fn huge_durations_and_a_changed_timeout_are_safe() {
+        let t0 = test_origin();
+        let mut q = Q::new(Config::default());
+        let mut o = opts(2);
+        o.visibility_timeout = Duration::MAX;
+        q.set_consumer("jobs", "a", o).unwrap();
+        let m = NewMessage {
+            not_before: None,
+            ..msg(1, "x")
+        };
+        q.send(t0, "jobs", m).unwrap();
+        let d = drain(&mut q, t0);
+        assert!(q.extend(t0, d[0].tag, &"a", Duration::MAX));
+        assert!(q.nack(t0, d[0].tag, &"a", Some(Duration::MAX)));
+        // A shorter timeout for later deliveries still fires on time.
+        q.set_consumer("jobs", "a", opts(2)).unwrap();
+        q.send(t0, "jobs", msg(2, "y")).unwrap();
+        let d = drain(&mut q, t0);
+        assert_eq!(payloads(&d), ["y"]);
+        assert_eq!(q.poll_timeout(), Some(t0 + Duration::from_secs(30)));
+    }
+
+    #[test]
+    fn queues_and_total_messages_are_bounded() {
+        let t0 = test_origin();
+        let mut q = Q::new(Config {
+            max_queues: 2,
+            max_total_messages: 3,
+            ..Config::default()
+        });
+        q.send(t0, "a", msg(1, "x")).unwrap();
+        q.send(t0, "b", msg(2, "x")).unwrap();
+        assert_eq!(
+            q.send(t0, "c", msg(3, "x")),
+            Err(SendError::TooManyQueues { limit: 2 })
+        );
+        assert!(q.set_consumer("c", "k", opts(1)).is_err());
+        q.send(t0, "a", msg(4, "x")).unwrap();
+        assert!(matches!(
+            q.send(t0, "b", msg(5, "x")),
+            Err(SendError::Full { limit: 3, .. })
+        ));
     }
 
     #[test]

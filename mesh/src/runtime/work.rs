@@ -66,6 +66,9 @@ fn inbox_limit(prefetch: u32) -> usize {
     (prefetch as usize).saturating_mul(64).max(64 * 1024)
 }
 
+/// Most tags per `Acks` frame (at most 10 bytes each).
+const ACKS_PER_FRAME: usize = 16 * 1024;
+
 /// Most messages per `Deliver` frame.
 const DELIVER_BATCH: usize = 512;
 /// Payload bytes after which a `Deliver` frame takes no more messages
@@ -223,6 +226,8 @@ struct PendingSend {
     reply: SendReply,
     /// Refused as full this many times in a row.
     full: u32,
+    /// Waiting in `retry` to be sent again (not on any link now).
+    waiting: bool,
 }
 
 struct PendingRequest {
@@ -649,19 +654,7 @@ impl NodeTask {
                     return;
                 }
                 tracing::debug!(%queue, "no host for queue; this node hosts its own messages");
-                self.work.self_hosted.insert(queue.clone());
-                self.declare(host_patterns_of(&queue));
-                // Our own consumers of it now consume here too.
-                let local = self.local;
-                for (cid, c) in &self.work.consumers {
-                    if c.queue == queue || dlq_of(&c.queue) == Some(&queue) {
-                        let key = ConsumerKey {
-                            node: local,
-                            cid: *cid,
-                        };
-                        let _ = self.work.host.set_consumer(&c.queue, key, c.options);
-                    }
-                }
+                self.start_hosting(queue.clone());
             }
             if !self.work.host.has_room(&queue) {
                 if self.work.full_policy == QueueFull::Wait {
@@ -703,8 +696,29 @@ impl NodeTask {
                 msg,
                 reply,
                 full,
+                waiting: false,
             },
         );
+    }
+
+    /// This node hosts `queue` from now on: it says so to the mesh, and
+    /// its own consumers of the queue (and of its dead-letter queue)
+    /// consume here too.
+    fn start_hosting(&mut self, queue: Arc<str>) {
+        self.work.self_hosted.insert(queue.clone());
+        self.declare(host_patterns_of(&queue));
+        let local = self.local;
+        for (cid, c) in &self.work.consumers {
+            if c.queue == queue || dlq_of(&c.queue) == Some(&queue) {
+                let key = ConsumerKey {
+                    node: local,
+                    cid: *cid,
+                };
+                if let Err(e) = self.work.host.set_consumer(&c.queue, key, c.options) {
+                    tracing::warn!(error = %e, "consumer refused");
+                }
+            }
+        }
     }
 
     /// Tells a send's caller how it ended (a batch once all its messages
@@ -756,6 +770,7 @@ impl NodeTask {
                 msg,
                 reply,
                 full,
+                waiting: true,
             },
         );
     }
@@ -779,7 +794,7 @@ impl NodeTask {
         let pick = self.work.next_responder % n;
         self.work.next_request += 1;
         let id = self.work.next_request;
-        let deadline = now() + timeout;
+        let deadline = core_queue::after(now(), timeout);
         self.work.requests.insert(
             id,
             PendingRequest {
@@ -977,12 +992,9 @@ impl NodeTask {
                     dedup: dedup.map(str::to_owned),
                 };
                 if !self.work.hosts_locally(queue) {
-                    // Its sender thought we host it (a declaration we
-                    // withdrew, or ours of a previous run): take it anyway
-                    // rather than lose it, and say so.
-                    let queue: Arc<str> = queue.into();
-                    self.work.self_hosted.insert(queue.clone());
-                    self.declare(host_patterns_of(&queue));
+                    // Its sender thought we host it (a declaration of a
+                    // previous run of ours): take it rather than lose it.
+                    self.start_hosting(queue.into());
                 }
                 tracing::trace!(local = %self.local, %peer, seq, "work: send received");
                 let now = now();
@@ -992,11 +1004,12 @@ impl NodeTask {
                     }
                     Err(e) => {
                         let reason = e.to_string();
+                        let full = matches!(e, core_queue::SendError::Full { .. });
                         self.send_work(
                             peer,
                             &WorkWire::Refused {
                                 seq,
-                                full: true,
+                                full,
                                 reason: &reason,
                             },
                         );
@@ -1006,6 +1019,15 @@ impl NodeTask {
             WorkWire::Accepted { seqs } => {
                 tracing::trace!(local = %self.local, %peer, ?seqs, "work: accepted");
                 for seq in seqs {
+                    // Only the host a send went to can settle it.
+                    let ours = self
+                        .work
+                        .pending_sends
+                        .get(&seq)
+                        .is_some_and(|p| p.host == peer && !p.waiting);
+                    if !ours {
+                        continue;
+                    }
                     if let Some(p) = self.work.pending_sends.remove(&seq) {
                         let id = MessageId {
                             publisher: self.local,
@@ -1016,7 +1038,12 @@ impl NodeTask {
                 }
             }
             WorkWire::Refused { seq, full, reason } => {
-                if let Some(p) = self.work.pending_sends.remove(&seq) {
+                let ours = self
+                    .work
+                    .pending_sends
+                    .get(&seq)
+                    .is_some_and(|p| p.host == peer && !p.waiting);
+                if let Some(p) = ours.then(|| self.work.pending_sends.remove(&seq)).flatten() {
                     if full && self.work.full_policy == QueueFull::Wait {
                         self.wait_for_room(seq, p.queue, p.msg, p.reply, p.full + 1, p.host);
                     } else {
@@ -1111,7 +1138,23 @@ impl NodeTask {
             WorkWire::Peek { req, queue, limit } => {
                 let msgs = self.work.host.peek(queue, (limit as usize).min(MAX_PEEK));
                 let ids: Vec<Vec<u8>> = msgs.iter().map(|m| m.id.publisher.to_bytes()).collect();
-                let wire_msgs = msgs
+                // The answer stays well under the frame limit.
+                let mut bytes = 0;
+                let fit = msgs
+                    .iter()
+                    .take_while(|m| {
+                        bytes += m.payload.len()
+                            + m.headers
+                                .iter()
+                                .map(|(k, v)| k.len() + v.len() + 10)
+                                .sum::<usize>()
+                            + 256;
+                        bytes <= DELIVER_BYTES
+                    })
+                    .count()
+                    .max(1)
+                    .min(msgs.len());
+                let wire_msgs = msgs[..fit]
                     .iter()
                     .zip(&ids)
                     .map(|(m, id)| PeekedWire {
@@ -1217,7 +1260,7 @@ impl NodeTask {
             .work
             .pending_sends
             .iter()
-            .filter(|(_, p)| p.host == peer)
+            .filter(|(_, p)| p.host == peer && !p.waiting)
             .map(|(s, _)| *s)
             .collect();
         again.sort_unstable();
@@ -1251,8 +1294,10 @@ impl NodeTask {
                 break;
             }
             self.work.retry.pop();
-            if let Some(p) = self.work.pending_sends.remove(&seq) {
-                self.route_send(seq, p.queue, p.msg, p.reply, p.full);
+            if self.work.pending_sends.get(&seq).is_some_and(|p| p.waiting) {
+                if let Some(p) = self.work.pending_sends.remove(&seq) {
+                    self.route_send(seq, p.queue, p.msg, p.reply, p.full);
+                }
             }
         }
         while let Some(std::cmp::Reverse((at, id))) = self.work.request_deadlines.peek().copied() {
@@ -1311,8 +1356,14 @@ impl NodeTask {
         }
         self.work.dispatch = out;
         for ((host, cid), tags) in std::mem::take(&mut self.work.acks) {
-            if !tags.is_empty() {
-                self.send_work(host, &WorkWire::Acks { cid, tags });
+            for chunk in tags.chunks(ACKS_PER_FRAME) {
+                self.send_work(
+                    host,
+                    &WorkWire::Acks {
+                        cid,
+                        tags: chunk.to_vec(),
+                    },
+                );
             }
         }
         for (peer, seqs) in std::mem::take(&mut self.work.accepted) {
@@ -1456,8 +1507,8 @@ fn new_message(id: MessageId, msg: OutMsg, now: Instant) -> NewMessage {
         id,
         headers: msg.headers,
         payload: msg.payload,
-        not_before: msg.delay.map(|d| now + d),
-        expires: msg.ttl.map(|d| now + d),
+        not_before: msg.delay.map(|d| core_queue::after(now, d)),
+        expires: msg.ttl.map(|d| core_queue::after(now, d)),
         dedup_key: msg.dedup,
     }
 }
