@@ -327,6 +327,58 @@ async fn a_full_queue_is_a_typed_error_when_so_configured(net: Net) {
     node.shutdown().await;
 }
 
+async fn a_full_queue_makes_sends_wait_by_default(net: Net) {
+    let host = net
+        .builder()
+        .host_all()
+        .queue_limits(mesh::queue::HostConfig {
+            max_messages: 2,
+            ..Default::default()
+        })
+        .start()
+        .await
+        .unwrap();
+    let sender = net
+        .builder()
+        .bootstrap(addr(&host).await)
+        .self_host(false)
+        .start()
+        .await
+        .unwrap();
+    sender.ready_timeout(WAIT).await.unwrap();
+    net.linked(&sender, &[host.peer_id()]).await;
+    let q = sender.queue("tight").unwrap();
+    q.send("1").await.unwrap();
+    q.send("2").await.unwrap();
+    let third = {
+        let q = q.clone();
+        tokio::spawn(async move { q.send("3").await })
+    };
+    // It waits: the queue is full until a consumer takes one.
+    let mut w = host
+        .queue("tight")
+        .unwrap()
+        .consume(ConsumeOptions::default().prefetch(1));
+    let first = next_delivery(&mut w).await;
+    assert_eq!(text(&first), "1");
+    first.ack();
+    tokio::time::timeout(WAIT, third)
+        .await
+        .expect("the waiting send goes through once there is room")
+        .unwrap()
+        .unwrap();
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        let d = next_delivery(&mut w).await;
+        got.push(text(&d));
+        d.ack();
+    }
+    assert_eq!(got, ["2", "3"]);
+    for n in [sender, host] {
+        n.shutdown().await;
+    }
+}
+
 async fn request_reply_balances_and_reports_errors(net: Net) {
     let a = net.start(None).await;
     let a_addr = addr(&a).await;
@@ -432,5 +484,6 @@ conformance!(
     dropped_deliveries_and_consumers_give_messages_back,
     senders_host_their_own_when_nobody_hosts,
     a_full_queue_is_a_typed_error_when_so_configured,
+    a_full_queue_makes_sends_wait_by_default,
     request_reply_balances_and_reports_errors,
 );

@@ -326,51 +326,47 @@ impl Queue {
         }
     }
 
-    /// Up to `limit` (at most 1,000) messages of this queue on its live
-    /// hosts, without taking them. `mesh dlq list` is this on `NAME.dlq`.
-    pub async fn peek(&self, limit: usize) -> Result<Vec<Peeked>, QueueError> {
+    /// Asks the node task something about this queue.
+    async fn ask<T>(&self, op: impl FnOnce(oneshot::Sender<T>) -> Op) -> Result<T, QueueError> {
         let (tx, rx) = oneshot::channel();
         self.node
             .inner
             .work_control
-            .push_now(Op::Peek {
-                queue: self.name.clone(),
-                limit,
-                reply: tx,
-            })
+            .push_now(op(tx))
             .map_err(|_| QueueError::Closed)?;
         rx.await.map_err(|_| QueueError::Closed)
+    }
+
+    /// Up to `limit` (at most 1,000) messages of this queue on its live
+    /// hosts, without taking them. `mesh dlq list` is this on `NAME.dlq`.
+    pub async fn peek(&self, limit: usize) -> Result<Vec<Peeked>, QueueError> {
+        self.ask(|reply| Op::Peek {
+            queue: self.name.clone(),
+            limit,
+            reply,
+        })
+        .await
     }
 
     /// Counters of this queue on this node (all zero if it does not host
     /// it): waiting, in flight, consumers, accepted, acked, redelivered,
     /// dead-lettered, ...
     pub async fn host_stats(&self) -> Result<QueueStats, QueueError> {
-        let (tx, rx) = oneshot::channel();
-        self.node
-            .inner
-            .work_control
-            .push_now(Op::Stats {
-                queue: self.name.clone(),
-                reply: tx,
-            })
-            .map_err(|_| QueueError::Closed)?;
-        rx.await.map_err(|_| QueueError::Closed)
+        self.ask(|reply| Op::Stats {
+            queue: self.name.clone(),
+            reply,
+        })
+        .await
     }
 
     /// Moves every message of `NAME.dlq` (not in flight) back into this
     /// queue on each live host, as new messages. Returns how many moved.
     pub async fn replay_dead_letters(&self) -> Result<u64, QueueError> {
-        let (tx, rx) = oneshot::channel();
-        self.node
-            .inner
-            .work_control
-            .push_now(Op::Replay {
-                queue: self.name.clone(),
-                reply: tx,
-            })
-            .map_err(|_| QueueError::Closed)?;
-        rx.await.map_err(|_| QueueError::Closed)
+        self.ask(|reply| Op::Replay {
+            queue: self.name.clone(),
+            reply,
+        })
+        .await
     }
 }
 

@@ -658,7 +658,15 @@ impl NodeTask {
             }
             if !self.work.host.has_room(&queue) {
                 if self.work.full_policy == QueueFull::Wait {
-                    self.wait_for_room(seq, queue, msg, reply, full + 1, self.local);
+                    let p = PendingSend {
+                        queue,
+                        host: self.local,
+                        msg,
+                        reply,
+                        full,
+                        waiting: true,
+                    };
+                    self.wait_for_room(seq, p);
                 } else {
                     let limit = self.work.host.config().max_messages;
                     let e = SendError::Full(format!("queue {queue:?} is full ({limit} messages)"));
@@ -688,17 +696,15 @@ impl NodeTask {
         let link = link_entry(&mut self.links, &mut self.next_link, &self.space, host);
         wire::encode(&mut link.scratch, &Frame::Work(w));
         link.has_data = true;
-        self.work.pending_sends.insert(
-            seq,
-            PendingSend {
-                queue,
-                host,
-                msg,
-                reply,
-                full,
-                waiting: false,
-            },
-        );
+        let p = PendingSend {
+            queue,
+            host,
+            msg,
+            reply,
+            full,
+            waiting: false,
+        };
+        self.work.pending_sends.insert(seq, p);
     }
 
     /// This node hosts `queue` from now on: it says so to the mesh, and
@@ -749,30 +755,14 @@ impl NodeTask {
     }
 
     /// Tries send `seq` again later (its queue was full).
-    fn wait_for_room(
-        &mut self,
-        seq: u64,
-        queue: Arc<str>,
-        msg: OutMsg,
-        reply: SendReply,
-        full: u32,
-        host: NodeId,
-    ) {
+    fn wait_for_room(&mut self, seq: u64, mut p: PendingSend) {
+        p.full += 1;
+        p.waiting = true;
         let wait = FULL_RETRY
-            .saturating_mul(1 << full.min(5))
+            .saturating_mul(1 << p.full.min(5))
             .min(FULL_RETRY_MAX);
         self.work.retry.push(std::cmp::Reverse((now() + wait, seq)));
-        self.work.pending_sends.insert(
-            seq,
-            PendingSend {
-                queue,
-                host,
-                msg,
-                reply,
-                full,
-                waiting: true,
-            },
-        );
+        self.work.pending_sends.insert(seq, p);
     }
 
     fn request(
@@ -1045,7 +1035,7 @@ impl NodeTask {
                     .is_some_and(|p| p.host == peer && !p.waiting);
                 if let Some(p) = ours.then(|| self.work.pending_sends.remove(&seq)).flatten() {
                     if full && self.work.full_policy == QueueFull::Wait {
-                        self.wait_for_room(seq, p.queue, p.msg, p.reply, p.full + 1, p.host);
+                        self.wait_for_room(seq, p);
                     } else {
                         self.resolve_send(p.reply, Err(SendError::Full(reason.to_owned())));
                     }
