@@ -36,6 +36,18 @@ pub mod node;
 pub mod queue;
 pub mod rpc;
 pub(crate) mod runtime;
+
+/// What the unit tests of the cores share, outside the cores.
+#[cfg(test)]
+pub(crate) mod test_support {
+    /// The start of virtual time in the cores' tests. The cores never read
+    /// a clock; a test only needs some `Instant` to count from, and every
+    /// later time is an offset from it. The one clock read of those tests,
+    /// made here in the driver's place.
+    pub(crate) fn test_origin() -> std::time::Instant {
+        std::time::Instant::now()
+    }
+}
 pub mod sim;
 pub mod wire;
 

@@ -879,7 +879,7 @@ mod tests {
     #[test]
     fn announcements_beyond_the_tracking_limit_are_counted_not_stored() {
         let mut rng = SmallRng::seed_from_u64(1);
-        let now = crate::core::test_origin();
+        let now = crate::test_support::test_origin();
         let mut g = Gossip::new(NodeId::random(), Config::default());
         let peer = NodeId::random();
         let origin = NodeId::random();
@@ -899,7 +899,7 @@ mod tests {
     #[test]
     fn a_duplicate_prunes_the_later_sender_and_a_pull_grafts() {
         let mut rng = SmallRng::seed_from_u64(2);
-        let t0 = crate::core::test_origin();
+        let t0 = crate::test_support::test_origin();
         let me = NodeId::random();
         let (a, b) = (NodeId::random(), NodeId::random());
         let mut g = Gossip::new(me, Config::default());

@@ -266,26 +266,9 @@ struct Queued {
 ///    [`poll_event`](Self::poll_event) until they return `None`, then re-arm
 ///    the timer from [`poll_timeout`](Self::poll_timeout).
 ///
-/// ```
-/// use std::time::{Duration, Instant};
-/// use mesh::core::membership::{Config, Event, Membership};
-/// use rand::{rngs::SmallRng, SeedableRng};
-///
-/// let (a, b) = (libp2p::PeerId::random(), libp2p::PeerId::random());
-/// let now = Instant::now();
-/// let mut rng = SmallRng::seed_from_u64(7);
-/// let mut m = Membership::new(a, vec![b"/ip4/10.0.0.1/udp/4001/quic-v1".to_vec()], 1, Config::default(), now);
-///
-/// m.handle_link_up(now, b, Vec::new());
-/// assert_eq!(m.poll_event(), Some(Event::Up { node: b, addrs: Vec::new() }));
-///
-/// // One protocol period later, `b` is probed.
-/// let t = m.poll_timeout().unwrap();
-/// assert_eq!(t, now + Duration::from_millis(500));
-/// m.handle_timeout(t, &mut rng);
-/// let ping = m.poll_transmit().unwrap();
-/// assert_eq!(ping.to, b);
-/// ```
+/// The driver brings the time (its clock, or the simulator's virtual
+/// time): `mesh/tests/core_driving.rs` drives a `Membership` by hand in a
+/// few lines.
 #[derive(Debug)]
 pub struct Membership {
     local: NodeId,
@@ -1048,7 +1031,7 @@ mod tests {
 
     const LATENCY: Duration = Duration::from_millis(10);
 
-    use crate::core::test_origin as origin;
+    use crate::test_support::test_origin as origin;
 
     /// Deterministic ids (unlike `PeerId::random`), so that BTreeMap orders
     /// and hence whole runs repeat for a given seed.

@@ -25,11 +25,3 @@ pub mod topic;
 /// The identity of a node in the mesh: its libp2p peer id (derived from its
 /// Ed25519 public key).
 pub type NodeId = libp2p::PeerId;
-
-/// The start of virtual time in the cores' tests. The cores never read a
-/// clock; a test only needs some `Instant` to count from, and every later
-/// time is an offset from it. The one clock read of the cores' tests.
-#[cfg(test)]
-pub(crate) fn test_origin() -> std::time::Instant {
-    std::time::Instant::now()
-}

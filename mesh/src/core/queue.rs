@@ -1222,7 +1222,7 @@ fn truncate(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::test_origin;
+    use crate::test_support::test_origin;
 
     type Q = Queues<&'static str>;
 
