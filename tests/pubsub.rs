@@ -2,6 +2,7 @@
 //! transport (`quic::*` with shared memory off, `shm::*` with the data
 //! links on shared-memory rings; membership is on QUIC in both).
 
+#[macro_use]
 mod common;
 
 use common::*;
@@ -419,28 +420,7 @@ async fn shutdown_reports_peers_that_did_not_confirm(net: Net) {
     assert!(!report.is_clean());
 }
 
-/// Runs each test above once per transport.
-macro_rules! conformance {
-    ($($name:ident),* $(,)?) => {
-        mod quic {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Net::Quic).await
-                }
-            )*
-        }
-        mod shm {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Net::Shm).await
-                }
-            )*
-        }
-    };
-}
-
+// Each test above, once per transport.
 conformance!(
     three_nodes_wildcards_and_fifo,
     late_subscriber_and_unsubscribe,

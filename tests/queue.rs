@@ -1,6 +1,7 @@
 //! Work queues and request/reply between real nodes, over every transport
 //! (`quic::*` with shared memory off, `shm::*` on shared-memory rings).
 
+#[macro_use]
 mod common;
 
 use std::{collections::BTreeSet, time::Duration};
@@ -453,27 +454,6 @@ async fn request_reply_balances_and_reports_errors(net: Net) {
     for n in [a, b, c] {
         n.shutdown().await;
     }
-}
-
-macro_rules! conformance {
-    ($($name:ident),* $(,)?) => {
-        mod quic {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Net::Quic).await
-                }
-            )*
-        }
-        mod shm {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::$name(super::Net::Shm).await
-                }
-            )*
-        }
-    };
 }
 
 conformance!(

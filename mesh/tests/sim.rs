@@ -1,6 +1,8 @@
 //! The simulator: determinism, every fault, and the delivery checkers over
 //! many random seeds.
 
+mod common;
+
 use std::{
     sync::{Arc, Mutex},
     time::Duration,
@@ -638,10 +640,7 @@ fn replay_hint(seed: u64) -> String {
 
 /// Seeds `range` (or just `MESH_SIM_SEED`), each a random fault schedule.
 fn sweep(range: std::ops::Range<u64>) {
-    let seeds: Vec<u64> = match std::env::var("MESH_SIM_SEED") {
-        Ok(s) => vec![s.parse().expect("MESH_SIM_SEED is a number")],
-        Err(_) => range.collect(),
-    };
+    let seeds = common::seeds(range);
     let started = std::time::Instant::now();
     let mut worst = Duration::ZERO;
     for &seed in &seeds {
@@ -659,11 +658,7 @@ fn sweep(range: std::ops::Range<u64>) {
 
 /// The number of seeds per sweep test (four tests run in parallel).
 fn per_test() -> u64 {
-    std::env::var("MESH_SIM_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .map(|n: u64| n.div_ceil(4))
-        .unwrap_or(125)
+    common::per_test("MESH_SIM_SEEDS", 4, 125)
 }
 
 #[test]

@@ -3,6 +3,8 @@
 //! schedules over many seeds, judged by the total-queue checker (nothing
 //! lost while its host lived, nothing unexpected).
 
+mod common;
+
 use std::{
     sync::{Arc, Mutex},
     time::Duration,
@@ -348,10 +350,7 @@ fn random_run(seed: u64) -> Result<mesh::sim::QueueReport, String> {
 }
 
 fn sweep(range: std::ops::Range<u64>) {
-    let seeds: Vec<u64> = match std::env::var("MESH_SIM_SEED") {
-        Ok(s) => vec![s.parse().expect("MESH_SIM_SEED is a number")],
-        Err(_) => range.collect(),
-    };
+    let seeds = common::seeds(range);
     let started = std::time::Instant::now();
     let (mut sent, mut dup) = (0, 0);
     for &seed in &seeds {
@@ -373,11 +372,7 @@ fn sweep(range: std::ops::Range<u64>) {
 }
 
 fn per_test() -> u64 {
-    std::env::var("MESH_SIM_QUEUE_SEEDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .map(|n: u64| n.div_ceil(2))
-        .unwrap_or(50)
+    common::per_test("MESH_SIM_QUEUE_SEEDS", 2, 50)
 }
 
 #[test]

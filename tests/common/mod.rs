@@ -172,3 +172,27 @@ pub async fn until_routed(publisher: &Node, topic: &str, sub: &mut Subscription)
         );
     }
 }
+
+/// Runs each named `async fn(Net)` of the calling test file as two tests:
+/// `quic::NAME` (shared memory off) and `shm::NAME` (data links on rings).
+#[allow(unused_macros)]
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod quic {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Net::Quic).await
+                }
+            )*
+        }
+        mod shm {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::Net::Shm).await
+                }
+            )*
+        }
+    };
+}
