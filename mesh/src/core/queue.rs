@@ -1253,6 +1253,13 @@ mod tests {
         }
     }
 
+    /// A fresh host whose queue `jobs` has consumer `a` with `prefetch`.
+    fn consumed_by_a(prefetch: u32) -> (Instant, Q) {
+        let mut q = Q::new(Config::default());
+        q.set_consumer("jobs", "a", opts(prefetch)).unwrap();
+        (test_origin(), q)
+    }
+
     fn drain(q: &mut Q, now: Instant) -> Vec<Dispatch<&'static str>> {
         std::iter::from_fn(|| q.poll_dispatch(now)).collect()
     }
@@ -1286,9 +1293,7 @@ mod tests {
 
     #[test]
     fn the_consumer_with_most_free_credit_wins_round_robin_among_equals() {
-        let t0 = test_origin();
-        let mut q = Q::new(Config::default());
-        q.set_consumer("jobs", "a", opts(1)).unwrap();
+        let (t0, mut q) = consumed_by_a(1);
         q.set_consumer("jobs", "b", opts(1)).unwrap();
         q.set_consumer("jobs", "c", opts(3)).unwrap();
         for i in 0..5 {
@@ -1304,9 +1309,7 @@ mod tests {
 
     #[test]
     fn unacked_messages_come_back_after_the_visibility_timeout() {
-        let t0 = test_origin();
-        let mut q = Q::new(Config::default());
-        q.set_consumer("jobs", "a", opts(1)).unwrap();
+        let (t0, mut q) = consumed_by_a(1);
         q.send(t0, "jobs", msg(1, "x")).unwrap();
         let d = drain(&mut q, t0);
         assert_eq!(d[0].attempt, 1);
@@ -1324,9 +1327,7 @@ mod tests {
 
     #[test]
     fn extend_pushes_the_deadline_and_late_acks_of_waiting_messages_count() {
-        let t0 = test_origin();
-        let mut q = Q::new(Config::default());
-        q.set_consumer("jobs", "a", opts(1)).unwrap();
+        let (t0, mut q) = consumed_by_a(1);
         q.send(t0, "jobs", msg(1, "x")).unwrap();
         let d = drain(&mut q, t0);
         assert!(q.extend(
@@ -1348,9 +1349,7 @@ mod tests {
 
     #[test]
     fn acks_from_a_consumer_that_lost_the_message_are_stale() {
-        let t0 = test_origin();
-        let mut q = Q::new(Config::default());
-        q.set_consumer("jobs", "a", opts(1)).unwrap();
+        let (t0, mut q) = consumed_by_a(1);
         q.send(t0, "jobs", msg(1, "x")).unwrap();
         let d = drain(&mut q, t0);
         q.set_consumer("jobs", "b", opts(1)).unwrap();
@@ -1366,9 +1365,7 @@ mod tests {
 
     #[test]
     fn nack_redelivers_after_its_delay_and_first() {
-        let t0 = test_origin();
-        let mut q = Q::new(Config::default());
-        q.set_consumer("jobs", "a", opts(1)).unwrap();
+        let (t0, mut q) = consumed_by_a(1);
         q.send(t0, "jobs", msg(1, "m1")).unwrap();
         q.send(t0, "jobs", msg(2, "m2")).unwrap();
         let d = drain(&mut q, t0);
@@ -1387,9 +1384,7 @@ mod tests {
 
     #[test]
     fn delayed_sends_wait() {
-        let t0 = test_origin();
-        let mut q = Q::new(Config::default());
-        q.set_consumer("jobs", "a", opts(10)).unwrap();
+        let (t0, mut q) = consumed_by_a(10);
         let mut m = msg(1, "later");
         m.not_before = Some(t0 + Duration::from_secs(2));
         q.send(t0, "jobs", m).unwrap();
@@ -1405,9 +1400,7 @@ mod tests {
 
     #[test]
     fn max_attempts_and_reject_dead_letter_with_the_count_and_reason() {
-        let t0 = test_origin();
-        let mut q = Q::new(Config::default());
-        q.set_consumer("jobs", "a", opts(1)).unwrap();
+        let (t0, mut q) = consumed_by_a(1);
         q.send(t0, "jobs", msg(1, "poison")).unwrap();
         for attempt in 1..=3 {
             let d = drain(&mut q, t0);
@@ -1443,9 +1436,7 @@ mod tests {
 
     #[test]
     fn a_lost_consumer_gives_everything_back_at_once_in_order() {
-        let t0 = test_origin();
-        let mut q = Q::new(Config::default());
-        q.set_consumer("jobs", "a", opts(3)).unwrap();
+        let (t0, mut q) = consumed_by_a(3);
         for i in 0..4 {
             q.send(t0, "jobs", msg(i, &format!("m{i}"))).unwrap();
         }
@@ -1460,9 +1451,7 @@ mod tests {
 
     #[test]
     fn released_messages_come_back_without_spending_an_attempt() {
-        let t0 = test_origin();
-        let mut q = Q::new(Config::default());
-        q.set_consumer("jobs", "a", opts(1)).unwrap();
+        let (t0, mut q) = consumed_by_a(1);
         q.send(t0, "jobs", msg(1, "x")).unwrap();
         for _ in 0..5 {
             let d = drain(&mut q, t0);
@@ -1474,9 +1463,7 @@ mod tests {
 
     #[test]
     fn waiting_messages_are_acked_only_by_a_consumer_of_their_queue() {
-        let t0 = test_origin();
-        let mut q = Q::new(Config::default());
-        q.set_consumer("jobs", "a", opts(1)).unwrap();
+        let (t0, mut q) = consumed_by_a(1);
         q.send(t0, "jobs", msg(1, "x")).unwrap();
         let d = drain(&mut q, t0);
         q.handle_timeout(t0 + Duration::from_secs(30));
@@ -1621,9 +1608,7 @@ mod tests {
 
     #[test]
     fn cancelling_a_consumer_keeps_its_messages_until_acked() {
-        let t0 = test_origin();
-        let mut q = Q::new(Config::default());
-        q.set_consumer("jobs", "a", opts(1)).unwrap();
+        let (t0, mut q) = consumed_by_a(1);
         q.send(t0, "jobs", msg(1, "m1")).unwrap();
         q.send(t0, "jobs", msg(2, "m2")).unwrap();
         let d = drain(&mut q, t0);

@@ -357,6 +357,7 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
         work_bounded: work_bounded.clone(),
         work_control: work_control.clone(),
         work_scratch: Vec::new(),
+        work_scratch_bounded: Vec::new(),
         links_generation: 0,
     };
     let mut task = task;
@@ -656,6 +657,7 @@ struct NodeTask {
     work_bounded: Arc<queue::HandOff<work::Op>>,
     work_control: Arc<queue::HandOff<work::Op>>,
     work_scratch: Vec<work::Op>,
+    work_scratch_bounded: Vec<work::Op>,
     /// Bumped whenever a link comes up or ends (queue hosts and consumers
     /// re-check whom they talk to).
     links_generation: u64,

@@ -333,7 +333,8 @@ impl Work {
         let base = dlq_of(queue);
         let named = |q: &str| q == queue || base == Some(q);
         self.host_all
-            || self.self_hosted.iter().any(|q| named(q))
+            || self.self_hosted.contains(queue)
+            || base.is_some_and(|b| self.self_hosted.contains(b))
             || self.host_queues.iter().any(|q| named(q))
     }
 
@@ -449,21 +450,24 @@ impl NodeTask {
     /// Takes what handles queued: control ops always, sends and requests
     /// while fewer than [`MAX_PENDING`] wait for answers.
     pub(crate) fn work_ops(&mut self) {
-        // One clock read for the whole batch.
-        self.work.now = Some(now());
         let mut ops = std::mem::take(&mut self.work_scratch);
         self.work_control.take(&mut ops);
-        for op in ops.drain(..) {
-            self.work_op(op);
-        }
         if self.work.has_room() {
-            self.work_bounded.take(&mut ops);
+            let mut bounded = std::mem::take(&mut self.work_scratch_bounded);
+            self.work_bounded.take(&mut bounded);
+            ops.append(&mut bounded);
+            self.work_scratch_bounded = bounded;
+        }
+        if !ops.is_empty() {
+            // One clock read for the whole batch; control ops (acks,
+            // answers) go before new sends and requests.
+            self.work.now = Some(now());
             for op in ops.drain(..) {
                 self.work_op(op);
             }
+            self.work.now = None;
         }
         self.work_scratch = ops;
-        self.work.now = None;
     }
 
     fn work_op(&mut self, op: Op) {
@@ -654,7 +658,13 @@ impl NodeTask {
                     return;
                 }
                 tracing::debug!(%queue, "no host for queue; this node hosts its own messages");
-                self.start_hosting(queue.clone());
+                if !self.start_hosting(queue.clone()) {
+                    let e = SendError::Full(format!(
+                        "queue {queue:?} has no host, and this node hosts as many queues as it may"
+                    ));
+                    self.resolve_send(reply, Err(e));
+                    return;
+                }
             }
             if !self.work.host.has_room(&queue) {
                 if self.work.full_policy == QueueFull::Wait {
@@ -710,9 +720,19 @@ impl NodeTask {
     /// This node hosts `queue` from now on: it says so to the mesh, and
     /// its own consumers of the queue (and of its dead-letter queue)
     /// consume here too.
-    fn start_hosting(&mut self, queue: Arc<str>) {
+    ///
+    /// Refused (false) when this node hosts its limit of queues or its
+    /// declaration has no room for more patterns.
+    fn start_hosting(&mut self, queue: Arc<str>) -> bool {
+        let patterns = host_patterns_of(&queue);
+        let room = self.work.self_hosted.len() < self.work.host.config().max_queues
+            && patterns.iter().all(|p| self.interest.has_room_for(p));
+        if !room {
+            tracing::warn!(%queue, "cannot host another queue: at the limit of queues or declared patterns");
+            return false;
+        }
         self.work.self_hosted.insert(queue.clone());
-        self.declare(host_patterns_of(&queue));
+        self.declare(patterns);
         let local = self.local;
         for (cid, c) in &self.work.consumers {
             if c.queue == queue || dlq_of(&c.queue) == Some(&queue) {
@@ -725,6 +745,7 @@ impl NodeTask {
                 }
             }
         }
+        true
     }
 
     /// Tells a send's caller how it ended (a batch once all its messages
@@ -981,14 +1002,20 @@ impl NodeTask {
                     ttl: (ttl_ms > 0).then(|| Duration::from_millis(ttl_ms)),
                     dedup: dedup.map(str::to_owned),
                 };
-                if !self.work.hosts_locally(queue) {
-                    // Its sender thought we host it (a declaration of a
-                    // previous run of ours): take it rather than lose it.
-                    self.start_hosting(queue.into());
-                }
+                // Its sender may think we host it when we do not (a
+                // declaration of a previous run of ours): take it rather
+                // than lose it, within this node's limits.
+                let hosted = self.work.hosts_locally(queue) || self.start_hosting(queue.into());
                 tracing::trace!(local = %self.local, %peer, seq, "work: send received");
                 let now = now();
-                match self.work.host.send(now, queue, new_message(id, msg, now)) {
+                let result = if hosted {
+                    self.work.host.send(now, queue, new_message(id, msg, now))
+                } else {
+                    Err(core_queue::SendError::TooManyQueues {
+                        limit: self.work.host.config().max_queues,
+                    })
+                };
+                match result {
                     Ok(Accepted::Queued | Accepted::Duplicate) => {
                         self.work.accepted.entry(peer).or_default().push(seq)
                     }
