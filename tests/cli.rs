@@ -31,20 +31,11 @@ async fn line_with(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_sub_pub_processes() {
-    let mut node = Command::new(BIN)
-        .args(["node", "--no-mdns", "--listen", LOOP])
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut node_out = BufReader::new(node.stdout.take().unwrap()).lines();
-    let node_id = line_with(&mut node_out, "peer id:").await;
-    let addr = line_with(&mut node_out, "listening:").await;
+    let (mut node, node_id, addr) = node_process().await;
     assert!(
         addr.ends_with(&format!("/p2p/{node_id}")),
         "{addr} is dialable"
     );
-    tokio::spawn(async move { while let Ok(Some(_)) = node_out.next_line().await {} });
 
     let mut sub = Command::new(BIN)
         .args([
@@ -287,8 +278,9 @@ async fn node_processes_use_shm_and_survive_each_others_crash() {
     }
 }
 
-/// A `mesh node` process (it hosts every queue) and its dialable address.
-async fn queue_host() -> (tokio::process::Child, String) {
+/// A `mesh node` process (it hosts every queue), its peer id and its
+/// dialable address; its later output is drained.
+async fn node_process() -> (tokio::process::Child, String, String) {
     let mut node = Command::new(BIN)
         .args(["node", "--no-mdns", "--listen", LOOP])
         .stdout(Stdio::piped())
@@ -296,10 +288,10 @@ async fn queue_host() -> (tokio::process::Child, String) {
         .spawn()
         .unwrap();
     let mut out = BufReader::new(node.stdout.take().unwrap()).lines();
-    line_with(&mut out, "peer id:").await;
+    let id = line_with(&mut out, "peer id:").await;
     let addr = line_with(&mut out, "listening:").await;
     tokio::spawn(async move { while let Ok(Some(_)) = out.next_line().await {} });
-    (node, addr)
+    (node, id, addr)
 }
 
 /// Runs `mesh ARGS --no-mdns --listen LOOP --bootstrap ADDR` to completion.
@@ -327,7 +319,7 @@ fn json_lines(out: &std::process::Output) -> Vec<serde_json::Value> {
 /// hosts them until a `mesh queue consume` process takes each once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queue_send_and_consume_processes() {
-    let (_node, addr) = queue_host().await;
+    let (_node, _, addr) = node_process().await;
     let sent = via(&addr, &["queue", "send", "jobs", "job", "--count", "5"]).await;
     assert!(
         sent.status.success(),
@@ -362,7 +354,7 @@ async fn queue_send_and_consume_processes() {
 /// `mesh dlq replay` puts it back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_listed_and_replayed() {
-    let (_node, addr) = queue_host().await;
+    let (_node, _, addr) = node_process().await;
     let sent = via(&addr, &["queue", "send", "fragile", "boom"]).await;
     assert!(sent.status.success());
 
