@@ -12,6 +12,9 @@
 //! - [`queue`]: work queues ([`Node::queue`]): acks, redelivery, dead
 //!   letters.
 //! - [`rpc`]: request/reply ([`Node::request`], [`Node::serve`]).
+//! - [`stream`]: partitioned logs ([`Node::stream`]): offsets, replay,
+//!   consumer groups, retention.
+//! - [`window`]: windowed aggregation over streams of records.
 //! - [`sim`]: the deterministic simulator: many nodes, a simulated network
 //!   with partitions and faults, virtual time.
 //!
@@ -35,6 +38,7 @@ pub mod core;
 pub mod node;
 pub mod queue;
 pub mod rpc;
+pub mod stream;
 pub(crate) mod runtime;
 
 /// What the unit tests of the cores share, outside the cores.
@@ -50,6 +54,7 @@ pub(crate) mod test_support {
 }
 pub mod sim;
 pub mod wire;
+pub mod window;
 
 #[cfg(feature = "cli")]
 pub mod cli;

@@ -67,6 +67,8 @@ pub struct Config {
     pub(crate) host_queues: Vec<Arc<str>>,
     pub(crate) queue_full: crate::queue::QueueFull,
     pub(crate) self_host: bool,
+    pub(crate) stream: crate::core::stream::Config,
+    pub(crate) host_streams: Vec<Arc<str>>,
     /// Set by the simulator: run over its network and clock.
     pub(crate) sim: Option<crate::sim::Hooks>,
 }
@@ -120,6 +122,8 @@ impl Default for Config {
             host_queues: Vec::new(),
             queue_full: Default::default(),
             self_host: true,
+            stream: Default::default(),
+            host_streams: Vec::new(),
             sim: None,
         }
     }
@@ -244,14 +248,61 @@ impl Builder {
         self
     }
 
-    /// Hosts every queue (what a long-running `mesh node` does).
+    /// Hosts these streams: other nodes hand their appends to this one
+    /// (see [`crate::stream`]). Names that are not valid stream names are
+    /// ignored with a warning.
+    pub fn host_streams<I, S>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        for n in names {
+            match Topic::new(n.as_ref()) {
+                Ok(t) => self.config.host_streams.push(t.as_str().into()),
+                Err(e) => tracing::warn!(error = %e, "not a stream name; not hosting it"),
+            }
+        }
+        self
+    }
+
+    /// Partitions of each stream this node hosts (default 4, at most
+    /// 256): records with one key stay in one partition, and a consumer
+    /// group spreads partitions over its members.
+    pub fn stream_partitions(mut self, n: u32) -> Self {
+        self.config.stream.partitions = n.clamp(1, crate::core::stream::MAX_PARTITIONS);
+        self
+    }
+
+    /// Retention of the streams this node hosts (default: 1,000,000
+    /// records or 256 MiB per partition, no age limit).
+    pub fn stream_retention(mut self, retention: crate::stream::Retention) -> Self {
+        self.config.stream.retention = retention;
+        self
+    }
+
+    /// Retention of one stream this node hosts.
+    pub fn stream_retention_for(mut self, name: &str, retention: crate::stream::Retention) -> Self {
+        self.config
+            .stream
+            .retention_for
+            .push((name.into(), retention));
+        self
+    }
+
+    /// Limits of the stream host in full (streams, bytes, readers).
+    pub fn stream_limits(mut self, config: crate::stream::HostConfig) -> Self {
+        self.config.stream = config;
+        self
+    }
+
+    /// Hosts every queue and stream (what a long-running `mesh node` does).
     pub fn host_all(mut self) -> Self {
         self.config.host_all = true;
         self
     }
 
-    /// Whether this node hosts queues that nobody hosts when it sends to
-    /// them (default on). Off, such sends fail with
+    /// Whether this node hosts queues and streams that nobody hosts when
+    /// it sends or appends to them (default on). Off, such sends fail with
     /// [`crate::queue::SendError::NoHost`]: for one-shot tools, which
     /// would lose what they hosted when they exit.
     pub fn self_host(mut self, on: bool) -> Self {

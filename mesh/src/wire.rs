@@ -16,7 +16,7 @@ use crate::core::{
 };
 
 /// The protocol version spoken by this build.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// [`Hello::features`] bit: the sender can move the link's data to
 /// shared-memory rings (see [`Frame::ShmOffer`]).
@@ -125,6 +125,9 @@ pub enum Frame<'a> {
     /// Work queues and request/reply.
     #[serde(borrow)]
     Work(WorkWire<'a>),
+    /// Streams.
+    #[serde(borrow)]
+    Stream(StreamWire<'a>),
 }
 
 /// Whether an encoded frame body is [`Frame::ShmSwitch`] (checked by the
@@ -294,6 +297,202 @@ pub enum WorkWire<'a> {
         /// Payload.
         payload: Raw<'a>,
     },
+}
+
+/// Streams (see [`crate::core::stream`]). `sid` is a consumer's number
+/// on its node, `rid` one of its reads (one partition of one host).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum StreamWire<'a> {
+    /// Records for a stream the receiver hosts; answered by `Appended` or
+    /// `AppendRefused`.
+    Append {
+        /// The stream.
+        stream: &'a str,
+        /// The appender's number of this append.
+        seq: u64,
+        /// The records.
+        #[serde(borrow)]
+        records: Vec<AppendWire<'a>>,
+    },
+    /// The append is stored: each record's partition and offset, in order.
+    Appended {
+        /// The append.
+        seq: u64,
+        /// The host's run (partitions restart when it changes).
+        epoch: u64,
+        /// Partition and offset per record.
+        placed: Vec<(u32, u64)>,
+    },
+    /// An append the host did not take.
+    AppendRefused {
+        /// The append.
+        seq: u64,
+        /// The host is full (try again later); otherwise final.
+        full: bool,
+        /// Why.
+        reason: &'a str,
+    },
+    /// A consumer wants to know the receiver's partitions of a stream, now
+    /// and when the stream appears (answered by `Parts`).
+    Watch {
+        /// The consumer.
+        sid: u64,
+        /// The stream.
+        stream: &'a str,
+    },
+    /// No more `Parts` (and no reads) for this consumer.
+    Unwatch {
+        /// The consumer.
+        sid: u64,
+    },
+    /// The sender's partitions of a stream the consumer watches.
+    Parts {
+        /// The consumer.
+        sid: u64,
+        /// The host's run.
+        epoch: u64,
+        /// How many partitions (0: it has no such stream yet).
+        partitions: u32,
+    },
+    /// Start (or restart) read `rid` of partition `index`.
+    Read {
+        /// The consumer.
+        sid: u64,
+        /// The read.
+        rid: u64,
+        /// The stream.
+        stream: &'a str,
+        /// The partition.
+        index: u32,
+        /// Where to start.
+        from: StartWire<'a>,
+        /// Records the host may send before more credit.
+        credit: u32,
+    },
+    /// The read could not start.
+    ReadRefused {
+        /// The read.
+        rid: u64,
+        /// Why.
+        reason: &'a str,
+    },
+    /// Records of a read, in offset order.
+    Records {
+        /// The read.
+        rid: u64,
+        /// The read's cursor had fallen behind retention: what it wanted,
+        /// and the first offset kept (where these records start).
+        gone: Option<(u64, u64)>,
+        /// The records.
+        #[serde(borrow)]
+        records: Vec<RecordWire<'a>>,
+    },
+    /// The consumer took this many more records of the read.
+    Credit {
+        /// The read.
+        rid: u64,
+        /// How many.
+        n: u32,
+    },
+    /// Stop read `rid`.
+    Stop {
+        /// The read.
+        rid: u64,
+    },
+    /// A group processed everything of a partition before `offset`.
+    Commit {
+        /// The stream.
+        stream: &'a str,
+        /// The group.
+        group: &'a str,
+        /// The partition.
+        index: u32,
+        /// The next offset the group will read.
+        offset: u64,
+    },
+    /// Asks for the receiver's partitions of a stream, with offsets.
+    Info {
+        /// The request.
+        req: u64,
+        /// The stream.
+        stream: &'a str,
+    },
+    /// Answers `Info`.
+    InfoReply {
+        /// The request.
+        req: u64,
+        /// The host's run.
+        epoch: u64,
+        /// The partitions.
+        #[serde(borrow)]
+        parts: Vec<PartWire<'a>>,
+    },
+}
+
+/// A record of an `Append`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppendWire<'a> {
+    /// Key (empty: none).
+    #[serde(borrow)]
+    pub key: Raw<'a>,
+    /// Event time, ms since the Unix epoch.
+    pub ts_ms: u64,
+    /// Headers.
+    pub headers: HeadersWire<'a>,
+    /// Payload.
+    pub payload: Raw<'a>,
+}
+
+/// A record of a `Records` frame.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RecordWire<'a> {
+    /// Offset in its partition.
+    pub offset: u64,
+    /// Key (empty: none).
+    #[serde(borrow)]
+    pub key: Raw<'a>,
+    /// Event time, ms since the Unix epoch.
+    pub ts_ms: u64,
+    /// Headers.
+    pub headers: HeadersWire<'a>,
+    /// Payload.
+    pub payload: Raw<'a>,
+}
+
+/// Where a read starts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StartWire<'a> {
+    /// The oldest record kept.
+    Earliest,
+    /// The next record appended.
+    Latest,
+    /// An offset.
+    Offset(u64),
+    /// A time, ms since the Unix epoch.
+    Time(u64),
+    /// A group's committed offset (else the start, or the end if `latest`).
+    Committed {
+        /// The group.
+        group: &'a str,
+        /// With no commit: the end.
+        latest: bool,
+    },
+}
+
+/// A partition in an `InfoReply`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PartWire<'a> {
+    /// Its number on the host.
+    pub index: u32,
+    /// Oldest offset kept.
+    pub first: u64,
+    /// Next offset.
+    pub next: u64,
+    /// Bytes held.
+    pub bytes: u64,
+    /// Committed offsets per group.
+    #[serde(borrow)]
+    pub committed: Vec<(&'a str, u64)>,
 }
 
 /// How a request ended at the responder's node.

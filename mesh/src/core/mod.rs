@@ -12,6 +12,8 @@
 //! - [`gossip`]: HyParView overlay and Plumtree broadcast (gossip mode).
 //! - [`queue`]: work queues on their host: credits, acks, redelivery,
 //!   dead letters.
+//! - [`stream`]: stream partitions on their host: append, retention,
+//!   credit-based readers, committed group offsets.
 //! - [`pubsub`]: routing published messages to interested peers, and
 //!   delivering received ones to local subscriptions.
 
@@ -20,6 +22,7 @@ pub mod interest;
 pub mod membership;
 pub mod pubsub;
 pub mod queue;
+pub mod stream;
 pub mod topic;
 
 /// The identity of a node in the mesh: its libp2p peer id (derived from its

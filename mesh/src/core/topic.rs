@@ -57,6 +57,12 @@ pub enum TopicError {
         /// The name.
         topic: String,
     },
+    /// A consumer group name with dots or over 128 bytes.
+    #[error("group name {name:?}: one segment (no dots) of at most 128 bytes")]
+    BadGroup {
+        /// The name.
+        name: String,
+    },
     /// `>` anywhere but as the last segment, or a wildcard mixed with text.
     #[error("misplaced wildcard in segment {index} of {pattern:?}: `*` must be a whole segment and `>` a whole last segment")]
     MisplacedWildcard {

@@ -15,6 +15,7 @@
 
 pub(crate) mod link;
 pub(crate) mod queue;
+pub(crate) mod streams;
 pub(crate) mod work;
 
 use std::{
@@ -354,6 +355,7 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
         gossip_codec: Default::default(),
         gossip_targets: None,
         work: work::Work::new(&config_for_work),
+        streams: streams::Streams::new(&config_for_work, epoch),
         work_bounded: work_bounded.clone(),
         work_control: work_control.clone(),
         work_scratch: Vec::new(),
@@ -361,7 +363,10 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
         links_generation: 0,
     };
     let mut task = task;
-    for p in work::Work::host_patterns(&task.config) {
+    for p in work::Work::host_patterns(&task.config)
+        .into_iter()
+        .chain(streams::Streams::host_patterns(&task.config))
+    {
         task.interest.subscribe(&p, false);
     }
     let max_payload = task.config.max_frame.saturating_sub(1024);
@@ -557,6 +562,7 @@ fn frame_name(f: &Frame<'_>) -> &'static str {
         Frame::ShmRefuse { .. } => "ShmRefuse",
         Frame::ShmSwitch => "ShmSwitch",
         Frame::Work(_) => "Work",
+        Frame::Stream(_) => "Stream",
     }
 }
 
@@ -658,6 +664,8 @@ struct NodeTask {
     work_control: Arc<queue::HandOff<work::Op>>,
     work_scratch: Vec<work::Op>,
     work_scratch_bounded: Vec<work::Op>,
+    /// Streams.
+    streams: streams::Streams,
     /// Bumped whenever a link comes up or ends (queue hosts and consumers
     /// re-check whom they talk to).
     links_generation: u64,
@@ -710,11 +718,12 @@ impl NodeTask {
                 .min();
             self.work_ops();
             self.work_flush();
-            let work_room = self.work.has_room();
+            let work_room = self.work_room();
             let timer = [
                 self.membership.poll_timeout(),
                 self.gossip.poll_timeout(),
                 self.work.poll_timeout(),
+                self.streams.poll_timeout(),
             ]
             .into_iter()
             .flatten()
@@ -1318,6 +1327,7 @@ impl NodeTask {
                 link.shm_rx.lock().unwrap_or_else(|e| e.into_inner()).take();
             }
             Frame::Work(w) => self.handle_work(peer, body, w)?,
+            Frame::Stream(w) => self.handle_stream(peer, body, w)?,
             Frame::ShmSwitch => {
                 // The reader has turned to the ring already.
                 let link = self

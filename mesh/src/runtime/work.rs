@@ -195,6 +195,8 @@ pub(crate) enum Op {
         status: ReplyStatus,
         payload: Bytes,
     },
+    /// Streams (see `runtime::streams`).
+    Stream(super::streams::StreamOp),
 }
 
 struct LocalConsumer {
@@ -408,7 +410,7 @@ fn millis(d: Duration) -> u64 {
 impl NodeTask {
     /// Live remote nodes declaring `topic` under a reserved prefix, with a
     /// link up.
-    fn declared(&self, topic: &str) -> Vec<NodeId> {
+    pub(crate) fn declared(&self, topic: &str) -> Vec<NodeId> {
         self.interest
             .reserved_interested(topic)
             .into_iter()
@@ -452,7 +454,7 @@ impl NodeTask {
     pub(crate) fn work_ops(&mut self) {
         let mut ops = std::mem::take(&mut self.work_scratch);
         self.work_control.take(&mut ops);
-        if self.work.has_room() {
+        if self.work_room() {
             let mut bounded = std::mem::take(&mut self.work_scratch_bounded);
             self.work_bounded.take(&mut bounded);
             ops.append(&mut bounded);
@@ -468,6 +470,12 @@ impl NodeTask {
             self.work.now = None;
         }
         self.work_scratch = ops;
+    }
+
+    /// Whether the node may take more sends, appends and requests from
+    /// handles.
+    pub(crate) fn work_room(&self) -> bool {
+        self.work.has_room() && self.streams.pending() < MAX_PENDING
     }
 
     fn work_op(&mut self, op: Op) {
@@ -612,6 +620,7 @@ impl NodeTask {
                 status,
                 payload,
             } => self.respond(to, id, status, payload),
+            Op::Stream(op) => self.stream_op(op),
         }
     }
 
@@ -1266,6 +1275,7 @@ impl NodeTask {
     /// come back, sends waiting for it go elsewhere, it no longer has our
     /// credit, and what we asked of it is answered without it.
     pub(crate) fn work_link_down(&mut self, peer: NodeId) {
+        self.stream_link_down(peer);
         self.work.host.remove_consumers(now(), |k| k.node == peer);
         for c in self.work.consumers.values_mut() {
             c.granted.remove(&peer);
@@ -1302,6 +1312,7 @@ impl NodeTask {
     /// Timers: the host core's, sends to retry, requests and gathers that
     /// ran out of time.
     pub(crate) fn work_timeout(&mut self) {
+        self.stream_timeout();
         let now = now();
         if self.work.host.poll_timeout().is_some_and(|t| t <= now) {
             self.work.host.handle_timeout(now);
@@ -1386,6 +1397,7 @@ impl NodeTask {
         for (peer, seqs) in std::mem::take(&mut self.work.accepted) {
             self.send_work(peer, &WorkWire::Accepted { seqs });
         }
+        self.stream_flush();
     }
 
     fn grant_flows(&mut self) {
@@ -1516,6 +1528,7 @@ impl NodeTask {
         for (_, inbox) in self.work.servers.values() {
             inbox.close();
         }
+        self.stream_close();
     }
 }
 

@@ -45,6 +45,7 @@ mod gate;
 mod net;
 pub mod overlay;
 mod queue_check;
+mod stream_check;
 
 use std::{collections::BTreeSet, future::Future, ops::Range, time::Duration};
 
@@ -57,6 +58,7 @@ pub(crate) use gate::Gate;
 pub(crate) use net::Endpoint;
 pub use net::{LinkFaults, NetStats};
 pub use queue_check::{QueueChecker, QueueReport};
+pub use stream_check::{StreamChecker, StreamReport};
 
 use crate::{
     core::NodeId,

@@ -1,0 +1,1114 @@
+//! Streams: the state machine of the node that hosts stream partitions.
+//!
+//! A host keeps, per stream, a fixed number of partitions (numbered from
+//! 0), each an append-only log of records numbered by offset from 0.
+//! Appends pick the partition by key (one key, one partition; records
+//! without a key go round-robin per append call). Retention drops the
+//! oldest records of a partition past a count, a byte size or an age.
+//!
+//! Readers (a consumer's view of one partition) start at an offset and
+//! are sent records as fast as their credit allows: a reader has at most
+//! its credit of records in flight, and gets more as it grants more
+//! ([`Streams::credit`]). A host never buffers for a reader: records stay
+//! in the log and a reader is a cursor into it, so a slow reader costs
+//! nothing but its place. A reader whose cursor falls behind retention is
+//! told where the log now starts ([`Batch::gone`]) and continues there.
+//!
+//! Consumer groups commit offsets here, per group and partition; a commit
+//! only moves forward (every commit says "all before this was processed",
+//! so the largest is right).
+//!
+//! Sans-IO: inputs are method calls with the current time; outputs are
+//! [`Batch`]es drained with [`Streams::poll_dispatch`], and a retention
+//! timer ([`Streams::poll_timeout`], [`Streams::handle_timeout`]).
+
+use std::{
+    collections::VecDeque,
+    hash::{Hash, Hasher},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use rustc_hash::{FxHashMap, FxHashSet};
+
+/// Most partitions per stream per host.
+pub const MAX_PARTITIONS: u32 = 256;
+/// Most groups with committed offsets per stream; commits of further
+/// groups are refused (and counted).
+pub const MAX_GROUPS: usize = 1024;
+/// Longest group name.
+pub const MAX_GROUP_LEN: usize = 128;
+
+/// When records leave a partition (whichever limit is reached first).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Most records per partition.
+    pub max_records: u64,
+    /// Most bytes (payload, key and headers) per partition.
+    pub max_bytes: u64,
+    /// Records older than this (since the host stored them) leave.
+    pub max_age: Option<Duration>,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self {
+            max_records: 1_000_000,
+            max_bytes: 256 * 1024 * 1024,
+            max_age: None,
+        }
+    }
+}
+
+/// Host-side configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Partitions of each stream on this host (1 to [`MAX_PARTITIONS`]).
+    pub partitions: u32,
+    /// Retention of streams without their own.
+    pub retention: Retention,
+    /// Retention per stream name.
+    pub retention_for: Vec<(Arc<str>, Retention)>,
+    /// Most streams the host keeps; appends to further streams are refused.
+    pub max_streams: usize,
+    /// Most bytes over all streams of the host; appends beyond are refused
+    /// ([`AppendError::Full`]) until retention makes room.
+    pub max_total_bytes: u64,
+    /// Most readers over all streams.
+    pub max_readers: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            partitions: 4,
+            retention: Retention::default(),
+            retention_for: Vec::new(),
+            max_streams: 1024,
+            max_total_bytes: 1024 * 1024 * 1024,
+            max_readers: 64 * 1024,
+        }
+    }
+}
+
+/// A record as an appender gives it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewRecord {
+    /// Records with the same key go to the same partition (empty: none).
+    pub key: Bytes,
+    /// Event time, ms since the Unix epoch (the appender's clock, or the
+    /// application's).
+    pub timestamp_ms: u64,
+    /// Headers.
+    pub headers: Vec<(String, Bytes)>,
+    /// Payload.
+    pub payload: Bytes,
+}
+
+/// A record in a partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// Its offset in the partition.
+    pub offset: u64,
+    /// Key (empty: none).
+    pub key: Bytes,
+    /// Event time, ms since the Unix epoch.
+    pub timestamp_ms: u64,
+    /// Headers.
+    pub headers: Vec<(String, Bytes)>,
+    /// Payload.
+    pub payload: Bytes,
+}
+
+impl Record {
+    /// Bytes it counts for in retention and the host's total.
+    pub fn size(&self) -> u64 {
+        record_size(&self.key, &self.headers, &self.payload)
+    }
+}
+
+/// Bytes a record counts for.
+pub fn record_size(key: &[u8], headers: &[(String, Bytes)], payload: &[u8]) -> u64 {
+    (key.len()
+        + payload.len()
+        + headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
+        + 32) as u64
+}
+
+/// Where a reader starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Start {
+    /// The oldest record kept.
+    Earliest,
+    /// The next record appended.
+    Latest,
+    /// This offset (before the oldest kept: the oldest, and the reader is
+    /// told; past the end: the end).
+    Offset(u64),
+    /// The first record with a timestamp at or after this (ms since the
+    /// Unix epoch).
+    Time(u64),
+    /// The group's committed offset, or `Start::Earliest`/`Latest` (the
+    /// boolean: latest) if it has none.
+    Committed {
+        /// The group.
+        group: Arc<str>,
+        /// With no commit: start at the end rather than the beginning.
+        latest: bool,
+    },
+}
+
+/// Why an append was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AppendError {
+    /// The host holds as many bytes as it may.
+    #[error(
+        "stream host is full ({limit} bytes over all streams); retention has not made room yet"
+    )]
+    Full {
+        /// The limit.
+        limit: u64,
+    },
+    /// The host hosts as many streams as it may.
+    #[error("stream host hosts as many streams as it may ({limit})")]
+    TooManyStreams {
+        /// The limit.
+        limit: usize,
+    },
+}
+
+/// Why a read could not start.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReadError {
+    /// No such partition on this host.
+    #[error("no partition {index} of stream {stream:?} on this host")]
+    NoPartition {
+        /// The stream.
+        stream: String,
+        /// The partition asked for.
+        index: u32,
+    },
+    /// The host has as many readers as it may.
+    #[error("stream host has as many readers as it may ({limit})")]
+    TooManyReaders {
+        /// The limit.
+        limit: usize,
+    },
+}
+
+/// A partition as [`Streams::partitions`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionState {
+    /// Its number on this host.
+    pub index: u32,
+    /// Offset of the oldest record kept (`next` when empty).
+    pub first: u64,
+    /// Offset the next record will get.
+    pub next: u64,
+    /// Bytes held.
+    pub bytes: u64,
+    /// Committed offset per group.
+    pub committed: Vec<(Arc<str>, u64)>,
+}
+
+/// Records for one reader, in offset order, within its credit.
+#[derive(Debug)]
+pub struct Batch<K> {
+    /// The reader's owner.
+    pub key: K,
+    /// The reader.
+    pub rid: u64,
+    /// Its partition.
+    pub index: u32,
+    /// The reader's cursor had fallen behind retention: `(wanted, first)`,
+    /// and the records start at `first`.
+    pub gone: Option<(u64, u64)>,
+    /// The records.
+    pub records: Vec<Record>,
+}
+
+/// Counters of a host.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Records appended.
+    pub appended: u64,
+    /// Records removed by retention.
+    pub expired: u64,
+    /// Appends refused.
+    pub refused: u64,
+    /// Records sent to readers.
+    pub dispatched: u64,
+    /// Commits refused (too many groups, bad names).
+    pub commits_refused: u64,
+}
+
+/// Most records per [`Batch`].
+const BATCH: usize = 512;
+/// Payload bytes after which a batch takes no more records.
+const BATCH_BYTES: u64 = 256 * 1024;
+
+struct Partition<K> {
+    first: u64,
+    records: VecDeque<(Record, Instant)>,
+    bytes: u64,
+    committed: FxHashMap<Arc<str>, u64>,
+    readers: FxHashSet<(K, u64)>,
+}
+
+impl<K> Partition<K> {
+    fn next(&self) -> u64 {
+        self.first + self.records.len() as u64
+    }
+
+    fn state(&self, index: u32) -> PartitionState {
+        let mut committed: Vec<(Arc<str>, u64)> = self
+            .committed
+            .iter()
+            .map(|(g, o)| (g.clone(), *o))
+            .collect();
+        committed.sort();
+        PartitionState {
+            index,
+            first: self.first,
+            next: self.next(),
+            bytes: self.bytes,
+            committed,
+        }
+    }
+}
+
+struct Log<K> {
+    partitions: Vec<Partition<K>>,
+    retention: Retention,
+    round_robin: u32,
+}
+
+struct Reader {
+    stream: Arc<str>,
+    index: u32,
+    /// Next offset to send.
+    next: u64,
+    /// Records it may still be sent.
+    credit: u32,
+    /// Its cursor fell behind retention (what it wanted) and it has not
+    /// been told yet.
+    gone: Option<u64>,
+    /// In `ready`.
+    queued: bool,
+}
+
+/// The streams a node hosts. `K` identifies a reader's owner (the runtime
+/// uses the consumer's node).
+pub struct Streams<K> {
+    config: Config,
+    logs: FxHashMap<Arc<str>, Log<K>>,
+    readers: FxHashMap<(K, u64), Reader>,
+    /// Readers that may have records to send.
+    ready: VecDeque<(K, u64)>,
+    bytes: u64,
+    stats: Stats,
+}
+
+impl<K> std::fmt::Debug for Streams<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Streams")
+            .field("streams", &self.logs.len())
+            .field("readers", &self.readers.len())
+            .field("bytes", &self.bytes)
+            .field("stats", &self.stats)
+            .finish()
+    }
+}
+
+impl<K: Clone + Eq + Hash> Streams<K> {
+    /// A host with no streams.
+    pub fn new(mut config: Config) -> Self {
+        config.partitions = config.partitions.clamp(1, MAX_PARTITIONS);
+        Self {
+            config,
+            logs: FxHashMap::default(),
+            readers: FxHashMap::default(),
+            ready: VecDeque::new(),
+            bytes: 0,
+            stats: Stats::default(),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Whether this host has stream `name`.
+    pub fn has(&self, name: &str) -> bool {
+        self.logs.contains_key(name)
+    }
+
+    /// Names of the streams hosted.
+    pub fn names(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.logs.keys()
+    }
+
+    /// Records held over all streams.
+    pub fn len(&self) -> usize {
+        self.logs
+            .values()
+            .flat_map(|l| &l.partitions)
+            .map(|p| p.records.len())
+            .sum()
+    }
+
+    /// Whether no records are held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes held over all streams.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Creates stream `name` (with its partitions) if it does not exist.
+    /// True if it was created now.
+    pub fn create(&mut self, name: &str) -> Result<bool, AppendError> {
+        if self.logs.contains_key(name) {
+            return Ok(false);
+        }
+        if self.logs.len() >= self.config.max_streams {
+            return Err(AppendError::TooManyStreams {
+                limit: self.config.max_streams,
+            });
+        }
+        let retention = self
+            .config
+            .retention_for
+            .iter()
+            .find(|(n, _)| &**n == name)
+            .map_or(self.config.retention, |(_, r)| *r);
+        let partitions = (0..self.config.partitions)
+            .map(|_| Partition {
+                first: 0,
+                records: VecDeque::new(),
+                bytes: 0,
+                committed: FxHashMap::default(),
+                readers: FxHashSet::default(),
+            })
+            .collect();
+        self.logs.insert(
+            name.into(),
+            Log {
+                partitions,
+                retention,
+                round_robin: 0,
+            },
+        );
+        Ok(true)
+    }
+
+    /// The partition records with `key` go to.
+    pub fn partition_of(&self, key: &[u8]) -> u32 {
+        partition_of(key, self.config.partitions)
+    }
+
+    /// Appends `records` to stream `name` (created if new), returning each
+    /// record's `(partition, offset)` in order. All or nothing.
+    pub fn append(
+        &mut self,
+        now: Instant,
+        name: &str,
+        records: Vec<NewRecord>,
+    ) -> Result<Vec<(u32, u64)>, AppendError> {
+        let incoming: u64 = records
+            .iter()
+            .map(|r| record_size(&r.key, &r.headers, &r.payload))
+            .sum();
+        if self.bytes.saturating_add(incoming) > self.config.max_total_bytes {
+            self.stats.refused += records.len() as u64;
+            return Err(AppendError::Full {
+                limit: self.config.max_total_bytes,
+            });
+        }
+        if let Err(e) = self.create(name) {
+            self.stats.refused += records.len() as u64;
+            return Err(e);
+        }
+        let n = self.config.partitions;
+        let Some(log) = self.logs.get_mut(name) else {
+            return Ok(Vec::new());
+        };
+        let unkeyed = log.round_robin % n;
+        log.round_robin = log.round_robin.wrapping_add(1);
+        let mut placed = Vec::with_capacity(records.len());
+        let mut touched = 0u64; // bitmap of partitions < 64; others below
+        let mut touched_high: Vec<u32> = Vec::new();
+        for r in records {
+            let index = if r.key.is_empty() {
+                unkeyed
+            } else {
+                partition_of(&r.key, n)
+            };
+            let p = &mut log.partitions[index as usize];
+            let offset = p.next();
+            let rec = Record {
+                offset,
+                key: r.key,
+                timestamp_ms: r.timestamp_ms,
+                headers: r.headers,
+                payload: r.payload,
+            };
+            let size = rec.size();
+            p.bytes += size;
+            self.bytes += size;
+            p.records.push_back((rec, now));
+            placed.push((index, offset));
+            if index < 64 {
+                touched |= 1 << index;
+            } else if !touched_high.contains(&index) {
+                touched_high.push(index);
+            }
+        }
+        self.stats.appended += placed.len() as u64;
+        let mut indexes: Vec<u32> = (0..64.min(n)).filter(|i| touched & (1 << i) != 0).collect();
+        indexes.extend(touched_high);
+        for index in indexes {
+            self.retain(name, index, now);
+            self.wake(name, index);
+        }
+        Ok(placed)
+    }
+
+    /// Applies retention to one partition.
+    fn retain(&mut self, name: &str, index: u32, now: Instant) {
+        let Some(log) = self.logs.get_mut(name) else {
+            return;
+        };
+        let retention = log.retention;
+        let p = &mut log.partitions[index as usize];
+        let mut removed = 0;
+        while let Some((r, at)) = p.records.front() {
+            let over = p.records.len() as u64 > retention.max_records
+                || p.bytes > retention.max_bytes
+                || retention
+                    .max_age
+                    .is_some_and(|age| now.saturating_duration_since(*at) >= age);
+            if !over {
+                break;
+            }
+            let size = r.size();
+            p.bytes -= size;
+            self.bytes -= size;
+            p.records.pop_front();
+            p.first += 1;
+            removed += 1;
+        }
+        self.stats.expired += removed;
+    }
+
+    /// Queues the readers of a partition that can be sent something.
+    fn wake(&mut self, name: &str, index: u32) {
+        let Some(log) = self.logs.get(name) else {
+            return;
+        };
+        let p = &log.partitions[index as usize];
+        for key in &p.readers {
+            if let Some(r) = self.readers.get_mut(key) {
+                if !r.queued && r.credit > 0 && r.next < p.next() {
+                    r.queued = true;
+                    self.ready.push_back(key.clone());
+                }
+            }
+        }
+    }
+
+    /// Where `start` falls in a partition: the offset, and whether it was
+    /// before the oldest record kept.
+    fn resolve(p: &Partition<K>, start: &Start) -> (u64, Option<u64>) {
+        let first = p.first;
+        let next = p.next();
+        match start {
+            Start::Earliest => (first, None),
+            Start::Latest => (next, None),
+            Start::Offset(o) if *o < first => (first, Some(*o)),
+            Start::Offset(o) => ((*o).min(next), None),
+            Start::Time(t) => {
+                let i = p
+                    .records
+                    .iter()
+                    .position(|(r, _)| r.timestamp_ms >= *t)
+                    .unwrap_or(p.records.len());
+                (first + i as u64, None)
+            }
+            Start::Committed { group, latest } => match p.committed.get(group) {
+                // Retention may have passed it: say so.
+                Some(o) => Self::resolve(p, &Start::Offset(*o)),
+                None if *latest => (next, None),
+                None => (first, None),
+            },
+        }
+    }
+
+    /// Starts (or restarts) reader `rid` of `key` on partition `index` of
+    /// `stream`, with `credit` records it may be sent. Returns the offset
+    /// it starts at. The stream is created if new (a reader may come
+    /// before the first append).
+    pub fn open(
+        &mut self,
+        key: K,
+        rid: u64,
+        stream: &str,
+        index: u32,
+        start: &Start,
+        credit: u32,
+    ) -> Result<u64, ReadError> {
+        let id = (key, rid);
+        let replacing = self.readers.contains_key(&id);
+        if !replacing && self.readers.len() >= self.config.max_readers {
+            return Err(ReadError::TooManyReaders {
+                limit: self.config.max_readers,
+            });
+        }
+        self.close(&id.0, rid);
+        let Some(log) = self.logs.get_mut(stream) else {
+            return Err(ReadError::NoPartition {
+                stream: stream.to_owned(),
+                index,
+            });
+        };
+        let Some(p) = log.partitions.get_mut(index as usize) else {
+            return Err(ReadError::NoPartition {
+                stream: stream.to_owned(),
+                index,
+            });
+        };
+        let (next, gone) = Self::resolve(p, start);
+        p.readers.insert(id.clone());
+        let name = self
+            .logs
+            .get_key_value(stream)
+            .map(|(k, _)| k.clone())
+            .unwrap_or_else(|| stream.into());
+        self.readers.insert(
+            id.clone(),
+            Reader {
+                stream: name,
+                index,
+                next,
+                credit,
+                gone,
+                queued: false,
+            },
+        );
+        self.queue_reader(&id);
+        Ok(next)
+    }
+
+    fn queue_reader(&mut self, id: &(K, u64)) {
+        let Some(r) = self.readers.get_mut(id) else {
+            return;
+        };
+        if r.queued || r.credit == 0 {
+            return;
+        }
+        let has = r.gone.is_some()
+            || self
+                .logs
+                .get(&r.stream)
+                .and_then(|l| l.partitions.get(r.index as usize))
+                .is_some_and(|p| r.next < p.next());
+        if has {
+            r.queued = true;
+            self.ready.push_back(id.clone());
+        }
+    }
+
+    /// Reader `rid` of `key` may be sent `n` more records.
+    pub fn credit(&mut self, key: &K, rid: u64, n: u32) {
+        let id = (key.clone(), rid);
+        if let Some(r) = self.readers.get_mut(&id) {
+            r.credit = r.credit.saturating_add(n);
+            self.queue_reader(&id);
+        }
+    }
+
+    /// Stops reader `rid` of `key`.
+    pub fn close(&mut self, key: &K, rid: u64) {
+        let id = (key.clone(), rid);
+        if let Some(r) = self.readers.remove(&id) {
+            if let Some(p) = self
+                .logs
+                .get_mut(&r.stream)
+                .and_then(|l| l.partitions.get_mut(r.index as usize))
+            {
+                p.readers.remove(&id);
+            }
+        }
+    }
+
+    /// Stops every reader whose owner matches.
+    pub fn close_all(&mut self, mut matches: impl FnMut(&K) -> bool) {
+        let ids: Vec<(K, u64)> = self
+            .readers
+            .keys()
+            .filter(|(k, _)| matches(k))
+            .cloned()
+            .collect();
+        for (k, rid) in ids {
+            self.close(&k, rid);
+        }
+    }
+
+    /// Readers open.
+    pub fn readers(&self) -> usize {
+        self.readers.len()
+    }
+
+    /// Commits `offset` (the next record the group will read) for `group`
+    /// on a partition. Only moves forward, and never past the end.
+    /// False if refused (no such partition, too many groups, bad name).
+    pub fn commit(&mut self, stream: &str, group: &str, index: u32, offset: u64) -> bool {
+        let ok_name = !group.is_empty() && group.len() <= MAX_GROUP_LEN;
+        let Some(p) = self
+            .logs
+            .get_mut(stream)
+            .and_then(|l| l.partitions.get_mut(index as usize))
+            .filter(|_| ok_name)
+        else {
+            self.stats.commits_refused += 1;
+            return false;
+        };
+        let offset = offset.min(p.next());
+        if let Some(c) = p.committed.get_mut(group) {
+            *c = (*c).max(offset);
+            return true;
+        }
+        if p.committed.len() >= MAX_GROUPS {
+            self.stats.commits_refused += 1;
+            return false;
+        }
+        p.committed.insert(group.into(), offset);
+        true
+    }
+
+    /// The partitions of `stream` (empty if this host does not have it).
+    pub fn partitions(&self, stream: &str) -> Vec<PartitionState> {
+        self.logs.get(stream).map_or_else(Vec::new, |l| {
+            l.partitions
+                .iter()
+                .enumerate()
+                .map(|(i, p)| p.state(i as u32))
+                .collect()
+        })
+    }
+
+    /// Records of a partition from `offset`, at most `limit` (for tests
+    /// and tools; readers get theirs through [`Streams::poll_dispatch`]).
+    pub fn read(&self, stream: &str, index: u32, offset: u64, limit: usize) -> Vec<Record> {
+        let Some(p) = self
+            .logs
+            .get(stream)
+            .and_then(|l| l.partitions.get(index as usize))
+        else {
+            return Vec::new();
+        };
+        let from = offset.saturating_sub(p.first) as usize;
+        p.records
+            .iter()
+            .skip(from)
+            .take(limit)
+            .map(|(r, _)| r.clone())
+            .collect()
+    }
+
+    /// The next batch for a reader, if any has records to send and credit.
+    pub fn poll_dispatch(&mut self) -> Option<Batch<K>> {
+        while let Some(id) = self.ready.pop_front() {
+            let Some(r) = self.readers.get_mut(&id) else {
+                continue;
+            };
+            r.queued = false;
+            let Some(p) = self
+                .logs
+                .get(&r.stream)
+                .and_then(|l| l.partitions.get(r.index as usize))
+            else {
+                continue;
+            };
+            let mut gone = r.gone.take().map(|wanted| (wanted, p.first));
+            if r.next < p.first {
+                // Retention passed the cursor since the last batch.
+                gone = Some((r.next, p.first));
+                r.next = p.first;
+            }
+            let from = (r.next - p.first) as usize;
+            let most = (r.credit as usize).min(BATCH);
+            let mut records =
+                Vec::with_capacity(most.min(p.records.len() - from.min(p.records.len())));
+            let mut bytes = 0;
+            for (rec, _) in p.records.iter().skip(from).take(most) {
+                if !records.is_empty() && bytes + rec.payload.len() as u64 > BATCH_BYTES {
+                    break;
+                }
+                bytes += rec.payload.len() as u64;
+                records.push(rec.clone());
+            }
+            if records.is_empty() && gone.is_none() {
+                continue;
+            }
+            let sent = records.len() as u32;
+            r.next += u64::from(sent);
+            r.credit -= sent;
+            let index = r.index;
+            let more = r.credit > 0 && r.next < p.next();
+            if more {
+                r.queued = true;
+                self.ready.push_back(id.clone());
+            }
+            self.stats.dispatched += u64::from(sent);
+            return Some(Batch {
+                key: id.0,
+                rid: id.1,
+                index,
+                gone,
+                records,
+            });
+        }
+        None
+    }
+
+    /// When the oldest record of a stream with an age limit expires.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.logs
+            .values()
+            .filter_map(|l| {
+                let age = l.retention.max_age?;
+                l.partitions
+                    .iter()
+                    .filter_map(|p| p.records.front().map(|(_, at)| *at))
+                    .min()
+                    .map(|at| super::queue::after(at, age))
+            })
+            .min()
+    }
+
+    /// Applies age retention.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let aged: Vec<(Arc<str>, u32)> = self
+            .logs
+            .iter()
+            .filter(|(_, l)| l.retention.max_age.is_some())
+            .flat_map(|(n, l)| (0..l.partitions.len() as u32).map(move |i| (n.clone(), i)))
+            .collect();
+        for (name, index) in aged {
+            self.retain(&name, index, now);
+        }
+    }
+}
+
+/// The partition of `partitions` records with `key` go to.
+pub fn partition_of(key: &[u8], partitions: u32) -> u32 {
+    let mut h = rustc_hash::FxHasher::default();
+    key.hash(&mut h);
+    (h.finish() % u64::from(partitions.max(1))) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::test_origin;
+
+    fn rec(key: &str, payload: &str) -> NewRecord {
+        NewRecord {
+            key: Bytes::copy_from_slice(key.as_bytes()),
+            timestamp_ms: 1000,
+            headers: Vec::new(),
+            payload: Bytes::copy_from_slice(payload.as_bytes()),
+        }
+    }
+
+    fn host(partitions: u32) -> Streams<u32> {
+        Streams::new(Config {
+            partitions,
+            ..Config::default()
+        })
+    }
+
+    fn drain(s: &mut Streams<u32>) -> Vec<Batch<u32>> {
+        std::iter::from_fn(|| s.poll_dispatch()).collect()
+    }
+
+    #[test]
+    fn one_key_one_partition_offsets_count_up() {
+        let now = test_origin();
+        let mut s = host(4);
+        let placed = s
+            .append(now, "s", vec![rec("a", "1"), rec("b", "2"), rec("a", "3")])
+            .unwrap();
+        assert_eq!(placed[0].0, placed[2].0);
+        assert_eq!(placed[2].1, placed[0].1 + 1);
+        assert_eq!(placed[0].0, s.partition_of(b"a"));
+        let parts = s.partitions("s");
+        assert_eq!(parts.len(), 4);
+        assert_eq!(parts.iter().map(|p| p.next).sum::<u64>(), 3);
+    }
+
+    #[test]
+    fn unkeyed_appends_go_round_robin_per_call() {
+        let now = test_origin();
+        let mut s = host(3);
+        let a = s
+            .append(now, "s", vec![rec("", "1"), rec("", "2")])
+            .unwrap();
+        let b = s.append(now, "s", vec![rec("", "3")]).unwrap();
+        assert_eq!(a[0].0, a[1].0);
+        assert_ne!(a[0].0, b[0].0);
+    }
+
+    #[test]
+    fn reader_gets_records_within_credit_then_more_on_credit() {
+        let now = test_origin();
+        let mut s = host(1);
+        let recs = (0..10).map(|i| rec("", &i.to_string())).collect();
+        s.append(now, "s", recs).unwrap();
+        assert_eq!(s.open(7, 1, "s", 0, &Start::Earliest, 4).unwrap(), 0);
+        let b = drain(&mut s);
+        assert_eq!(b.len(), 1);
+        assert_eq!(b[0].records.len(), 4);
+        assert_eq!(b[0].records[3].offset, 3);
+        assert!(drain(&mut s).is_empty(), "no credit left");
+        s.credit(&7, 1, 100);
+        let b = drain(&mut s);
+        let offsets: Vec<u64> = b
+            .iter()
+            .flat_map(|b| &b.records)
+            .map(|r| r.offset)
+            .collect();
+        assert_eq!(offsets, (4..10).collect::<Vec<_>>());
+        // Live tail: a new append goes out at once.
+        s.append(now, "s", vec![rec("", "x")]).unwrap();
+        let b = drain(&mut s);
+        assert_eq!(b[0].records[0].offset, 10);
+    }
+
+    #[test]
+    fn starts_latest_offset_and_time() {
+        let now = test_origin();
+        let mut s = host(1);
+        let recs = (0..5u64)
+            .map(|i| NewRecord {
+                timestamp_ms: 1000 + i * 10,
+                ..rec("", "r")
+            })
+            .collect();
+        s.append(now, "s", recs).unwrap();
+        assert_eq!(s.open(1, 1, "s", 0, &Start::Latest, 10).unwrap(), 5);
+        assert_eq!(s.open(1, 2, "s", 0, &Start::Offset(3), 10).unwrap(), 3);
+        assert_eq!(s.open(1, 3, "s", 0, &Start::Offset(99), 10).unwrap(), 5);
+        assert_eq!(s.open(1, 4, "s", 0, &Start::Time(1015), 10).unwrap(), 2);
+        assert_eq!(s.open(1, 5, "s", 0, &Start::Time(5000), 10).unwrap(), 5);
+        assert!(matches!(
+            s.open(1, 6, "s", 9, &Start::Earliest, 10),
+            Err(ReadError::NoPartition { index: 9, .. })
+        ));
+    }
+
+    #[test]
+    fn retention_by_count_bytes_and_age() {
+        let now = test_origin();
+        let mut s = Streams::<u32>::new(Config {
+            partitions: 1,
+            retention: Retention {
+                max_records: 3,
+                max_bytes: u64::MAX,
+                max_age: None,
+            },
+            retention_for: vec![
+                (
+                    "small".into(),
+                    Retention {
+                        max_records: u64::MAX,
+                        max_bytes: 2 * (32 + 10),
+                        max_age: None,
+                    },
+                ),
+                (
+                    "aged".into(),
+                    Retention {
+                        max_records: u64::MAX,
+                        max_bytes: u64::MAX,
+                        max_age: Some(Duration::from_secs(10)),
+                    },
+                ),
+            ],
+            ..Config::default()
+        });
+        let recs = (0..5).map(|_| rec("", "r")).collect();
+        s.append(now, "s", recs).unwrap();
+        let p = &s.partitions("s")[0];
+        assert_eq!((p.first, p.next), (2, 5));
+        let recs = (0..5).map(|_| rec("", "0123456789")).collect();
+        s.append(now, "small", recs).unwrap();
+        let p = &s.partitions("small")[0];
+        assert_eq!((p.first, p.next), (3, 5));
+        s.append(now, "aged", vec![rec("", "old")]).unwrap();
+        s.append(now + Duration::from_secs(5), "aged", vec![rec("", "new")])
+            .unwrap();
+        assert_eq!(s.poll_timeout(), Some(now + Duration::from_secs(10)));
+        s.handle_timeout(now + Duration::from_secs(10));
+        let p = &s.partitions("aged")[0];
+        assert_eq!((p.first, p.next), (1, 2));
+        assert_eq!(s.stats().expired, 2 + 3 + 1);
+        assert_eq!(
+            s.bytes(),
+            s.partitions("s")[0].bytes + s.partitions("small")[0].bytes + p.bytes
+        );
+    }
+
+    #[test]
+    fn a_reader_behind_retention_is_told_and_continues_at_the_first() {
+        let now = test_origin();
+        let mut s = Streams::<u32>::new(Config {
+            partitions: 1,
+            retention: Retention {
+                max_records: 3,
+                ..Retention::default()
+            },
+            ..Config::default()
+        });
+        s.append(now, "s", (0..5).map(|_| rec("", "r")).collect())
+            .unwrap();
+        assert_eq!(s.open(1, 1, "s", 0, &Start::Offset(0), 100).unwrap(), 2);
+        let b = drain(&mut s);
+        assert_eq!(b[0].gone, Some((0, 2)));
+        assert_eq!(b[0].records[0].offset, 2);
+        // A slow reader passed by retention while it had no credit.
+        s.open(1, 2, "s", 0, &Start::Offset(2), 1).unwrap();
+        drain(&mut s);
+        s.append(now, "s", (0..5).map(|_| rec("", "r")).collect())
+            .unwrap();
+        s.credit(&1, 2, 10);
+        let b: Vec<_> = drain(&mut s).into_iter().filter(|b| b.rid == 2).collect();
+        assert_eq!(b[0].gone, Some((3, 7)));
+        assert_eq!(b[0].records[0].offset, 7);
+    }
+
+    #[test]
+    fn commits_only_move_forward_and_stay_within_the_log() {
+        let now = test_origin();
+        let mut s = host(1);
+        s.append(now, "s", (0..10).map(|_| rec("", "r")).collect())
+            .unwrap();
+        assert!(s.commit("s", "g", 0, 5));
+        assert!(s.commit("s", "g", 0, 3));
+        assert!(s.commit("s", "g", 0, 50));
+        assert_eq!(s.partitions("s")[0].committed, vec![("g".into(), 10)]);
+        assert!(!s.commit("s", "g", 3, 1), "no such partition");
+        assert!(!s.commit("nope", "g", 0, 1));
+        assert!(!s.commit("s", "", 0, 1));
+        // A group reader resumes at the commit; a new group at the start.
+        assert_eq!(
+            s.open(
+                1,
+                1,
+                "s",
+                0,
+                &Start::Committed {
+                    group: "g".into(),
+                    latest: false
+                },
+                1
+            )
+            .unwrap(),
+            10
+        );
+        assert_eq!(
+            s.open(
+                1,
+                2,
+                "s",
+                0,
+                &Start::Committed {
+                    group: "h".into(),
+                    latest: false
+                },
+                1
+            )
+            .unwrap(),
+            0
+        );
+        assert_eq!(
+            s.open(
+                1,
+                3,
+                "s",
+                0,
+                &Start::Committed {
+                    group: "h".into(),
+                    latest: true
+                },
+                1
+            )
+            .unwrap(),
+            10
+        );
+    }
+
+    #[test]
+    fn host_limits_refuse_appends_and_readers() {
+        let now = test_origin();
+        let mut s = Streams::<u32>::new(Config {
+            partitions: 1,
+            max_streams: 1,
+            max_total_bytes: 100,
+            max_readers: 1,
+            ..Config::default()
+        });
+        s.append(now, "a", vec![rec("", "x")]).unwrap();
+        assert!(matches!(
+            s.append(now, "b", vec![rec("", "x")]),
+            Err(AppendError::TooManyStreams { limit: 1 })
+        ));
+        assert!(matches!(
+            s.append(now, "a", vec![rec("", &"x".repeat(100))]),
+            Err(AppendError::Full { limit: 100 })
+        ));
+        assert_eq!(s.partitions("a")[0].next, 1, "nothing of a refused append");
+        s.open(1, 1, "a", 0, &Start::Earliest, 1).unwrap();
+        assert!(
+            s.open(1, 1, "a", 0, &Start::Earliest, 1).is_ok(),
+            "reopening"
+        );
+        assert!(matches!(
+            s.open(2, 1, "a", 0, &Start::Earliest, 1),
+            Err(ReadError::TooManyReaders { limit: 1 })
+        ));
+        s.close_all(|k| *k == 1);
+        assert_eq!(s.readers(), 0);
+        assert!(s.open(2, 1, "a", 0, &Start::Earliest, 1).is_ok());
+    }
+
+    #[test]
+    fn batches_are_bounded() {
+        let now = test_origin();
+        let mut s = host(1);
+        s.append(now, "s", (0..2000).map(|_| rec("", "r")).collect())
+            .unwrap();
+        s.open(1, 1, "s", 0, &Start::Earliest, u32::MAX).unwrap();
+        let b = drain(&mut s);
+        assert!(b.iter().all(|b| b.records.len() <= BATCH));
+        let offsets: Vec<u64> = b
+            .iter()
+            .flat_map(|b| &b.records)
+            .map(|r| r.offset)
+            .collect();
+        assert_eq!(offsets, (0..2000).collect::<Vec<_>>());
+    }
+}

@@ -1,0 +1,1477 @@
+//! Streams in the node task.
+//!
+//! Who does what (see `core::stream` for the host's rules):
+//! - A node *hosts* a stream when configured to (`host_streams`,
+//!   `host_all`) or when it appends to a stream nobody hosts (it then
+//!   hosts its own partitions). Hosts declare `$s.h.NAME` (or `$s.h.>`).
+//! - An appender that does not host the stream hands each record to one
+//!   live host, chosen by rendezvous hashing of (stream, key) over the
+//!   hosts, so one key stays on one host (and there in one partition)
+//!   while the hosts are stable. The append resolves when the host
+//!   answers `Appended` with the records' offsets; appends not answered
+//!   when the link to the host ends go again, to the next choice.
+//! - A consumer `Watch`es every live host (the host answers with its
+//!   partition count, now and when the stream appears) and `Read`s the
+//!   partitions it wants, with credit; the host sends `Records` within
+//!   the credit, and the consumer grants more as its application takes
+//!   them. The consumer remembers, per partition, the next offset it
+//!   expects: a read that ends with its link starts again there, so
+//!   nothing is skipped and nothing repeated.
+//! - Group members declare `$s.g.STREAM.GROUP`. Each member node assigns
+//!   every partition (host, index) to the member node with the highest
+//!   rendezvous hash, from its own view of the members, and reads the ones
+//!   it got from the group's committed offset. Commits go to the
+//!   partition's host.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use rustc_hash::{FxHashMap, FxHashSet};
+use tokio::sync::oneshot;
+
+use super::{link_entry, now, queue::Inbox, NodeTask};
+use crate::{
+    core::{
+        stream::{self as core_stream, NewRecord, Start},
+        topic::{Pattern, Topic},
+        NodeId,
+    },
+    wire::{self, AppendWire, Frame, PartWire, Raw, RecordWire, StartWire, StreamWire, WireError},
+};
+
+/// Reserved pattern prefix of a stream host's declaration.
+pub(crate) const HOST_PREFIX: &str = "$s.h.";
+/// Reserved pattern prefix of a consumer group member's declaration.
+pub(crate) const GROUP_PREFIX: &str = "$s.g.";
+/// How long `info` waits for remote hosts.
+const GATHER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Most records per `Append` frame.
+const APPEND_BATCH: usize = 1024;
+/// Payload bytes after which an `Append` or `Records` frame takes no more.
+const FRAME_BYTES: usize = 256 * 1024;
+/// Most consumers watching one stream of this host; more are refused.
+const MAX_WATCHERS: usize = 4096;
+
+/// Where a record was stored: its host, the host's run, partition and
+/// offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Placed {
+    pub(crate) host: NodeId,
+    pub(crate) index: u32,
+    pub(crate) offset: u64,
+}
+
+/// What a consumer handle gets.
+#[derive(Debug)]
+pub(crate) enum StreamItem {
+    Record {
+        host: NodeId,
+        rid: u64,
+        index: u32,
+        record: core_stream::Record,
+    },
+    /// Retention removed offsets `wanted..first` before they were read.
+    Gone {
+        host: NodeId,
+        index: u32,
+        wanted: u64,
+        first: u64,
+    },
+}
+
+/// Why an append failed, in the node task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum AppendFailure {
+    NoHost,
+    Refused { full: bool, reason: String },
+}
+
+/// Work from stream handles to the node task.
+#[derive(Debug)]
+pub(crate) enum StreamOp {
+    Append {
+        stream: Arc<str>,
+        records: Vec<NewRecord>,
+        reply: oneshot::Sender<Result<Vec<Placed>, AppendFailure>>,
+    },
+    Consume {
+        sid: u64,
+        stream: Arc<str>,
+        group: Option<Arc<str>>,
+        start: Start,
+        window: u32,
+        inbox: Arc<Inbox<StreamItem>>,
+    },
+    Cancel {
+        sid: u64,
+    },
+    /// The application took `n` records of read `rid`.
+    Credit {
+        rid: u64,
+        n: u32,
+    },
+    Commit {
+        host: NodeId,
+        stream: Arc<str>,
+        group: Arc<str>,
+        index: u32,
+        offset: u64,
+    },
+    Info {
+        stream: Arc<str>,
+        reply: oneshot::Sender<Vec<HostParts>>,
+    },
+}
+
+/// One host's partitions of a stream, for `info`.
+#[derive(Debug, Clone)]
+pub(crate) struct HostParts {
+    pub(crate) host: NodeId,
+    pub(crate) parts: Vec<core_stream::PartitionState>,
+}
+
+/// A consumer's view of one host.
+#[derive(Debug, Clone, Copy)]
+struct HostView {
+    epoch: u64,
+    partitions: u32,
+}
+
+struct LocalConsumer {
+    stream: Arc<str>,
+    group: Option<Arc<str>>,
+    start: Start,
+    window: u32,
+    inbox: Arc<Inbox<StreamItem>>,
+    /// Hosts asked for their partitions (`Watch`).
+    watched: FxHashSet<NodeId>,
+    /// What the hosts answered.
+    hosts: FxHashMap<NodeId, HostView>,
+    /// Next offset expected per partition, at a host's run.
+    positions: FxHashMap<(NodeId, u32), (u64, u64)>,
+    /// Reads going on, per partition.
+    active: FxHashMap<(NodeId, u32), u64>,
+}
+
+struct Read {
+    sid: u64,
+    host: NodeId,
+    index: u32,
+    /// Records the host may still send.
+    credit: u32,
+}
+
+struct PendingAppend {
+    stream: Arc<str>,
+    host: NodeId,
+    records: Vec<NewRecord>,
+    /// The append call and its records' places in it.
+    call: u64,
+    slots: Vec<usize>,
+}
+
+struct AppendCall {
+    placed: Vec<Option<Placed>>,
+    remaining: usize,
+    error: Option<AppendFailure>,
+    reply: oneshot::Sender<Result<Vec<Placed>, AppendFailure>>,
+}
+
+struct Gather {
+    waiting: FxHashSet<NodeId>,
+    deadline: Instant,
+    got: Vec<HostParts>,
+    reply: oneshot::Sender<Vec<HostParts>>,
+}
+
+/// The node task's stream state.
+pub(crate) struct Streams {
+    pub(crate) host: core_stream::Streams<NodeId>,
+    /// This run of the node (partitions of another run are other logs).
+    epoch: u64,
+    host_all: bool,
+    host_streams: Vec<Arc<str>>,
+    self_hosted: FxHashSet<Arc<str>>,
+    self_host: bool,
+    consumers: FxHashMap<u64, LocalConsumer>,
+    reads: FxHashMap<u64, Read>,
+    next_rid: u64,
+    /// Local members per (stream, group).
+    groups: FxHashMap<(Arc<str>, Arc<str>), usize>,
+    pending: FxHashMap<u64, PendingAppend>,
+    calls: FxHashMap<u64, AppendCall>,
+    next_seq: u64,
+    /// Commits to send (the largest per partition and group).
+    commits: FxHashMap<(NodeId, Arc<str>, Arc<str>, u32), u64>,
+    /// Credit to grant, per (host, read).
+    credits: FxHashMap<(NodeId, u64), u32>,
+    /// Host side: consumers watching each stream.
+    watchers: FxHashMap<Arc<str>, FxHashSet<(NodeId, u64)>>,
+    gathers: FxHashMap<u64, Gather>,
+    next_req: u64,
+    /// Bumped when a consumer's view of the hosts' partitions changes.
+    changed: u64,
+    /// The generations consumers were last refreshed at.
+    refreshed_at: (u64, u64, u64),
+}
+
+impl Streams {
+    pub(crate) fn new(config: &crate::node::Config, epoch: u64) -> Self {
+        Self {
+            host: core_stream::Streams::new(config.stream.clone()),
+            epoch,
+            host_all: config.host_all,
+            host_streams: config.host_streams.clone(),
+            self_hosted: FxHashSet::default(),
+            self_host: config.self_host,
+            consumers: FxHashMap::default(),
+            reads: FxHashMap::default(),
+            next_rid: 0,
+            groups: FxHashMap::default(),
+            pending: FxHashMap::default(),
+            calls: FxHashMap::default(),
+            next_seq: 0,
+            commits: FxHashMap::default(),
+            credits: FxHashMap::default(),
+            watchers: FxHashMap::default(),
+            gathers: FxHashMap::default(),
+            next_req: 0,
+            changed: 0,
+            refreshed_at: (u64::MAX, u64::MAX, u64::MAX),
+        }
+    }
+
+    /// The patterns a node configured to host streams declares at start.
+    pub(crate) fn host_patterns(config: &crate::node::Config) -> Vec<Pattern> {
+        let mut out = Vec::new();
+        if config.host_all {
+            out.extend(Pattern::new(&format!("{HOST_PREFIX}>")));
+        }
+        for s in &config.host_streams {
+            out.extend(Pattern::new(&format!("{HOST_PREFIX}{s}")));
+        }
+        out
+    }
+
+    fn hosts_locally(&self, stream: &str) -> bool {
+        self.host_all
+            || self.self_hosted.contains(stream)
+            || self.host_streams.iter().any(|s| &**s == stream)
+            || self.host.has(stream)
+    }
+
+    /// Appends waiting for a host's answer.
+    pub(crate) fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        let gather = self.gathers.values().map(|g| g.deadline).min();
+        [self.host.poll_timeout(), gather]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+}
+
+/// Rendezvous hashing of a record's stream and key over hosts.
+fn rendezvous(stream: &str, key: &[u8], hosts: &[NodeId]) -> Option<NodeId> {
+    use std::hash::{Hash, Hasher};
+    hosts.iter().copied().max_by_key(|h| {
+        let mut s = rustc_hash::FxHasher::default();
+        stream.hash(&mut s);
+        key.hash(&mut s);
+        h.to_bytes().hash(&mut s);
+        s.finish()
+    })
+}
+
+/// The member a partition of a group goes to: rendezvous hashing of
+/// (stream, group, host, index) over the members.
+fn owner<T: Copy + Ord>(
+    stream: &str,
+    group: &str,
+    host: &NodeId,
+    index: u32,
+    members: &[T],
+    bytes: impl Fn(&T) -> Vec<u8>,
+) -> Option<T> {
+    use std::hash::{Hash, Hasher};
+    let host = host.to_bytes();
+    members.iter().copied().max_by_key(|m| {
+        let mut s = rustc_hash::FxHasher::default();
+        stream.hash(&mut s);
+        group.hash(&mut s);
+        host.hash(&mut s);
+        index.hash(&mut s);
+        bytes(m).hash(&mut s);
+        (s.finish(), *m)
+    })
+}
+
+fn headers_to_wire(headers: &[(String, Bytes)]) -> Vec<(&str, Raw<'_>)> {
+    headers.iter().map(|(k, v)| (k.as_str(), Raw(v))).collect()
+}
+
+fn headers_from_wire(frame: &Bytes, headers: &[(&str, Raw<'_>)]) -> Vec<(String, Bytes)> {
+    headers
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), slice(frame, v.0)))
+        .collect()
+}
+
+fn slice(frame: &Bytes, part: &[u8]) -> Bytes {
+    if part.is_empty() {
+        Bytes::new()
+    } else {
+        frame.slice_ref(part)
+    }
+}
+
+fn start_to_wire(s: &Start) -> StartWire<'_> {
+    match s {
+        Start::Earliest => StartWire::Earliest,
+        Start::Latest => StartWire::Latest,
+        Start::Offset(o) => StartWire::Offset(*o),
+        Start::Time(t) => StartWire::Time(*t),
+        Start::Committed { group, latest } => StartWire::Committed {
+            group,
+            latest: *latest,
+        },
+    }
+}
+
+fn start_from_wire(s: &StartWire<'_>) -> Start {
+    match s {
+        StartWire::Earliest => Start::Earliest,
+        StartWire::Latest => Start::Latest,
+        StartWire::Offset(o) => Start::Offset(*o),
+        StartWire::Time(t) => Start::Time(*t),
+        StartWire::Committed { group, latest } => Start::Committed {
+            group: (*group).into(),
+            latest: *latest,
+        },
+    }
+}
+
+/// The group pattern members of `group` on `stream` declare.
+pub(crate) fn group_pattern(stream: &str, group: &str) -> Option<Pattern> {
+    Pattern::new(&format!("{GROUP_PREFIX}{stream}.{group}")).ok()
+}
+
+fn record_bytes(r: &NewRecord) -> usize {
+    r.payload.len()
+        + r.key.len()
+        + r.headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 10)
+            .sum::<usize>()
+        + 32
+}
+
+impl NodeTask {
+    /// Live remote hosts of `stream`, with a link up.
+    fn stream_hosts(&self, stream: &str) -> Vec<NodeId> {
+        let mut hosts = self.declared(&format!("{HOST_PREFIX}{stream}"));
+        hosts.sort_unstable();
+        hosts
+    }
+
+    fn send_stream(&mut self, peer: NodeId, w: &StreamWire<'_>) {
+        let link = link_entry(&mut self.links, &mut self.next_link, &self.space, peer);
+        wire::encode(&mut link.scratch, &Frame::Stream(w.clone()));
+        link.has_data = true;
+    }
+
+    /// This node hosts `stream` from now on (it appended to it when nobody
+    /// hosted it, or a peer sent it an append).
+    fn start_hosting_stream(&mut self, stream: &Arc<str>) -> bool {
+        if self.streams.hosts_locally(stream) {
+            return true;
+        }
+        let room = self.streams.self_hosted.len() < self.streams.host.config().max_streams;
+        let Ok(p) = Pattern::new(&format!("{HOST_PREFIX}{stream}")) else {
+            return false;
+        };
+        if !room || !self.interest.has_room_for(&p) {
+            tracing::warn!(%stream, "cannot host another stream: at the limit of streams or declared patterns");
+            return false;
+        }
+        self.streams.self_hosted.insert(stream.clone());
+        if let Some(decl) = self.interest.subscribe(&p, false) {
+            self.announce(&decl);
+        }
+        true
+    }
+
+    /// Appends locally; tells watchers when the stream is new.
+    fn append_here(
+        &mut self,
+        stream: &str,
+        records: Vec<NewRecord>,
+    ) -> Result<Vec<(u32, u64)>, core_stream::AppendError> {
+        let existed = self.streams.host.has(stream);
+        let placed = self.streams.host.append(now(), stream, records)?;
+        if !existed {
+            self.stream_created(stream);
+        }
+        Ok(placed)
+    }
+
+    /// A stream appeared on this host: its watchers learn its partitions.
+    fn stream_created(&mut self, stream: &str) {
+        self.streams.changed += 1;
+        let partitions = self.streams.host.config().partitions;
+        let epoch = self.streams.epoch;
+        let watchers: Vec<(NodeId, u64)> = self
+            .streams
+            .watchers
+            .get(stream)
+            .map(|w| w.iter().copied().collect())
+            .unwrap_or_default();
+        for (peer, sid) in watchers {
+            self.send_stream(
+                peer,
+                &StreamWire::Parts {
+                    sid,
+                    epoch,
+                    partitions,
+                },
+            );
+        }
+    }
+
+    pub(crate) fn stream_op(&mut self, op: StreamOp) {
+        match op {
+            StreamOp::Append {
+                stream,
+                records,
+                reply,
+            } => self.append(stream, records, reply),
+            StreamOp::Consume {
+                sid,
+                stream,
+                group,
+                start,
+                window,
+                inbox,
+            } => {
+                if let Some(g) = &group {
+                    let n = self
+                        .streams
+                        .groups
+                        .entry((stream.clone(), g.clone()))
+                        .or_default();
+                    *n += 1;
+                    if *n == 1 {
+                        if let Some(p) = group_pattern(&stream, g) {
+                            if let Some(decl) = self.interest.subscribe(&p, false) {
+                                self.announce(&decl);
+                            }
+                        }
+                    }
+                }
+                self.streams.consumers.insert(
+                    sid,
+                    LocalConsumer {
+                        stream,
+                        group,
+                        start,
+                        window: window.max(1),
+                        inbox,
+                        watched: FxHashSet::default(),
+                        hosts: FxHashMap::default(),
+                        positions: FxHashMap::default(),
+                        active: FxHashMap::default(),
+                    },
+                );
+                self.streams.changed += 1;
+            }
+            StreamOp::Cancel { sid } => self.cancel_stream_consumer(sid),
+            StreamOp::Credit { rid, n } => {
+                let Some(r) = self.streams.reads.get_mut(&rid) else {
+                    return;
+                };
+                r.credit = r.credit.saturating_add(n);
+                let host = r.host;
+                if host == self.local {
+                    self.streams.host.credit(&host, rid, n);
+                } else {
+                    *self.streams.credits.entry((host, rid)).or_default() += n;
+                }
+            }
+            StreamOp::Commit {
+                host,
+                stream,
+                group,
+                index,
+                offset,
+            } => {
+                if host == self.local {
+                    self.streams.host.commit(&stream, &group, index, offset);
+                } else {
+                    let c = self
+                        .streams
+                        .commits
+                        .entry((host, stream, group, index))
+                        .or_default();
+                    *c = (*c).max(offset);
+                }
+            }
+            StreamOp::Info { stream, reply } => {
+                let mut got = Vec::new();
+                if self.streams.host.has(&stream) {
+                    got.push(HostParts {
+                        host: self.local,
+                        parts: self.streams.host.partitions(&stream),
+                    });
+                }
+                let hosts = self.stream_hosts(&stream);
+                self.streams.next_req += 1;
+                let req = self.streams.next_req;
+                for h in &hosts {
+                    self.send_stream(
+                        *h,
+                        &StreamWire::Info {
+                            req,
+                            stream: &stream,
+                        },
+                    );
+                }
+                let g = Gather {
+                    waiting: hosts.into_iter().collect(),
+                    deadline: now() + GATHER_TIMEOUT,
+                    got,
+                    reply,
+                };
+                if g.waiting.is_empty() {
+                    let _ = g.reply.send(g.got);
+                } else {
+                    self.streams.gathers.insert(req, g);
+                }
+            }
+        }
+    }
+
+    /// Routes an append call's records: here if this node hosts the
+    /// stream, else to live hosts by key, else here from now on.
+    fn append(
+        &mut self,
+        stream: Arc<str>,
+        records: Vec<NewRecord>,
+        reply: oneshot::Sender<Result<Vec<Placed>, AppendFailure>>,
+    ) {
+        self.streams.next_seq += 1;
+        let call = self.streams.next_seq;
+        let n = records.len();
+        self.streams.calls.insert(
+            call,
+            AppendCall {
+                placed: vec![None; n],
+                remaining: 0,
+                error: None,
+                reply,
+            },
+        );
+        self.route_append(call, stream, records, (0..n).collect());
+        self.finish_call_if_done(call);
+    }
+
+    fn route_append(
+        &mut self,
+        call: u64,
+        stream: Arc<str>,
+        records: Vec<NewRecord>,
+        slots: Vec<usize>,
+    ) {
+        let hosts = if self.streams.hosts_locally(&stream) {
+            Vec::new()
+        } else {
+            self.stream_hosts(&stream)
+        };
+        if hosts.is_empty() {
+            if !self.streams.hosts_locally(&stream) {
+                if !self.streams.self_host {
+                    self.fail_call(call, AppendFailure::NoHost);
+                    return;
+                }
+                tracing::debug!(%stream, "no host for stream; this node hosts its own partitions");
+                if !self.start_hosting_stream(&stream) {
+                    self.fail_call(
+                        call,
+                        AppendFailure::Refused {
+                            full: true,
+                            reason: format!(
+                                "stream {stream:?} has no host, and this node hosts as many streams as it may"
+                            ),
+                        },
+                    );
+                    return;
+                }
+            }
+            let local = self.local;
+            match self.append_here(&stream, records) {
+                Ok(placed) => {
+                    if let Some(c) = self.streams.calls.get_mut(&call) {
+                        for (slot, (index, offset)) in slots.into_iter().zip(placed) {
+                            c.placed[slot] = Some(Placed {
+                                host: local,
+                                index,
+                                offset,
+                            });
+                        }
+                    }
+                }
+                Err(e) => self.fail_call(
+                    call,
+                    AppendFailure::Refused {
+                        full: matches!(e, core_stream::AppendError::Full { .. }),
+                        reason: e.to_string(),
+                    },
+                ),
+            }
+            return;
+        }
+        // Records per host, in order; frames of bounded size.
+        let mut per_host: Vec<(NodeId, Vec<NewRecord>, Vec<usize>)> = Vec::new();
+        for (r, slot) in records.into_iter().zip(slots) {
+            let Some(h) = rendezvous(&stream, &r.key, &hosts) else {
+                continue;
+            };
+            let fits = per_host.last().is_some_and(|(last, recs, _)| {
+                *last == h
+                    && recs.len() < APPEND_BATCH
+                    && recs.iter().map(record_bytes).sum::<usize>() + record_bytes(&r)
+                        <= FRAME_BYTES
+            });
+            if !fits {
+                per_host.push((h, Vec::new(), Vec::new()));
+            }
+            if let Some((_, recs, slots)) = per_host.last_mut() {
+                recs.push(r);
+                slots.push(slot);
+            }
+        }
+        for (host, records, slots) in per_host {
+            self.streams.next_seq += 1;
+            let seq = self.streams.next_seq;
+            let wire_records: Vec<AppendWire<'_>> = records
+                .iter()
+                .map(|r| AppendWire {
+                    key: Raw(&r.key),
+                    ts_ms: r.timestamp_ms,
+                    headers: headers_to_wire(&r.headers),
+                    payload: Raw(&r.payload),
+                })
+                .collect();
+            let link = link_entry(&mut self.links, &mut self.next_link, &self.space, host);
+            wire::encode(
+                &mut link.scratch,
+                &Frame::Stream(StreamWire::Append {
+                    stream: &stream,
+                    seq,
+                    records: wire_records,
+                }),
+            );
+            link.has_data = true;
+            if let Some(c) = self.streams.calls.get_mut(&call) {
+                c.remaining += 1;
+            }
+            self.streams.pending.insert(
+                seq,
+                PendingAppend {
+                    stream: stream.clone(),
+                    host,
+                    records,
+                    call,
+                    slots,
+                },
+            );
+        }
+    }
+
+    fn fail_call(&mut self, call: u64, e: AppendFailure) {
+        if let Some(c) = self.streams.calls.get_mut(&call) {
+            c.error.get_or_insert(e);
+        }
+    }
+
+    fn finish_call_if_done(&mut self, call: u64) {
+        if self
+            .streams
+            .calls
+            .get(&call)
+            .is_some_and(|c| c.remaining == 0)
+        {
+            if let Some(c) = self.streams.calls.remove(&call) {
+                let result = match c.error {
+                    Some(e) => Err(e),
+                    None => Ok(c.placed.into_iter().flatten().collect()),
+                };
+                let _ = c.reply.send(result);
+            }
+        }
+    }
+
+    fn cancel_stream_consumer(&mut self, sid: u64) {
+        let Some(c) = self.streams.consumers.remove(&sid) else {
+            return;
+        };
+        c.inbox.close();
+        for (_, rid) in c.active {
+            self.stop_read(rid);
+        }
+        for h in c.watched {
+            if h != self.local {
+                self.send_stream(h, &StreamWire::Unwatch { sid });
+            }
+        }
+        if let Some(g) = c.group {
+            let key = (c.stream.clone(), g.clone());
+            let last = match self.streams.groups.get_mut(&key) {
+                Some(n) => {
+                    *n -= 1;
+                    *n == 0
+                }
+                None => false,
+            };
+            if last {
+                self.streams.groups.remove(&key);
+                if let Some(p) = group_pattern(&c.stream, &g) {
+                    if let Some(decl) = self.interest.unsubscribe(&p, false) {
+                        self.announce(&decl);
+                    }
+                }
+            }
+            // The group's other local members may take its partitions.
+            self.streams.changed += 1;
+        }
+    }
+
+    fn stop_read(&mut self, rid: u64) {
+        let Some(r) = self.streams.reads.remove(&rid) else {
+            return;
+        };
+        self.streams.credits.remove(&(r.host, rid));
+        if r.host == self.local {
+            self.streams.host.close(&r.host, rid);
+        } else if self.links.get(&r.host).is_some_and(|l| l.up) {
+            self.send_stream(r.host, &StreamWire::Stop { rid });
+        }
+    }
+
+    /// Decides, for every consumer, which partitions it reads, and starts
+    /// and stops reads to match.
+    fn refresh_stream_consumers(&mut self) {
+        let sids: Vec<u64> = self.streams.consumers.keys().copied().collect();
+        for sid in sids {
+            self.refresh_consumer(sid);
+        }
+    }
+
+    fn refresh_consumer(&mut self, sid: u64) {
+        let local = self.local;
+        let Some(c) = self.streams.consumers.get(&sid) else {
+            return;
+        };
+        let stream = c.stream.clone();
+        let group = c.group.clone();
+        let remote = self.stream_hosts(&stream);
+        // Watch new hosts.
+        let to_watch: Vec<NodeId> = remote
+            .iter()
+            .filter(|h| !c.watched.contains(h))
+            .copied()
+            .collect();
+        for h in &to_watch {
+            self.send_stream(
+                *h,
+                &StreamWire::Watch {
+                    sid,
+                    stream: &stream,
+                },
+            );
+        }
+        let local_view = self.streams.host.has(&stream).then(|| HostView {
+            epoch: self.streams.epoch,
+            partitions: self.streams.host.config().partitions,
+        });
+        // Members of the group, and this node's members of it.
+        let assignment = group.as_ref().map(|g| {
+            let mut members = self.declared(&format!("{GROUP_PREFIX}{stream}.{g}"));
+            members.push(local);
+            members.sort_unstable();
+            members.dedup();
+            let mut locals: Vec<u64> = self
+                .streams
+                .consumers
+                .iter()
+                .filter(|(_, o)| o.stream == stream && o.group.as_ref() == Some(g))
+                .map(|(s, _)| *s)
+                .collect();
+            locals.sort_unstable();
+            (g.clone(), members, locals)
+        });
+        let Some(c) = self.streams.consumers.get_mut(&sid) else {
+            return;
+        };
+        c.watched.extend(to_watch);
+        let live: FxHashSet<NodeId> = remote.iter().copied().collect();
+        c.watched.retain(|h| live.contains(h));
+        c.hosts.retain(|h, _| live.contains(h));
+        match local_view {
+            Some(v) => {
+                c.hosts.insert(local, v);
+            }
+            None => {
+                c.hosts.remove(&local);
+            }
+        }
+        // The partitions this consumer wants.
+        let mut want: Vec<(NodeId, u32, u64)> = Vec::new();
+        for (h, v) in &c.hosts {
+            for i in 0..v.partitions {
+                let mine = match &assignment {
+                    None => true,
+                    Some((g, members, locals)) => {
+                        owner(&stream, g, h, i, members, |m: &NodeId| m.to_bytes()) == Some(local)
+                            && owner(&stream, g, h, i, locals, |s: &u64| s.to_le_bytes().to_vec())
+                                == Some(sid)
+                    }
+                };
+                if mine {
+                    want.push((*h, i, v.epoch));
+                }
+            }
+        }
+        want.sort_unstable();
+        let wanted: FxHashSet<(NodeId, u32)> = want.iter().map(|(h, i, _)| (*h, *i)).collect();
+        let stop: Vec<((NodeId, u32), u64)> = c
+            .active
+            .iter()
+            .filter(|(p, _)| !wanted.contains(p))
+            .map(|(p, r)| (*p, *r))
+            .collect();
+        for (p, _) in &stop {
+            c.active.remove(p);
+            // A group partition that went to another member resumes there
+            // from the commit; a host that is only out of reach keeps our
+            // place.
+            if c.group.is_some() && c.hosts.contains_key(&p.0) {
+                c.positions.remove(p);
+            }
+        }
+        let window = c.window;
+        let mut start = Vec::new();
+        for (h, i, epoch) in want {
+            if c.active.contains_key(&(h, i)) {
+                continue;
+            }
+            let from = match c.positions.get(&(h, i)) {
+                Some((e, next)) if *e == epoch => Start::Offset(*next),
+                _ => match (&c.group, &c.start) {
+                    (Some(g), s) => Start::Committed {
+                        group: g.clone(),
+                        latest: matches!(s, Start::Latest),
+                    },
+                    (None, s) => s.clone(),
+                },
+            };
+            if let Start::Offset(o) = from {
+                c.positions.insert((h, i), (epoch, o));
+            } else {
+                c.positions.remove(&(h, i));
+            }
+            self.streams.next_rid += 1;
+            let rid = self.streams.next_rid;
+            c.active.insert((h, i), rid);
+            start.push((h, i, rid, from));
+        }
+        for (_, rid) in stop {
+            self.stop_read(rid);
+        }
+        for (host, index, rid, from) in start {
+            self.streams.reads.insert(
+                rid,
+                Read {
+                    sid,
+                    host,
+                    index,
+                    credit: window,
+                },
+            );
+            if host == local {
+                match self
+                    .streams
+                    .host
+                    .open(local, rid, &stream, index, &from, window)
+                {
+                    Ok(at) => self.read_started(sid, host, index, at),
+                    Err(e) => {
+                        tracing::warn!(%stream, index, error = %e, "stream read refused");
+                        self.read_refused(rid);
+                    }
+                }
+            } else {
+                self.send_stream(
+                    host,
+                    &StreamWire::Read {
+                        sid,
+                        rid,
+                        stream: &stream,
+                        index,
+                        from: start_to_wire(&from),
+                        credit: window,
+                    },
+                );
+            }
+        }
+    }
+
+    /// A local read starts at `at`: that is where the consumer is.
+    fn read_started(&mut self, sid: u64, host: NodeId, index: u32, at: u64) {
+        let epoch = self.streams.epoch;
+        if let Some(c) = self.streams.consumers.get_mut(&sid) {
+            c.positions.entry((host, index)).or_insert((epoch, at));
+        }
+    }
+
+    fn read_refused(&mut self, rid: u64) {
+        if let Some(r) = self.streams.reads.remove(&rid) {
+            if let Some(c) = self.streams.consumers.get_mut(&r.sid) {
+                c.active.remove(&(r.host, r.index));
+            }
+        }
+    }
+
+    /// Records of read `rid` from `host`, in order: onto the consumer's
+    /// inbox, with what was already seen dropped.
+    fn records_arrived(
+        &mut self,
+        host: NodeId,
+        rid: u64,
+        gone: Option<(u64, u64)>,
+        records: Vec<core_stream::Record>,
+    ) {
+        let Some(r) = self.streams.reads.get_mut(&rid) else {
+            return; // stopped meanwhile
+        };
+        if r.host != host {
+            return;
+        }
+        if records.len() > r.credit as usize {
+            // A host that ignores the credit (a bug or a hostile peer)
+            // cannot fill our memory: read again from where we are.
+            tracing::warn!(%host, rid, "stream host sent more than the credit granted; reading again");
+            let (sid, index) = (r.sid, r.index);
+            self.stop_read(rid);
+            if let Some(c) = self.streams.consumers.get_mut(&sid) {
+                c.active.remove(&(host, index));
+            }
+            self.streams.changed += 1;
+            return;
+        }
+        r.credit -= records.len() as u32;
+        let (sid, index) = (r.sid, r.index);
+        let epoch = self
+            .streams
+            .consumers
+            .get(&sid)
+            .and_then(|c| c.hosts.get(&host))
+            .map_or(self.streams.epoch, |v| v.epoch);
+        let Some(c) = self.streams.consumers.get_mut(&sid) else {
+            return;
+        };
+        let pos = c.positions.get(&(host, index)).map(|(_, n)| *n);
+        let mut next = pos;
+        let mut items = Vec::with_capacity(records.len() + 1);
+        let mut skipped = 0u32;
+        if let Some((wanted, first)) = gone {
+            items.push(StreamItem::Gone {
+                host,
+                index,
+                wanted,
+                first,
+            });
+            next = Some(first);
+        }
+        for record in records {
+            match next {
+                Some(n) if record.offset < n => {
+                    skipped += 1;
+                    continue;
+                }
+                Some(n) if record.offset > n => {
+                    tracing::warn!(%host, index, expected = n, got = record.offset, "stream records skipped an offset");
+                }
+                _ => {}
+            }
+            next = Some(record.offset + 1);
+            items.push(StreamItem::Record {
+                host,
+                rid,
+                index,
+                record,
+            });
+        }
+        if let Some(n) = next {
+            c.positions.insert((host, index), (epoch, n));
+        }
+        if c.inbox.push_many(items).is_err() {
+            return;
+        }
+        if skipped > 0 {
+            // Repeats take no room: their credit comes back at once.
+            self.stream_op(StreamOp::Credit { rid, n: skipped });
+        }
+    }
+
+    /// A stream frame from `peer`.
+    pub(crate) fn handle_stream(
+        &mut self,
+        peer: NodeId,
+        body: &Bytes,
+        w: StreamWire<'_>,
+    ) -> Result<(), WireError> {
+        match w {
+            StreamWire::Append {
+                stream,
+                seq,
+                records,
+            } => {
+                Topic::new(stream).map_err(|e| WireError::BadTopic(e.to_string()))?;
+                let records: Vec<NewRecord> = records
+                    .iter()
+                    .map(|r| NewRecord {
+                        key: slice(body, r.key.0),
+                        timestamp_ms: r.ts_ms,
+                        headers: headers_from_wire(body, &r.headers),
+                        payload: slice(body, r.payload.0),
+                    })
+                    .collect();
+                // Its appender may think we host it when we do not (a
+                // declaration of a previous run): take it, within limits.
+                let name: Arc<str> = stream.into();
+                let result = if self.start_hosting_stream(&name) {
+                    self.append_here(stream, records)
+                } else {
+                    Err(core_stream::AppendError::TooManyStreams {
+                        limit: self.streams.host.config().max_streams,
+                    })
+                };
+                match result {
+                    Ok(placed) => {
+                        let epoch = self.streams.epoch;
+                        self.send_stream(peer, &StreamWire::Appended { seq, epoch, placed });
+                    }
+                    Err(e) => {
+                        let reason = e.to_string();
+                        self.send_stream(
+                            peer,
+                            &StreamWire::AppendRefused {
+                                seq,
+                                full: matches!(e, core_stream::AppendError::Full { .. }),
+                                reason: &reason,
+                            },
+                        );
+                    }
+                }
+            }
+            StreamWire::Appended {
+                seq,
+                epoch: _,
+                placed,
+            } => {
+                if self
+                    .streams
+                    .pending
+                    .get(&seq)
+                    .is_none_or(|p| p.host != peer)
+                {
+                    return Ok(());
+                }
+                let Some(p) = self.streams.pending.remove(&seq) else {
+                    return Ok(());
+                };
+                if let Some(c) = self.streams.calls.get_mut(&p.call) {
+                    for (slot, (index, offset)) in p.slots.into_iter().zip(placed) {
+                        if let Some(s) = c.placed.get_mut(slot) {
+                            *s = Some(Placed {
+                                host: peer,
+                                index,
+                                offset,
+                            });
+                        }
+                    }
+                    c.remaining -= 1;
+                }
+                self.finish_call_if_done(p.call);
+            }
+            StreamWire::AppendRefused { seq, full, reason } => {
+                if self
+                    .streams
+                    .pending
+                    .get(&seq)
+                    .is_none_or(|p| p.host != peer)
+                {
+                    return Ok(());
+                }
+                if let Some(p) = self.streams.pending.remove(&seq) {
+                    if let Some(c) = self.streams.calls.get_mut(&p.call) {
+                        c.remaining -= 1;
+                        c.error.get_or_insert(AppendFailure::Refused {
+                            full,
+                            reason: reason.to_owned(),
+                        });
+                    }
+                    self.finish_call_if_done(p.call);
+                }
+            }
+            StreamWire::Watch { sid, stream } => {
+                Topic::new(stream).map_err(|e| WireError::BadTopic(e.to_string()))?;
+                let w = self.streams.watchers.entry(stream.into()).or_default();
+                if w.len() >= MAX_WATCHERS && !w.contains(&(peer, sid)) {
+                    tracing::warn!(%peer, %stream, "too many consumers watch this stream; refused");
+                    return Ok(());
+                }
+                w.insert((peer, sid));
+                let partitions = if self.streams.host.has(stream) {
+                    self.streams.host.config().partitions
+                } else {
+                    0
+                };
+                let epoch = self.streams.epoch;
+                self.send_stream(
+                    peer,
+                    &StreamWire::Parts {
+                        sid,
+                        epoch,
+                        partitions,
+                    },
+                );
+            }
+            StreamWire::Unwatch { sid } => {
+                self.streams.watchers.retain(|_, w| {
+                    w.remove(&(peer, sid));
+                    !w.is_empty()
+                });
+            }
+            StreamWire::Parts {
+                sid,
+                epoch,
+                partitions,
+            } => {
+                let Some(c) = self.streams.consumers.get_mut(&sid) else {
+                    return Ok(());
+                };
+                if !c.watched.contains(&peer) {
+                    return Ok(());
+                }
+                let partitions = partitions.min(core_stream::MAX_PARTITIONS);
+                if c.hosts.get(&peer).is_some_and(|v| v.epoch != epoch) {
+                    // The host restarted: its partitions are new logs.
+                    c.positions.retain(|(h, _), _| *h != peer);
+                }
+                c.hosts.insert(peer, HostView { epoch, partitions });
+                self.streams.changed += 1;
+            }
+            StreamWire::Read {
+                sid: _,
+                rid,
+                stream,
+                index,
+                from,
+                credit,
+            } => {
+                Topic::new(stream).map_err(|e| WireError::BadTopic(e.to_string()))?;
+                let start = start_from_wire(&from);
+                if let Start::Committed { group, .. } = &start {
+                    if group.len() > core_stream::MAX_GROUP_LEN {
+                        return Err(WireError::BadTopic("group name too long".into()));
+                    }
+                }
+                if let Err(e) = self
+                    .streams
+                    .host
+                    .open(peer, rid, stream, index, &start, credit)
+                {
+                    let reason = e.to_string();
+                    self.send_stream(
+                        peer,
+                        &StreamWire::ReadRefused {
+                            rid,
+                            reason: &reason,
+                        },
+                    );
+                }
+            }
+            StreamWire::ReadRefused { rid, reason } => {
+                if self.streams.reads.get(&rid).is_some_and(|r| r.host == peer) {
+                    tracing::warn!(%peer, rid, reason, "stream read refused");
+                    self.read_refused(rid);
+                }
+            }
+            StreamWire::Records { rid, gone, records } => {
+                let records = records
+                    .iter()
+                    .map(|r| core_stream::Record {
+                        offset: r.offset,
+                        key: slice(body, r.key.0),
+                        timestamp_ms: r.ts_ms,
+                        headers: headers_from_wire(body, &r.headers),
+                        payload: slice(body, r.payload.0),
+                    })
+                    .collect();
+                self.records_arrived(peer, rid, gone, records);
+            }
+            StreamWire::Credit { rid, n } => self.streams.host.credit(&peer, rid, n),
+            StreamWire::Stop { rid } => self.streams.host.close(&peer, rid),
+            StreamWire::Commit {
+                stream,
+                group,
+                index,
+                offset,
+            } => {
+                if !self.streams.host.commit(stream, group, index, offset) {
+                    tracing::debug!(%peer, stream, group, index, "stream commit refused");
+                }
+            }
+            StreamWire::Info { req, stream } => {
+                let parts = self.streams.host.partitions(stream);
+                let wire_parts = parts
+                    .iter()
+                    .map(|p| PartWire {
+                        index: p.index,
+                        first: p.first,
+                        next: p.next,
+                        bytes: p.bytes,
+                        committed: p
+                            .committed
+                            .iter()
+                            .take(256)
+                            .map(|(g, o)| (&**g, *o))
+                            .collect(),
+                    })
+                    .collect();
+                let epoch = self.streams.epoch;
+                self.send_stream(
+                    peer,
+                    &StreamWire::InfoReply {
+                        req,
+                        epoch,
+                        parts: wire_parts,
+                    },
+                );
+            }
+            StreamWire::InfoReply {
+                req,
+                epoch: _,
+                parts,
+            } => {
+                let Some(g) = self.streams.gathers.get_mut(&req) else {
+                    return Ok(());
+                };
+                if !g.waiting.remove(&peer) {
+                    return Ok(());
+                }
+                if !parts.is_empty() {
+                    g.got.push(HostParts {
+                        host: peer,
+                        parts: parts
+                            .iter()
+                            .take(core_stream::MAX_PARTITIONS as usize)
+                            .map(|p| core_stream::PartitionState {
+                                index: p.index,
+                                first: p.first,
+                                next: p.next,
+                                bytes: p.bytes,
+                                committed: p
+                                    .committed
+                                    .iter()
+                                    .map(|(g, o)| (Arc::from(*g), *o))
+                                    .collect(),
+                            })
+                            .collect(),
+                    });
+                }
+                if g.waiting.is_empty() {
+                    if let Some(g) = self.streams.gathers.remove(&req) {
+                        let _ = g.reply.send(g.got);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The link to `peer` ended: its reads and watches here end, our reads
+    /// from it stop (keeping our place), appends waiting for it go
+    /// elsewhere.
+    pub(crate) fn stream_link_down(&mut self, peer: NodeId) {
+        self.streams.host.close_all(|k| *k == peer);
+        self.streams.watchers.retain(|_, w| {
+            w.retain(|(n, _)| *n != peer);
+            !w.is_empty()
+        });
+        self.streams.credits.retain(|(h, _), _| *h != peer);
+        self.streams.commits.retain(|(h, ..), _| *h != peer);
+        let dead: Vec<u64> = self
+            .streams
+            .reads
+            .iter()
+            .filter(|(_, r)| r.host == peer)
+            .map(|(rid, _)| *rid)
+            .collect();
+        for rid in dead {
+            if let Some(r) = self.streams.reads.remove(&rid) {
+                if let Some(c) = self.streams.consumers.get_mut(&r.sid) {
+                    c.active.remove(&(peer, r.index));
+                }
+            }
+        }
+        for c in self.streams.consumers.values_mut() {
+            c.watched.remove(&peer);
+            // Its answer comes again when it is watched again.
+            c.hosts.remove(&peer);
+        }
+        self.streams.changed += 1;
+        let mut again: Vec<u64> = self
+            .streams
+            .pending
+            .iter()
+            .filter(|(_, p)| p.host == peer)
+            .map(|(s, _)| *s)
+            .collect();
+        again.sort_unstable();
+        for seq in again {
+            if let Some(p) = self.streams.pending.remove(&seq) {
+                if let Some(c) = self.streams.calls.get_mut(&p.call) {
+                    c.remaining -= 1;
+                }
+                self.route_append(p.call, p.stream, p.records, p.slots);
+                self.finish_call_if_done(p.call);
+            }
+        }
+        let reqs: Vec<u64> = self
+            .streams
+            .gathers
+            .iter()
+            .filter(|(_, g)| g.waiting.contains(&peer))
+            .map(|(r, _)| *r)
+            .collect();
+        for req in reqs {
+            if let Some(g) = self.streams.gathers.get_mut(&req) {
+                g.waiting.remove(&peer);
+                if g.waiting.is_empty() {
+                    if let Some(g) = self.streams.gathers.remove(&req) {
+                        let _ = g.reply.send(g.got);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Timers: retention by age, `info` answers that did not come.
+    pub(crate) fn stream_timeout(&mut self) {
+        let now = now();
+        if self.streams.host.poll_timeout().is_some_and(|t| t <= now) {
+            self.streams.host.handle_timeout(now);
+        }
+        let expired: Vec<u64> = self
+            .streams
+            .gathers
+            .iter()
+            .filter(|(_, g)| g.deadline <= now)
+            .map(|(r, _)| *r)
+            .collect();
+        for req in expired {
+            if let Some(g) = self.streams.gathers.remove(&req) {
+                tracing::warn!(
+                    hosts = g.waiting.len(),
+                    "stream hosts did not answer in time; the answer lacks their part"
+                );
+                let _ = g.reply.send(g.got);
+            }
+        }
+    }
+
+    /// End of a batch: consumers follow changes in hosts and members,
+    /// readers are sent what their credit allows, credit and commits go out.
+    pub(crate) fn stream_flush(&mut self) {
+        let generation = (
+            self.interest.generation(),
+            self.links_generation,
+            self.streams.changed,
+        );
+        if self.streams.refreshed_at != generation && !self.streams.consumers.is_empty() {
+            self.streams.refreshed_at = generation;
+            self.refresh_stream_consumers();
+            // Refreshing may have changed things again (local reads).
+            self.streams.refreshed_at = (
+                self.interest.generation(),
+                self.links_generation,
+                self.streams.changed,
+            );
+        }
+        while let Some(b) = self.streams.host.poll_dispatch() {
+            if b.key == self.local {
+                self.records_arrived(b.key, b.rid, b.gone, b.records);
+            } else {
+                self.send_records(b);
+            }
+        }
+        for ((host, rid), n) in std::mem::take(&mut self.streams.credits) {
+            self.send_stream(host, &StreamWire::Credit { rid, n });
+        }
+        for ((host, stream, group, index), offset) in std::mem::take(&mut self.streams.commits) {
+            self.send_stream(
+                host,
+                &StreamWire::Commit {
+                    stream: &stream,
+                    group: &group,
+                    index,
+                    offset,
+                },
+            );
+        }
+    }
+
+    fn send_records(&mut self, b: core_stream::Batch<NodeId>) {
+        let peer = b.key;
+        if !self.links.get(&peer).is_some_and(|l| l.up) {
+            self.streams.host.close_all(|k| *k == peer);
+            return;
+        }
+        let records: Vec<RecordWire<'_>> = b
+            .records
+            .iter()
+            .map(|r| RecordWire {
+                offset: r.offset,
+                key: Raw(&r.key),
+                ts_ms: r.timestamp_ms,
+                headers: headers_to_wire(&r.headers),
+                payload: Raw(&r.payload),
+            })
+            .collect();
+        let link = link_entry(&mut self.links, &mut self.next_link, &self.space, peer);
+        wire::encode(
+            &mut link.scratch,
+            &Frame::Stream(StreamWire::Records {
+                rid: b.rid,
+                gone: b.gone,
+                records,
+            }),
+        );
+        link.has_data = true;
+    }
+
+    /// Shutdown: handles see the node gone.
+    pub(crate) fn stream_close(&mut self) {
+        for c in self.streams.consumers.values() {
+            c.inbox.close();
+        }
+    }
+}
