@@ -11,8 +11,11 @@
 //!   in a partition where some record between them was appended;
 //! - *non-monotonic*: a whole-stream reader read an offset at or below one
 //!   it read before in the same partition (and the host did not restart);
-//! - *misplaced*: a record read at another partition or offset than its
-//!   append was acknowledged with;
+//! - *misplaced*: a record read at a partition and offset where another
+//!   record's append was acknowledged;
+//! - *appended twice*: a record read at another place than its append was
+//!   acknowledged with, where no acknowledged record is: an append retried
+//!   after the host's answer was lost (at least once), counted, not failed;
 //! - *unexpected*: a record read that nobody appended.
 //!
 //! Group readers may legitimately jump (a partition moves to another
@@ -40,6 +43,7 @@ pub struct StreamChecker {
     skipped: u64,
     non_monotonic: u64,
     misplaced: u64,
+    copies: BTreeSet<String>,
     unexpected: Vec<String>,
     examples: Vec<String>,
 }
@@ -61,8 +65,11 @@ pub struct StreamReport {
     pub skipped: u64,
     /// A whole-stream reader's offsets going back.
     pub non_monotonic: u64,
-    /// Records read at another place than acknowledged.
+    /// Records read where another record's append was acknowledged.
     pub misplaced: u64,
+    /// Records stored more than once (retried appends), read at a place
+    /// no acknowledged record has.
+    pub appended_twice: u64,
     /// Records read that nobody appended.
     pub unexpected: u64,
     /// A few problems, described.
@@ -84,7 +91,7 @@ impl std::fmt::Display for StreamReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "appended {} read {} duplicated {} lost {} excused {} skipped {} non-monotonic {} misplaced {} unexpected {}",
+            "appended {} read {} duplicated {} lost {} excused {} skipped {} non-monotonic {} misplaced {} appended-twice {} unexpected {}",
             self.appended,
             self.read,
             self.duplicated,
@@ -93,6 +100,7 @@ impl std::fmt::Display for StreamReport {
             self.skipped,
             self.non_monotonic,
             self.misplaced,
+            self.appended_twice,
             self.unexpected
         )?;
         if !self.examples.is_empty() {
@@ -137,10 +145,18 @@ impl StreamChecker {
         *self.reads.entry(name.to_owned()).or_default() += 1;
         match self.appended.get(name) {
             Some(&(p, o)) if (p, o) != (partition, offset) => {
-                self.misplaced += 1;
-                self.note(format!(
-                    "{name} read at {partition}@{offset}, appended at {p}@{o}"
-                ));
+                match self.at.get(&(partition, offset)) {
+                    Some(other) if other != name => {
+                        let other = other.clone();
+                        self.misplaced += 1;
+                        self.note(format!(
+                            "{name} read at {partition}@{offset}, where {other} was appended ({name} at {p}@{o})"
+                        ));
+                    }
+                    _ => {
+                        self.copies.insert(name.to_owned());
+                    }
+                }
             }
             Some(_) => {}
             // Its append's `Ok` may not be recorded yet: judged in `report`.
@@ -235,6 +251,7 @@ impl StreamChecker {
             skipped: self.skipped,
             non_monotonic: self.non_monotonic,
             misplaced: self.misplaced,
+            appended_twice: self.copies.len() as u64,
             unexpected: self.unexpected.iter().filter(|n| !known(n)).count() as u64,
             examples,
         }
@@ -263,7 +280,8 @@ mod tests {
         c.read("r", "a2", p(0), 2); // skipped a1
         c.read("r", "a2", p(0), 2); // back (and a duplicate)
         c.read("g", "a3", p(0), 3);
-        c.read("g", "a4", p(1), 9); // misplaced
+        c.read("g", "a4", p(0), 2); // misplaced (a2's place)
+        c.read("g", "a3", p(1), 0); // a retried append's copy
         c.read("g", "zzz", p(0), 7);
         let r = c.report();
         assert_eq!(
@@ -277,9 +295,10 @@ mod tests {
                 r.misplaced,
                 r.unexpected
             ),
-            (5, 4, 1, 1, 1, 1, 1, 1),
+            (5, 4, 2, 1, 1, 1, 1, 1),
             "{r}"
         );
+        assert_eq!(r.appended_twice, 1);
         assert!(!r.ok());
         assert!(!c.settled());
     }
