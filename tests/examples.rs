@@ -83,3 +83,34 @@ async fn work_queue_example() {
     );
     assert!(stdout.contains("jobs per worker (competing consumers): w1 "));
 }
+
+/// A host, an aggregator process and three sensor processes: every
+/// reading read once, every (window, sensor) average as computed from
+/// the readings, none late.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_stream_example() {
+    let exe = example("event_stream");
+    let run = tokio::process::Command::new(&exe)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .expect("the example finishes in time")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ok = stdout
+        .lines()
+        .find(|l| l.starts_with("ok: "))
+        .unwrap_or_else(|| panic!("no ok line in:\n{stdout}"));
+    assert!(
+        ok.starts_with("ok: 3 sensors x 15 readings, 9 window averages, each as computed from the readings; none late"),
+        "{ok}"
+    );
+    assert!(stdout.contains("summary: average per sensor and 1 s window of event time"));
+}

@@ -1,5 +1,5 @@
-//! The `mesh` command line: run a node, publish, subscribe, list peers, run
-//! the demo and the benchmarks.
+//! The `mesh` command line: run a node, publish, subscribe, list peers,
+//! queues, request/reply and streams, run the demo and the benchmarks.
 //!
 //! This is binary code that lives in the library so that both the `mesh`
 //! binary and the workspace root's binary (`cargo run -- ...`) share it.
@@ -33,7 +33,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Run a long-lived node until interrupted; it hosts every queue.
+    /// Run a long-lived node until interrupted; it hosts every queue and
+    /// stream.
     Node {
         #[command(flatten)]
         net: NetArgs,
@@ -92,6 +93,12 @@ enum Cmd {
         #[command(subcommand)]
         which: DlqCmd,
     },
+    /// Streams: append records, read them (from any offset, or as a
+    /// consumer group), show partitions and offsets.
+    Stream {
+        #[command(subcommand)]
+        which: StreamCmd,
+    },
     /// Send a request and print the answer.
     Request {
         /// Subject: dot-separated segments.
@@ -141,6 +148,10 @@ enum Cmd {
         /// `consume` mode: the consumer's prefetch.
         #[arg(long, default_value_t = 1024)]
         prefetch: u32,
+        /// `stream` mode: the consumer's window (records in flight per
+        /// partition).
+        #[arg(long, default_value_t = 1024)]
+        window: u32,
     },
     /// (internal) the remote side of `bench ring`.
     #[command(hide = true)]
@@ -195,6 +206,58 @@ enum QueueCmd {
         /// Exit after this many deliveries.
         #[arg(long)]
         count: Option<u64>,
+        #[command(flatten)]
+        net: NetArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum StreamCmd {
+    /// Append a record (or several); exits once the stream's host stored
+    /// them, printing a JSON line per record with where it went.
+    Append {
+        /// The stream.
+        stream: String,
+        /// The payload.
+        message: String,
+        /// Records with one key go to one partition (default: no key).
+        #[arg(long)]
+        key: Option<String>,
+        /// Append this many, as MESSAGE-0 .. MESSAGE-(N-1).
+        #[arg(long, default_value_t = 1)]
+        count: u64,
+        #[command(flatten)]
+        net: NetArgs,
+    },
+    /// Read records from every partition of every live host, printing a
+    /// JSON line per record (partition, offset, key, timestamp, payload).
+    Read {
+        /// The stream.
+        stream: String,
+        /// Where to start in each partition: `earliest`, `latest` or an
+        /// offset. With --group, where partitions the group never
+        /// committed start (`earliest` or `latest`).
+        #[arg(long, default_value = "earliest")]
+        from: String,
+        /// Read as a member of this consumer group: only the partitions it
+        /// is given, from the group's committed offsets, committing each
+        /// record once printed.
+        #[arg(long)]
+        group: Option<String>,
+        /// Exit after this many records.
+        #[arg(long)]
+        count: Option<u64>,
+        #[command(flatten)]
+        net: NetArgs,
+    },
+    /// Show the stream's partitions on its live hosts (offsets, records,
+    /// bytes) and each group's committed offsets and lag.
+    Info {
+        /// The stream.
+        stream: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
         #[command(flatten)]
         net: NetArgs,
     },
@@ -270,6 +333,34 @@ enum BenchCmd {
         /// The consumer's prefetch (unacked messages in flight).
         #[arg(long, default_value_t = 1024)]
         prefetch: u32,
+        /// Print only the JSON result line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stream between two processes: records appended here (and hosted
+    /// here, or with `--host consumer` there), consumed from the earliest
+    /// offset in the other; the rate counts records consumed there.
+    Stream {
+        /// `quic`, or `shm` (shared-memory rings between the two nodes).
+        #[arg(long, default_value = "quic")]
+        transport: String,
+        /// With `shm`: `adaptive` or `spin`.
+        #[arg(long, default_value = "adaptive")]
+        wait: String,
+        /// Payload size in bytes.
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        /// Records to append.
+        #[arg(long, default_value_t = 1_000_000)]
+        messages: u64,
+        /// The consumer's window (records in flight per partition).
+        #[arg(long, default_value_t = 1024)]
+        window: u32,
+        /// Where the records are stored: `appender` (it hosts its own
+        /// partitions; records cross the link to the consumer) or
+        /// `consumer` (appends cross the link; reads are local).
+        #[arg(long, default_value = "appender")]
+        host: String,
         /// Print only the JSON result line.
         #[arg(long)]
         json: bool,
@@ -371,8 +462,8 @@ impl NetArgs {
     }
 
     /// Starts a short-lived node and waits until it has joined the mesh.
-    /// It never hosts a queue: it can exit at once without losing what
-    /// it sent.
+    /// It never hosts a queue or a stream: it can exit at once without
+    /// losing what it sent or appended.
     async fn join(&self) -> anyhow::Result<Node> {
         let node = self.builder().self_host(false).start().await?;
         if node.joined(self.timeout()).await.is_err() {
@@ -454,6 +545,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Dlq {
             which: DlqCmd::Replay { queue, net },
         } => work::dlq_replay(queue, net).await,
+        Cmd::Stream {
+            which:
+                StreamCmd::Append {
+                    stream,
+                    message,
+                    key,
+                    count,
+                    net,
+                },
+        } => stream::append(stream, message, key, count, net).await,
+        Cmd::Stream {
+            which:
+                StreamCmd::Read {
+                    stream,
+                    from,
+                    group,
+                    count,
+                    net,
+                },
+        } => stream::read(stream, &from, group, count, net).await,
+        Cmd::Stream {
+            which: StreamCmd::Info { stream, json, net },
+        } => stream::info(stream, json, net).await,
         Cmd::Request {
             subject,
             message,
@@ -490,6 +604,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 size,
                 messages,
                 prefetch,
+                bench::Net::parse(&transport, &wait)?,
+                json,
+            )
+            .await
+        }
+        Cmd::Bench {
+            which:
+                BenchCmd::Stream {
+                    transport,
+                    wait,
+                    size,
+                    messages,
+                    window,
+                    host,
+                    json,
+                },
+        } => {
+            bench::stream(
+                size,
+                messages,
+                window,
+                bench::StreamHost::parse(&host)?,
                 bench::Net::parse(&transport, &wait)?,
                 json,
             )
@@ -563,13 +699,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             transport,
             wait,
             prefetch,
+            window,
         } => {
             bench::peer(
                 &mode,
                 messages,
                 gossip_via,
                 bench::Net::parse(&transport, &wait)?,
-                prefetch,
+                bench::PeerOptions { prefetch, window },
             )
             .await
         }
@@ -577,7 +714,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn run_node(net: NetArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
-    // A long-running node hosts every queue (one-shot commands never do).
+    // A long-running node hosts every queue and stream (one-shot commands
+    // never do).
     let mut b = net.builder().host_all();
     if let Some(dir) = data_dir {
         b = b.data_dir(dir);
@@ -839,4 +977,5 @@ pub(crate) fn lines_of(
 mod bench;
 mod demo;
 mod ring_bench;
+mod stream;
 mod work;

@@ -38,8 +38,8 @@ pub mod core;
 pub mod node;
 pub mod queue;
 pub mod rpc;
-pub mod stream;
 pub(crate) mod runtime;
+pub mod stream;
 
 /// What the unit tests of the cores share, outside the cores.
 #[cfg(test)]
@@ -53,8 +53,8 @@ pub(crate) mod test_support {
     }
 }
 pub mod sim;
-pub mod wire;
 pub mod window;
+pub mod wire;
 
 #[cfg(feature = "cli")]
 pub mod cli;

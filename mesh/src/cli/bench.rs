@@ -1,5 +1,6 @@
-//! `mesh bench pubsub`: a publisher here and a subscriber in a child process,
-//! on loopback.
+//! `mesh bench pubsub|queue|stream|request`: a publisher (sender,
+//! appender, requester) here and a subscriber (consumer, responder) in a
+//! child process, on loopback.
 
 use std::time::{Duration, Instant};
 
@@ -19,13 +20,24 @@ fn loopback() -> crate::Multiaddr {
         .expect("valid multiaddr")
 }
 
-/// The child side: `sink` counts `bench.data`, `echo` answers pings.
+/// Settings of a bench peer's consumer.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct PeerOptions {
+    /// `consume`: the queue consumer's prefetch.
+    pub(super) prefetch: u32,
+    /// `stream`: the stream consumer's window.
+    pub(super) window: u32,
+}
+
+/// The child side: `sink` counts `bench.data`, `echo` answers pings,
+/// `consume` acks `bench.q`, `stream` reads `bench.s`, `serve` answers
+/// `bench.rpc`.
 pub(super) async fn peer(
     mode: &str,
     messages: u64,
     gossip_via: Option<crate::Multiaddr>,
     net: Net,
-    prefetch: u32,
+    options: PeerOptions,
 ) -> anyhow::Result<()> {
     let mut builder = net.builder();
     if let Some(addr) = &gossip_via {
@@ -33,9 +45,13 @@ pub(super) async fn peer(
             .bootstrap(addr.clone())
             .gossip(crate::Pattern::new("bench.>")?);
     }
+    if mode == "stream-host" {
+        builder = builder.host_streams([STREAM]);
+    }
     let node = builder.start().await?;
     match mode {
-        "consume" => return consume_peer(node, messages, prefetch).await,
+        "consume" => return consume_peer(node, messages, options.prefetch).await,
+        "stream" | "stream-host" => return stream_peer(node, messages, options.window).await,
         "serve" => return serve_peer(node, messages).await,
         _ => {}
     }
@@ -131,6 +147,56 @@ async fn consume_peer(node: Node, messages: u64, prefetch: u32) -> anyhow::Resul
     Ok(())
 }
 
+/// The child side of `bench stream`: reads `bench.s` from the earliest
+/// offset (as the host appears and its records come), checking that
+/// offsets count up by one in each partition.
+async fn stream_peer(node: Node, messages: u64, window: u32) -> anyhow::Result<()> {
+    let mut c = node.stream(STREAM)?.consume_with(
+        crate::stream::From::Earliest,
+        crate::stream::ConsumeOptions { window },
+    );
+    print_addr(&node).await?;
+    let mut seen = 0u64;
+    let mut first = None;
+    // Next offset expected per partition (the appender has 4).
+    let mut next: Vec<(crate::stream::PartitionId, u64)> = Vec::new();
+    let mut disorder = 0u64;
+    let idle = Duration::from_secs(30);
+    while seen < messages {
+        let r = match c.next().now_or_never() {
+            Some(r) => Ok(r),
+            None => tokio::time::timeout(idle, c.next()).await,
+        };
+        match r {
+            Ok(Some(Ok(r))) => {
+                seen += 1;
+                first.get_or_insert_with(Instant::now);
+                let p = r.partition();
+                match next.iter_mut().find(|(q, _)| *q == p) {
+                    Some((_, n)) => {
+                        disorder += u64::from(*n != r.offset());
+                        *n = r.offset() + 1;
+                    }
+                    None => {
+                        disorder += u64::from(r.offset() != 0);
+                        next.push((p, r.offset() + 1));
+                    }
+                }
+            }
+            Ok(Some(Err(e))) => bail!("bench stream: {e}"),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    let elapsed = first.map(|t| t.elapsed().as_micros()).unwrap_or(0);
+    if disorder > 0 {
+        eprintln!("bench peer: {disorder} records out of offset order");
+    }
+    println!("DONE {seen} {elapsed} {disorder}");
+    drop(c);
+    node.shutdown().await;
+    Ok(())
+}
+
 /// The child side of `bench request`: answers `bench.rpc` with the payload.
 async fn serve_peer(node: Node, messages: u64) -> anyhow::Result<()> {
     let mut service = node.serve(RPC).await?;
@@ -153,6 +219,7 @@ async fn serve_peer(node: Node, messages: u64) -> anyhow::Result<()> {
 }
 
 const QUEUE: &str = "bench.q";
+const STREAM: &str = "bench.s";
 const RPC: &str = "bench.rpc";
 
 /// `mesh bench queue`: this process sends (and hosts the queue, as a
@@ -223,6 +290,120 @@ pub(super) async fn queue(
     let _ = child.wait().await;
     if acked < messages {
         bail!("{acked} of {messages} messages acked");
+    }
+    Ok(())
+}
+
+/// Where `mesh bench stream`'s records are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StreamHost {
+    /// On the appender: it hosts its own partitions, as an appender with
+    /// no host does; records cross the link to the consumer.
+    Appender,
+    /// On the consumer's node (`host_streams`): appends cross the link,
+    /// reads are local.
+    Consumer,
+}
+
+impl StreamHost {
+    pub(crate) fn parse(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "appender" => Ok(Self::Appender),
+            "consumer" => Ok(Self::Consumer),
+            other => bail!("unknown --host {other:?}: use appender or consumer"),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Appender => "appender",
+            Self::Consumer => "consumer",
+        }
+    }
+}
+
+/// `mesh bench stream`: this process appends; a consumer process reads
+/// from the earliest offset. The host of the records is this process (by
+/// default) or the consumer's. The rate counts records the consumer read,
+/// from the first append to its report that it has all of them.
+pub(super) async fn stream(
+    size: usize,
+    messages: u64,
+    window: u32,
+    host: StreamHost,
+    net: Net,
+    json: bool,
+) -> anyhow::Result<()> {
+    let mode = match host {
+        StreamHost::Appender => "stream",
+        StreamHost::Consumer => "stream-host",
+    };
+    // With a remote host, never host here: an append the host's
+    // declaration has not reached yet fails rather than staying local.
+    let (mut child, mut lines, node) = start_pair_configured(
+        mode,
+        messages,
+        net,
+        &["--window".into(), window.to_string()],
+        |b| b.self_host(host == StreamHost::Appender),
+    )
+    .await?;
+    let s = node.stream(STREAM)?;
+    let payload = bytes::Bytes::from(vec![0xa5u8; size]);
+    let start = Instant::now();
+    // Batches of 1,024 (unkeyed: round-robin over the partitions per
+    // batch), several in flight; each resolves once stored.
+    let batch = 1024u64;
+    let mut appends = futures::stream::iter((0..messages).step_by(batch as usize))
+        .map(|first| {
+            let n = batch.min(messages - first) as usize;
+            s.append_batch(std::iter::repeat_n(
+                (bytes::Bytes::new(), payload.clone()),
+                n,
+            ))
+        })
+        .buffer_unordered(8);
+    while let Some(r) = appends.next().await {
+        r?;
+    }
+    let appended = start.elapsed();
+    let done = read_until(&mut lines, "DONE ", Duration::from_secs(120)).await?;
+    let elapsed = start.elapsed();
+    let mut done = done
+        .split_whitespace()
+        .map(|n| n.parse::<u64>().unwrap_or(0));
+    let received = done.next().unwrap_or(0);
+    let disorder = done.nth(1).unwrap_or(0);
+    let secs = elapsed.as_secs_f64();
+    let rate = received as f64 / secs;
+    if !json {
+        println!(
+            "appended {messages} x {size} B in {:.3}s (stored by the {}); the consumer read {received} in {secs:.3}s (window {window})",
+            appended.as_secs_f64(),
+            host.name()
+        );
+        println!(
+            "{:.0} records/s, {:.1} MB/s",
+            rate,
+            rate * size as f64 / 1e6
+        );
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "stream", "transport": net.name(), "size": size, "messages": messages,
+            "window": window, "host": host.name(), "received": received,
+            "msgs_per_sec": rate.round(), "mb_per_sec": (rate * size as f64 / 1e6 * 10.0).round() / 10.0,
+            "append_per_sec": (messages as f64 / appended.as_secs_f64()).round(),
+        })
+    );
+    node.shutdown().await;
+    let _ = child.wait().await;
+    if received < messages {
+        bail!("the consumer read {received} of {messages} records");
+    }
+    if disorder > 0 {
+        bail!("the consumer read {disorder} records out of offset order");
     }
     Ok(())
 }
@@ -368,6 +549,17 @@ async fn start_pair_with(
     net: Net,
     extra: &[String],
 ) -> anyhow::Result<Pair> {
+    start_pair_configured(mode, messages, net, extra, |b| b).await
+}
+
+/// [`start_pair_with`], this side's node configured by `configure`.
+async fn start_pair_configured(
+    mode: &str,
+    messages: u64,
+    net: Net,
+    extra: &[String],
+    configure: impl FnOnce(crate::Builder) -> crate::Builder,
+) -> anyhow::Result<Pair> {
     let mut args = vec![
         "bench-peer".into(),
         "--mode".into(),
@@ -382,7 +574,7 @@ async fn start_pair_with(
     let addr: crate::Multiaddr = read_until(&mut lines, "ADDR ", Duration::from_secs(20))
         .await?
         .parse()?;
-    let node = net.builder().bootstrap(addr).start().await?;
+    let node = configure(net.builder().bootstrap(addr)).start().await?;
     node.ready_timeout(Duration::from_secs(10))
         .await
         .context("bench peer did not answer")?;

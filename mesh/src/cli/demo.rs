@@ -1,5 +1,6 @@
 //! `mesh demo`: three node processes on loopback, two subscribers and a
-//! publisher, then competing queue workers and a dead letter, then a
+//! publisher, then competing queue workers and a dead letter, then sensors
+//! appending to a stream, its replay and a windowed aggregate, then a
 //! summary. Exits by itself.
 
 use std::{
@@ -23,6 +24,7 @@ pub(super) async fn run() -> anyhow::Result<()> {
 
     // 1. Three long-lived nodes; the first is everyone's bootstrap peer.
     let mut nodes = Vec::new();
+    let mut node_ids = Vec::new();
     let mut first_addr = String::new();
     for i in 1..=3 {
         let mut a = args(&["node", "--no-mdns", "--listen", LOOPBACK]);
@@ -34,6 +36,7 @@ pub(super) async fn run() -> anyhow::Result<()> {
         let id = read_until(&mut lines, "peer id:", Duration::from_secs(15)).await?;
         let addr = read_until(&mut lines, "listening:", Duration::from_secs(15)).await?;
         println!("  node-{i} started: {id}\n          at {addr}");
+        node_ids.push((id, format!("node-{i}")));
         if i == 1 {
             first_addr = addr;
         }
@@ -180,6 +183,9 @@ pub(super) async fn run() -> anyhow::Result<()> {
     // 6. Work queues, hosted by the three nodes.
     let work = work_queues(&first_addr).await?;
 
+    // 7. A stream, hosted by the three nodes.
+    let streams = stream_scene(&first_addr, &node_ids).await?;
+
     for (mut child, _) in nodes {
         let _ = child.kill().await;
     }
@@ -193,9 +199,16 @@ pub(super) async fn run() -> anyhow::Result<()> {
         if work.jobs_ok { "yes" } else { "NO" },
     );
     println!(
-        "         poison message: {} deliveries, then in the dead-letter queue: {}; took {:.1}s",
+        "         poison message: {} deliveries, then in the dead-letter queue: {}",
         work.poison_attempts,
         if work.dead_ok { "yes" } else { "NO" },
+    );
+    println!(
+        "         stream: {} of {} readings replayed in offset order: {}; per-sensor 1 s averages as expected: {}; took {:.1}s",
+        streams.replayed,
+        SENSORS.len() * READINGS,
+        if streams.replay_ok { "yes" } else { "NO" },
+        if streams.windows_ok { "yes" } else { "NO" },
         started.elapsed().as_secs_f64()
     );
     if !all_ok {
@@ -203,6 +216,9 @@ pub(super) async fn run() -> anyhow::Result<()> {
     }
     if !work.jobs_ok || !work.dead_ok {
         anyhow::bail!("demo failed: the work queues did not behave as shown");
+    }
+    if !streams.replay_ok || !streams.windows_ok {
+        anyhow::bail!("demo failed: the stream did not behave as shown");
     }
     Ok(())
 }
@@ -407,5 +423,245 @@ async fn work_queues(addr: &str) -> anyhow::Result<WorkResult> {
         jobs_ok,
         poison_attempts,
         dead_ok,
+    })
+}
+
+/// The stream of the stream scene, and its sensors.
+const READINGS_STREAM: &str = "sensors.readings";
+const SENSORS: [&str; 3] = ["sensor-1", "sensor-2", "sensor-3"];
+/// Readings per sensor, one every [`READING_EVERY_MS`] of event time.
+const READINGS: usize = 6;
+const READING_EVERY_MS: u64 = 500;
+/// Event time of the first reading (a whole second, so that the 1 s
+/// windows start with it): the records carry it, the demo reads no clock
+/// for it, and the windows come out the same on every run.
+const EVENT_BASE_MS: u64 = 1_700_000_000_000;
+
+/// Sensor `s`'s reading `i`: a slow rise from a sensor's own base.
+fn reading(s: usize, i: usize) -> f64 {
+    18.0 + 2.0 * s as f64 + 0.4 * i as f64
+}
+
+/// What the stream scene showed.
+struct StreamResult {
+    /// Records the replay printed.
+    replayed: usize,
+    /// Every reading replayed once, offsets counting up by one from where
+    /// each sensor started, in the partition its appends reported.
+    replay_ok: bool,
+    /// The aggregate gave the expected average for every (window, sensor).
+    windows_ok: bool,
+}
+
+/// A node in this process joined through `addr`; like the one-shot
+/// commands it never hosts a stream (the node processes do).
+async fn join_here(addr: &str) -> anyhow::Result<crate::Node> {
+    let node = crate::Node::builder()
+        .listen(LOOPBACK.parse()?)
+        .mdns(false)
+        .bootstrap(addr.parse()?)
+        .self_host(false)
+        .start()
+        .await?;
+    node.joined(Duration::from_secs(10))
+        .await
+        .context("a demo node did not join the mesh")?;
+    Ok(node)
+}
+
+/// Waits until `node` has data links up to the nodes `names` lists.
+async fn linked_to(node: &crate::Node, names: &[(String, String)]) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let peers = node.peers().await;
+        let linked = |id: &str| peers.iter().any(|p| p.linked && p.id.to_string() == id);
+        if names.iter().all(|(id, _)| linked(id)) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("a demo node did not link to every node within 10 s");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Three sensors (nodes in this process) append readings with explicit
+/// event times to `sensors.readings`, which the three node processes host;
+/// `mesh stream read --from earliest` replays it with offsets; a consumer
+/// here averages each sensor's readings per 1 s window of event time with
+/// `mesh::window`.
+async fn stream_scene(addr: &str, names: &[(String, String)]) -> anyhow::Result<StreamResult> {
+    use crate::{
+        stream::{AppendOptions, From},
+        window::{Mean, Windowed, Windows},
+    };
+    println!("\n  streams (every node hosts {READINGS_STREAM}; records keep their offsets, and can be read again):");
+    // "PEERID/INDEX" with the node's name instead of its id.
+    let name_of = |partition: &str| -> String {
+        match partition.rsplit_once('/') {
+            Some((id, index)) => {
+                let node = names
+                    .iter()
+                    .find(|(i, _)| i == id)
+                    .map_or(id, |(_, n)| n.as_str());
+                format!("{node}/{index}")
+            }
+            None => partition.to_owned(),
+        }
+    };
+
+    // 1. The sensors, one after the other so that offsets come out the
+    // same on every run; one key per sensor, so one partition each.
+    let mut placed: BTreeMap<&str, Vec<crate::stream::RecordPos>> = BTreeMap::new();
+    for (s, sensor) in SENSORS.iter().enumerate() {
+        let node = join_here(addr).await?;
+        // A keyed append goes to one of the hosts this node has a data link
+        // to: with all three up, the sensor's key picks one partition for
+        // all its readings.
+        linked_to(&node, names).await?;
+        let readings = node.stream(READINGS_STREAM)?;
+        for i in 0..READINGS {
+            let at = readings
+                .append_with(
+                    format!("{:.1}", reading(s, i)),
+                    AppendOptions {
+                        key: sensor.as_bytes().to_vec().into(),
+                        timestamp: Some(
+                            std::time::UNIX_EPOCH
+                                + Duration::from_millis(
+                                    EVENT_BASE_MS + i as u64 * READING_EVERY_MS,
+                                ),
+                        ),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .with_context(|| format!("{sensor} could not append"))?;
+            placed.entry(sensor).or_default().push(at);
+        }
+        node.shutdown().await;
+    }
+    println!(
+        "    {} (nodes in this process) appended {READINGS} readings each, {READING_EVERY_MS} ms apart in event time, and left",
+        SENSORS.join(", ")
+    );
+
+    // 2. The replay, from a one-shot process.
+    let total = SENSORS.len() * READINGS;
+    let out = one_shot(
+        &[
+            "stream",
+            "read",
+            READINGS_STREAM,
+            "--from",
+            "earliest",
+            "--count",
+            &total.to_string(),
+        ],
+        addr,
+    )
+    .await?
+    .unwrap_or_default();
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    println!("    mesh stream read {READINGS_STREAM} --from earliest --count {total}: {} records; by sensor:", lines.len());
+    let mut replay_ok = lines.len() == total;
+    for (s, sensor) in SENSORS.iter().enumerate() {
+        let mut mine: Vec<&serde_json::Value> =
+            lines.iter().filter(|v| v["key"] == *sensor).collect();
+        mine.sort_by_key(|v| v["offset"].as_u64());
+        let at = &placed[sensor];
+        let partition = at
+            .first()
+            .map(|p| p.partition.to_string())
+            .unwrap_or_default();
+        let offsets: Vec<u64> = mine.iter().filter_map(|v| v["offset"].as_u64()).collect();
+        let expected: Vec<u64> = at.iter().map(|p| p.offset).collect();
+        let values: Vec<&str> = mine.iter().filter_map(|v| v["payload"].as_str()).collect();
+        let right_values = (0..READINGS)
+            .map(|i| format!("{:.1}", reading(s, i)))
+            .eq(values.iter().map(|v| v.to_string()));
+        replay_ok &= offsets == expected
+            && right_values
+            && mine.iter().all(|v| v["partition"] == partition.as_str());
+        println!(
+            "      {sensor} in partition {}, offsets {}..={}: {}",
+            name_of(&partition),
+            offsets.first().copied().unwrap_or(0),
+            offsets.last().copied().unwrap_or(0),
+            values.join(" ")
+        );
+    }
+
+    // 3. The aggregate: a consumer here, from the earliest offset. The
+    // sensors' partitions arrive interleaved in any way, so the watermark
+    // is the least of the sensors' latest event times (each sensor's
+    // readings come in order, from one partition): a window fires once
+    // every sensor is past it, and no reading is ever late.
+    let node = join_here(addr).await?;
+    let mut records = node.stream(READINGS_STREAM)?.consume(From::Earliest);
+    let mut windowed = Windowed::new(Windows::tumbling(Duration::from_secs(1))?, Mean)
+        .out_of_orderness(Duration::MAX);
+    let mut latest: BTreeMap<String, u64> = BTreeMap::new();
+    let mut results = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for _ in 0..total {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(Some(Ok(r))) = tokio::time::timeout(left, records.recv()).await else {
+            break;
+        };
+        let sensor = String::from_utf8_lossy(r.key()).into_owned();
+        let value: f64 = std::str::from_utf8(r.payload())
+            .ok()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(f64::NAN);
+        latest.insert(sensor.clone(), r.timestamp_ms());
+        results.extend(windowed.push(sensor, r.timestamp_ms(), value));
+        if latest.len() == SENSORS.len() {
+            let watermark = latest.values().copied().min().unwrap_or(0);
+            results.extend(windowed.advance_watermark(watermark));
+        }
+    }
+    // The sensors are done: the last windows close.
+    results.extend(windowed.flush());
+    drop(records);
+    node.shutdown().await;
+
+    println!("    per-sensor average per 1 s window of event time (mesh::window, tumbling, Mean):");
+    println!(
+        "      {:<12} {}",
+        "window",
+        SENSORS.map(|s| format!("{s:>9}")).join("")
+    );
+    let windows = (READINGS as u64 * READING_EVERY_MS).div_ceil(1000);
+    let mut windows_ok = results.len() == SENSORS.len() * windows as usize;
+    for w in 0..windows {
+        let start = EVENT_BASE_MS + w * 1000;
+        let mut row = String::new();
+        for (s, sensor) in SENSORS.iter().enumerate() {
+            let got = results
+                .iter()
+                .find(|r| r.key == *sensor && r.start_ms == start)
+                .map(|r| r.value);
+            // The readings of sensor `s` in this window.
+            let mine: Vec<f64> = (0..READINGS)
+                .filter(|i| (*i as u64 * READING_EVERY_MS) / 1000 == w)
+                .map(|i| reading(s, i))
+                .collect();
+            let expected = mine.iter().sum::<f64>() / mine.len() as f64;
+            windows_ok &= got.is_some_and(|g| (g - expected).abs() < 1e-9);
+            row += &match got {
+                Some(g) => format!("{g:>9.2}"),
+                None => format!("{:>9}", "-"),
+            };
+        }
+        println!("      {:<12} {row}", format!("{w}-{} s", w + 1));
+    }
+    Ok(StreamResult {
+        replayed: lines.len(),
+        replay_ok,
+        windows_ok,
     })
 }

@@ -54,6 +54,8 @@ const APPEND_BATCH: usize = 1024;
 const FRAME_BYTES: usize = 256 * 1024;
 /// Most consumers watching one stream of this host; more are refused.
 const MAX_WATCHERS: usize = 4096;
+/// Most watches over all streams of this host.
+const MAX_ALL_WATCHERS: usize = 64 * 1024;
 
 /// Where a record was stored: its host, the host's run, partition and
 /// offset.
@@ -636,26 +638,36 @@ impl NodeTask {
             return;
         }
         // Records per host, in order; frames of bounded size.
-        let mut per_host: Vec<(NodeId, Vec<NewRecord>, Vec<usize>)> = Vec::new();
+        let mut per_host: Vec<(NodeId, Vec<NewRecord>, Vec<usize>, usize)> = Vec::new();
+        let mut open: FxHashMap<NodeId, usize> = FxHashMap::default();
         for (r, slot) in records.into_iter().zip(slots) {
-            let Some(h) = rendezvous(&stream, &r.key, &hosts) else {
-                continue;
+            let h = match hosts.as_slice() {
+                [only] => *only,
+                _ => match rendezvous(&stream, &r.key, &hosts) {
+                    Some(h) => h,
+                    None => continue,
+                },
             };
-            let fits = per_host.last().is_some_and(|(last, recs, _)| {
-                *last == h
-                    && recs.len() < APPEND_BATCH
-                    && recs.iter().map(record_bytes).sum::<usize>() + record_bytes(&r)
-                        <= FRAME_BYTES
-            });
-            if !fits {
-                per_host.push((h, Vec::new(), Vec::new()));
-            }
-            if let Some((_, recs, slots)) = per_host.last_mut() {
-                recs.push(r);
-                slots.push(slot);
-            }
+            let size = record_bytes(&r);
+            let at = match open.get(&h) {
+                Some(&i)
+                    if per_host[i].1.len() < APPEND_BATCH
+                        && per_host[i].3 + size <= FRAME_BYTES =>
+                {
+                    i
+                }
+                _ => {
+                    per_host.push((h, Vec::new(), Vec::new(), 0));
+                    open.insert(h, per_host.len() - 1);
+                    per_host.len() - 1
+                }
+            };
+            let chunk = &mut per_host[at];
+            chunk.1.push(r);
+            chunk.2.push(slot);
+            chunk.3 += size;
         }
-        for (host, records, slots) in per_host {
+        for (host, records, slots, _) in per_host {
             self.streams.next_seq += 1;
             let seq = self.streams.next_seq;
             let wire_records: Vec<AppendWire<'_>> = records
@@ -1132,8 +1144,13 @@ impl NodeTask {
             }
             StreamWire::Watch { sid, stream } => {
                 Topic::new(stream).map_err(|e| WireError::BadTopic(e.to_string()))?;
+                let total: usize = self.streams.watchers.values().map(|w| w.len()).sum();
                 let w = self.streams.watchers.entry(stream.into()).or_default();
-                if w.len() >= MAX_WATCHERS && !w.contains(&(peer, sid)) {
+                let full = w.len() >= MAX_WATCHERS || total >= MAX_ALL_WATCHERS;
+                if full && !w.contains(&(peer, sid)) {
+                    if w.is_empty() {
+                        self.streams.watchers.remove(stream);
+                    }
                     tracing::warn!(%peer, %stream, "too many consumers watch this stream; refused");
                     return Ok(());
                 }
