@@ -232,12 +232,21 @@ impl Default for AutoCommit {
     }
 }
 
+/// Where a group starts on a partition it never committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GroupStart {
+    /// The oldest record kept (the default).
+    #[default]
+    Earliest,
+    /// The next record appended.
+    Latest,
+}
+
 /// Options of [`Group::consume_with`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GroupOptions {
-    /// Where a partition starts when the group has no commit for it:
-    /// [`From::Earliest`] (the default) or [`From::Latest`].
-    pub start: From,
+    /// Where a partition starts when the group has no commit for it.
+    pub start: GroupStart,
     /// Commit by itself (default: off; commit with [`Record::commit`]). A
     /// record counts as processed once the application asks for the next
     /// one, so nothing is committed before it is handled.
@@ -249,7 +258,7 @@ pub struct GroupOptions {
 impl Default for GroupOptions {
     fn default() -> Self {
         Self {
-            start: From::Earliest,
+            start: GroupStart::Earliest,
             auto_commit: None,
             window: 1024,
         }
@@ -285,6 +294,9 @@ pub struct StreamInfo {
     pub name: String,
     /// Its partitions, by host and number.
     pub partitions: Vec<PartitionInfo>,
+    /// Hosts that did not answer in time (their partitions are not in
+    /// `partitions`).
+    pub missing: Vec<PeerId>,
 }
 
 /// How far a group is behind on one partition.
@@ -398,6 +410,26 @@ impl Stream {
         self.submit(records).await
     }
 
+    /// Appends many records, each with its own key, event time and
+    /// headers, in one hand-off (as [`Stream::append_batch`]).
+    pub async fn append_batch_with<I, P>(&self, records: I) -> Result<Vec<RecordPos>, AppendError>
+    where
+        I: IntoIterator<Item = (P, AppendOptions)>,
+        P: Into<Bytes>,
+    {
+        let ts = now_ms();
+        let records = records
+            .into_iter()
+            .map(|(p, o)| NewRecord {
+                key: o.key,
+                timestamp_ms: o.timestamp.map_or(ts, unix_ms),
+                headers: o.headers,
+                payload: p.into(),
+            })
+            .collect();
+        self.submit(records).await
+    }
+
     async fn submit(&self, records: Vec<NewRecord>) -> Result<Vec<RecordPos>, AppendError> {
         let inner = &self.node.inner;
         for r in &records {
@@ -471,7 +503,8 @@ impl Stream {
                 reply: tx,
             }))
             .map_err(|_| StreamError::Closed)?;
-        let hosts = rx.await.map_err(|_| StreamError::Closed)?;
+        let (hosts, mut missing) = rx.await.map_err(|_| StreamError::Closed)?;
+        missing.sort();
         let mut partitions: Vec<PartitionInfo> = hosts
             .into_iter()
             .flat_map(|h| {
@@ -495,6 +528,7 @@ impl Stream {
         Ok(StreamInfo {
             name: self.name.to_string(),
             partitions,
+            missing,
         })
     }
 
@@ -548,8 +582,8 @@ impl Group {
     /// [`Group::consume`] with options.
     pub fn consume_with(&self, options: GroupOptions) -> StreamConsumer {
         let start = match options.start {
-            From::Latest => Start::Latest,
-            _ => Start::Earliest,
+            GroupStart::Latest => Start::Latest,
+            GroupStart::Earliest => Start::Earliest,
         };
         StreamConsumer::start(
             &self.stream.node,

@@ -17,6 +17,14 @@
 //! results it caused to fire; [`Windowed::advance_watermark`] when no records
 //! arrive but time moves on; [`Windowed::flush`] once at end of input.
 //!
+//! Several sources (the partitions of a stream, several sensors) arrive
+//! interleaved, each in its own time: set [`Windowed::out_of_orderness`] to
+//! the skew you accept between them, or take the watermark into your own
+//! hands: `out_of_orderness(Duration::MAX)` keeps the records from moving
+//! it, and [`Windowed::advance_watermark`] with the smallest of the
+//! sources' latest event times fires each window once every source is past
+//! it (what `mesh demo` does).
+//!
 //! ```
 //! use std::time::Duration;
 //! use mesh::window::{Count, Windowed, Windows};

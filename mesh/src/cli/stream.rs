@@ -147,7 +147,10 @@ pub(super) async fn read(
     let mut records = match &group {
         None => s.consume(from),
         Some(g) => s.group(g)?.consume_with(stream::GroupOptions {
-            start: from,
+            start: match from {
+                stream::From::Latest => stream::GroupStart::Latest,
+                _ => stream::GroupStart::Earliest,
+            },
             ..Default::default()
         }),
     };
@@ -264,9 +267,13 @@ pub(super) async fn info(stream: String, json: bool, net: NetArgs) -> anyhow::Re
                 "bytes": bytes,
                 "partitions": partitions,
                 "groups": groups,
+                "missing": info.missing.iter().map(|h| h.to_string()).collect::<Vec<_>>(),
             })
         );
         return Ok(());
+    }
+    for h in &info.missing {
+        println!("host {h} did not answer in time: its partitions are not listed");
     }
     if info.partitions.is_empty() {
         println!("stream {}: no live host holds it", info.name);

@@ -24,7 +24,7 @@
 
 use std::{
     collections::VecDeque,
-    hash::{Hash, Hasher},
+    hash::Hash,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -815,15 +815,36 @@ impl<K: Clone + Eq + Hash> Streams<K> {
 
 /// The partition of `partitions` records with `key` go to.
 pub fn partition_of(key: &[u8], partitions: u32) -> u32 {
-    let mut h = rustc_hash::FxHasher::default();
-    key.hash(&mut h);
-    (h.finish() % u64::from(partitions.max(1))) as u32
+    (stable_hash(&[key]) % u64::from(partitions.max(1))) as u32
+}
+
+/// A hash that is the same on every node, build and run: FNV-1a over the
+/// length-prefixed parts, then the splitmix64 finalizer so that similar
+/// keys (`sensor-1`, `sensor-2`) spread. Partitions and rendezvous choices
+/// must agree across nodes and versions, and survive restarts once
+/// records are durable, so this is fixed here rather than taken from a
+/// hashing crate whose output may change.
+pub fn stable_hash(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for b in (part.len() as u64).to_le_bytes().iter().chain(part.iter()) {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::test_support::test_origin;
+
+    const PINNED: [u32; 3] = [277, 405, 420];
 
     fn rec(key: &str, payload: &str) -> NewRecord {
         NewRecord {
@@ -858,6 +879,23 @@ mod tests {
         let parts = s.partitions("s");
         assert_eq!(parts.len(), 4);
         assert_eq!(parts.iter().map(|p| p.next).sum::<u64>(), 3);
+    }
+
+    #[test]
+    fn the_key_hash_is_fixed_and_spreads_similar_keys() {
+        // Pinned: a change here moves every key to another partition.
+        assert_eq!(stable_hash(&[b"a"]), stable_hash(&[b"a"]));
+        assert_ne!(stable_hash(&[b"ab", b"c"]), stable_hash(&[b"a", b"bc"]));
+        let pinned: Vec<u32> = ["a", "sensor-1", "order-42"]
+            .iter()
+            .map(|k| partition_of(k.as_bytes(), 1000))
+            .collect();
+        assert_eq!(pinned, PINNED);
+        let mut per = [0; 4];
+        for i in 0..64 {
+            per[partition_of(format!("sensor-{i}").as_bytes(), 4) as usize] += 1;
+        }
+        assert!(per.iter().all(|n| *n >= 8), "{per:?}");
     }
 
     #[test]

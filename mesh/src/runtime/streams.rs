@@ -35,6 +35,7 @@ use tokio::sync::oneshot;
 use super::{link_entry, now, queue::Inbox, NodeTask};
 use crate::{
     core::{
+        membership::MemberState,
         stream::{self as core_stream, NewRecord, Start},
         topic::{Pattern, Topic},
         NodeId,
@@ -124,9 +125,13 @@ pub(crate) enum StreamOp {
     },
     Info {
         stream: Arc<str>,
-        reply: oneshot::Sender<Vec<HostParts>>,
+        reply: oneshot::Sender<InfoReply>,
     },
 }
+
+/// What `info` gathered: the hosts' partitions, and hosts that did not
+/// answer in time.
+pub(crate) type InfoReply = (Vec<HostParts>, Vec<NodeId>);
 
 /// One host's partitions of a stream, for `info`.
 #[derive(Debug, Clone)]
@@ -184,9 +189,18 @@ struct AppendCall {
 
 struct Gather {
     waiting: FxHashSet<NodeId>,
+    /// Hosts whose link ended before they answered.
+    missing: Vec<NodeId>,
     deadline: Instant,
     got: Vec<HostParts>,
-    reply: oneshot::Sender<Vec<HostParts>>,
+    reply: oneshot::Sender<InfoReply>,
+}
+
+impl Gather {
+    fn finish(mut self) {
+        self.missing.extend(self.waiting);
+        let _ = self.reply.send((self.got, self.missing));
+    }
 }
 
 /// The node task's stream state.
@@ -281,18 +295,14 @@ impl Streams {
 
 /// Rendezvous hashing of a record's stream and key over hosts.
 fn rendezvous(stream: &str, key: &[u8], hosts: &[NodeId]) -> Option<NodeId> {
-    use std::hash::{Hash, Hasher};
-    hosts.iter().copied().max_by_key(|h| {
-        let mut s = rustc_hash::FxHasher::default();
-        stream.hash(&mut s);
-        key.hash(&mut s);
-        h.to_bytes().hash(&mut s);
-        s.finish()
-    })
+    hosts
+        .iter()
+        .copied()
+        .max_by_key(|h| core_stream::stable_hash(&[stream.as_bytes(), key, &h.to_bytes()]))
 }
 
 /// The member a partition of a group goes to: rendezvous hashing of
-/// (stream, group, host, index) over the members.
+/// (stream, group, host, index, member) over the members.
 fn owner<T: Copy + Ord>(
     stream: &str,
     group: &str,
@@ -301,16 +311,17 @@ fn owner<T: Copy + Ord>(
     members: &[T],
     bytes: impl Fn(&T) -> Vec<u8>,
 ) -> Option<T> {
-    use std::hash::{Hash, Hasher};
     let host = host.to_bytes();
+    let index = index.to_le_bytes();
     members.iter().copied().max_by_key(|m| {
-        let mut s = rustc_hash::FxHasher::default();
-        stream.hash(&mut s);
-        group.hash(&mut s);
-        host.hash(&mut s);
-        index.hash(&mut s);
-        bytes(m).hash(&mut s);
-        (s.finish(), *m)
+        let h = core_stream::stable_hash(&[
+            stream.as_bytes(),
+            group.as_bytes(),
+            &host,
+            &index,
+            &bytes(m),
+        ]);
+        (h, *m)
     })
 }
 
@@ -378,6 +389,24 @@ impl NodeTask {
     /// Live remote hosts of `stream`, with a link up.
     fn stream_hosts(&self, stream: &str) -> Vec<NodeId> {
         let mut hosts = self.declared(&format!("{HOST_PREFIX}{stream}"));
+        hosts.sort_unstable();
+        hosts
+    }
+
+    /// Remote hosts of `stream` alive by membership, with a link or not.
+    fn live_stream_hosts(&self, stream: &str) -> Vec<NodeId> {
+        let mut hosts: Vec<NodeId> = self
+            .interest
+            .reserved_interested(&format!("{HOST_PREFIX}{stream}"))
+            .into_iter()
+            .filter(|n| {
+                *n != self.local
+                    && matches!(
+                        self.membership.state_of(n),
+                        Some(MemberState::Alive | MemberState::Suspect)
+                    )
+            })
+            .collect();
         hosts.sort_unstable();
         hosts
     }
@@ -545,12 +574,13 @@ impl NodeTask {
                 }
                 let g = Gather {
                     waiting: hosts.into_iter().collect(),
+                    missing: Vec::new(),
                     deadline: now() + GATHER_TIMEOUT,
                     got,
                     reply,
                 };
                 if g.waiting.is_empty() {
-                    let _ = g.reply.send(g.got);
+                    g.finish();
                 } else {
                     self.streams.gathers.insert(req, g);
                 }
@@ -578,7 +608,7 @@ impl NodeTask {
                 reply,
             },
         );
-        self.route_append(call, stream, records, (0..n).collect());
+        self.route_append(call, stream, records, (0..n).collect(), false);
         self.finish_call_if_done(call);
     }
 
@@ -588,11 +618,18 @@ impl NodeTask {
         stream: Arc<str>,
         records: Vec<NewRecord>,
         slots: Vec<usize>,
+        retry: bool,
     ) {
+        // A first try hashes over every live host, linked or not yet (a
+        // node that just joined is still linking to them, and a key must
+        // not go elsewhere meanwhile): its link is set up for it. A retry
+        // after a link ended takes only hosts linked now.
         let hosts = if self.streams.hosts_locally(&stream) {
             Vec::new()
-        } else {
+        } else if retry {
             self.stream_hosts(&stream)
+        } else {
+            self.live_stream_hosts(&stream)
         };
         if hosts.is_empty() {
             if !self.streams.hosts_locally(&stream) {
@@ -1316,7 +1353,7 @@ impl NodeTask {
                 }
                 if g.waiting.is_empty() {
                     if let Some(g) = self.streams.gathers.remove(&req) {
-                        let _ = g.reply.send(g.got);
+                        g.finish();
                     }
                 }
             }
@@ -1368,7 +1405,7 @@ impl NodeTask {
                 if let Some(c) = self.streams.calls.get_mut(&p.call) {
                     c.remaining -= 1;
                 }
-                self.route_append(p.call, p.stream, p.records, p.slots);
+                self.route_append(p.call, p.stream, p.records, p.slots, true);
                 self.finish_call_if_done(p.call);
             }
         }
@@ -1381,10 +1418,12 @@ impl NodeTask {
             .collect();
         for req in reqs {
             if let Some(g) = self.streams.gathers.get_mut(&req) {
-                g.waiting.remove(&peer);
+                if g.waiting.remove(&peer) {
+                    g.missing.push(peer);
+                }
                 if g.waiting.is_empty() {
                     if let Some(g) = self.streams.gathers.remove(&req) {
-                        let _ = g.reply.send(g.got);
+                        g.finish();
                     }
                 }
             }
@@ -1410,7 +1449,7 @@ impl NodeTask {
                     hosts = g.waiting.len(),
                     "stream hosts did not answer in time; the answer lacks their part"
                 );
-                let _ = g.reply.send(g.got);
+                g.finish();
             }
         }
     }
