@@ -361,7 +361,21 @@ async fn a_slow_consumer_gets_everything_in_order(net: Net) {
     assert_eq!(texts.len(), 10_000);
 }
 
+async fn a_latest_consumer_started_before_the_stream_gets_its_first_records(net: Net) {
+    let nodes = mesh_of(net, 2, |b| b, |b| b).await;
+    let (appender, reader) = (&nodes[0], &nodes[1]);
+    // Nobody hosts the stream yet: the appender will host its own.
+    let mut latest = reader.stream("fresh").unwrap().consume(From::Latest);
+    let s = appender.stream("fresh").unwrap();
+    s.append_batch((0..10).map(|i| ("", format!("f{i}"))))
+        .await
+        .unwrap();
+    let got: Vec<String> = records(&mut latest, 10).await.iter().map(text).collect();
+    assert_eq!(got, (0..10).map(|i| format!("f{i}")).collect::<Vec<_>>());
+}
+
 conformance!(
+    a_latest_consumer_started_before_the_stream_gets_its_first_records,
     appender_hosts_its_own_and_a_peer_replays_then_tails,
     consumers_start_latest_at_an_offset_or_a_time,
     a_one_shot_appender_hands_records_to_the_host_and_leaves,

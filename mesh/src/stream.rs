@@ -204,7 +204,7 @@ pub struct AppendOptions {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConsumeOptions {
     /// Most records in flight per partition: sent by the host, not yet
-    /// taken by the application (default 1,024).
+    /// taken by the application (default 1,024, at most 65,536).
     pub window: u32,
 }
 
@@ -249,7 +249,10 @@ pub struct GroupOptions {
     pub start: GroupStart,
     /// Commit by itself (default: off; commit with [`Record::commit`]). A
     /// record counts as processed once the application asks for the next
-    /// one, so nothing is committed before it is handled.
+    /// one, so nothing is committed before it is handled, as long as the
+    /// application handles one record at a time: with combinators that
+    /// take several before handling them (`chunks`, `ready_chunks`,
+    /// `buffer_unordered`, `for_each_concurrent`), commit yourself.
     pub auto_commit: Option<AutoCommit>,
     /// Most records in flight per partition (default 1,024).
     pub window: u32,
@@ -283,7 +286,7 @@ pub struct PartitionInfo {
 impl PartitionInfo {
     /// Records held.
     pub fn records(&self) -> u64 {
-        self.next - self.first
+        self.next.saturating_sub(self.first)
     }
 }
 
@@ -629,13 +632,14 @@ struct Committer {
 }
 
 impl Committer {
-    fn commit(&self, partition: PartitionId, next: u64) {
+    fn commit(&self, partition: PartitionId, epoch: u64, next: u64) {
         let _ = self
             .node
             .inner
             .work_control
             .push_now(Op::Stream(StreamOp::Commit {
                 host: partition.host,
+                epoch,
                 stream: self.stream.clone(),
                 group: self.group.clone(),
                 index: partition.index,
@@ -648,6 +652,8 @@ impl Committer {
 #[derive(Debug, Clone)]
 pub struct Record {
     partition: PartitionId,
+    /// The host's run the record is of.
+    epoch: u64,
     inner: crate::core::stream::Record,
     committer: Option<Arc<Committer>>,
 }
@@ -698,7 +704,11 @@ impl Record {
     /// move forward). Does nothing for a plain consumer's record.
     pub fn commit(&self) {
         if let Some(c) = &self.committer {
-            c.commit(self.partition, self.inner.offset + 1);
+            c.commit(
+                self.partition,
+                self.epoch,
+                self.inner.offset.saturating_add(1),
+            );
         }
     }
 }
@@ -715,17 +725,17 @@ struct Auto {
     config: AutoCommit,
     /// Offset after the last record handed out, per partition: processed
     /// once the application asks for the next record.
-    taken: FxHashMap<PartitionId, u64>,
-    /// Processed and not yet committed.
-    processed: FxHashMap<PartitionId, u64>,
+    taken: FxHashMap<PartitionId, (u64, u64)>,
+    /// Processed and not yet committed: (host's run, next offset).
+    processed: FxHashMap<PartitionId, (u64, u64)>,
     since_commit: u32,
     last_commit: tokio::time::Instant,
 }
 
 impl Auto {
     fn flush(&mut self, committer: &Committer) {
-        for (p, next) in self.processed.drain() {
-            committer.commit(p, next);
+        for (p, (epoch, next)) in self.processed.drain() {
+            committer.commit(p, epoch, next);
         }
         self.since_commit = 0;
         self.last_commit = tokio::time::Instant::now();
@@ -762,7 +772,7 @@ impl StreamConsumer {
                 .next_id
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         );
-        let window = window.max(1);
+        let window = window.clamp(1, crate::core::stream::MAX_CREDIT);
         let inbox = Arc::new(Inbox::default());
         let committer = group.as_ref().map(|g| {
             Arc::new(Committer {
@@ -880,6 +890,7 @@ impl futures::Stream for StreamConsumer {
             }))),
             StreamItem::Record {
                 host,
+                epoch,
                 rid,
                 index,
                 record,
@@ -891,11 +902,13 @@ impl futures::Stream for StreamConsumer {
                 }
                 let partition = PartitionId { host, index };
                 if let Some(a) = &mut this.auto {
-                    a.taken.insert(partition, record.offset + 1);
+                    a.taken
+                        .insert(partition, (epoch, record.offset.saturating_add(1)));
                     a.since_commit += 1;
                 }
                 Poll::Ready(Some(Ok(Record {
                     partition,
+                    epoch,
                     inner: record,
                     committer: this.committer.clone(),
                 })))

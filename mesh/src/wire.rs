@@ -369,6 +369,13 @@ pub enum StreamWire<'a> {
         /// Records the host may send before more credit.
         credit: u32,
     },
+    /// The read started at this offset (sent before its first records).
+    ReadStarted {
+        /// The read.
+        rid: u64,
+        /// The first offset it will be sent.
+        at: u64,
+    },
     /// The read could not start.
     ReadRefused {
         /// The read.
@@ -401,6 +408,9 @@ pub enum StreamWire<'a> {
     },
     /// A group processed everything of a partition before `offset`.
     Commit {
+        /// The host's run the records were of (a commit for another run
+        /// is ignored: its offsets number another log).
+        epoch: u64,
         /// The stream.
         stream: &'a str,
         /// The group.

@@ -39,6 +39,10 @@ pub const MAX_PARTITIONS: u32 = 256;
 pub const MAX_GROUPS: usize = 1024;
 /// Longest group name.
 pub const MAX_GROUP_LEN: usize = 128;
+/// Most records a reader may have in flight (its credit is cut to this).
+pub const MAX_CREDIT: u32 = 64 * 1024;
+/// Most readers one owner (a peer) may have open on a host.
+pub const MAX_READERS_PER_OWNER: usize = 4096;
 
 /// When records leave a partition (whichever limit is reached first).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -307,6 +311,8 @@ pub struct Streams<K> {
     config: Config,
     logs: FxHashMap<Arc<str>, Log<K>>,
     readers: FxHashMap<(K, u64), Reader>,
+    /// Readers per owner.
+    owned: FxHashMap<K, usize>,
     /// Readers that may have records to send.
     ready: VecDeque<(K, u64)>,
     bytes: u64,
@@ -332,6 +338,7 @@ impl<K: Clone + Eq + Hash> Streams<K> {
             config,
             logs: FxHashMap::default(),
             readers: FxHashMap::default(),
+            owned: FxHashMap::default(),
             ready: VecDeque::new(),
             bytes: 0,
             stats: Stats::default(),
@@ -432,6 +439,11 @@ impl<K: Clone + Eq + Hash> Streams<K> {
             .map(|r| record_size(&r.key, &r.headers, &r.payload))
             .sum();
         if self.bytes.saturating_add(incoming) > self.config.max_total_bytes {
+            // The host's bound is retention too: this stream's oldest
+            // records make room (another stream's are not ours to take).
+            self.evict_oldest(name, incoming);
+        }
+        if self.bytes.saturating_add(incoming) > self.config.max_total_bytes {
             self.stats.refused += records.len() as u64;
             return Err(AppendError::Full {
                 limit: self.config.max_total_bytes,
@@ -484,6 +496,39 @@ impl<K: Clone + Eq + Hash> Streams<K> {
             self.wake(name, index);
         }
         Ok(placed)
+    }
+
+    /// Drops the oldest records of stream `name` (over its partitions, by
+    /// arrival) until `incoming` more bytes fit in the host's total.
+    fn evict_oldest(&mut self, name: &str, incoming: u64) {
+        let max = self.config.max_total_bytes;
+        let Some(log) = self.logs.get_mut(name) else {
+            return;
+        };
+        let need = self.bytes.saturating_add(incoming).saturating_sub(max);
+        let held: u64 = log.partitions.iter().map(|p| p.bytes).sum();
+        if held < need {
+            return; // it would not fit anyway: drop nothing
+        }
+        while self.bytes.saturating_add(incoming) > max {
+            let oldest = log
+                .partitions
+                .iter()
+                .enumerate()
+                .filter_map(|(i, p)| p.records.front().map(|(_, at)| (*at, i)))
+                .min();
+            let Some((_, i)) = oldest else {
+                break;
+            };
+            let p = &mut log.partitions[i];
+            if let Some((r, _)) = p.records.pop_front() {
+                let size = r.size();
+                p.bytes -= size;
+                self.bytes -= size;
+                p.first += 1;
+                self.stats.expired += 1;
+            }
+        }
     }
 
     /// Applies retention to one partition.
@@ -576,6 +621,13 @@ impl<K: Clone + Eq + Hash> Streams<K> {
                 limit: self.config.max_readers,
             });
         }
+        let owned = self.owned.get(&id.0).copied().unwrap_or(0);
+        if !replacing && owned >= MAX_READERS_PER_OWNER {
+            return Err(ReadError::TooManyReaders {
+                limit: MAX_READERS_PER_OWNER,
+            });
+        }
+        let credit = credit.min(MAX_CREDIT);
         self.close(&id.0, rid);
         let Some(log) = self.logs.get_mut(stream) else {
             return Err(ReadError::NoPartition {
@@ -596,6 +648,7 @@ impl<K: Clone + Eq + Hash> Streams<K> {
             .get_key_value(stream)
             .map(|(k, _)| k.clone())
             .unwrap_or_else(|| stream.into());
+        *self.owned.entry(id.0.clone()).or_default() += 1;
         self.readers.insert(
             id.clone(),
             Reader {
@@ -634,7 +687,7 @@ impl<K: Clone + Eq + Hash> Streams<K> {
     pub fn credit(&mut self, key: &K, rid: u64, n: u32) {
         let id = (key.clone(), rid);
         if let Some(r) = self.readers.get_mut(&id) {
-            r.credit = r.credit.saturating_add(n);
+            r.credit = r.credit.saturating_add(n).min(MAX_CREDIT);
             self.queue_reader(&id);
         }
     }
@@ -643,6 +696,12 @@ impl<K: Clone + Eq + Hash> Streams<K> {
     pub fn close(&mut self, key: &K, rid: u64) {
         let id = (key.clone(), rid);
         if let Some(r) = self.readers.remove(&id) {
+            if let Some(n) = self.owned.get_mut(key) {
+                *n -= 1;
+                if *n == 0 {
+                    self.owned.remove(key);
+                }
+            }
             if let Some(p) = self
                 .logs
                 .get_mut(&r.stream)
@@ -754,10 +813,12 @@ impl<K: Clone + Eq + Hash> Streams<K> {
                 Vec::with_capacity(most.min(p.records.len() - from.min(p.records.len())));
             let mut bytes = 0;
             for (rec, _) in p.records.iter().skip(from).take(most) {
-                if !records.is_empty() && bytes + rec.payload.len() as u64 > BATCH_BYTES {
+                // Keys and headers count too: a batch is one frame.
+                let size = rec.size();
+                if !records.is_empty() && bytes + size > BATCH_BYTES {
                     break;
                 }
-                bytes += rec.payload.len() as u64;
+                bytes += size;
                 records.push(rec.clone());
             }
             if records.is_empty() && gone.is_none() {
@@ -1131,6 +1192,37 @@ mod tests {
         s.close_all(|k| *k == 1);
         assert_eq!(s.readers(), 0);
         assert!(s.open(2, 1, "a", 0, &Start::Earliest, 1).is_ok());
+    }
+
+    #[test]
+    fn the_host_bound_makes_room_from_the_stream_s_own_oldest_records() {
+        let now = test_origin();
+        let size = record_size(b"", &[], b"0123456789");
+        let mut s = Streams::<u32>::new(Config {
+            partitions: 2,
+            max_total_bytes: 10 * size,
+            ..Config::default()
+        });
+        s.append(now, "a", (0..6).map(|_| rec("", "0123456789")).collect())
+            .unwrap();
+        let later = now + Duration::from_secs(1);
+        s.append(later, "b", (0..4).map(|_| rec("", "0123456789")).collect())
+            .unwrap();
+        // Full: b's next append drops b's own oldest, not a's.
+        s.append(later, "b", vec![rec("", "0123456789")]).unwrap();
+        assert_eq!(s.bytes(), 10 * size);
+        let held = |n: &str| {
+            s.partitions(n)
+                .iter()
+                .map(|p| p.next - p.first)
+                .sum::<u64>()
+        };
+        assert_eq!((held("a"), held("b")), (6, 4));
+        // A stream with nothing to give is refused.
+        assert!(matches!(
+            s.append(later, "c", vec![rec("", "x")]),
+            Err(AppendError::Full { .. })
+        ));
     }
 
     #[test]

@@ -53,6 +53,10 @@ const GATHER_TIMEOUT: Duration = Duration::from_secs(2);
 const APPEND_BATCH: usize = 1024;
 /// Payload bytes after which an `Append` or `Records` frame takes no more.
 const FRAME_BYTES: usize = 256 * 1024;
+/// How long after a refused read it is tried again.
+const READ_RETRY: Duration = Duration::from_secs(1);
+/// Most watches one peer may have on this host.
+const MAX_WATCHES_PER_PEER: usize = 1024;
 /// Most consumers watching one stream of this host; more are refused.
 const MAX_WATCHERS: usize = 4096;
 /// Most watches over all streams of this host.
@@ -72,6 +76,8 @@ pub(crate) struct Placed {
 pub(crate) enum StreamItem {
     Record {
         host: NodeId,
+        /// The host's run.
+        epoch: u64,
         rid: u64,
         index: u32,
         record: core_stream::Record,
@@ -118,6 +124,7 @@ pub(crate) enum StreamOp {
     },
     Commit {
         host: NodeId,
+        epoch: u64,
         stream: Arc<str>,
         group: Arc<str>,
         index: u32,
@@ -145,6 +152,10 @@ pub(crate) struct HostParts {
 struct HostView {
     epoch: u64,
     partitions: u32,
+    /// The stream appeared on this host (or the host restarted) after
+    /// this consumer first saw it: a consumer from `Latest` reads its
+    /// partitions from the start, since all they hold came later.
+    late: bool,
 }
 
 struct LocalConsumer {
@@ -161,6 +172,10 @@ struct LocalConsumer {
     positions: FxHashMap<(NodeId, u32), (u64, u64)>,
     /// Reads going on, per partition.
     active: FxHashMap<(NodeId, u32), u64>,
+    /// Refreshed at least once (what appears later is late).
+    refreshed: bool,
+    /// The live hosts of the stream when it was first refreshed.
+    initial_hosts: FxHashSet<NodeId>,
 }
 
 struct Read {
@@ -203,6 +218,9 @@ impl Gather {
     }
 }
 
+/// A commit's host, stream, group and partition.
+type CommitKey = (NodeId, Arc<str>, Arc<str>, u32);
+
 /// The node task's stream state.
 pub(crate) struct Streams {
     pub(crate) host: core_stream::Streams<NodeId>,
@@ -220,8 +238,9 @@ pub(crate) struct Streams {
     pending: FxHashMap<u64, PendingAppend>,
     calls: FxHashMap<u64, AppendCall>,
     next_seq: u64,
-    /// Commits to send (the largest per partition and group).
-    commits: FxHashMap<(NodeId, Arc<str>, Arc<str>, u32), u64>,
+    /// Commits to send (the host's run, and the largest offset per
+    /// partition and group).
+    commits: FxHashMap<CommitKey, (u64, u64)>,
     /// Credit to grant, per (host, read).
     credits: FxHashMap<(NodeId, u64), u32>,
     /// Host side: consumers watching each stream.
@@ -230,6 +249,10 @@ pub(crate) struct Streams {
     next_req: u64,
     /// Bumped when a consumer's view of the hosts' partitions changes.
     changed: u64,
+    /// When refused reads are tried again.
+    retry_at: Option<Instant>,
+    /// Watches per peer.
+    watches: FxHashMap<NodeId, usize>,
     /// The generations consumers were last refreshed at.
     refreshed_at: (u64, u64, u64),
 }
@@ -256,6 +279,8 @@ impl Streams {
             gathers: FxHashMap::default(),
             next_req: 0,
             changed: 0,
+            retry_at: None,
+            watches: FxHashMap::default(),
             refreshed_at: (u64::MAX, u64::MAX, u64::MAX),
         }
     }
@@ -423,6 +448,10 @@ impl NodeTask {
         if self.streams.hosts_locally(stream) {
             return true;
         }
+        if !self.streams.self_host {
+            // A one-shot tool takes no records it would lose on exit.
+            return false;
+        }
         let room = self.streams.self_hosted.len() < self.streams.host.config().max_streams;
         let Ok(p) = Pattern::new(&format!("{HOST_PREFIX}{stream}")) else {
             return false;
@@ -517,6 +546,8 @@ impl NodeTask {
                         hosts: FxHashMap::default(),
                         positions: FxHashMap::default(),
                         active: FxHashMap::default(),
+                        refreshed: false,
+                        initial_hosts: FxHashSet::default(),
                     },
                 );
                 self.streams.changed += 1;
@@ -536,20 +567,28 @@ impl NodeTask {
             }
             StreamOp::Commit {
                 host,
+                epoch,
                 stream,
                 group,
                 index,
                 offset,
             } => {
                 if host == self.local {
-                    self.streams.host.commit(&stream, &group, index, offset);
+                    if epoch == self.streams.epoch {
+                        self.streams.host.commit(&stream, &group, index, offset);
+                    }
                 } else {
                     let c = self
                         .streams
                         .commits
                         .entry((host, stream, group, index))
-                        .or_default();
-                    *c = (*c).max(offset);
+                        .or_insert((epoch, offset));
+                    // A commit of a newer run replaces one of an older.
+                    *c = if c.0 == epoch {
+                        (epoch, c.1.max(offset))
+                    } else {
+                        (epoch, offset)
+                    };
                 }
             }
             StreamOp::Info { stream, reply } => {
@@ -627,7 +666,14 @@ impl NodeTask {
         let hosts = if self.streams.hosts_locally(&stream) {
             Vec::new()
         } else if retry {
-            self.stream_hosts(&stream)
+            // Linked ones first; if none is, any live one (its link is
+            // being set up) rather than host here after a blip.
+            let linked = self.stream_hosts(&stream);
+            if linked.is_empty() {
+                self.live_stream_hosts(&stream)
+            } else {
+                linked
+            }
         } else {
             self.live_stream_hosts(&stream)
         };
@@ -847,6 +893,7 @@ impl NodeTask {
         let local_view = self.streams.host.has(&stream).then(|| HostView {
             epoch: self.streams.epoch,
             partitions: self.streams.host.config().partitions,
+            late: false,
         });
         // Members of the group, and this node's members of it.
         let assignment = group.as_ref().map(|g| {
@@ -864,15 +911,26 @@ impl NodeTask {
             locals.sort_unstable();
             (g.clone(), members, locals)
         });
+        let first = self
+            .streams
+            .consumers
+            .get(&sid)
+            .is_some_and(|c| !c.refreshed)
+            .then(|| self.live_stream_hosts(&stream));
         let Some(c) = self.streams.consumers.get_mut(&sid) else {
             return;
         };
+        if let Some(hosts) = first {
+            c.initial_hosts = hosts.into_iter().collect();
+        }
         c.watched.extend(to_watch);
         let live: FxHashSet<NodeId> = remote.iter().copied().collect();
         c.watched.retain(|h| live.contains(h));
         c.hosts.retain(|h, _| live.contains(h));
         match local_view {
-            Some(v) => {
+            Some(mut v) => {
+                // Created here after this consumer started: late.
+                v.late = c.hosts.get(&local).map_or(c.refreshed, |old| old.late);
                 c.hosts.insert(local, v);
             }
             None => {
@@ -880,7 +938,8 @@ impl NodeTask {
             }
         }
         // The partitions this consumer wants.
-        let mut want: Vec<(NodeId, u32, u64)> = Vec::new();
+        c.refreshed = true;
+        let mut want: Vec<(NodeId, u32, u64, bool)> = Vec::new();
         for (h, v) in &c.hosts {
             for i in 0..v.partitions {
                 let mine = match &assignment {
@@ -892,12 +951,12 @@ impl NodeTask {
                     }
                 };
                 if mine {
-                    want.push((*h, i, v.epoch));
+                    want.push((*h, i, v.epoch, v.late));
                 }
             }
         }
         want.sort_unstable();
-        let wanted: FxHashSet<(NodeId, u32)> = want.iter().map(|(h, i, _)| (*h, *i)).collect();
+        let wanted: FxHashSet<(NodeId, u32)> = want.iter().map(|(h, i, ..)| (*h, *i)).collect();
         let stop: Vec<((NodeId, u32), u64)> = c
             .active
             .iter()
@@ -915,17 +974,21 @@ impl NodeTask {
         }
         let window = c.window;
         let mut start = Vec::new();
-        for (h, i, epoch) in want {
+        for (h, i, epoch, late) in want {
             if c.active.contains_key(&(h, i)) {
                 continue;
             }
+            // `Latest` means records appended after the consumer started:
+            // all of a partition that appeared later.
+            let latest = matches!(c.start, Start::Latest) && !late;
             let from = match c.positions.get(&(h, i)) {
                 Some((e, next)) if *e == epoch => Start::Offset(*next),
                 _ => match (&c.group, &c.start) {
-                    (Some(g), s) => Start::Committed {
+                    (Some(g), _) => Start::Committed {
                         group: g.clone(),
-                        latest: matches!(s, Start::Latest),
+                        latest,
                     },
+                    (None, Start::Latest) if !latest => Start::Earliest,
                     (None, s) => s.clone(),
                 },
             };
@@ -981,19 +1044,27 @@ impl NodeTask {
     }
 
     /// A local read starts at `at`: that is where the consumer is.
+    /// A read starts at `at` (the host resolved where): that is where the
+    /// consumer is, so a read that ends before any record came resumes
+    /// there, and a start past the end is not taken for a place.
     fn read_started(&mut self, sid: u64, host: NodeId, index: u32, at: u64) {
-        let epoch = self.streams.epoch;
+        let local_epoch = self.streams.epoch;
         if let Some(c) = self.streams.consumers.get_mut(&sid) {
-            c.positions.entry((host, index)).or_insert((epoch, at));
+            let epoch = c.hosts.get(&host).map_or(local_epoch, |v| v.epoch);
+            c.positions.insert((host, index), (epoch, at));
         }
     }
 
+    /// A read that could not start is tried again a second later.
     fn read_refused(&mut self, rid: u64) {
         if let Some(r) = self.streams.reads.remove(&rid) {
             if let Some(c) = self.streams.consumers.get_mut(&r.sid) {
                 c.active.remove(&(r.host, r.index));
             }
         }
+        self.streams
+            .retry_at
+            .get_or_insert_with(|| now() + READ_RETRY);
     }
 
     /// Records of read `rid` from `host`, in order: onto the consumer's
@@ -1058,9 +1129,10 @@ impl NodeTask {
                 }
                 _ => {}
             }
-            next = Some(record.offset + 1);
+            next = Some(record.offset.saturating_add(1));
             items.push(StreamItem::Record {
                 host,
+                epoch,
                 rid,
                 index,
                 record,
@@ -1105,28 +1177,33 @@ impl NodeTask {
                 // declaration of a previous run): take it, within limits.
                 let name: Arc<str> = stream.into();
                 let result = if self.start_hosting_stream(&name) {
-                    self.append_here(stream, records)
-                } else {
-                    Err(core_stream::AppendError::TooManyStreams {
-                        limit: self.streams.host.config().max_streams,
+                    self.append_here(stream, records).map_err(|e| {
+                        (
+                            matches!(e, core_stream::AppendError::Full { .. }),
+                            e.to_string(),
+                        )
                     })
+                } else if !self.streams.self_host {
+                    Err((false, format!("this node does not host stream {stream:?}")))
+                } else {
+                    let e = core_stream::AppendError::TooManyStreams {
+                        limit: self.streams.host.config().max_streams,
+                    };
+                    Err((false, e.to_string()))
                 };
                 match result {
                     Ok(placed) => {
                         let epoch = self.streams.epoch;
                         self.send_stream(peer, &StreamWire::Appended { seq, epoch, placed });
                     }
-                    Err(e) => {
-                        let reason = e.to_string();
-                        self.send_stream(
-                            peer,
-                            &StreamWire::AppendRefused {
-                                seq,
-                                full: matches!(e, core_stream::AppendError::Full { .. }),
-                                reason: &reason,
-                            },
-                        );
-                    }
+                    Err((full, reason)) => self.send_stream(
+                        peer,
+                        &StreamWire::AppendRefused {
+                            seq,
+                            full,
+                            reason: &reason,
+                        },
+                    ),
                 }
             }
             StreamWire::Appended {
@@ -1181,9 +1258,12 @@ impl NodeTask {
             }
             StreamWire::Watch { sid, stream } => {
                 Topic::new(stream).map_err(|e| WireError::BadTopic(e.to_string()))?;
-                let total: usize = self.streams.watchers.values().map(|w| w.len()).sum();
+                let total: usize = self.streams.watches.values().sum();
+                let mine = self.streams.watches.get(&peer).copied().unwrap_or(0);
                 let w = self.streams.watchers.entry(stream.into()).or_default();
-                let full = w.len() >= MAX_WATCHERS || total >= MAX_ALL_WATCHERS;
+                let full = w.len() >= MAX_WATCHERS
+                    || total >= MAX_ALL_WATCHERS
+                    || mine >= MAX_WATCHES_PER_PEER;
                 if full && !w.contains(&(peer, sid)) {
                     if w.is_empty() {
                         self.streams.watchers.remove(stream);
@@ -1191,7 +1271,9 @@ impl NodeTask {
                     tracing::warn!(%peer, %stream, "too many consumers watch this stream; refused");
                     return Ok(());
                 }
-                w.insert((peer, sid));
+                if w.insert((peer, sid)) {
+                    *self.streams.watches.entry(peer).or_default() += 1;
+                }
                 let partitions = if self.streams.host.has(stream) {
                     self.streams.host.config().partitions
                 } else {
@@ -1208,10 +1290,17 @@ impl NodeTask {
                 );
             }
             StreamWire::Unwatch { sid } => {
+                let mut removed = 0;
                 self.streams.watchers.retain(|_, w| {
-                    w.remove(&(peer, sid));
+                    removed += usize::from(w.remove(&(peer, sid)));
                     !w.is_empty()
                 });
+                if let Some(n) = self.streams.watches.get_mut(&peer) {
+                    *n = n.saturating_sub(removed);
+                    if *n == 0 {
+                        self.streams.watches.remove(&peer);
+                    }
+                }
             }
             StreamWire::Parts {
                 sid,
@@ -1229,7 +1318,19 @@ impl NodeTask {
                     // The host restarted: its partitions are new logs.
                     c.positions.retain(|(h, _), _| *h != peer);
                 }
-                c.hosts.insert(peer, HostView { epoch, partitions });
+                let late = partitions == 0
+                    || !c.initial_hosts.contains(&peer)
+                    || c.hosts
+                        .get(&peer)
+                        .is_some_and(|v| v.late || v.epoch != epoch);
+                c.hosts.insert(
+                    peer,
+                    HostView {
+                        epoch,
+                        partitions,
+                        late,
+                    },
+                );
                 self.streams.changed += 1;
             }
             StreamWire::Read {
@@ -1247,19 +1348,28 @@ impl NodeTask {
                         return Err(WireError::BadTopic("group name too long".into()));
                     }
                 }
-                if let Err(e) = self
+                match self
                     .streams
                     .host
                     .open(peer, rid, stream, index, &start, credit)
                 {
-                    let reason = e.to_string();
-                    self.send_stream(
-                        peer,
-                        &StreamWire::ReadRefused {
-                            rid,
-                            reason: &reason,
-                        },
-                    );
+                    Ok(at) => self.send_stream(peer, &StreamWire::ReadStarted { rid, at }),
+                    Err(e) => {
+                        let reason = e.to_string();
+                        self.send_stream(
+                            peer,
+                            &StreamWire::ReadRefused {
+                                rid,
+                                reason: &reason,
+                            },
+                        );
+                    }
+                }
+            }
+            StreamWire::ReadStarted { rid, at } => {
+                if let Some(r) = self.streams.reads.get(&rid).filter(|r| r.host == peer) {
+                    let (sid, index) = (r.sid, r.index);
+                    self.read_started(sid, peer, index, at);
                 }
             }
             StreamWire::ReadRefused { rid, reason } => {
@@ -1284,12 +1394,15 @@ impl NodeTask {
             StreamWire::Credit { rid, n } => self.streams.host.credit(&peer, rid, n),
             StreamWire::Stop { rid } => self.streams.host.close(&peer, rid),
             StreamWire::Commit {
+                epoch,
                 stream,
                 group,
                 index,
                 offset,
             } => {
-                if !self.streams.host.commit(stream, group, index, offset) {
+                if epoch != self.streams.epoch {
+                    tracing::debug!(%peer, stream, group, index, "commit for an earlier run of this host ignored");
+                } else if !self.streams.host.commit(stream, group, index, offset) {
                     tracing::debug!(%peer, stream, group, index, "stream commit refused");
                 }
             }
@@ -1302,10 +1415,13 @@ impl NodeTask {
                         first: p.first,
                         next: p.next,
                         bytes: p.bytes,
+                        // Well under the frame limit: at most 16 groups
+                        // per partition (256 partitions of 16 groups of
+                        // at most 128 bytes: 512 KiB).
                         committed: p
                             .committed
                             .iter()
-                            .take(256)
+                            .take(16)
                             .map(|(g, o)| (&**g, *o))
                             .collect(),
                     })
@@ -1331,11 +1447,14 @@ impl NodeTask {
                 if !g.waiting.remove(&peer) {
                     return Ok(());
                 }
+                // A host's own view of its partitions: offsets in order.
+                let parts: Vec<&PartWire<'_>> =
+                    parts.iter().filter(|p| p.first <= p.next).collect();
                 if !parts.is_empty() {
                     g.got.push(HostParts {
                         host: peer,
                         parts: parts
-                            .iter()
+                            .into_iter()
                             .take(core_stream::MAX_PARTITIONS as usize)
                             .map(|p| core_stream::PartitionState {
                                 index: p.index,
@@ -1370,6 +1489,7 @@ impl NodeTask {
             w.retain(|(n, _)| *n != peer);
             !w.is_empty()
         });
+        self.streams.watches.remove(&peer);
         self.streams.credits.retain(|(h, _), _| *h != peer);
         self.streams.commits.retain(|(h, ..), _| *h != peer);
         let dead: Vec<u64> = self
@@ -1433,6 +1553,10 @@ impl NodeTask {
     /// Timers: retention by age, `info` answers that did not come.
     pub(crate) fn stream_timeout(&mut self) {
         let now = now();
+        if self.streams.retry_at.is_some_and(|t| t <= now) {
+            self.streams.retry_at = None;
+            self.streams.changed += 1;
+        }
         if self.streams.host.poll_timeout().is_some_and(|t| t <= now) {
             self.streams.host.handle_timeout(now);
         }
@@ -1482,10 +1606,13 @@ impl NodeTask {
         for ((host, rid), n) in std::mem::take(&mut self.streams.credits) {
             self.send_stream(host, &StreamWire::Credit { rid, n });
         }
-        for ((host, stream, group, index), offset) in std::mem::take(&mut self.streams.commits) {
+        for ((host, stream, group, index), (epoch, offset)) in
+            std::mem::take(&mut self.streams.commits)
+        {
             self.send_stream(
                 host,
                 &StreamWire::Commit {
+                    epoch,
                     stream: &stream,
                     group: &group,
                     index,

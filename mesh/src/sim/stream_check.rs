@@ -194,6 +194,17 @@ impl StreamChecker {
                 }
             }
         }
+        if !self.last.contains_key(&key) && !self.crashed_at.contains_key(&partition.host) {
+            // A whole reader starts at the beginning: a first read past
+            // acknowledged records skipped them.
+            let missed = self.at.range((partition, 0)..(partition, offset)).count();
+            if missed > 0 {
+                self.skipped += missed as u64;
+                self.note(format!(
+                    "{reader} started {partition} at @{offset}, past {missed} records"
+                ));
+            }
+        }
         self.last.insert(key, offset);
     }
 
@@ -285,6 +296,7 @@ mod tests {
     fn counts_lost_duplicated_skipped_and_out_of_order() {
         let mut c = StreamChecker::new();
         c.whole_reader("r");
+        c.whole_reader("late");
         for i in 0..5 {
             c.appended(&format!("a{i}"), p(0), i);
         }
@@ -295,6 +307,7 @@ mod tests {
         c.read("g", "a4", p(0), 2); // misplaced (a2's place)
         c.read("g", "a3", p(1), 0); // a retried append's copy
         c.read("g", "zzz", p(0), 7);
+        c.read("late", "a4", p(0), 4); // started past a0..a3
         let r = c.report();
         assert_eq!(
             (
@@ -307,7 +320,7 @@ mod tests {
                 r.misplaced,
                 r.unexpected
             ),
-            (5, 4, 2, 1, 1, 1, 1, 1),
+            (5, 4, 3, 1, 5, 1, 1, 1),
             "{r}"
         );
         assert_eq!(r.appended_twice, 1);
