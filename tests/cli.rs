@@ -586,3 +586,88 @@ async fn stream_group_read_commits_and_info_shows_it() {
     assert!(text.starts_with("stream events: "), "{text}");
     assert!(text.contains("8 record(s)"), "{text}");
 }
+
+/// A `mesh stream read --group` process reads a stream alone, a second
+/// joins, and the first is SIGKILLed: the second takes over every
+/// partition from the group's commits, so every record, those appended
+/// after the kill too, reaches the group.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_group_member_s_partitions_move_to_the_other_process() {
+    use std::{
+        collections::BTreeSet,
+        sync::{Arc, Mutex},
+    };
+    let (_node, _, addr) = node_process().await;
+    let seen: Arc<Mutex<[BTreeSet<String>; 2]>> = Default::default();
+    let member = |i: usize| {
+        let mut child = Command::new(BIN)
+            .args(["stream", "read", "jobs", "--group", "workers"])
+            .args(["--no-mdns", "--listen", LOOP, "--bootstrap", &addr])
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let seen = seen.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON line");
+                if let Some(p) = v["payload"].as_str() {
+                    seen.lock().unwrap()[i].insert(p.to_owned());
+                }
+            }
+        });
+        child
+    };
+    let got = |range: std::ops::Range<u32>, who: &[usize]| {
+        let s = seen.lock().unwrap();
+        range
+            .map(|n| format!("j-{n}"))
+            .all(|p| who.iter().any(|i| s[*i].contains(&p)))
+    };
+    let mut a = member(0);
+    let out = via(&addr, &["stream", "append", "jobs", "j", "--count", "40"]).await;
+    assert!(out.status.success());
+    common::eventually("the first member to read all 40", || async {
+        got(0..40, &[0]).then_some(())
+    })
+    .await;
+    let _b = member(1);
+    // The second member has joined once it reads something of its own.
+    common::eventually("the second member to take partitions", || {
+        let seen = seen.clone();
+        let addr = addr.clone();
+        async move {
+            let _ = via(&addr, &["stream", "append", "jobs", "x", "--count", "1"]).await;
+            let s = seen.lock().unwrap();
+            s[1].iter().any(|p| p.starts_with('x')).then_some(())
+        }
+    })
+    .await;
+    a.start_kill().unwrap();
+    let _ = a.wait().await;
+    // Four appends: records without a key go round-robin per append, so
+    // these fill every partition, those the killed member had too.
+    for call in 0..4 {
+        let msg = format!("k{call}");
+        let out = via(&addr, &["stream", "append", "jobs", &msg, "--count", "10"]).await;
+        assert!(out.status.success());
+    }
+    // The survivor reads every record appended after the kill, whichever
+    // member had its partition (failure detection takes a few seconds).
+    let deadline = tokio::time::Instant::now() + 3 * WAIT;
+    loop {
+        let done = {
+            let s = seen.lock().unwrap();
+            (0..4).all(|c| (0..10).all(|i| s[1].contains(&format!("k{c}-{i}"))))
+        };
+        if done {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the survivor never read all records appended after the kill"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
