@@ -29,28 +29,7 @@ fn text(d: &Delivery) -> String {
 /// A host (hosts every queue) and `n` more nodes bootstrapped from it, all
 /// linked and ready.
 async fn mesh_of(net: Net, n: usize, f: impl Fn(mesh::Builder) -> mesh::Builder) -> Vec<Node> {
-    let host = net.builder().host_all().start().await.expect("host starts");
-    let host_addr = addr(&host).await;
-    let mut nodes = vec![host];
-    for _ in 0..n {
-        let node = f(net.builder().bootstrap(host_addr.clone()))
-            .start()
-            .await
-            .expect("node starts");
-        node.ready_timeout(WAIT).await.expect("ready");
-        nodes.push(node);
-    }
-    let ids: Vec<_> = nodes.iter().map(|n| n.peer_id()).collect();
-    for (i, node) in nodes.iter().enumerate() {
-        let others: Vec<_> = ids
-            .iter()
-            .enumerate()
-            .filter(|(j, _)| *j != i)
-            .map(|(_, id)| *id)
-            .collect();
-        net.linked(node, &others).await;
-    }
-    nodes
+    common::mesh_of(net, n + 1, |b| b.host_all(), f).await
 }
 
 async fn competing_consumers_each_message_to_one(net: Net) {

@@ -11,12 +11,9 @@ use std::{
 };
 
 use common::*;
-use mesh::{
-    stream::{
-        AppendError, AppendOptions, From, GroupOptions, PartitionId, ReadError, Record, Retention,
-        StreamConsumer,
-    },
-    Node,
+use mesh::stream::{
+    AppendError, AppendOptions, From, GroupOptions, PartitionId, ReadError, Record, Retention,
+    StreamConsumer,
 };
 
 async fn next_record(c: &mut StreamConsumer) -> Result<Record, ReadError> {
@@ -51,38 +48,6 @@ fn assert_in_order(recs: &[Record]) {
             );
         }
     }
-}
-
-/// Nodes bootstrapped from the first, all linked and ready; `first`
-/// configures the first node, `rest` the others.
-async fn mesh_of(
-    net: Net,
-    n: usize,
-    first: impl Fn(mesh::Builder) -> mesh::Builder,
-    rest: impl Fn(mesh::Builder) -> mesh::Builder,
-) -> Vec<Node> {
-    let host = first(net.builder()).start().await.expect("node starts");
-    let host_addr = addr(&host).await;
-    let mut nodes = vec![host];
-    for _ in 1..n {
-        let node = rest(net.builder().bootstrap(host_addr.clone()))
-            .start()
-            .await
-            .expect("node starts");
-        node.ready_timeout(WAIT).await.expect("ready");
-        nodes.push(node);
-    }
-    let ids: Vec<_> = nodes.iter().map(|n| n.peer_id()).collect();
-    for (i, node) in nodes.iter().enumerate() {
-        let others: Vec<_> = ids
-            .iter()
-            .enumerate()
-            .filter(|(j, _)| *j != i)
-            .map(|(_, id)| *id)
-            .collect();
-        net.linked(node, &others).await;
-    }
-    nodes
 }
 
 async fn appender_hosts_its_own_and_a_peer_replays_then_tails(net: Net) {

@@ -32,7 +32,12 @@ use bytes::Bytes;
 use rustc_hash::{FxHashMap, FxHashSet};
 use tokio::sync::oneshot;
 
-use super::{link_entry, now, queue::Inbox, NodeTask};
+use super::{
+    link_entry, now,
+    queue::Inbox,
+    work::{headers_from_wire, headers_to_wire, slice},
+    NodeTask,
+};
 use crate::{
     core::{
         membership::MemberState,
@@ -348,25 +353,6 @@ fn owner<T: Copy + Ord>(
         ]);
         (h, *m)
     })
-}
-
-fn headers_to_wire(headers: &[(String, Bytes)]) -> Vec<(&str, Raw<'_>)> {
-    headers.iter().map(|(k, v)| (k.as_str(), Raw(v))).collect()
-}
-
-fn headers_from_wire(frame: &Bytes, headers: &[(&str, Raw<'_>)]) -> Vec<(String, Bytes)> {
-    headers
-        .iter()
-        .map(|(k, v)| ((*k).to_owned(), slice(frame, v.0)))
-        .collect()
-}
-
-fn slice(frame: &Bytes, part: &[u8]) -> Bytes {
-    if part.is_empty() {
-        Bytes::new()
-    } else {
-        frame.slice_ref(part)
-    }
 }
 
 fn start_to_wire(s: &Start) -> StartWire<'_> {

@@ -384,18 +384,21 @@ fn rendezvous(queue: &str, hosts: &[NodeId]) -> Option<NodeId> {
     })
 }
 
-fn headers_to_wire(headers: &[(String, Bytes)]) -> Vec<(&str, Raw<'_>)> {
+pub(crate) fn headers_to_wire(headers: &[(String, Bytes)]) -> Vec<(&str, Raw<'_>)> {
     headers.iter().map(|(k, v)| (k.as_str(), Raw(v))).collect()
 }
 
-fn headers_from_wire(frame: &Bytes, headers: &[(&str, Raw<'_>)]) -> Vec<(String, Bytes)> {
+pub(crate) fn headers_from_wire(
+    frame: &Bytes,
+    headers: &[(&str, Raw<'_>)],
+) -> Vec<(String, Bytes)> {
     headers
         .iter()
         .map(|(k, v)| ((*k).to_owned(), slice(frame, v.0)))
         .collect()
 }
 
-fn slice(frame: &Bytes, part: &[u8]) -> Bytes {
+pub(crate) fn slice(frame: &Bytes, part: &[u8]) -> Bytes {
     if part.is_empty() {
         Bytes::new()
     } else {
