@@ -75,7 +75,7 @@ use crate::{
     node::Node,
     runtime::{
         queue::Inbox,
-        streams::{AppendFailure, Placed, StreamItem, StreamOp},
+        streams::{AppendFailure, CommitBatch, Placed, StreamItem, StreamOp},
         work::Op,
     },
     PeerId, TopicError,
@@ -623,28 +623,29 @@ impl Group {
     }
 }
 
-/// What a group record's commit needs.
+/// What a group record's commit needs. Commits gather here, the largest
+/// per partition, and reach the node task in one hand-off per wake-up of
+/// it (not one per record).
 #[derive(Debug)]
 struct Committer {
     node: Node,
-    stream: Arc<str>,
-    group: Arc<str>,
+    pending: Arc<CommitBatch>,
 }
 
 impl Committer {
     fn commit(&self, partition: PartitionId, epoch: u64, next: u64) {
-        let _ = self
-            .node
-            .inner
-            .work_control
-            .push_now(Op::Stream(StreamOp::Commit {
-                host: partition.host,
-                epoch,
-                stream: self.stream.clone(),
-                group: self.group.clone(),
-                index: partition.index,
-                offset: next,
-            }));
+        if self
+            .pending
+            .add(partition.host, epoch, partition.index, next)
+        {
+            let _ = self
+                .node
+                .inner
+                .work_control
+                .push_now(Op::Stream(StreamOp::Commits {
+                    batch: self.pending.clone(),
+                }));
+        }
     }
 }
 
@@ -777,8 +778,7 @@ impl StreamConsumer {
         let committer = group.as_ref().map(|g| {
             Arc::new(Committer {
                 node: node.clone(),
-                stream: stream.clone(),
-                group: g.clone(),
+                pending: Arc::new(CommitBatch::new(stream.clone(), g.clone())),
             })
         });
         let _ = inner.work_control.push_now(Op::Stream(StreamOp::Consume {

@@ -127,13 +127,9 @@ pub(crate) enum StreamOp {
         rid: u64,
         n: u32,
     },
-    Commit {
-        host: NodeId,
-        epoch: u64,
-        stream: Arc<str>,
-        group: Arc<str>,
-        index: u32,
-        offset: u64,
+    /// Commits gathered by a group consumer's records.
+    Commits {
+        batch: Arc<CommitBatch>,
     },
     Info {
         stream: Arc<str>,
@@ -144,6 +140,45 @@ pub(crate) enum StreamOp {
 /// What `info` gathered: the hosts' partitions, and hosts that did not
 /// answer in time.
 pub(crate) type InfoReply = (Vec<HostParts>, Vec<NodeId>);
+
+/// Commits a group consumer's records gathered between two wake-ups of
+/// the node task: the largest offset per (host, run, partition).
+#[derive(Debug)]
+pub(crate) struct CommitBatch {
+    pub(crate) stream: Arc<str>,
+    pub(crate) group: Arc<str>,
+    pending: std::sync::Mutex<FxHashMap<(NodeId, u64, u32), u64>>,
+    /// A `Commits` op is on its way to the node task.
+    queued: std::sync::atomic::AtomicBool,
+}
+
+impl CommitBatch {
+    pub(crate) fn new(stream: Arc<str>, group: Arc<str>) -> Self {
+        Self {
+            stream,
+            group,
+            pending: Default::default(),
+            queued: Default::default(),
+        }
+    }
+
+    /// Adds a commit; true if the node task must be told (no `Commits`
+    /// op is on its way).
+    pub(crate) fn add(&self, host: NodeId, epoch: u64, index: u32, next: u64) -> bool {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let o = p.entry((host, epoch, index)).or_default();
+        *o = (*o).max(next);
+        !self.queued.swap(true, std::sync::atomic::Ordering::AcqRel)
+    }
+
+    /// Everything gathered; later commits are announced again.
+    fn take(&self) -> Vec<((NodeId, u64, u32), u64)> {
+        self.queued
+            .store(false, std::sync::atomic::Ordering::Release);
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        p.drain().collect()
+    }
+}
 
 /// One host's partitions of a stream, for `info`.
 #[derive(Debug, Clone)]
@@ -551,30 +586,16 @@ impl NodeTask {
                     *self.streams.credits.entry((host, rid)).or_default() += n;
                 }
             }
-            StreamOp::Commit {
-                host,
-                epoch,
-                stream,
-                group,
-                index,
-                offset,
-            } => {
-                if host == self.local {
-                    if epoch == self.streams.epoch {
-                        self.streams.host.commit(&stream, &group, index, offset);
-                    }
-                } else {
-                    let c = self
-                        .streams
-                        .commits
-                        .entry((host, stream, group, index))
-                        .or_insert((epoch, offset));
-                    // A commit of a newer run replaces one of an older.
-                    *c = if c.0 == epoch {
-                        (epoch, c.1.max(offset))
-                    } else {
-                        (epoch, offset)
-                    };
+            StreamOp::Commits { batch } => {
+                for ((host, epoch, index), offset) in batch.take() {
+                    self.commit(
+                        host,
+                        epoch,
+                        batch.stream.clone(),
+                        batch.group.clone(),
+                        index,
+                        offset,
+                    );
                 }
             }
             StreamOp::Info { stream, reply } => {
@@ -610,6 +631,36 @@ impl NodeTask {
                     self.streams.gathers.insert(req, g);
                 }
             }
+        }
+    }
+
+    /// A commit for `host`'s partition: at once if it is this node, else
+    /// with the next flush (the largest per partition and group).
+    fn commit(
+        &mut self,
+        host: NodeId,
+        epoch: u64,
+        stream: Arc<str>,
+        group: Arc<str>,
+        index: u32,
+        offset: u64,
+    ) {
+        if host == self.local {
+            if epoch == self.streams.epoch {
+                self.streams.host.commit(&stream, &group, index, offset);
+            }
+        } else {
+            let c = self
+                .streams
+                .commits
+                .entry((host, stream, group, index))
+                .or_insert((epoch, offset));
+            // A commit of a newer run replaces one of an older.
+            *c = if c.0 == epoch {
+                (epoch, c.1.max(offset))
+            } else {
+                (epoch, offset)
+            };
         }
     }
 
