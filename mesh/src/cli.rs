@@ -152,6 +152,10 @@ enum Cmd {
         /// partition).
         #[arg(long, default_value_t = 1024)]
         window: u32,
+        /// `stream` mode: read as a member of a consumer group,
+        /// committing every record.
+        #[arg(long)]
+        group: bool,
     },
     /// (internal) the remote side of `bench ring`.
     #[command(hide = true)]
@@ -361,6 +365,10 @@ enum BenchCmd {
         /// `consumer` (appends cross the link; reads are local).
         #[arg(long, default_value = "appender")]
         host: String,
+        /// The consumer reads as a consumer group's member and commits
+        /// every record.
+        #[arg(long)]
+        group: bool,
         /// Print only the JSON result line.
         #[arg(long)]
         json: bool,
@@ -618,13 +626,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     messages,
                     window,
                     host,
+                    group,
                     json,
                 },
         } => {
             bench::stream(
                 size,
                 messages,
-                window,
+                bench::StreamRead { window, group },
                 bench::StreamHost::parse(&host)?,
                 bench::Net::parse(&transport, &wait)?,
                 json,
@@ -700,13 +709,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             wait,
             prefetch,
             window,
+            group,
         } => {
             bench::peer(
                 &mode,
                 messages,
                 gossip_via,
                 bench::Net::parse(&transport, &wait)?,
-                bench::PeerOptions { prefetch, window },
+                bench::PeerOptions {
+                    prefetch,
+                    window,
+                    group,
+                },
             )
             .await
         }

@@ -27,6 +27,17 @@ pub(super) struct PeerOptions {
     pub(super) prefetch: u32,
     /// `stream`: the stream consumer's window.
     pub(super) window: u32,
+    /// `stream`: read as a group member, committing every record.
+    pub(super) group: bool,
+}
+
+/// How the consumer of `bench stream` reads.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct StreamRead {
+    /// Records in flight per partition.
+    pub(super) window: u32,
+    /// As a consumer group's member, committing every record.
+    pub(super) group: bool,
 }
 
 /// The child side: `sink` counts `bench.data`, `echo` answers pings,
@@ -51,7 +62,9 @@ pub(super) async fn peer(
     let node = builder.start().await?;
     match mode {
         "consume" => return consume_peer(node, messages, options.prefetch).await,
-        "stream" | "stream-host" => return stream_peer(node, messages, options.window).await,
+        "stream" | "stream-host" => {
+            return stream_peer(node, messages, options.window, options.group).await
+        }
         "serve" => return serve_peer(node, messages).await,
         _ => {}
     }
@@ -150,11 +163,20 @@ async fn consume_peer(node: Node, messages: u64, prefetch: u32) -> anyhow::Resul
 /// The child side of `bench stream`: reads `bench.s` from the earliest
 /// offset (as the host appears and its records come), checking that
 /// offsets count up by one in each partition.
-async fn stream_peer(node: Node, messages: u64, window: u32) -> anyhow::Result<()> {
-    let mut c = node.stream(STREAM)?.consume_with(
-        crate::stream::From::Earliest,
-        crate::stream::ConsumeOptions { window },
-    );
+async fn stream_peer(node: Node, messages: u64, window: u32, group: bool) -> anyhow::Result<()> {
+    let mut c = if group {
+        node.stream(STREAM)?
+            .group("bench")?
+            .consume_with(crate::stream::GroupOptions {
+                window,
+                ..Default::default()
+            })
+    } else {
+        node.stream(STREAM)?.consume_with(
+            crate::stream::From::Earliest,
+            crate::stream::ConsumeOptions { window },
+        )
+    };
     print_addr(&node).await?;
     let mut seen = 0u64;
     let mut first = None;
@@ -171,6 +193,9 @@ async fn stream_peer(node: Node, messages: u64, window: u32) -> anyhow::Result<(
             Ok(Some(Ok(r))) => {
                 seen += 1;
                 first.get_or_insert_with(Instant::now);
+                if group {
+                    r.commit();
+                }
                 let p = r.partition();
                 match next.iter_mut().find(|(q, _)| *q == p) {
                     Some((_, n)) => {
@@ -329,7 +354,7 @@ impl StreamHost {
 pub(super) async fn stream(
     size: usize,
     messages: u64,
-    window: u32,
+    read: StreamRead,
     host: StreamHost,
     net: Net,
     json: bool,
@@ -338,16 +363,18 @@ pub(super) async fn stream(
         StreamHost::Appender => "stream",
         StreamHost::Consumer => "stream-host",
     };
+    let StreamRead { window, group } = read;
+    let mut peer_args = vec!["--window".to_owned(), window.to_string()];
+    if group {
+        peer_args.push("--group".to_owned());
+    }
     // With a remote host, never host here: an append the host's
     // declaration has not reached yet fails rather than staying local.
-    let (mut child, mut lines, node) = start_pair_configured(
-        mode,
-        messages,
-        net,
-        &["--window".into(), window.to_string()],
-        |b| b.self_host(host == StreamHost::Appender),
-    )
-    .await?;
+    let (mut child, mut lines, node) =
+        start_pair_configured(mode, messages, net, &peer_args, |b| {
+            b.self_host(host == StreamHost::Appender)
+        })
+        .await?;
     let s = node.stream(STREAM)?;
     let payload = bytes::Bytes::from(vec![0xa5u8; size]);
     let start = Instant::now();
@@ -392,7 +419,7 @@ pub(super) async fn stream(
         "{}",
         serde_json::json!({
             "bench": "stream", "transport": net.name(), "size": size, "messages": messages,
-            "window": window, "host": host.name(), "received": received,
+            "window": window, "host": host.name(), "group": group, "received": received,
             "msgs_per_sec": rate.round(), "mb_per_sec": (rate * size as f64 / 1e6 * 10.0).round() / 10.0,
             "append_per_sec": (messages as f64 / appended.as_secs_f64()).round(),
         })
