@@ -340,6 +340,12 @@ pub enum StreamWire<'a> {
         /// The stream.
         stream: &'a str,
     },
+    /// The host takes no more watches from the sender (its quota is
+    /// used): try again later.
+    WatchRefused {
+        /// The consumer.
+        sid: u64,
+    },
     /// No more `Parts` (and no reads) for this consumer.
     Unwatch {
         /// The consumer.

@@ -47,15 +47,17 @@ enum Judge {
 
 /// A reader of the whole stream on `node`, named `reader`.
 fn start_reader(sim: &Sim, checker: &Shared, node: &str, reader: &str) {
+    start_reader_from(sim, checker, node, reader, From::Earliest)
+}
+
+/// A reader of the whole stream on `node` from `from`.
+fn start_reader_from(sim: &Sim, checker: &Shared, node: &str, reader: &str, from: From) {
     let Some(n) = sim.get(node) else { return };
     let checker = checker.clone();
     checker.lock().unwrap().reader.whole_reader(reader);
     let reader = reader.to_owned();
     sim.spawn_on(node, async move {
-        let mut c = n
-            .stream("events")
-            .expect("stream name")
-            .consume(From::Earliest);
+        let mut c = n.stream("events").expect("stream name").consume(from);
         while let Some(r) = c.next().await {
             let Ok(r) = r else { continue };
             let name = String::from_utf8_lossy(r.payload()).into_owned();
@@ -253,6 +255,38 @@ fn an_isolated_host_heals_and_its_records_are_read() {
         .expect("appender done");
     let r = settle(&mut sim, &checker, Judge::Both, 60 * S);
     assert_eq!(r.appended, 300);
+}
+
+#[test]
+fn a_latest_reader_gets_everything_appended_after_it_started_across_a_host_restart() {
+    let mut sim = Sim::builder()
+        .seed(5)
+        .latency(Duration::from_millis(1)..Duration::from_millis(10))
+        .build();
+    sim.node_with("h", Node::builder().host_all());
+    // The appender never hosts: its records go to h, or fail while h is
+    // down, and land in h's new run after the restart.
+    sim.node_with("p", Node::builder().self_host(false));
+    sim.node("c1");
+    sim.run_until(|s| s.converged(), 30 * S)
+        .expect("mesh converges");
+    let checker = Shared::default();
+    // Started before the first append: everything appended is "later".
+    start_reader_from(&sim, &checker, "c1", "latest", From::Latest);
+    sim.run_for(S);
+    let mut p = start_appender(&sim, &checker, "p", "p", 300, Duration::from_millis(20));
+    sim.run_for(2 * S);
+    // The host crashes and comes back: its new run is a new log, read
+    // from its start, not from its end.
+    assert!(sim.crash("h"));
+    let h = sim.peer_id("h");
+    checker.lock().unwrap().both(|c| c.host_crashed(h));
+    sim.run_for(2 * S);
+    sim.restart("h");
+    sim.run_until(|_| p.output().is_some(), 60 * S)
+        .expect("appender done");
+    let r = settle(&mut sim, &checker, Judge::Reader, 60 * S);
+    assert!(r.appended >= 100, "{r}");
 }
 
 // --- random fault schedules over many seeds ---

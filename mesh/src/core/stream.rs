@@ -76,8 +76,10 @@ pub struct Config {
     pub retention_for: Vec<(Arc<str>, Retention)>,
     /// Most streams the host keeps; appends to further streams are refused.
     pub max_streams: usize,
-    /// Most bytes over all streams of the host; appends beyond are refused
-    /// ([`AppendError::Full`]) until retention makes room.
+    /// Most bytes over all streams of the host: past it, an append drops
+    /// the oldest records of its own stream (counted in
+    /// [`Stats::evicted`]) to fit, and is refused ([`AppendError::Full`])
+    /// if that stream holds too little to make room.
     pub max_total_bytes: u64,
     /// Most readers over all streams.
     pub max_readers: usize,
@@ -171,7 +173,7 @@ pub enum Start {
 pub enum AppendError {
     /// The host holds as many bytes as it may.
     #[error(
-        "stream host is full ({limit} bytes over all streams); retention has not made room yet"
+        "stream host is full ({limit} bytes over all streams) and this stream holds too little to make room"
     )]
     Full {
         /// The limit.
@@ -242,6 +244,8 @@ pub struct Stats {
     pub appended: u64,
     /// Records removed by retention.
     pub expired: u64,
+    /// Records removed to keep the host under its byte bound.
+    pub evicted: u64,
     /// Appends refused.
     pub refused: u64,
     /// Records sent to readers.
@@ -313,6 +317,8 @@ pub struct Streams<K> {
     readers: FxHashMap<(K, u64), Reader>,
     /// Readers per owner.
     owned: FxHashMap<K, usize>,
+    /// The owner without a quota (the host's own node).
+    exempt: Option<K>,
     /// Readers that may have records to send.
     ready: VecDeque<(K, u64)>,
     bytes: u64,
@@ -339,10 +345,17 @@ impl<K: Clone + Eq + Hash> Streams<K> {
             logs: FxHashMap::default(),
             readers: FxHashMap::default(),
             owned: FxHashMap::default(),
+            exempt: None,
             ready: VecDeque::new(),
             bytes: 0,
             stats: Stats::default(),
         }
+    }
+
+    /// Readers of `owner` (the host's own node) are not held to
+    /// [`MAX_READERS_PER_OWNER`] (only to the host's `max_readers`).
+    pub fn exempt_from_quota(&mut self, owner: K) {
+        self.exempt = Some(owner);
     }
 
     /// The configuration.
@@ -526,7 +539,7 @@ impl<K: Clone + Eq + Hash> Streams<K> {
                 p.bytes -= size;
                 self.bytes -= size;
                 p.first += 1;
-                self.stats.expired += 1;
+                self.stats.evicted += 1;
             }
         }
     }
@@ -622,7 +635,8 @@ impl<K: Clone + Eq + Hash> Streams<K> {
             });
         }
         let owned = self.owned.get(&id.0).copied().unwrap_or(0);
-        if !replacing && owned >= MAX_READERS_PER_OWNER {
+        let exempt = self.exempt.as_ref() == Some(&id.0);
+        if !replacing && !exempt && owned >= MAX_READERS_PER_OWNER {
             return Err(ReadError::TooManyReaders {
                 limit: MAX_READERS_PER_OWNER,
             });

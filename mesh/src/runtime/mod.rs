@@ -355,7 +355,7 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
         gossip_codec: Default::default(),
         gossip_targets: None,
         work: work::Work::new(&config_for_work),
-        streams: streams::Streams::new(&config_for_work, epoch),
+        streams: streams::Streams::new(&config_for_work, epoch, local),
         work_bounded: work_bounded.clone(),
         work_control: work_control.clone(),
         work_scratch: Vec::new(),

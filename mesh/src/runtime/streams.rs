@@ -216,6 +216,9 @@ struct LocalConsumer {
     refreshed: bool,
     /// The live hosts of the stream when it was first refreshed.
     initial_hosts: FxHashSet<NodeId>,
+    /// Every host answered: its run, and whether its partitions are late.
+    /// Kept across link ends (unlike `hosts`), so a restart is seen as one.
+    seen: FxHashMap<NodeId, (u64, bool)>,
 }
 
 struct Read {
@@ -258,8 +261,8 @@ impl Gather {
     }
 }
 
-/// A commit's host, stream, group and partition.
-type CommitKey = (NodeId, Arc<str>, Arc<str>, u32);
+/// A commit's host, the host's run, stream, group and partition.
+type CommitKey = (NodeId, u64, Arc<str>, Arc<str>, u32);
 
 /// The node task's stream state.
 pub(crate) struct Streams {
@@ -280,7 +283,7 @@ pub(crate) struct Streams {
     next_seq: u64,
     /// Commits to send (the host's run, and the largest offset per
     /// partition and group).
-    commits: FxHashMap<CommitKey, (u64, u64)>,
+    commits: FxHashMap<CommitKey, u64>,
     /// Credit to grant, per (host, read).
     credits: FxHashMap<(NodeId, u64), u32>,
     /// Host side: consumers watching each stream.
@@ -298,9 +301,11 @@ pub(crate) struct Streams {
 }
 
 impl Streams {
-    pub(crate) fn new(config: &crate::node::Config, epoch: u64) -> Self {
+    pub(crate) fn new(config: &crate::node::Config, epoch: u64, local: NodeId) -> Self {
+        let mut host = core_stream::Streams::new(config.stream.clone());
+        host.exempt_from_quota(local);
         Self {
-            host: core_stream::Streams::new(config.stream.clone()),
+            host,
             epoch,
             host_all: config.host_all,
             host_streams: config.host_streams.clone(),
@@ -351,7 +356,7 @@ impl Streams {
 
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
         let gather = self.gathers.values().map(|g| g.deadline).min();
-        [self.host.poll_timeout(), gather]
+        [self.host.poll_timeout(), gather, self.retry_at]
             .into_iter()
             .flatten()
             .min()
@@ -569,6 +574,7 @@ impl NodeTask {
                         active: FxHashMap::default(),
                         refreshed: false,
                         initial_hosts: FxHashSet::default(),
+                        seen: FxHashMap::default(),
                     },
                 );
                 self.streams.changed += 1;
@@ -650,17 +656,13 @@ impl NodeTask {
                 self.streams.host.commit(&stream, &group, index, offset);
             }
         } else {
+            // Per run: the host ignores those of a run not its own.
             let c = self
                 .streams
                 .commits
-                .entry((host, stream, group, index))
-                .or_insert((epoch, offset));
-            // A commit of a newer run replaces one of an older.
-            *c = if c.0 == epoch {
-                (epoch, c.1.max(offset))
-            } else {
-                (epoch, offset)
-            };
+                .entry((host, epoch, stream, group, index))
+                .or_default();
+            *c = (*c).max(offset);
         }
     }
 
@@ -684,7 +686,7 @@ impl NodeTask {
                 reply,
             },
         );
-        self.route_append(call, stream, records, (0..n).collect(), false);
+        self.route_append(call, stream, records, (0..n).collect(), None);
         self.finish_call_if_done(call);
     }
 
@@ -694,20 +696,23 @@ impl NodeTask {
         stream: Arc<str>,
         records: Vec<NewRecord>,
         slots: Vec<usize>,
-        retry: bool,
+        retry: Option<NodeId>,
     ) {
         // A first try hashes over every live host, linked or not yet (a
         // node that just joined is still linking to them, and a key must
         // not go elsewhere meanwhile): its link is set up for it. A retry
-        // after a link ended takes only hosts linked now.
+        // after a link ended takes hosts linked now, else live ones but
+        // the one whose link ended.
         let hosts = if self.streams.hosts_locally(&stream) {
             Vec::new()
-        } else if retry {
-            // Linked ones first; if none is, any live one (its link is
-            // being set up) rather than host here after a blip.
+        } else if let Some(gone) = retry {
+            // Linked ones first; if none is, any other live one (its link
+            // is being set up) rather than host here after a blip.
             let linked = self.stream_hosts(&stream);
             if linked.is_empty() {
-                self.live_stream_hosts(&stream)
+                let mut live = self.live_stream_hosts(&stream);
+                live.retain(|h| *h != gone);
+                live
             } else {
                 linked
             }
@@ -1306,6 +1311,7 @@ impl NodeTask {
                         self.streams.watchers.remove(stream);
                     }
                     tracing::warn!(%peer, %stream, "too many consumers watch this stream; refused");
+                    self.send_stream(peer, &StreamWire::WatchRefused { sid });
                     return Ok(());
                 }
                 if w.insert((peer, sid)) {
@@ -1325,6 +1331,16 @@ impl NodeTask {
                         partitions,
                     },
                 );
+            }
+            StreamWire::WatchRefused { sid } => {
+                if let Some(c) = self.streams.consumers.get_mut(&sid) {
+                    if c.watched.remove(&peer) {
+                        tracing::warn!(%peer, sid, "stream host refused our watch (its quota is used); trying again in a second");
+                        self.streams
+                            .retry_at
+                            .get_or_insert_with(|| now() + READ_RETRY);
+                    }
+                }
             }
             StreamWire::Unwatch { sid } => {
                 let mut removed = 0;
@@ -1351,15 +1367,17 @@ impl NodeTask {
                     return Ok(());
                 }
                 let partitions = partitions.min(core_stream::MAX_PARTITIONS);
-                if c.hosts.get(&peer).is_some_and(|v| v.epoch != epoch) {
+                let before = c.seen.get(&peer).copied();
+                if before.is_some_and(|(e, _)| e != epoch) {
                     // The host restarted: its partitions are new logs.
                     c.positions.retain(|(h, _), _| *h != peer);
                 }
                 let late = partitions == 0
                     || !c.initial_hosts.contains(&peer)
-                    || c.hosts
-                        .get(&peer)
-                        .is_some_and(|v| v.late || v.epoch != epoch);
+                    || before.is_some_and(|(e, late)| late || e != epoch);
+                if c.seen.len() < 4096 || before.is_some() {
+                    c.seen.insert(peer, (epoch, late));
+                }
                 c.hosts.insert(
                     peer,
                     HostView {
@@ -1562,7 +1580,7 @@ impl NodeTask {
                 if let Some(c) = self.streams.calls.get_mut(&p.call) {
                     c.remaining -= 1;
                 }
-                self.route_append(p.call, p.stream, p.records, p.slots, true);
+                self.route_append(p.call, p.stream, p.records, p.slots, Some(peer));
                 self.finish_call_if_done(p.call);
             }
         }
@@ -1643,7 +1661,7 @@ impl NodeTask {
         for ((host, rid), n) in std::mem::take(&mut self.streams.credits) {
             self.send_stream(host, &StreamWire::Credit { rid, n });
         }
-        for ((host, stream, group, index), (epoch, offset)) in
+        for ((host, epoch, stream, group, index), offset) in
             std::mem::take(&mut self.streams.commits)
         {
             self.send_stream(
