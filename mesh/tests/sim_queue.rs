@@ -263,72 +263,17 @@ fn random_run(seed: u64) -> Result<mesh::sim::QueueReport, String> {
     // Faults for 20 s of mesh time. Hosts keep messages in memory, so a
     // crash of `h` excuses what was open (see `QueueChecker::host_crashed`);
     // consumers and the host crash and restart, everyone is partitioned.
-    let mut crashed: Vec<&str> = Vec::new();
-    let mut paused: Vec<&str> = Vec::new();
+    let mut faults = common::Faults::default();
     let end = sim.now() + 20 * S;
     while sim.now() < end {
-        sim.run_for(Duration::from_millis(rng.gen_range(200..3000)));
-        let pick = NODES[rng.gen_range(0..NODES.len())];
-        match rng.gen_range(0..100) {
-            0..=24 => {
-                let (mut a, mut b) = (Vec::new(), Vec::new());
-                for n in NODES {
-                    if rng.gen_bool(0.5) {
-                        a.push(n)
-                    } else {
-                        b.push(n)
-                    }
-                }
-                sim.partition(&[&a, &b]);
-            }
-            25..=34 => {
-                let other = NODES[rng.gen_range(0..NODES.len())];
-                if other != pick {
-                    sim.cut(pick, other);
-                }
-            }
-            35..=44 => sim.isolate(pick),
-            45..=69 => sim.heal(),
-            70..=84
-                if ["c1", "c2", "h"].contains(&pick)
-                    && !paused.contains(&pick)
-                    && sim.crash(pick) =>
-            {
-                if pick == "h" {
-                    checker.lock().unwrap().host_crashed();
-                }
-                tracing::info!(node = pick, "crashed");
-                crashed.push(pick);
-            }
-            85..=89 if !crashed.is_empty() => {
-                let n = crashed.swap_remove(rng.gen_range(0..crashed.len()));
-                sim.restart(n);
-                start_consumer(&sim, &checker, n, "jobs", flaky);
-                if n == "c1" {
-                    start_dlq_consumer(&sim, &checker, n, "jobs");
-                }
-            }
-            90..=94 if !crashed.contains(&pick) && !paused.contains(&pick) => {
-                sim.pause(pick);
-                paused.push(pick);
-            }
-            95..=99 if !paused.is_empty() => {
-                let n = paused.swap_remove(0);
-                sim.resume(n);
-            }
+        match faults.step(&mut sim, &mut rng, &NODES, &["c1", "c2", "h"]) {
+            common::Fault::Crashed("h") => checker.lock().unwrap().host_crashed(),
+            common::Fault::Restarted(n) => restart_consumers(&sim, &checker, n, flaky),
             _ => {}
         }
     }
-    sim.heal();
-    for n in paused.drain(..) {
-        sim.resume(n);
-    }
-    for n in crashed.drain(..) {
-        sim.restart(n);
-        start_consumer(&sim, &checker, n, "jobs", flaky);
-        if n == "c1" {
-            start_dlq_consumer(&sim, &checker, n, "jobs");
-        }
+    for n in faults.end(&mut sim) {
+        restart_consumers(&sim, &checker, n, flaky);
     }
     // Producers finish (15 s of sends each, longer while cut off), then
     // everything settles.
@@ -347,6 +292,14 @@ fn random_run(seed: u64) -> Result<mesh::sim::QueueReport, String> {
         return Err("nothing was sent".into());
     }
     Ok(report)
+}
+
+/// A restarted node's consumers start again.
+fn restart_consumers(sim: &Sim, checker: &Shared, node: &str, flaky: Behaviour) {
+    start_consumer(sim, checker, node, "jobs", flaky);
+    if node == "c1" {
+        start_dlq_consumer(sim, checker, node, "jobs");
+    }
 }
 
 fn sweep(range: std::ops::Range<u64>) {

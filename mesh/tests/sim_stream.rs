@@ -328,65 +328,19 @@ fn random_run(seed: u64) -> Result<mesh::sim::StreamReport, String> {
     // Faults for 20 s of mesh time: partitions, one-way cuts, isolation,
     // crashes and restarts of members and of the host (hosts keep records
     // in memory, so a host crash excuses what nobody read yet), pauses.
-    let mut crashed: Vec<&str> = Vec::new();
-    let mut paused: Vec<&str> = Vec::new();
+    let mut faults = common::Faults::default();
     let end = sim.now() + 20 * S;
     while sim.now() < end {
-        sim.run_for(Duration::from_millis(rng.gen_range(200..3000)));
-        let pick = NODES[rng.gen_range(0..NODES.len())];
-        match rng.gen_range(0..100) {
-            0..=24 => {
-                let (mut a, mut b) = (Vec::new(), Vec::new());
-                for n in NODES {
-                    if rng.gen_bool(0.5) {
-                        a.push(n)
-                    } else {
-                        b.push(n)
-                    }
-                }
-                sim.partition(&[&a, &b]);
+        match faults.step(&mut sim, &mut rng, &NODES, &["c1", "c2", "h"]) {
+            common::Fault::Crashed("h") => {
+                let h = sim.peer_id("h");
+                checker.lock().unwrap().both(|c| c.host_crashed(h));
             }
-            25..=34 => {
-                let other = NODES[rng.gen_range(0..NODES.len())];
-                if other != pick {
-                    sim.cut(pick, other);
-                }
-            }
-            35..=44 => sim.isolate(pick),
-            45..=69 => sim.heal(),
-            70..=84
-                if ["c1", "c2", "h"].contains(&pick)
-                    && !paused.contains(&pick)
-                    && sim.crash(pick) =>
-            {
-                if pick == "h" {
-                    let h = sim.peer_id("h");
-                    checker.lock().unwrap().both(|c| c.host_crashed(h));
-                }
-                crashed.push(pick);
-            }
-            85..=89 if !crashed.is_empty() => {
-                let n = crashed.swap_remove(rng.gen_range(0..crashed.len()));
-                sim.restart(n);
-                restart_services(&sim, &checker, n);
-            }
-            90..=94 if !crashed.contains(&pick) && !paused.contains(&pick) => {
-                sim.pause(pick);
-                paused.push(pick);
-            }
-            95..=99 if !paused.is_empty() => {
-                let n = paused.swap_remove(0);
-                sim.resume(n);
-            }
+            common::Fault::Restarted(n) => restart_services(&sim, &checker, n),
             _ => {}
         }
     }
-    sim.heal();
-    for n in paused.drain(..) {
-        sim.resume(n);
-    }
-    for n in crashed.drain(..) {
-        sim.restart(n);
+    for n in faults.end(&mut sim) {
         restart_services(&sim, &checker, n);
     }
     sim.run_until(
