@@ -2207,11 +2207,13 @@ impl NodeTask {
         self.flush();
         loop {
             // Wait for peers with a stream, and for those we still owe
-            // messages to (their stream may yet come up).
+            // messages to (their stream may yet come up). A link that never
+            // came up and holds no message (only our own declarations, say
+            // to a peer that has left meanwhile) owes nothing.
             let waiting = self
                 .links
                 .values()
-                .any(|l| !l.bye_acked && !l.leaving && (l.reader.is_some() || l.has_data));
+                .any(|l| !l.bye_acked && !l.leaving && (l.reader.is_some() || l.queued > 0));
             if !waiting {
                 break;
             }
@@ -2238,7 +2240,9 @@ impl NodeTask {
         let mut unconfirmed: Vec<NodeId> = self
             .links
             .iter()
-            .filter(|(_, l)| l.has_data && !l.bye_acked && !l.leaving)
+            .filter(|(_, l)| {
+                l.has_data && !l.bye_acked && !l.leaving && (l.reader.is_some() || l.queued > 0)
+            })
             .map(|(p, _)| *p)
             .chain(std::mem::take(&mut self.broken))
             .collect();
