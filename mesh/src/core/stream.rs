@@ -317,6 +317,8 @@ pub struct Streams<K> {
     readers: FxHashMap<(K, u64), Reader>,
     /// Readers per owner.
     owned: FxHashMap<K, usize>,
+    /// Streams with an age limit.
+    aged: usize,
     /// The owner without a quota (the host's own node).
     exempt: Option<K>,
     /// Readers that may have records to send.
@@ -345,6 +347,7 @@ impl<K: Clone + Eq + Hash> Streams<K> {
             logs: FxHashMap::default(),
             readers: FxHashMap::default(),
             owned: FxHashMap::default(),
+            aged: 0,
             exempt: None,
             ready: VecDeque::new(),
             bytes: 0,
@@ -423,6 +426,7 @@ impl<K: Clone + Eq + Hash> Streams<K> {
                 readers: FxHashSet::default(),
             })
             .collect();
+        self.aged += usize::from(retention.max_age.is_some());
         self.logs.insert(
             name.into(),
             Log {
@@ -473,8 +477,7 @@ impl<K: Clone + Eq + Hash> Streams<K> {
         let unkeyed = log.round_robin % n;
         log.round_robin = log.round_robin.wrapping_add(1);
         let mut placed = Vec::with_capacity(records.len());
-        let mut touched = 0u64; // bitmap of partitions < 64; others below
-        let mut touched_high: Vec<u32> = Vec::new();
+        let mut touched = vec![false; n as usize];
         for r in records {
             let index = if r.key.is_empty() {
                 unkeyed
@@ -495,16 +498,10 @@ impl<K: Clone + Eq + Hash> Streams<K> {
             self.bytes += size;
             p.records.push_back((rec, now));
             placed.push((index, offset));
-            if index < 64 {
-                touched |= 1 << index;
-            } else if !touched_high.contains(&index) {
-                touched_high.push(index);
-            }
+            touched[index as usize] = true;
         }
         self.stats.appended += placed.len() as u64;
-        let mut indexes: Vec<u32> = (0..64.min(n)).filter(|i| touched & (1 << i) != 0).collect();
-        indexes.extend(touched_high);
-        for index in indexes {
+        for index in (0..n).filter(|i| touched[*i as usize]) {
             self.retain(name, index, now);
             self.wake(name, index);
         }
@@ -861,6 +858,11 @@ impl<K: Clone + Eq + Hash> Streams<K> {
 
     /// When the oldest record of a stream with an age limit expires.
     pub fn poll_timeout(&self) -> Option<Instant> {
+        // Called on every turn of the driver: nothing to scan unless some
+        // stream has an age limit.
+        if self.aged == 0 {
+            return None;
+        }
         self.logs
             .values()
             .filter_map(|l| {

@@ -426,16 +426,6 @@ pub(crate) fn group_pattern(stream: &str, group: &str) -> Option<Pattern> {
     Pattern::new(&format!("{GROUP_PREFIX}{stream}.{group}")).ok()
 }
 
-fn record_bytes(r: &NewRecord) -> usize {
-    r.payload.len()
-        + r.key.len()
-        + r.headers
-            .iter()
-            .map(|(k, v)| k.len() + v.len() + 10)
-            .sum::<usize>()
-        + 32
-}
-
 impl NodeTask {
     /// Live remote hosts of `stream`, with a link up.
     fn stream_hosts(&self, stream: &str) -> Vec<NodeId> {
@@ -773,7 +763,7 @@ impl NodeTask {
                     None => continue,
                 },
             };
-            let size = record_bytes(&r);
+            let size = core_stream::record_size(&r.key, &r.headers, &r.payload) as usize;
             let at = match open.get(&h) {
                 Some(&i)
                     if per_host[i].1.len() < APPEND_BATCH
