@@ -219,6 +219,8 @@ struct LocalConsumer {
     /// Every host answered: its run, and whether its partitions are late.
     /// Kept across link ends (unlike `hosts`), so a restart is seen as one.
     seen: FxHashMap<NodeId, (u64, bool)>,
+    /// A group member's members and partitions when last logged.
+    assigned: (usize, usize),
 }
 
 struct Read {
@@ -565,6 +567,7 @@ impl NodeTask {
                         refreshed: false,
                         initial_hosts: FxHashSet::default(),
                         seen: FxHashMap::default(),
+                        assigned: (0, 0),
                     },
                 );
                 self.streams.changed += 1;
@@ -1033,6 +1036,21 @@ impl NodeTask {
             let rid = self.streams.next_rid;
             c.active.insert((h, i), rid);
             start.push((h, i, rid, from));
+        }
+        if let Some((g, members, _)) = &assignment {
+            let assigned = (members.len(), c.active.len());
+            if assigned != c.assigned || !stop.is_empty() || !start.is_empty() {
+                c.assigned = assigned;
+                // What Kafka logs as a rebalance: operators (and tests)
+                // see when the members or this member's share change.
+                tracing::info!(
+                    %stream,
+                    group = %g,
+                    members = members.len(),
+                    partitions = c.active.len(),
+                    "group assignment changed"
+                );
+            }
         }
         for (_, rid) in stop {
             self.stop_read(rid);
