@@ -15,6 +15,8 @@
 //! - [`stream`]: partitioned logs ([`Node::stream`]): offsets, replay,
 //!   consumer groups, retention.
 //! - [`window`]: windowed aggregation over streams of records.
+//! - `store` (feature `sqlite`, on by default): the SQLite outbox, inbox
+//!   and durable host state.
 //! - [`sim`]: the deterministic simulator: many nodes, a simulated network
 //!   with partitions and faults, virtual time.
 //!
@@ -39,6 +41,8 @@ pub mod node;
 pub mod queue;
 pub mod rpc;
 pub(crate) mod runtime;
+#[cfg(feature = "sqlite")]
+pub mod store;
 pub mod stream;
 
 /// What the unit tests of the cores share, outside the cores.

@@ -108,6 +108,22 @@ pub struct SendOptions {
     pub headers: Vec<(String, Bytes)>,
 }
 
+/// The size a message counts against the frame limit: room is kept for
+/// what a delivery adds (the sender's id, and in a dead-letter queue the
+/// reason).
+fn send_size(queue: &str, payload: &Bytes, options: &SendOptions) -> usize {
+    payload.len()
+        + queue.len()
+        + crate::core::queue::MAX_ERROR_LEN
+        + 128
+        + options.dedup_key.as_ref().map_or(0, |k| k.len())
+        + options
+            .headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 10)
+            .sum::<usize>()
+}
+
 /// Options of [`Queue::consume`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConsumeOptions {
@@ -219,18 +235,7 @@ impl Queue {
     ) -> Result<MessageId, SendError> {
         let payload = payload.into();
         let inner = &self.node.inner;
-        // Room is kept for what a delivery adds: the sender's id, and in a
-        // dead-letter queue the reason.
-        let size = payload.len()
-            + self.name.len()
-            + crate::core::queue::MAX_ERROR_LEN
-            + 128
-            + options.dedup_key.as_ref().map_or(0, |k| k.len())
-            + options
-                .headers
-                .iter()
-                .map(|(k, v)| k.len() + v.len() + 10)
-                .sum::<usize>();
+        let size = send_size(&self.name, &payload, &options);
         if size > inner.max_payload {
             return Err(SendError::TooLarge {
                 size,
@@ -252,6 +257,45 @@ impl Queue {
         inner
             .work_bounded
             .push(op)
+            .await
+            .map_err(|_| SendError::Closed)?;
+        rx.await.map_err(|_| SendError::Closed)?
+    }
+
+    /// [`Queue::send_batch`] with options (delay, time to live, dedup
+    /// key, headers) per message.
+    pub async fn send_batch_with<I, P>(&self, messages: I) -> Result<Vec<MessageId>, SendError>
+    where
+        I: IntoIterator<Item = (P, SendOptions)>,
+        P: Into<Bytes>,
+    {
+        let inner = &self.node.inner;
+        let mut msgs = Vec::new();
+        for (p, options) in messages {
+            let payload: Bytes = p.into();
+            let size = send_size(&self.name, &payload, &options);
+            if size > inner.max_payload {
+                return Err(SendError::TooLarge {
+                    size,
+                    limit: inner.max_payload,
+                });
+            }
+            msgs.push(OutMsg {
+                headers: options.headers,
+                payload,
+                delay: options.delay,
+                ttl: options.ttl,
+                dedup: options.dedup_key,
+            });
+        }
+        let (tx, rx) = oneshot::channel();
+        inner
+            .work_bounded
+            .push(Op::SendBatch {
+                queue: self.name.clone(),
+                msgs,
+                reply: tx,
+            })
             .await
             .map_err(|_| SendError::Closed)?;
         rx.await.map_err(|_| SendError::Closed)?

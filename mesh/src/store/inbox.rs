@@ -1,0 +1,174 @@
+//! The inbox: effectively-once processing of at-least-once deliveries.
+
+use std::{
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+use rusqlite::{Connection, Transaction};
+
+use super::{outbox::ID_HEADER, path_of, schema, StoreError};
+
+/// Something delivered that has a stable id: the same id on every
+/// redelivery and every resend.
+pub trait InboxMessage {
+    /// The id an [`Inbox`] records.
+    fn inbox_id(&self) -> String;
+}
+
+/// The outbox id a message carries, if it came from an outbox.
+fn outbox_id(headers: &[(String, bytes::Bytes)]) -> Option<String> {
+    headers
+        .iter()
+        .rev()
+        .find(|(k, _)| k == ID_HEADER)
+        .and_then(|(_, v)| std::str::from_utf8(v).ok())
+        .map(|v| format!("o:{v}"))
+}
+
+impl InboxMessage for crate::queue::Delivery {
+    /// The outbox id if it has one (stable across resends by the relay),
+    /// else the id the sender gave it.
+    fn inbox_id(&self) -> String {
+        outbox_id(self.headers()).unwrap_or_else(|| {
+            let id = self.id();
+            format!("q:{}:{}", id.publisher, id.seq)
+        })
+    }
+}
+
+impl InboxMessage for crate::stream::Record {
+    /// The outbox id if it has one (the same when a relay appended it
+    /// twice), else its partition and offset.
+    fn inbox_id(&self) -> String {
+        outbox_id(self.headers()).unwrap_or_else(|| {
+            let p = self.partition();
+            format!("s:{}/{}:{}", p.host, p.index, self.offset())
+        })
+    }
+}
+
+impl InboxMessage for crate::Message {
+    fn inbox_id(&self) -> String {
+        outbox_id(&self.headers)
+            .unwrap_or_else(|| format!("p:{}:{}", self.id.publisher, self.id.seq))
+    }
+}
+
+impl InboxMessage for str {
+    fn inbox_id(&self) -> String {
+        format!("u:{self}")
+    }
+}
+
+/// Records processed message ids in the consumer's own database, in the
+/// consumer's own transaction: a message whose id is there is skipped.
+///
+/// ```no_run
+/// # fn f(conn: &mut rusqlite::Connection, inbox: &mesh::store::Inbox, d: mesh::queue::Delivery)
+/// # -> Result<(), mesh::store::StoreError> {
+/// let tx = conn.transaction().unwrap();
+/// let done = inbox.process(&tx, &d, |tx| {
+///     tx.execute("UPDATE stock SET n = n - 1", [])?;
+///     Ok::<_, rusqlite::Error>(())
+/// })?;
+/// tx.commit().unwrap();
+/// d.ack(); // after the commit: a crash before it redelivers, and the inbox skips it
+/// # let _ = done; Ok(()) }
+/// ```
+///
+/// Ids are kept for [`Inbox::retention`] (7 days by default) and pruned
+/// as it goes: a message redelivered after that would be processed again.
+#[derive(Debug)]
+pub struct Inbox {
+    retention: Duration,
+    calls: AtomicU64,
+}
+
+/// Why [`Inbox::process`] failed: the store, or the handler.
+#[derive(Debug, thiserror::Error)]
+pub enum InboxError<E> {
+    /// Recording the id failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The handler failed; roll the transaction back.
+    #[error("handler failed: {0}")]
+    Handler(E),
+}
+
+impl Inbox {
+    /// Creates (or migrates) the inbox table in `conn`'s database.
+    pub fn install(conn: &Connection) -> Result<Inbox, StoreError> {
+        schema::install(conn, &path_of(conn), &[&schema::INBOX], false)?;
+        Ok(Inbox {
+            retention: Duration::from_secs(7 * 24 * 3600),
+            calls: AtomicU64::new(0),
+        })
+    }
+
+    /// Keeps ids for `d` instead of 7 days.
+    pub fn retention(mut self, d: Duration) -> Self {
+        self.retention = d;
+        self
+    }
+
+    /// Runs `f` in `tx` unless `msg` was processed before, and records it
+    /// as processed in the same transaction. Returns `None` for a repeat
+    /// (`f` not called). Commit `tx`, then ack the delivery.
+    pub fn process<M, T, E>(
+        &self,
+        tx: &Transaction<'_>,
+        msg: &M,
+        f: impl FnOnce(&Transaction<'_>) -> Result<T, E>,
+    ) -> Result<Option<T>, InboxError<E>>
+    where
+        M: InboxMessage + ?Sized,
+    {
+        if !self.record(tx, &msg.inbox_id())? {
+            return Ok(None);
+        }
+        f(tx).map(Some).map_err(InboxError::Handler)
+    }
+
+    /// Records `id` as processed in `tx`; false if it was already.
+    pub fn record(&self, tx: &Transaction<'_>, id: &str) -> Result<bool, StoreError> {
+        let path = path_of(tx);
+        let err = |e| StoreError::sqlite(&path, e);
+        let now = super::now_us();
+        let new = tx
+            .prepare_cached("INSERT OR IGNORE INTO mesh_inbox (id, at_us) VALUES (?1, ?2)")
+            .map_err(err)?
+            .execute(rusqlite::params![id, now])
+            .map_err(err)?
+            == 1;
+        // Pruning as it goes: a little every 1,024 calls.
+        if self.calls.fetch_add(1, Ordering::Relaxed) % 1024 == 1023 {
+            self.prune_in(tx, now)?;
+        }
+        Ok(new)
+    }
+
+    /// Was `msg` processed (and still remembered)?
+    pub fn seen<M: InboxMessage + ?Sized>(
+        &self,
+        conn: &Connection,
+        msg: &M,
+    ) -> Result<bool, StoreError> {
+        let path = path_of(conn);
+        conn.prepare_cached("SELECT 1 FROM mesh_inbox WHERE id = ?1")
+            .and_then(|mut s| s.exists([msg.inbox_id()]))
+            .map_err(|e| StoreError::sqlite(&path, e))
+    }
+
+    fn prune_in(&self, conn: &Connection, now: i64) -> Result<(), StoreError> {
+        let path = path_of(conn);
+        let before = now.saturating_sub(self.retention.as_micros().min(i64::MAX as u128) as i64);
+        conn.prepare_cached(
+            "DELETE FROM mesh_inbox WHERE id IN
+             (SELECT id FROM mesh_inbox WHERE at_us < ?1 ORDER BY at_us LIMIT 10000)",
+        )
+        .and_then(|mut s| s.execute([before]))
+        .map(|_| ())
+        .map_err(|e| StoreError::sqlite(&path, e))
+    }
+}
