@@ -51,6 +51,8 @@ pub struct Config {
     pub(crate) listen: Vec<Multiaddr>,
     pub(crate) bootstrap: Vec<Multiaddr>,
     pub(crate) data_dir: Option<PathBuf>,
+    /// With a data dir: hosted queues and streams live in its store.
+    pub(crate) durable: bool,
     pub(crate) mdns: bool,
     pub(crate) membership: membership::Config,
     pub(crate) join_timeout: Duration,
@@ -106,6 +108,7 @@ impl Default for Config {
                 .expect("valid multiaddr")],
             bootstrap: Vec::new(),
             data_dir: None,
+            durable: true,
             mdns: true,
             membership: membership::Config::default(),
             join_timeout: Duration::from_secs(5),
@@ -152,10 +155,23 @@ impl Builder {
         self
     }
 
-    /// Keeps the node identity (and later, durable state) in `dir`.
-    /// Without it the identity is ephemeral.
+    /// Keeps the node identity, and (if the node hosts anything) its
+    /// queues and streams, in `dir`: a durable host. Its queued and in
+    /// flight messages, stream records and committed group offsets live
+    /// in `dir/mesh.db` (SQLite, WAL, `synchronous=FULL`), a send or
+    /// append is confirmed only once on disk, and a restart resumes
+    /// everything. One node at a time owns a data dir (a second one fails
+    /// to start). Without a data dir the identity is ephemeral and state
+    /// is in memory.
     pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.config.data_dir = Some(dir.into());
+        self
+    }
+
+    /// With a data dir, keeps hosted queues and streams in memory only
+    /// (`false`); the default is durable (`true`).
+    pub fn durable(mut self, on: bool) -> Self {
+        self.config.durable = on;
         self
     }
 
@@ -389,6 +405,11 @@ pub enum StartError {
     /// The network transport failed to start.
     #[error(transparent)]
     Transport(#[from] mesh_transports::quic::StartError),
+    /// The durable store in the data dir cannot be used (corrupt, of a
+    /// newer mesh, another application's, or in use by another node).
+    #[cfg(feature = "sqlite")]
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
 }
 
 /// What [`Node::shutdown`] could confirm.

@@ -123,6 +123,38 @@ pub struct NewMessage {
     pub dedup_key: Option<String>,
 }
 
+/// What changed in the messages held, for a durable host to write down
+/// (see [`Queues::set_journal`]). A message is named by its journal id,
+/// given when it was queued and kept while it lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Journal {
+    /// A message was queued.
+    Stored {
+        /// Its journal id.
+        jid: u64,
+        /// The queue.
+        queue: Arc<str>,
+        /// The message.
+        msg: NewMessage,
+    },
+    /// A message moved to another queue: dead-lettered (with deliveries
+    /// and reason), or replayed from the dead-letter queue (`None`).
+    Moved {
+        /// Its journal id.
+        jid: u64,
+        /// The queue it is in now.
+        queue: Arc<str>,
+        /// Dead-letter details.
+        dead: Option<(u32, String)>,
+    },
+    /// A message is gone: acked, or dropped (the dead-letter queue was
+    /// full).
+    Removed {
+        /// Its journal id.
+        jid: u64,
+    },
+}
+
 /// Why a send was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SendError {
@@ -236,6 +268,8 @@ enum State {
 #[derive(Debug)]
 struct Msg {
     queue: u32,
+    /// Journal id (0 when not journaling).
+    jid: u64,
     /// Acceptance order (also across queues): oldest first.
     order: u64,
     id: MessageId,
@@ -372,6 +406,9 @@ pub struct Queues<K> {
     timers: BinaryHeap<Reverse<(Instant, u64, u32)>>,
     /// Queues that may have something to dispatch.
     dirty: Vec<u32>,
+    /// Changes for a durable host, when journaling.
+    journal: Option<Vec<Journal>>,
+    next_jid: u64,
 }
 
 fn split(tag: u64) -> (usize, u32) {
@@ -393,7 +430,67 @@ impl<K: Clone + Eq + Hash> Queues<K> {
             free_consumers: Vec::new(),
             timers: BinaryHeap::new(),
             dirty: Vec::new(),
+            journal: None,
+            next_jid: 0,
         }
+    }
+
+    /// Starts (or stops) recording every change to the messages held, for
+    /// [`Queues::drain_journal`].
+    pub fn set_journal(&mut self, on: bool) {
+        self.journal = on.then(Vec::new);
+    }
+
+    /// Takes the changes recorded since the last call, in order.
+    pub fn drain_journal(&mut self, into: &mut Vec<Journal>) {
+        if let Some(j) = self.journal.as_mut() {
+            into.append(j);
+        }
+    }
+
+    fn record(&mut self, j: impl FnOnce() -> Journal) {
+        if let Some(journal) = self.journal.as_mut() {
+            journal.push(j());
+        }
+    }
+
+    /// Puts back a message a durable host had stored (after a restart), in
+    /// journal order: no limits or dedup checks, since it was accepted
+    /// once; its dedup key is remembered afresh. The journal does not
+    /// record it again.
+    pub fn restore(
+        &mut self,
+        now: Instant,
+        queue: &str,
+        jid: u64,
+        msg: NewMessage,
+        dead: Option<(u32, String)>,
+    ) {
+        let qi = self.index(queue);
+        if let Some(key) = msg.dedup_key {
+            let config = self.config.clone();
+            self.queues[qi as usize].remember_dedup(now, key, &config);
+        }
+        self.next_jid = self.next_jid.max(jid);
+        self.insert(
+            now,
+            Msg {
+                queue: qi,
+                jid,
+                order: 0,
+                id: msg.id,
+                headers: msg.headers,
+                payload: msg.payload,
+                expires: msg.expires,
+                attempts: 0,
+                max_attempts: u32::MAX,
+                last_error: None,
+                dead,
+                state: State::Ready,
+                timer: 0,
+            },
+            msg.not_before,
+        );
     }
 
     /// The limits.
@@ -501,15 +598,30 @@ impl<K: Clone + Eq + Hash> Queues<K> {
                 },
             });
         }
-        if let Some(key) = msg.dedup_key {
+        if let Some(key) = &msg.dedup_key {
             let config = self.config.clone();
-            self.queues[qi as usize].remember_dedup(now, key, &config);
+            self.queues[qi as usize].remember_dedup(now, key.clone(), &config);
         }
         self.queues[qi as usize].stats.accepted += 1;
+        let jid = if self.journal.is_some() {
+            self.next_jid += 1;
+            let name = self.queues[qi as usize].name.clone();
+            let jid = self.next_jid;
+            let stored = msg.clone();
+            self.record(|| Journal::Stored {
+                jid,
+                queue: name,
+                msg: stored,
+            });
+            jid
+        } else {
+            0
+        };
         self.insert(
             now,
             Msg {
                 queue: qi,
+                jid,
                 order: 0,
                 id: msg.id,
                 headers: msg.headers,
@@ -778,6 +890,7 @@ impl<K: Clone + Eq + Hash> Queues<K> {
             return false;
         };
         self.queues[m.queue as usize].stats.acked += 1;
+        self.record(|| Journal::Removed { jid: m.jid });
         true
     }
 
@@ -890,9 +1003,20 @@ impl<K: Clone + Eq + Hash> Queues<K> {
         if self.queues[di as usize].held >= self.config.max_messages {
             self.queues[di as usize].stats.dead_letters_dropped += 1;
             self.queues[from].stats.dead_letters_dropped += 1;
+            self.record(|| Journal::Removed { jid: m.jid });
             return;
         }
         m.queue = di;
+        let (jid, queue, dead) = (
+            m.jid,
+            self.queues[di as usize].name.clone(),
+            (m.attempts, reason.clone()),
+        );
+        self.record(|| Journal::Moved {
+            jid,
+            queue,
+            dead: Some(dead),
+        });
         m.dead = Some((m.attempts, reason));
         m.attempts = 0;
         m.max_attempts = u32::MAX;
@@ -1160,6 +1284,12 @@ impl<K: Clone + Eq + Hash> Queues<K> {
                 continue;
             };
             m.queue = target;
+            let (jid, queue) = (m.jid, self.queues[target as usize].name.clone());
+            self.record(|| Journal::Moved {
+                jid,
+                queue,
+                dead: None,
+            });
             m.dead = None;
             m.attempts = 0;
             m.max_attempts = u32::MAX;
@@ -1251,6 +1381,68 @@ mod tests {
             visibility_timeout: Duration::from_secs(30),
             max_attempts: 3,
         }
+    }
+
+    /// Journaling: each change to the messages held is recorded once, in
+    /// order, and a restore from the journal gives the same queues.
+    #[test]
+    fn journal_records_every_change_and_restores() {
+        let (now, mut q) = consumed_by_a(10);
+        q.set_journal(true);
+        for i in 0..4 {
+            q.send(now, "jobs", msg(i, &format!("m{i}"))).unwrap();
+        }
+        let ds = drain(&mut q, now);
+        assert!(q.ack(ds[0].tag, &"a"));
+        assert!(q.reject(now, ds[1].tag, &"a", "bad"));
+        let mut j = Vec::new();
+        q.drain_journal(&mut j);
+        let kinds: Vec<String> = j
+            .iter()
+            .map(|e| match e {
+                Journal::Stored { jid, queue, .. } => format!("put {jid} {queue}"),
+                Journal::Moved { jid, queue, dead } => {
+                    format!("move {jid} {queue} {:?}", dead.as_ref().map(|d| &d.1))
+                }
+                Journal::Removed { jid } => format!("del {jid}"),
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "put 1 jobs",
+                "put 2 jobs",
+                "put 3 jobs",
+                "put 4 jobs",
+                "del 1",
+                "move 2 jobs.dlq Some(\"bad\")"
+            ]
+        );
+        q.drain_journal(&mut j);
+        assert_eq!(j.len(), 6, "drained once");
+
+        // A new host restored from what is left: 3 and 4 (2 dead).
+        let mut r = Q::new(Config::default());
+        r.set_journal(true);
+        for e in &j {
+            if let Journal::Stored { jid, queue, msg } = e {
+                if *jid >= 3 {
+                    r.restore(now, queue, *jid, msg.clone(), None);
+                }
+            }
+        }
+        r.restore(now, "jobs.dlq", 2, msg(1, "m1"), Some((1, "bad".into())));
+        let mut none = Vec::new();
+        r.drain_journal(&mut none);
+        assert!(none.is_empty(), "restores are not journaled again");
+        r.set_consumer("jobs", "b", opts(10)).unwrap();
+        let got: Vec<Bytes> = drain(&mut r, now).into_iter().map(|d| d.payload).collect();
+        assert_eq!(got, ["m2", "m3"]);
+        assert_eq!(r.stats("jobs.dlq").waiting, 1);
+        // New messages get ids after the restored ones.
+        r.send(now, "jobs", msg(9, "m9")).unwrap();
+        r.drain_journal(&mut none);
+        assert!(matches!(none[..], [Journal::Stored { jid: 5, .. }]));
     }
 
     /// A fresh host whose queue `jobs` has consumer `a` with `prefetch`.

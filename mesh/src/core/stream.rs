@@ -261,6 +261,9 @@ const BATCH_BYTES: u64 = 256 * 1024;
 
 struct Partition<K> {
     first: u64,
+    /// Records below this may be sent to readers (all of them, unless the
+    /// host is durable: then those on disk; see [`Streams::set_gate`]).
+    visible: u64,
     records: VecDeque<(Record, Instant)>,
     bytes: u64,
     committed: FxHashMap<Arc<str>, u64>,
@@ -270,6 +273,11 @@ struct Partition<K> {
 impl<K> Partition<K> {
     fn next(&self) -> u64 {
         self.first + self.records.len() as u64
+    }
+
+    /// The end of what readers may be sent.
+    fn visible(&self) -> u64 {
+        self.visible.clamp(self.first, self.next())
     }
 
     fn state(&self, index: u32) -> PartitionState {
@@ -282,7 +290,7 @@ impl<K> Partition<K> {
         PartitionState {
             index,
             first: self.first,
-            next: self.next(),
+            next: self.visible(),
             bytes: self.bytes,
             committed,
         }
@@ -325,6 +333,9 @@ pub struct Streams<K> {
     ready: VecDeque<(K, u64)>,
     bytes: u64,
     stats: Stats,
+    /// Appended records wait for [`Streams::made_durable`] before readers
+    /// see them.
+    gate: bool,
 }
 
 impl<K> std::fmt::Debug for Streams<K> {
@@ -352,7 +363,83 @@ impl<K: Clone + Eq + Hash> Streams<K> {
             ready: VecDeque::new(),
             bytes: 0,
             stats: Stats::default(),
+            gate: false,
         }
+    }
+
+    /// With the gate on, appended records reach readers only once the
+    /// driver says they are on disk ([`Streams::made_durable`]): a reader
+    /// never sees a record a crash could take back.
+    pub fn set_gate(&mut self, on: bool) {
+        self.gate = on;
+    }
+
+    /// Records of partition `index` of `stream` below `upto` are on disk:
+    /// readers may have them.
+    pub fn made_durable(&mut self, stream: &str, index: u32, upto: u64) {
+        let Some(p) = self
+            .logs
+            .get_mut(stream)
+            .and_then(|l| l.partitions.get_mut(index as usize))
+        else {
+            return;
+        };
+        if upto > p.visible {
+            p.visible = upto.min(p.next());
+            self.wake(stream, index);
+        }
+    }
+
+    /// Puts back a partition a durable host had stored (after a restart):
+    /// its first offset, its records in offset order (all visible) and its
+    /// committed offsets. The stream is created if new, with at least
+    /// `index + 1` partitions. Records count against retention afresh,
+    /// arriving now.
+    pub fn restore(
+        &mut self,
+        now: Instant,
+        stream: &str,
+        index: u32,
+        first: u64,
+        records: Vec<Record>,
+        committed: Vec<(Arc<str>, u64)>,
+    ) -> Result<(), AppendError> {
+        self.create(stream)?;
+        let Some(log) = self.logs.get_mut(stream) else {
+            return Ok(());
+        };
+        while log.partitions.len() <= index as usize {
+            log.partitions.push(Partition {
+                first: 0,
+                visible: 0,
+                records: VecDeque::new(),
+                bytes: 0,
+                committed: FxHashMap::default(),
+                readers: FxHashSet::default(),
+            });
+        }
+        let p = &mut log.partitions[index as usize];
+        p.first = p.first.max(first);
+        for r in records {
+            if r.offset < p.next() {
+                continue;
+            }
+            if r.offset > p.next() {
+                // A gap (retention trims from the front, so only a damaged
+                // file has one): keep what follows it, in order.
+                self.bytes -= p.bytes;
+                p.bytes = 0;
+                p.records.clear();
+                p.first = r.offset;
+            }
+            let size = r.size();
+            p.bytes += size;
+            self.bytes += size;
+            p.records.push_back((r, now));
+        }
+        p.visible = p.next();
+        p.committed.extend(committed);
+        Ok(())
     }
 
     /// Readers of `owner` (the host's own node) are not held to
@@ -420,6 +507,7 @@ impl<K: Clone + Eq + Hash> Streams<K> {
         let partitions = (0..self.config.partitions)
             .map(|_| Partition {
                 first: 0,
+                visible: 0,
                 records: VecDeque::new(),
                 bytes: 0,
                 committed: FxHashMap::default(),
@@ -497,6 +585,9 @@ impl<K: Clone + Eq + Hash> Streams<K> {
             p.bytes += size;
             self.bytes += size;
             p.records.push_back((rec, now));
+            if !self.gate {
+                p.visible = p.next();
+            }
             placed.push((index, offset));
             touched[index as usize] = true;
         }
@@ -576,7 +667,7 @@ impl<K: Clone + Eq + Hash> Streams<K> {
         let p = &log.partitions[index as usize];
         for key in &p.readers {
             if let Some(r) = self.readers.get_mut(key) {
-                if !r.queued && r.credit > 0 && r.next < p.next() {
+                if !r.queued && r.credit > 0 && r.next < p.visible() {
                     r.queued = true;
                     self.ready.push_back(key.clone());
                 }
@@ -687,7 +778,7 @@ impl<K: Clone + Eq + Hash> Streams<K> {
                 .logs
                 .get(&r.stream)
                 .and_then(|l| l.partitions.get(r.index as usize))
-                .is_some_and(|p| r.next < p.next());
+                .is_some_and(|p| r.next < p.visible());
         if has {
             r.queued = true;
             self.ready.push_back(id.clone());
@@ -819,7 +910,9 @@ impl<K: Clone + Eq + Hash> Streams<K> {
                 r.next = p.first;
             }
             let from = (r.next - p.first) as usize;
-            let most = (r.credit as usize).min(BATCH);
+            let most = (r.credit as usize)
+                .min(BATCH)
+                .min(p.visible().saturating_sub(r.next) as usize);
             let mut records =
                 Vec::with_capacity(most.min(p.records.len() - from.min(p.records.len())));
             let mut bytes = 0;
@@ -839,7 +932,7 @@ impl<K: Clone + Eq + Hash> Streams<K> {
             r.next += u64::from(sent);
             r.credit -= sent;
             let index = r.index;
-            let more = r.credit > 0 && r.next < p.next();
+            let more = r.credit > 0 && r.next < p.visible();
             if more {
                 r.queued = true;
                 self.ready.push_back(id.clone());
@@ -973,6 +1066,41 @@ mod tests {
             per[partition_of(format!("sensor-{i}").as_bytes(), 4) as usize] += 1;
         }
         assert!(per.iter().all(|n| *n >= 8), "{per:?}");
+    }
+
+    /// With the gate on, readers get records only once made durable, and
+    /// a restored partition goes on at its offsets.
+    #[test]
+    fn gated_records_wait_until_durable() {
+        let now = test_origin();
+        let mut s = host(1);
+        s.set_gate(true);
+        s.create("s").unwrap();
+        s.open(7, 1, "s", 0, &Start::Earliest, 100).unwrap();
+        s.append(now, "s", vec![rec("", "a"), rec("", "b"), rec("", "c")])
+            .unwrap();
+        assert!(drain(&mut s).is_empty(), "nothing before it is on disk");
+        assert_eq!(s.partitions("s")[0].next, 0);
+        s.made_durable("s", 0, 2);
+        let got: Vec<u64> = drain(&mut s)
+            .into_iter()
+            .flat_map(|b| b.records)
+            .map(|r| r.offset)
+            .collect();
+        assert_eq!(got, [0, 1]);
+        s.made_durable("s", 0, 3);
+        assert_eq!(drain(&mut s)[0].records[0].offset, 2);
+
+        let mut r = host(1);
+        r.set_gate(true);
+        let kept: Vec<Record> = s.read("s", 0, 1, 10);
+        r.restore(now, "s", 0, 1, kept, vec![("g".into(), 2)])
+            .unwrap();
+        let p = &r.partitions("s")[0];
+        assert_eq!((p.first, p.next), (1, 3));
+        assert_eq!(p.committed, [("g".into(), 2)]);
+        let placed = r.append(now, "s", vec![rec("", "d")]).unwrap();
+        assert_eq!(placed, [(0, 3)]);
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! subscription is over capacity it stops reading links (so QUIC flow
 //! control slows the publishers). Membership timers keep running either way.
 
+pub(crate) mod durable;
 pub(crate) mod link;
 pub(crate) mod queue;
 pub(crate) mod streams;
@@ -242,6 +243,39 @@ fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
     f.sync_all()
 }
 
+/// Opens the store of a durable host: one with a data dir that hosts
+/// (one-shot tools, which host nothing, keep only their identity there).
+#[cfg(feature = "sqlite")]
+fn open_durable(
+    config: &Config,
+) -> Result<(Option<durable::Durable>, Option<durable::Loaded>), StartError> {
+    let Some(dir) = config
+        .data_dir
+        .as_ref()
+        .filter(|_| config.durable && config.sim.is_none())
+    else {
+        return Ok((None, None));
+    };
+    let hosts = config.self_host
+        || config.host_all
+        || !config.host_queues.is_empty()
+        || !config.host_streams.is_empty();
+    if !hosts {
+        return Ok((None, None));
+    }
+    let (store, loaded) = crate::store::host::HostStore::open(dir)?;
+    let (done_tx, done_rx) = mpsc::unbounded_channel();
+    let backend = store.spawn(done_tx)?;
+    Ok((Some(durable::Durable::new(backend, done_rx)), Some(loaded)))
+}
+
+#[cfg(not(feature = "sqlite"))]
+fn open_durable(
+    _: &Config,
+) -> Result<(Option<durable::Durable>, Option<durable::Loaded>), StartError> {
+    Ok((None, None))
+}
+
 /// Starts the transport and the node task.
 pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
     let keypair = match (&config.keypair, &config.data_dir) {
@@ -303,6 +337,7 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
     let epoch = clock.unix_micros();
     let space = Arc::new(Notify::new());
     let config_for_work = config.clone();
+    let (durable, loaded) = open_durable(&config)?;
     let task = NodeTask {
         local,
         membership: Membership::new(local, Vec::new(), epoch, config.membership.clone(), now),
@@ -361,8 +396,21 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
         work_scratch: Vec::new(),
         work_scratch_bounded: Vec::new(),
         links_generation: 0,
+        durable,
     };
     let mut task = task;
+    if let Some(loaded) = loaded {
+        // A durable host keeps its run across restarts: its stored
+        // partitions are the same logs, so readers resume where they were.
+        let stream_epoch = loaded.epoch.unwrap_or(epoch);
+        task.set_stream_epoch(stream_epoch);
+        if let Some(d) = task.durable.as_mut() {
+            d.push(durable::WriteOp::Epoch(stream_epoch));
+        }
+        task.work.host.set_journal(true);
+        task.streams.host.set_gate(true);
+        task.restore(loaded);
+    }
     for p in work::Work::host_patterns(&task.config)
         .into_iter()
         .chain(streams::Streams::host_patterns(&task.config))
@@ -669,6 +717,16 @@ struct NodeTask {
     /// Bumped whenever a link comes up or ends (queue hosts and consumers
     /// re-check whom they talk to).
     links_generation: u64,
+    /// A durable host's store (with a data dir).
+    durable: Option<durable::Durable>,
+}
+
+/// The next batch the store has on disk (never, without a store).
+async fn next_stored(rx: &mut Option<mpsc::UnboundedReceiver<u64>>) -> Option<u64> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Whatever ends the node task (shutdown, or its future dropped: a
@@ -698,6 +756,7 @@ impl NodeTask {
         let publishes = self.publishes.clone();
         let work_control = self.work_control.clone();
         let work_bounded = self.work_bounded.clone();
+        let mut stored = self.durable.as_mut().and_then(|d| d.take_done());
         let shutdown_reply = loop {
             let congested = self.congested();
             if !congested {
@@ -773,6 +832,7 @@ impl NodeTask {
                     }
                 }
                 Some(id) = unsubs.recv() => self.unsubscribe(id),
+                Some(upto) = next_stored(&mut stored) => self.durable_done(upto),
                 _ = tokio::time::sleep_until(timer) => {
                     let now = now();
                     if self.membership.poll_timeout().is_some_and(|t| t <= now) {
@@ -827,10 +887,26 @@ impl NodeTask {
         // before the goodbye.
         self.work_ops();
         self.work_flush();
+        // A durable host's last batches reach the disk, and what they
+        // confirm goes out with the rest.
+        if let Some(rx) = stored.as_mut() {
+            while self.durable.as_ref().is_some_and(|d| d.waiting()) {
+                match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+                    Ok(Some(upto)) => self.durable_done(upto),
+                    _ => {
+                        tracing::error!("the store did not finish writing in time; unconfirmed sends will be sent again by their senders");
+                        break;
+                    }
+                }
+            }
+        }
         publishes.close();
         publishes.take(&mut publish_batch);
         self.publish_batch(&mut publish_batch);
         let report = self.shutdown(&mut links, &mut transport).await;
+        // The store's file and lock are released before the caller hears
+        // of the shutdown (it may start a node on the same data dir).
+        self.durable = None;
         if let Some(reply) = shutdown_reply {
             let _ = reply.send(report);
         }

@@ -462,7 +462,7 @@ impl NodeTask {
 
     /// This node hosts `stream` from now on (it appended to it when nobody
     /// hosted it, or a peer sent it an append).
-    fn start_hosting_stream(&mut self, stream: &Arc<str>) -> bool {
+    pub(crate) fn start_hosting_stream(&mut self, stream: &Arc<str>) -> bool {
         if self.streams.hosts_locally(stream) {
             return true;
         }
@@ -485,6 +485,54 @@ impl NodeTask {
         true
     }
 
+    /// Commits a group's offset on this host (and writes it, if durable).
+    fn host_commit(&mut self, stream: &str, group: &str, index: u32, offset: u64) -> bool {
+        let before = self
+            .streams
+            .host
+            .partitions(stream)
+            .get(index as usize)
+            .and_then(|p| {
+                p.committed
+                    .iter()
+                    .find(|(g, _)| **g == *group)
+                    .map(|(_, o)| *o)
+            });
+        if !self.streams.host.commit(stream, group, index, offset) {
+            return false;
+        }
+        if let Some(d) = self.durable.as_mut() {
+            if before.is_none_or(|b| offset > b) {
+                d.push(super::durable::WriteOp::StreamCommit {
+                    stream: stream.into(),
+                    index,
+                    group: group.into(),
+                    offset,
+                });
+            }
+        }
+        true
+    }
+
+    /// The `Appended` answer to a remote appender.
+    pub(crate) fn send_appended(&mut self, peer: NodeId, seq: u64, placed: Vec<(u32, u64)>) {
+        let epoch = self.streams.epoch;
+        self.send_stream(peer, &StreamWire::Appended { seq, epoch, placed });
+    }
+
+    /// A local append call's records stored here are on disk.
+    pub(crate) fn stream_call_stored(&mut self, call: u64) {
+        if let Some(c) = self.streams.calls.get_mut(&call) {
+            c.remaining = c.remaining.saturating_sub(1);
+        }
+        self.finish_call_if_done(call);
+    }
+
+    /// This run's epoch (a durable host keeps its stored one).
+    pub(crate) fn set_stream_epoch(&mut self, epoch: u64) {
+        self.streams.epoch = epoch;
+    }
+
     /// Appends locally; tells watchers when the stream is new.
     fn append_here(
         &mut self,
@@ -492,7 +540,30 @@ impl NodeTask {
         records: Vec<NewRecord>,
     ) -> Result<Vec<(u32, u64)>, core_stream::AppendError> {
         let existed = self.streams.host.has(stream);
+        let kept = self.durable.is_some().then(|| records.clone());
         let placed = self.streams.host.append(now(), stream, records)?;
+        if let (Some(d), Some(kept)) = (self.durable.as_mut(), kept) {
+            let name: Arc<str> = self
+                .streams
+                .host
+                .names()
+                .find(|n| ***n == *stream)
+                .cloned()
+                .unwrap_or_else(|| stream.into());
+            for (r, (index, offset)) in kept.into_iter().zip(&placed) {
+                d.stored(
+                    &name,
+                    *index,
+                    core_stream::Record {
+                        offset: *offset,
+                        key: r.key,
+                        timestamp_ms: r.timestamp_ms,
+                        headers: r.headers,
+                        payload: r.payload,
+                    },
+                );
+            }
+        }
         if !existed {
             self.stream_created(stream);
         }
@@ -646,7 +717,7 @@ impl NodeTask {
     ) {
         if host == self.local {
             if epoch == self.streams.epoch {
-                self.streams.host.commit(&stream, &group, index, offset);
+                self.host_commit(&stream, &group, index, offset);
             }
         } else {
             // Per run: the host ignores those of a run not its own.
@@ -742,6 +813,11 @@ impl NodeTask {
                                 index,
                                 offset,
                             });
+                        }
+                        if let Some(d) = self.durable.as_mut() {
+                            // The call resolves once these are on disk.
+                            c.remaining += 1;
+                            d.hold(super::durable::Held::StreamCall(call));
                         }
                     }
                 }
@@ -1242,10 +1318,12 @@ impl NodeTask {
                     Err((false, e.to_string()))
                 };
                 match result {
-                    Ok(placed) => {
-                        let epoch = self.streams.epoch;
-                        self.send_stream(peer, &StreamWire::Appended { seq, epoch, placed });
-                    }
+                    Ok(placed) => match self.durable.as_mut() {
+                        Some(d) => {
+                            d.hold(super::durable::Held::StreamAppended { peer, seq, placed })
+                        }
+                        None => self.send_appended(peer, seq, placed),
+                    },
                     Err((full, reason)) => self.send_stream(
                         peer,
                         &StreamWire::AppendRefused {
@@ -1465,7 +1543,7 @@ impl NodeTask {
             } => {
                 if epoch != self.streams.epoch {
                     tracing::debug!(%peer, stream, group, index, "commit for an earlier run of this host ignored");
-                } else if !self.streams.host.commit(stream, group, index, offset) {
+                } else if !self.host_commit(stream, group, index, offset) {
                     tracing::debug!(%peer, stream, group, index, "stream commit refused");
                 }
             }

@@ -702,7 +702,11 @@ impl NodeTask {
                 .send(now, &queue, new_message(id, msg, now))
                 .map(|_| id)
                 .map_err(|e| SendError::Full(e.to_string()));
-            self.resolve_send(reply, result);
+            match self.durable.as_mut() {
+                // Confirmed once on disk.
+                Some(d) if result.is_ok() => d.hold(super::durable::Held::LocalSend(reply, result)),
+                _ => self.resolve_send(reply, result),
+            }
             return;
         };
         let w = WorkWire::Send {
@@ -762,6 +766,30 @@ impl NodeTask {
 
     /// Tells a send's caller how it ended (a batch once all its messages
     /// did).
+    pub(crate) fn resolve_send_now(
+        &mut self,
+        reply: SendReply,
+        result: Result<MessageId, SendError>,
+    ) {
+        self.resolve_send(reply, result);
+    }
+
+    /// A queue restored from the store is hosted here (a dead-letter queue
+    /// with its queue).
+    pub(crate) fn host_restored_queue(&mut self, queue: Arc<str>) {
+        let base: Arc<str> = dlq_of(&queue).map_or(queue.clone(), Arc::from);
+        if !self.work.hosts_locally(&base) && !self.start_hosting(base.clone()) {
+            tracing::error!(queue = %base, "restored queue cannot be declared hosted (at the limit of queues); its messages are held but not offered");
+        }
+    }
+
+    /// `Accepted` frames for remote sends.
+    pub(crate) fn send_accepted(&mut self, accepted: FxHashMap<NodeId, Vec<u64>>) {
+        for (peer, seqs) in accepted {
+            self.send_work(peer, &WorkWire::Accepted { seqs });
+        }
+    }
+
     fn resolve_send(&mut self, reply: SendReply, result: Result<MessageId, SendError>) {
         match reply {
             SendReply::One(tx) => {
@@ -1397,10 +1425,15 @@ impl NodeTask {
                 );
             }
         }
-        for (peer, seqs) in std::mem::take(&mut self.work.accepted) {
-            self.send_work(peer, &WorkWire::Accepted { seqs });
+        let accepted = std::mem::take(&mut self.work.accepted);
+        if !accepted.is_empty() {
+            match self.durable.as_mut() {
+                Some(d) => d.hold(super::durable::Held::QueueAccepted(accepted)),
+                None => self.send_accepted(accepted),
+            }
         }
         self.stream_flush();
+        self.durable_flush();
     }
 
     fn grant_flows(&mut self) {

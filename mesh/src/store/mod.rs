@@ -16,6 +16,7 @@
 //! schema, a corrupt file, a SQLite file of another application and a
 //! full disk give a typed [`StoreError`].
 
+pub(crate) mod host;
 mod inbox;
 mod outbox;
 mod schema;
@@ -31,6 +32,7 @@ use rusqlite::{Connection, OpenFlags};
 /// connections and transactions.
 pub use rusqlite;
 
+pub use host::HOST_FILE;
 pub use inbox::{Inbox, InboxError, InboxMessage};
 pub use outbox::{
     Destination, Outbox, OutboxId, OutboxStatus, Relay, RelayOptions, RelayStats, ID_HEADER,

@@ -50,6 +50,53 @@ pub(crate) const INBOX: Component = Component {
     ],
 };
 
+pub(crate) const HOST: Component = Component {
+    name: "host",
+    migrations: &[
+        // 1: a durable host's queued messages (by journal id, in order),
+        // its stream partitions' records, first offsets and committed
+        // group offsets, and its run (epoch).
+        "CREATE TABLE mesh_host_state (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+        CREATE TABLE mesh_queue (
+            jid INTEGER PRIMARY KEY,
+            queue TEXT NOT NULL,
+            origin BLOB NOT NULL,
+            seq INTEGER NOT NULL,
+            headers BLOB NOT NULL,
+            payload BLOB NOT NULL,
+            not_before_us INTEGER,
+            expires_us INTEGER,
+            dedup TEXT,
+            dead_attempts INTEGER,
+            dead_reason TEXT
+        );
+        CREATE TABLE mesh_stream (
+            id INTEGER PRIMARY KEY,
+            stream TEXT NOT NULL,
+            part INTEGER NOT NULL,
+            off INTEGER NOT NULL,
+            ts_ms INTEGER NOT NULL,
+            key BLOB NOT NULL,
+            headers BLOB NOT NULL,
+            payload BLOB NOT NULL
+        );
+        CREATE UNIQUE INDEX mesh_stream_pos ON mesh_stream (stream, part, off);
+        CREATE TABLE mesh_stream_first (
+            stream TEXT NOT NULL,
+            part INTEGER NOT NULL,
+            first INTEGER NOT NULL,
+            PRIMARY KEY (stream, part)
+        ) WITHOUT ROWID;
+        CREATE TABLE mesh_stream_commit (
+            stream TEXT NOT NULL,
+            part INTEGER NOT NULL,
+            grp TEXT NOT NULL,
+            off INTEGER NOT NULL,
+            PRIMARY KEY (stream, part, grp)
+        ) WITHOUT ROWID;",
+    ],
+};
+
 /// Creates or migrates `components` in one immediate transaction.
 ///
 /// `own_file`: the file is mesh's alone (a node's data dir), so tables of

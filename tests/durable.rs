@@ -1,0 +1,365 @@
+//! Durable hosts: queues and streams in the data dir's SQLite file,
+//! across restarts and SIGKILL.
+
+mod common;
+
+use std::{collections::BTreeSet, path::Path, process::Stdio};
+
+use common::{eventually, loopback, WAIT};
+use futures::StreamExt;
+use mesh::{
+    queue::ConsumeOptions,
+    store::StoreError,
+    stream::{From, GroupOptions},
+    Node, StartError,
+};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    process::Command,
+};
+
+async fn durable_host(dir: &Path) -> Node {
+    Node::builder()
+        .listen(loopback())
+        .mdns(false)
+        .failure_detection(common::fast_fd())
+        .data_dir(dir)
+        .host_all()
+        .start()
+        .await
+        .expect("durable host starts")
+}
+
+fn n_of(payload: &[u8]) -> u32 {
+    u32::from_le_bytes(payload[..4].try_into().unwrap())
+}
+
+/// Sent messages are on disk when the send resolves; after a restart the
+/// host holds exactly those not acked (in flight ones too), and its dead
+/// letters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_survives_a_host_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = durable_host(dir.path()).await;
+    let q = host.queue("jobs").unwrap();
+    q.send_batch((0..1000u32).map(|n| n.to_le_bytes().to_vec()))
+        .await
+        .unwrap();
+    let mut consumer = q.consume(ConsumeOptions::default().prefetch(16).max_attempts(1));
+    let mut acked = BTreeSet::new();
+    let mut held = Vec::new();
+    let mut rejected = None;
+    for i in 0..301 {
+        let d = tokio::time::timeout(WAIT, consumer.next())
+            .await
+            .expect("a delivery")
+            .unwrap();
+        let n = n_of(d.payload());
+        match i {
+            0 => {
+                rejected = Some(n);
+                d.reject_with("bad");
+            }
+            1..=10 => held.push(d),
+            _ => {
+                acked.insert(n);
+                d.ack();
+            }
+        }
+    }
+    assert_eq!(acked.len(), 290);
+    host.shutdown().await;
+    drop((consumer, held, q, host));
+
+    let host = durable_host(dir.path()).await;
+    let q = host.queue("jobs").unwrap();
+    let stats = q.host_stats().await.unwrap();
+    assert_eq!(stats.waiting, 709, "{stats:?}");
+    let dlq = q.dead_letters().peek(10).await.unwrap();
+    assert_eq!(dlq.len(), 1);
+    assert_eq!(n_of(&dlq[0].payload), rejected.unwrap());
+    assert_eq!(dlq[0].dead.as_ref().map(|d| d.1.as_str()), Some("bad"));
+
+    // A consumer on another node gets each of the rest once.
+    let addr = common::addr(&host).await;
+    let other = common::start(Some(&addr)).await;
+    other.ready_timeout(WAIT).await.unwrap();
+    let mut consumer = other
+        .queue("jobs")
+        .unwrap()
+        .consume(ConsumeOptions::default());
+    let mut got = BTreeSet::new();
+    while got.len() < 709 {
+        let d = tokio::time::timeout(WAIT, consumer.next())
+            .await
+            .expect("a delivery")
+            .unwrap();
+        assert!(got.insert(n_of(d.payload())), "delivered once");
+        d.ack();
+    }
+    let want: BTreeSet<u32> = (0..1000)
+        .filter(|n| !acked.contains(n) && Some(*n) != rejected)
+        .collect();
+    assert_eq!(got, want);
+}
+
+/// Records, offsets and group commits survive a restart; the host keeps
+/// its run, so offsets go on, and the group resumes from its commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_survives_a_host_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = durable_host(dir.path()).await;
+    let s = host.stream("events").unwrap();
+    s.append_batch((0..1000u32).map(|n| (format!("k{}", n % 10), n.to_le_bytes().to_vec())))
+        .await
+        .unwrap();
+    let before = s.info().await.unwrap();
+    let mut group = s.group("g").unwrap().consume_with(GroupOptions::default());
+    let mut committed = BTreeSet::new();
+    for _ in 0..400 {
+        let r = tokio::time::timeout(WAIT, group.next())
+            .await
+            .expect("a record")
+            .unwrap()
+            .unwrap();
+        committed.insert(n_of(r.payload()));
+        r.commit();
+    }
+    let g = s.group("g").unwrap();
+    eventually("the commits to reach the host", || async {
+        let lag: u64 = g.lag().await.ok()?.iter().map(|l| l.lag).sum();
+        (lag == 600).then_some(())
+    })
+    .await;
+    host.shutdown().await;
+    drop((group, g, s, host));
+
+    let host = durable_host(dir.path()).await;
+    let s = host.stream("events").unwrap();
+    let after = s.info().await.unwrap();
+    assert_eq!(
+        after.partitions,
+        before
+            .partitions
+            .iter()
+            .map(|p| {
+                let mut p = p.clone();
+                p.committed = after
+                    .partitions
+                    .iter()
+                    .find(|a| a.partition == p.partition)
+                    .map(|a| a.committed.clone())
+                    .unwrap_or_default();
+                p
+            })
+            .collect::<Vec<_>>(),
+        "same partitions, offsets and bytes"
+    );
+    let lag: u64 = s
+        .group("g")
+        .unwrap()
+        .lag()
+        .await
+        .unwrap()
+        .iter()
+        .map(|l| l.lag)
+        .sum();
+    assert_eq!(lag, 600);
+    // Offsets go on after the restart.
+    let pos = s.append("k0", b"after".to_vec()).await.unwrap();
+    let p0 = before
+        .partitions
+        .iter()
+        .find(|p| p.partition == pos.partition)
+        .unwrap();
+    assert_eq!(pos.offset, p0.next);
+    // The group resumes from its commits: the other 600, and the new one.
+    let mut group = s.group("g").unwrap().consume();
+    let mut rest = BTreeSet::new();
+    for _ in 0..601 {
+        let r = tokio::time::timeout(WAIT, group.next())
+            .await
+            .expect("a record")
+            .unwrap()
+            .unwrap();
+        if r.payload().as_ref() != b"after" {
+            assert!(rest.insert(n_of(r.payload())));
+        }
+    }
+    let want: BTreeSet<u32> = (0..1000).filter(|n| !committed.contains(n)).collect();
+    assert_eq!(rest, want);
+    // A replay reads every record with its offsets.
+    let mut all = s.consume(From::Earliest);
+    let mut n = 0;
+    while n < 1001 {
+        tokio::time::timeout(WAIT, all.next())
+            .await
+            .expect("a record")
+            .unwrap()
+            .unwrap();
+        n += 1;
+    }
+}
+
+async fn start_err(dir: &Path) -> StoreError {
+    match Node::builder()
+        .listen(loopback())
+        .mdns(false)
+        .data_dir(dir)
+        .host_all()
+        .start()
+        .await
+    {
+        Err(StartError::Store(e)) => e,
+        Err(e) => panic!("expected a store error, got {e}"),
+        Ok(_) => panic!("expected a store error, the node started"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_data_dirs_are_typed_errors() {
+    // Garbage where the store should be.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(mesh::store::HOST_FILE), vec![0x42u8; 4096]).unwrap();
+    assert!(matches!(
+        start_err(dir.path()).await,
+        StoreError::Corrupt { .. }
+    ));
+
+    // Another application's database.
+    let dir = tempfile::tempdir().unwrap();
+    let conn = mesh::store::open(dir.path().join(mesh::store::HOST_FILE)).unwrap();
+    conn.execute_batch("CREATE TABLE users (id INTEGER PRIMARY KEY)")
+        .unwrap();
+    drop(conn);
+    match start_err(dir.path()).await {
+        StoreError::Foreign { tables, .. } => assert_eq!(tables, "users"),
+        e => panic!("expected Foreign, got {e}"),
+    }
+
+    // A store written by a newer mesh.
+    let dir = tempfile::tempdir().unwrap();
+    let host = durable_host(dir.path()).await;
+    host.shutdown().await;
+    drop(host);
+    let conn = mesh::store::open(dir.path().join(mesh::store::HOST_FILE)).unwrap();
+    conn.execute(
+        "UPDATE mesh_meta SET version = 7 WHERE component = 'host'",
+        [],
+    )
+    .unwrap();
+    drop(conn);
+    assert!(matches!(
+        start_err(dir.path()).await,
+        StoreError::NewerSchema {
+            component: "host",
+            found: 7,
+            ..
+        }
+    ));
+
+    // One node per data dir.
+    let dir = tempfile::tempdir().unwrap();
+    let _host = durable_host(dir.path()).await;
+    assert!(matches!(
+        start_err(dir.path()).await,
+        StoreError::Busy { .. }
+    ));
+}
+
+const BIN: &str = env!("CARGO_BIN_EXE_mesh-cli");
+const LOOP: &str = "/ip4/127.0.0.1/udp/0/quic-v1";
+
+/// A `mesh node --data-dir` process and its address.
+async fn node_process(dir: &Path) -> (tokio::process::Child, String) {
+    let mut node = Command::new(BIN)
+        .args(["node", "--no-mdns", "--listen", LOOP, "--data-dir"])
+        .arg(dir)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(node.stdout.take().unwrap()).lines();
+    let addr = loop {
+        let line = tokio::time::timeout(WAIT, out.next_line())
+            .await
+            .expect("output in time")
+            .unwrap()
+            .expect("node running");
+        if let Some(a) = line.strip_prefix("listening:") {
+            break a.trim().to_owned();
+        }
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = out.next_line().await {} });
+    (node, addr)
+}
+
+async fn via(addr: &str, args: &[&str]) -> std::process::Output {
+    let out = Command::new(BIN)
+        .args(args)
+        .args(["--no-mdns", "--listen", LOOP, "--bootstrap", addr])
+        .kill_on_drop(true)
+        .output();
+    tokio::time::timeout(WAIT, out)
+        .await
+        .expect("the command finishes in time")
+        .unwrap()
+}
+
+fn payloads(out: &std::process::Output) -> Vec<String> {
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("JSON lines");
+            v["payload"].as_str().unwrap_or_default().to_owned()
+        })
+        .collect()
+}
+
+/// What `mesh queue send` and `mesh stream append` were told was stored
+/// is there after the durable node is SIGKILLed and started again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_durable_node_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut node, addr) = node_process(dir.path()).await;
+    let out = via(&addr, &["queue", "send", "jobs", "job", "--count", "200"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = via(&addr, &["stream", "append", "ev", "e", "--count", "100"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    node.start_kill().unwrap();
+    let _ = node.wait().await;
+
+    let (_node, addr) = node_process(dir.path()).await;
+    let out = via(&addr, &["queue", "consume", "jobs", "--count", "200"]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: BTreeSet<String> = payloads(&out).into_iter().collect();
+    let want: BTreeSet<String> = (1..=200).map(|i| format!("job {i}")).collect();
+    assert_eq!(got, want);
+    let out = via(
+        &addr,
+        &[
+            "stream", "read", "ev", "--from", "earliest", "--count", "100",
+        ],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: BTreeSet<String> = payloads(&out).into_iter().collect();
+    let want: BTreeSet<String> = (0..100).map(|i| format!("e-{i}")).collect();
+    assert_eq!(got, want);
+}
