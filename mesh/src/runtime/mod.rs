@@ -13,6 +13,8 @@
 //! subscription is over capacity it stops reading links (so QUIC flow
 //! control slows the publishers). Membership timers keep running either way.
 
+// Without the `sqlite` feature no backend writes what it describes.
+#[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
 pub(crate) mod durable;
 pub(crate) mod link;
 pub(crate) mod queue;
