@@ -68,7 +68,8 @@ async fn queue_survives_a_host_restart() {
         }
     }
     assert_eq!(acked.len(), 290);
-    host.shutdown().await;
+    let report = host.shutdown().await;
+    assert_eq!(report.queued_dropped, 0, "kept on disk, not dropped");
     drop((consumer, held, q, host));
 
     let host = durable_host(dir.path()).await;

@@ -221,7 +221,7 @@ fn a_poison_message_reaches_the_dead_letter_queue_after_max_attempts() {
 const NODES: [&str; 5] = ["h", "p1", "p2", "c1", "c2"];
 const CONSUMERS: [&str; 3] = ["c1", "c2", "p2"];
 
-fn random_run(seed: u64) -> Result<mesh::sim::QueueReport, String> {
+fn random_run(seed: u64, durable: bool) -> Result<mesh::sim::QueueReport, String> {
     // MESH_SIM_LOG=mesh=debug: the nodes' logs, for replaying one seed.
     if let Ok(filter) = std::env::var("MESH_SIM_LOG") {
         let _ = tracing_subscriber::fmt()
@@ -238,7 +238,13 @@ fn random_run(seed: u64) -> Result<mesh::sim::QueueReport, String> {
         .duplicate(rng.gen_range(0.0..0.05))
         .reorder(rng.gen_bool(0.5))
         .build();
-    sim.node_with("h", Node::builder().host_all());
+    // A durable host keeps its messages on its (simulated) disk.
+    let host = if durable {
+        Node::builder().host_all().data_dir("/sim/h")
+    } else {
+        Node::builder().host_all()
+    };
+    sim.node_with("h", host);
     for n in &NODES[1..] {
         sim.node(n);
     }
@@ -260,14 +266,15 @@ fn random_run(seed: u64) -> Result<mesh::sim::QueueReport, String> {
         start_producer(&sim, &checker, "p2", "p2", 300, Duration::from_millis(50)),
     ];
 
-    // Faults for 20 s of mesh time. Hosts keep messages in memory, so a
-    // crash of `h` excuses what was open (see `QueueChecker::host_crashed`);
-    // consumers and the host crash and restart, everyone is partitioned.
+    // Faults for 20 s of mesh time. A host in memory loses its messages
+    // when it crashes, so a crash of `h` excuses what was open (see
+    // `QueueChecker::host_crashed`); a durable one must lose nothing.
+    // Consumers and the host crash and restart, everyone is partitioned.
     let mut faults = common::Faults::default();
     let end = sim.now() + 20 * S;
     while sim.now() < end {
         match faults.step(&mut sim, &mut rng, &NODES, &["c1", "c2", "h"]) {
-            common::Fault::Crashed("h") => checker.lock().unwrap().host_crashed(),
+            common::Fault::Crashed("h") if !durable => checker.lock().unwrap().host_crashed(),
             common::Fault::Restarted(n) => restart_consumers(&sim, &checker, n, flaky),
             _ => {}
         }
@@ -303,17 +310,22 @@ fn restart_consumers(sim: &Sim, checker: &Shared, node: &str, flaky: Behaviour) 
 }
 
 fn sweep(range: std::ops::Range<u64>) {
+    sweep_with(range, false);
+}
+
+fn sweep_with(range: std::ops::Range<u64>, durable: bool) {
     let seeds = common::seeds(range);
     let started = std::time::Instant::now();
     let (mut sent, mut dup) = (0, 0);
     for &seed in &seeds {
-        match random_run(seed) {
+        match random_run(seed, durable) {
             Ok(r) => {
                 sent += r.sent;
                 dup += r.duplicated;
             }
             Err(e) => panic!(
-                "seed {seed}: {e}\nreplay: MESH_SIM_SEED={seed} cargo test -p mesh --test sim_queue queue_random -- --exact"
+                "seed {seed} (durable host: {durable}): {e}\nreplay: MESH_SIM_SEED={seed} cargo test -p mesh --test sim_queue {} -- --exact",
+                if durable { "queue_random_durable" } else { "queue_random" }
             ),
         }
     }
@@ -326,6 +338,14 @@ fn sweep(range: std::ops::Range<u64>) {
 
 fn per_test() -> u64 {
     common::per_test("MESH_SIM_QUEUE_SEEDS", 2, 50)
+}
+
+/// The same faults with a durable host: its crashes lose nothing either
+/// (no message is excused).
+#[test]
+fn queue_random_durable() {
+    let n = per_test();
+    sweep_with(0..n, true);
 }
 
 #[test]

@@ -294,7 +294,7 @@ fn a_latest_reader_gets_everything_appended_after_it_started_across_a_host_resta
 const NODES: [&str; 5] = ["h", "p1", "p2", "c1", "c2"];
 const MEMBERS: [&str; 3] = ["c1", "c2", "p2"];
 
-fn random_run(seed: u64) -> Result<mesh::sim::StreamReport, String> {
+fn random_run(seed: u64, durable: bool) -> Result<mesh::sim::StreamReport, String> {
     if let Ok(filter) = std::env::var("MESH_SIM_LOG") {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(filter)
@@ -310,7 +310,14 @@ fn random_run(seed: u64) -> Result<mesh::sim::StreamReport, String> {
         .duplicate(rng.gen_range(0.0..0.05))
         .reorder(rng.gen_bool(0.5))
         .build();
-    sim.node_with("h", Node::builder().host_all());
+    // A durable host keeps records, offsets and commits on its
+    // (simulated) disk.
+    let host = if durable {
+        Node::builder().host_all().data_dir("/sim/h")
+    } else {
+        Node::builder().host_all()
+    };
+    sim.node_with("h", host);
     for n in &NODES[1..] {
         sim.node(n);
     }
@@ -326,13 +333,14 @@ fn random_run(seed: u64) -> Result<mesh::sim::StreamReport, String> {
         start_appender(&sim, &checker, "p2", "p2", 300, Duration::from_millis(50)),
     ];
     // Faults for 20 s of mesh time: partitions, one-way cuts, isolation,
-    // crashes and restarts of members and of the host (hosts keep records
-    // in memory, so a host crash excuses what nobody read yet), pauses.
+    // crashes and restarts of members and of the host (a host in memory
+    // loses its records, so its crash excuses what nobody read yet; a
+    // durable one must lose nothing and keep its offsets), pauses.
     let mut faults = common::Faults::default();
     let end = sim.now() + 20 * S;
     while sim.now() < end {
         match faults.step(&mut sim, &mut rng, &NODES, &["c1", "c2", "h"]) {
-            common::Fault::Crashed("h") => {
+            common::Fault::Crashed("h") if !durable => {
                 let h = sim.peer_id("h");
                 checker.lock().unwrap().both(|c| c.host_crashed(h));
             }
@@ -370,18 +378,23 @@ fn restart_services(sim: &Sim, checker: &Shared, node: &str) {
 }
 
 fn sweep(range: std::ops::Range<u64>) {
+    sweep_with(range, false);
+}
+
+fn sweep_with(range: std::ops::Range<u64>, durable: bool) {
     let seeds = common::seeds(range);
     let started = std::time::Instant::now();
     let (mut appended, mut dup, mut twice) = (0, 0, 0);
     for &seed in &seeds {
-        match random_run(seed) {
+        match random_run(seed, durable) {
             Ok(r) => {
                 appended += r.appended;
                 dup += r.duplicated;
                 twice += r.appended_twice;
             }
             Err(e) => panic!(
-                "seed {seed}: {e}\nreplay: MESH_SIM_SEED={seed} cargo test -p mesh --test sim_stream stream_random -- --exact"
+                "seed {seed} (durable host: {durable}): {e}\nreplay: MESH_SIM_SEED={seed} cargo test -p mesh --test sim_stream {} -- --exact",
+                if durable { "stream_random_durable" } else { "stream_random" }
             ),
         }
     }
@@ -394,6 +407,14 @@ fn sweep(range: std::ops::Range<u64>) {
 
 fn per_test() -> u64 {
     common::per_test("MESH_SIM_STREAM_SEEDS", 2, 50)
+}
+
+/// The same faults with a durable host: its crashes lose and skip
+/// nothing (no record is excused).
+#[test]
+fn stream_random_durable() {
+    let n = per_test();
+    sweep_with(0..n, true);
 }
 
 #[test]

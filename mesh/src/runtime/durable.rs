@@ -84,7 +84,7 @@ pub(crate) trait Backend: Send {
 }
 
 /// A stored queue message, as loaded at start.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct StoredMsg {
     pub(crate) jid: u64,
     pub(crate) queue: String,
@@ -113,6 +113,142 @@ pub(crate) struct Loaded {
     pub(crate) epoch: Option<u64>,
     pub(crate) queue: Vec<StoredMsg>,
     pub(crate) streams: Vec<StoredPartition>,
+}
+
+/// The simulator's disk: what a simulated durable host wrote, kept across
+/// its crashes and restarts. A batch is on it once submitted (the end of
+/// the driver turn); what the turn confirms goes out after, so a crash
+/// loses only what nobody was told was stored.
+#[derive(Debug, Default)]
+pub(crate) struct MemDisk {
+    epoch: Option<u64>,
+    queue: std::collections::BTreeMap<u64, StoredMsg>,
+    streams: std::collections::BTreeMap<(String, u32), MemPartition>,
+}
+
+#[derive(Debug, Default)]
+struct MemPartition {
+    first: u64,
+    records: std::collections::BTreeMap<u64, Record>,
+    committed: std::collections::BTreeMap<Arc<str>, u64>,
+}
+
+impl MemDisk {
+    fn apply(&mut self, ops: Vec<WriteOp>) {
+        for op in ops {
+            match op {
+                WriteOp::QueuePut {
+                    jid,
+                    queue,
+                    id,
+                    headers,
+                    payload,
+                    not_before_us,
+                    expires_us,
+                    dedup,
+                } => {
+                    self.queue.insert(
+                        jid,
+                        StoredMsg {
+                            jid,
+                            queue: queue.to_string(),
+                            id,
+                            headers,
+                            payload,
+                            not_before_us,
+                            expires_us,
+                            dedup,
+                            dead: None,
+                        },
+                    );
+                }
+                WriteOp::QueueMove { jid, queue, dead } => {
+                    if let Some(m) = self.queue.get_mut(&jid) {
+                        m.queue = queue.to_string();
+                        m.dead = dead;
+                    }
+                }
+                WriteOp::QueueDel { jid } => {
+                    self.queue.remove(&jid);
+                }
+                WriteOp::StreamPut {
+                    stream,
+                    index,
+                    record,
+                } => {
+                    self.streams
+                        .entry((stream.to_string(), index))
+                        .or_default()
+                        .records
+                        .insert(record.offset, record);
+                }
+                WriteOp::StreamCommit {
+                    stream,
+                    index,
+                    group,
+                    offset,
+                } => {
+                    let p = self.streams.entry((stream.to_string(), index)).or_default();
+                    let c = p.committed.entry(group).or_default();
+                    *c = (*c).max(offset);
+                }
+                WriteOp::StreamTrim {
+                    stream,
+                    index,
+                    first,
+                } => {
+                    let p = self.streams.entry((stream.to_string(), index)).or_default();
+                    p.records = p.records.split_off(&first);
+                    p.first = p.first.max(first);
+                }
+                WriteOp::Epoch(e) => self.epoch = Some(e),
+            }
+        }
+    }
+
+    fn load(&self) -> Loaded {
+        Loaded {
+            epoch: self.epoch,
+            queue: self.queue.values().cloned().collect(),
+            streams: self
+                .streams
+                .iter()
+                .map(|((stream, index), p)| StoredPartition {
+                    stream: stream.clone(),
+                    index: *index,
+                    first: p.first,
+                    records: p.records.values().cloned().collect(),
+                    committed: p.committed.iter().map(|(g, o)| (g.clone(), *o)).collect(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// A simulated host's store: batches go to its [`MemDisk`] at once.
+pub(crate) struct MemBackend {
+    disk: Arc<std::sync::Mutex<MemDisk>>,
+    done: mpsc::UnboundedSender<u64>,
+}
+
+impl MemBackend {
+    /// The backend on `disk`, and what it holds.
+    pub(crate) fn open(
+        disk: Arc<std::sync::Mutex<MemDisk>>,
+    ) -> (Box<dyn Backend>, mpsc::UnboundedReceiver<u64>, Loaded) {
+        let loaded = disk.lock().map(|d| d.load()).unwrap_or_default();
+        let (done, rx) = mpsc::unbounded_channel();
+        (Box::new(MemBackend { disk, done }), rx, loaded)
+    }
+}
+
+impl Backend for MemBackend {
+    fn submit(&mut self, seq: u64, ops: Vec<WriteOp>) {
+        if let Ok(mut d) = self.disk.lock() {
+            d.apply(ops);
+        }
+        let _ = self.done.send(seq);
+    }
 }
 
 /// A confirmation waiting for its batch to be on disk.

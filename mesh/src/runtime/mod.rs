@@ -247,24 +247,28 @@ fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
 
 /// Opens the store of a durable host: one with a data dir that hosts
 /// (one-shot tools, which host nothing, keep only their identity there).
-#[cfg(feature = "sqlite")]
+/// A simulated node's data dir is its simulated disk.
 fn open_durable(
     config: &Config,
 ) -> Result<(Option<durable::Durable>, Option<durable::Loaded>), StartError> {
-    let Some(dir) = config
-        .data_dir
-        .as_ref()
-        .filter(|_| config.durable && config.sim.is_none())
-    else {
-        return Ok((None, None));
-    };
     let hosts = config.self_host
         || config.host_all
         || !config.host_queues.is_empty()
         || !config.host_streams.is_empty();
-    if !hosts {
+    let Some(dir) = config.data_dir.as_ref().filter(|_| config.durable && hosts) else {
         return Ok((None, None));
+    };
+    if let Some(hooks) = &config.sim {
+        let (backend, done, loaded) = durable::MemBackend::open(hooks.disk.clone());
+        return Ok((Some(durable::Durable::new(backend, done)), Some(loaded)));
     }
+    open_sqlite(dir)
+}
+
+#[cfg(feature = "sqlite")]
+fn open_sqlite(
+    dir: &std::path::Path,
+) -> Result<(Option<durable::Durable>, Option<durable::Loaded>), StartError> {
     let (store, loaded) = crate::store::host::HostStore::open(dir)?;
     let (done_tx, done_rx) = mpsc::unbounded_channel();
     let backend = store.spawn(done_tx)?;
@@ -272,9 +276,10 @@ fn open_durable(
 }
 
 #[cfg(not(feature = "sqlite"))]
-fn open_durable(
-    _: &Config,
+fn open_sqlite(
+    _: &std::path::Path,
 ) -> Result<(Option<durable::Durable>, Option<durable::Loaded>), StartError> {
+    tracing::warn!("built without the sqlite feature: hosted queues and streams stay in memory");
     Ok((None, None))
 }
 
@@ -2338,7 +2343,12 @@ impl NodeTask {
             dropped_unreachable = self.stats.dropped_unreachable,
             "node stopped"
         );
-        let queued_dropped = self.work.host.len() as u64;
+        // A durable host keeps them on disk for its next start.
+        let queued_dropped = if self.durable.is_some() {
+            0
+        } else {
+            self.work.host.len() as u64
+        };
         if queued_dropped > 0 {
             let queues: Vec<String> = self.work.host.names().map(|n| n.to_string()).collect();
             tracing::warn!(

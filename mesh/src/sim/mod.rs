@@ -34,6 +34,11 @@
 //! assert_eq!(got.unwrap().payload, "after the heal");
 //! ```
 //!
+//! Durable hosts: a node given a data dir ([`Builder::data_dir`]) writes
+//! its hosted queues and streams to a simulated disk that survives
+//! [`Sim::crash`], so a service can be tested for "nothing confirmed is
+//! lost" across crashes of its hosts.
+//!
 //! Faults: [`Sim::partition`], [`Sim::cut`] (one way), [`Sim::isolate`],
 //! [`Sim::heal`], [`Sim::set_link`] (latency and loss of one path),
 //! [`Sim::crash`] and [`Sim::restart`], [`Sim::pause`] and [`Sim::resume`].
@@ -78,6 +83,8 @@ pub(crate) struct Hooks {
     pub(crate) gate: std::sync::Arc<Gate>,
     pub(crate) seed: u64,
     pub(crate) clock: WallClock,
+    /// The node's simulated disk (used when it has a data dir).
+    pub(crate) disk: std::sync::Arc<std::sync::Mutex<crate::runtime::durable::MemDisk>>,
 }
 
 impl std::fmt::Debug for Hooks {
@@ -236,6 +243,9 @@ struct SimHost {
     builder: Builder,
     node: Option<Node>,
     gate: std::sync::Arc<Gate>,
+    /// Survives crashes: a node with a data dir keeps its durable state
+    /// here.
+    disk: std::sync::Arc<std::sync::Mutex<crate::runtime::durable::MemDisk>>,
 }
 
 /// A deterministic simulated mesh. See the [module docs](self).
@@ -331,6 +341,7 @@ impl Sim {
             builder,
             node: None,
             gate: Default::default(),
+            disk: Default::default(),
         });
         self.start(self.hosts.len() - 1)
     }
@@ -348,6 +359,7 @@ impl Sim {
                 unix_micros_at_origin: SIM_EPOCH_MICROS,
                 origin: self.origin,
             },
+            disk: h.disk.clone(),
         };
         let builder = h.builder.clone().sim(hooks).identity(h.keypair.clone());
         let node = self
@@ -549,7 +561,11 @@ impl Sim {
     }
 
     /// Crashes node `name`: its tasks stop at once, its memory is lost, it
-    /// sends nothing more (peers notice by their failure detection).
+    /// sends nothing more (peers notice by their failure detection). A
+    /// node built with a data dir ([`Builder::data_dir`]; the path is not
+    /// used) keeps its simulated disk: on restart it is a durable host
+    /// again, with every queue message, stream record and committed offset
+    /// it had confirmed.
     /// Returns false if it was not running.
     pub fn crash(&mut self, name: &str) -> bool {
         let i = self.index(name);
