@@ -1,9 +1,8 @@
 //! The examples that check something run as tests too, so they stay true.
 
-use std::{
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::time::Duration;
+
+mod common;
 
 #[path = "../examples/partition_test.rs"]
 mod partition_test;
@@ -13,48 +12,11 @@ fn partition_test_example() {
     partition_test::main();
 }
 
-/// Builds example `name` with this test's profile and returns its path.
-/// (An example that starts itself as other processes cannot run inside
-/// the test binary, and cargo builds examples for `cargo test` only when
-/// no target is selected.)
-fn example(name: &str) -> PathBuf {
-    // This binary is TARGET/PROFILE/deps/examples-HASH.
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
-    let mut build = std::process::Command::new(std::env::var_os("CARGO").unwrap_or("cargo".into()));
-    build.args([
-        "build",
-        "--quiet",
-        "--manifest-path",
-        concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"),
-        "--example",
-        name,
-    ]);
-    match profile_dir.file_name().and_then(|p| p.to_str()) {
-        Some("debug") => {}
-        Some("release") => {
-            build.arg("--release");
-        }
-        Some(other) => {
-            build.args(["--profile", other]);
-        }
-        None => panic!("no profile directory in {}", exe.display()),
-    }
-    let status = build.status().expect("cargo runs");
-    assert!(status.success(), "cargo build --example {name}: {status}");
-    let path = profile_dir
-        .join("examples")
-        .join(name)
-        .with_extension(std::env::consts::EXE_EXTENSION);
-    assert!(path.exists(), "{} was not built", path.display());
-    path
-}
-
 /// A host, three worker processes and a producer process: every job done
 /// once, the poison job in the dead-letter queue after three attempts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn work_queue_example() {
-    let exe = example("work_queue");
+    let exe = common::example("work_queue");
     let run = tokio::process::Command::new(&exe)
         .kill_on_drop(true)
         .output();
@@ -89,7 +51,7 @@ async fn work_queue_example() {
 /// the readings, none late.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn event_stream_example() {
-    let exe = example("event_stream");
+    let exe = common::example("event_stream");
     let run = tokio::process::Command::new(&exe)
         .kill_on_drop(true)
         .output();
@@ -113,4 +75,39 @@ async fn event_stream_example() {
         "{ok}"
     );
     assert!(stdout.contains("summary: average per sensor and 1 s window of event time"));
+}
+
+/// A host, a producer process writing orders through the SQLite outbox
+/// (killed with SIGKILL half-way and restarted) and a consumer process
+/// processing them through the inbox: each order processed exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_orders_example() {
+    let exe = common::example("outbox_orders");
+    let run = tokio::process::Command::new(&exe)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(120), run)
+        .await
+        .expect("the example finishes in time")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ok = stdout
+        .lines()
+        .find(|l| l.starts_with("ok: "))
+        .unwrap_or_else(|| panic!("no ok line in:\n{stdout}"));
+    assert!(
+        ok.starts_with("ok: 2000 orders committed with their events in one transaction"),
+        "{ok}"
+    );
+    assert!(ok.contains("each order processed exactly once"), "{ok}");
+    assert!(
+        stdout.contains("duplicates processed 0, lost 0"),
+        "{stdout}"
+    );
 }

@@ -1,7 +1,11 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
-use std::{future::Future, time::Duration};
+use std::{
+    future::Future,
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use futures::StreamExt;
 use mesh::{Message, Multiaddr, Node, PeerId, PeerState, Subscription};
@@ -227,4 +231,63 @@ macro_rules! conformance {
             )*
         }
     };
+}
+
+/// Builds example `name` with this test's profile and returns its path.
+/// (An example that starts itself as other processes cannot run inside
+/// the test binary, and cargo builds examples for `cargo test` only when
+/// no target is selected.)
+pub fn example(name: &str) -> PathBuf {
+    // This binary is TARGET/PROFILE/deps/TEST-HASH.
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
+    let mut build = std::process::Command::new(std::env::var_os("CARGO").unwrap_or("cargo".into()));
+    // Without the variables cargo set for this test (the package's name,
+    // version, manifest dir): build scripts that watch them (ring's does)
+    // would see a change, so that this build and the next `cargo test`
+    // rebuild each other's dependencies every time.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_BIN_EXE_")
+            || [
+                "CARGO_MANIFEST_DIR",
+                "CARGO_MANIFEST_PATH",
+                "CARGO_MANIFEST_LINKS",
+                "CARGO_CRATE_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "OUT_DIR",
+            ]
+            .contains(&&*key)
+        {
+            build.env_remove(&*key);
+        }
+    }
+    build.args([
+        "build",
+        "--quiet",
+        "--manifest-path",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"),
+        "--example",
+        name,
+    ]);
+    match profile_dir.file_name().and_then(|p| p.to_str()) {
+        Some("debug") => {}
+        Some("release") => {
+            build.arg("--release");
+        }
+        Some(other) => {
+            build.args(["--profile", other]);
+        }
+        None => panic!("no profile directory in {}", exe.display()),
+    }
+    let status = build.status().expect("cargo runs");
+    assert!(status.success(), "cargo build --example {name}: {status}");
+    let path = profile_dir
+        .join("examples")
+        .join(name)
+        .with_extension(std::env::consts::EXE_EXTENSION);
+    assert!(path.exists(), "{} was not built", path.display());
+    path
 }
