@@ -364,3 +364,90 @@ async fn a_sigkilled_durable_node_loses_nothing() {
     let want: BTreeSet<String> = (0..100).map(|i| format!("e-{i}")).collect();
     assert_eq!(got, want);
 }
+
+/// A tmpfs of `size` mounted on a fresh directory, unmounted on drop;
+/// `None` (and why) where mounting is not allowed.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().ok()?;
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            eprintln!(
+                "skipped: cannot mount a tmpfs (needs root): {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+            return None;
+        }
+        Some(SmallDisk { dir })
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// A durable host whose disk fills up confirms nothing it could not
+/// write: the sends wait, and complete once there is room again; after a
+/// restart every confirmed message is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_holds_confirmations_and_loses_nothing() {
+    let Some(disk) = SmallDisk::mount("8m") else {
+        return;
+    };
+    let dir = disk.dir.path().join("node");
+    std::fs::create_dir(&dir).unwrap();
+    let host = durable_host(&dir).await;
+    let q = host.queue("jobs").unwrap();
+    q.send_batch((0..100u32).map(|n| n.to_le_bytes().to_vec()))
+        .await
+        .unwrap();
+    // Fill the disk.
+    let filler = disk.dir.path().join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.sync_all();
+    }
+    // 1,000 messages of 4 KiB cannot be written now.
+    let big = q.clone();
+    let sending = tokio::spawn(async move {
+        big.send_batch((100..1100u32).map(|n| {
+            let mut v = n.to_le_bytes().to_vec();
+            v.resize(4096, 7);
+            v
+        }))
+        .await
+    });
+    // Room again: they are written, and only then confirmed.
+    let pending = eventually("the store to hold the big batch back", || async {
+        let s = q.host_stats().await.ok()?;
+        (s.waiting >= 1100).then_some(())
+    });
+    pending.await;
+    std::fs::remove_file(&filler).unwrap();
+    tokio::time::timeout(WAIT, sending)
+        .await
+        .expect("the sends complete once there is room")
+        .unwrap()
+        .unwrap();
+    host.shutdown().await;
+    drop((q, host));
+    let host = durable_host(&dir).await;
+    let stats = host.queue("jobs").unwrap().host_stats().await.unwrap();
+    assert_eq!(stats.waiting, 1100, "every confirmed message kept");
+    host.shutdown().await;
+}
