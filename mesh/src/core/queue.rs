@@ -287,6 +287,28 @@ struct Msg {
     timer: u32,
 }
 
+impl Msg {
+    /// A message new to queue `queue` (or restored to it, with its
+    /// dead-letter details).
+    fn new(queue: u32, jid: u64, msg: NewMessage, dead: Option<(u32, String)>) -> Msg {
+        Msg {
+            queue,
+            jid,
+            order: 0,
+            id: msg.id,
+            headers: msg.headers,
+            payload: msg.payload,
+            expires: msg.expires,
+            attempts: 0,
+            max_attempts: u32::MAX,
+            last_error: None,
+            dead,
+            state: State::Ready,
+            timer: 0,
+        }
+    }
+}
+
 /// A message's place. A tag is `generation << 32 | index`, so a tag of a
 /// message gone (its slot reused) never matches.
 #[derive(Debug)]
@@ -467,30 +489,13 @@ impl<K: Clone + Eq + Hash> Queues<K> {
         dead: Option<(u32, String)>,
     ) {
         let qi = self.index(queue);
-        if let Some(key) = msg.dedup_key {
+        if let Some(key) = &msg.dedup_key {
             let config = self.config.clone();
-            self.queues[qi as usize].remember_dedup(now, key, &config);
+            self.queues[qi as usize].remember_dedup(now, key.clone(), &config);
         }
         self.next_jid = self.next_jid.max(jid);
-        self.insert(
-            now,
-            Msg {
-                queue: qi,
-                jid,
-                order: 0,
-                id: msg.id,
-                headers: msg.headers,
-                payload: msg.payload,
-                expires: msg.expires,
-                attempts: 0,
-                max_attempts: u32::MAX,
-                last_error: None,
-                dead,
-                state: State::Ready,
-                timer: 0,
-            },
-            msg.not_before,
-        );
+        let not_before = msg.not_before;
+        self.insert(now, Msg::new(qi, jid, msg, dead), not_before);
     }
 
     /// The limits.
@@ -617,25 +622,8 @@ impl<K: Clone + Eq + Hash> Queues<K> {
         } else {
             0
         };
-        self.insert(
-            now,
-            Msg {
-                queue: qi,
-                jid,
-                order: 0,
-                id: msg.id,
-                headers: msg.headers,
-                payload: msg.payload,
-                expires: msg.expires,
-                attempts: 0,
-                max_attempts: u32::MAX,
-                last_error: None,
-                dead: None,
-                state: State::Ready,
-                timer: 0,
-            },
-            msg.not_before,
-        );
+        let not_before = msg.not_before;
+        self.insert(now, Msg::new(qi, jid, msg, None), not_before);
         Ok(Accepted::Queued)
     }
 

@@ -8,7 +8,6 @@ use std::{
     time::Duration,
 };
 
-use bytes::Bytes;
 use rusqlite::{Connection, TransactionBehavior};
 use rustc_hash::{FxHashMap, FxHashSet};
 use tokio::sync::mpsc;
@@ -161,19 +160,6 @@ fn lock_dir(dir: &Path) -> Result<File, StoreError> {
     }
 }
 
-fn headers_blob(h: &[(String, Bytes)]) -> Vec<u8> {
-    let v: Vec<(&str, &[u8])> = h.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
-    postcard::to_stdvec(&v).unwrap_or_default()
-}
-
-fn headers_of(b: &[u8]) -> Option<Vec<(String, Bytes)>> {
-    if b.is_empty() {
-        return Some(Vec::new());
-    }
-    let v: Vec<(String, Vec<u8>)> = postcard::from_bytes(b).ok()?;
-    Some(v.into_iter().map(|(k, v)| (k, Bytes::from(v))).collect())
-}
-
 /// Writes one group of batches in one immediate transaction. A message
 /// queued and acked within it never touches the disk.
 fn write(conn: &Connection, path: &Path, ops: &[WriteOp]) -> Result<(), StoreError> {
@@ -231,7 +217,7 @@ fn write(conn: &Connection, path: &Path, ops: &[WriteOp]) -> Result<(), StoreErr
                         &**queue,
                         id.publisher.to_bytes(),
                         id.seq as i64,
-                        headers_blob(headers),
+                        super::headers_blob(headers),
                         &payload[..],
                         not_before_us,
                         expires_us,
@@ -267,7 +253,7 @@ fn write(conn: &Connection, path: &Path, ops: &[WriteOp]) -> Result<(), StoreErr
                         record.offset as i64,
                         record.timestamp_ms as i64,
                         &record.key[..],
-                        headers_blob(&record.headers),
+                        super::headers_blob(&record.headers),
                         &record.payload[..],
                     ])
                     .map_err(err)?;
@@ -353,7 +339,7 @@ fn load(conn: &Connection, path: &Path) -> Result<Loaded, StoreError> {
             let publisher = NodeId::from_bytes(&origin)
                 .map_err(|e| bad("mesh_queue", format!("message {jid}: bad sender id: {e}")))?;
             let headers: Vec<u8> = r.get(4).map_err(err)?;
-            let headers = headers_of(&headers)
+            let headers = super::headers_of(&headers)
                 .ok_or_else(|| bad("mesh_queue", format!("message {jid}: bad headers")))?;
             let payload: Vec<u8> = r.get(5).map_err(err)?;
             let dead_attempts: Option<i64> = r.get(9).map_err(err)?;
@@ -425,7 +411,7 @@ fn load(conn: &Connection, path: &Path) -> Result<Loaded, StoreError> {
             let i: u32 = r.get(1).map_err(err)?;
             let off: i64 = r.get(2).map_err(err)?;
             let headers: Vec<u8> = r.get(5).map_err(err)?;
-            let headers = headers_of(&headers)
+            let headers = super::headers_of(&headers)
                 .ok_or_else(|| bad("mesh_stream", format!("{s}/{i}@{off}: bad headers")))?;
             let key: Vec<u8> = r.get(4).map_err(err)?;
             let payload: Vec<u8> = r.get(6).map_err(err)?;

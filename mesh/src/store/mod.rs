@@ -204,6 +204,25 @@ fn create_private(path: &Path) -> Result<(), StoreError> {
     }
 }
 
+/// Headers as stored: postcard of `Vec<(String, Vec<u8>)>`.
+pub(crate) fn headers_blob(headers: &[(String, bytes::Bytes)]) -> Vec<u8> {
+    let v: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
+    postcard::to_stdvec(&v).unwrap_or_default()
+}
+
+/// Headers read back (`None`: not what [`headers_blob`] writes).
+pub(crate) fn headers_of(bytes: &[u8]) -> Option<Vec<(String, bytes::Bytes)>> {
+    if bytes.is_empty() {
+        return Some(Vec::new());
+    }
+    let v: Vec<(String, Vec<u8>)> = postcard::from_bytes(bytes).ok()?;
+    Some(
+        v.into_iter()
+            .map(|(k, v)| (k, bytes::Bytes::from(v)))
+            .collect(),
+    )
+}
+
 /// Microseconds since the Unix epoch, by the wall clock (stored in rows).
 pub(crate) fn now_us() -> i64 {
     std::time::SystemTime::now()

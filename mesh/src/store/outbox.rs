@@ -171,7 +171,7 @@ impl Outbox {
         crate::core::topic::Topic::new(name)
             .and_then(|t| crate::node::check_not_reserved(t.as_str()))
             .map_err(|e| StoreError::BadDestination(format!("{} {name:?}: {e}", kind.name())))?;
-        let headers = encode_headers(headers);
+        let headers = super::headers_blob(headers);
         let mut stmt = tx
             .prepare_cached(
                 "INSERT INTO mesh_outbox (kind, dest, key, headers, payload, created_us)
@@ -253,20 +253,6 @@ impl Outbox {
     pub fn relay(&self, node: &Node, options: RelayOptions) -> Result<Relay, StoreError> {
         Relay::start(self.clone(), node.clone(), options)
     }
-}
-
-/// Headers as stored: postcard of `Vec<(String, Vec<u8>)>`.
-fn encode_headers(headers: &[(String, Bytes)]) -> Vec<u8> {
-    let v: Vec<(&str, &[u8])> = headers.iter().map(|(k, v)| (k.as_str(), &v[..])).collect();
-    postcard::to_stdvec(&v).unwrap_or_default()
-}
-
-fn decode_headers(bytes: &[u8]) -> Option<Vec<(String, Bytes)>> {
-    if bytes.is_empty() {
-        return Some(Vec::new());
-    }
-    let v: Vec<(String, Vec<u8>)> = postcard::from_bytes(bytes).ok()?;
-    Some(v.into_iter().map(|(k, v)| (k, Bytes::from(v))).collect())
 }
 
 /// How a [`Relay`] works.
@@ -576,7 +562,7 @@ impl Worker {
                 detail: format!("row {id}: {detail}"),
             };
             let kind = Kind::from_i64(kind).ok_or_else(|| bad(format!("unknown kind {kind}")))?;
-            let headers = decode_headers(&headers).ok_or_else(|| bad("bad headers".into()))?;
+            let headers = super::headers_of(&headers).ok_or_else(|| bad("bad headers".into()))?;
             let row = Row {
                 id,
                 key: key.into(),
