@@ -405,6 +405,10 @@ pub enum StartError {
     /// The network transport failed to start.
     #[error(transparent)]
     Transport(#[from] mesh_transports::quic::StartError),
+    /// What the durable store holds cannot be put back with this
+    /// configuration.
+    #[error("durable state: {0}")]
+    Restore(String),
     /// The durable store in the data dir cannot be used (corrupt, of a
     /// newer mesh, another application's, or in use by another node).
     #[cfg(feature = "sqlite")]

@@ -660,6 +660,12 @@ pub struct Record {
 }
 
 impl Record {
+    /// The run of its host the record is of (a host that restarts without
+    /// its log starts a new one).
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
     /// Its partition.
     pub fn partition(&self) -> PartitionId {
         self.partition

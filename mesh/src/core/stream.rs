@@ -677,20 +677,25 @@ impl<K: Clone + Eq + Hash> Streams<K> {
 
     /// Where `start` falls in a partition: the offset, and whether it was
     /// before the oldest record kept.
+    ///
+    /// The end is what readers may see: on a durable host, records not on
+    /// disk yet do not count (a crash could give their offsets to others).
     fn resolve(p: &Partition<K>, start: &Start) -> (u64, Option<u64>) {
         let first = p.first;
-        let next = p.next();
+        let next = p.visible();
         match start {
             Start::Earliest => (first, None),
             Start::Latest => (next, None),
             Start::Offset(o) if *o < first => (first, Some(*o)),
             Start::Offset(o) => ((*o).min(next), None),
             Start::Time(t) => {
+                let visible = (next - first) as usize;
                 let i = p
                     .records
                     .iter()
+                    .take(visible)
                     .position(|(r, _)| r.timestamp_ms >= *t)
-                    .unwrap_or(p.records.len());
+                    .unwrap_or(visible);
                 (first + i as u64, None)
             }
             Start::Committed { group, latest } => match p.committed.get(group) {
@@ -846,7 +851,7 @@ impl<K: Clone + Eq + Hash> Streams<K> {
             self.stats.commits_refused += 1;
             return false;
         };
-        let offset = offset.min(p.next());
+        let offset = offset.min(p.visible());
         if let Some(c) = p.committed.get_mut(group) {
             *c = (*c).max(offset);
             return true;
@@ -1081,6 +1086,14 @@ mod tests {
             .unwrap();
         assert!(drain(&mut s).is_empty(), "nothing before it is on disk");
         assert_eq!(s.partitions("s")[0].next, 0);
+        // Where a reader starts, and what a commit may reach, count only
+        // what is on disk: after a crash those offsets go to others.
+        assert_eq!(s.open(8, 2, "s", 0, &Start::Latest, 100), Ok(0));
+        assert_eq!(s.open(8, 3, "s", 0, &Start::Offset(3), 100), Ok(0));
+        assert!(s.commit("s", "g", 0, 3));
+        assert_eq!(s.partitions("s")[0].committed, [("g".into(), 0)]);
+        s.close(&8, 2);
+        s.close(&8, 3);
         s.made_durable("s", 0, 2);
         let got: Vec<u64> = drain(&mut s)
             .into_iter()

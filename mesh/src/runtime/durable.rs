@@ -81,6 +81,10 @@ pub(crate) trait Backend: Send {
     /// Writes batch `seq` after those before it; reports on the done
     /// channel the highest batch on disk.
     fn submit(&mut self, seq: u64, ops: Vec<WriteOp>);
+
+    /// The driver took the report that batches up to `upto` are on disk,
+    /// and is about to confirm what they hold.
+    fn on_disk(&mut self, _upto: u64) {}
 }
 
 /// A stored queue message, as loaded at start.
@@ -116,9 +120,11 @@ pub(crate) struct Loaded {
 }
 
 /// The simulator's disk: what a simulated durable host wrote, kept across
-/// its crashes and restarts. A batch is on it once submitted (the end of
-/// the driver turn); what the turn confirms goes out after, so a crash
-/// loses only what nobody was told was stored.
+/// its crashes and restarts. A batch reaches it when the driver takes the
+/// report that it is written, just before confirming what it holds; a
+/// crash before that loses the batch, as a crash before an fsync would
+/// (so the simulator explores the window where records are in memory and
+/// not yet on disk).
 #[derive(Debug, Default)]
 pub(crate) struct MemDisk {
     epoch: Option<u64>,
@@ -225,10 +231,15 @@ impl MemDisk {
     }
 }
 
-/// A simulated host's store: batches go to its [`MemDisk`] at once.
+/// How long a simulated disk takes to write a batch.
+const SIM_WRITE: std::time::Duration = std::time::Duration::from_millis(2);
+
+/// A simulated host's store: batches wait in it (lost with a crash) until
+/// the driver takes their report, then go to its [`MemDisk`].
 pub(crate) struct MemBackend {
     disk: Arc<std::sync::Mutex<MemDisk>>,
     done: mpsc::UnboundedSender<u64>,
+    pending: VecDeque<(u64, Vec<WriteOp>)>,
 }
 
 impl MemBackend {
@@ -238,16 +249,36 @@ impl MemBackend {
     ) -> (Box<dyn Backend>, mpsc::UnboundedReceiver<u64>, Loaded) {
         let loaded = disk.lock().map(|d| d.load()).unwrap_or_default();
         let (done, rx) = mpsc::unbounded_channel();
-        (Box::new(MemBackend { disk, done }), rx, loaded)
+        let backend = MemBackend {
+            disk,
+            done,
+            pending: VecDeque::new(),
+        };
+        (Box::new(backend), rx, loaded)
     }
 }
 
 impl Backend for MemBackend {
     fn submit(&mut self, seq: u64, ops: Vec<WriteOp>) {
-        if let Ok(mut d) = self.disk.lock() {
-            d.apply(ops);
+        self.pending.push_back((seq, ops));
+        // A write takes a while (an fsync), in virtual time: a crash meanwhile
+        // finds records in memory that are not on disk.
+        let done = self.done.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(SIM_WRITE).await;
+            let _ = done.send(seq);
+        });
+    }
+
+    fn on_disk(&mut self, upto: u64) {
+        let Ok(mut d) = self.disk.lock() else {
+            return;
+        };
+        while self.pending.front().is_some_and(|(seq, _)| *seq <= upto) {
+            if let Some((_, ops)) = self.pending.pop_front() {
+                d.apply(ops);
+            }
         }
-        let _ = self.done.send(seq);
     }
 }
 
@@ -373,7 +404,10 @@ pub(crate) fn from_unix(us: i64, now: Instant, now_us: u64) -> Instant {
 impl NodeTask {
     /// Puts back what the store held: queue messages in journal order,
     /// stream partitions with their commits, and declares them hosted.
-    pub(crate) fn restore(&mut self, loaded: Loaded) {
+    ///
+    /// A partition that cannot be put back is an error: going on would
+    /// let new appends take its offsets.
+    pub(crate) fn restore(&mut self, loaded: Loaded) -> Result<(), String> {
         let now = super::now();
         let now_us = self.clock.unix_micros();
         let (mut queues, mut streams) = (0usize, 0usize);
@@ -401,17 +435,20 @@ impl NodeTask {
             self.host_restored_queue(q);
         }
         let mut records = 0usize;
+        let partitions = self.streams.host.config().partitions;
         for p in loaded.streams {
             records += p.records.len();
             let name: Arc<str> = p.stream.as_str().into();
-            if let Err(e) =
-                self.streams
-                    .host
-                    .restore(now, &p.stream, p.index, p.first, p.records, p.committed)
-            {
-                tracing::error!(stream = %p.stream, error = %e, "stored stream partition not restored");
-                continue;
+            if p.index >= partitions {
+                return Err(format!(
+                    "the store holds partition {} of stream {:?} but this node has {partitions} partitions per stream; start it with stream_partitions({}) or more",
+                    p.index, p.stream, p.index + 1
+                ));
             }
+            self.streams
+                .host
+                .restore(now, &p.stream, p.index, p.first, p.records, p.committed)
+                .map_err(|e| format!("stream {:?} partition {}: {e}", p.stream, p.index))?;
             if let Some(d) = self.durable.as_mut() {
                 d.trimmed.insert((name.clone(), p.index), p.first);
             }
@@ -426,6 +463,7 @@ impl NodeTask {
             records,
             "durable state restored"
         );
+        Ok(())
     }
 
     /// End of a driver turn: this turn's changes go to the store.
@@ -488,6 +526,9 @@ impl NodeTask {
 
     /// Batches up to `upto` are on disk: their confirmations go out.
     pub(crate) fn durable_done(&mut self, upto: u64) {
+        if let Some(d) = self.durable.as_mut() {
+            d.backend.on_disk(upto);
+        }
         loop {
             let Some(d) = self.durable.as_mut() else {
                 return;

@@ -416,7 +416,7 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
         }
         task.work.host.set_journal(true);
         task.streams.host.set_gate(true);
-        task.restore(loaded);
+        task.restore(loaded).map_err(StartError::Restore)?;
     }
     for p in work::Work::host_patterns(&task.config)
         .into_iter()

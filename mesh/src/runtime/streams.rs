@@ -485,30 +485,36 @@ impl NodeTask {
         true
     }
 
-    /// Commits a group's offset on this host (and writes it, if durable).
+    /// Commits a group's offset on this host (and writes it, if durable:
+    /// the offset as the core kept it, within the partition).
     fn host_commit(&mut self, stream: &str, group: &str, index: u32, offset: u64) -> bool {
-        let before = self
-            .streams
-            .host
-            .partitions(stream)
-            .get(index as usize)
-            .and_then(|p| {
-                p.committed
-                    .iter()
-                    .find(|(g, _)| **g == *group)
-                    .map(|(_, o)| *o)
-            });
+        let committed = |s: &Self| {
+            s.streams
+                .host
+                .partitions(stream)
+                .get(index as usize)
+                .and_then(|p| {
+                    p.committed
+                        .iter()
+                        .find(|(g, _)| **g == *group)
+                        .map(|(_, o)| *o)
+                })
+        };
+        let before = self.durable.is_some().then(|| committed(self)).flatten();
         if !self.streams.host.commit(stream, group, index, offset) {
             return false;
         }
-        if let Some(d) = self.durable.as_mut() {
-            if before.is_none_or(|b| offset > b) {
-                d.push(super::durable::WriteOp::StreamCommit {
-                    stream: stream.into(),
-                    index,
-                    group: group.into(),
-                    offset,
-                });
+        if self.durable.is_some() {
+            let after = committed(self);
+            if let (Some(d), Some(offset)) = (self.durable.as_mut(), after) {
+                if before.is_none_or(|b| offset > b) {
+                    d.push(super::durable::WriteOp::StreamCommit {
+                        stream: stream.into(),
+                        index,
+                        group: group.into(),
+                        offset,
+                    });
+                }
             }
         }
         true

@@ -97,9 +97,20 @@ impl HostStore {
                         tracing::error!(path = %self.path.display(), error = %e, retry_in = ?backoff, "store write failed; confirmations wait");
                         std::thread::sleep(backoff);
                         backoff = (backoff * 2).min(Duration::from_secs(2));
-                        while let Ok((seq, more)) = rx.try_recv() {
-                            upto = seq;
-                            ops.extend(more);
+                        loop {
+                            match rx.try_recv() {
+                                Ok((seq, more)) => {
+                                    upto = seq;
+                                    ops.extend(more);
+                                }
+                                Err(std_mpsc::TryRecvError::Empty) => break,
+                                Err(std_mpsc::TryRecvError::Disconnected) => {
+                                    // The node is gone: what could not be
+                                    // written was never confirmed.
+                                    tracing::error!(path = %self.path.display(), "node stopped while the store could not write; unconfirmed work is not kept");
+                                    return;
+                                }
+                            }
                         }
                     }
                 }
@@ -304,6 +315,17 @@ fn write(conn: &Connection, path: &Path, ops: &[WriteOp]) -> Result<(), StoreErr
     tx.commit().map_err(err)
 }
 
+/// A stored partition number and offset mesh could have written.
+fn check_position(index: u32, offset: i64) -> Result<(), String> {
+    if index >= crate::core::stream::MAX_PARTITIONS {
+        return Err(format!("partition {index} is beyond the limit"));
+    }
+    if !(0..i64::MAX / 2).contains(&offset) {
+        return Err(format!("offset {offset} out of range"));
+    }
+    Ok(())
+}
+
 fn load(conn: &Connection, path: &Path) -> Result<Loaded, StoreError> {
     let err = |e| StoreError::sqlite(path, e);
     let bad = |table: &'static str, detail: String| StoreError::BadRow {
@@ -384,7 +406,10 @@ fn load(conn: &Connection, path: &Path) -> Result<Loaded, StoreError> {
         while let Some(r) = rows.next().map_err(err)? {
             let s: String = r.get(0).map_err(err)?;
             let i: u32 = r.get(1).map_err(err)?;
-            part(&mut parts, &s, i).first = r.get::<_, i64>(2).map_err(err)? as u64;
+            let first: i64 = r.get(2).map_err(err)?;
+            check_position(i, first)
+                .map_err(|d| bad("mesh_stream_first", format!("{s}/{i}: {d}")))?;
+            part(&mut parts, &s, i).first = first as u64;
         }
         let mut stmt = conn
             .prepare("SELECT stream, part, grp, off FROM mesh_stream_commit")
@@ -395,6 +420,7 @@ fn load(conn: &Connection, path: &Path) -> Result<Loaded, StoreError> {
             let i: u32 = r.get(1).map_err(err)?;
             let g: String = r.get(2).map_err(err)?;
             let o: i64 = r.get(3).map_err(err)?;
+            check_position(i, o).map_err(|d| bad("mesh_stream_commit", format!("{s}/{i}: {d}")))?;
             part(&mut parts, &s, i)
                 .committed
                 .push((Arc::from(g), o as u64));
@@ -410,6 +436,7 @@ fn load(conn: &Connection, path: &Path) -> Result<Loaded, StoreError> {
             let s: String = r.get(0).map_err(err)?;
             let i: u32 = r.get(1).map_err(err)?;
             let off: i64 = r.get(2).map_err(err)?;
+            check_position(i, off).map_err(|d| bad("mesh_stream", format!("{s}/{i}: {d}")))?;
             let headers: Vec<u8> = r.get(5).map_err(err)?;
             let headers = super::headers_of(&headers)
                 .ok_or_else(|| bad("mesh_stream", format!("{s}/{i}@{off}: bad headers")))?;

@@ -39,11 +39,18 @@ impl InboxMessage for crate::queue::Delivery {
 
 impl InboxMessage for crate::stream::Record {
     /// The outbox id if it has one (the same when a relay appended it
-    /// twice), else its partition and offset.
+    /// twice), else its partition, its host's run and its offset (a host
+    /// that restarts without its log numbers from 0 again).
     fn inbox_id(&self) -> String {
         outbox_id(self.headers()).unwrap_or_else(|| {
             let p = self.partition();
-            format!("s:{}/{}:{}", p.host, p.index, self.offset())
+            format!(
+                "s:{}/{}@{}:{}",
+                p.host,
+                p.index,
+                self.epoch(),
+                self.offset()
+            )
         })
     }
 }
