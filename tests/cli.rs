@@ -680,3 +680,297 @@ async fn a_killed_group_member_s_partitions_move_to_the_other_process() {
     )
     .await;
 }
+
+/// `mesh outbox status --json` for a data dir, parsed (None if it failed).
+async fn outbox_status(dir: &std::path::Path) -> Option<serde_json::Value> {
+    let out = Command::new(BIN)
+        .args(["outbox", "status", "--json", "--data-dir"])
+        .arg(dir)
+        .output()
+        .await
+        .unwrap();
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// `mesh queue send --durable` commits its messages to DIR/outbox.db (a
+/// directory it creates, mode 0700), relays them to the node's queue and
+/// exits once the host confirmed them; `mesh queue consume` then gets
+/// each once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_queue_send_then_consume() {
+    let (_node, _, addr) = node_process().await;
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().join("data");
+    let dir_arg = dir.to_str().unwrap();
+    let sent = via(
+        &addr,
+        &[
+            "queue",
+            "send",
+            "orders",
+            "order",
+            "--count",
+            "4",
+            "--durable",
+            "--data-dir",
+            dir_arg,
+        ],
+    )
+    .await;
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "the data dir is its owner's alone");
+    }
+    let status = outbox_status(&dir).await.expect("outbox status runs");
+    assert_eq!(status["pending"], 0, "{status}");
+    assert_eq!(status["sent"], 4, "{status}");
+    assert!(status["oldest_pending_us"].is_null());
+
+    let got = via(&addr, &["queue", "consume", "orders", "--count", "4"]).await;
+    assert!(got.status.success());
+    let payloads: std::collections::BTreeSet<_> = json_lines(&got)
+        .iter()
+        .map(|v| v["payload"].as_str().unwrap().to_owned())
+        .collect();
+    let want: std::collections::BTreeSet<_> = (1..=4).map(|i| format!("order {i}")).collect();
+    assert_eq!(payloads, want, "each message once");
+}
+
+/// A durable send with no peer to send to exits non-zero (75) saying its
+/// messages are pending in DIR/outbox.db; `mesh outbox status` shows them;
+/// a `mesh node --data-dir DIR` relays them (0 pending after), and a
+/// consumer gets them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_durable_sends_are_relayed_by_the_next_node() {
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().join("data");
+    let out = Command::new(BIN)
+        .args([
+            "queue",
+            "send",
+            "invoices",
+            "inv",
+            "--count",
+            "3",
+            "--durable",
+        ])
+        .args(["--no-mdns", "--listen", LOOP, "--timeout", "0.5"])
+        .env("MESH_DATA_DIR", &dir)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(75), "a temporary failure");
+    let err = String::from_utf8_lossy(&out.stderr);
+    let file = dir.join("outbox.db");
+    assert!(
+        err.contains(&format!("3 message(s) still pending in {}", file.display())),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("mesh node --data-dir {}", dir.display())),
+        "{err}"
+    );
+    assert!(err.contains("nothing is lost"), "{err}");
+
+    let status = outbox_status(&dir).await.expect("outbox status runs");
+    assert_eq!(status["pending"], 3, "{status}");
+    assert_eq!(status["sent"], 0);
+    assert!(status["oldest_pending_us"].as_i64().unwrap() > 0);
+    assert_eq!(
+        status["by_destination"],
+        serde_json::json!([{"destination": "queue:invoices", "pending": 3}])
+    );
+    // The text form says the same.
+    let text = Command::new(BIN)
+        .args(["outbox", "status", "--db"])
+        .arg(&file)
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("pending: 3"), "{text}");
+    assert!(text.contains("queue:invoices  3"), "{text}");
+
+    // A node on that data dir relays them (to itself: it hosts every queue).
+    let mut node = Command::new(BIN)
+        .args(["node", "--no-mdns", "--listen", LOOP, "--data-dir"])
+        .arg(&dir)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut node_out = BufReader::new(node.stdout.take().unwrap()).lines();
+    let addr = line_with(&mut node_out, "listening:").await;
+    tokio::spawn(async move { while let Ok(Some(_)) = node_out.next_line().await {} });
+    common::eventually("the node to relay the pending messages", || async {
+        let s = outbox_status(&dir).await?;
+        (s["pending"] == 0 && s["sent"] == 3).then_some(())
+    })
+    .await;
+    let got = via(&addr, &["queue", "consume", "invoices", "--count", "3"]).await;
+    assert!(got.status.success());
+    let mut payloads: Vec<_> = json_lines(&got)
+        .iter()
+        .map(|v| v["payload"].as_str().unwrap().to_owned())
+        .collect();
+    payloads.sort();
+    assert_eq!(payloads, ["inv 1", "inv 2", "inv 3"]);
+}
+
+/// Rows an application enqueued with the library into its own database are
+/// shown by `mesh outbox status --db FILE`, whatever else the file holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_status_reads_an_application_database() {
+    use mesh::store::{Destination, Outbox};
+    let scratch = tempfile::tempdir().unwrap();
+    let file = scratch.path().join("app.db");
+    let mut conn = mesh::store::open(&file).unwrap();
+    conn.execute_batch("CREATE TABLE orders (id INTEGER PRIMARY KEY)")
+        .unwrap();
+    let outbox = Outbox::install(&conn).unwrap();
+    let tx = conn.transaction().unwrap();
+    for i in 0..5u32 {
+        outbox
+            .enqueue(&tx, Destination::Queue("billing"), i.to_le_bytes())
+            .unwrap();
+    }
+    outbox
+        .enqueue(
+            &tx,
+            Destination::Stream {
+                name: "audit",
+                key: b"k",
+            },
+            b"x",
+        )
+        .unwrap();
+    tx.commit().unwrap();
+    let out = Command::new(BIN)
+        .args(["outbox", "status", "--json", "--db"])
+        .arg(&file)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["pending"], 6);
+    assert_eq!(
+        v["by_destination"],
+        serde_json::json!([
+            {"destination": "queue:billing", "pending": 5},
+            {"destination": "stream:audit", "pending": 1},
+        ])
+    );
+}
+
+/// A missing outbox is a clear error; a corrupt one gives the store's
+/// typed message, from `outbox status`, from a durable send and from `mesh
+/// node --data-dir`, and the file is left as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_and_corrupt_outboxes_are_clear_errors() {
+    let scratch = tempfile::tempdir().unwrap();
+    let empty = scratch.path().join("empty");
+    let out = Command::new(BIN)
+        .args(["outbox", "status", "--data-dir"])
+        .arg(&empty)
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("no such file, so no outbox there"), "{err}");
+    assert!(!empty.exists(), "looking creates nothing");
+
+    let dir = scratch.path().join("bad");
+    std::fs::create_dir(&dir).unwrap();
+    let file = dir.join("outbox.db");
+    let junk = vec![0x5a_u8; 8192];
+    std::fs::write(&file, &junk).unwrap();
+    let corrupt = "not a database, or corrupt";
+    let out = Command::new(BIN)
+        .args(["outbox", "status", "--data-dir"])
+        .arg(&dir)
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(corrupt), "{err}");
+    assert!(err.contains(&file.display().to_string()), "{err}");
+
+    let out = Command::new(BIN)
+        .args(["queue", "send", "q", "m", "--durable", "--data-dir"])
+        .arg(&dir)
+        .args(["--no-mdns", "--listen", LOOP, "--timeout", "0.5"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "a refusal, not a pending send");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(corrupt), "{err}");
+
+    let node = Command::new(BIN)
+        .args(["node", "--no-mdns", "--listen", LOOP, "--data-dir"])
+        .arg(&dir)
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(WAIT, node)
+        .await
+        .expect("the node exits at once")
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(corrupt), "{err}");
+    assert_eq!(std::fs::read(&file).unwrap(), junk, "the file is untouched");
+}
+
+/// `mesh bench outbox` runs end to end (every message acked once, nothing
+/// left pending), also through an inbox; figures are not checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_outbox_runs() {
+    for extra in [&[][..], &["--inbox", "--host", "consumer"][..]] {
+        let out = Command::new(BIN)
+            .args([
+                "bench",
+                "outbox",
+                "--messages",
+                "3000",
+                "--tx-rows",
+                "500",
+                "--json",
+            ])
+            .args(extra)
+            .kill_on_drop(true)
+            .output();
+        let out = tokio::time::timeout(WAIT, out)
+            .await
+            .expect("the bench finishes in time")
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{extra:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v = json_lines(&out).pop().unwrap();
+        assert_eq!(v["bench"], "outbox");
+        assert_eq!(v["acked"], 3000, "{v}");
+        assert_eq!(v["consumer_unique"], 3000, "{v}");
+        assert_eq!(v["consumer_duplicates"], 0, "{v}");
+        assert_eq!(v["pending_after"], 0, "{v}");
+        assert_eq!(v["inbox"], !extra.is_empty());
+    }
+}

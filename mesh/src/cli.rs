@@ -38,7 +38,8 @@ enum Cmd {
     Node {
         #[command(flatten)]
         net: NetArgs,
-        /// Keep the node identity in this directory.
+        /// Keep the node identity in this directory, and relay the durable
+        /// sends left pending in DIR/outbox.db.
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
@@ -99,6 +100,11 @@ enum Cmd {
         #[command(subcommand)]
         which: StreamCmd,
     },
+    /// The durable outbox of `mesh queue send --durable`: what is pending.
+    Outbox {
+        #[command(subcommand)]
+        which: OutboxCmd,
+    },
     /// Send a request and print the answer.
     Request {
         /// Subject: dot-separated segments.
@@ -156,6 +162,48 @@ enum Cmd {
         /// committing every record.
         #[arg(long)]
         group: bool,
+        /// `outbox` mode: process each delivery through an inbox in this
+        /// SQLite file.
+        #[arg(long)]
+        inbox: Option<PathBuf>,
+    },
+    /// (internal) the warehouse of the demo's outbox scene: consumes
+    /// QUEUE through an inbox in its own database.
+    #[command(hide = true)]
+    DemoWarehouse {
+        /// The warehouse's database (shipments and inbox).
+        #[arg(long)]
+        db: PathBuf,
+        /// Exit once this many orders are processed.
+        #[arg(long)]
+        orders: u64,
+        /// The queue of the orders.
+        #[arg(long)]
+        queue: String,
+        #[command(flatten)]
+        net: NetArgs,
+    },
+    /// (internal) the shop of the demo's outbox scene: orders and their
+    /// messages committed together, relayed to QUEUE.
+    #[command(hide = true)]
+    DemoShop {
+        /// The shop's database (orders and outbox).
+        #[arg(long)]
+        db: PathBuf,
+        /// Orders in all (a restarted shop goes on after its last one).
+        #[arg(long)]
+        orders: u64,
+        /// Orders per transaction.
+        #[arg(long, default_value_t = 100)]
+        per_tx: u64,
+        /// Milliseconds between transactions.
+        #[arg(long, default_value_t = 0)]
+        pause_ms: u64,
+        /// The queue the order messages go to.
+        #[arg(long)]
+        queue: String,
+        #[command(flatten)]
+        net: NetArgs,
     },
     /// (internal) the remote side of `bench ring`.
     #[command(hide = true)]
@@ -186,6 +234,19 @@ enum QueueCmd {
         /// Send this many (numbered if more than one).
         #[arg(long, default_value_t = 1)]
         count: u64,
+        /// Commit the messages to DIR/outbox.db first (one transaction, on
+        /// disk), then relay them; what cannot be sent now stays there for
+        /// the next `mesh node --data-dir DIR` or durable send (exit 75).
+        #[arg(long)]
+        durable: bool,
+        /// With --durable: the data dir (default $MESH_DATA_DIR, else
+        /// $XDG_DATA_HOME/mesh, else ~/.local/share/mesh).
+        #[arg(long, requires = "durable")]
+        data_dir: Option<PathBuf>,
+        /// With --durable: seconds to wait for the queue's host to confirm
+        /// every pending message.
+        #[arg(long, default_value_t = 10.0, requires = "durable")]
+        wait: f64,
         #[command(flatten)]
         net: NetArgs,
     },
@@ -264,6 +325,24 @@ enum StreamCmd {
         json: bool,
         #[command(flatten)]
         net: NetArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum OutboxCmd {
+    /// Pending and sent counts, the age of the oldest pending message and
+    /// the pending messages per destination.
+    Status {
+        /// The data dir whose outbox.db to read (default $MESH_DATA_DIR,
+        /// else $XDG_DATA_HOME/mesh, else ~/.local/share/mesh).
+        #[arg(long, conflicts_with = "db")]
+        data_dir: Option<PathBuf>,
+        /// An outbox database file (an application's own database, say).
+        #[arg(long)]
+        db: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -369,6 +448,60 @@ enum BenchCmd {
         /// every record.
         #[arg(long)]
         group: bool,
+        /// Print only the JSON result line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Durable messages: an application thread commits them to a SQLite
+    /// outbox (transactions of --tx-rows, synchronous=FULL) while its
+    /// relay sends them to a queue; a consumer process acks each (with
+    /// --inbox: through an inbox in its own SQLite file). The rate counts
+    /// acks, from the first commit to the last ack.
+    Outbox {
+        /// `quic`, or `shm` (shared-memory rings between the two nodes).
+        #[arg(long, default_value = "quic")]
+        transport: String,
+        /// With `shm`: `adaptive` or `spin`.
+        #[arg(long, default_value = "adaptive")]
+        wait: String,
+        /// Payload size in bytes (at least 8: messages are numbered).
+        #[arg(long, default_value_t = 64)]
+        size: usize,
+        /// Messages to commit.
+        #[arg(long, default_value_t = 1_000_000)]
+        messages: u64,
+        /// Rows per producer transaction.
+        #[arg(long, default_value_t = 1000)]
+        tx_rows: u64,
+        /// The consumer processes each delivery through an inbox in its
+        /// own SQLite file, one commit per batch of deliveries, before
+        /// acking.
+        #[arg(long)]
+        inbox: bool,
+        /// Which process hosts the queue: `producer` (the relay's sends
+        /// are accepted locally; deliveries and acks cross the link) or
+        /// `consumer` (each relayed batch crosses the link and waits for
+        /// the host).
+        #[arg(long, default_value = "producer")]
+        host: String,
+        /// The consumer's prefetch.
+        #[arg(long, default_value_t = 1024)]
+        prefetch: u32,
+        /// Directory for the database files (a fresh directory in it,
+        /// removed afterwards; default the system's temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Only the application's commits (no relay, no consumer), next to
+        /// plain SQLite inserts of the same rows.
+        #[arg(long)]
+        producer_only: bool,
+        /// The relay's rows per read and per send (the default is
+        /// `RelayOptions`'s).
+        #[arg(long, default_value_t = 4096)]
+        relay_batch: usize,
+        /// The relay's most rows sent and not yet confirmed.
+        #[arg(long, default_value_t = 65_536)]
+        relay_in_flight: usize,
         /// Print only the JSON result line.
         #[arg(long)]
         json: bool,
@@ -501,7 +634,15 @@ pub fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the tokio runtime")?;
-    rt.block_on(run(cli))
+    match rt.block_on(run(cli)) {
+        // Not a refusal: the messages are safe and will go later.
+        Err(e) if e.is::<outbox::StillPending>() => {
+            drop(rt);
+            eprintln!("Error: {e}");
+            std::process::exit(outbox::PENDING_EXIT)
+        }
+        r => r,
+    }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -528,9 +669,46 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     queue,
                     message,
                     count,
+                    durable: false,
                     net,
+                    ..
                 },
         } => work::send(queue, message, count, net).await,
+        Cmd::Queue {
+            which:
+                QueueCmd::Send {
+                    queue,
+                    message,
+                    count,
+                    durable: true,
+                    data_dir,
+                    wait,
+                    net,
+                },
+        } => {
+            let wait = Duration::from_secs_f64(wait.max(0.0));
+            outbox::send_durable(queue, message, count, data_dir, wait, net).await
+        }
+        Cmd::Outbox {
+            which: OutboxCmd::Status { data_dir, db, json },
+        } => outbox::status(data_dir, db, json),
+        Cmd::DemoWarehouse {
+            db,
+            orders,
+            queue,
+            net,
+        } => outbox::demo_warehouse(db, orders, queue, net).await,
+        Cmd::DemoShop {
+            db,
+            orders,
+            per_tx,
+            pause_ms,
+            queue,
+            net,
+        } => {
+            let pause = Duration::from_millis(pause_ms);
+            outbox::demo_shop(db, orders, per_tx, pause, queue, net).await
+        }
         Cmd::Queue {
             which:
                 QueueCmd::Consume {
@@ -644,6 +822,44 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Bench {
             which:
+                BenchCmd::Outbox {
+                    transport,
+                    wait,
+                    size,
+                    messages,
+                    tx_rows,
+                    inbox,
+                    host,
+                    prefetch,
+                    dir,
+                    producer_only,
+                    relay_batch,
+                    relay_in_flight,
+                    json,
+                },
+        } => {
+            let host_consumer = match host.as_str() {
+                "producer" => false,
+                "consumer" => true,
+                other => bail!("unknown --host {other:?}: use producer or consumer"),
+            };
+            let b = outbox::BenchOutbox {
+                messages,
+                size,
+                tx_rows,
+                inbox,
+                host_consumer,
+                prefetch,
+                dir,
+                producer_only,
+                relay_batch,
+                relay_in_flight,
+                json,
+            };
+            outbox::bench(b, bench::Net::parse(&transport, &wait)?).await
+        }
+        Cmd::Bench {
+            which:
                 BenchCmd::Request {
                     transport,
                     wait,
@@ -712,6 +928,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             prefetch,
             window,
             group,
+            inbox,
         } => {
             bench::peer(
                 &mode,
@@ -722,6 +939,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     prefetch,
                     window,
                     group,
+                    inbox,
                 },
             )
             .await
@@ -733,7 +951,7 @@ async fn run_node(net: NetArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()>
     // A long-running node hosts every queue and stream (one-shot commands
     // never do).
     let mut b = net.builder().host_all();
-    if let Some(dir) = data_dir {
+    if let Some(dir) = &data_dir {
         b = b.data_dir(dir);
     }
     let node = b.start().await?;
@@ -742,6 +960,17 @@ async fn run_node(net: NetArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()>
     for a in &addrs {
         println!("listening: {a}");
     }
+    // Durable sends left pending in the data dir go out through this node.
+    let mut outbox = match &data_dir {
+        Some(dir) => match outbox::NodeOutbox::start(dir, &node) {
+            Ok(o) => Some(o),
+            Err(e) => {
+                node.shutdown().await;
+                return Err(e);
+            }
+        },
+        None => None,
+    };
     let mut last = Vec::new();
     let mut last_links = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -749,6 +978,9 @@ async fn run_node(net: NetArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()>
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break,
             _ = tick.tick() => {
+                if let Some(o) = &mut outbox {
+                    o.tick(&node);
+                }
                 let peers = node.peers().await;
                 print_changes("peer", &mut last, peers.iter().map(|p| {
                     (p.id.to_string(), format!("{:?}", p.state).to_lowercase())
@@ -759,6 +991,9 @@ async fn run_node(net: NetArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()>
                 }));
             }
         }
+    }
+    if let Some(o) = outbox {
+        o.stop();
     }
     node.shutdown().await;
     Ok(())
@@ -992,6 +1227,108 @@ pub(crate) fn lines_of(
 
 mod bench;
 mod demo;
+#[cfg(feature = "sqlite")]
+mod outbox;
 mod ring_bench;
 mod stream;
 mod work;
+
+/// Stand-ins for the outbox commands in a build without the `sqlite`
+/// feature: each says so.
+#[cfg(not(feature = "sqlite"))]
+mod outbox {
+    use std::{path::PathBuf, time::Duration};
+
+    use super::NetArgs;
+    use crate::Node;
+
+    fn unavailable() -> anyhow::Error {
+        anyhow::anyhow!("this mesh was built without the `sqlite` feature: no durable outbox")
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("never made")]
+    pub(super) struct StillPending;
+
+    pub(super) const PENDING_EXIT: i32 = 75;
+    pub(super) const BENCH_QUEUE: &str = "bench.outbox";
+
+    #[derive(Debug)]
+    pub(super) struct NodeOutbox;
+
+    impl NodeOutbox {
+        pub(super) fn start(dir: &std::path::Path, _: &Node) -> anyhow::Result<NodeOutbox> {
+            if dir.join("outbox.db").exists() {
+                tracing::warn!("{}", unavailable());
+            }
+            Ok(NodeOutbox)
+        }
+        pub(super) fn tick(&mut self, _: &Node) {}
+        pub(super) fn stop(self) {}
+    }
+
+    // Built by the command line, read by nothing here.
+    #[allow(dead_code)]
+    #[derive(Debug)]
+    pub(super) struct BenchOutbox {
+        pub(super) messages: u64,
+        pub(super) size: usize,
+        pub(super) tx_rows: u64,
+        pub(super) inbox: bool,
+        pub(super) host_consumer: bool,
+        pub(super) prefetch: u32,
+        pub(super) dir: Option<PathBuf>,
+        pub(super) producer_only: bool,
+        pub(super) relay_batch: usize,
+        pub(super) relay_in_flight: usize,
+        pub(super) json: bool,
+    }
+
+    pub(super) async fn send_durable(
+        _: String,
+        _: String,
+        _: u64,
+        _: Option<PathBuf>,
+        _: Duration,
+        _: NetArgs,
+    ) -> anyhow::Result<()> {
+        Err(unavailable())
+    }
+
+    pub(super) fn status(_: Option<PathBuf>, _: Option<PathBuf>, _: bool) -> anyhow::Result<()> {
+        Err(unavailable())
+    }
+
+    pub(super) async fn bench(_: BenchOutbox, _: super::bench::Net) -> anyhow::Result<()> {
+        Err(unavailable())
+    }
+
+    pub(super) async fn bench_peer(
+        _: Node,
+        _: u64,
+        _: u32,
+        _: Option<PathBuf>,
+    ) -> anyhow::Result<()> {
+        Err(unavailable())
+    }
+
+    pub(super) async fn demo_warehouse(
+        _: PathBuf,
+        _: u64,
+        _: String,
+        _: NetArgs,
+    ) -> anyhow::Result<()> {
+        Err(unavailable())
+    }
+
+    pub(super) async fn demo_shop(
+        _: PathBuf,
+        _: u64,
+        _: u64,
+        _: Duration,
+        _: String,
+        _: NetArgs,
+    ) -> anyhow::Result<()> {
+        Err(unavailable())
+    }
+}

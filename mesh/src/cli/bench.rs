@@ -21,7 +21,7 @@ fn loopback() -> crate::Multiaddr {
 }
 
 /// Settings of a bench peer's consumer.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub(super) struct PeerOptions {
     /// `consume`: the queue consumer's prefetch.
     pub(super) prefetch: u32,
@@ -29,6 +29,8 @@ pub(super) struct PeerOptions {
     pub(super) window: u32,
     /// `stream`: read as a group member, committing every record.
     pub(super) group: bool,
+    /// `outbox`: process each delivery through an inbox in this file.
+    pub(super) inbox: Option<std::path::PathBuf>,
 }
 
 /// How the consumer of `bench stream` reads.
@@ -42,7 +44,8 @@ pub(super) struct StreamRead {
 
 /// The child side: `sink` counts `bench.data`, `echo` answers pings,
 /// `consume` acks `bench.q`, `stream` reads `bench.s`, `serve` answers
-/// `bench.rpc`.
+/// `bench.rpc`, `outbox` acks the outbox bench's queue (`outbox-host`:
+/// and hosts it).
 pub(super) async fn peer(
     mode: &str,
     messages: u64,
@@ -59,8 +62,14 @@ pub(super) async fn peer(
     if mode == "stream-host" {
         builder = builder.host_streams([STREAM]);
     }
+    if mode == "outbox-host" {
+        builder = builder.host_queues([super::outbox::BENCH_QUEUE]);
+    }
     let node = builder.start().await?;
     match mode {
+        "outbox" | "outbox-host" => {
+            return super::outbox::bench_peer(node, messages, options.prefetch, options.inbox).await
+        }
         "consume" => return consume_peer(node, messages, options.prefetch).await,
         "stream" | "stream-host" => {
             return stream_peer(node, messages, options.window, options.group).await
@@ -120,7 +129,7 @@ pub(super) async fn peer(
     Ok(())
 }
 
-async fn print_addr(node: &Node) -> anyhow::Result<()> {
+pub(super) async fn print_addr(node: &Node) -> anyhow::Result<()> {
     let addr = wait_addrs(node)
         .await
         .into_iter()
@@ -510,7 +519,7 @@ impl Net {
         }
     }
 
-    fn name(self) -> &'static str {
+    pub(super) fn name(self) -> &'static str {
         match self {
             Net::Quic => "quic",
             Net::Shm(_) => "shm",
@@ -560,7 +569,7 @@ pub(super) async fn pubsub(
     }
 }
 
-type Pair = (
+pub(super) type Pair = (
     tokio::process::Child,
     tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
     Node,
@@ -580,7 +589,7 @@ async fn start_pair_with(
 }
 
 /// [`start_pair_with`], this side's node configured by `configure`.
-async fn start_pair_configured(
+pub(super) async fn start_pair_configured(
     mode: &str,
     messages: u64,
     net: Net,

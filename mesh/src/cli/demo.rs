@@ -1,7 +1,8 @@
 //! `mesh demo`: three node processes on loopback, two subscribers and a
 //! publisher, then competing queue workers and a dead letter, then sensors
-//! appending to a stream, its replay and a windowed aggregate, then a
-//! summary. Exits by itself.
+//! appending to a stream, its replay and a windowed aggregate, then a shop
+//! process SIGKILLed while its outbox relays orders to an inbox consumer,
+//! then a summary. Exits by itself.
 
 use std::{
     collections::BTreeMap,
@@ -186,6 +187,10 @@ pub(super) async fn run() -> anyhow::Result<()> {
     // 7. A stream, hosted by the three nodes.
     let streams = stream_scene(&first_addr, &node_ids).await?;
 
+    // 8. A transactional outbox surviving a SIGKILL, to an inbox.
+    #[cfg(feature = "sqlite")]
+    let outbox = outbox_scene(&first_addr).await?;
+
     for (mut child, _) in nodes {
         let _ = child.kill().await;
     }
@@ -204,13 +209,24 @@ pub(super) async fn run() -> anyhow::Result<()> {
         if work.dead_ok { "yes" } else { "NO" },
     );
     println!(
-        "         stream: {} of {} readings replayed in offset order: {}; per-sensor 1 s averages as expected: {}; took {:.1}s",
+        "         stream: {} of {} readings replayed in offset order: {}; per-sensor 1 s averages as expected: {}",
         streams.replayed,
         SENSORS.len() * READINGS,
         if streams.replay_ok { "yes" } else { "NO" },
         if streams.windows_ok { "yes" } else { "NO" },
-        started.elapsed().as_secs_f64()
     );
+    #[cfg(feature = "sqlite")]
+    println!(
+        "         outbox: the shop was SIGKILLed with {} of its {} committed orders unsent; restarted: committed {} = processed {}, duplicates {}, lost {}: {}",
+        outbox.pending_at_kill,
+        outbox.committed_at_kill,
+        outbox.committed,
+        outbox.processed,
+        outbox.duplicates,
+        outbox.lost,
+        if outbox.ok() { "yes" } else { "NO" },
+    );
+    println!("         took {:.1}s", started.elapsed().as_secs_f64());
     if !all_ok {
         anyhow::bail!("demo failed: some messages did not arrive");
     }
@@ -219,6 +235,10 @@ pub(super) async fn run() -> anyhow::Result<()> {
     }
     if !streams.replay_ok || !streams.windows_ok {
         anyhow::bail!("demo failed: the stream did not behave as shown");
+    }
+    #[cfg(feature = "sqlite")]
+    if !outbox.ok() {
+        anyhow::bail!("demo failed: the outbox did not deliver every committed order once");
     }
     Ok(())
 }
@@ -664,4 +684,180 @@ async fn stream_scene(addr: &str, names: &[(String, String)]) -> anyhow::Result<
         replay_ok,
         windows_ok,
     })
+}
+
+/// Orders the outbox scene's shop commits, and the queue they go to.
+#[cfg(feature = "sqlite")]
+const SHOP_ORDERS: u64 = 20_000;
+#[cfg(feature = "sqlite")]
+const SHOP_QUEUE: &str = "shop.orders";
+/// The shop is killed once it has committed at least this many.
+#[cfg(feature = "sqlite")]
+const KILL_AFTER: u64 = 6_000;
+
+/// What the outbox scene showed.
+#[cfg(feature = "sqlite")]
+struct OutboxResult {
+    /// Orders in the shop's database when it was killed.
+    committed_at_kill: u64,
+    /// Of those, messages still in its outbox (not confirmed by the host).
+    pending_at_kill: u64,
+    /// Orders in the shop's database at the end.
+    committed: u64,
+    /// Distinct orders the warehouse processed (committed in its database).
+    processed: u64,
+    /// Orders the warehouse processed more than once.
+    duplicates: u64,
+    /// Committed orders the warehouse never processed.
+    lost: u64,
+}
+
+#[cfg(feature = "sqlite")]
+impl OutboxResult {
+    fn ok(&self) -> bool {
+        self.committed == SHOP_ORDERS
+            && self.processed == self.committed
+            && self.duplicates == 0
+            && self.lost == 0
+    }
+}
+
+/// A shop process (`mesh demo-shop`) commits orders to its own SQLite
+/// database, each transaction with the orders' messages in the outbox of
+/// the same database, while its relay sends them to the queue
+/// `shop.orders` (hosted by the node processes). It is SIGKILLed mid-way,
+/// then restarted: it goes on after its last committed order, and its
+/// relay first sends what the killed run left pending. A warehouse process
+/// (`mesh demo-warehouse`) processes each order through an inbox in its
+/// own database, one transaction per batch, and acks after the commit.
+#[cfg(feature = "sqlite")]
+async fn outbox_scene(addr: &str) -> anyhow::Result<OutboxResult> {
+    use crate::store::{self, rusqlite};
+    println!("\n  transactional outbox (each order and its message commit together; the relay sends what is committed):");
+    let scratch = super::outbox::ScratchDir::new(None, "mesh-demo-outbox")?;
+    let shop_db = scratch.path().join("shop.db");
+    let warehouse_db = scratch.path().join("warehouse.db");
+
+    // The warehouse, consuming as orders come.
+    let mut warehouse = spawn_self(&{
+        let mut a = args(&[
+            "demo-warehouse",
+            "--db",
+            &warehouse_db.display().to_string(),
+            "--orders",
+            &SHOP_ORDERS.to_string(),
+            "--queue",
+            SHOP_QUEUE,
+        ]);
+        a.extend(via(addr));
+        a
+    })?;
+    let mut warehouse_out = lines_of(&mut warehouse)?;
+
+    let shop_args = |pause_ms: &str| {
+        let mut a = args(&[
+            "demo-shop",
+            "--db",
+            &shop_db.display().to_string(),
+            "--orders",
+            &SHOP_ORDERS.to_string(),
+            "--per-tx",
+            "200",
+            "--pause-ms",
+            pause_ms,
+            "--queue",
+            SHOP_QUEUE,
+        ]);
+        a.extend(via(addr));
+        a
+    };
+    // 1. The shop, paced a little so that the kill lands mid-stream.
+    let mut shop = spawn_self(&shop_args("5"))?;
+    let mut lines = lines_of(&mut shop)?;
+    println!(
+        "    shop (a process) commits {SHOP_ORDERS} orders, 200 per transaction, into its orders table and its outbox"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let n: u64 = read_until(&mut lines, "COMMITTED ", left)
+            .await?
+            .parse()
+            .context("the shop printed a bad count")?;
+        if n >= KILL_AFTER {
+            break;
+        }
+    }
+    shop.start_kill().context("cannot kill the shop")?;
+    let _ = shop.wait().await;
+
+    // 2. What the killed shop left: its orders, and its outbox.
+    let (committed_at_kill, pending_at_kill) = {
+        let conn = store::open(&shop_db)?;
+        let orders: i64 = conn
+            .query_row("SELECT count(*) FROM orders", [], |r| r.get(0))
+            .context("reading the shop's orders")?;
+        let status = crate::store::Outbox::status(&conn)?;
+        (orders as u64, status.pending)
+    };
+    println!(
+        "    SIGKILLed the shop after it had committed {committed_at_kill} orders; `mesh outbox status --db shop.db` says:"
+    );
+    let out = spawn_self(&args(&[
+        "outbox",
+        "status",
+        "--db",
+        &shop_db.display().to_string(),
+    ]))?
+    .wait_with_output()
+    .await?;
+    for line in String::from_utf8_lossy(&out.stdout).lines().skip(1) {
+        println!("    {}", line.trim_end());
+    }
+
+    // 3. The shop again: it resumes after its last order, and its relay
+    // sends the rows the killed run left first.
+    let mut shop = spawn_self(&shop_args("0"))?;
+    let mut lines = lines_of(&mut shop)?;
+    let resumed = read_until(&mut lines, "RESUMING ", Duration::from_secs(15)).await?;
+    let relayed = read_until(&mut lines, "RELAYED ", Duration::from_secs(30)).await?;
+    let _ = tokio::time::timeout(Duration::from_secs(10), shop.wait()).await;
+    println!(
+        "    restarted, the shop resumed at order {resumed}; its relay sent the {pending_at_kill} left pending, then the new ones ({relayed} messages in this run)"
+    );
+
+    // 4. The warehouse finishes (or is stopped, and what it committed is
+    // counted).
+    let skipped = read_until(&mut warehouse_out, "DONE ", Duration::from_secs(20))
+        .await
+        .ok()
+        .and_then(|d| d.split_whitespace().nth(1)?.parse::<u64>().ok());
+    let _ = warehouse.kill().await;
+    let ids = |path: &std::path::Path, sql: &str| -> anyhow::Result<Vec<i64>> {
+        let conn = store::open(path)?;
+        let mut stmt = conn.prepare(sql)?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, rusqlite::Error>>()?)
+    };
+    let committed: std::collections::BTreeSet<i64> = ids(&shop_db, "SELECT id FROM orders")?
+        .into_iter()
+        .collect();
+    let shipped = ids(&warehouse_db, "SELECT order_id FROM shipments")?;
+    let distinct: std::collections::BTreeSet<i64> = shipped.iter().copied().collect();
+    let result = OutboxResult {
+        committed_at_kill,
+        pending_at_kill,
+        committed: committed.len() as u64,
+        processed: distinct.len() as u64,
+        duplicates: (shipped.len() - distinct.len()) as u64,
+        lost: committed.difference(&distinct).count() as u64,
+    };
+    println!(
+        "    warehouse (a process, through an inbox in its own SQLite file): {} processed, {} duplicates, {} lost; {} repeat deliveries skipped by the inbox",
+        result.processed,
+        result.duplicates,
+        result.lost,
+        skipped.map_or("?".into(), |n| n.to_string()),
+    );
+    Ok(result)
 }
