@@ -264,7 +264,7 @@ async fn bad_data_dirs_are_typed_errors() {
     let _host = durable_host(dir.path()).await;
     assert!(matches!(
         start_err(dir.path()).await,
-        StoreError::Busy { .. }
+        StoreError::InUse { .. }
     ));
 }
 

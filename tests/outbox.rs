@@ -315,3 +315,22 @@ fn bad_destinations_are_refused_in_the_transaction() {
     tx.commit().unwrap();
     assert_eq!(Outbox::status(&conn).unwrap().pending, 0);
 }
+
+/// One relay per outbox: a second one (another process, or another
+/// `mesh queue send --durable` on the same file) is refused, so rows are
+/// not sent twice or out of order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_relay_of_one_outbox_is_refused() {
+    let node = common::start(None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (outbox, _conn) = Outbox::open(dir.path().join("o.db")).unwrap();
+    let first = outbox.relay(&node, RelayOptions::default()).unwrap();
+    match outbox.relay(&node, RelayOptions::default()) {
+        Err(StoreError::InUse { .. }) => {}
+        other => panic!("expected InUse, got {other:?}"),
+    }
+    first.stop();
+    outbox
+        .relay(&node, RelayOptions::default())
+        .expect("free again once the first stopped");
+}

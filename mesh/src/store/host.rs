@@ -36,7 +36,7 @@ impl HostStore {
     /// the data dir's lock.
     pub(crate) fn open(dir: &Path) -> Result<(HostStore, Loaded), StoreError> {
         let path = dir.join(HOST_FILE);
-        let lock = lock_dir(dir)?;
+        let lock = super::lock_file(&dir.join(LOCK_FILE))?;
         let conn = super::open(&path)?;
         schema::install(&conn, &path, &[&schema::HOST], true)?;
         let loaded = load(&conn, &path)?;
@@ -145,29 +145,6 @@ impl Drop for Writer {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-    }
-}
-
-/// Takes `dir/mesh.lock` exclusively (released when the process ends,
-/// however it ends).
-fn lock_dir(dir: &Path) -> Result<File, StoreError> {
-    let path = dir.join(LOCK_FILE);
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| StoreError::Other {
-            path: path.clone(),
-            detail: e.to_string(),
-        })?;
-    match f.try_lock() {
-        Ok(()) => Ok(f),
-        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Busy { path }),
-        Err(std::fs::TryLockError::Error(e)) => Err(StoreError::Other {
-            path,
-            detail: e.to_string(),
-        }),
     }
 }
 

@@ -94,6 +94,13 @@ pub enum StoreError {
         /// The file.
         path: PathBuf,
     },
+    /// Another process holds the lock: a node on the same data dir, or a
+    /// relay of the same outbox.
+    #[error("{path}: in use by another process (a node on the same data dir, or a relay of the same outbox)")]
+    InUse {
+        /// The lock file.
+        path: PathBuf,
+    },
     /// A destination name is not a valid topic, queue or stream name.
     #[error("bad destination: {0}")]
     BadDestination(String),
@@ -198,6 +205,31 @@ fn create_private(path: &Path) -> Result<(), StoreError> {
         Ok(_) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
         Err(e) => Err(StoreError::Other {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        }),
+    }
+}
+
+/// Takes the lock file at `path` (created if missing) exclusively; it is
+/// released when the returned file is dropped or the process ends,
+/// however it ends. Held by another: [`StoreError::InUse`].
+pub(crate) fn lock_file(path: &Path) -> Result<std::fs::File, StoreError> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| StoreError::Other {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        })?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::InUse {
+            path: path.to_path_buf(),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => Err(StoreError::Other {
             path: path.to_path_buf(),
             detail: e.to_string(),
         }),

@@ -107,6 +107,8 @@ pub struct OutboxStatus {
 pub struct Outbox {
     instance: u64,
     path: PathBuf,
+    /// The last destination found valid (most enqueues repeat it).
+    checked: Arc<std::sync::Mutex<Option<(Kind, String)>>>,
 }
 
 impl Outbox {
@@ -128,6 +130,7 @@ impl Outbox {
         Ok(Outbox {
             instance: instance as u64,
             path,
+            checked: Arc::default(),
         })
     }
 
@@ -168,9 +171,7 @@ impl Outbox {
             Destination::Stream { name, key } => (Kind::Stream, name, key),
             Destination::Publish(t) => (Kind::Publish, t, &[][..]),
         };
-        crate::core::topic::Topic::new(name)
-            .and_then(|t| crate::node::check_not_reserved(t.as_str()))
-            .map_err(|e| StoreError::BadDestination(format!("{} {name:?}: {e}", kind.name())))?;
+        self.check(kind, name)?;
         let headers = super::headers_blob(headers);
         let mut stmt = tx
             .prepare_cached(
@@ -191,6 +192,20 @@ impl Outbox {
             instance: self.instance,
             seq: tx.last_insert_rowid(),
         })
+    }
+
+    /// Whether `name` is a valid destination (the last one found valid is
+    /// remembered).
+    fn check(&self, kind: Kind, name: &str) -> Result<(), StoreError> {
+        let mut last = self.checked.lock().unwrap_or_else(|p| p.into_inner());
+        if last.as_ref().is_some_and(|(k, n)| *k == kind && n == name) {
+            return Ok(());
+        }
+        crate::core::topic::Topic::new(name)
+            .and_then(|t| crate::node::check_not_reserved(t.as_str()))
+            .map_err(|e| StoreError::BadDestination(format!("{} {name:?}: {e}", kind.name())))?;
+        *last = Some((kind, name.to_owned()));
+        Ok(())
     }
 
     /// Pending and sent counts of the outbox in `conn`'s database.
@@ -253,6 +268,13 @@ impl Outbox {
     pub fn relay(&self, node: &Node, options: RelayOptions) -> Result<Relay, StoreError> {
         Relay::start(self.clone(), node.clone(), options)
     }
+}
+
+/// The lock file of an outbox's relay: `FILE.relay-lock`.
+fn relay_lock_path(db: &Path) -> PathBuf {
+    let mut p = db.as_os_str().to_owned();
+    p.push(".relay-lock");
+    PathBuf::from(p)
 }
 
 /// How a [`Relay`] works.
@@ -331,6 +353,9 @@ impl Relay {
             path: outbox.path.clone(),
             detail: "the relay must be started within a tokio runtime".into(),
         })?;
+        // Two relays would each send every row (duplicates, and no order
+        // between them).
+        let lock = super::lock_file(&relay_lock_path(&outbox.path))?;
         let conn = super::open(&outbox.path)?;
         // The relay's deletes may be lost by a power cut: that only
         // resends a message (which inboxes and dedup keys absorb).
@@ -349,6 +374,8 @@ impl Relay {
             lanes: HashMap::new(),
             last_read: 0,
             in_flight: 0,
+            retry: Vec::new(),
+            _lock: lock,
         };
         let thread = std::thread::Builder::new()
             .name("mesh-outbox-relay".into())
@@ -414,6 +441,10 @@ struct Worker {
     lanes: HashMap<LaneKey, (mpsc::UnboundedSender<Vec<Row>>, usize)>,
     last_read: i64,
     in_flight: usize,
+    /// Confirmed rows whose delete failed (locked, full): tried again.
+    retry: Vec<(LaneKey, Vec<i64>)>,
+    /// Held while the relay runs: one relay per outbox file.
+    _lock: std::fs::File,
 }
 
 impl Worker {
@@ -433,7 +464,8 @@ impl Worker {
             if let Some(e) = fatal {
                 break Some(e);
             }
-            if let Err(e) = self.confirm(&done) {
+            let confirmed = !done.is_empty();
+            if let Err(e) = self.confirm(done) {
                 break Some(e.to_string());
             }
             let read = match self.read(&report_tx) {
@@ -446,7 +478,7 @@ impl Worker {
                 s.in_flight = in_flight;
                 s.idle = read == 0 && in_flight == 0;
             });
-            if read > 0 || !done.is_empty() {
+            if read > 0 || confirmed {
                 poll = Duration::from_millis(1);
                 continue;
             }
@@ -458,7 +490,7 @@ impl Worker {
                     if let Some(e) = self.note(r, &mut done) {
                         break Some(e);
                     }
-                    if let Err(e) = self.confirm(&done) {
+                    if let Err(e) = self.confirm(done) {
                         break Some(e.to_string());
                     }
                 }
@@ -485,24 +517,56 @@ impl Worker {
         None
     }
 
-    /// Deletes confirmed rows and counts them, in one transaction.
-    fn confirm(&mut self, done: &[(LaneKey, Vec<i64>)]) -> Result<(), StoreError> {
+    /// Deletes confirmed rows and counts them. A locked or full database
+    /// is waited out: the rows are deleted on a later pass (a crash
+    /// meanwhile only sends them again).
+    fn confirm(&mut self, mut done: Vec<(LaneKey, Vec<i64>)>) -> Result<(), StoreError> {
+        done.append(&mut self.retry);
         if done.is_empty() {
             return Ok(());
         }
+        match self.delete(&done) {
+            Ok(()) => Ok(()),
+            Err(e @ (StoreError::Busy { .. } | StoreError::Full { .. })) => {
+                tracing::warn!(error = %e, rows = done.iter().map(|d| d.1.len()).sum::<usize>(), "outbox: confirmed rows not deleted yet; retrying");
+                let e = e.to_string();
+                self.stats.send_modify(|s| {
+                    s.failures += 1;
+                    s.last_error = Some(e);
+                });
+                self.retry = done;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Deletes confirmed rows and counts them, in one transaction.
+    fn delete(&mut self, done: &[(LaneKey, Vec<i64>)]) -> Result<(), StoreError> {
         let path = self.outbox.path.clone();
         let err = |e| StoreError::sqlite(&path, e);
         let tx =
             Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate).map_err(err)?;
         let mut n = 0u64;
         {
+            // Rows of one destination mostly follow each other: one
+            // statement per run of consecutive ids.
+            let mut ids: Vec<i64> = done
+                .iter()
+                .flat_map(|(_, ids)| ids.iter().copied())
+                .collect();
+            ids.sort_unstable();
             let mut del = tx
-                .prepare_cached("DELETE FROM mesh_outbox WHERE id = ?1")
+                .prepare_cached("DELETE FROM mesh_outbox WHERE id BETWEEN ?1 AND ?2")
                 .map_err(err)?;
-            for (_, ids) in done {
-                for id in ids {
-                    n += del.execute([id]).map_err(err)? as u64;
+            let mut i = 0;
+            while i < ids.len() {
+                let mut j = i;
+                while j + 1 < ids.len() && ids[j + 1] == ids[j] + 1 {
+                    j += 1;
                 }
+                n += del.execute([ids[i], ids[j]]).map_err(err)? as u64;
+                i = j + 1;
             }
             tx.execute(
                 "UPDATE mesh_outbox_state SET value = value + ?1 WHERE key = 'sent'",
@@ -561,8 +625,28 @@ impl Worker {
                 table: "mesh_outbox",
                 detail: format!("row {id}: {detail}"),
             };
-            let kind = Kind::from_i64(kind).ok_or_else(|| bad(format!("unknown kind {kind}")))?;
-            let headers = super::headers_of(&headers).ok_or_else(|| bad("bad headers".into()))?;
+            self.last_read = id;
+            let parsed = Kind::from_i64(kind)
+                .ok_or_else(|| bad(format!("unknown kind {kind}")))
+                .and_then(|k| {
+                    super::headers_of(&headers)
+                        .map(|h| (k, h))
+                        .ok_or_else(|| bad("bad headers".into()))
+                });
+            let (kind, headers) = match parsed {
+                Ok(v) => v,
+                Err(e) => {
+                    // Not something enqueue writes: left in the table (it
+                    // shows as pending) and skipped, so the rest goes on.
+                    tracing::error!(error = %e, "outbox row skipped");
+                    let e = e.to_string();
+                    self.stats.send_modify(|s| {
+                        s.failures += 1;
+                        s.last_error = Some(e);
+                    });
+                    continue;
+                }
+            };
             let row = Row {
                 id,
                 key: key.into(),
@@ -570,7 +654,6 @@ impl Worker {
                 payload: payload.into(),
                 created_us,
             };
-            self.last_read = id;
             n += 1;
             match chunks.last_mut() {
                 Some((k, rows)) if k.0 == kind && k.1 == dest => rows.push(row),
