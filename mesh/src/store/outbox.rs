@@ -270,6 +270,14 @@ impl Outbox {
     }
 }
 
+/// The relay's wait for the write lock: 100 µs at a time, for up to
+/// [`super::BUSY_TIMEOUT`].
+fn relay_busy(tries: i32) -> bool {
+    const STEP: Duration = Duration::from_micros(100);
+    std::thread::sleep(STEP);
+    (tries as u128) < super::BUSY_TIMEOUT.as_micros() / STEP.as_micros()
+}
+
 /// The lock file of an outbox's relay: `FILE.relay-lock`.
 fn relay_lock_path(db: &Path) -> PathBuf {
     let mut p = db.as_os_str().to_owned();
@@ -360,6 +368,11 @@ impl Relay {
         // The relay's deletes may be lost by a power cut: that only
         // resends a message (which inboxes and dedup keys absorb).
         conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(|e| StoreError::sqlite(&outbox.path, e))?;
+        // The application holds the write lock for most of the time when
+        // it commits fast; SQLite's own busy wait sleeps up to 100 ms at a
+        // time and would miss the gaps between its transactions.
+        conn.busy_handler(Some(relay_busy))
             .map_err(|e| StoreError::sqlite(&outbox.path, e))?;
         let stop = Arc::new(AtomicBool::new(false));
         let (stats_tx, stats) = watch::channel(RelayStats::default());
