@@ -603,10 +603,6 @@ impl<K: Clone + Eq + Hash> Queues<K> {
                 },
             });
         }
-        if let Some(key) = &msg.dedup_key {
-            let config = self.config.clone();
-            self.queues[qi as usize].remember_dedup(now, key.clone(), &config);
-        }
         self.queues[qi as usize].stats.accepted += 1;
         let jid = if self.journal.is_some() {
             self.next_jid += 1;
@@ -622,6 +618,11 @@ impl<K: Clone + Eq + Hash> Queues<K> {
         } else {
             0
         };
+        let mut msg = msg;
+        if let Some(key) = msg.dedup_key.take() {
+            let config = self.config.clone();
+            self.queues[qi as usize].remember_dedup(now, key, &config);
+        }
         let not_before = msg.not_before;
         self.insert(now, Msg::new(qi, jid, msg, None), not_before);
         Ok(Accepted::Queued)
