@@ -72,14 +72,15 @@ impl InboxMessage for str {
 /// consumer's own transaction: a message whose id is there is skipped.
 ///
 /// ```no_run
+/// use mesh::store::rusqlite;
 /// # fn f(conn: &mut rusqlite::Connection, inbox: &mesh::store::Inbox, d: mesh::queue::Delivery)
-/// # -> Result<(), mesh::store::StoreError> {
-/// let tx = conn.transaction().unwrap();
+/// # -> Result<(), Box<dyn std::error::Error>> {
+/// let tx = conn.transaction()?;
 /// let done = inbox.process(&tx, &d, |tx| {
 ///     tx.execute("UPDATE stock SET n = n - 1", [])?;
 ///     Ok::<_, rusqlite::Error>(())
 /// })?;
-/// tx.commit().unwrap();
+/// tx.commit()?;
 /// d.ack(); // after the commit: a crash before it redelivers, and the inbox skips it
 /// # let _ = done; Ok(()) }
 /// ```

@@ -9,6 +9,30 @@
 //!   consumer's own writes, so a redelivered message is skipped
 //!   (effectively-once processing).
 //!
+//! ```no_run
+//! use futures::StreamExt;
+//! use mesh::store::{Destination, Inbox, Outbox, RelayOptions};
+//! # async fn f(node: mesh::Node, mut consumer: mesh::queue::Consumer) -> Result<(), Box<dyn std::error::Error>> {
+//! // The service's own database, with the outbox's tables in it.
+//! let mut db = mesh::store::open("shop.db")?;
+//! let outbox = Outbox::install(&db)?;
+//! let tx = db.transaction()?;
+//! tx.execute("INSERT INTO orders (item) VALUES ('book')", [])?;
+//! outbox.enqueue(&tx, Destination::Queue("orders"), b"order 1")?; // same transaction
+//! tx.commit()?; // both or neither
+//! let _relay = outbox.relay(&node, RelayOptions::default())?; // sends, deletes once accepted
+//!
+//! // A consumer: effectively once.
+//! let mut cdb = mesh::store::open("warehouse.db")?;
+//! let inbox = Inbox::install(&cdb)?;
+//! let d = consumer.next().await.unwrap();
+//! let tx = cdb.transaction()?;
+//! inbox.process(&tx, &d, |tx| tx.execute("UPDATE stock SET n = n - 1", []))?; // None: a repeat
+//! tx.commit()?;
+//! d.ack(); // after the commit
+//! # Ok(()) }
+//! ```
+//!
 //! Files the store creates are opened in WAL mode with `synchronous=FULL`
 //! and a busy timeout, and created with mode 0600. Each component's schema
 //! is versioned in the table `mesh_meta` (not `PRAGMA user_version`, which
