@@ -310,36 +310,8 @@ impl Queue {
         I: IntoIterator,
         I::Item: Into<Bytes>,
     {
-        let inner = &self.node.inner;
-        let mut msgs = Vec::new();
-        for p in payloads {
-            let payload: Bytes = p.into();
-            let size = payload.len() + self.name.len() + crate::core::queue::MAX_ERROR_LEN + 128;
-            if size > inner.max_payload {
-                return Err(SendError::TooLarge {
-                    size,
-                    limit: inner.max_payload,
-                });
-            }
-            msgs.push(OutMsg {
-                headers: Vec::new(),
-                payload,
-                delay: None,
-                ttl: None,
-                dedup: None,
-            });
-        }
-        let (tx, rx) = oneshot::channel();
-        inner
-            .work_bounded
-            .push(Op::SendBatch {
-                queue: self.name.clone(),
-                msgs,
-                reply: tx,
-            })
+        self.send_batch_with(payloads.into_iter().map(|p| (p, SendOptions::default())))
             .await
-            .map_err(|_| SendError::Closed)?;
-        rx.await.map_err(|_| SendError::Closed)?
     }
 
     /// Starts consuming: a stream of [`Delivery`]s. Dropping it stops the
