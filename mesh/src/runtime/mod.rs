@@ -814,6 +814,10 @@ impl NodeTask {
                             publishes.take(&mut publish_batch);
                             self.publish_batch(&mut publish_batch);
                         }
+                        // So do the handles' calls: a stream consumer
+                        // started before a host's declaration arrived must
+                        // count that host as a later one.
+                        self.work_ops();
                         self.handle_link_event(ev);
                     }
                 }

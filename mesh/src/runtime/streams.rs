@@ -214,7 +214,7 @@ struct LocalConsumer {
     active: FxHashMap<(NodeId, u32), u64>,
     /// Refreshed at least once (what appears later is late).
     refreshed: bool,
-    /// The live hosts of the stream when it was first refreshed.
+    /// The live hosts of the stream when the consumer started.
     initial_hosts: FxHashSet<NodeId>,
     /// Every host answered: its run, and whether its partitions are late.
     /// Kept across link ends (unlike `hosts`), so a restart is seen as one.
@@ -629,6 +629,9 @@ impl NodeTask {
                         }
                     }
                 }
+                // The hosts there are as it starts: partitions of hosts that
+                // appear later are read from their start by `Latest`.
+                let initial_hosts = self.live_stream_hosts(&stream).into_iter().collect();
                 self.streams.consumers.insert(
                     sid,
                     LocalConsumer {
@@ -642,7 +645,7 @@ impl NodeTask {
                         positions: FxHashMap::default(),
                         active: FxHashMap::default(),
                         refreshed: false,
-                        initial_hosts: FxHashSet::default(),
+                        initial_hosts,
                         seen: FxHashMap::default(),
                         assigned: (0, 0),
                     },
@@ -1028,18 +1031,9 @@ impl NodeTask {
             locals.sort_unstable();
             (g.clone(), members, locals)
         });
-        let first = self
-            .streams
-            .consumers
-            .get(&sid)
-            .is_some_and(|c| !c.refreshed)
-            .then(|| self.live_stream_hosts(&stream));
         let Some(c) = self.streams.consumers.get_mut(&sid) else {
             return;
         };
-        if let Some(hosts) = first {
-            c.initial_hosts = hosts.into_iter().collect();
-        }
         c.watched.extend(to_watch);
         let live: FxHashSet<NodeId> = remote.iter().copied().collect();
         c.watched.retain(|h| live.contains(h));
