@@ -661,7 +661,8 @@ pub struct Record {
 
 impl Record {
     /// The run of its host the record is of (a host that restarts without
-    /// its log starts a new one).
+    /// its log starts a new one). Read by the inbox.
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
     pub(crate) fn epoch(&self) -> u64 {
         self.epoch
     }

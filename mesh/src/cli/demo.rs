@@ -188,7 +188,6 @@ pub(super) async fn run() -> anyhow::Result<()> {
     let streams = stream_scene(&first_addr, &node_ids).await?;
 
     // 8. A transactional outbox surviving a SIGKILL, to an inbox.
-    #[cfg(feature = "sqlite")]
     let outbox = outbox_scene(&first_addr).await?;
 
     for (mut child, _) in nodes {
@@ -215,7 +214,6 @@ pub(super) async fn run() -> anyhow::Result<()> {
         if streams.replay_ok { "yes" } else { "NO" },
         if streams.windows_ok { "yes" } else { "NO" },
     );
-    #[cfg(feature = "sqlite")]
     println!(
         "         outbox: the shop was SIGKILLed with {} of its {} committed orders unsent; restarted: committed {} = processed {}, duplicates {}, lost {}: {}",
         outbox.pending_at_kill,
@@ -236,7 +234,6 @@ pub(super) async fn run() -> anyhow::Result<()> {
     if !streams.replay_ok || !streams.windows_ok {
         anyhow::bail!("demo failed: the stream did not behave as shown");
     }
-    #[cfg(feature = "sqlite")]
     if !outbox.ok() {
         anyhow::bail!("demo failed: the outbox did not deliver every committed order once");
     }
@@ -687,16 +684,12 @@ async fn stream_scene(addr: &str, names: &[(String, String)]) -> anyhow::Result<
 }
 
 /// Orders the outbox scene's shop commits, and the queue they go to.
-#[cfg(feature = "sqlite")]
 const SHOP_ORDERS: u64 = 20_000;
-#[cfg(feature = "sqlite")]
 const SHOP_QUEUE: &str = "shop.orders";
 /// The shop is killed once it has committed at least this many.
-#[cfg(feature = "sqlite")]
 const KILL_AFTER: u64 = 6_000;
 
 /// What the outbox scene showed.
-#[cfg(feature = "sqlite")]
 struct OutboxResult {
     /// Orders in the shop's database when it was killed.
     committed_at_kill: u64,
@@ -712,7 +705,6 @@ struct OutboxResult {
     lost: u64,
 }
 
-#[cfg(feature = "sqlite")]
 impl OutboxResult {
     fn ok(&self) -> bool {
         self.committed == SHOP_ORDERS
@@ -730,7 +722,6 @@ impl OutboxResult {
 /// relay first sends what the killed run left pending. A warehouse process
 /// (`mesh demo-warehouse`) processes each order through an inbox in its
 /// own database, one transaction per batch, and acks after the commit.
-#[cfg(feature = "sqlite")]
 async fn outbox_scene(addr: &str) -> anyhow::Result<OutboxResult> {
     use crate::store::{self, rusqlite};
     println!("\n  transactional outbox (each order and its message commit together; the relay sends what is committed):");
