@@ -448,6 +448,11 @@ impl<K: Clone + Eq + Hash> Streams<K> {
         self.exempt = Some(owner);
     }
 
+    /// The shared name of stream `stream`, if hosted.
+    pub fn name(&self, stream: &str) -> Option<&Arc<str>> {
+        self.logs.get_key_value(stream).map(|(k, _)| k)
+    }
+
     /// The configuration.
     pub fn config(&self) -> &Config {
         &self.config

@@ -552,8 +552,7 @@ impl NodeTask {
             let name: Arc<str> = self
                 .streams
                 .host
-                .names()
-                .find(|n| ***n == *stream)
+                .name(stream)
                 .cloned()
                 .unwrap_or_else(|| stream.into());
             for (r, (index, offset)) in kept.into_iter().zip(&placed) {
