@@ -94,10 +94,15 @@ async fn node_sub_pub_processes() {
             "--bootstrap",
             &addr,
         ])
-        .status()
+        .stderr(Stdio::piped())
+        .output()
         .await
         .unwrap();
-    assert!(status.success());
+    assert!(
+        status.status.success(),
+        "pub failed: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
     let status = Command::new(BIN)
         .args([
             "pub",
@@ -111,10 +116,15 @@ async fn node_sub_pub_processes() {
             "--bootstrap",
             &addr,
         ])
-        .status()
+        .stderr(Stdio::piped())
+        .output()
         .await
         .unwrap();
-    assert!(status.success());
+    assert!(
+        status.status.success(),
+        "pub failed: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
 
     let mut got = Vec::new();
     for _ in 0..3 {

@@ -93,6 +93,11 @@ const RELINK_GRACE: Duration = Duration::from_millis(500);
 const RECONNECT_INTERVAL: Duration = Duration::from_secs(2);
 /// How long shutdown waits for peers to confirm they read everything.
 const BYE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a node that is shutting down waits for a peer to close after
+/// acking the peer's `Bye`, when that `Bye` came after our own: the peer may
+/// be waiting for our close in turn (both left at once), so this is bounded
+/// short rather than by [`BYE_TIMEOUT`].
+const BYE_LINGER: Duration = Duration::from_millis(200);
 
 /// The runtime's clock: tokio's, so that the simulator's virtual time
 /// (a paused tokio clock) drives every timer and timeout.
@@ -378,6 +383,7 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
         shutting_down: false,
         shm_host,
         broken: Default::default(),
+        lingering: Default::default(),
         last_drop_warning: None,
         relink: Vec::new(),
         relink_backoff: Default::default(),
@@ -677,6 +683,11 @@ struct NodeTask {
     /// what we sent (for the shutdown report; a link that ended before
     /// leaves messages for that peer waiting in a new one, which counts).
     broken: std::collections::BTreeSet<NodeId>,
+    /// Peers whose `Bye` we acked and whose connection is still open, with
+    /// how long shutdown waits for them to close: dropping our connections
+    /// at once could lose the `ByeAck` in flight, and the peer would count
+    /// us as unconfirmed. Removed when the connection closes.
+    lingering: std::collections::HashMap<NodeId, tokio::time::Instant>,
     /// Peers whose link ended and may need a new one, and when to act
     /// (see `relink`). Bounded by the number of peers with links.
     relink: Vec<(Instant, NodeId)>,
@@ -1024,6 +1035,7 @@ impl NodeTask {
             quic::Event::Disconnected { peer } => {
                 tracing::debug!(%peer, "disconnected");
                 self.connected.remove(&peer);
+                self.lingering.remove(&peer);
                 if let Some(mut link) = self.links.remove(&peer) {
                     link.close();
                     if self.shutting_down && link.has_data && !link.bye_acked && !link.leaving {
@@ -1374,6 +1386,16 @@ impl NodeTask {
                     .ok_or(WireError::Unexpected("Bye"))?;
                 wire::encode(&mut link.scratch, &Frame::ByeAck);
                 link.leaving = true;
+                // Our own Bye went out before this ack if we are shutting
+                // down: the peer's ack of it then proves nothing about this
+                // one, and the peer may wait for us to close first.
+                let linger = if self.shutting_down {
+                    BYE_LINGER
+                } else {
+                    BYE_TIMEOUT
+                };
+                self.lingering
+                    .insert(peer, tokio::time::Instant::now() + linger);
                 // A graceful leave: mark it down at its current incarnation
                 // now (the membership spreads it) instead of suspecting it
                 // after a timeout, and stop routing to it.
@@ -2297,13 +2319,22 @@ impl NodeTask {
             // messages to (their stream may yet come up). A link that never
             // came up and holds no message (only our own declarations, say
             // to a peer that has left meanwhile) owes nothing.
+            //
+            // And for peers that said Bye to close their connection (they
+            // do once they have our ByeAck), so the ack is not lost in
+            // flight when we drop ours.
             let waiting = self
                 .links
                 .values()
                 .any(|l| !l.bye_acked && !l.leaving && (l.reader.is_some() || l.queued > 0));
-            if !waiting {
+            let now = tokio::time::Instant::now();
+            self.lingering
+                .retain(|p, until| *until > now && self.connected.contains_key(p));
+            let linger = self.lingering.values().min().copied();
+            if !waiting && linger.is_none() {
                 break;
             }
+            let wake = linger.map_or(deadline, |l| l.min(deadline));
             tokio::select! {
                 biased;
                 ev = links.recv() => match ev {
@@ -2314,7 +2345,10 @@ impl NodeTask {
                     Some(ev) => self.handle_transport(ev).await,
                     None => break,
                 },
-                _ = tokio::time::sleep_until(deadline) => {
+                _ = tokio::time::sleep_until(wake) => {
+                    if wake < deadline {
+                        continue;
+                    }
                     for (peer, l) in self.links.iter().filter(|(_, l)| !l.bye_acked && !l.leaving) {
                         tracing::debug!(%peer, up = l.up, stream = l.reader.is_some(), "shutdown: peer did not confirm in time");
                     }
