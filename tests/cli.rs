@@ -984,3 +984,95 @@ async fn bench_outbox_runs() {
         assert_eq!(v["inbox"], !extra.is_empty());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn private_node_admits_only_holders_of_the_secret_and_never_logs_it() {
+    use std::os::unix::fs::PermissionsExt;
+    const SECRET: &str = "cli test secret of the private mesh";
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mesh.secret");
+    std::fs::write(&file, format!("{SECRET}\n")).unwrap();
+    // A secret file others may read is refused, with the reason.
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = Command::new(BIN)
+        .args(["peers", "--no-mdns", "--listen", LOOP])
+        .env("MESH_SECRET_FILE", &file)
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("chmod 600"));
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    let data = dir.path().join("node");
+    let mut node = Command::new(BIN)
+        .args(["node", "--no-mdns", "--listen", LOOP, "--secret-file"])
+        .arg(&file)
+        .arg("--data-dir")
+        .arg(&data)
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(node.stdout.take().unwrap()).lines();
+    let mut err = BufReader::new(node.stderr.take().unwrap()).lines();
+    let logs = tokio::spawn(async move {
+        let mut all = String::new();
+        while let Ok(Some(l)) = err.next_line().await {
+            all.push_str(&l);
+            all.push('\n');
+        }
+        all
+    });
+    line_with(&mut out, "peer id:").await;
+    let addr = line_with(&mut out, "listening:").await;
+    // The identity key is private to the user.
+    let mode = std::fs::metadata(data.join("identity.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    // Without the secret: no peer found. With it (from the environment):
+    // the node is there.
+    let outside = via(&addr, &["peers", "--json", "--timeout", "2"]).await;
+    assert!(!outside.status.success());
+    let inside = Command::new(BIN)
+        .args([
+            "peers",
+            "--json",
+            "--no-mdns",
+            "--listen",
+            LOOP,
+            "--bootstrap",
+            &addr,
+        ])
+        .env("MESH_SECRET", SECRET)
+        .env("RUST_LOG", "debug")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        inside.status.success(),
+        "{}",
+        String::from_utf8_lossy(&inside.stderr)
+    );
+    let peers: serde_json::Value = serde_json::from_slice(&inside.stdout).unwrap();
+    assert!(peers
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|p| p["state"] == "alive"));
+
+    node.kill().await.unwrap();
+    let logs = logs.await.unwrap();
+    assert!(
+        logs.contains("not admitted to this private mesh"),
+        "the refusal is logged"
+    );
+    for text in [logs.as_str(), &String::from_utf8_lossy(&inside.stderr)] {
+        assert!(!text.contains(SECRET), "the secret was logged");
+    }
+}

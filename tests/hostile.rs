@@ -14,8 +14,10 @@ fn frame(f: &Frame<'_>) -> Vec<u8> {
     b
 }
 
+/// A handshake: `Hello`, then the (empty) `Auth` a node outside any
+/// private mesh sends.
 fn hello(version: u32) -> Vec<u8> {
-    frame(&Frame::Hello(Hello {
+    let mut b = frame(&Frame::Hello(Hello {
         magic: MAGIC,
         version,
         features: 0,
@@ -23,7 +25,10 @@ fn hello(version: u32) -> Vec<u8> {
         addrs: vec![],
         host: mesh::wire::Raw(b"elsewhere"),
         uid: 0,
-    }))
+        nonce: [0; 32],
+    }));
+    b.extend(frame(&Frame::Auth { proofs: vec![] }));
+    b
 }
 
 /// Connects a raw transport to `target`, writes `bytes` on the data stream,

@@ -584,10 +584,24 @@ struct NetArgs {
     /// How long to look for a peer before giving up (seconds).
     #[arg(long, default_value_t = 5.0)]
     timeout: f64,
+    /// Private mesh: a file holding the mesh secret(s), one per line, mode
+    /// 0600 (also `MESH_SECRET_FILE`; or the secret itself in
+    /// `MESH_SECRET`). Only peers holding it are admitted. Never give the
+    /// secret itself on the command line.
+    #[arg(long, env = crate::security::SECRET_FILE_ENV)]
+    secret_file: Option<std::path::PathBuf>,
+    /// Private mesh: admit only this peer id (repeatable; with a secret,
+    /// a peer needs both).
+    #[arg(long = "allow-peer", value_name = "PEER_ID")]
+    allow_peers: Vec<libp2p::PeerId>,
+    /// Access control: a policy file of `role NAME PEER...` and `allow
+    /// WHO publish|read PATTERN...` lines (see mesh::security::AccessPolicy).
+    #[arg(long, value_name = "FILE")]
+    access_policy: Option<std::path::PathBuf>,
 }
 
 impl NetArgs {
-    fn builder(&self) -> crate::Builder {
+    fn builder(&self) -> anyhow::Result<crate::Builder> {
         let mut b = Node::builder()
             .listen(self.listen.clone())
             .mdns(!self.no_mdns)
@@ -595,7 +609,20 @@ impl NetArgs {
         for addr in &self.bootstrap {
             b = b.bootstrap(addr.clone());
         }
-        b.join_timeout(self.timeout())
+        if let Some(path) = &self.secret_file {
+            b = b.mesh_secret(crate::security::MeshSecret::from_file(path)?);
+        } else if std::env::var_os(crate::security::SECRET_ENV).is_some() {
+            b = b.mesh_secret(crate::security::MeshSecret::from_env(
+                crate::security::SECRET_ENV,
+            )?);
+        }
+        if !self.allow_peers.is_empty() {
+            b = b.allow_peers(self.allow_peers.iter().copied());
+        }
+        if let Some(path) = &self.access_policy {
+            b = b.access_policy(crate::security::AccessPolicy::from_file(path)?);
+        }
+        Ok(b.join_timeout(self.timeout()))
     }
 
     fn timeout(&self) -> Duration {
@@ -606,7 +633,7 @@ impl NetArgs {
     /// It never hosts a queue or a stream: it can exit at once without
     /// losing what it sent or appended.
     async fn join(&self) -> anyhow::Result<Node> {
-        let node = self.builder().self_host(false).start().await?;
+        let node = self.builder()?.self_host(false).start().await?;
         if node.joined(self.timeout()).await.is_err() {
             node.shutdown().await;
             bail!(
@@ -950,7 +977,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 async fn run_node(net: NetArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
     // A long-running node hosts every queue and stream (one-shot commands
     // never do).
-    let mut b = net.builder().host_all();
+    let mut b = net.builder()?.host_all();
     if let Some(dir) = &data_dir {
         b = b.data_dir(dir);
     }

@@ -41,6 +41,7 @@ pub mod node;
 pub mod queue;
 pub mod rpc;
 pub(crate) mod runtime;
+pub mod security;
 #[cfg(feature = "sqlite")]
 pub mod store;
 pub mod stream;
@@ -69,7 +70,7 @@ pub use crate::core::{
     NodeId,
 };
 pub use bytes::Bytes;
-pub use libp2p::{Multiaddr, PeerId};
+pub use libp2p::{identity::Keypair, Multiaddr, PeerId};
 pub use mesh_transports::shm::WaitPolicy;
 pub use node::{
     Builder, Delivery, Lagged, Node, PeerInfo, PeerState, PublishError, Publisher, ReadyError,

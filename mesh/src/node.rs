@@ -71,6 +71,8 @@ pub struct Config {
     pub(crate) self_host: bool,
     pub(crate) stream: crate::core::stream::Config,
     pub(crate) host_streams: Vec<Arc<str>>,
+    pub(crate) admission: crate::security::Admission,
+    pub(crate) access: Option<crate::security::AccessPolicy>,
     /// Set by the simulator: run over its network and clock.
     pub(crate) sim: Option<crate::sim::Hooks>,
 }
@@ -127,6 +129,8 @@ impl Default for Config {
             self_host: true,
             stream: Default::default(),
             host_streams: Vec::new(),
+            admission: Default::default(),
+            access: None,
             sim: None,
         }
     }
@@ -224,6 +228,41 @@ impl Builder {
     /// Default 5 s.
     pub fn slow_consumer_timeout(mut self, timeout: Duration) -> Self {
         self.config.slow_consumer_timeout = timeout;
+        self
+    }
+
+    /// Makes the mesh private: only peers proving they hold this secret
+    /// (or one of its secrets, see [`MeshSecret::from_secrets`]) get a
+    /// link; nothing passes before the proof, and refusals are logged and
+    /// counted. Read it from a file or the environment
+    /// ([`MeshSecret::from_file`], [`MeshSecret::from_env`]), never from a
+    /// command line. See [`crate::security`].
+    ///
+    /// [`MeshSecret::from_secrets`]: crate::security::MeshSecret::from_secrets
+    /// [`MeshSecret::from_file`]: crate::security::MeshSecret::from_file
+    /// [`MeshSecret::from_env`]: crate::security::MeshSecret::from_env
+    pub fn mesh_secret(mut self, secret: crate::security::MeshSecret) -> Self {
+        self.config.admission.secret = Some(secret);
+        self
+    }
+
+    /// Admits only these peers (more calls add to the list); with a
+    /// [`mesh_secret`](Self::mesh_secret) too, a peer needs both. Others
+    /// are disconnected as soon as they connect, and counted.
+    pub fn allow_peers(mut self, peers: impl IntoIterator<Item = PeerId>) -> Self {
+        self.config
+            .admission
+            .allow
+            .get_or_insert_with(Default::default)
+            .extend(peers);
+        self
+    }
+
+    /// Enforces an access policy on peers: what each may publish to and
+    /// read (see [`AccessPolicy`](crate::security::AccessPolicy)). This
+    /// node's own application is not checked.
+    pub fn access_policy(mut self, policy: crate::security::AccessPolicy) -> Self {
+        self.config.access = Some(policy);
         self
     }
 

@@ -75,6 +75,10 @@ pub enum SendError {
     /// The queue is full and the node is set to [`QueueFull::Fail`].
     #[error("{0}")]
     Full(String),
+    /// The host refused it for good: its access policy does not let this
+    /// node send to the queue, or it hosts as many queues as it may.
+    #[error("the host refused the message: {0}")]
+    Refused(String),
     /// Nobody hosts the queue and this node may not (a one-shot tool).
     #[error("no live host for queue {0:?} (start a `mesh node`, or a node that hosts it)")]
     NoHost(String),

@@ -58,6 +58,10 @@ pub enum RequestError {
     /// The responder dropped the request without answering.
     #[error("the responder dropped the request without answering")]
     NoReply,
+    /// The responder's node does not let this node send to the subject
+    /// (its access policy).
+    #[error("access denied: this node may not send requests to the subject")]
+    Denied,
     /// Not a valid subject.
     #[error("{0}")]
     Subject(#[from] TopicError),

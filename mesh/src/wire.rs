@@ -16,7 +16,7 @@ use crate::core::{
 };
 
 /// The protocol version spoken by this build.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// [`Hello::features`] bit: the sender can move the link's data to
 /// shared-memory rings (see [`Frame::ShmOffer`]).
@@ -128,6 +128,15 @@ pub enum Frame<'a> {
     /// Streams.
     #[serde(borrow)]
     Stream(StreamWire<'a>),
+    /// The second frame of each side of a link, after the peer's `Hello`:
+    /// proofs that the sender holds the private mesh's secret(s), bound to
+    /// both peer ids and both `Hello` nonces (see [`crate::security`]).
+    /// Empty when the sender has no secret.
+    Auth {
+        /// One HMAC-SHA256 per secret the sender holds (at most
+        /// [`crate::security::MAX_SECRETS`] are looked at).
+        proofs: Vec<[u8; 32]>,
+    },
 }
 
 /// Whether an encoded frame body is [`Frame::ShmSwitch`] (checked by the
@@ -520,6 +529,9 @@ pub enum ReplyStatus {
     NoResponders,
     /// The responder dropped the request without answering.
     Dropped,
+    /// The responder's node does not let the requester send to the
+    /// subject (its access policy).
+    Denied,
 }
 
 /// A message in a `Deliver` frame.
@@ -621,6 +633,10 @@ pub enum GossipWire<'a> {
         /// Payload.
         #[serde(borrow)]
         payload: Raw<'a>,
+        /// The origin's Ed25519 signature over origin, seq, timestamp,
+        /// topic and payload (relays cannot forge or alter the message).
+        #[serde(borrow)]
+        signature: Raw<'a>,
     },
     /// Ids the sender has, per origin: (seq, round).
     IHave {
@@ -743,9 +759,10 @@ impl GossipCodec {
                         origin: Raw(o),
                         seq: id.1,
                         round: *round,
-                        timestamp: *stamp,
+                        timestamp: stamp.timestamp,
                         topic,
                         payload: Raw(payload),
+                        signature: Raw(&stamp.signature),
                     }),
                 );
             }
@@ -825,6 +842,7 @@ impl GossipCodec {
                 timestamp,
                 topic,
                 payload,
+                signature,
             } => M::Gossip {
                 id: (self.origin(*origin)?, *seq),
                 round: *round,
@@ -834,7 +852,14 @@ impl GossipCodec {
                 } else {
                     frame.slice_ref(payload.0)
                 },
-                stamp: *timestamp,
+                stamp: crate::core::gossip::Stamp {
+                    timestamp: *timestamp,
+                    signature: if signature.0.is_empty() {
+                        bytes::Bytes::new()
+                    } else {
+                        frame.slice_ref(signature.0)
+                    },
+                },
             },
             GossipWire::IHave { groups } => M::IHave {
                 groups: groups
@@ -874,6 +899,9 @@ pub struct Hello<'a> {
     pub host: Raw<'a>,
     /// The sender's user id.
     pub uid: u32,
+    /// Fresh random bytes for this link: the peer's proof of the mesh
+    /// secret covers them, so it cannot be replayed.
+    pub nonce: [u8; 32],
 }
 
 /// A membership record on the wire.
@@ -1302,7 +1330,11 @@ mod tests {
                 addrs: vec![Raw(b"x")],
                 host: Raw(b"boot/net:1"),
                 uid: 1000,
+                nonce: [5; 32],
             }),
+            Frame::Auth {
+                proofs: vec![[1; 32], [2; 32]],
+            },
             Frame::Topic { id: 1, name: "a.b" },
             Frame::ShmOffer {
                 nonce: 3,

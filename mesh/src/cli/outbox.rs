@@ -125,7 +125,7 @@ pub(super) async fn send_durable(
     };
     // One-shot: never hosts the queue, so what it relays is confirmed by
     // a host that outlives it.
-    let node = match net.builder().self_host(false).start().await {
+    let node = match net.builder()?.self_host(false).start().await {
         Ok(node) => node,
         Err(e) => return Err(pending(format!("the node did not start: {e}"))),
     };

@@ -126,8 +126,9 @@ pub enum Message {
         topic: std::sync::Arc<str>,
         /// Its payload.
         payload: Bytes,
-        /// Opaque to the core (the runtime's publish timestamp).
-        stamp: u64,
+        /// Opaque to the core (the runtime's publish timestamp and the
+        /// origin's signature).
+        stamp: Stamp,
     },
     /// Ids of messages the sender has (lazy push), grouped by origin:
     /// (seq, hops) per message.
@@ -167,7 +168,7 @@ pub enum Event {
         /// Its payload.
         payload: Bytes,
         /// As given to [`Gossip::broadcast_with`].
-        stamp: u64,
+        stamp: Stamp,
     },
     /// A node entered the active view.
     NeighborUp(NodeId),
@@ -197,7 +198,18 @@ pub struct Stats {
 }
 
 /// A message kept to answer pulls: hops, topic, payload, stamp.
-type Kept = (u32, std::sync::Arc<str>, Bytes, u64);
+type Kept = (u32, std::sync::Arc<str>, Bytes, Stamp);
+
+/// What travels with a broadcast message from its origin, opaque to the
+/// core: the runtime's publish timestamp and the origin's signature, which
+/// every receiver checks so relays can neither forge nor alter a message.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stamp {
+    /// Publish time, µs since the Unix epoch.
+    pub timestamp: u64,
+    /// The origin's signature (see the runtime); empty in the core's tests.
+    pub signature: Bytes,
+}
 
 /// Announcements grouped by origin: (seq, hops) per message.
 type Announcements = Vec<(NodeId, Vec<(u64, u32)>)>;
@@ -381,7 +393,7 @@ impl Gossip {
     /// Broadcasts a message from this node; returns its id.
     pub fn broadcast(&mut self, now: Instant, topic: std::sync::Arc<str>, payload: Bytes) -> MsgId {
         let seq = self.seq + 1;
-        self.broadcast_with(now, seq, topic, payload, 0)
+        self.broadcast_with(now, seq, topic, payload, Stamp::default())
     }
 
     /// Broadcasts with the caller's sequence number (which must grow) and
@@ -392,12 +404,12 @@ impl Gossip {
         seq: u64,
         topic: std::sync::Arc<str>,
         payload: Bytes,
-        stamp: u64,
+        stamp: Stamp,
     ) -> MsgId {
         self.seq = self.seq.max(seq);
         let id = (self.local, seq);
         self.note_origin(now, self.local);
-        self.remember(id, 0, &topic, &payload, stamp);
+        self.remember(id, 0, &topic, &payload, stamp.clone());
         self.push(now, id, 0, &topic, &payload, stamp, None);
         id
     }
@@ -419,7 +431,7 @@ impl Gossip {
         round: u32,
         topic: &std::sync::Arc<str>,
         payload: &Bytes,
-        stamp: u64,
+        stamp: Stamp,
         from: Option<NodeId>,
     ) {
         // One scratch list, reused: this runs per message.
@@ -434,7 +446,7 @@ impl Gossip {
                     round: round + 1,
                     topic: topic.clone(),
                     payload: payload.clone(),
-                    stamp,
+                    stamp: stamp.clone(),
                 },
             );
         }
@@ -465,7 +477,7 @@ impl Gossip {
         round: u32,
         topic: &std::sync::Arc<str>,
         payload: &Bytes,
-        stamp: u64,
+        stamp: Stamp,
     ) {
         let key = Self::key(&id);
         if self.seen.insert(key) {
@@ -631,7 +643,7 @@ impl Gossip {
                 }
                 self.note_origin(now, id.0);
                 self.missing.remove(&id);
-                self.remember(id, round, &topic, &payload, stamp);
+                self.remember(id, round, &topic, &payload, stamp.clone());
                 if self.active.contains(&from) {
                     self.eager.insert(from);
                 }
@@ -640,7 +652,7 @@ impl Gossip {
                     round,
                     topic: topic.clone(),
                     payload: payload.clone(),
-                    stamp,
+                    stamp: stamp.clone(),
                 });
                 self.push(now, id, round, &topic, &payload, stamp, Some(from));
             }
@@ -911,7 +923,7 @@ mod tests {
             round: 0,
             topic: "t".into(),
             payload: Bytes::from_static(b"x"),
-            stamp: 0,
+            stamp: Stamp::default(),
         };
         g.handle_message(t0, a, msg(1), &mut rng);
         g.handle_message(t0, b, msg(1), &mut rng);

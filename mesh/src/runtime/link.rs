@@ -15,8 +15,13 @@ use tokio::sync::mpsc;
 use super::queue::{Outbox, Taken};
 use crate::{
     core::NodeId,
+    security::{Admission, Nonce, MAX_SECRETS},
     wire::{self, Frame, WireError, MAGIC, PROTOCOL_VERSION},
 };
+
+/// How long a peer may take to send its `Hello` and `Auth` after the
+/// stream opened.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Identifies one link (one stream) for the node task's lifetime.
 pub(crate) type LinkId = u64;
@@ -32,6 +37,14 @@ pub(crate) enum LinkEvent {
     },
     /// Frames after the handshake, in order.
     Frames { link: LinkId, frames: Vec<Bytes> },
+    /// The peer is not admitted to this private mesh (no valid proof of
+    /// the secret, or not on the allow-list); nothing else was read from
+    /// it, nor sent to it.
+    Refused {
+        link: LinkId,
+        peer: NodeId,
+        reason: String,
+    },
     /// The link ended: the stream closed, failed, or the peer misbehaved.
     Closed {
         link: LinkId,
@@ -52,13 +65,28 @@ pub(crate) struct PeerHello {
 
 /// Why a link was dropped during the handshake.
 #[derive(Debug, thiserror::Error)]
-enum HandshakeError {
+pub(crate) enum HandshakeError {
     #[error("{0}")]
     Wire(#[from] WireError),
     #[error("{0}")]
     Frame(#[from] mesh_transports::frame::FrameError),
     #[error("stream closed before the handshake")]
     Eof,
+    #[error("handshake not finished in time")]
+    Timeout,
+    /// The peer is not admitted (a private mesh).
+    #[error("{0}")]
+    Refused(&'static str),
+}
+
+/// Our side of a link's handshake: what we send and check.
+pub(crate) struct Handshake {
+    /// Our encoded `Hello` frame.
+    pub(crate) hello: Vec<u8>,
+    /// The nonce in it.
+    pub(crate) nonce: Nonce,
+    pub(crate) local: NodeId,
+    pub(crate) admission: Arc<Admission>,
 }
 
 /// The reading end of a link's shared-memory ring, handed to the reader
@@ -71,8 +99,15 @@ const SHM_READ_BATCH: usize = 256 * 1024;
 /// Largest ring record the writer makes (a batch spans several).
 const SHM_RECORD: usize = 64 * 1024;
 
-/// Starts the reader and writer of a new stream. `hello` is our encoded
-/// handshake frame, written before anything in the outbox.
+/// Starts the reader and writer of a new stream.
+///
+/// The handshake: each side writes its `Hello`; once it has read the
+/// peer's, it writes its `Auth` (proofs over both ids and both nonces);
+/// once it has checked the peer's `Auth`, the writer starts on the outbox
+/// and the reader reports the link up. So nothing in the outbox (our view
+/// of the mesh, our topics) reaches a peer that is not admitted. A node
+/// that is not private has nothing to keep from anyone: it writes its
+/// `Hello`, an empty `Auth` and its outbox at once.
 // Each argument is a distinct part of the link; bundling them would only
 // move the list elsewhere.
 #[allow(clippy::too_many_arguments)]
@@ -81,22 +116,63 @@ pub(crate) fn spawn(
     link: LinkId,
     peer: NodeId,
     stream: Stream,
-    hello: Vec<u8>,
+    handshake: Handshake,
     outbox: Arc<Outbox>,
     shm_rx: ShmRxSlot,
     max_frame: usize,
     events: mpsc::Sender<LinkEvent>,
 ) -> tokio::task::AbortHandle {
     let (read, write) = stream.split();
-    spawner.spawn(write_loop(link, peer, write, hello, outbox, events.clone()));
-    spawner.spawn(read_loop(link, peer, read, shm_rx, max_frame, events))
+    let (nonce_tx, nonce_rx) = tokio::sync::oneshot::channel();
+    let (admitted_tx, admitted_rx) = tokio::sync::oneshot::channel();
+    let handshake = Arc::new(handshake);
+    spawner.spawn(write_loop(
+        link,
+        peer,
+        write,
+        WriterStart {
+            handshake: handshake.clone(),
+            peer_nonce: nonce_rx,
+            admitted: admitted_rx,
+        },
+        outbox,
+        events.clone(),
+    ));
+    spawner.spawn(read_loop(
+        link,
+        peer,
+        read,
+        ReaderStart {
+            handshake,
+            peer_nonce: nonce_tx,
+            admitted: admitted_tx,
+        },
+        shm_rx,
+        max_frame,
+        events,
+    ))
+}
+
+/// What the writer needs for the handshake: the peer's nonce, then word
+/// that the peer is admitted (both from the reader; a dropped sender means
+/// the handshake failed and the reader reports it).
+struct WriterStart {
+    handshake: Arc<Handshake>,
+    peer_nonce: tokio::sync::oneshot::Receiver<Nonce>,
+    admitted: tokio::sync::oneshot::Receiver<()>,
+}
+
+struct ReaderStart {
+    handshake: Arc<Handshake>,
+    peer_nonce: tokio::sync::oneshot::Sender<Nonce>,
+    admitted: tokio::sync::oneshot::Sender<()>,
 }
 
 async fn write_loop(
     link: LinkId,
     peer: NodeId,
     mut io: WriteHalf<Stream>,
-    hello: Vec<u8>,
+    start: WriterStart,
     outbox: Arc<Outbox>,
     events: mpsc::Sender<LinkEvent>,
 ) {
@@ -111,8 +187,17 @@ async fn write_loop(
             let _ = events.send(LinkEvent::Closed { link, peer, error }).await;
         }
     };
-    if let Err(e) = io.write_all(&hello).await {
-        failed(e.to_string()).await;
+    let hs = &start.handshake;
+    if !hs.admission.is_private() {
+        // Nothing to keep from anyone: Hello and an empty Auth at once, and
+        // the outbox right after, as before private meshes existed.
+        let mut first = hs.hello.clone();
+        wire::encode(&mut first, &Frame::Auth { proofs: Vec::new() });
+        if let Err(e) = io.write_all(&first).await {
+            failed(e.to_string()).await;
+            return;
+        }
+    } else if !authenticate(&mut io, start, &peer, &failed).await {
         return;
     }
     let mut ring: Option<super::queue::ShmTx> = None;
@@ -155,17 +240,69 @@ async fn write_loop(
     let _ = io.close().await;
 }
 
+/// A private mesh's side of the handshake for the writer: our Hello, then
+/// (once the reader has the peer's Hello) our proofs, then waiting until the
+/// reader has checked the peer's. False if the link ends meanwhile (the
+/// reader reports why).
+async fn authenticate<F, Fut>(
+    io: &mut WriteHalf<Stream>,
+    start: WriterStart,
+    peer: &NodeId,
+    failed: &F,
+) -> bool
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let hs = &start.handshake;
+    if let Err(e) = io.write_all(&hs.hello).await {
+        failed(e.to_string()).await;
+        return false;
+    }
+    let Ok(peer_nonce) = start.peer_nonce.await else {
+        return false;
+    };
+    let proofs = hs
+        .admission
+        .secret
+        .as_ref()
+        .map(|s| s.proofs(&hs.local, peer, &hs.nonce, &peer_nonce))
+        .unwrap_or_default();
+    let mut auth = Vec::new();
+    wire::encode(&mut auth, &Frame::Auth { proofs });
+    if let Err(e) = io.write_all(&auth).await {
+        failed(e.to_string()).await;
+        return false;
+    }
+    start.admitted.await.is_ok()
+}
+
 async fn read_loop(
     link: LinkId,
     peer: NodeId,
     io: futures::io::ReadHalf<Stream>,
+    start: ReaderStart,
     shm_rx: ShmRxSlot,
     max_frame: usize,
     events: mpsc::Sender<LinkEvent>,
 ) {
     let mut reader = FrameReader::new(io, max_frame);
-    let error = match handshake(&mut reader).await {
+    let ReaderStart {
+        handshake: hs,
+        peer_nonce,
+        admitted,
+    } = start;
+    let checked = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        handshake(&mut reader, &hs, peer, |nonce| {
+            let _ = peer_nonce.send(*nonce);
+        }),
+    )
+    .await
+    .unwrap_or(Err(HandshakeError::Timeout));
+    let error = match checked {
         Ok(hello) => {
+            let _ = admitted.send(());
             if events
                 .send(LinkEvent::Up { link, peer, hello })
                 .await
@@ -205,6 +342,11 @@ async fn read_loop(
         }
         // A peer that goes away before saying anything is churn, not an error.
         Err(HandshakeError::Eof) => None,
+        Err(HandshakeError::Refused(reason)) => {
+            let reason = reason.to_owned();
+            let _ = events.send(LinkEvent::Refused { link, peer, reason }).await;
+            return;
+        }
         Err(e) => Some(format!("handshake failed: {e}")),
     };
     let _ = events.send(LinkEvent::Closed { link, peer, error }).await;
@@ -293,11 +435,20 @@ pub(crate) fn spawn_control_reader(
     });
 }
 
-async fn handshake<R: futures::AsyncRead + Unpin>(
+/// Reads and checks the peer's `Hello` (handing its nonce to `on_hello`,
+/// so the writer can send our proofs) and then its `Auth`.
+pub(crate) async fn handshake<R: futures::AsyncRead + Unpin>(
     reader: &mut FrameReader<R>,
+    ours: &Handshake,
+    peer: NodeId,
+    on_hello: impl FnOnce(&Nonce),
 ) -> Result<PeerHello, HandshakeError> {
+    // The allow-list first: an outsider gets nothing, not even our proofs.
+    if !ours.admission.allows(&peer) {
+        return Err(HandshakeError::Refused("not on this node's allow-list"));
+    }
     let first = reader.read_one().await?.ok_or(HandshakeError::Eof)?;
-    match wire::decode(&first)? {
+    let (hello, nonce) = match wire::decode(&first)? {
         Frame::Hello(h) => {
             if h.magic != MAGIC {
                 return Err(WireError::BadMagic(h.magic).into());
@@ -305,16 +456,36 @@ async fn handshake<R: futures::AsyncRead + Unpin>(
             if h.version != PROTOCOL_VERSION {
                 return Err(WireError::UnsupportedVersion(h.version).into());
             }
-            Ok(PeerHello {
+            let hello = PeerHello {
                 incarnation: h.incarnation,
                 addrs: h.addrs.iter().map(|a| a.0.to_vec()).collect(),
                 features: h.features,
                 host: h.host.0.to_vec(),
                 uid: h.uid,
-            })
+            };
+            (hello, h.nonce)
         }
-        _ => Err(WireError::ExpectedHello.into()),
+        _ => return Err(WireError::ExpectedHello.into()),
+    };
+    on_hello(&nonce);
+    let second = reader.read_one().await?.ok_or(HandshakeError::Eof)?;
+    let Frame::Auth { proofs } = wire::decode(&second)? else {
+        return Err(WireError::Unexpected("a frame before Auth").into());
+    };
+    if let Some(secret) = &ours.admission.secret {
+        let proofs = &proofs[..proofs.len().min(MAX_SECRETS)];
+        if proofs.is_empty() {
+            return Err(HandshakeError::Refused(
+                "no proof of the mesh secret (this is a private mesh)",
+            ));
+        }
+        if !secret.verify(proofs, &peer, &ours.local, &nonce, &ours.nonce) {
+            return Err(HandshakeError::Refused(
+                "wrong proof of the mesh secret (another or an old secret)",
+            ));
+        }
     }
+    Ok(hello)
 }
 
 #[cfg(test)]
@@ -328,14 +499,30 @@ mod tests {
         b
     }
 
-    fn run(bytes: Vec<u8>) -> Result<PeerHello, HandshakeError> {
-        let mut r = FrameReader::new(futures::io::Cursor::new(bytes), 1024);
-        futures::executor::block_on(handshake(&mut r))
+    fn ours(admission: Admission) -> Handshake {
+        Handshake {
+            hello: Vec::new(),
+            nonce: [4; 32],
+            local: NodeId::random(),
+            admission: Arc::new(admission),
+        }
     }
 
-    #[test]
-    fn handshake_checks_magic_version_and_order() {
-        let ok = Hello {
+    fn run_with(
+        ours: &Handshake,
+        peer: NodeId,
+        bytes: Vec<u8>,
+    ) -> Result<PeerHello, HandshakeError> {
+        let mut r = FrameReader::new(futures::io::Cursor::new(bytes), 1024);
+        futures::executor::block_on(handshake(&mut r, ours, peer, |_| {}))
+    }
+
+    fn run(bytes: Vec<u8>) -> Result<PeerHello, HandshakeError> {
+        run_with(&ours(Admission::default()), NodeId::random(), bytes)
+    }
+
+    fn hello() -> Hello<'static> {
+        Hello {
             magic: MAGIC,
             version: PROTOCOL_VERSION,
             features: 0,
@@ -343,9 +530,79 @@ mod tests {
             addrs: vec![Raw(b"a")],
             host: Raw(b"h"),
             uid: 7,
+            nonce: [8; 32],
+        }
+    }
+
+    #[test]
+    fn private_meshes_admit_only_proofs_of_the_secret_and_listed_peers() {
+        use crate::security::MeshSecret;
+        let secret = MeshSecret::new("the secret of this mesh").unwrap();
+        let us = ours(Admission {
+            secret: Some(secret.clone()),
+            allow: None,
+        });
+        let peer = NodeId::random();
+        let with = |proofs: Vec<[u8; 32]>| {
+            let mut b = frame(&Frame::Hello(hello()));
+            b.extend(frame(&Frame::Auth { proofs }));
+            run_with(&us, peer, b)
         };
+        // The right proof: over the peer's id and nonce (its Hello's), then ours.
+        let good = secret.proofs(&peer, &us.local, &[8; 32], &us.nonce);
+        assert!(with(good.clone()).is_ok());
+        for (proofs, why) in [
+            (vec![], "no proof"),
+            (
+                MeshSecret::new("some other secret!!")
+                    .unwrap()
+                    .proofs(&peer, &us.local, &[8; 32], &us.nonce),
+                "wrong proof",
+            ),
+            // Replayed from another link (other nonce) or made for another id.
+            (
+                secret.proofs(&peer, &us.local, &[8; 32], &[0; 32]),
+                "wrong proof",
+            ),
+            (
+                secret.proofs(&NodeId::random(), &us.local, &[8; 32], &us.nonce),
+                "wrong proof",
+            ),
+        ] {
+            let err = with(proofs).unwrap_err();
+            assert!(
+                matches!(err, HandshakeError::Refused(r) if r.contains(why)),
+                "{err}"
+            );
+        }
+        // Data instead of Auth: refused before it is looked at.
+        let mut b = frame(&Frame::Hello(hello()));
+        b.extend(frame(&Frame::Bye));
+        assert!(run_with(&us, peer, b).is_err());
+        // The allow-list: checked before anything is read.
+        let listed = ours(Admission {
+            secret: None,
+            allow: Some([peer].into()),
+        });
+        let mut b = frame(&Frame::Hello(hello()));
+        b.extend(frame(&Frame::Auth { proofs: vec![] }));
+        assert!(run_with(&listed, peer, b).is_ok());
+        assert!(matches!(
+            run_with(&listed, NodeId::random(), vec![]),
+            Err(HandshakeError::Refused(_))
+        ));
+    }
+
+    #[test]
+    fn handshake_checks_magic_version_and_order() {
+        let ok = hello();
         assert_eq!(
-            run(frame(&Frame::Hello(ok.clone()))).unwrap(),
+            run([
+                frame(&Frame::Hello(ok.clone())),
+                frame(&Frame::Auth { proofs: vec![] })
+            ]
+            .concat())
+            .unwrap(),
             PeerHello {
                 incarnation: 3,
                 addrs: vec![b"a".to_vec()],
@@ -376,5 +633,93 @@ mod tests {
         assert!(run(vec![3, 0, 0, 0, 0xff, 0xff, 0xff]).is_err());
         assert!(run(vec![3, 0, 0]).is_err());
         assert!(run(vec![0xff, 0xff, 0xff, 0x7f]).is_err());
+    }
+
+    /// Runs a link against a peer that sends `Hello` then `Auth` with
+    /// `proofs(peer nonce, our nonce)`; returns what our side wrote and
+    /// the first event it reported.
+    async fn link_against(
+        secret: &crate::security::MeshSecret,
+        proofs: impl FnOnce(&NodeId, &NodeId, &Nonce) -> Vec<[u8; 32]>,
+    ) -> (Vec<u8>, LinkEvent) {
+        use futures::AsyncWriteExt as _;
+        use tokio_util::compat::TokioAsyncReadCompatExt;
+        let (ours_io, theirs_io) = tokio::io::duplex(1 << 20);
+        let local = NodeId::random();
+        let peer = NodeId::random();
+        let outbox = Arc::new(Outbox::new(Arc::new(tokio::sync::Notify::new())));
+        // What the node queued for the peer before the link came up: its
+        // view of the mesh and topic names.
+        let mut queued = frame(&Frame::Topic {
+            id: 1,
+            name: "payroll.secret",
+        });
+        outbox.push(&mut queued);
+        let our_hello = frame(&Frame::Hello(Hello {
+            nonce: [1; 32],
+            ..hello()
+        }));
+        let (events_tx, mut events) = mpsc::channel(8);
+        let _reader = spawn(
+            &super::super::Spawner::default(),
+            1,
+            peer,
+            Box::new(ours_io.compat()),
+            Handshake {
+                hello: our_hello,
+                nonce: [1; 32],
+                local,
+                admission: Arc::new(Admission {
+                    secret: Some(secret.clone()),
+                    allow: None,
+                }),
+            },
+            outbox.clone(),
+            Default::default(),
+            1 << 20,
+            events_tx,
+        );
+        let (mut rd, mut wr) = futures::AsyncReadExt::split(theirs_io.compat());
+        let mut theirs = frame(&Frame::Hello(hello()));
+        theirs.extend(frame(&Frame::Auth {
+            proofs: proofs(&peer, &local, &[1; 32]),
+        }));
+        wr.write_all(&theirs).await.unwrap();
+        let event = events.recv().await.unwrap();
+        // Our side is done with the handshake either way: close it and
+        // read everything it wrote.
+        outbox.close();
+        let mut written = Vec::new();
+        let _ = futures::AsyncReadExt::read_to_end(&mut rd, &mut written).await;
+        (written, event)
+    }
+
+    #[tokio::test]
+    async fn nothing_but_the_handshake_reaches_a_peer_without_the_secret() {
+        let secret = crate::security::MeshSecret::new("the secret of this mesh").unwrap();
+        let outsider = crate::security::MeshSecret::new("a guess at the secret").unwrap();
+        let (written, event) = link_against(&secret, |peer, local, our_nonce| {
+            outsider.proofs(peer, local, &[8; 32], our_nonce)
+        })
+        .await;
+        assert!(matches!(event, LinkEvent::Refused { .. }), "{event:?}");
+        let mut r = FrameReader::new(futures::io::Cursor::new(written), 1 << 20);
+        let mut frames = Vec::new();
+        while let Ok(Some(f)) = r.read_one().await {
+            frames.push(f);
+        }
+        assert_eq!(frames.len(), 2, "only our Hello and Auth");
+        assert!(matches!(wire::decode(&frames[0]), Ok(Frame::Hello(_))));
+        assert!(matches!(wire::decode(&frames[1]), Ok(Frame::Auth { .. })));
+
+        // The right proof: the link comes up and the queued frame follows.
+        let (written, event) = link_against(&secret, |peer, local, our_nonce| {
+            secret.proofs(peer, local, &[8; 32], our_nonce)
+        })
+        .await;
+        assert!(matches!(event, LinkEvent::Up { .. }), "{event:?}");
+        assert!(written
+            .windows(b"payroll.secret".len())
+            .any(|w| w == b"payroll.secret"));
     }
 }

@@ -290,12 +290,15 @@ fn open_sqlite(
 
 /// Starts the transport and the node task.
 pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
+    let admission = Arc::new(config.admission.clone());
+    let access = config.access.clone().map(crate::security::Access::new);
     let keypair = match (&config.keypair, &config.data_dir) {
         (Some(k), _) => k.clone(),
         (None, Some(dir)) => load_identity(dir)?,
         (None, None) => Keypair::generate_ed25519(),
     };
     let local = keypair.public().to_peer_id();
+    let signer = crate::security::Signer::new(keypair.clone());
     let (transport, transport_events, spawner, clock, rng) = match &config.sim {
         None => {
             let (handle, events) = quic::start(
@@ -384,6 +387,11 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
         shm_host,
         broken: Default::default(),
         lingering: Default::default(),
+        admission,
+        access,
+        signer,
+        admitted: Default::default(),
+        refused: Default::default(),
         last_drop_warning: None,
         relink: Vec::new(),
         relink_backoff: Default::default(),
@@ -449,10 +457,47 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
 #[derive(Debug, Default)]
 struct Stats {
     links_refused: u64,
+    /// Links refused because the peer is not admitted to the private mesh.
+    auth_refused: u64,
+    /// Gossip messages dropped because their origin's signature did not
+    /// check.
+    gossip_forged: u64,
     slow_consumers: u64,
     dropped_slow_subscriber: u64,
     dropped_unreachable: u64,
     control_refused: u64,
+}
+
+/// Whether the access policy (if any) lets `peer` receive `topic`: routes
+/// to subscribers leave out those it does not.
+fn may_read(access: &Option<crate::security::Access>, peer: &NodeId, topic: &str) -> bool {
+    access
+        .as_ref()
+        .is_none_or(|a| a.permits(peer, crate::security::Op::Read, topic))
+}
+
+/// Peers refused by the private-mesh check: their connections are closed
+/// from the node's async loop, and each is logged once (the set is
+/// bounded: past its limit it starts over, logging again).
+#[derive(Debug, Default)]
+struct RefusedPeers {
+    to_disconnect: Vec<NodeId>,
+    logged: std::collections::HashSet<NodeId>,
+}
+
+impl RefusedPeers {
+    const MAX_LOGGED: usize = 4096;
+
+    /// Notes a refusal; true if it is the first for this peer.
+    fn note(&mut self, peer: NodeId) -> bool {
+        if !self.to_disconnect.contains(&peer) && self.to_disconnect.len() < Self::MAX_LOGGED {
+            self.to_disconnect.push(peer);
+        }
+        if self.logged.len() >= Self::MAX_LOGGED {
+            self.logged.clear();
+        }
+        self.logged.insert(peer)
+    }
 }
 
 /// Most payload bytes kept in one peer's retransmit window.
@@ -553,6 +598,9 @@ struct Link {
     /// The peer's `Hello` said it shares our host and user (an offer from
     /// anyone else is refused).
     shm_ok: bool,
+    /// Topic ids of this peer that the access policy does not let it
+    /// publish to: its messages on them are dropped (and counted).
+    denied_topics: rustc_hash::FxHashSet<u32>,
 }
 
 /// How far a link's move to shared memory went.
@@ -589,6 +637,7 @@ impl Link {
             shm_tx: None,
             shm: ShmState::Off,
             shm_ok: false,
+            denied_topics: Default::default(),
         }
     }
 
@@ -624,6 +673,7 @@ fn frame_name(f: &Frame<'_>) -> &'static str {
         Frame::ShmSwitch => "ShmSwitch",
         Frame::Work(_) => "Work",
         Frame::Stream(_) => "Stream",
+        Frame::Auth { .. } => "Auth",
     }
 }
 
@@ -688,6 +738,18 @@ struct NodeTask {
     /// at once could lose the `ByeAck` in flight, and the peer would count
     /// us as unconfirmed. Removed when the connection closes.
     lingering: std::collections::HashMap<NodeId, tokio::time::Instant>,
+    /// Who this node admits (see [`crate::security`]).
+    admission: Arc<crate::security::Admission>,
+    /// The access policy, if any.
+    pub(crate) access: Option<crate::security::Access>,
+    /// Signs our gossip messages and checks others'.
+    signer: crate::security::Signer,
+    /// Peers that passed the handshake: in a private mesh, control
+    /// traffic (membership) from anyone else is ignored.
+    admitted: std::collections::HashSet<NodeId>,
+    /// Peers refused in the handshake, to disconnect, and whether each was
+    /// logged already (one warning per peer; bounded).
+    refused: RefusedPeers,
     /// Peers whose link ended and may need a new one, and when to act
     /// (see `relink`). Bounded by the number of peers with links.
     relink: Vec<(Instant, NodeId)>,
@@ -964,7 +1026,22 @@ impl NodeTask {
         self.listen_addrs.iter().map(|a| a.to_vec()).collect()
     }
 
-    fn hello(&self) -> Vec<u8> {
+    /// Our `Hello` for a new link, with a fresh nonce: random from the OS,
+    /// or in the simulator derived from this node's id, incarnation and
+    /// link number (unique without drawing from the node's seeded
+    /// generator, so fault schedules stay as they were).
+    fn hello(&mut self) -> link::Handshake {
+        let mut nonce = [0u8; crate::security::NONCE_LEN];
+        if self.config.sim.is_some() {
+            use sha2::Digest;
+            let mut h = sha2::Sha256::new();
+            h.update(self.local.to_bytes());
+            h.update(self.membership.incarnation().to_be_bytes());
+            h.update(self.next_link.to_be_bytes());
+            nonce.copy_from_slice(&h.finalize());
+        } else {
+            rand::thread_rng().fill_bytes(&mut nonce);
+        }
         let addrs = self.our_addrs();
         let mut buf = Vec::new();
         wire::encode(
@@ -981,9 +1058,15 @@ impl NodeTask {
                 addrs: addrs.iter().map(|a| Raw(a)).collect(),
                 host: Raw(&self.shm_host),
                 uid: shm::uid(),
+                nonce,
             }),
         );
-        buf
+        link::Handshake {
+            hello: buf,
+            nonce,
+            local: self.local,
+            admission: self.admission.clone(),
+        }
     }
 
     /// Everything we know, for a peer whose link just came up.
@@ -1025,6 +1108,14 @@ impl NodeTask {
             }
             quic::Event::Connected { peer, addr } => {
                 tracing::debug!(%peer, %addr, "connected");
+                if !self.admission.allows(&peer) {
+                    self.stats.auth_refused += 1;
+                    if self.refused.note(peer) {
+                        tracing::warn!(%peer, "refused a peer that is not on the allow-list");
+                    }
+                    self.transport.disconnect(peer).await;
+                    return;
+                }
                 self.connected.insert(peer, addr);
                 // The larger id waits for the peer's stream; if none comes
                 // in the grace period it asks for one.
@@ -1057,6 +1148,13 @@ impl NodeTask {
                 self.attach_stream(peer, stream);
             }
             quic::Event::ControlStream { peer, stream } => {
+                if self.admission.is_private() && !self.admitted.contains(&peer) {
+                    // A private mesh listens to members only; dropping the
+                    // stream resets it.
+                    self.stats.control_refused += 1;
+                    tracing::debug!(%peer, "control stream from a peer not admitted; refused");
+                    return;
+                }
                 let inflight = self.control_inflight.entry(peer).or_insert(0);
                 if *inflight >= MAX_CONTROL_READERS_PER_PEER {
                     self.stats.control_refused += 1;
@@ -1124,7 +1222,7 @@ impl NodeTask {
                 self.work_link_down(peer);
             }
         }
-        let hello = self.hello();
+        let handshake = self.hello();
         let mut sync = Vec::new();
         self.encode_sync(&mut sync);
         let max_frame = self.config.max_frame;
@@ -1140,7 +1238,7 @@ impl NodeTask {
             link.id,
             peer,
             stream,
-            hello,
+            handshake,
             link.outbox.clone(),
             link.shm_rx.clone(),
             max_frame,
@@ -1154,6 +1252,7 @@ impl NodeTask {
                 if self.links.get(&peer).is_none_or(|l| l.id != link) {
                     return;
                 }
+                self.admitted.insert(peer);
                 let shm_ok = self.shm_eligible(peer, &hello);
                 if shm_ok && self.local < peer {
                     self.offer_shm(peer, link);
@@ -1217,6 +1316,24 @@ impl NodeTask {
                 }
                 // Messages before a bad frame were good: deliver them.
                 self.flush_deliveries(false);
+            }
+            LinkEvent::Refused { link, peer, reason } => {
+                if self.links.get(&peer).is_none_or(|l| l.id != link) {
+                    return;
+                }
+                self.stats.auth_refused += 1;
+                self.admitted.remove(&peer);
+                if self.refused.note(peer) {
+                    tracing::warn!(%peer, %reason, "refused a peer: not admitted to this private mesh");
+                } else {
+                    tracing::debug!(%peer, %reason, "refused a peer again");
+                }
+                if let Some(mut l) = self.links.remove(&peer) {
+                    l.close();
+                }
+                self.relink_backoff.remove(&peer);
+                self.links_generation += 1;
+                self.work_link_down(peer);
             }
             LinkEvent::Closed { link, peer, error } => {
                 let Some(l) = self.links.get(&peer).filter(|l| l.id == link) else {
@@ -1294,6 +1411,12 @@ impl NodeTask {
                     .get_mut(&peer)
                     .ok_or(WireError::Unexpected("Msg"))?;
                 let seq = link.pending_seq.take();
+                if !link.denied_topics.is_empty() && link.denied_topics.contains(&m.topic) {
+                    if let Some(a) = &mut self.access {
+                        a.denied += 1;
+                    }
+                    return Ok(());
+                }
                 let (msg, targets) = link.dec.handle_msg(body, &m, &self.subs)?;
                 match seq {
                     Some((session, rseq)) => {
@@ -1328,6 +1451,27 @@ impl NodeTask {
             Frame::Resume { session, next } => self.resend(peer, session, next),
             Frame::Gossip(g) => {
                 let msg = self.gossip_codec.decode(body, &g)?;
+                if let crate::core::gossip::Message::Gossip {
+                    id,
+                    topic,
+                    payload,
+                    stamp,
+                    ..
+                } = &msg
+                {
+                    if !self.signer.verify(
+                        id.0,
+                        id.1,
+                        stamp.timestamp,
+                        topic,
+                        payload,
+                        &stamp.signature,
+                    ) {
+                        self.stats.gossip_forged += 1;
+                        tracing::warn!(%peer, origin = %id.0, seq = id.1, "dropped a gossip message whose signature does not check (forged or altered by a relay)");
+                        return Ok(());
+                    }
+                }
                 self.gossip.handle_message(now(), peer, msg, &mut self.rng);
                 self.gossip_events();
                 self.gossip_out();
@@ -1343,6 +1487,13 @@ impl NodeTask {
                     .get_mut(&peer)
                     .ok_or(WireError::Unexpected("Topic"))?;
                 link.dec.handle_topic(id, name)?;
+                if let Some(a) = &mut self.access {
+                    if !a.check(&peer, crate::security::Op::Publish, name) {
+                        link.denied_topics.insert(id);
+                    } else {
+                        link.denied_topics.remove(&id);
+                    }
+                }
             }
             Frame::Member(m) => {
                 let msg = wire::member_from_wire(&m)?;
@@ -1418,6 +1569,7 @@ impl NodeTask {
                 }
             }
             Frame::Hello(_) => return Err(WireError::Unexpected("second Hello")),
+            Frame::Auth { .. } => return Err(WireError::Unexpected("second Auth")),
             Frame::Relink => return Err(WireError::Unexpected("Relink on a data stream")),
             Frame::ShmOffer {
                 nonce,
@@ -1435,8 +1587,16 @@ impl NodeTask {
                 link.shm_tx = None;
                 link.shm_rx.lock().unwrap_or_else(|e| e.into_inner()).take();
             }
-            Frame::Work(w) => self.handle_work(peer, body, w)?,
-            Frame::Stream(w) => self.handle_stream(peer, body, w)?,
+            Frame::Work(w) => {
+                if self.work_permitted(peer, &w) {
+                    self.handle_work(peer, body, w)?
+                }
+            }
+            Frame::Stream(w) => {
+                if self.stream_permitted(peer, &w) {
+                    self.handle_stream(peer, body, w)?
+                }
+            }
             Frame::ShmSwitch => {
                 // The reader has turned to the ring already.
                 let link = self
@@ -1855,11 +2015,12 @@ impl NodeTask {
             }
             Command::Route { topic, reply } => {
                 let membership = &self.membership;
+                let access = &self.access;
                 let route = self.routes.route_ref(&self.interest, topic.as_arc(), |n| {
                     matches!(
                         membership.state_of(n),
                         Some(MemberState::Alive | MemberState::Suspect)
-                    )
+                    ) && may_read(access, n, topic.as_str())
                 });
                 let _ = reply.send(route.to_vec());
             }
@@ -1910,12 +2071,18 @@ impl NodeTask {
             payload,
         } = cmd;
         if self.config.gossip.iter().any(|p| p.matches(topic.as_str())) {
+            let signature =
+                self.signer
+                    .sign(self.local, self.seq, timestamp, topic.as_str(), &payload);
             self.gossip.broadcast_with(
                 now(),
                 self.seq,
                 topic.as_arc().clone(),
                 payload.clone(),
-                timestamp,
+                crate::core::gossip::Stamp {
+                    timestamp,
+                    signature,
+                },
             );
             self.deliver_local(topic, timestamp, headers, payload);
             return;
@@ -1924,9 +2091,12 @@ impl NodeTask {
         // even while down or unreachable: they fetch it when they are back.
         let mut rseqs: Vec<(NodeId, u64)> = Vec::new();
         if self.interest.has_reliable() {
+            let access = &self.access;
             let reliable = self
                 .reliable_routes
-                .route(&self.interest, topic.as_arc(), |_| true);
+                .route(&self.interest, topic.as_arc(), |n| {
+                    may_read(access, n, topic.as_str())
+                });
             for peer in reliable.iter() {
                 let kept = Kept {
                     rseq: 0,
@@ -1943,11 +2113,12 @@ impl NodeTask {
         }
         let session = self.session;
         let membership = &self.membership;
+        let access = &self.access;
         let route = self.routes.route_ref(&self.interest, topic.as_arc(), |n| {
             matches!(
                 membership.state_of(n),
                 Some(MemberState::Alive | MemberState::Suspect)
-            )
+            ) && may_read(access, n, topic.as_str())
         });
         let out = Outgoing {
             topic: topic.as_arc(),
@@ -2032,6 +2203,12 @@ impl NodeTask {
             if self.subs.is_empty() {
                 continue;
             }
+            // The origin is authenticated (its signature was checked).
+            if let Some(a) = &mut self.access {
+                if !a.check(&id.0, crate::security::Op::Publish, &topic) {
+                    continue;
+                }
+            }
             let generation = self.subs.generation();
             let targets = match &self.gossip_targets {
                 Some((t, g, targets)) if *g == generation && **t == *topic => targets.clone(),
@@ -2051,7 +2228,7 @@ impl NodeTask {
                 },
                 topic: crate::core::topic::Topic::from_validated(topic),
                 publisher: id.0,
-                timestamp: stamp,
+                timestamp: stamp.timestamp,
                 headers: Vec::new(),
                 payload,
             };
@@ -2163,6 +2340,9 @@ impl NodeTask {
     }
 
     async fn drive_membership(&mut self) {
+        for peer in std::mem::take(&mut self.refused.to_disconnect) {
+            self.transport.disconnect(peer).await;
+        }
         self.relink().await;
         while let Some(t) = self.membership.poll_transmit() {
             if t.to == self.local {

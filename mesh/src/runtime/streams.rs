@@ -454,6 +454,50 @@ impl NodeTask {
         hosts
     }
 
+    /// Whether the access policy lets `peer` do what `w` asks; if not, it
+    /// gets the typed refusal it waits for (appends, watches, reads), and
+    /// commits are dropped. Counted and logged either way.
+    pub(crate) fn stream_permitted(&mut self, peer: NodeId, w: &StreamWire<'_>) -> bool {
+        use crate::security::Op;
+        let Some(access) = &mut self.access else {
+            return true;
+        };
+        let (op, name) = match w {
+            StreamWire::Append { stream, .. } => (Op::Publish, *stream),
+            StreamWire::Watch { stream, .. }
+            | StreamWire::Read { stream, .. }
+            | StreamWire::Commit { stream, .. } => (Op::Read, *stream),
+            _ => return true,
+        };
+        if access.check(&peer, op, name) {
+            return true;
+        }
+        let reason =
+            format!("access denied: this peer may not {op:?} stream {name}").to_lowercase();
+        match w {
+            StreamWire::Append { seq, .. } => self.send_stream(
+                peer,
+                &StreamWire::AppendRefused {
+                    seq: *seq,
+                    full: false,
+                    reason: &reason,
+                },
+            ),
+            StreamWire::Watch { sid, .. } => {
+                self.send_stream(peer, &StreamWire::WatchRefused { sid: *sid })
+            }
+            StreamWire::Read { rid, .. } => self.send_stream(
+                peer,
+                &StreamWire::ReadRefused {
+                    rid: *rid,
+                    reason: &reason,
+                },
+            ),
+            _ => {}
+        }
+        false
+    }
+
     fn send_stream(&mut self, peer: NodeId, w: &StreamWire<'_>) {
         let link = link_entry(&mut self.links, &mut self.next_link, &self.space, peer);
         wire::encode(&mut link.scratch, &Frame::Stream(w.clone()));

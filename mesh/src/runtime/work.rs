@@ -643,6 +643,62 @@ impl NodeTask {
         req
     }
 
+    /// Whether the access policy lets `peer` do what `w` asks; if not, the
+    /// peer is told where it waits for an answer (a send, a request), and
+    /// the rest (credit, peeks) is dropped. Counted and logged either way.
+    pub(crate) fn work_permitted(&mut self, peer: NodeId, w: &WorkWire<'_>) -> bool {
+        use crate::security::Op;
+        let Some(access) = &mut self.access else {
+            return true;
+        };
+        let (op, name) = match w {
+            WorkWire::Send { queue, .. } | WorkWire::Replay { queue, .. } => (Op::Publish, *queue),
+            WorkWire::Request { subject, .. } => (Op::Publish, *subject),
+            WorkWire::Flow { queue, .. } | WorkWire::Peek { queue, .. } => (Op::Read, *queue),
+            _ => return true,
+        };
+        if access.check(&peer, op, name) {
+            return true;
+        }
+        match w {
+            WorkWire::Send { seq, queue, .. } => {
+                let reason = format!("access denied: this peer may not send to queue {queue}");
+                self.send_work(
+                    peer,
+                    &WorkWire::Refused {
+                        seq: *seq,
+                        full: false,
+                        reason: &reason,
+                    },
+                );
+            }
+            WorkWire::Request { id, .. } => self.send_work(
+                peer,
+                &WorkWire::Reply {
+                    id: *id,
+                    status: ReplyStatus::Denied,
+                    payload: Raw(&[]),
+                },
+            ),
+            WorkWire::Peek { req, .. } => self.send_work(
+                peer,
+                &WorkWire::Peeked {
+                    req: *req,
+                    msgs: Vec::new(),
+                },
+            ),
+            WorkWire::Replay { req, .. } => self.send_work(
+                peer,
+                &WorkWire::Replayed {
+                    req: *req,
+                    moved: 0,
+                },
+            ),
+            _ => {}
+        }
+        false
+    }
+
     fn send_work(&mut self, peer: NodeId, w: &WorkWire<'_>) {
         let link = link_entry(&mut self.links, &mut self.next_link, &self.space, peer);
         wire::encode(&mut link.scratch, &Frame::Work(w.clone()));
@@ -931,6 +987,7 @@ impl NodeTask {
             ReplyStatus::Ok => Ok(payload),
             ReplyStatus::NoResponders => Err(RequestError::NoResponders),
             ReplyStatus::Dropped => Err(RequestError::NoReply),
+            ReplyStatus::Denied => Err(RequestError::Denied),
         };
         let _ = p.reply.send(result);
     }
@@ -1103,8 +1160,10 @@ impl NodeTask {
                 if let Some(p) = ours.then(|| self.work.pending_sends.remove(&seq)).flatten() {
                     if full && self.work.full_policy == QueueFull::Wait {
                         self.wait_for_room(seq, p);
-                    } else {
+                    } else if full {
                         self.resolve_send(p.reply, Err(SendError::Full(reason.to_owned())));
+                    } else {
+                        self.resolve_send(p.reply, Err(SendError::Refused(reason.to_owned())));
                     }
                 }
             }
