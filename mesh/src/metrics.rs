@@ -45,7 +45,7 @@ pub struct Metrics {
     /// consumers received.
     pub streams: Streams,
     /// Bytes over the data links, per transport.
-    pub bytes: Bytes,
+    pub bytes: TransportBytes,
     /// Data links.
     pub links: Links,
     /// Peers by membership state (gauges).
@@ -189,7 +189,7 @@ pub struct Streams {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 #[non_exhaustive]
-pub struct Bytes {
+pub struct TransportBytes {
     /// Sent over QUIC.
     pub quic_sent: u64,
     /// Received over QUIC.

@@ -198,7 +198,7 @@ impl NodeTask {
         lags.sort_by(|a, b| (&a.stream, &a.group).cmp(&(&b.stream, &b.group)));
         m.group_lag = lags;
 
-        m.bytes = metrics::Bytes {
+        m.bytes = metrics::TransportBytes {
             quic_sent: c.quic_sent,
             quic_received: c.quic_received,
             shm_sent: c.shm_sent,

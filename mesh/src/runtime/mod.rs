@@ -2071,9 +2071,10 @@ impl NodeTask {
             else {
                 continue;
             };
+            // Every node relays gossip: one without a matching
+            // subscription drops nothing.
             self.counters.received += 1;
             if self.subs.is_empty() {
-                self.counters.no_subscriber += 1;
                 continue;
             }
             let generation = self.subs.generation();
@@ -2086,7 +2087,6 @@ impl NodeTask {
                 }
             };
             if targets.is_empty() {
-                self.counters.no_subscriber += 1;
                 continue;
             }
             let msg = Message {
