@@ -1076,3 +1076,79 @@ async fn private_node_admits_only_holders_of_the_secret_and_never_logs_it() {
         assert!(!text.contains(SECRET), "the secret was logged");
     }
 }
+
+/// `mesh node --metrics-addr` serves its metrics; `mesh stats` prints
+/// them as JSON and as a table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_metrics_addr_and_stats() {
+    let mut node = Command::new(BIN)
+        .args(["node", "--no-mdns", "--listen", LOOP])
+        .args(["--metrics-addr", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(node.stdout.take().unwrap()).lines();
+    let id = line_with(&mut out, "peer id:").await;
+    let addr = line_with(&mut out, "listening:").await;
+    let metrics = line_with(&mut out, "metrics:").await;
+    tokio::spawn(async move { while let Ok(Some(_)) = out.next_line().await {} });
+
+    // The send resolves once the node (the queue's host) accepted it.
+    let sent = via(&addr, &["queue", "send", "jobs", "hello"]).await;
+    assert!(sent.status.success(), "{sent:?}");
+
+    let stats = |json: bool| {
+        let mut c = Command::new(BIN);
+        c.args(["stats", "--metrics-addr", &metrics]);
+        if json {
+            c.arg("--json");
+        }
+        c.kill_on_drop(true).output()
+    };
+    let out = tokio::time::timeout(WAIT, stats(true))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let m = &json_lines(&out)[0];
+    assert_eq!(m["node"], id.as_str());
+    assert_eq!(m["queues"]["accepted"], 1, "{m}");
+    assert_eq!(m["hosted_queues"][0]["name"], "jobs");
+    assert_eq!(m["hosted_queues"][0]["depth"], 1);
+    assert_eq!(m["dropped"]["auth_refused"], 0);
+
+    let out = tokio::time::timeout(WAIT, stats(false))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.starts_with(&format!("node {id}")), "{table}");
+    for row in [
+        "peers ",
+        "links ",
+        "pubsub ",
+        "queues ",
+        "accepted 1",
+        "dropped ",
+    ] {
+        assert!(table.contains(row), "no {row:?} in:\n{table}");
+    }
+    assert!(
+        table
+            .lines()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["jobs", "1", "0", "0", "0"]),
+        "{table}"
+    );
+
+    // A wrong address is a clear error.
+    let out = Command::new(BIN)
+        .args(["stats", "--metrics-addr", "127.0.0.1:1"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"));
+    node.kill().await.unwrap();
+}

@@ -81,6 +81,9 @@ async fn outsiders_can_neither_publish_subscribe_consume_nor_learn_topics() {
         }
         assert!(jobs.next().now_or_never().is_none(), "outsider got a job");
     }
+    // Both were refused and counted.
+    let refused = a.metrics().await.unwrap().dropped.auth_refused;
+    assert!(refused >= 2, "auth_refused = {refused}");
     // The queue's message is still there for a member.
     let mut jobs = b.queue("jobs").unwrap().consume(Default::default());
     let job = tokio::time::timeout(WAIT, jobs.next())
@@ -168,6 +171,7 @@ async fn an_allow_list_admits_only_listed_peers() {
     Net::Quic.linked(&a, &[b.peer_id()]).await;
     let c = outsider(&[], &a_addr).await;
     assert!(a.peers().await.iter().all(|p| p.id != c.peer_id()));
+    assert!(a.metrics().await.unwrap().dropped.auth_refused >= 1);
     for n in [c, b, a] {
         n.shutdown().await;
     }
@@ -291,6 +295,13 @@ async fn the_access_policy_is_enforced_by_the_nodes_that_hold_or_forward_data() 
         d.request("svc.x", "q", WAIT).await,
         Err(RequestError::Denied)
     );
+    // Each refusal was counted where it was enforced.
+    let denied = |m: Option<mesh::metrics::Metrics>| m.unwrap().dropped.acl_denied;
+    assert!(
+        denied(a.metrics().await) >= 2,
+        "a: queue send, stream append"
+    );
+    assert!(denied(c.metrics().await) >= 2, "c: forged order, request");
     for n in [d, c, b, a] {
         n.shutdown().await;
     }

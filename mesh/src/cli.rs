@@ -42,6 +42,21 @@ enum Cmd {
         /// sends left pending in DIR/outbox.db.
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Serve metrics over HTTP here (`/metrics` for Prometheus,
+        /// `/metrics.json` for `mesh stats`), e.g. 127.0.0.1:9464; port 0
+        /// picks one (printed as `metrics: ADDR`).
+        #[arg(long)]
+        metrics_addr: Option<std::net::SocketAddr>,
+    },
+    /// Show a running node's metrics (a `mesh node --metrics-addr ADDR`):
+    /// counters, drops by reason, peers, links, queues, lag.
+    Stats {
+        /// The node's metrics address (its `--metrics-addr`).
+        #[arg(long)]
+        metrics_addr: String,
+        /// Print the JSON the node serves instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Subscribe to a pattern and print each message as a JSON line.
     Sub {
@@ -674,7 +689,12 @@ pub fn main() -> anyhow::Result<()> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Cmd::Node { net, data_dir } => run_node(net, data_dir).await,
+        Cmd::Node {
+            net,
+            data_dir,
+            metrics_addr,
+        } => run_node(net, data_dir, metrics_addr).await,
+        Cmd::Stats { metrics_addr, json } => stats::run(&metrics_addr, json).await,
         Cmd::Sub {
             pattern,
             count,
@@ -974,18 +994,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn run_node(net: NetArgs, data_dir: Option<PathBuf>) -> anyhow::Result<()> {
+async fn run_node(
+    net: NetArgs,
+    data_dir: Option<PathBuf>,
+    metrics_addr: Option<std::net::SocketAddr>,
+) -> anyhow::Result<()> {
     // A long-running node hosts every queue and stream (one-shot commands
     // never do).
     let mut b = net.builder()?.host_all();
     if let Some(dir) = &data_dir {
         b = b.data_dir(dir);
     }
+    if let Some(addr) = metrics_addr {
+        b = b.metrics_addr(addr);
+    }
     let node = b.start().await?;
     let addrs = wait_addrs(&node).await;
     println!("peer id: {}", node.peer_id());
     for a in &addrs {
         println!("listening: {a}");
+    }
+    if let Some(addr) = node.metrics_addr() {
+        println!("metrics: {addr}");
     }
     // Durable sends left pending in the data dir go out through this node.
     let mut outbox = match &data_dir {
@@ -1256,5 +1286,6 @@ mod bench;
 mod demo;
 mod outbox;
 mod ring_bench;
+mod stats;
 mod stream;
 mod work;

@@ -9,6 +9,8 @@
 //! - [`wire`]: the frames peers exchange.
 //! - `runtime`: the tokio driver that runs the cores over QUIC links.
 //! - [`node`]: the public API ([`Node`], [`Subscription`], [`Message`]).
+//! - [`metrics`]: [`Node::metrics`] counters and gauges, and (feature
+//!   `prometheus`, on by default) an HTTP endpoint serving them.
 //! - [`queue`]: work queues ([`Node::queue`]): acks, redelivery, dead
 //!   letters.
 //! - [`rpc`]: request/reply ([`Node::request`], [`Node::serve`]).
@@ -37,6 +39,7 @@
 #![warn(missing_docs)]
 
 pub mod core;
+pub mod metrics;
 pub mod node;
 pub mod queue;
 pub mod rpc;
@@ -72,6 +75,7 @@ pub use crate::core::{
 pub use bytes::Bytes;
 pub use libp2p::{identity::Keypair, Multiaddr, PeerId};
 pub use mesh_transports::shm::WaitPolicy;
+pub use metrics::Metrics;
 pub use node::{
     Builder, Delivery, Lagged, Node, PeerInfo, PeerState, PublishError, Publisher, ReadyError,
     ReliableSubscription, ShmConfig, ShutdownReport, StartError, SubscribeError, Subscription,

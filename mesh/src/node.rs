@@ -73,6 +73,8 @@ pub struct Config {
     pub(crate) host_streams: Vec<Arc<str>>,
     pub(crate) admission: crate::security::Admission,
     pub(crate) access: Option<crate::security::AccessPolicy>,
+    /// Where to serve metrics over HTTP.
+    pub(crate) metrics_addr: Option<std::net::SocketAddr>,
     /// Set by the simulator: run over its network and clock.
     pub(crate) sim: Option<crate::sim::Hooks>,
 }
@@ -131,6 +133,7 @@ impl Default for Config {
             host_streams: Vec::new(),
             admission: Default::default(),
             access: None,
+            metrics_addr: None,
             sim: None,
         }
     }
@@ -393,6 +396,16 @@ impl Builder {
         self
     }
 
+    /// Serves this node's metrics over HTTP on `addr` (port 0 picks one;
+    /// [`Node::metrics_addr`] tells which): `GET /metrics` in the
+    /// Prometheus text format, `GET /metrics.json` as JSON (see
+    /// [`crate::metrics`]). Stops when the node shuts down.
+    #[cfg(feature = "prometheus")]
+    pub fn metrics_addr(mut self, addr: std::net::SocketAddr) -> Self {
+        self.config.metrics_addr = Some(addr);
+        self
+    }
+
     pub(crate) fn sim(mut self, hooks: crate::sim::Hooks) -> Self {
         self.config.sim = Some(hooks);
         self.config.mdns = false;
@@ -409,7 +422,21 @@ impl Builder {
     pub async fn start(self) -> Result<Node, StartError> {
         let join_timeout = self.config.join_timeout;
         let has_bootstrap = !self.config.bootstrap.is_empty();
+        let metrics_addr = self.config.metrics_addr;
         let node = runtime::start(self.config).await?;
+        #[cfg(feature = "prometheus")]
+        if let Some(addr) = metrics_addr {
+            let server = crate::metrics::serve(&node, addr)
+                .await
+                .map_err(|source| StartError::Metrics { addr, source })?;
+            *node
+                .inner
+                .metrics_server
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(server);
+        }
+        #[cfg(not(feature = "prometheus"))]
+        let _ = metrics_addr;
         // Listen addresses come up asynchronously; a caller asking for them
         // right after start should get them.
         let _ = tokio::time::timeout(Duration::from_secs(2), node.ask(Command::Listening)).await;
@@ -448,6 +475,14 @@ pub enum StartError {
     /// configuration.
     #[error("durable state: {0}")]
     Restore(String),
+    /// The metrics endpoint cannot listen on its address.
+    #[error("metrics endpoint on {addr}: {source}")]
+    Metrics {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
     /// The durable store in the data dir cannot be used (corrupt, of a
     /// newer mesh, another application's, or in use by another node).
     #[cfg(feature = "sqlite")]
@@ -553,7 +588,15 @@ pub(crate) struct Inner {
     pub(crate) work_control: Arc<crate::runtime::queue::HandOff<crate::runtime::work::Op>>,
     /// Numbers consumers and responders.
     pub(crate) next_id: std::sync::atomic::AtomicU32,
+    /// The metrics endpoint, if [`Builder::metrics_addr`] started one.
+    #[cfg_attr(not(feature = "prometheus"), allow(dead_code))]
+    pub(crate) metrics_server: MetricsSlot,
 }
+
+#[cfg(feature = "prometheus")]
+pub(crate) type MetricsSlot = std::sync::Mutex<Option<crate::metrics::MetricsServer>>;
+#[cfg(not(feature = "prometheus"))]
+pub(crate) type MetricsSlot = ();
 
 /// Names starting with `$` are the mesh's own (queue hosts, responders).
 pub(crate) fn check_not_reserved(name: &str) -> Result<(), TopicError> {
@@ -801,7 +844,21 @@ impl Node {
     /// not confirm reading what was sent to them (empty when the node was
     /// already shut down).
     pub async fn shutdown(&self) -> ShutdownReport {
+        #[cfg(feature = "prometheus")]
+        drop(
+            self.inner
+                .metrics_server
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(),
+        );
         self.ask(Command::Shutdown).await.unwrap_or_default()
+    }
+
+    /// A snapshot of this node's counters and gauges (see
+    /// [`crate::metrics`]); `None` once the node has shut down.
+    pub async fn metrics(&self) -> Option<crate::metrics::Metrics> {
+        self.ask(Command::Metrics).await
     }
 }
 

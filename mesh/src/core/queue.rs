@@ -239,8 +239,12 @@ pub struct QueueStats {
     pub deduplicated: u64,
     /// Sends refused because the queue was full.
     pub refused: u64,
+    /// Deliveries to consumers (redeliveries included).
+    pub delivered: u64,
     /// Messages acked.
     pub acked: u64,
+    /// Messages nacked by their consumer.
+    pub nacked: u64,
     /// Deliveries after the first.
     pub redelivered: u64,
     /// Messages moved to the dead-letter queue.
@@ -889,6 +893,10 @@ impl<K: Clone + Eq + Hash> Queues<K> {
         if !self.in_flight_to(tag, consumer) {
             return false;
         }
+        if let Some(m) = self.msg(tag) {
+            let qi = m.queue as usize;
+            self.queues[qi].stats.nacked += 1;
+        }
         self.give_back(now, tag, delay, "nacked".into());
         true
     }
@@ -1121,6 +1129,7 @@ impl<K: Clone + Eq + Hash> Queues<K> {
             c.deadlines.push_back((deadline, tag, m.timer));
             let q = &mut self.queues[qi as usize];
             q.in_flight += 1;
+            q.stats.delivered += 1;
             if m.attempts > 1 {
                 q.stats.redelivered += 1;
             }
@@ -1317,6 +1326,12 @@ impl<K: Clone + Eq + Hash> Queues<K> {
             .iter()
             .filter(|q| q.held > 0 || !q.consumers.is_empty())
             .map(|q| &q.name)
+    }
+
+    /// Names of every queue this host has made (queues are never
+    /// forgotten, so their counters only grow).
+    pub fn all_names(&self) -> impl Iterator<Item = &Arc<str>> + '_ {
+        self.queues.iter().map(|q| &q.name)
     }
 
     /// Messages held over every queue.

@@ -250,6 +250,8 @@ pub struct Stats {
     pub refused: u64,
     /// Records sent to readers.
     pub dispatched: u64,
+    /// Commits taken.
+    pub commits: u64,
     /// Commits refused (too many groups, bad names).
     pub commits_refused: u64,
 }
@@ -859,6 +861,7 @@ impl<K: Clone + Eq + Hash> Streams<K> {
         let offset = offset.min(p.visible());
         if let Some(c) = p.committed.get_mut(group) {
             *c = (*c).max(offset);
+            self.stats.commits += 1;
             return true;
         }
         if p.committed.len() >= MAX_GROUPS {
@@ -866,6 +869,7 @@ impl<K: Clone + Eq + Hash> Streams<K> {
             return false;
         }
         p.committed.insert(group.into(), offset);
+        self.stats.commits += 1;
         true
     }
 

@@ -360,6 +360,13 @@ impl Durable {
         !self.waiting.is_empty()
     }
 
+    /// Batches submitted and not on disk yet, and the confirmations they
+    /// hold back.
+    pub(crate) fn pending(&self) -> (u64, u64) {
+        let held = self.waiting.iter().map(|(_, h, _)| h.len() as u64).sum();
+        (self.waiting.len() as u64, held)
+    }
+
     pub(crate) fn push(&mut self, op: WriteOp) {
         self.ops.push(op);
     }

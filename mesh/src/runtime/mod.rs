@@ -17,6 +17,7 @@
 #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
 pub(crate) mod durable;
 pub(crate) mod link;
+pub(crate) mod metrics;
 pub(crate) mod queue;
 pub(crate) mod streams;
 pub(crate) mod work;
@@ -65,6 +66,7 @@ pub(crate) enum Command {
     /// Resolves once a peer has sent its view of the mesh.
     Joined(oneshot::Sender<()>),
     Shutdown(oneshot::Sender<crate::node::ShutdownReport>),
+    Metrics(oneshot::Sender<crate::metrics::Metrics>),
     /// The live peers a message on `topic` would go to now.
     Route {
         topic: crate::core::topic::Topic,
@@ -383,6 +385,7 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
         config,
         blocked_subs: Default::default(),
         stats: Stats::default(),
+        counters: Default::default(),
         shutting_down: false,
         shm_host,
         broken: Default::default(),
@@ -450,6 +453,7 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
             work_bounded,
             work_control,
             next_id: Default::default(),
+            metrics_server: Default::default(),
         }),
     })
 }
@@ -725,6 +729,7 @@ struct NodeTask {
     /// Full subscriptions holding the node back, with when each filled.
     blocked_subs: std::collections::BTreeMap<SubId, (Arc<SubQueue>, Instant)>,
     stats: Stats,
+    counters: metrics::Counters,
     last_drop_warning: Option<Instant>,
     shutting_down: bool,
     /// This host as peers compare it (empty: shared memory off).
@@ -1010,13 +1015,21 @@ impl NodeTask {
     /// control frames.
     fn flush(&mut self) {
         for (peer, bytes) in self.control_out.iter_mut() {
-            if !bytes.is_empty() && !self.transport.send_control(*peer, std::mem::take(bytes)) {
+            let n = bytes.len();
+            if n == 0 {
+                continue;
+            }
+            if self.transport.send_control(*peer, std::mem::take(bytes)) {
+                self.counters.quic_sent += n as u64;
+            } else {
+                self.counters.control_sends += 1;
                 tracing::debug!(%peer, "too many control sends in flight; dropped one");
             }
         }
         self.control_out.retain(|_, b| !b.is_empty());
         for link in self.links.values_mut() {
             if !link.scratch.is_empty() {
+                self.counters.sent_bytes(link.shm, link.scratch.len());
                 link.outbox.push(&mut link.scratch);
             }
         }
@@ -1266,6 +1279,7 @@ impl NodeTask {
                 l.up = true;
                 l.shm_ok = shm_ok;
                 self.links_generation += 1;
+                self.counters.links_opened += 1;
                 // Fetch what this publisher kept for us while we were apart
                 // (everything it kept, if we never heard from it).
                 if !self.reliable_subs.is_empty() {
@@ -1300,10 +1314,14 @@ impl NodeTask {
                 else {
                     return;
                 };
+                if let Some(l) = self.links.get(&peer) {
+                    self.counters.received_bytes(l.shm, &frames);
+                }
                 for frame in frames {
                     if let Err(e) = self.handle_frame(peer, &frame) {
                         tracing::warn!(%peer, error = %e, "closing link: bad frame from peer");
                         self.stats.links_refused += 1;
+                        self.counters.malformed += 1;
                         if let Some(mut l) = self.links.remove(&peer) {
                             l.close();
                         }
@@ -1341,7 +1359,10 @@ impl NodeTask {
                 };
                 let was_up = l.up;
                 match &error {
-                    Some(e) => tracing::warn!(%peer, error = %e, "link closed"),
+                    Some(e) => {
+                        tracing::warn!(%peer, error = %e, "link closed");
+                        metrics::count_link_error(&mut self.counters, e);
+                    }
                     None => tracing::debug!(%peer, "link closed by peer"),
                 }
                 if error.is_some() && !was_up {
@@ -1382,6 +1403,7 @@ impl NodeTask {
             }
         }
         let result = frames.and_then(|frames| {
+            self.counters.received_bytes(ShmState::Off, &frames);
             for body in &frames {
                 match wire::decode(body).map_err(|e| e.to_string())? {
                     Frame::Member(_) => self.handle_frame(peer, body).map_err(|e| e.to_string())?,
@@ -1418,6 +1440,10 @@ impl NodeTask {
                     return Ok(());
                 }
                 let (msg, targets) = link.dec.handle_msg(body, &m, &self.subs)?;
+                self.counters.received += 1;
+                if targets.is_empty() {
+                    self.counters.no_subscriber += 1;
+                }
                 match seq {
                     Some((session, rseq)) => {
                         if !self.accept_reliable(peer, session, rseq) {
@@ -1436,6 +1462,7 @@ impl NodeTask {
                             .copied()
                             .filter(|t| !self.reliable_subs.contains(t))
                             .collect();
+                        self.counters.unnumbered += (targets.len() - plain.len()) as u64;
                         self.deliver(msg, &plain);
                     }
                     None => self.deliver(msg, &targets),
@@ -1610,6 +1637,7 @@ impl NodeTask {
                             .take()
                             .ok_or(WireError::Unexpected("ShmSwitch"))?;
                         wire::encode(&mut link.scratch, &Frame::ShmSwitch);
+                        self.counters.quic_sent += link.scratch.len() as u64;
                         link.outbox.push_and_switch(&mut link.scratch, ring);
                     }
                     ShmState::Opened => {}
@@ -1729,6 +1757,7 @@ impl NodeTask {
             Ok((rx, tx)) => {
                 *link.shm_rx.lock().unwrap_or_else(|e| e.into_inner()) = Some(rx);
                 wire::encode(&mut link.scratch, &Frame::ShmSwitch);
+                self.counters.quic_sent += link.scratch.len() as u64;
                 link.outbox.push_and_switch(&mut link.scratch, tx);
                 link.shm = ShmState::Opened;
             }
@@ -1782,6 +1811,7 @@ impl NodeTask {
         }
         tracing::trace!(%peer, session, rseq, next = state.next, "reliable message");
         if rseq < state.next {
+            self.counters.duplicate += 1;
             return false;
         }
         if rseq == state.next {
@@ -1789,6 +1819,7 @@ impl NodeTask {
             state.asked = None;
             return true;
         }
+        self.counters.out_of_order += 1;
         if state
             .asked
             .is_none_or(|at| now.duration_since(at) >= RESUME_RETRY)
@@ -1842,6 +1873,7 @@ impl NodeTask {
                 },
             );
             link.has_data = true;
+            self.counters.resent += 1;
         }
     }
 
@@ -1861,6 +1893,7 @@ impl NodeTask {
             return;
         }
         let missed = missed.min(next - state.next);
+        self.counters.reliable_lagged += missed;
         state.next = next;
         state.asked = None;
         tracing::warn!(publisher = %peer, missed, "reliable messages left the publisher's window before we could fetch them");
@@ -1898,11 +1931,14 @@ impl NodeTask {
                 iter.next_if(|(next, _)| *next == id).map(|(_, m)| m)
             }));
             let Some(q) = self.sub_queues.get(&id) else {
-                run.for_each(drop);
+                self.counters.no_subscriber += run.count() as u64;
                 continue;
             };
             {
-                let (over, dropped) = q.push(run, local);
+                let pushed = q.push(run, local);
+                self.counters.delivered += pushed.delivered;
+                self.counters.lagged_drops += pushed.lagged;
+                let (over, dropped) = (pushed.over, pushed.capped);
                 if over {
                     self.blocked_subs
                         .entry(id)
@@ -2024,6 +2060,9 @@ impl NodeTask {
                 });
                 let _ = reply.send(route.to_vec());
             }
+            Command::Metrics(reply) => {
+                let _ = reply.send(self.metrics());
+            }
             Command::Shutdown(_) => unreachable!("handled by the loop"),
         }
     }
@@ -2056,6 +2095,7 @@ impl NodeTask {
         }
         // One clock read per batch: messages taken together share a time.
         let timestamp = self.clock.unix_micros();
+        self.counters.published += batch.len() as u64;
         for cmd in batch.drain(..) {
             self.publish(cmd, timestamp);
         }
@@ -2139,6 +2179,7 @@ impl NodeTask {
                 }
                 link.dropped += 1;
                 self.stats.dropped_unreachable += 1;
+                self.counters.link_buffer_full += 1;
                 continue;
             }
             if let Some((_, rseq)) = rseqs.iter().find(|(p, _)| p == peer) {
@@ -2152,6 +2193,7 @@ impl NodeTask {
             }
             link.enc.encode(&mut link.scratch, &out);
             link.has_data = true;
+            self.counters.sent += 1;
             if link.reader.is_none() {
                 link.queued += 1;
             }
@@ -2200,6 +2242,9 @@ impl NodeTask {
             else {
                 continue;
             };
+            // Every node relays gossip: one without a matching
+            // subscription drops nothing.
+            self.counters.received += 1;
             if self.subs.is_empty() {
                 continue;
             }

@@ -136,6 +136,24 @@ impl Outbox {
     }
 }
 
+/// What [`SubQueue::push`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Pushed {
+    /// The queue is now over capacity: the node must stop reading links
+    /// until `space` fires (so remote publishers are pushed back and the
+    /// overshoot is one batch).
+    pub(crate) over: bool,
+    /// Messages queued.
+    pub(crate) delivered: u64,
+    /// Messages refused because the queue is at twice its capacity, which
+    /// only the node's own publishes can cause (blocking those could
+    /// deadlock a subscriber that publishes from its handler).
+    pub(crate) capped: u64,
+    /// Messages dropped because the subscription was cut loose as a slow
+    /// consumer.
+    pub(crate) lagged: u64,
+}
+
 /// Messages waiting for one subscription.
 #[derive(Debug)]
 pub(crate) struct SubQueue {
@@ -166,17 +184,11 @@ impl SubQueue {
         }
     }
 
-    /// Appends messages. Returns `(over, dropped)`: `over` if the queue is
-    /// now over capacity, in which case the node must stop reading links
-    /// until `space` fires (so remote publishers are pushed back and the
-    /// overshoot is one batch); `dropped` counts messages refused because
-    /// the queue is at twice its capacity, which only the node's own
-    /// publishes can cause (blocking those could deadlock a subscriber that
-    /// publishes from its handler).
-    pub(crate) fn push(&self, msgs: impl IntoIterator<Item = Message>, local: bool) -> (bool, u64) {
+    /// Appends messages; see [`Pushed`].
+    pub(crate) fn push(&self, msgs: impl IntoIterator<Item = Message>, local: bool) -> Pushed {
         let mut g = lock(&self.inner);
         if g.closed {
-            return (false, 0);
+            return Pushed::default();
         }
         // Remote messages are never dropped: the node stops reading links
         // instead, so they overshoot by at most one read batch.
@@ -185,12 +197,13 @@ impl SubQueue {
         } else {
             usize::MAX
         };
-        let (mut dropped, mut lagged) = (0, 0);
+        let (mut dropped, mut lagged, mut delivered) = (0, 0, 0);
         for m in msgs {
             if g.lagging {
                 lagged += 1;
             } else if g.items.len() < hard {
                 g.items.push_back(Delivery::Message(m));
+                delivered += 1;
             } else {
                 dropped += 1;
             }
@@ -201,7 +214,12 @@ impl SubQueue {
         if let Some(w) = g.waker.take() {
             w.wake();
         }
-        (over, dropped)
+        Pushed {
+            over,
+            delivered,
+            capped: dropped,
+            lagged,
+        }
     }
 
     /// Tells a reliable subscription that messages are gone for good, at
@@ -517,6 +535,12 @@ mod tests {
         }
     }
 
+    /// `(over, capped)` of a push.
+    fn push(q: &SubQueue, msgs: impl IntoIterator<Item = Message>, local: bool) -> (bool, u64) {
+        let p = q.push(msgs, local);
+        (p.over, p.capped)
+    }
+
     fn take(q: &SubQueue) -> Option<usize> {
         let waker = futures::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
@@ -530,40 +554,40 @@ mod tests {
     #[test]
     fn remote_messages_push_back_then_lag_then_recover() {
         let q = SubQueue::new(4, Arc::new(Notify::new()));
-        assert_eq!(q.push((0..3).map(msg), false), (false, 0));
+        assert_eq!(push(&q, (0..3).map(msg), false), (false, 0));
         // Over capacity: remote messages are kept, the node must stop.
-        assert_eq!(q.push((3..10).map(msg), false), (true, 0));
+        assert_eq!(push(&q, (3..10).map(msg), false), (true, 0));
         assert!(q.is_over());
         // Cut loose: new messages are dropped and counted.
         assert_eq!(q.set_lagging(), Some(10));
-        assert_eq!(q.push((10..12).map(msg), false), (false, 0));
+        assert_eq!(push(&q, (10..12).map(msg), false), (false, 0));
         assert_eq!(q.dropped(), 2);
         // Taking the backlog makes it a normal subscription again.
         assert_eq!(take(&q), Some(10));
-        assert_eq!(q.push([msg(12)], false), (false, 0));
+        assert_eq!(push(&q, [msg(12)], false), (false, 0));
         assert_eq!(take(&q), Some(1));
     }
 
     #[test]
     fn a_drained_queue_is_never_cut_loose_and_empty_polls_clear_lagging() {
         let q = SubQueue::new(2, Arc::new(Notify::new()));
-        q.push((0..3).map(msg), false);
+        push(&q, (0..3).map(msg), false);
         assert_eq!(take(&q), Some(3));
         // The timeout fires just after the consumer caught up.
         assert_eq!(q.set_lagging(), None);
-        q.push((0..3).map(msg), false);
+        push(&q, (0..3).map(msg), false);
         assert_eq!(q.set_lagging(), Some(3));
         assert_eq!(take(&q), Some(3));
         // Lagging was cleared with the backlog; an empty poll keeps it so.
         assert_eq!(take(&q), None);
-        assert_eq!(q.push([msg(9)], false), (false, 0));
+        assert_eq!(push(&q, [msg(9)], false), (false, 0));
         assert_eq!(take(&q), Some(1));
     }
 
     #[test]
     fn local_messages_stop_at_twice_capacity() {
         let q = SubQueue::new(2, Arc::new(Notify::new()));
-        assert_eq!(q.push((0..6).map(msg), true), (true, 2));
+        assert_eq!(push(&q, (0..6).map(msg), true), (true, 2));
         assert_eq!(q.dropped(), 2);
     }
 }

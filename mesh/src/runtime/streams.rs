@@ -1310,9 +1310,12 @@ impl NodeTask {
         if let Some(n) = next {
             c.positions.insert((host, index), (epoch, n));
         }
+        let received = items.len() - usize::from(gone.is_some());
         if c.inbox.push_many(items).is_err() {
             return;
         }
+        self.counters.stream_received += received as u64;
+        self.counters.stream_repeats += u64::from(skipped);
         if skipped > 0 {
             // Repeats take no room: their credit comes back at once.
             self.stream_op(StreamOp::Credit { rid, n: skipped });

@@ -485,6 +485,7 @@ impl NodeTask {
         match op {
             Op::Send { queue, msg, reply } => {
                 self.seq += 1;
+                self.counters.queue_sent += 1;
                 let id = MessageId {
                     publisher: self.local,
                     seq: self.seq,
@@ -495,6 +496,7 @@ impl NodeTask {
                 self.work.next_batch += 1;
                 let b = self.work.next_batch;
                 let n = msgs.len();
+                self.counters.queue_sent += n as u64;
                 let first = self.seq + 1;
                 self.work.batches.insert(
                     b,

@@ -1,0 +1,259 @@
+//! The node task's counters, and the [`Metrics`] snapshot made of them and
+//! of the node's state.
+//!
+//! Counters are plain integers in the node task: each is an add where the
+//! node already does the work it counts (per message in a loop that
+//! touches the message anyway, or per batch), never a lock or an atomic.
+
+use crate::{
+    core::membership::MemberState,
+    metrics::{self, Metrics},
+};
+
+use super::{NodeTask, ShmState};
+
+/// What the node task counts that its cores do not (the queue and stream
+/// hosts and the gossip core keep their own counters, read at snapshot
+/// time).
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) published: u64,
+    pub(crate) sent: u64,
+    pub(crate) resent: u64,
+    pub(crate) received: u64,
+    pub(crate) delivered: u64,
+    pub(crate) lagged_drops: u64,
+    pub(crate) link_buffer_full: u64,
+    pub(crate) oversize: u64,
+    pub(crate) malformed: u64,
+    pub(crate) link_errors: u64,
+    pub(crate) duplicate: u64,
+    pub(crate) out_of_order: u64,
+    pub(crate) reliable_lagged: u64,
+    pub(crate) unnumbered: u64,
+    pub(crate) no_subscriber: u64,
+    pub(crate) control_sends: u64,
+    pub(crate) queue_sent: u64,
+    pub(crate) stream_received: u64,
+    pub(crate) stream_repeats: u64,
+    pub(crate) quic_sent: u64,
+    pub(crate) quic_received: u64,
+    pub(crate) shm_sent: u64,
+    pub(crate) shm_received: u64,
+    pub(crate) links_opened: u64,
+}
+
+/// How a link that ended with an error is counted.
+pub(crate) fn count_link_error(c: &mut Counters, error: &str) {
+    // The reader reports errors as text; an oversize frame is the frame
+    // reader's `FrameError::Oversize` (a unit test keeps the two in step).
+    if error.contains(OVERSIZE_MARK) {
+        c.oversize += 1;
+    } else {
+        c.link_errors += 1;
+    }
+}
+
+const OVERSIZE_MARK: &str = "bytes exceeds the limit of";
+
+impl Counters {
+    /// Bytes of frames the node task hands to a link's writer.
+    pub(super) fn sent_bytes(&mut self, shm: ShmState, n: usize) {
+        // Our side writes to the ring once it has switched: at once when it
+        // opened the peer's rings, on the peer's switch when it offered.
+        match shm {
+            ShmState::Opened | ShmState::On => self.shm_sent += n as u64,
+            ShmState::Off | ShmState::Offered => self.quic_sent += n as u64,
+        }
+    }
+
+    /// Bytes of frames a link's reader handed over (a batch is all from one
+    /// transport: the reader turns to the ring after a batch that ends
+    /// with the peer's `ShmSwitch`, which moves the link to `On`).
+    pub(super) fn received_bytes(&mut self, shm: ShmState, frames: &[bytes::Bytes]) {
+        let n: u64 = frames.iter().map(|f| f.len() as u64 + 4).sum();
+        match shm {
+            ShmState::On => self.shm_received += n,
+            _ => self.quic_received += n,
+        }
+    }
+}
+
+impl NodeTask {
+    /// A snapshot of the counters and gauges.
+    pub(crate) fn metrics(&self) -> Metrics {
+        let c = &self.counters;
+        let mut m = Metrics {
+            node: self.local.to_string(),
+            ..Default::default()
+        };
+
+        m.pubsub.published = c.published;
+        m.pubsub.sent = c.sent + self.gossip.stats().payloads;
+        m.pubsub.resent = c.resent;
+        m.pubsub.received = c.received;
+        m.pubsub.delivered = c.delivered;
+
+        let d = &mut m.dropped;
+        d.slow_consumer = c.lagged_drops;
+        d.subscription_full = self.stats.dropped_slow_subscriber;
+        d.link_buffer_full = c.link_buffer_full;
+        // `stats.dropped_unreachable` counts both ways a peer without a
+        // link loses messages; the buffer-full ones are counted apart.
+        d.unreachable = self
+            .stats
+            .dropped_unreachable
+            .saturating_sub(c.link_buffer_full);
+        d.oversize = c.oversize;
+        d.malformed = c.malformed;
+        d.link_errors = c.link_errors;
+        d.duplicate = c.duplicate + self.gossip.stats().duplicates;
+        d.out_of_order = c.out_of_order;
+        d.reliable_lagged = c.reliable_lagged;
+        d.unnumbered = c.unnumbered;
+        d.no_subscriber = c.no_subscriber;
+        d.gossip_unrecovered = self.gossip.stats().unrecovered + self.gossip.stats().graft_misses;
+        d.control_sends = c.control_sends;
+        d.control_refused = self.stats.control_refused;
+        d.auth_refused = self.stats.auth_refused;
+        d.acl_denied = self.access.as_ref().map_or(0, |a| a.denied);
+        d.gossip_forged = self.stats.gossip_forged;
+        d.stream_repeats = c.stream_repeats;
+
+        let host = &self.work.host;
+        m.queues.sent = c.queue_sent;
+        let mut queues: Vec<metrics::QueueGauges> = Vec::new();
+        for name in host.all_names() {
+            let s = host.stats(name);
+            m.queues.accepted += s.accepted;
+            m.queues.refused += s.refused;
+            m.queues.delivered += s.delivered;
+            m.queues.redelivered += s.redelivered;
+            m.queues.acked += s.acked;
+            m.queues.nacked += s.nacked;
+            m.queues.dead_lettered += s.dead_lettered;
+            m.dropped.queue_deduplicated += s.deduplicated;
+            if let Some(queue) = name.strip_suffix(crate::core::queue::DLQ_SUFFIX) {
+                // Dropped letters are counted on both queues; once here.
+                m.dropped.dead_letters += s.dead_letters_dropped;
+                if let Some(q) = queues.iter_mut().find(|q| q.name == queue) {
+                    q.dlq_depth = (s.waiting + s.in_flight) as u64;
+                    continue;
+                }
+                queues.push(metrics::QueueGauges {
+                    name: queue.to_owned(),
+                    dlq_depth: (s.waiting + s.in_flight) as u64,
+                    ..Default::default()
+                });
+                continue;
+            }
+            let gauges = metrics::QueueGauges {
+                name: name.to_string(),
+                depth: s.waiting as u64,
+                in_flight: s.in_flight as u64,
+                consumers: s.consumers as u64,
+                dlq_depth: 0,
+            };
+            match queues.iter_mut().find(|q| q.name == **name) {
+                Some(q) => {
+                    *q = metrics::QueueGauges {
+                        dlq_depth: q.dlq_depth,
+                        ..gauges
+                    }
+                }
+                None => queues.push(gauges),
+            }
+        }
+        queues.sort_by(|a, b| a.name.cmp(&b.name));
+        m.hosted_queues = queues;
+
+        let streams = self.streams.host.stats();
+        m.streams.appended = streams.appended;
+        m.streams.refused = streams.refused;
+        m.streams.dispatched = streams.dispatched;
+        m.streams.commits = streams.commits;
+        m.streams.received = c.stream_received;
+        m.dropped.stream_retention = streams.expired;
+        m.dropped.stream_evicted = streams.evicted;
+        let mut lags: Vec<metrics::GroupLag> = Vec::new();
+        for name in self.streams.host.names() {
+            for p in self.streams.host.partitions(name) {
+                for (group, committed) in &p.committed {
+                    let lag = p.next.saturating_sub(*committed);
+                    match lags
+                        .iter_mut()
+                        .find(|l| *l.stream == **name && *l.group == **group)
+                    {
+                        Some(l) => {
+                            l.lag += lag;
+                            l.partitions += 1;
+                        }
+                        None => lags.push(metrics::GroupLag {
+                            stream: name.to_string(),
+                            group: group.to_string(),
+                            lag,
+                            partitions: 1,
+                        }),
+                    }
+                }
+            }
+        }
+        lags.sort_by(|a, b| (&a.stream, &a.group).cmp(&(&b.stream, &b.group)));
+        m.group_lag = lags;
+
+        m.bytes = metrics::TransportBytes {
+            quic_sent: c.quic_sent,
+            quic_received: c.quic_received,
+            shm_sent: c.shm_sent,
+            shm_received: c.shm_received,
+        };
+
+        let (mut up_quic, mut up_shm) = (0, 0);
+        for l in self.links.values().filter(|l| l.up) {
+            if l.shm == ShmState::On {
+                up_shm += 1;
+            } else {
+                up_quic += 1;
+            }
+        }
+        m.links = metrics::Links {
+            opened: c.links_opened,
+            // Every link that came up is up or has ended.
+            closed: c.links_opened.saturating_sub(up_quic + up_shm),
+            refused: self.stats.links_refused,
+            up_quic,
+            up_shm,
+        };
+
+        for member in self.membership.members() {
+            match member.state {
+                MemberState::Alive => m.peers.alive += 1,
+                MemberState::Suspect => m.peers.suspect += 1,
+                MemberState::Down => m.peers.down += 1,
+            }
+        }
+        m.subscriptions = self.sub_queues.len() as u64;
+        m.durable = self.durable.as_ref().map(|d| {
+            let (batches_pending, confirmations_held) = d.pending();
+            metrics::Durable {
+                batches_pending,
+                confirmations_held,
+            }
+        });
+        m
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn oversize_frames_are_told_from_other_link_errors() {
+        let oversize = mesh_transports::frame::FrameError::Oversize { len: 10, limit: 5 };
+        let mut c = Counters::default();
+        count_link_error(&mut c, &oversize.to_string());
+        count_link_error(&mut c, "write failed: broken pipe");
+        assert_eq!((c.oversize, c.link_errors), (1, 1));
+    }
+}
