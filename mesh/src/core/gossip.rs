@@ -431,7 +431,7 @@ impl Gossip {
                 n,
                 Message::Gossip {
                     id,
-                    round: round + 1,
+                    round: round.saturating_add(1),
                     topic: topic.clone(),
                     payload: payload.clone(),
                     stamp,
@@ -449,8 +449,10 @@ impl Gossip {
             for &n in &peers {
                 let groups = self.lazy_queue.entry(n).or_default();
                 match groups.last_mut() {
-                    Some((origin, ids)) if *origin == id.0 => ids.push((id.1, round + 1)),
-                    _ => groups.push((id.0, vec![(id.1, round + 1)])),
+                    Some((origin, ids)) if *origin == id.0 => {
+                        ids.push((id.1, round.saturating_add(1)))
+                    }
+                    _ => groups.push((id.0, vec![(id.1, round.saturating_add(1))])),
                 }
             }
             self.next_lazy
@@ -692,7 +694,7 @@ impl Gossip {
                             from,
                             Message::Gossip {
                                 id,
-                                round: round + 1,
+                                round: round.saturating_add(1),
                                 topic,
                                 payload,
                                 stamp,
