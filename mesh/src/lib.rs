@@ -37,6 +37,8 @@
 #![warn(missing_docs)]
 
 pub mod core;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod node;
 pub mod queue;
 pub mod rpc;
