@@ -202,8 +202,9 @@ type Kept = (u32, std::sync::Arc<str>, Bytes, u64);
 /// Announcements grouped by origin: (seq, hops) per message.
 type Announcements = Vec<(NodeId, Vec<(u64, u32)>)>;
 
-/// Most announced-but-missing messages tracked at once.
-const MAX_MISSING: usize = 64 * 1024;
+/// Most announced-but-missing messages tracked at once (so also the most
+/// one `Graft` asks for).
+pub const MAX_MISSING: usize = 64 * 1024;
 
 /// A message announced but not received yet.
 #[derive(Debug)]
