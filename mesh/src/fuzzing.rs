@@ -1087,6 +1087,22 @@ pub fn node(data: &[u8]) {
     drive(data, Family::Any);
 }
 
+/// One frame body of any size from a peer whose link is up, into a node
+/// (the core targets' raw steps carry at most 64 KiB).
+pub fn one_frame(body: &[u8]) {
+    let Some(mut node) = Harness::new() else {
+        return;
+    };
+    let Some(peer) = id(1) else {
+        return;
+    };
+    node.link_up(peer, Vec::new());
+    node.frame(peer, Bytes::copy_from_slice(body));
+    node.run_timers();
+    node.drain();
+    node.finish();
+}
+
 /// The epoch of the harness node's stream host.
 const EPOCH: u64 = 7;
 

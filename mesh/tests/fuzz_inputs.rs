@@ -106,11 +106,11 @@ fn measure(f: impl FnOnce()) -> Usage {
 /// single allocation and its peak of live bytes alike): twice the frame
 /// limit (a peer may announce a frame of up to the limit and the reader
 /// makes room for it; `frames` runs two readers side by side), 1 MiB for
-/// the state of the cores and read chunks (64 KiB), and 64 bytes per input
+/// the state of the cores and read chunks (64 KiB), and 96 bytes per input
 /// byte (decoded lists of borrowed fields, and frames that structured steps
 /// build from a few bytes each).
 fn bound(len: usize) -> usize {
-    2 * MAX_FRAME + 1024 * 1024 + 64 * len
+    2 * MAX_FRAME + 1024 * 1024 + 96 * len
 }
 
 // ---------------------------------------------------------------------------
@@ -466,4 +466,173 @@ fn regressions() {
         }
     }
     assert!(replayed > 0, "no regression inputs in {}", dir.display());
+}
+
+/// Seeds for the fuzzers (not run by default): valid frames of every
+/// variant, as each target reads them, into `fuzz/corpus/TARGET/`:
+/// `cargo test -p mesh --test fuzz_inputs -- --ignored write_seed_corpus`.
+#[test]
+#[ignore = "writes fuzz/corpus; run by hand before fuzzing"]
+fn write_seed_corpus() {
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
+    let samples = fuzzing::sample_bodies();
+    let write = |target: &str, i: usize, bytes: &[u8]| {
+        let dir = corpus.join(target);
+        std::fs::create_dir_all(&dir).expect("corpus directory");
+        std::fs::write(dir.join(format!("seed-{i:03}")), bytes).expect("seed file");
+    };
+    for (i, b) in samples.iter().enumerate() {
+        write("wire", i, b);
+        // A stream: no chunking schedule, then the frame.
+        let mut stream = vec![0];
+        stream.extend(framed(std::slice::from_ref(b)));
+        for t in ["frames", "handshake", "control"] {
+            write(t, i, &stream);
+        }
+        // A core step: a link comes up, then the frame as a raw step.
+        let mut steps = vec![60];
+        steps.extend_from_slice(&[0; 10]);
+        steps.push(0);
+        steps.extend_from_slice(&(b.len().min(u16::MAX as usize) as u16).to_le_bytes());
+        steps.extend_from_slice(b);
+        for t in [
+            "queue_host",
+            "queue_consumer",
+            "stream",
+            "gossip",
+            "membership",
+            "pubsub",
+            "node",
+        ] {
+            write(t, i, &steps);
+        }
+    }
+}
+
+/// Frames whose lists are as long as a frame of `SIZE` bytes allows, each
+/// element as small as it can be: the largest decoded size per wire byte,
+/// through the decoder and through a node (after a link-up). A `Graft` of
+/// 512k ids decoded into 51 MB (98 bytes per wire byte) until the codec
+/// refused Grafts longer than the gossip core's pull window.
+#[test]
+fn longest_lists() {
+    use mesh::wire::{
+        AppendWire, DeliverWire, Frame, GossipWire, MemberWire, Raw, StreamWire, UpdateWire,
+        WorkWire,
+    };
+    const SIZE: usize = 1024 * 1024;
+    let id = fuzzing::id_bytes(1);
+    let n = SIZE / 2;
+    let frames: Vec<(&str, Frame<'_>)> = vec![
+        (
+            "Graft",
+            Frame::Gossip(GossipWire::Graft {
+                groups: vec![(Raw(id), vec![1; n])],
+            }),
+        ),
+        (
+            "IHave",
+            Frame::Gossip(GossipWire::IHave {
+                groups: vec![(Raw(id), vec![(1, 1); n / 2])],
+            }),
+        ),
+        (
+            "Shuffle",
+            Frame::Gossip(GossipWire::Shuffle {
+                origin: Raw(id),
+                ttl: 1,
+                nodes: vec![Raw(&[]); n],
+            }),
+        ),
+        (
+            "Acks",
+            Frame::Work(WorkWire::Acks {
+                cid: 1,
+                tags: vec![1; n],
+            }),
+        ),
+        (
+            "Deliver",
+            Frame::Work(WorkWire::Deliver {
+                queue: "q",
+                cid: 1,
+                msgs: vec![
+                    DeliverWire {
+                        tag: 1,
+                        attempt: 1,
+                        origin: None,
+                        seq: 1,
+                        dead: None,
+                        headers: vec![],
+                        payload: Raw(&[]),
+                    };
+                    n / 8
+                ],
+            }),
+        ),
+        (
+            "Append",
+            Frame::Stream(StreamWire::Append {
+                stream: "s",
+                seq: 1,
+                records: vec![
+                    AppendWire {
+                        key: Raw(&[]),
+                        ts_ms: 1,
+                        headers: vec![],
+                        payload: Raw(&[]),
+                    };
+                    n / 4
+                ],
+            }),
+        ),
+        (
+            "Ping",
+            Frame::Member(MemberWire::Ping {
+                seq: 1,
+                updates: vec![
+                    UpdateWire {
+                        node: Raw(id),
+                        incarnation: 1,
+                        state: mesh::core::membership::MemberState::Alive,
+                        addrs: vec![],
+                    };
+                    SIZE / (id.len() + 4)
+                ],
+            }),
+        ),
+        (
+            "Headers",
+            Frame::Work(WorkWire::Request {
+                id: 1,
+                subject: "a.b",
+                headers: vec![("", Raw(&[])); n],
+                payload: Raw(&[]),
+            }),
+        ),
+    ];
+    for (name, frame) in frames {
+        let body = postcard::to_stdvec(&frame).expect("encodes");
+        for (target, f) in [
+            ("wire", fuzzing::wire as Target),
+            ("one_frame", fuzzing::one_frame),
+        ] {
+            let usage = check(name, f, &body).unwrap_or_else(|e| panic!("{target}: {e}"));
+            // Without a frame reader's buffer, only the per-byte cost
+            // counts: at most 80 bytes decoded and kept per wire byte (the
+            // worst, a stream host's records: 75).
+            let limit = 1024 * 1024 + 80 * body.len();
+            assert!(
+                usage.peak <= limit,
+                "{name} into {target}: {} bytes allocated {usage:?}, over {limit}",
+                body.len()
+            );
+            println!(
+                "{name} into {target}: {} bytes, peak {} bytes ({}x)",
+                body.len(),
+                usage.peak,
+                usage.peak / body.len()
+            );
+        }
+    }
 }
