@@ -39,6 +39,8 @@
 #![warn(missing_docs)]
 
 pub mod core;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod metrics;
 pub mod node;
 pub mod queue;

@@ -868,7 +868,13 @@ impl GossipCodec {
                     .collect::<Result<_, WireError>>()?,
             },
             GossipWire::Graft { groups } => {
-                let mut ids = Vec::new();
+                // Each id costs ~90 bytes decoded for 1 on the wire: refuse
+                // more than a node ever pulls at once before making them.
+                let total = groups.iter().map(|(_, l)| l.len()).sum::<usize>();
+                if total > crate::core::gossip::MAX_MISSING {
+                    return Err(WireError::Unexpected("oversized Graft"));
+                }
+                let mut ids = Vec::with_capacity(total);
                 for (origin, list) in groups {
                     let o = node_id(*origin)?;
                     ids.extend(list.iter().map(|seq| (o, *seq)));

@@ -214,8 +214,9 @@ pub struct Stamp {
 /// Announcements grouped by origin: (seq, hops) per message.
 type Announcements = Vec<(NodeId, Vec<(u64, u32)>)>;
 
-/// Most announced-but-missing messages tracked at once.
-const MAX_MISSING: usize = 64 * 1024;
+/// Most announced-but-missing messages tracked at once (so also the most
+/// one `Graft` asks for).
+pub const MAX_MISSING: usize = 64 * 1024;
 
 /// A message announced but not received yet.
 #[derive(Debug)]
@@ -443,7 +444,7 @@ impl Gossip {
                 n,
                 Message::Gossip {
                     id,
-                    round: round + 1,
+                    round: round.saturating_add(1),
                     topic: topic.clone(),
                     payload: payload.clone(),
                     stamp: stamp.clone(),
@@ -461,8 +462,10 @@ impl Gossip {
             for &n in &peers {
                 let groups = self.lazy_queue.entry(n).or_default();
                 match groups.last_mut() {
-                    Some((origin, ids)) if *origin == id.0 => ids.push((id.1, round + 1)),
-                    _ => groups.push((id.0, vec![(id.1, round + 1)])),
+                    Some((origin, ids)) if *origin == id.0 => {
+                        ids.push((id.1, round.saturating_add(1)))
+                    }
+                    _ => groups.push((id.0, vec![(id.1, round.saturating_add(1))])),
                 }
             }
             self.next_lazy
@@ -704,7 +707,7 @@ impl Gossip {
                             from,
                             Message::Gossip {
                                 id,
-                                round: round + 1,
+                                round: round.saturating_add(1),
                                 topic,
                                 payload,
                                 stamp,

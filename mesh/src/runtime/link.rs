@@ -410,22 +410,8 @@ pub(crate) fn spawn_control_reader(
 ) {
     spawner.spawn(async move {
         let _permit = permit;
-        let mut reader = FrameReader::new(stream, MAX_CONTROL_FRAME);
-        let read = async {
-            let mut frames = Vec::new();
-            let mut bytes = 0;
-            while reader.read_batch(&mut frames).await? {
-                bytes = frames.iter().map(|f| f.len()).sum::<usize>();
-                if frames.len() > MAX_CONTROL_FRAMES || bytes > MAX_CONTROL_BYTES {
-                    return Ok::<_, mesh_transports::frame::FrameError>(Err(format!(
-                        "control stream over its limits ({} frames, {bytes} bytes)",
-                        frames.len()
-                    )));
-                }
-            }
-            let _ = bytes;
-            Ok(Ok(frames))
-        };
+        let mut reader = control_reader(stream);
+        let read = read_control(&mut reader);
         let result = match tokio::time::timeout(CONTROL_READ_TIMEOUT, read).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => Err(e.to_string()),
@@ -433,6 +419,28 @@ pub(crate) fn spawn_control_reader(
         };
         let _ = events.send((peer, result)).await;
     });
+}
+
+/// A reader of one control stream, with its frame limit.
+pub(crate) fn control_reader<R: futures::AsyncRead + Unpin>(io: R) -> FrameReader<R> {
+    FrameReader::new(io, MAX_CONTROL_FRAME)
+}
+
+/// Reads a control stream to its end: its frames, or why they were refused.
+pub(crate) async fn read_control<R: futures::AsyncRead + Unpin>(
+    reader: &mut FrameReader<R>,
+) -> Result<Result<Vec<Bytes>, String>, mesh_transports::frame::FrameError> {
+    let mut frames = Vec::new();
+    while reader.read_batch(&mut frames).await? {
+        let bytes = frames.iter().map(|f| f.len()).sum::<usize>();
+        if frames.len() > MAX_CONTROL_FRAMES || bytes > MAX_CONTROL_BYTES {
+            return Ok(Err(format!(
+                "control stream over its limits ({} frames, {bytes} bytes)",
+                frames.len()
+            )));
+        }
+    }
+    Ok(Ok(frames))
 }
 
 /// Reads and checks the peer's `Hello` (handing its nonce to `on_hello`,

@@ -410,7 +410,7 @@ fn start_to_wire(s: &Start) -> StartWire<'_> {
     }
 }
 
-fn start_from_wire(s: &StartWire<'_>) -> Start {
+pub(crate) fn start_from_wire(s: &StartWire<'_>) -> Start {
     match s {
         StartWire::Earliest => Start::Earliest,
         StartWire::Latest => Start::Latest,

@@ -62,7 +62,7 @@ const MAX_WAITING_REQUESTS: usize = 64 * 1024;
 
 /// Most deliveries waiting in a consumer's inbox: its credit, from every
 /// host, with room to spare.
-fn inbox_limit(prefetch: u32) -> usize {
+pub(crate) fn inbox_limit(prefetch: u32) -> usize {
     (prefetch as usize).saturating_mul(64).max(64 * 1024)
 }
 
@@ -75,7 +75,7 @@ const DELIVER_BATCH: usize = 512;
 /// (well under the smallest frame limit).
 const DELIVER_BYTES: usize = 256 * 1024;
 /// Most messages a `Peeked` answer carries.
-const MAX_PEEK: usize = 1000;
+pub(crate) const MAX_PEEK: usize = 1000;
 
 /// The interest generation and the link generation: when either moves,
 /// the hosts a node talks to may have changed.
