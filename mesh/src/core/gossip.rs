@@ -312,6 +312,12 @@ impl Gossip {
         &self.eager
     }
 
+    /// Whether a message with this id was seen already (a duplicate the
+    /// core will drop): lets the runtime skip checking its signature.
+    pub fn has_seen(&self, id: &MsgId) -> bool {
+        self.seen.contains(&Self::key(id))
+    }
+
     /// What this node sent so far.
     pub fn stats(&self) -> &Stats {
         &self.stats

@@ -1486,14 +1486,18 @@ impl NodeTask {
                     ..
                 } = &msg
                 {
-                    if !self.signer.verify(
-                        id.0,
-                        id.1,
-                        stamp.timestamp,
-                        topic,
-                        payload,
-                        &stamp.signature,
-                    ) {
+                    // A duplicate goes no further than the core's check (it
+                    // is dropped unseen): only a first copy needs checking.
+                    if !self.gossip.has_seen(id)
+                        && !self.signer.verify(
+                            id.0,
+                            id.1,
+                            stamp.timestamp,
+                            topic,
+                            payload,
+                            &stamp.signature,
+                        )
+                    {
                         self.stats.gossip_forged += 1;
                         tracing::warn!(%peer, origin = %id.0, seq = id.1, "dropped a gossip message whose signature does not check (forged or altered by a relay)");
                         return Ok(());
