@@ -592,17 +592,18 @@ struct Bench {
     restarts: u64,
     host_kills: u64,
     unexpected_exits: Vec<String>,
-    log: Vec<String>,
     json: bool,
 }
 
 impl Bench {
     fn say(&mut self, what: String) {
         let line = format!("[{:7.1}s] {what}", self.started.elapsed().as_secs_f64());
-        if !self.json {
+        // With --json stdout holds only the result; the log goes to stderr.
+        if self.json {
+            eprintln!("{line}");
+        } else {
             println!("{line}");
         }
-        self.log.push(line);
     }
 
     fn relay_addr(&self) -> Option<String> {
@@ -945,22 +946,21 @@ fn schedule(rng: &mut Rng, o: &Options, procs: &[Proc]) -> Vec<Action> {
     // and sub-1 (pauses).
     let mut t = Duration::from_secs(2).max(o.kill_every / 2);
     while t + Duration::from_secs(1) < o.duration {
-        let pick = rng.below(8);
-        let (proc, pause) = match pick {
-            0 | 1 => (procs.iter().position(|p| p.name == "producer-0"), false),
-            2 => (procs.iter().position(|p| p.name == "producer-1"), false),
-            3 => (procs.iter().position(|p| p.name == "consumer-0"), false),
-            4 => (procs.iter().position(|p| p.name == "consumer-1"), false),
-            5 => (procs.iter().position(|p| p.name == "sub-1"), false),
-            6 => (
-                procs
-                    .iter()
-                    .position(|p| p.name == if rng.below(2) == 0 { "sub-0" } else { "sub-1" }),
-                true,
-            ),
-            _ => (procs.iter().position(|p| p.role == Role::Publisher), false),
+        let (name, pause) = match rng.below(9) {
+            0 | 1 => ("producer-0", false),
+            2 => ("producer-1", false),
+            3 => ("consumer-0", false),
+            4 => ("consumer-1", false),
+            5 => ("sub-1", false),
+            6 => ("sub-0", true),
+            7 => ("sub-1", true),
+            _ => ("publisher", false),
         };
-        let Some(proc) = proc else { continue };
+        let proc = procs.iter().position(|p| p.name == name);
+        let Some(proc) = proc else {
+            t += o.kill_every;
+            continue;
+        };
         // Down for 10% to 80% of the interval: pauses long enough to break
         // links and overflow the publisher's window.
         let back_after = rng.between(o.kill_every / 10, o.kill_every * 4 / 5);
@@ -1052,7 +1052,6 @@ pub(super) async fn run(o: Options) -> anyhow::Result<()> {
         restarts: 0,
         host_kills: 0,
         unexpected_exits: Vec::new(),
-        log: Vec::new(),
         json: o.json,
     };
     let actions = schedule(&mut rng, &o, &b.procs);
@@ -1488,6 +1487,62 @@ mod tests {
         assert!(parse_duration("").is_err());
         assert!(parse_duration("-3s").is_err());
         assert!(parse_duration("9999h").is_err());
+    }
+
+    #[test]
+    fn the_schedule_kills_and_pauses_every_kind() {
+        let o = Options {
+            duration: Duration::from_secs(600),
+            rate: 500,
+            warmup: Duration::from_secs(60),
+            kill_every: Duration::from_secs(15),
+            max_rss_growth: 10.0,
+            seed: None,
+            reliable_window: 1024,
+            json: false,
+        };
+        let names = [
+            "relay",
+            "host",
+            "publisher",
+            "sub-0",
+            "sub-1",
+            "consumer-0",
+            "consumer-1",
+            "producer-0",
+            "producer-1",
+        ];
+        let procs: Vec<Proc> = names
+            .iter()
+            .map(|n| Proc {
+                name: (*n).to_owned(),
+                role: if *n == "host" {
+                    Role::Host
+                } else {
+                    Role::Relay
+                },
+                run: 0,
+                child: None,
+                stdin: None,
+                pid: None,
+                addr: None,
+                long_lived: false,
+                down: false,
+                paused: false,
+                exited: false,
+                stopping: false,
+                ended: false,
+                samples: Vec::new(),
+            })
+            .collect();
+        let a = schedule(&mut Rng(8), &o, &procs);
+        assert!(a.len() >= 30, "{} actions", a.len());
+        for n in names.iter().skip(1) {
+            let i = names.iter().position(|m| m == n).unwrap();
+            assert!(a.iter().any(|a| a.proc == i), "{n} never acted on");
+        }
+        assert!(a.iter().filter(|a| a.pause).count() >= 4);
+        assert!(a.windows(2).all(|w| w[0].at < w[1].at));
     }
 
     #[test]
