@@ -220,6 +220,26 @@ enum Cmd {
         #[command(flatten)]
         net: NetArgs,
     },
+    /// (internal) a process of `bench soak`.
+    #[command(hide = true)]
+    SoakWorker {
+        #[arg(long)]
+        role: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        listen: Multiaddr,
+        #[arg(long)]
+        bootstrap: Vec<Multiaddr>,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long, default_value_t = 1)]
+        start: u64,
+        #[arg(long, default_value_t = 100)]
+        rate: u32,
+        #[arg(long, default_value_t = 4096)]
+        reliable_window: usize,
+    },
     /// (internal) the remote side of `bench ring`.
     #[command(hide = true)]
     BenchRingPeer {
@@ -556,6 +576,41 @@ enum BenchCmd {
         /// `spin` (busy-spin, lowest latency) or `adaptive`.
         #[arg(long, default_value = "spin")]
         wait: String,
+        /// Print only the JSON result line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Soak: a relay, a durable queue host, queue producers and acking
+    /// consumers, a reliable publisher and subscribers as processes, at a
+    /// steady rate, while some are SIGKILLed (or SIGSTOPped) and restarted
+    /// on a seeded schedule; then checks that nothing confirmed was lost
+    /// and that the long-lived processes' memory and fds did not grow.
+    Soak {
+        /// How long the traffic runs (e.g. 10m, 30s).
+        #[arg(long, default_value = "10m")]
+        duration: String,
+        /// Messages per second per pattern (queue: the producers together;
+        /// pub/sub: the publisher).
+        #[arg(long, default_value_t = 500)]
+        rate: u32,
+        /// Memory is compared from the end of the warm-up on.
+        #[arg(long, default_value = "60s")]
+        warmup: String,
+        /// A kill or pause about this often (jittered by 25%).
+        #[arg(long, default_value = "15s")]
+        kill_every: String,
+        /// Most growth of a long-lived process's resident memory after the
+        /// warm-up, in percent (judged on runs of 3 minutes or more after
+        /// the warm-up).
+        #[arg(long, default_value_t = 10.0)]
+        max_rss_growth: f64,
+        /// Seed of the kill schedule (default: from the clock; printed).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// The publisher's reliable window in messages (small, so that
+        /// pauses of a subscriber go beyond it and show `Lagged`).
+        #[arg(long, default_value_t = 1024, hide = true)]
+        reliable_window: usize,
         /// Print only the JSON result line.
         #[arg(long)]
         json: bool,
@@ -949,6 +1004,53 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     json,
                 },
         } => ring_bench::run(size, messages, capacity, &pattern, &wait, json).await,
+        Cmd::Bench {
+            which:
+                BenchCmd::Soak {
+                    duration,
+                    rate,
+                    warmup,
+                    kill_every,
+                    max_rss_growth,
+                    seed,
+                    reliable_window,
+                    json,
+                },
+        } => {
+            soak::run(soak::Options {
+                duration: soak::parse_duration(&duration).context("--duration")?,
+                rate,
+                warmup: soak::parse_duration(&warmup).context("--warmup")?,
+                kill_every: soak::parse_duration(&kill_every).context("--kill-every")?,
+                max_rss_growth,
+                seed,
+                reliable_window,
+                json,
+            })
+            .await
+        }
+        Cmd::SoakWorker {
+            role,
+            name,
+            listen,
+            bootstrap,
+            data_dir,
+            start,
+            rate,
+            reliable_window,
+        } => {
+            soak::worker(soak::Worker {
+                role,
+                name,
+                listen,
+                bootstrap,
+                data_dir,
+                start,
+                rate,
+                reliable_window,
+            })
+            .await
+        }
         Cmd::BenchRingPeer {
             ring,
             reply,
@@ -1286,6 +1388,7 @@ mod bench;
 mod demo;
 mod outbox;
 mod ring_bench;
+mod soak;
 mod stats;
 mod stream;
 mod work;
