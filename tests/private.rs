@@ -152,11 +152,15 @@ async fn a_node_restarted_with_a_rotated_secret_rejoins() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_allow_list_admits_only_listed_peers() {
+    // Both members list each other: an outsider that learns b's address
+    // from a (libp2p discovery answers anyone) must not get in there either.
+    let a_key = mesh::Keypair::generate_ed25519();
     let b_key = mesh::Keypair::generate_ed25519();
-    let b_id = b_key.public().to_peer_id();
+    let members = [a_key.public().to_peer_id(), b_key.public().to_peer_id()];
     let a = Net::Quic
         .builder()
-        .allow_peers([b_id])
+        .identity(a_key)
+        .allow_peers(members)
         .start()
         .await
         .unwrap();
@@ -164,6 +168,7 @@ async fn an_allow_list_admits_only_listed_peers() {
     let b = Net::Quic
         .builder()
         .identity(b_key)
+        .allow_peers(members)
         .bootstrap(a_addr.clone())
         .start()
         .await

@@ -424,7 +424,10 @@ fn parse_who(who: &str) -> Result<Who, String> {
 #[derive(Debug)]
 pub(crate) struct Access {
     policy: AccessPolicy,
-    cache: std::collections::HashMap<(NodeId, Op, Box<str>), bool>,
+    /// Per peer and operation, per name (looked up by `&str`, so a hit
+    /// allocates nothing); `cached` entries in all.
+    cache: std::collections::HashMap<(NodeId, Op), std::collections::HashMap<Box<str>, bool>>,
+    cached: usize,
     pub(crate) denied: u64,
 }
 
@@ -435,6 +438,7 @@ impl Access {
         Self {
             policy,
             cache: Default::default(),
+            cached: 0,
             denied: 0,
         }
     }
@@ -442,8 +446,7 @@ impl Access {
     /// Whether `peer` may do `op` on `name`; a denial is counted, and
     /// logged the first time.
     pub(crate) fn check(&mut self, peer: &NodeId, op: Op, name: &str) -> bool {
-        let key = (*peer, op, Box::<str>::from(name));
-        if let Some(&ok) = self.cache.get(&key) {
+        if let Some(&ok) = self.cache.get(&(*peer, op)).and_then(|m| m.get(name)) {
             if !ok {
                 self.denied += 1;
             }
@@ -454,10 +457,15 @@ impl Access {
             self.denied += 1;
             tracing::warn!(%peer, ?op, name, "access denied by the policy");
         }
-        if self.cache.len() >= Self::MAX_CACHED {
+        if self.cached >= Self::MAX_CACHED {
             self.cache.clear();
+            self.cached = 0;
         }
-        self.cache.insert(key, ok);
+        self.cache
+            .entry((*peer, op))
+            .or_default()
+            .insert(name.into(), ok);
+        self.cached += 1;
         ok
     }
 

@@ -749,7 +749,8 @@ struct NodeTask {
     pub(crate) access: Option<crate::security::Access>,
     /// Signs our gossip messages and checks others'.
     signer: crate::security::Signer,
-    /// Peers that passed the handshake: in a private mesh, control
+    /// Connected peers that passed the handshake (bounded by the
+    /// connections: removed on disconnect): in a private mesh, control
     /// traffic (membership) from anyone else is ignored.
     admitted: std::collections::HashSet<NodeId>,
     /// Peers refused in the handshake, to disconnect, and whether each was
@@ -1140,6 +1141,7 @@ impl NodeTask {
                 tracing::debug!(%peer, "disconnected");
                 self.connected.remove(&peer);
                 self.lingering.remove(&peer);
+                self.admitted.remove(&peer);
                 if let Some(mut link) = self.links.remove(&peer) {
                     link.close();
                     if self.shutting_down && link.has_data && !link.bye_acked && !link.leaving {

@@ -472,8 +472,11 @@ impl NodeTask {
         if access.check(&peer, op, name) {
             return true;
         }
-        let reason =
-            format!("access denied: this peer may not {op:?} stream {name}").to_lowercase();
+        let verb = match op {
+            Op::Publish => "append to",
+            Op::Read => "read",
+        };
+        let reason = format!("access denied: this peer may not {verb} stream {name}");
         match w {
             StreamWire::Append { seq, .. } => self.send_stream(
                 peer,
