@@ -85,6 +85,17 @@ async fn bad_peers_lose_their_link_and_the_node_lives_on() {
     })));
     let mut truncated = hello(PROTOCOL_VERSION);
     truncated.extend_from_slice(&[200, 0, 0, 0, 1, 2, 3]);
+    // 1 MiB of empty headers (2 bytes each) on one message: refused by
+    // their count, not decoded into half a million allocations.
+    let mut header_bomb = hello(PROTOCOL_VERSION);
+    header_bomb.extend(frame(&Frame::Msg(wire::MsgWire {
+        topic: 0,
+        name: Some("bomb"),
+        seq_delta: 1,
+        ts_delta: 0,
+        headers: vec![("", wire::Raw(&[])); 512 * 1024],
+        payload: wire::Raw(b"x"),
+    })));
 
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("garbage instead of a handshake", (0..200u8).collect()),
@@ -100,6 +111,12 @@ async fn bad_peers_lose_their_link_and_the_node_lives_on() {
         eprintln!("case: {what}");
         send_raw(&a_addr, bytes).await;
     }
+    let malformed = a.metrics().await.unwrap().dropped.malformed;
+    send_raw(&a_addr, header_bomb).await;
+    eventually("the header bomb to be counted as malformed", || async {
+        (a.metrics().await.unwrap().dropped.malformed > malformed).then_some(())
+    })
+    .await;
 
     // The node still works for well-behaved peers.
     let b = start(Some(&a_addr)).await;
@@ -107,6 +124,34 @@ async fn bad_peers_lose_their_link_and_the_node_lives_on() {
     until_routed(&a, "still.alive", &mut sub).await;
     a.publish("still.alive", "yes").await.unwrap();
     assert_eq!(next(&mut sub).await.payload, "yes");
+    // What a peer may not send is refused here too, with a typed error.
+    let headers = vec![(String::from("k"), mesh::Bytes::new()); wire::MAX_HEADERS + 1];
+    let err = a
+        .publisher("still.alive")
+        .unwrap()
+        .publish_with(headers.clone(), "no")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, mesh::PublishError::TooManyHeaders { count, .. } if count == wire::MAX_HEADERS + 1),
+        "{err}"
+    );
+    let err = a
+        .queue("jobs")
+        .unwrap()
+        .send_with(
+            "no",
+            mesh::queue::SendOptions {
+                headers,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, mesh::queue::SendError::TooManyHeaders { .. }),
+        "{err}"
+    );
     a.shutdown().await;
     b.shutdown().await;
 }

@@ -420,6 +420,114 @@ async fn shutdown_reports_peers_that_did_not_confirm(net: Net) {
     assert!(!report.is_clean());
 }
 
+/// Node `a` publishes `n` numbered messages on `topic` to node `b`, whose
+/// subscription (with `options`) is not read until `b` has taken in all of
+/// them.
+async fn overflowed(
+    net: Net,
+    topic: &str,
+    options: mesh::SubscribeOptions,
+    n: u32,
+) -> (mesh::Node, mesh::Node, mesh::Subscription) {
+    let a = net.start(None).await;
+    let b = net.start(Some(&addr(&a).await)).await;
+    let sub = b.subscribe_with(topic, options).await.unwrap();
+    eventually("b's subscription to reach a", || async {
+        a.remote_subscribers(topic)
+            .await
+            .unwrap()
+            .contains(&b.peer_id())
+            .then_some(())
+    })
+    .await;
+    net.linked(&a, &[b.peer_id()]).await;
+    let p = a.publisher(topic).unwrap();
+    for i in 0..n {
+        p.publish(i.to_le_bytes().to_vec()).await.unwrap();
+    }
+    let want = u64::from(n);
+    eventually("b to take in every message", || async {
+        let m = b.metrics().await.unwrap();
+        (m.pubsub.delivered + m.dropped.subscription_cut >= want).then_some(())
+    })
+    .await;
+    (a, b, sub)
+}
+
+fn seq(m: &mesh::Message) -> u32 {
+    u32::from_le_bytes(m.payload[..4].try_into().unwrap())
+}
+
+/// A drop-oldest subscription that falls behind keeps the newest messages
+/// and is told, in its stream, how many it missed from whom; the publisher
+/// is never held back.
+async fn drop_oldest_subscription_keeps_the_newest_and_reports_the_rest(net: Net) {
+    let options = mesh::SubscribeOptions::new()
+        .buffer(16)
+        .overflow(mesh::Overflow::DropOldest);
+    let (a, b, mut sub) = overflowed(net, "ring", options, 1000).await;
+    match sub.recv_delivery().await {
+        Some(mesh::Delivery::Lagged(l)) => {
+            assert_eq!(l.publisher, a.peer_id());
+            assert_eq!(l.missed, 1000 - 16);
+        }
+        other => panic!("expected the gap first, got {other:?}"),
+    }
+    for i in 1000 - 16..1000 {
+        match sub.recv_delivery().await {
+            Some(mesh::Delivery::Message(m)) => assert_eq!(seq(&m), i, "the newest, in order"),
+            other => panic!("expected message {i}, got {other:?}"),
+        }
+    }
+    assert_eq!(sub.dropped(), 1000 - 16);
+    let m = b.metrics().await.unwrap();
+    assert_eq!(m.dropped.subscription_evicted, 1000 - 16);
+    // It keeps working after the overflow.
+    a.publish("ring", 7u32.to_le_bytes().to_vec())
+        .await
+        .unwrap();
+    assert_eq!(seq(&next(&mut sub).await), 7);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+/// A disconnect-policy subscription that overflows yields what it held, a
+/// report of what did not fit, and ends; its interest is withdrawn from
+/// the mesh.
+async fn disconnect_subscription_ends_when_full(net: Net) {
+    let options = mesh::SubscribeOptions::new()
+        .buffer(8)
+        .overflow(mesh::Overflow::Disconnect);
+    let (a, b, mut sub) = overflowed(net, "strict", options, 100).await;
+    assert!(sub.disconnected());
+    for i in 0..8 {
+        match sub.recv_delivery().await {
+            Some(mesh::Delivery::Message(m)) => assert_eq!(seq(&m), i),
+            other => panic!("expected message {i}, got {other:?}"),
+        }
+    }
+    let mut missed = 0;
+    while let Some(d) = sub.recv_delivery().await {
+        match d {
+            mesh::Delivery::Lagged(l) => missed += l.missed,
+            other => panic!("nothing after the buffer but the report, got {other:?}"),
+        }
+    }
+    assert!(missed >= 1, "the message that did not fit is reported");
+    assert_eq!(sub.dropped(), missed);
+    assert_eq!(b.metrics().await.unwrap().dropped.subscription_cut, missed);
+    eventually("a to forget b's interest", || async {
+        a.remote_subscribers("strict")
+            .await
+            .unwrap()
+            .is_empty()
+            .then_some(())
+    })
+    .await;
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
 // Each test above, once per transport.
 conformance!(
     three_nodes_wildcards_and_fifo,
@@ -431,6 +539,8 @@ conformance!(
     stalled_subscriber_is_not_declared_dead,
     never_polled_subscription_does_not_stall_the_node,
     dropping_a_full_subscription_releases_the_node,
+    drop_oldest_subscription_keeps_the_newest_and_reports_the_rest,
+    disconnect_subscription_ends_when_full,
     shutdown_reports_peers_that_did_not_confirm
 );
 

@@ -15,7 +15,6 @@ use std::{
 use anyhow::{bail, Context as _};
 use base64::Engine as _;
 use clap::{Args, Parser, Subcommand};
-use futures::StreamExt;
 use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::{Message, Multiaddr, Node};
@@ -70,6 +69,16 @@ enum Cmd {
         /// `{"lagged": N, "publisher": ID}`.
         #[arg(long)]
         reliable: bool,
+        /// Messages buffered for the subscription (default: the node's,
+        /// 65,536).
+        #[arg(long)]
+        buffer: Option<usize>,
+        /// What a full buffer does: `backpressure` (hold publishers back,
+        /// up to the slow-consumer timeout), `drop-oldest`, or `disconnect`
+        /// (end the subscription). Dropped messages are printed as
+        /// `{"lagged": N, "publisher": ID}`.
+        #[arg(long, default_value = "backpressure")]
+        overflow: crate::Overflow,
         #[command(flatten)]
         net: NetArgs,
     },
@@ -754,8 +763,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             pattern,
             count,
             reliable,
+            buffer,
+            overflow,
             net,
-        } => run_sub(pattern, count, reliable, net).await,
+        } => {
+            let mut options = crate::SubscribeOptions::new().overflow(overflow);
+            if let Some(n) = buffer {
+                options = options.buffer(n);
+            }
+            run_sub(pattern, count, reliable, options, net).await
+        }
         Cmd::Pub {
             topic,
             message,
@@ -1220,17 +1237,17 @@ async fn run_sub(
     pattern: String,
     count: Option<u64>,
     reliable: bool,
+    options: crate::SubscribeOptions,
     net: NetArgs,
 ) -> anyhow::Result<()> {
     crate::Pattern::new(&pattern)?;
     let node = net.join().await?;
-    let mut sub: futures::stream::BoxStream<'static, crate::Delivery> = if reliable {
-        node.subscribe_reliable(&pattern).await?.boxed()
-    } else {
-        node.subscribe(&pattern)
+    let mut sub = if reliable {
+        node.subscribe_reliable_with(&pattern, options)
             .await?
-            .map(crate::Delivery::Message)
-            .boxed()
+            .into_subscription()
+    } else {
+        node.subscribe_with(&pattern, options).await?
     };
     let mut seen = 0u64;
     use std::io::Write;
@@ -1240,7 +1257,7 @@ async fn run_sub(
             break;
         }
         tokio::select! {
-            m = sub.next() => match m {
+            m = sub.recv_delivery() => match m {
                 Some(crate::Delivery::Message(m)) => {
                     seen += 1;
                     let mut out = stdout.lock();
@@ -1261,8 +1278,12 @@ async fn run_sub(
             _ = tokio::signal::ctrl_c() => break,
         }
     }
+    let cut_off = sub.disconnected();
     drop(sub);
     node.shutdown().await;
+    if cut_off {
+        anyhow::bail!("the subscription's buffer filled and its overflow policy is disconnect");
+    }
     Ok(())
 }
 

@@ -92,6 +92,11 @@ pub struct Dropped {
     /// Messages published on this node to a local subscription at twice
     /// its capacity.
     pub subscription_full: u64,
+    /// Oldest messages evicted from full drop-oldest subscriptions.
+    pub subscription_evicted: u64,
+    /// Messages that found a disconnect-policy subscription full (which
+    /// ended it).
+    pub subscription_cut: u64,
     /// Messages buffered for a peer whose link never came up in time.
     pub unreachable: u64,
     /// Messages for a peer whose link is not up yet and whose buffer was
@@ -588,10 +593,12 @@ mod prometheus {
 impl Dropped {
     /// Every reason with its count, in a fixed order (the names are the
     /// fields' and the Prometheus `reason` label's).
-    pub fn by_reason(&self) -> [(&'static str, u64); 23] {
+    pub fn by_reason(&self) -> [(&'static str, u64); 25] {
         [
             ("slow_consumer", self.slow_consumer),
             ("subscription_full", self.subscription_full),
+            ("subscription_evicted", self.subscription_evicted),
+            ("subscription_cut", self.subscription_cut),
             ("unreachable", self.unreachable),
             ("link_buffer_full", self.link_buffer_full),
             ("oversize", self.oversize),

@@ -217,8 +217,9 @@ impl Builder {
         self
     }
 
-    /// Messages buffered per subscription before the node stops reading its
-    /// links, pushing back on publishers (default 65,536).
+    /// Messages buffered per subscription before its [`Overflow`] policy
+    /// applies (default 65,536; [`SubscribeOptions::buffer`] sets one
+    /// subscription's).
     pub fn subscription_capacity(mut self, messages: usize) -> Self {
         self.config.subscription_capacity = messages.max(1);
         self
@@ -227,8 +228,9 @@ impl Builder {
     /// How long a full subscription may hold the node back (it stops
     /// reading from peers, which pushes back on publishers) before it is
     /// treated as a slow consumer: its new messages are then dropped, and
-    /// counted in [`Subscription::dropped`], until it has taken its backlog.
-    /// Default 5 s.
+    /// counted in [`Subscription::dropped`] and reported as
+    /// [`Delivery::Lagged`], until it has taken its backlog. Default 5 s
+    /// (see [`Overflow::Backpressure`]).
     pub fn slow_consumer_timeout(mut self, timeout: Duration) -> Self {
         self.config.slow_consumer_timeout = timeout;
         self
@@ -529,6 +531,14 @@ pub enum PublishError {
     /// Encoding a typed value failed.
     #[error("cannot encode value: {0}")]
     Encode(#[from] postcard::Error),
+    /// More headers than a message may carry ([`crate::wire::MAX_HEADERS`]).
+    #[error("{count} headers exceed the limit of {limit} per message")]
+    TooManyHeaders {
+        /// How many were given.
+        count: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// The node has shut down.
     #[error("node is shut down")]
     Closed,
@@ -629,6 +639,12 @@ impl Inner {
                 limit: self.max_payload,
             });
         }
+        crate::wire::check_header_count(&headers).map_err(|count| {
+            PublishError::TooManyHeaders {
+                count,
+                limit: crate::wire::MAX_HEADERS,
+            }
+        })?;
         self.publishes
             .push(PublishCmd {
                 topic,
@@ -781,7 +797,18 @@ impl Node {
     /// join; as with NATS or Zenoh, a message published remotely at the same
     /// instant may miss it.
     pub async fn subscribe(&self, pattern: &str) -> Result<Subscription, SubscribeError> {
-        self.subscribe_with(pattern, false).await
+        self.subscribe_inner(pattern, false, SubscribeOptions::new())
+            .await
+    }
+
+    /// [`subscribe`](Self::subscribe) with a buffer size and an
+    /// [`Overflow`] policy of its own.
+    pub async fn subscribe_with(
+        &self,
+        pattern: &str,
+        options: SubscribeOptions,
+    ) -> Result<Subscription, SubscribeError> {
+        self.subscribe_inner(pattern, false, options).await
     }
 
     /// Subscribes reliably: every publisher keeps a retransmit window of
@@ -798,15 +825,29 @@ impl Node {
         &self,
         pattern: &str,
     ) -> Result<ReliableSubscription, SubscribeError> {
+        self.subscribe_reliable_with(pattern, SubscribeOptions::new())
+            .await
+    }
+
+    /// [`subscribe_reliable`](Self::subscribe_reliable) with a buffer size
+    /// and an [`Overflow`] policy of its own. Messages the policy drops
+    /// here are reported as [`Delivery::Lagged`] like those the network
+    /// lost.
+    pub async fn subscribe_reliable_with(
+        &self,
+        pattern: &str,
+        options: SubscribeOptions,
+    ) -> Result<ReliableSubscription, SubscribeError> {
         Ok(ReliableSubscription {
-            inner: self.subscribe_with(pattern, true).await?,
+            inner: self.subscribe_inner(pattern, true, options).await?,
         })
     }
 
-    async fn subscribe_with(
+    async fn subscribe_inner(
         &self,
         pattern: &str,
         reliable: bool,
+        options: SubscribeOptions,
     ) -> Result<Subscription, SubscribeError> {
         let pattern = Pattern::new(pattern)?;
         check_not_reserved(pattern.as_str())?;
@@ -814,6 +855,7 @@ impl Node {
             .ask(|reply| Command::Subscribe {
                 pattern: pattern.clone(),
                 reliable,
+                options,
                 reply,
             })
             .await
@@ -880,17 +922,32 @@ impl Subscription {
         &self.pattern
     }
 
-    /// Messages dropped for this subscription because it stayed full longer
-    /// than the slow-consumer timeout (see
-    /// [`Builder::slow_consumer_timeout`]). Zero for a subscriber that keeps
-    /// up.
+    /// Messages dropped for this subscription by its [`Overflow`] policy
+    /// (each also reported as [`Delivery::Lagged`] to
+    /// [`recv_delivery`](Self::recv_delivery)). Zero for a subscriber that
+    /// keeps up.
     pub fn dropped(&self) -> u64 {
         self.queue.dropped()
     }
 
-    /// The next message; `None` once the node has shut down.
+    /// Whether the node ended this subscription because its buffer filled
+    /// ([`Overflow::Disconnect`]); its stream ends once it has yielded what
+    /// it held.
+    pub fn disconnected(&self) -> bool {
+        self.queue.cut_off()
+    }
+
+    /// The next message; `None` once the node has shut down (or the
+    /// subscription was [`disconnected`](Self::disconnected)).
     pub async fn recv(&mut self) -> Option<Message> {
         futures::StreamExt::next(self).await
+    }
+
+    /// The next message, or a report of messages its [`Overflow`] policy
+    /// dropped at this point of the stream (the plain stream skips those
+    /// reports).
+    pub async fn recv_delivery(&mut self) -> Option<Delivery> {
+        futures::future::poll_fn(|cx| self.poll_delivery(cx)).await
     }
 }
 
@@ -934,16 +991,91 @@ pub enum Delivery {
     Lagged(Lagged),
 }
 
-/// Messages a reliable subscription will never get: they left the
-/// publisher's retransmit window before this node could fetch them (a
-/// partition or outage longer than the window).
+/// Messages a subscription will never get, reported where they would have
+/// been. For a reliable subscription: they left the publisher's retransmit
+/// window before this node could fetch them (a partition or outage longer
+/// than the window). For any subscription: its [`Overflow`] policy dropped
+/// them because it did not keep up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lagged {
     /// The publisher whose messages were missed.
     pub publisher: PeerId,
-    /// How many of its messages to this node were missed (they may match
-    /// any of this node's reliable subscriptions).
+    /// How many of its messages were missed. Those the network lost may
+    /// match any of this node's reliable subscriptions; those the
+    /// overflow policy dropped were this subscription's.
     pub missed: u64,
+}
+
+/// What a subscription does when its buffer is full (see
+/// [`SubscribeOptions`]). Whatever it does, no message is dropped
+/// silently: each is counted (in [`Subscription::dropped`] and the node's
+/// [`metrics`](Node::metrics)) and reported in the stream as a
+/// [`Delivery::Lagged`] where it would have been.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Overflow {
+    /// Push back on publishers: the node stops reading from its peers
+    /// (QUIC flow control and the publishers' link buffers then slow them
+    /// to this subscriber's pace). Bounded in time: a subscription full
+    /// for longer than [`Builder::slow_consumer_timeout`] is cut loose, and
+    /// messages for it are dropped until it has taken its backlog, so one
+    /// stalled consumer cannot stall the mesh. Publishes from this node are
+    /// never held back (a handler that publishes would deadlock): beyond
+    /// twice the buffer they are dropped. The default, as in NATS
+    /// JetStream's flow control or a Zenoh blocking subscriber.
+    #[default]
+    Backpressure,
+    /// Keep the newest: each message that finds the buffer full evicts the
+    /// oldest one (a ring, like Zenoh's `RingChannel` or a tokio broadcast
+    /// channel). Never holds publishers back.
+    DropOldest,
+    /// End the subscription when a message finds its buffer full, as NATS
+    /// disconnects a slow consumer: its declaration is withdrawn, its
+    /// stream yields what it held, a `Lagged` for the message that did not
+    /// fit, and ends; [`Subscription::disconnected`] tells why.
+    Disconnect,
+}
+
+impl std::str::FromStr for Overflow {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "backpressure" => Ok(Self::Backpressure),
+            "drop-oldest" => Ok(Self::DropOldest),
+            "disconnect" => Ok(Self::Disconnect),
+            _ => Err(format!(
+                "unknown overflow policy {s:?} (backpressure, drop-oldest or disconnect)"
+            )),
+        }
+    }
+}
+
+/// Options of one subscription: its buffer and [`Overflow`] policy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SubscribeOptions {
+    pub(crate) buffer: Option<usize>,
+    pub(crate) overflow: Overflow,
+}
+
+impl SubscribeOptions {
+    /// The node's defaults: [`Builder::subscription_capacity`] messages
+    /// and [`Overflow::Backpressure`].
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Messages buffered for this subscription (at least 1).
+    pub fn buffer(mut self, messages: usize) -> Self {
+        self.buffer = Some(messages.max(1));
+        self
+    }
+
+    /// What to do when the buffer is full.
+    pub fn overflow(mut self, overflow: Overflow) -> Self {
+        self.overflow = overflow;
+        self
+    }
 }
 
 /// A reliable subscription (see [`Node::subscribe_reliable`]): a stream of
@@ -964,6 +1096,23 @@ impl ReliableSubscription {
     /// The next delivery; `None` once the node has shut down.
     pub async fn recv(&mut self) -> Option<Delivery> {
         futures::StreamExt::next(self).await
+    }
+
+    /// See [`Subscription::dropped`].
+    pub fn dropped(&self) -> u64 {
+        self.inner.dropped()
+    }
+
+    /// See [`Subscription::disconnected`].
+    pub fn disconnected(&self) -> bool {
+        self.inner.disconnected()
+    }
+
+    /// The subscription underneath, whose
+    /// [`recv_delivery`](Subscription::recv_delivery) yields what this one
+    /// does (messages in order per publisher, and every gap).
+    pub fn into_subscription(self) -> Subscription {
+        self.inner
     }
 }
 

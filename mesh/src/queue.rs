@@ -93,6 +93,14 @@ pub enum SendError {
     /// The value could not be encoded.
     #[error("encoding failed: {0}")]
     Encode(String),
+    /// More headers than a message may carry ([`crate::wire::MAX_HEADERS`]).
+    #[error("{count} headers exceed the limit of {limit} per message")]
+    TooManyHeaders {
+        /// How many were given.
+        count: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// The node is shut down.
     #[error("node is shut down")]
     Closed,
@@ -110,6 +118,24 @@ pub struct SendOptions {
     pub dedup_key: Option<String>,
     /// Headers.
     pub headers: Vec<(String, Bytes)>,
+}
+
+/// Whether a message may be sent: under the frame limit, and not too many
+/// headers.
+fn check_send(
+    queue: &str,
+    payload: &Bytes,
+    options: &SendOptions,
+    limit: usize,
+) -> Result<(), SendError> {
+    let size = send_size(queue, payload, options);
+    if size > limit {
+        return Err(SendError::TooLarge { size, limit });
+    }
+    crate::wire::check_header_count(&options.headers).map_err(|count| SendError::TooManyHeaders {
+        count,
+        limit: crate::wire::MAX_HEADERS,
+    })
 }
 
 /// The size a message counts against the frame limit: room is kept for
@@ -239,13 +265,7 @@ impl Queue {
     ) -> Result<MessageId, SendError> {
         let payload = payload.into();
         let inner = &self.node.inner;
-        let size = send_size(&self.name, &payload, &options);
-        if size > inner.max_payload {
-            return Err(SendError::TooLarge {
-                size,
-                limit: inner.max_payload,
-            });
-        }
+        check_send(&self.name, &payload, &options, inner.max_payload)?;
         let (tx, rx) = oneshot::channel();
         let op = Op::Send {
             queue: self.name.clone(),
@@ -277,13 +297,7 @@ impl Queue {
         let mut msgs = Vec::new();
         for (p, options) in messages {
             let payload: Bytes = p.into();
-            let size = send_size(&self.name, &payload, &options);
-            if size > inner.max_payload {
-                return Err(SendError::TooLarge {
-                    size,
-                    limit: inner.max_payload,
-                });
-            }
+            check_send(&self.name, &payload, &options, inner.max_payload)?;
             msgs.push(OutMsg {
                 headers: options.headers,
                 payload,

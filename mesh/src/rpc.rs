@@ -73,6 +73,14 @@ pub enum RequestError {
         /// The limit.
         limit: usize,
     },
+    /// More headers than a message may carry ([`crate::wire::MAX_HEADERS`]).
+    #[error("{count} headers exceed the limit of {limit} per message")]
+    TooManyHeaders {
+        /// How many were given.
+        count: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// The node is shut down.
     #[error("node is shut down")]
     Closed,
@@ -112,6 +120,12 @@ impl Node {
         if size > limit {
             return Err(RequestError::TooLarge { size, limit });
         }
+        crate::wire::check_header_count(&headers).map_err(|count| {
+            RequestError::TooManyHeaders {
+                count,
+                limit: crate::wire::MAX_HEADERS,
+            }
+        })?;
         let (tx, rx) = oneshot::channel();
         self.inner
             .work_bounded

@@ -157,6 +157,14 @@ pub enum AppendError {
         /// The limit.
         limit: usize,
     },
+    /// More headers than a message may carry ([`crate::wire::MAX_HEADERS`]).
+    #[error("{count} headers exceed the limit of {limit} per message")]
+    TooManyHeaders {
+        /// How many were given.
+        count: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// The value could not be encoded.
     #[error("encoding failed: {0}")]
     Encode(String),
@@ -450,6 +458,12 @@ impl Stream {
                     limit: inner.max_payload,
                 });
             }
+            crate::wire::check_header_count(&r.headers).map_err(|count| {
+                AppendError::TooManyHeaders {
+                    count,
+                    limit: crate::wire::MAX_HEADERS,
+                }
+            })?;
         }
         if records.is_empty() {
             return Ok(Vec::new());

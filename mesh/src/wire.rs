@@ -151,6 +151,76 @@ const SHM_SWITCH_TAG: u8 = 15;
 /// Headers on the wire.
 pub type HeadersWire<'a> = Vec<(&'a str, Raw<'a>)>;
 
+/// Headers one message may carry: more is a typed error when sending, and a
+/// malformed frame (closing the link) when received.
+pub const MAX_HEADERS: usize = 128;
+
+/// Headers one frame may carry in all. Senders cut batches at 256 KiB
+/// counting at least 10 bytes per header, so theirs stay under about
+/// 26,000; the cap bounds what a hostile frame of empty headers (2 bytes
+/// each) decodes to at about 3 MB, where it was about 180 MB.
+pub const MAX_FRAME_HEADERS: usize = 32 * 1024;
+
+thread_local! {
+    /// Headers the frame being decoded on this thread may still carry
+    /// (set by [`decode`]; unlimited outside it).
+    static HEADER_BUDGET: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
+}
+
+/// Deserializes headers, refusing more than [`MAX_HEADERS`] per message or
+/// [`MAX_FRAME_HEADERS`] per frame before allocating for them.
+fn de_headers<'de, D: Deserializer<'de>>(d: D) -> Result<HeadersWire<'de>, D::Error> {
+    struct Headers;
+    impl<'de> serde::de::Visitor<'de> for Headers {
+        type Value = HeadersWire<'de>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "at most {MAX_HEADERS} headers")
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            use serde::de::Error;
+            let n = seq.size_hint().unwrap_or(0);
+            if n > MAX_HEADERS {
+                return Err(A::Error::custom(format_args!(
+                    "{n} headers on one message (limit {MAX_HEADERS})"
+                )));
+            }
+            let left = HEADER_BUDGET.get();
+            if n > left {
+                return Err(A::Error::custom(format_args!(
+                    "more than {MAX_FRAME_HEADERS} headers in one frame"
+                )));
+            }
+            HEADER_BUDGET.set(left - n);
+            let mut headers = Vec::with_capacity(n);
+            while let Some(h) = seq.next_element()? {
+                if headers.len() == MAX_HEADERS {
+                    return Err(A::Error::custom(format_args!(
+                        "more than {MAX_HEADERS} headers on one message"
+                    )));
+                }
+                headers.push(h);
+            }
+            Ok(headers)
+        }
+    }
+    d.deserialize_seq(Headers)
+}
+
+/// Checks a message's header count before sending: `Err(count)` if over
+/// [`MAX_HEADERS`].
+pub(crate) fn check_header_count(headers: &[(String, bytes::Bytes)]) -> Result<(), usize> {
+    if headers.len() > MAX_HEADERS {
+        Err(headers.len())
+    } else {
+        Ok(())
+    }
+}
+
 /// Work queues (see [`crate::core::queue`]) and request/reply. `cid` is a
 /// consumer's number on its node; `tag` the host's handle of a message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -169,7 +239,7 @@ pub enum WorkWire<'a> {
         /// Repeats within the host's dedup window are dropped.
         dedup: Option<&'a str>,
         /// Headers.
-        #[serde(borrow)]
+        #[serde(borrow, deserialize_with = "de_headers")]
         headers: HeadersWire<'a>,
         /// Payload.
         payload: Raw<'a>,
@@ -292,7 +362,7 @@ pub enum WorkWire<'a> {
         /// The subject.
         subject: &'a str,
         /// Headers.
-        #[serde(borrow)]
+        #[serde(borrow, deserialize_with = "de_headers")]
         headers: HeadersWire<'a>,
         /// Payload.
         payload: Raw<'a>,
@@ -463,6 +533,7 @@ pub struct AppendWire<'a> {
     /// Event time, ms since the Unix epoch.
     pub ts_ms: u64,
     /// Headers.
+    #[serde(borrow, deserialize_with = "de_headers")]
     pub headers: HeadersWire<'a>,
     /// Payload.
     pub payload: Raw<'a>,
@@ -479,6 +550,7 @@ pub struct RecordWire<'a> {
     /// Event time, ms since the Unix epoch.
     pub ts_ms: u64,
     /// Headers.
+    #[serde(borrow, deserialize_with = "de_headers")]
     pub headers: HeadersWire<'a>,
     /// Payload.
     pub payload: Raw<'a>,
@@ -549,6 +621,7 @@ pub struct DeliverWire<'a> {
     /// Dead letters: deliveries before it died, and why.
     pub dead: Option<(u32, &'a str)>,
     /// Headers.
+    #[serde(borrow, deserialize_with = "de_headers")]
     pub headers: HeadersWire<'a>,
     /// Payload.
     pub payload: Raw<'a>,
@@ -569,6 +642,7 @@ pub struct PeekedWire<'a> {
     /// Dead letters: deliveries before it died, and why.
     pub dead: Option<(u32, &'a str)>,
     /// Headers.
+    #[serde(borrow, deserialize_with = "de_headers")]
     pub headers: HeadersWire<'a>,
     /// Payload.
     pub payload: Raw<'a>,
@@ -1006,7 +1080,7 @@ pub struct MsgWire<'a> {
     /// Timestamp (µs since the Unix epoch) minus the previous one.
     pub ts_delta: i64,
     /// Headers.
-    #[serde(borrow)]
+    #[serde(borrow, deserialize_with = "de_headers")]
     pub headers: Vec<(&'a str, Raw<'a>)>,
     /// Payload.
     pub payload: Raw<'a>,
@@ -1052,7 +1126,10 @@ pub enum WireError {
 
 /// Decodes one frame body (without its length prefix).
 pub fn decode(body: &[u8]) -> Result<Frame<'_>, WireError> {
-    postcard::from_bytes(body).map_err(|e| WireError::Malformed(e.to_string()))
+    HEADER_BUDGET.set(MAX_FRAME_HEADERS);
+    let frame = postcard::from_bytes(body).map_err(|e| WireError::Malformed(e.to_string()));
+    HEADER_BUDGET.set(usize::MAX);
+    frame
 }
 
 /// Appends a length-prefixed frame to `buf`.
@@ -1304,6 +1381,50 @@ mod tests {
         assert!(is_shm_switch(&b), "{b:?}");
         assert!(!is_shm_switch(&body(&Frame::Bye)));
         assert!(!is_shm_switch(&body(&Frame::ShmRefuse { reason: "" })));
+    }
+
+    #[test]
+    fn header_counts_are_limited_per_message_and_per_frame() {
+        let msg = |n: usize| {
+            body(&Frame::Msg(MsgWire {
+                topic: 1,
+                name: None,
+                seq_delta: 1,
+                ts_delta: 0,
+                headers: vec![("k", Raw(b"v")); n],
+                payload: Raw(&[]),
+            }))
+        };
+        assert!(decode(&msg(MAX_HEADERS)).is_ok());
+        let err = decode(&msg(MAX_HEADERS + 1)).unwrap_err();
+        assert!(
+            matches!(&err, WireError::Malformed(e) if e.contains("headers on one message")),
+            "{err}"
+        );
+        // Many records, each within the limit, but too many in one frame.
+        let append = |records: usize| {
+            body(&Frame::Stream(StreamWire::Append {
+                stream: "s",
+                seq: 1,
+                records: vec![
+                    AppendWire {
+                        key: Raw(&[]),
+                        ts_ms: 0,
+                        headers: vec![("", Raw(&[])); MAX_HEADERS],
+                        payload: Raw(&[]),
+                    };
+                    records
+                ],
+            }))
+        };
+        assert!(decode(&append(MAX_FRAME_HEADERS / MAX_HEADERS)).is_ok());
+        let err = decode(&append(MAX_FRAME_HEADERS / MAX_HEADERS + 1)).unwrap_err();
+        assert!(
+            matches!(&err, WireError::Malformed(e) if e.contains("in one frame")),
+            "{err}"
+        );
+        // The budget is per frame: the next one starts afresh.
+        assert!(decode(&append(MAX_FRAME_HEADERS / MAX_HEADERS)).is_ok());
     }
 
     #[test]

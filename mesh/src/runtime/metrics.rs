@@ -23,6 +23,8 @@ pub(crate) struct Counters {
     pub(crate) received: u64,
     pub(crate) delivered: u64,
     pub(crate) lagged_drops: u64,
+    pub(crate) subscription_evicted: u64,
+    pub(crate) subscription_cut: u64,
     pub(crate) link_buffer_full: u64,
     pub(crate) oversize: u64,
     pub(crate) malformed: u64,
@@ -97,6 +99,8 @@ impl NodeTask {
         let d = &mut m.dropped;
         d.slow_consumer = c.lagged_drops;
         d.subscription_full = self.stats.dropped_slow_subscriber;
+        d.subscription_evicted = c.subscription_evicted;
+        d.subscription_cut = c.subscription_cut;
         d.link_buffer_full = c.link_buffer_full;
         // `stats.dropped_unreachable` counts both ways a peer without a
         // link loses messages; the buffer-full ones are counted apart.

@@ -56,6 +56,7 @@ pub(crate) enum Command {
     Subscribe {
         pattern: Pattern,
         reliable: bool,
+        options: crate::node::SubscribeOptions,
         reply: oneshot::Sender<Result<(SubId, Arc<SubQueue>), crate::node::SubscribeError>>,
     },
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
@@ -1928,6 +1929,7 @@ impl NodeTask {
     /// messages for the same subscription.
     fn flush_deliveries(&mut self, local: bool) {
         let mut pending = std::mem::take(&mut self.pending_delivery);
+        let mut cut_off = Vec::new();
         let mut iter = pending.drain(..).peekable();
         while let Some((id, first)) = iter.next() {
             // The run of messages for one subscription goes straight from
@@ -1944,6 +1946,11 @@ impl NodeTask {
                 let pushed = q.push(run, local);
                 self.counters.delivered += pushed.delivered;
                 self.counters.lagged_drops += pushed.lagged;
+                self.counters.subscription_evicted += pushed.evicted;
+                self.counters.subscription_cut += pushed.cut;
+                if pushed.cut_off {
+                    cut_off.push(id);
+                }
                 let (over, dropped) = (pushed.over, pushed.capped);
                 if over {
                     self.blocked_subs
@@ -1974,6 +1981,13 @@ impl NodeTask {
         }
         drop(iter);
         self.pending_delivery = pending;
+        for id in cut_off {
+            tracing::warn!(
+                subscription = id,
+                "subscription full: disconnected it (its overflow policy is Disconnect)"
+            );
+            self.unsubscribe(id);
+        }
     }
 
     fn handle_command(&mut self, cmd: Command) {
@@ -1981,6 +1995,7 @@ impl NodeTask {
             Command::Subscribe {
                 pattern,
                 reliable,
+                options,
                 reply,
             } => {
                 if !self.interest.has_room_for(&pattern) {
@@ -1988,7 +2003,8 @@ impl NodeTask {
                     return;
                 }
                 let queue = Arc::new(SubQueue::new(
-                    self.config.subscription_capacity,
+                    options.buffer.unwrap_or(self.config.subscription_capacity),
+                    options.overflow,
                     self.space.clone(),
                 ));
                 let id = self.subs.add(pattern.clone());

@@ -16,7 +16,10 @@ use std::{
 
 use tokio::sync::Notify;
 
-use crate::{core::pubsub::Message, node::Delivery};
+use crate::{
+    core::{pubsub::Message, NodeId},
+    node::{Delivery, Lagged, Overflow},
+};
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding these locks leaves plain buffers behind; keep
@@ -152,6 +155,14 @@ pub(crate) struct Pushed {
     /// Messages dropped because the subscription was cut loose as a slow
     /// consumer.
     pub(crate) lagged: u64,
+    /// Oldest messages dropped to make room ([`Overflow::DropOldest`]).
+    pub(crate) evicted: u64,
+    /// Messages that found an [`Overflow::Disconnect`] subscription full
+    /// (or arrived after, in the same batch).
+    pub(crate) cut: u64,
+    /// This push ended the subscription ([`Overflow::Disconnect`]): the
+    /// node must withdraw it.
+    pub(crate) cut_off: bool,
 }
 
 /// Messages waiting for one subscription.
@@ -159,6 +170,7 @@ pub(crate) struct Pushed {
 pub(crate) struct SubQueue {
     inner: Mutex<SubInner>,
     capacity: usize,
+    overflow: Overflow,
     space: Arc<Notify>,
 }
 
@@ -173,53 +185,127 @@ struct SubInner {
     dropped: u64,
     /// The node stopped reading because of us; tell it when we drain.
     over: bool,
+    /// Messages dropped before everything in `items` (evicted oldest), per
+    /// publisher: reported as [`Lagged`] ahead of them.
+    front_gap: Vec<(NodeId, u64)>,
+    /// Messages dropped after everything in `items` (newest, refused),
+    /// per publisher: reported as [`Lagged`] after them.
+    tail_gap: Vec<(NodeId, u64)>,
+    /// Ended because its buffer filled ([`Overflow::Disconnect`]).
+    cut_off: bool,
+}
+
+/// Counts `missed` more dropped messages of `publisher` (a handful of
+/// publishers at most, so a list).
+fn add_gap(gaps: &mut Vec<(NodeId, u64)>, publisher: NodeId, missed: u64) {
+    match gaps.iter_mut().find(|(p, _)| *p == publisher) {
+        Some((_, n)) => *n += missed,
+        None => gaps.push((publisher, missed)),
+    }
+}
+
+/// The reports of `gaps`, emptying it.
+fn lagged(gaps: &mut Vec<(NodeId, u64)>) -> impl DoubleEndedIterator<Item = Delivery> + '_ {
+    gaps.drain(..)
+        .map(|(publisher, missed)| Delivery::Lagged(Lagged { publisher, missed }))
+}
+
+impl SubInner {
+    /// Appends a message after reporting what was refused before it.
+    fn accept(&mut self, m: Message) {
+        if !self.tail_gap.is_empty() {
+            self.items.extend(lagged(&mut self.tail_gap));
+        }
+        self.items.push_back(Delivery::Message(m));
+    }
 }
 
 impl SubQueue {
-    pub(crate) fn new(capacity: usize, space: Arc<Notify>) -> Self {
+    pub(crate) fn new(capacity: usize, overflow: Overflow, space: Arc<Notify>) -> Self {
         Self {
             inner: Mutex::new(SubInner::default()),
-            capacity,
+            capacity: capacity.max(1),
+            overflow,
             space,
         }
     }
 
-    /// Appends messages; see [`Pushed`].
+    /// Appends messages as the subscription's [`Overflow`] policy says;
+    /// see [`Pushed`]. Every message not queued is counted and reported to
+    /// the subscriber as [`Lagged`] where it would have been.
     pub(crate) fn push(&self, msgs: impl IntoIterator<Item = Message>, local: bool) -> Pushed {
         let mut g = lock(&self.inner);
         if g.closed {
             return Pushed::default();
         }
-        // Remote messages are never dropped: the node stops reading links
-        // instead, so they overshoot by at most one read batch.
-        let hard = if local {
-            self.capacity.saturating_mul(2)
-        } else {
-            usize::MAX
-        };
-        let (mut dropped, mut lagged, mut delivered) = (0, 0, 0);
-        for m in msgs {
-            if g.lagging {
-                lagged += 1;
-            } else if g.items.len() < hard {
-                g.items.push_back(Delivery::Message(m));
-                delivered += 1;
-            } else {
-                dropped += 1;
+        let mut p = Pushed::default();
+        match self.overflow {
+            Overflow::Backpressure => {
+                // Remote messages are never dropped here: the node stops
+                // reading links instead, so they overshoot by at most one
+                // read batch. Local publishes are not held back (that
+                // could deadlock a subscriber that publishes from its
+                // handler): beyond twice the capacity they are refused.
+                let hard = if local {
+                    self.capacity.saturating_mul(2)
+                } else {
+                    usize::MAX
+                };
+                for m in msgs {
+                    if g.lagging {
+                        p.lagged += 1;
+                        add_gap(&mut g.tail_gap, m.publisher, 1);
+                    } else if g.items.len() < hard {
+                        g.accept(m);
+                        p.delivered += 1;
+                    } else {
+                        p.capped += 1;
+                        add_gap(&mut g.tail_gap, m.publisher, 1);
+                    }
+                }
+                p.over = !g.lagging && g.items.len() >= self.capacity;
+                g.over |= p.over;
+            }
+            Overflow::DropOldest => {
+                for m in msgs {
+                    while g.items.len() >= self.capacity {
+                        match g.items.pop_front() {
+                            Some(Delivery::Message(old)) => {
+                                p.evicted += 1;
+                                add_gap(&mut g.front_gap, old.publisher, 1);
+                            }
+                            Some(Delivery::Lagged(l)) => {
+                                add_gap(&mut g.front_gap, l.publisher, l.missed)
+                            }
+                            None => break,
+                        }
+                    }
+                    g.items.push_back(Delivery::Message(m));
+                    p.delivered += 1;
+                }
+            }
+            Overflow::Disconnect => {
+                for m in msgs {
+                    if !g.cut_off && g.items.len() < self.capacity {
+                        g.items.push_back(Delivery::Message(m));
+                        p.delivered += 1;
+                    } else {
+                        g.cut_off = true;
+                        p.cut += 1;
+                        add_gap(&mut g.tail_gap, m.publisher, 1);
+                    }
+                }
+                if g.cut_off {
+                    g.closed = true;
+                    p.cut_off = true;
+                }
             }
         }
-        g.dropped += dropped + lagged;
-        let over = !g.lagging && g.items.len() >= self.capacity;
-        g.over |= over;
+        g.dropped += p.capped + p.lagged + p.evicted + p.cut;
         if let Some(w) = g.waker.take() {
             w.wake();
         }
-        Pushed {
-            over,
-            delivered,
-            capped: dropped,
-            lagged,
-        }
+        p
     }
 
     /// Tells a reliable subscription that messages are gone for good, at
@@ -258,6 +344,12 @@ impl SubQueue {
         lock(&self.inner).dropped
     }
 
+    /// Ended by the node because its buffer filled
+    /// ([`Overflow::Disconnect`]).
+    pub(crate) fn cut_off(&self) -> bool {
+        lock(&self.inner).cut_off
+    }
+
     /// No more messages will come.
     pub(crate) fn close(&self) {
         let mut g = lock(&self.inner);
@@ -275,13 +367,20 @@ impl SubQueue {
         cx: &mut Context<'_>,
         out: &mut VecDeque<Delivery>,
     ) -> Poll<bool> {
-        let mut g = lock(&self.inner);
-        if !g.items.is_empty() {
+        let mut guard = lock(&self.inner);
+        let g = &mut *guard;
+        if !g.front_gap.is_empty() {
+            for d in lagged(&mut g.front_gap).rev() {
+                g.items.push_front(d);
+            }
+        }
+        if !g.items.is_empty() || !g.tail_gap.is_empty() {
             std::mem::swap(&mut g.items, out);
+            out.extend(lagged(&mut g.tail_gap));
             // It has taken its backlog: deliver to it again.
             g.lagging = false;
             if std::mem::take(&mut g.over) {
-                drop(g);
+                drop(guard);
                 self.space.notify_one();
             }
             return Poll::Ready(true);
@@ -521,7 +620,10 @@ mod tests {
     use crate::core::{pubsub::MessageId, topic::Topic, NodeId};
 
     fn msg(seq: u64) -> Message {
-        let node = NodeId::random();
+        msg_from(NodeId::random(), seq)
+    }
+
+    fn msg_from(node: NodeId, seq: u64) -> Message {
         Message {
             id: MessageId {
                 publisher: node,
@@ -553,7 +655,7 @@ mod tests {
 
     #[test]
     fn remote_messages_push_back_then_lag_then_recover() {
-        let q = SubQueue::new(4, Arc::new(Notify::new()));
+        let q = SubQueue::new(4, Overflow::Backpressure, Arc::new(Notify::new()));
         assert_eq!(push(&q, (0..3).map(msg), false), (false, 0));
         // Over capacity: remote messages are kept, the node must stop.
         assert_eq!(push(&q, (3..10).map(msg), false), (true, 0));
@@ -562,15 +664,16 @@ mod tests {
         assert_eq!(q.set_lagging(), Some(10));
         assert_eq!(push(&q, (10..12).map(msg), false), (false, 0));
         assert_eq!(q.dropped(), 2);
-        // Taking the backlog makes it a normal subscription again.
-        assert_eq!(take(&q), Some(10));
+        // Taking the backlog (and a report for each of the two dropped,
+        // from different publishers) makes it a normal subscription again.
+        assert_eq!(take(&q), Some(12));
         assert_eq!(push(&q, [msg(12)], false), (false, 0));
         assert_eq!(take(&q), Some(1));
     }
 
     #[test]
     fn a_drained_queue_is_never_cut_loose_and_empty_polls_clear_lagging() {
-        let q = SubQueue::new(2, Arc::new(Notify::new()));
+        let q = SubQueue::new(2, Overflow::Backpressure, Arc::new(Notify::new()));
         push(&q, (0..3).map(msg), false);
         assert_eq!(take(&q), Some(3));
         // The timeout fires just after the consumer caught up.
@@ -586,8 +689,104 @@ mod tests {
 
     #[test]
     fn local_messages_stop_at_twice_capacity() {
-        let q = SubQueue::new(2, Arc::new(Notify::new()));
+        let q = SubQueue::new(2, Overflow::Backpressure, Arc::new(Notify::new()));
         assert_eq!(push(&q, (0..6).map(msg), true), (true, 2));
         assert_eq!(q.dropped(), 2);
+    }
+
+    /// What a take yields: `Ok(seq)` for messages, `Err(missed)` for
+    /// Lagged reports; `None` when closed and empty.
+    fn take_all(q: &SubQueue) -> Option<Vec<Result<u64, u64>>> {
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut out = VecDeque::new();
+        match q.poll_take(&mut cx, &mut out) {
+            Poll::Ready(true) => Some(
+                out.into_iter()
+                    .map(|d| match d {
+                        Delivery::Message(m) => Ok(m.id.seq),
+                        Delivery::Lagged(l) => Err(l.missed),
+                    })
+                    .collect(),
+            ),
+            Poll::Ready(false) => None,
+            Poll::Pending => Some(Vec::new()),
+        }
+    }
+
+    #[test]
+    fn drop_oldest_keeps_the_newest_and_reports_the_gap_ahead_of_them() {
+        let q = SubQueue::new(3, Overflow::DropOldest, Arc::new(Notify::new()));
+        let p = NodeId::random();
+        let pushed = q.push((0..5).map(|i| msg_from(p, i)), false);
+        assert!(!pushed.over, "drop-oldest never holds the node back");
+        assert_eq!((pushed.delivered, pushed.evicted), (5, 2));
+        assert_eq!(q.dropped(), 2);
+        assert_eq!(take_all(&q), Some(vec![Err(2), Ok(2), Ok(3), Ok(4)]));
+        // Local publishes are treated alike.
+        q.push((5..9).map(|i| msg_from(p, i)), true);
+        assert_eq!(take_all(&q), Some(vec![Err(1), Ok(6), Ok(7), Ok(8)]));
+        assert_eq!(q.dropped(), 3);
+    }
+
+    #[test]
+    fn drop_oldest_keeps_one_report_per_publisher() {
+        let q = SubQueue::new(1, Overflow::DropOldest, Arc::new(Notify::new()));
+        let (a, b) = (NodeId::random(), NodeId::random());
+        q.push(
+            [
+                msg_from(a, 0),
+                msg_from(b, 0),
+                msg_from(a, 1),
+                msg_from(b, 1),
+            ],
+            false,
+        );
+        let waker = futures::task::noop_waker();
+        let mut out = VecDeque::new();
+        assert_eq!(
+            q.poll_take(&mut Context::from_waker(&waker), &mut out),
+            Poll::Ready(true)
+        );
+        let got: Vec<_> = out
+            .into_iter()
+            .map(|d| match d {
+                Delivery::Lagged(l) => (l.publisher, Err(l.missed)),
+                Delivery::Message(m) => (m.publisher, Ok(m.id.seq)),
+            })
+            .collect();
+        assert_eq!(got, vec![(a, Err(2)), (b, Err(1)), (b, Ok(1))]);
+    }
+
+    #[test]
+    fn disconnect_ends_the_subscription_after_what_it_held() {
+        let q = SubQueue::new(2, Overflow::Disconnect, Arc::new(Notify::new()));
+        let p = NodeId::random();
+        let pushed = q.push((0..4).map(|i| msg_from(p, i)), false);
+        assert!(pushed.cut_off);
+        assert_eq!((pushed.delivered, pushed.cut), (2, 2));
+        assert!(q.cut_off());
+        // Nothing more is taken in.
+        assert_eq!(q.push([msg_from(p, 9)], false), Pushed::default());
+        assert_eq!(take_all(&q), Some(vec![Ok(0), Ok(1), Err(2)]));
+        assert_eq!(take_all(&q), None, "then the stream ends");
+        assert_eq!(q.dropped(), 2);
+    }
+
+    #[test]
+    fn a_slow_consumer_is_told_where_its_messages_were_dropped() {
+        let q = SubQueue::new(2, Overflow::Backpressure, Arc::new(Notify::new()));
+        let p = NodeId::random();
+        assert!(q.push((0..3).map(|i| msg_from(p, i)), false).over);
+        assert_eq!(q.set_lagging(), Some(3));
+        assert_eq!(q.push((3..5).map(|i| msg_from(p, i)), false).lagged, 2);
+        assert_eq!(take_all(&q), Some(vec![Ok(0), Ok(1), Ok(2), Err(2)]));
+        q.push([msg_from(p, 5)], false);
+        assert_eq!(take_all(&q), Some(vec![Ok(5)]));
+        // Local publishes beyond twice the buffer: the same report.
+        let pushed = q.push((6..11).map(|i| msg_from(p, i)), true);
+        assert_eq!((pushed.delivered, pushed.capped), (4, 1));
+        assert_eq!(take_all(&q), Some(vec![Ok(6), Ok(7), Ok(8), Ok(9), Err(1)]));
+        assert_eq!(q.dropped(), 3);
     }
 }

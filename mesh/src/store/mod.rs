@@ -128,6 +128,15 @@ pub enum StoreError {
     /// A destination name is not a valid topic, queue or stream name.
     #[error("bad destination: {0}")]
     BadDestination(String),
+    /// More headers than a message may carry ([`crate::wire::MAX_HEADERS`]).
+    #[error("{count} headers exceed the limit of {limit} per message")]
+    TooManyHeaders {
+        /// How many were given.
+        count: usize,
+        /// The limit.
+        limit: usize,
+    },
+
     /// A value read back does not decode (written by something else).
     #[error("{path}: bad row in {table}: {detail}")]
     BadRow {

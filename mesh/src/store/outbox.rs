@@ -172,6 +172,10 @@ impl Outbox {
             Destination::Publish(t) => (Kind::Publish, t, &[][..]),
         };
         self.check(kind, name)?;
+        crate::wire::check_header_count(headers).map_err(|count| StoreError::TooManyHeaders {
+            count,
+            limit: crate::wire::MAX_HEADERS,
+        })?;
         let headers = super::headers_blob(headers);
         let mut stmt = tx
             .prepare_cached(
