@@ -528,6 +528,41 @@ async fn disconnect_subscription_ends_when_full(net: Net) {
     b.shutdown().await;
 }
 
+/// A peer over the inbound limit is slowed, not cut off: everything it
+/// sent arrives, in order, and the pauses are counted.
+async fn peer_over_the_inbound_limit_is_slowed_not_dropped(net: Net) {
+    let a = net.start(None).await;
+    let b = net
+        .builder()
+        .bootstrap(addr(&a).await)
+        .peer_inbound_limit(mesh::InboundLimit::bytes_per_sec(u64::MAX).frames_per_sec(100))
+        .start()
+        .await
+        .unwrap();
+    let mut sub = b.subscribe("limited").await.unwrap();
+    eventually("b's subscription to reach a", || async {
+        a.remote_subscribers("limited")
+            .await
+            .unwrap()
+            .contains(&b.peer_id())
+            .then_some(())
+    })
+    .await;
+    net.linked(&a, &[b.peer_id()]).await;
+    let p = a.publisher("limited").unwrap();
+    for i in 0..300u32 {
+        p.publish(i.to_le_bytes().to_vec()).await.unwrap();
+    }
+    for i in 0..300u32 {
+        assert_eq!(seq(&next(&mut sub).await), i, "all of them, in order");
+    }
+    let m = b.metrics().await.unwrap();
+    assert!(m.links.throttled > 0, "{:?}", m.links);
+    assert_eq!(m.dropped.slow_consumer + m.dropped.malformed, 0);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
 // Each test above, once per transport.
 conformance!(
     three_nodes_wildcards_and_fifo,
@@ -541,6 +576,7 @@ conformance!(
     dropping_a_full_subscription_releases_the_node,
     drop_oldest_subscription_keeps_the_newest_and_reports_the_rest,
     disconnect_subscription_ends_when_full,
+    peer_over_the_inbound_limit_is_slowed_not_dropped,
     shutdown_reports_peers_that_did_not_confirm
 );
 

@@ -677,6 +677,13 @@ struct NetArgs {
     /// WHO publish|read PATTERN...` lines (see mesh::security::AccessPolicy).
     #[arg(long, value_name = "FILE")]
     access_policy: Option<std::path::PathBuf>,
+    /// Read at most this many bytes per second from each peer (a peer over
+    /// it is slowed by flow control, nothing is dropped).
+    #[arg(long, value_name = "BYTES")]
+    peer_bytes_per_sec: Option<u64>,
+    /// Read at most this many frames per second from each peer.
+    #[arg(long, value_name = "FRAMES")]
+    peer_frames_per_sec: Option<u64>,
 }
 
 impl NetArgs {
@@ -700,6 +707,14 @@ impl NetArgs {
         }
         if let Some(path) = &self.access_policy {
             b = b.access_policy(crate::security::AccessPolicy::from_file(path)?);
+        }
+        if self.peer_bytes_per_sec.is_some() || self.peer_frames_per_sec.is_some() {
+            let mut limit =
+                crate::InboundLimit::bytes_per_sec(self.peer_bytes_per_sec.unwrap_or(u64::MAX));
+            if let Some(frames) = self.peer_frames_per_sec {
+                limit = limit.frames_per_sec(frames);
+            }
+            b = b.peer_inbound_limit(limit);
         }
         Ok(b.join_timeout(self.timeout()))
     }

@@ -79,7 +79,7 @@ pub use libp2p::{identity::Keypair, Multiaddr, PeerId};
 pub use mesh_transports::shm::WaitPolicy;
 pub use metrics::Metrics;
 pub use node::{
-    Builder, Delivery, Lagged, Node, Overflow, PeerInfo, PeerState, PublishError, Publisher,
-    ReadyError, ReliableSubscription, ShmConfig, ShutdownReport, StartError, SubscribeError,
-    SubscribeOptions, Subscription,
+    Builder, Delivery, InboundLimit, Lagged, Node, Overflow, PeerInfo, PeerState, PublishError,
+    Publisher, ReadyError, ReliableSubscription, ShmConfig, ShutdownReport, StartError,
+    SubscribeError, SubscribeOptions, Subscription,
 };

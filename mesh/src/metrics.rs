@@ -140,6 +140,9 @@ pub struct Dropped {
     pub stream_evicted: u64,
     /// Stream records a consumer received twice (repeats of a re-read).
     pub stream_repeats: u64,
+    /// Other nodes' declarations ignored because the interest table was
+    /// full (`core::interest::MAX_TABLE_BYTES`).
+    pub declarations_refused: u64,
     /// Peers refused by the private-mesh check.
     pub auth_refused: u64,
     /// Operations refused by the access policy.
@@ -223,6 +226,11 @@ pub struct Links {
     pub up_quic: u64,
     /// Links up now over shared memory (gauge).
     pub up_shm: u64,
+    /// Times a link reader paused because its peer went over the node's
+    /// [`InboundLimit`](crate::node::InboundLimit).
+    pub throttled: u64,
+    /// Time link readers spent in those pauses, ms.
+    pub throttled_ms: u64,
 }
 
 /// Peers by membership state (gauges).
@@ -407,9 +415,15 @@ mod prometheus {
                 ("opened", l.opened),
                 ("closed", l.closed),
                 ("refused", l.refused),
+                ("throttled", l.throttled),
             ] {
                 c("mesh_links_total", &one("event", event), v);
             }
+            describe_counter!(
+                "mesh_links_throttled_ms_total",
+                "Time link readers paused for peers over the inbound limit, ms"
+            );
+            c("mesh_links_throttled_ms_total", &[], l.throttled_ms);
             describe_gauge!("mesh_links_up", "Data links up, by transport");
             g("mesh_links_up", &one("transport", "quic"), l.up_quic);
             g("mesh_links_up", &one("transport", "shm"), l.up_shm);
@@ -593,7 +607,7 @@ mod prometheus {
 impl Dropped {
     /// Every reason with its count, in a fixed order (the names are the
     /// fields' and the Prometheus `reason` label's).
-    pub fn by_reason(&self) -> [(&'static str, u64); 25] {
+    pub fn by_reason(&self) -> [(&'static str, u64); 26] {
         [
             ("slow_consumer", self.slow_consumer),
             ("subscription_full", self.subscription_full),
@@ -617,6 +631,7 @@ impl Dropped {
             ("stream_retention", self.stream_retention),
             ("stream_evicted", self.stream_evicted),
             ("stream_repeats", self.stream_repeats),
+            ("declarations_refused", self.declarations_refused),
             ("auth_refused", self.auth_refused),
             ("acl_denied", self.acl_denied),
             ("gossip_forged", self.gossip_forged),

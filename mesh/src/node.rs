@@ -57,6 +57,7 @@ pub struct Config {
     pub(crate) membership: membership::Config,
     pub(crate) join_timeout: Duration,
     pub(crate) max_frame: usize,
+    pub(crate) inbound_limit: Option<InboundLimit>,
     pub(crate) subscription_capacity: usize,
     pub(crate) link_buffer: usize,
     pub(crate) slow_consumer_timeout: Duration,
@@ -117,6 +118,7 @@ impl Default for Config {
             membership: membership::Config::default(),
             join_timeout: Duration::from_secs(5),
             max_frame: mesh_transports::frame::DEFAULT_MAX_FRAME,
+            inbound_limit: None,
             subscription_capacity: 64 * 1024,
             link_buffer: 8 * 1024 * 1024,
             slow_consumer_timeout: Duration::from_secs(5),
@@ -214,6 +216,13 @@ impl Builder {
     pub fn max_frame(mut self, bytes: usize) -> Self {
         // The wire length prefix is a u32.
         self.config.max_frame = bytes.clamp(2 * 1024 * 1024, u32::MAX as usize);
+        self
+    }
+
+    /// Limits what this node reads from each peer's data link (see
+    /// [`InboundLimit`]); unlimited by default.
+    pub fn peer_inbound_limit(mut self, limit: InboundLimit) -> Self {
+        self.config.inbound_limit = Some(limit);
         self
     }
 
@@ -1048,6 +1057,36 @@ impl std::str::FromStr for Overflow {
                 "unknown overflow policy {s:?} (backpressure, drop-oldest or disconnect)"
             )),
         }
+    }
+}
+
+/// A limit on the rate at which a node reads from each peer (bytes and
+/// frames per second, with a second's worth of burst). A peer over it is
+/// not cut off and nothing it sent is dropped: the node pauses reading
+/// from that peer alone, so its QUIC flow control window (or its ring)
+/// fills and its sends wait. Pauses are counted in
+/// [`metrics().links`](crate::metrics::Links).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InboundLimit {
+    pub(crate) bytes_per_sec: u64,
+    pub(crate) frames_per_sec: u64,
+}
+
+impl InboundLimit {
+    /// At most this many bytes per second from each peer (at least 64 KiB,
+    /// so that any frame passes within a minute).
+    pub fn bytes_per_sec(bytes: u64) -> Self {
+        Self {
+            bytes_per_sec: bytes.max(64 * 1024),
+            frames_per_sec: u64::MAX,
+        }
+    }
+
+    /// Also at most this many frames per second (each frame carries one
+    /// message or a batch of them; at least 1).
+    pub fn frames_per_sec(mut self, frames: u64) -> Self {
+        self.frames_per_sec = frames.max(1);
+        self
     }
 }
 

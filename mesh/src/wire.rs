@@ -165,7 +165,14 @@ thread_local! {
     /// Headers the frame being decoded on this thread may still carry
     /// (set by [`decode`]; unlimited outside it).
     static HEADER_BUDGET: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
+    /// Why the header limits refused the frame being decoded (postcard's
+    /// errors do not carry a custom message).
+    static HEADER_REFUSAL: std::cell::Cell<Option<&'static str>> = const { std::cell::Cell::new(None) };
 }
+
+/// Too many headers.
+const PER_MESSAGE: &str = "more headers on one message than the limit (wire::MAX_HEADERS)";
+const PER_FRAME: &str = "more headers in one frame than the limit (wire::MAX_FRAME_HEADERS)";
 
 /// Deserializes headers, refusing more than [`MAX_HEADERS`] per message or
 /// [`MAX_FRAME_HEADERS`] per frame before allocating for them.
@@ -183,25 +190,23 @@ fn de_headers<'de, D: Deserializer<'de>>(d: D) -> Result<HeadersWire<'de>, D::Er
             mut seq: A,
         ) -> Result<Self::Value, A::Error> {
             use serde::de::Error;
+            let refuse = |why: &'static str| {
+                HEADER_REFUSAL.set(Some(why));
+                A::Error::custom(why)
+            };
             let n = seq.size_hint().unwrap_or(0);
             if n > MAX_HEADERS {
-                return Err(A::Error::custom(format_args!(
-                    "{n} headers on one message (limit {MAX_HEADERS})"
-                )));
+                return Err(refuse(PER_MESSAGE));
             }
             let left = HEADER_BUDGET.get();
             if n > left {
-                return Err(A::Error::custom(format_args!(
-                    "more than {MAX_FRAME_HEADERS} headers in one frame"
-                )));
+                return Err(refuse(PER_FRAME));
             }
             HEADER_BUDGET.set(left - n);
             let mut headers = Vec::with_capacity(n);
             while let Some(h) = seq.next_element()? {
                 if headers.len() == MAX_HEADERS {
-                    return Err(A::Error::custom(format_args!(
-                        "more than {MAX_HEADERS} headers on one message"
-                    )));
+                    return Err(refuse(PER_MESSAGE));
                 }
                 headers.push(h);
             }
@@ -1127,8 +1132,14 @@ pub enum WireError {
 /// Decodes one frame body (without its length prefix).
 pub fn decode(body: &[u8]) -> Result<Frame<'_>, WireError> {
     HEADER_BUDGET.set(MAX_FRAME_HEADERS);
-    let frame = postcard::from_bytes(body).map_err(|e| WireError::Malformed(e.to_string()));
+    let frame = postcard::from_bytes(body).map_err(|e| {
+        WireError::Malformed(match HEADER_REFUSAL.take() {
+            Some(why) => why.to_owned(),
+            None => e.to_string(),
+        })
+    });
     HEADER_BUDGET.set(usize::MAX);
+    HEADER_REFUSAL.set(None);
     frame
 }
 
@@ -1398,7 +1409,7 @@ mod tests {
         assert!(decode(&msg(MAX_HEADERS)).is_ok());
         let err = decode(&msg(MAX_HEADERS + 1)).unwrap_err();
         assert!(
-            matches!(&err, WireError::Malformed(e) if e.contains("headers on one message")),
+            matches!(&err, WireError::Malformed(e) if e == PER_MESSAGE),
             "{err}"
         );
         // Many records, each within the limit, but too many in one frame.
@@ -1420,7 +1431,7 @@ mod tests {
         assert!(decode(&append(MAX_FRAME_HEADERS / MAX_HEADERS)).is_ok());
         let err = decode(&append(MAX_FRAME_HEADERS / MAX_HEADERS + 1)).unwrap_err();
         assert!(
-            matches!(&err, WireError::Malformed(e) if e.contains("in one frame")),
+            matches!(&err, WireError::Malformed(e) if e == PER_FRAME),
             "{err}"
         );
         // The budget is per frame: the next one starts afresh.

@@ -16,6 +16,16 @@ pub const MAX_PATTERNS_PER_NODE: usize = 16 * 1024;
 /// Most bytes of patterns one node may declare, so that a declaration
 /// always fits a frame.
 pub const MAX_DECLARATION_BYTES: usize = 1024 * 1024;
+/// Most bytes of patterns all other nodes' declarations may hold in one
+/// table (about 4,000 nodes at 16 KiB each). Beyond it declarations of
+/// nodes not yet known are refused (and counted by the driver); known
+/// nodes may still shrink or replace theirs within the limit. Forgotten
+/// members' declarations are removed, so the table only fills up under a
+/// flood of declarations for nodes that do not exist.
+pub const MAX_TABLE_BYTES: usize = 64 * 1024 * 1024;
+/// Bytes counted per pattern besides its text (its allocation and the
+/// table's entry).
+const PATTERN_OVERHEAD: usize = 48;
 
 /// The version of a node's declaration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -49,6 +59,9 @@ pub enum DeclarationError {
         /// How many were declared.
         count: usize,
     },
+    /// The table holds [`MAX_TABLE_BYTES`] already.
+    #[error("interest table full ({MAX_TABLE_BYTES} bytes of other nodes' patterns)")]
+    TableFull,
 }
 
 #[derive(Debug)]
@@ -56,6 +69,14 @@ struct Entry {
     version: Version,
     patterns: Vec<Pattern>,
     reliable: Vec<Pattern>,
+    bytes: usize,
+}
+
+fn pattern_bytes(patterns: &[Pattern]) -> usize {
+    patterns
+        .iter()
+        .map(|p| p.as_str().len() + PATTERN_OVERHEAD)
+        .sum()
 }
 
 /// The interest table of one node: its own patterns and every other node's
@@ -69,8 +90,11 @@ pub struct Interest {
     local_patterns: BTreeMap<Pattern, (usize, usize)>,
     /// Remote nodes with reliable patterns.
     reliable_nodes: usize,
-    /// Bounded by the membership: the driver removes forgotten nodes.
+    /// Bounded by the membership (the driver removes forgotten nodes)
+    /// and by [`MAX_TABLE_BYTES`].
     remote: BTreeMap<NodeId, Entry>,
+    /// Bytes of `remote`'s entries.
+    remote_bytes: usize,
     generation: u64,
 }
 
@@ -83,6 +107,7 @@ impl Interest {
             local_patterns: BTreeMap::new(),
             reliable_nodes: 0,
             remote: BTreeMap::new(),
+            remote_bytes: 0,
             generation: 0,
         }
     }
@@ -146,7 +171,8 @@ impl Interest {
     }
 
     /// Applies a declaration from the mesh. Returns whether it was newer than
-    /// what we had (and so changed the table).
+    /// what we had (and so changed the table). [`DeclarationError::TableFull`]
+    /// leaves the table as it was.
     pub fn handle_declaration(&mut self, decl: Declaration) -> Result<bool, DeclarationError> {
         let count = decl.patterns.len() + decl.reliable.len();
         if count > MAX_PATTERNS_PER_NODE {
@@ -166,17 +192,25 @@ impl Interest {
         let mut reliable = decl.reliable;
         reliable.sort();
         reliable.dedup();
+        let bytes = pattern_bytes(&patterns) + pattern_bytes(&reliable);
+        let old_bytes = self.remote.get(&decl.node).map_or(0, |e| e.bytes);
+        if bytes > old_bytes && self.remote_bytes - old_bytes + bytes > MAX_TABLE_BYTES {
+            return Err(DeclarationError::TableFull);
+        }
         self.reliable_nodes += usize::from(!reliable.is_empty());
+        self.remote_bytes += bytes;
         let old = self.remote.insert(
             decl.node,
             Entry {
                 version: decl.version,
                 patterns,
                 reliable,
+                bytes,
             },
         );
         if let Some(old) = old {
             self.reliable_nodes -= usize::from(!old.reliable.is_empty());
+            self.remote_bytes -= old.bytes;
         }
         self.generation += 1;
         Ok(true)
@@ -186,6 +220,7 @@ impl Interest {
     pub fn remove(&mut self, node: &NodeId) {
         if let Some(old) = self.remote.remove(node) {
             self.reliable_nodes -= usize::from(!old.reliable.is_empty());
+            self.remote_bytes -= old.bytes;
             self.generation += 1;
         }
     }
@@ -455,5 +490,45 @@ mod tests {
         remote.handle_declaration(d).unwrap();
         assert!(!remote.has_reliable());
         assert_eq!(remote.interested("a.x").len(), 1);
+    }
+
+    #[test]
+    fn the_table_of_other_nodes_patterns_is_bounded() {
+        let mut t = Interest::new(NodeId::random(), 1);
+        let long = |i: usize| Pattern::new(&format!("{i:0>1000}")).unwrap();
+        let per_node: Vec<Pattern> = (0..1000).map(long).collect();
+        let decl = |node, seq, patterns: &[Pattern]| Declaration {
+            node,
+            version: Version { epoch: 1, seq },
+            patterns: patterns.to_vec(),
+            reliable: vec![],
+        };
+        let mut nodes = Vec::new();
+        let refused = loop {
+            let node = NodeId::random();
+            match t.handle_declaration(decl(node, 1, &per_node)) {
+                Ok(true) => nodes.push(node),
+                Err(e) => break e,
+                Ok(false) => unreachable!("a new node"),
+            }
+            assert!(nodes.len() < 100, "never refused");
+        };
+        assert_eq!(refused, DeclarationError::TableFull);
+        assert!(t.remote_bytes <= MAX_TABLE_BYTES);
+        assert_eq!(
+            nodes.len(),
+            MAX_TABLE_BYTES / ((1000 + PATTERN_OVERHEAD) * 1000)
+        );
+        // A known node may still shrink its declaration, and a removed
+        // one makes room.
+        assert_eq!(
+            t.handle_declaration(decl(nodes[0], 2, &per_node[..1])),
+            Ok(true)
+        );
+        t.remove(&nodes[1]);
+        assert_eq!(
+            t.handle_declaration(decl(NodeId::random(), 1, &per_node)),
+            Ok(true)
+        );
     }
 }

@@ -119,7 +119,7 @@ pub(crate) fn spawn(
     handshake: Handshake,
     outbox: Arc<Outbox>,
     shm_rx: ShmRxSlot,
-    max_frame: usize,
+    limits: ReadLimits,
     events: mpsc::Sender<LinkEvent>,
 ) -> tokio::task::AbortHandle {
     let (read, write) = stream.split();
@@ -148,9 +148,83 @@ pub(crate) fn spawn(
             admitted: admitted_tx,
         },
         shm_rx,
-        max_frame,
+        limits,
         events,
     ))
+}
+
+/// What a link reader may take from its peer.
+#[derive(Debug, Clone)]
+pub(crate) struct ReadLimits {
+    /// Largest frame.
+    pub(crate) max_frame: usize,
+    /// The peer's inbound rate, if limited.
+    pub(crate) rate: Option<crate::node::InboundLimit>,
+    /// Node-wide counts of the pauses the rate limit made.
+    pub(crate) throttled: Arc<Throttled>,
+}
+
+/// How often, and how long in all, link readers paused for their peers'
+/// rate limits.
+#[derive(Debug, Default)]
+pub(crate) struct Throttled {
+    pub(crate) pauses: std::sync::atomic::AtomicU64,
+    pub(crate) micros: std::sync::atomic::AtomicU64,
+}
+
+/// A token bucket per link (one second of burst): a reader that has taken
+/// more than the limit pauses before reading on, so the peer's QUIC flow
+/// control window (or ring) fills and pushes back on that peer alone.
+/// Nothing is dropped.
+struct Throttle {
+    bytes_per_sec: f64,
+    frames_per_sec: f64,
+    bytes: f64,
+    frames: f64,
+    at: tokio::time::Instant,
+    counts: Arc<Throttled>,
+}
+
+impl Throttle {
+    fn new(limits: &ReadLimits) -> Option<Self> {
+        let rate = limits.rate?;
+        let (bytes_per_sec, frames_per_sec) =
+            (rate.bytes_per_sec as f64, rate.frames_per_sec as f64);
+        Some(Self {
+            bytes_per_sec,
+            frames_per_sec,
+            bytes: bytes_per_sec,
+            frames: frames_per_sec,
+            at: tokio::time::Instant::now(),
+            counts: limits.throttled.clone(),
+        })
+    }
+
+    /// Charges a batch just read: how long to wait before reading on (the
+    /// bucket is in debt), if at all.
+    fn charge(&mut self, frames: &[bytes::Bytes]) -> Option<std::time::Duration> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = tokio::time::Instant::now();
+        let dt = now.duration_since(self.at).as_secs_f64();
+        self.at = now;
+        let bytes: usize = frames.iter().map(|f| f.len() + 4).sum();
+        self.bytes = (self.bytes + dt * self.bytes_per_sec).min(self.bytes_per_sec) - bytes as f64;
+        self.frames =
+            (self.frames + dt * self.frames_per_sec).min(self.frames_per_sec) - frames.len() as f64;
+        let wait = f64::max(
+            -self.bytes / self.bytes_per_sec,
+            -self.frames / self.frames_per_sec,
+        );
+        if wait <= 0.0 {
+            return None;
+        }
+        let wait = std::time::Duration::from_secs_f64(wait.min(3600.0));
+        self.counts.pauses.fetch_add(1, Relaxed);
+        self.counts
+            .micros
+            .fetch_add(wait.as_micros() as u64, Relaxed);
+        Some(wait)
+    }
 }
 
 /// What the writer needs for the handshake: the peer's nonce, then word
@@ -283,9 +357,11 @@ async fn read_loop(
     io: futures::io::ReadHalf<Stream>,
     start: ReaderStart,
     shm_rx: ShmRxSlot,
-    max_frame: usize,
+    limits: ReadLimits,
     events: mpsc::Sender<LinkEvent>,
 ) {
+    let max_frame = limits.max_frame;
+    let mut throttle = Throttle::new(&limits);
     let mut reader = FrameReader::new(io, max_frame);
     let ReaderStart {
         handshake: hs,
@@ -320,6 +396,7 @@ async fn read_loop(
                                 break Some("data after ShmSwitch on the network stream".into());
                             }
                         }
+                        let pause = throttle.as_mut().and_then(|t| t.charge(&frames));
                         if events
                             .send(LinkEvent::Frames { link, frames })
                             .await
@@ -327,10 +404,15 @@ async fn read_loop(
                         {
                             return;
                         }
+                        if let Some(pause) = pause {
+                            tokio::time::sleep(pause).await;
+                        }
                         if switch.is_some() {
                             let ring = shm_rx.lock().unwrap_or_else(|e| e.into_inner()).take();
                             break match ring {
-                                Some(ring) => read_ring(link, ring, max_frame, &events).await,
+                                Some(ring) => {
+                                    read_ring(link, ring, max_frame, throttle, &events).await
+                                }
                                 None => Some("ShmSwitch without shared-memory rings".into()),
                             };
                         }
@@ -358,6 +440,7 @@ async fn read_ring(
     link: LinkId,
     mut ring: ShmRx,
     max_frame: usize,
+    mut throttle: Option<Throttle>,
     events: &mpsc::Sender<LinkEvent>,
 ) -> Option<String> {
     // Room for a batch plus one more record, so that taking records never
@@ -379,13 +462,19 @@ async fn read_ring(
         if let Err(e) = split_frames(&mut buf, max_frame, &mut frames) {
             return Some(e.to_string());
         }
-        if !frames.is_empty()
-            && events
-                .send(LinkEvent::Frames { link, frames })
-                .await
-                .is_err()
+        if frames.is_empty() {
+            continue;
+        }
+        let pause = throttle.as_mut().and_then(|t| t.charge(&frames));
+        if events
+            .send(LinkEvent::Frames { link, frames })
+            .await
+            .is_err()
         {
             return None;
+        }
+        if let Some(pause) = pause {
+            tokio::time::sleep(pause).await;
         }
     }
 }
@@ -684,7 +773,11 @@ mod tests {
             },
             outbox.clone(),
             Default::default(),
-            1 << 20,
+            ReadLimits {
+                max_frame: 1 << 20,
+                rate: None,
+                throttled: Default::default(),
+            },
             events_tx,
         );
         let (mut rd, mut wr) = futures::AsyncReadExt::split(theirs_io.compat());

@@ -25,6 +25,7 @@ pub(crate) struct Counters {
     pub(crate) lagged_drops: u64,
     pub(crate) subscription_evicted: u64,
     pub(crate) subscription_cut: u64,
+    pub(crate) declarations_refused: u64,
     pub(crate) link_buffer_full: u64,
     pub(crate) oversize: u64,
     pub(crate) malformed: u64,
@@ -101,6 +102,7 @@ impl NodeTask {
         d.subscription_full = self.stats.dropped_slow_subscriber;
         d.subscription_evicted = c.subscription_evicted;
         d.subscription_cut = c.subscription_cut;
+        d.declarations_refused = c.declarations_refused;
         d.link_buffer_full = c.link_buffer_full;
         // `stats.dropped_unreachable` counts both ways a peer without a
         // link loses messages; the buffer-full ones are counted apart.
@@ -227,6 +229,15 @@ impl NodeTask {
             refused: self.stats.links_refused,
             up_quic,
             up_shm,
+            throttled: self
+                .throttled
+                .pauses
+                .load(std::sync::atomic::Ordering::Relaxed),
+            throttled_ms: self
+                .throttled
+                .micros
+                .load(std::sync::atomic::Ordering::Relaxed)
+                / 1000,
         };
 
         for member in self.membership.members() {

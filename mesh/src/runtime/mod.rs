@@ -379,6 +379,7 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
         joined_waiters: Vec::new(),
         listening_waiters: Vec::new(),
         space,
+        throttled: Default::default(),
         rng,
         next_reconnect: now + RECONNECT_INTERVAL,
         clock,
@@ -722,6 +723,8 @@ struct NodeTask {
     listening_waiters: Vec<oneshot::Sender<()>>,
     /// Signalled when an outbox or subscription queue drains.
     space: Arc<Notify>,
+    /// Pauses of link readers for their peers' inbound limit.
+    throttled: Arc<link::Throttled>,
     rng: SmallRng,
     next_reconnect: Instant,
     clock: WallClock,
@@ -1241,7 +1244,11 @@ impl NodeTask {
         let handshake = self.hello();
         let mut sync = Vec::new();
         self.encode_sync(&mut sync);
-        let max_frame = self.config.max_frame;
+        let limits = link::ReadLimits {
+            max_frame: self.config.max_frame,
+            rate: self.config.inbound_limit,
+            throttled: self.throttled.clone(),
+        };
         let events = self.link_events.clone();
         let spawner = self.spawner.clone();
         let link = self.link_mut(peer);
@@ -1257,7 +1264,7 @@ impl NodeTask {
             handshake,
             link.outbox.clone(),
             link.shm_rx.clone(),
-            max_frame,
+            limits,
             events,
         ));
     }
@@ -1786,8 +1793,24 @@ impl NodeTask {
         let node = decl.node;
         let epoch = decl.version.epoch;
         let before = self.interest.version_of(&node).map(|v| v.epoch);
-        if self.interest.handle_declaration(decl)? && before.is_some_and(|e| e != epoch) {
-            self.rel_out.remove(&node);
+        match self.interest.handle_declaration(decl) {
+            Ok(true) if before.is_some_and(|e| e != epoch) => {
+                self.rel_out.remove(&node);
+            }
+            Ok(_) => {}
+            // Not the sender's fault alone (it may relay a sync): the
+            // declaration is ignored, the link kept.
+            Err(crate::core::interest::DeclarationError::TableFull) => {
+                self.counters.declarations_refused += 1;
+                if self.counters.declarations_refused.is_power_of_two() {
+                    tracing::warn!(
+                        %node,
+                        refused = self.counters.declarations_refused,
+                        "interest table full: ignoring declarations of nodes not yet known"
+                    );
+                }
+            }
+            Err(e) => return Err(e),
         }
         Ok(())
     }
