@@ -239,6 +239,24 @@ fn ids() -> &'static [(NodeId, Vec<u8>)] {
     })
 }
 
+/// The signature `key`'s node gives its gossip message `seq` (for tests
+/// that forge or alter one).
+pub fn sign_gossip(
+    key: &libp2p::identity::Keypair,
+    seq: u64,
+    timestamp: u64,
+    topic: &str,
+    payload: &[u8],
+) -> bytes::Bytes {
+    crate::security::Signer::new(key.clone()).sign(
+        key.public().to_peer_id(),
+        seq,
+        timestamp,
+        topic,
+        payload,
+    )
+}
+
 /// The id bytes of harness node `i` (modulo [`IDS`]).
 pub fn id_bytes(i: usize) -> &'static [u8] {
     let all = ids();

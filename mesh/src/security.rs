@@ -482,8 +482,6 @@ impl Access {
 /// timestamp, topic and payload.
 pub(crate) struct Signer {
     key: libp2p::identity::Keypair,
-    /// Public keys decoded from peer ids (bounded: starts over when full).
-    keys: std::collections::HashMap<NodeId, libp2p::identity::PublicKey>,
 }
 
 impl fmt::Debug for Signer {
@@ -492,14 +490,17 @@ impl fmt::Debug for Signer {
     }
 }
 
-impl Signer {
-    const MAX_KEYS: usize = 4096;
+/// Checks gossip signatures (one per link reader, so that the checks run
+/// beside the node task, not in it).
+#[derive(Debug, Default)]
+pub(crate) struct Verifier {
+    /// Public keys decoded from peer ids (bounded: starts over when full).
+    keys: std::collections::HashMap<NodeId, libp2p::identity::PublicKey>,
+}
 
+impl Signer {
     pub(crate) fn new(key: libp2p::identity::Keypair) -> Self {
-        Self {
-            key,
-            keys: Default::default(),
-        }
+        Self { key }
     }
 
     fn digest(origin: NodeId, seq: u64, timestamp: u64, topic: &str, payload: &[u8]) -> [u8; 32] {
@@ -530,6 +531,10 @@ impl Signer {
         // by every receiver, never accepted.
         self.key.sign(&digest).unwrap_or_default().into()
     }
+}
+
+impl Verifier {
+    const MAX_KEYS: usize = 4096;
 
     /// Whether `signature` is `origin`'s over this message.
     pub(crate) fn verify(
@@ -563,7 +568,7 @@ impl Signer {
             }
         };
         key.verify(
-            &Self::digest(origin, seq, timestamp, topic, payload),
+            &Signer::digest(origin, seq, timestamp, topic, payload),
             signature,
         )
     }
@@ -695,8 +700,9 @@ mod tests {
     fn gossip_signatures_bind_origin_and_content() {
         let key = libp2p::identity::Keypair::generate_ed25519();
         let origin = key.public().to_peer_id();
-        let mut signer = Signer::new(key);
+        let signer = Signer::new(key);
         let sig = signer.sign(origin, 7, 1000, "a.b", b"payload");
+        let mut signer = Verifier::default();
         assert!(signer.verify(origin, 7, 1000, "a.b", b"payload", &sig));
         assert!(!signer.verify(origin, 7, 1000, "a.b", b"altered", &sig));
         assert!(!signer.verify(origin, 8, 1000, "a.b", b"payload", &sig));

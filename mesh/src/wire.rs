@@ -148,6 +148,15 @@ pub fn is_shm_switch(body: &[u8]) -> bool {
 /// `ShmSwitch`'s postcard variant index (checked in the tests).
 const SHM_SWITCH_TAG: u8 = 15;
 
+/// Whether an encoded frame body is a [`Frame::Gossip`] (so that link
+/// readers decode only those to check their signatures).
+pub fn is_gossip(body: &[u8]) -> bool {
+    body.first() == Some(&GOSSIP_TAG)
+}
+
+/// `Gossip`'s postcard variant index (checked in the tests).
+const GOSSIP_TAG: u8 = 11;
+
 /// Headers on the wire.
 pub type HeadersWire<'a> = Vec<(&'a str, Raw<'a>)>;
 
@@ -1391,6 +1400,8 @@ mod tests {
         let b = body(&Frame::ShmSwitch);
         assert!(is_shm_switch(&b), "{b:?}");
         assert!(!is_shm_switch(&body(&Frame::Bye)));
+        assert!(is_gossip(&body(&Frame::Gossip(GossipWire::Prune))));
+        assert!(!is_gossip(&body(&Frame::Bye)));
         assert!(!is_shm_switch(&body(&Frame::ShmRefuse { reason: "" })));
     }
 

@@ -160,16 +160,76 @@ pub(crate) struct ReadLimits {
     pub(crate) max_frame: usize,
     /// The peer's inbound rate, if limited.
     pub(crate) rate: Option<crate::node::InboundLimit>,
-    /// Node-wide counts of the pauses the rate limit made.
-    pub(crate) throttled: Arc<Throttled>,
+    /// Node-wide counts of what the readers did.
+    pub(crate) counts: Arc<ReaderCounts>,
 }
 
-/// How often, and how long in all, link readers paused for their peers'
-/// rate limits.
+/// What link readers count (node-wide): pauses for their peers' rate
+/// limits, and gossip messages they dropped because the signature did not
+/// check.
 #[derive(Debug, Default)]
-pub(crate) struct Throttled {
+pub(crate) struct ReaderCounts {
     pub(crate) pauses: std::sync::atomic::AtomicU64,
     pub(crate) micros: std::sync::atomic::AtomicU64,
+    pub(crate) gossip_forged: std::sync::atomic::AtomicU64,
+}
+
+/// Checks the origin signature of every gossip message a link brings,
+/// before the node task sees it: the Ed25519 checks are most of a gossip
+/// message's cost, and here they run beside the node task (one reader per
+/// link), which stays free for membership and everything else. A message
+/// that fails is dropped, counted and logged (the first per link).
+#[derive(Debug, Default)]
+struct GossipCheck {
+    codec: wire::GossipCodec,
+    verifier: crate::security::Verifier,
+    forged: u64,
+}
+
+impl GossipCheck {
+    /// Drops forged gossip messages from `frames`. Frames that do not
+    /// decode are left for the node task, which reports them.
+    fn filter(&mut self, peer: NodeId, frames: &mut Vec<Bytes>, counts: &ReaderCounts) {
+        let before = self.forged;
+        frames.retain(|f| {
+            if !wire::is_gossip(f) {
+                return true;
+            }
+            let Ok(wire::Frame::Gossip(g)) = wire::decode(f) else {
+                return true;
+            };
+            let Ok(crate::core::gossip::Message::Gossip {
+                id,
+                topic,
+                payload,
+                stamp,
+                ..
+            }) = self.codec.decode(f, &g)
+            else {
+                return true;
+            };
+            let good = self.verifier.verify(
+                id.0,
+                id.1,
+                stamp.timestamp,
+                &topic,
+                &payload,
+                &stamp.signature,
+            );
+            if !good {
+                self.forged += 1;
+                if self.forged == 1 {
+                    tracing::warn!(%peer, origin = %id.0, seq = id.1, "dropped a gossip message whose signature does not check (forged or altered by a relay); further ones from this link are only counted");
+                }
+            }
+            good
+        });
+        if self.forged > before {
+            counts
+                .gossip_forged
+                .fetch_add(self.forged - before, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
 
 /// A token bucket per link (one second of burst): a reader that has taken
@@ -182,7 +242,7 @@ struct Throttle {
     bytes: f64,
     frames: f64,
     at: tokio::time::Instant,
-    counts: Arc<Throttled>,
+    counts: Arc<ReaderCounts>,
 }
 
 impl Throttle {
@@ -196,7 +256,7 @@ impl Throttle {
             bytes: bytes_per_sec,
             frames: frames_per_sec,
             at: tokio::time::Instant::now(),
-            counts: limits.throttled.clone(),
+            counts: limits.counts.clone(),
         })
     }
 
@@ -362,6 +422,7 @@ async fn read_loop(
 ) {
     let max_frame = limits.max_frame;
     let mut throttle = Throttle::new(&limits);
+    let mut gossip = GossipCheck::default();
     let mut reader = FrameReader::new(io, max_frame);
     let ReaderStart {
         handshake: hs,
@@ -396,6 +457,7 @@ async fn read_loop(
                                 break Some("data after ShmSwitch on the network stream".into());
                             }
                         }
+                        gossip.filter(peer, &mut frames, &limits.counts);
                         let pause = throttle.as_mut().and_then(|t| t.charge(&frames));
                         if events
                             .send(LinkEvent::Frames { link, frames })
@@ -411,7 +473,15 @@ async fn read_loop(
                             let ring = shm_rx.lock().unwrap_or_else(|e| e.into_inner()).take();
                             break match ring {
                                 Some(ring) => {
-                                    read_ring(link, ring, max_frame, throttle, &events).await
+                                    let ring_reader = RingReader {
+                                        link,
+                                        peer,
+                                        max_frame,
+                                        throttle,
+                                        gossip,
+                                        counts: limits.counts.clone(),
+                                    };
+                                    ring_reader.run(ring, &events).await
                                 }
                                 None => Some("ShmSwitch without shared-memory rings".into()),
                             };
@@ -436,12 +506,41 @@ async fn read_loop(
 
 /// Reads the rest of the link from its ring: `None` when the peer closed
 /// it cleanly, or what went wrong (a dead peer, a corrupt ring).
+/// The reader of a link that moved to its ring: what it carries over from
+/// the network stream's reader.
+struct RingReader {
+    link: LinkId,
+    peer: NodeId,
+    max_frame: usize,
+    throttle: Option<Throttle>,
+    gossip: GossipCheck,
+    counts: Arc<ReaderCounts>,
+}
+
+impl RingReader {
+    async fn run(self, ring: ShmRx, events: &mpsc::Sender<LinkEvent>) -> Option<String> {
+        let Self {
+            link,
+            peer,
+            max_frame,
+            mut throttle,
+            mut gossip,
+            counts,
+        } = self;
+        read_ring(link, ring, max_frame, events, |frames| {
+            gossip.filter(peer, frames, &counts);
+            throttle.as_mut().and_then(|t| t.charge(frames))
+        })
+        .await
+    }
+}
+
 async fn read_ring(
     link: LinkId,
     mut ring: ShmRx,
     max_frame: usize,
-    mut throttle: Option<Throttle>,
     events: &mpsc::Sender<LinkEvent>,
+    mut check: impl FnMut(&mut Vec<Bytes>) -> Option<std::time::Duration>,
 ) -> Option<String> {
     // Room for a batch plus one more record, so that taking records never
     // reallocates (and copies) the buffer; frames are slices of it.
@@ -462,10 +561,10 @@ async fn read_ring(
         if let Err(e) = split_frames(&mut buf, max_frame, &mut frames) {
             return Some(e.to_string());
         }
+        let pause = check(&mut frames);
         if frames.is_empty() {
             continue;
         }
-        let pause = throttle.as_mut().and_then(|t| t.charge(&frames));
         if events
             .send(LinkEvent::Frames { link, frames })
             .await
@@ -776,7 +875,7 @@ mod tests {
             ReadLimits {
                 max_frame: 1 << 20,
                 rate: None,
-                throttled: Default::default(),
+                counts: Default::default(),
             },
             events_tx,
         );

@@ -123,7 +123,10 @@ impl NodeTask {
         d.control_refused = self.stats.control_refused;
         d.auth_refused = self.stats.auth_refused;
         d.acl_denied = self.access.as_ref().map_or(0, |a| a.denied);
-        d.gossip_forged = self.stats.gossip_forged;
+        d.gossip_forged = self
+            .reader_counts
+            .gossip_forged
+            .load(std::sync::atomic::Ordering::Relaxed);
         d.stream_repeats = c.stream_repeats;
 
         let host = &self.work.host;
@@ -230,11 +233,11 @@ impl NodeTask {
             up_quic,
             up_shm,
             throttled: self
-                .throttled
+                .reader_counts
                 .pauses
                 .load(std::sync::atomic::Ordering::Relaxed),
             throttled_ms: self
-                .throttled
+                .reader_counts
                 .micros
                 .load(std::sync::atomic::Ordering::Relaxed)
                 / 1000,

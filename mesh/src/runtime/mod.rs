@@ -379,7 +379,7 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
         joined_waiters: Vec::new(),
         listening_waiters: Vec::new(),
         space,
-        throttled: Default::default(),
+        reader_counts: Default::default(),
         rng,
         next_reconnect: now + RECONNECT_INTERVAL,
         clock,
@@ -467,7 +467,6 @@ struct Stats {
     auth_refused: u64,
     /// Gossip messages dropped because their origin's signature did not
     /// check.
-    gossip_forged: u64,
     slow_consumers: u64,
     dropped_slow_subscriber: u64,
     dropped_unreachable: u64,
@@ -723,8 +722,8 @@ struct NodeTask {
     listening_waiters: Vec<oneshot::Sender<()>>,
     /// Signalled when an outbox or subscription queue drains.
     space: Arc<Notify>,
-    /// Pauses of link readers for their peers' inbound limit.
-    throttled: Arc<link::Throttled>,
+    /// What the link readers counted (inbound-limit pauses, forged gossip).
+    reader_counts: Arc<link::ReaderCounts>,
     rng: SmallRng,
     next_reconnect: Instant,
     clock: WallClock,
@@ -1247,7 +1246,7 @@ impl NodeTask {
         let limits = link::ReadLimits {
             max_frame: self.config.max_frame,
             rate: self.config.inbound_limit,
-            throttled: self.throttled.clone(),
+            counts: self.reader_counts.clone(),
         };
         let events = self.link_events.clone();
         let spawner = self.spawner.clone();
@@ -1488,31 +1487,8 @@ impl NodeTask {
             Frame::Resume { session, next } => self.resend(peer, session, next),
             Frame::Gossip(g) => {
                 let msg = self.gossip_codec.decode(body, &g)?;
-                if let crate::core::gossip::Message::Gossip {
-                    id,
-                    topic,
-                    payload,
-                    stamp,
-                    ..
-                } = &msg
-                {
-                    // A duplicate goes no further than the core's check (it
-                    // is dropped unseen): only a first copy needs checking.
-                    if !self.gossip.has_seen(id)
-                        && !self.signer.verify(
-                            id.0,
-                            id.1,
-                            stamp.timestamp,
-                            topic,
-                            payload,
-                            &stamp.signature,
-                        )
-                    {
-                        self.stats.gossip_forged += 1;
-                        tracing::warn!(%peer, origin = %id.0, seq = id.1, "dropped a gossip message whose signature does not check (forged or altered by a relay)");
-                        return Ok(());
-                    }
-                }
+                // Its origin's signature was checked by the link reader
+                // (`link::GossipCheck`).
                 self.gossip.handle_message(now(), peer, msg, &mut self.rng);
                 self.gossip_events();
                 self.gossip_out();
