@@ -2,7 +2,8 @@
 //! run at a steady rate for a long time while some of them are SIGKILLed
 //! (or SIGSTOPped) and restarted on a seeded schedule; at the end the
 //! traffic is drained and checked, and the long-lived processes' memory
-//! and file descriptors are compared with the end of the warm-up.
+//! (resident, less shared-memory ring pages) and file descriptors are
+//! compared with the end of the warm-up.
 //!
 //! Processes (all on 127.0.0.1, port 0, no mDNS):
 //!
@@ -424,7 +425,7 @@ struct Proc {
     exited: bool,
     stopping: bool,
     ended: bool,
-    /// (seconds since start, rss KiB, fds)
+    /// (seconds since start, rss KiB less shared memory, fds)
     samples: Vec<(f64, u64, u64)>,
 }
 
@@ -904,13 +905,20 @@ impl Bench {
     }
 }
 
+/// Resident memory of `pid` less its shared-memory pages (`VmRSS` minus
+/// `RssShmem`): the rings are fixed-size mappings whose pages become
+/// resident as they are first written, so over the first minutes they
+/// grow `VmRSS` without any growth of the process's own memory.
 fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    Some(field("VmRSS:")?.saturating_sub(field("RssShmem:").unwrap_or(0)))
 }
 
 fn fd_count(pid: u32) -> Option<u64> {
