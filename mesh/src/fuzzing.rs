@@ -715,6 +715,7 @@ fn pubsub_frame<'a>(u: &mut Input<'a>) -> Frame<'a> {
         4 => Frame::Seq {
             session: u.num(),
             rseq: u.num(),
+            to: u.num(),
         },
         5 => Frame::Declare(decl(u)),
         6 => Frame::Sync(sync(u)),
@@ -727,6 +728,7 @@ fn pubsub_frame<'a>(u: &mut Input<'a>) -> Frame<'a> {
                 session: u.num(),
                 missed: u.num(),
                 next: u.num(),
+                to: u.num(),
             },
         },
     }
@@ -1395,7 +1397,7 @@ impl Harness {
                 let (msg, targets) = link.dec.handle_msg(body, &m, &self.subs)?;
                 let _ = (msg, targets);
             }
-            Frame::Seq { session, rseq } => {
+            Frame::Seq { session, rseq, .. } => {
                 let link = self
                     .links
                     .get_mut(&peer)

@@ -16,7 +16,7 @@ use crate::core::{
 };
 
 /// The protocol version spoken by this build.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// [`Hello::features`] bit: the sender can move the link's data to
 /// shared-memory rings (see [`Frame::ShmOffer`]).
@@ -79,6 +79,10 @@ pub enum Frame<'a> {
         session: u64,
         /// Number of the message, from 1, per receiver.
         rseq: u64,
+        /// The receiver's epoch (start time) this numbering is for: a
+        /// numbering begun for an earlier run of the receiver (whose
+        /// declaration the sender still held) is not the current run's.
+        to: u64,
     },
     /// Asks the sender of reliable messages to send again everything of
     /// `session` from `next` on (after a gap, or when a link comes up).
@@ -101,6 +105,8 @@ pub enum Frame<'a> {
         missed: u64,
         /// The first message that follows.
         next: u64,
+        /// The receiver's epoch the numbering is for (as in `Seq`).
+        to: u64,
     },
     /// From the peer with the smaller id, when both share a host and user
     /// (see [`Hello::host`]): "I made two rings; open them".

@@ -421,7 +421,7 @@ fn reliable_missing_final(log: &RLog, final_names: &[String]) -> Vec<String> {
 
 const FINAL_BATCH: u64 = 30;
 
-fn random_run(seed: u64) -> Result<Outcome, String> {
+fn random_run(seed: u64, private: bool) -> Result<Outcome, String> {
     let mut rng = SmallRng::seed_from_u64(seed ^ 0x5eed);
     let max_latency = rng.gen_range(1..30);
     let mut sim = Sim::builder()
@@ -433,7 +433,13 @@ fn random_run(seed: u64) -> Result<Outcome, String> {
         .record_trace(std::env::var_os("MESH_SIM_TRACE").is_some())
         .build();
     for n in NODES {
-        sim.node(n);
+        if private {
+            // A private mesh: each link's outbox waits for the handshake.
+            let secret = mesh::security::MeshSecret::new("the simulated mesh's secret").unwrap();
+            sim.node_with(n, Node::builder().mesh_secret(secret));
+        } else {
+            sim.node(n);
+        }
     }
     sim.run_until(|s| s.converged(), 30 * S)
         .map_err(|e| format!("initial convergence: {e}"))?;
@@ -613,7 +619,7 @@ fn restart(
     }
 }
 
-fn check_seed(seed: u64) -> Result<Duration, String> {
+fn check_seed(seed: u64, private: bool) -> Result<Duration, String> {
     // MESH_SIM_LOG=mesh=debug: the nodes' logs, for replaying one seed.
     if let Ok(filter) = std::env::var("MESH_SIM_LOG") {
         let _ = tracing_subscriber::fmt()
@@ -621,7 +627,7 @@ fn check_seed(seed: u64) -> Result<Duration, String> {
             .with_test_writer()
             .try_init();
     }
-    let out = random_run(seed)?;
+    let out = random_run(seed, private)?;
     let r = &out.report;
     if !r.safe() {
         return Err(format!("safety violated:\n{r}"));
@@ -634,19 +640,24 @@ fn check_seed(seed: u64) -> Result<Duration, String> {
     Ok(out.converge)
 }
 
-fn replay_hint(seed: u64) -> String {
-    format!("replay: MESH_SIM_SEED={seed} cargo test -p mesh --test sim sim_random -- --exact")
+fn replay_hint(seed: u64, private: bool) -> String {
+    let test = if private {
+        "sim_random_private"
+    } else {
+        "sim_random"
+    };
+    format!("replay: MESH_SIM_SEED={seed} cargo test -p mesh --test sim {test} -- --exact")
 }
 
 /// Seeds `range` (or just `MESH_SIM_SEED`), each a random fault schedule.
-fn sweep(range: std::ops::Range<u64>) {
+fn sweep(range: std::ops::Range<u64>, private: bool) {
     let seeds = common::seeds(range);
     let started = std::time::Instant::now();
     let mut worst = Duration::ZERO;
     for &seed in &seeds {
-        match check_seed(seed) {
+        match check_seed(seed, private) {
             Ok(converge) => worst = worst.max(converge),
-            Err(e) => panic!("seed {seed}: {e}\n{}", replay_hint(seed)),
+            Err(e) => panic!("seed {seed}: {e}\n{}", replay_hint(seed, private)),
         }
     }
     eprintln!(
@@ -664,25 +675,33 @@ fn per_test() -> u64 {
 #[test]
 fn sim_random() {
     let n = per_test();
-    sweep(0..n);
+    sweep(0..n, false);
 }
 
 #[test]
 fn sim_random_2() {
     let n = per_test();
-    sweep(n..2 * n);
+    sweep(n..2 * n, false);
 }
 
 #[test]
 fn sim_random_3() {
     let n = per_test();
-    sweep(2 * n..3 * n);
+    sweep(2 * n..3 * n, false);
 }
 
 #[test]
 fn sim_random_4() {
     let n = per_test();
-    sweep(3 * n..4 * n);
+    sweep(3 * n..4 * n, false);
+}
+
+/// The same schedules in a private mesh, where each link's writer sends
+/// nothing until the peer has proved it holds the secret.
+#[test]
+fn sim_random_private() {
+    let n = per_test() / 2;
+    sweep(0..n, true);
 }
 
 // --- reliable pub/sub ---

@@ -152,7 +152,8 @@ impl Spawner {
     {
         match &self.gate {
             None => tokio::spawn(fut).abort_handle(),
-            Some(gate) => gate.spawn(fut),
+            // A simulated node's tasks log inside its span (`node=NAME`).
+            Some(gate) => gate.spawn(tracing::Instrument::in_current_span(fut)),
         }
     }
 }
@@ -396,6 +397,7 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
         access,
         signer,
         admitted: Default::default(),
+        unadmitted_control: Default::default(),
         refused: Default::default(),
         last_drop_warning: None,
         relink: Vec::new(),
@@ -525,6 +527,8 @@ struct Kept {
 /// from 1 without gaps; the oldest leave when it is full.
 #[derive(Debug)]
 struct RelOut {
+    /// The subscriber's epoch (its declaration's) this numbering is for.
+    epoch: u64,
     next: u64,
     window: std::collections::VecDeque<Kept>,
     bytes: usize,
@@ -533,6 +537,7 @@ struct RelOut {
 impl Default for RelOut {
     fn default() -> Self {
         Self {
+            epoch: 0,
             next: 1,
             window: Default::default(),
             bytes: 0,
@@ -589,7 +594,8 @@ struct Link {
     /// Messages were encoded for it (shutdown waits for those to go out).
     has_data: bool,
     /// The `Seq` frame just read: the next `Msg` is that reliable message.
-    pending_seq: Option<(u64, u64)>,
+    /// (session, rseq, to) of the next `Msg`.
+    pending_seq: Option<(u64, u64, u64)>,
     /// Messages dropped because its buffer was full before its stream came.
     dropped: u64,
     /// Messages buffered before its stream came.
@@ -756,6 +762,10 @@ struct NodeTask {
     /// connections: removed on disconnect): in a private mesh, control
     /// traffic (membership) from anyone else is ignored.
     admitted: std::collections::HashSet<NodeId>,
+    /// Control streams of connected peers whose link handshake is not done
+    /// yet (private meshes), read once it is (bounded per peer; dropped at
+    /// refusal or disconnection).
+    unadmitted_control: std::collections::HashMap<NodeId, Vec<quic::Stream>>,
     /// Peers refused in the handshake, to disconnect, and whether each was
     /// logged already (one warning per peer; bounded).
     refused: RefusedPeers,
@@ -1145,6 +1155,8 @@ impl NodeTask {
                 self.connected.remove(&peer);
                 self.lingering.remove(&peer);
                 self.admitted.remove(&peer);
+                let held = self.unadmitted_control.remove(&peer).map_or(0, |h| h.len());
+                self.stats.control_refused += held as u64;
                 if let Some(mut link) = self.links.remove(&peer) {
                     link.close();
                     if self.shutting_down && link.has_data && !link.bye_acked && !link.leaving {
@@ -1167,35 +1179,22 @@ impl NodeTask {
             }
             quic::Event::ControlStream { peer, stream } => {
                 if self.admission.is_private() && !self.admitted.contains(&peer) {
-                    // A private mesh listens to members only; dropping the
-                    // stream resets it.
-                    self.stats.control_refused += 1;
-                    tracing::debug!(%peer, "control stream from a peer not admitted; refused");
-                    return;
-                }
-                let inflight = self.control_inflight.entry(peer).or_insert(0);
-                if *inflight >= MAX_CONTROL_READERS_PER_PEER {
-                    self.stats.control_refused += 1;
-                    tracing::debug!(%peer, "peer has too many control streams being read; refused one");
-                    return;
-                }
-                match self.control_readers.clone().try_acquire_owned() {
-                    Ok(permit) => {
-                        *inflight += 1;
-                        link::spawn_control_reader(
-                            &self.spawner,
-                            peer,
-                            stream,
-                            permit,
-                            self.control_tx.clone(),
-                        )
-                    }
-                    Err(_) => {
-                        // Dropping the stream resets it; SWIM tolerates the loss.
+                    // A private mesh listens to members only. A member's
+                    // control stream may come before its link's handshake
+                    // is done (a reconnect): it waits, unread, for that
+                    // (dropping it cost SWIM its pings and falsely
+                    // suspected members after every reconnect).
+                    let held = self.unadmitted_control.entry(peer).or_default();
+                    if held.len() < MAX_CONTROL_READERS_PER_PEER {
+                        held.push(stream);
+                    } else {
+                        // Dropping the stream resets it.
                         self.stats.control_refused += 1;
-                        tracing::debug!(%peer, "too many control streams being read; refused one");
+                        tracing::debug!(%peer, "control streams from a peer not admitted yet; refused one");
                     }
+                    return;
                 }
+                self.read_control(peer, stream);
             }
             quic::Event::ExtraConnection { peer } => {
                 // A simultaneous or late dial: the data stream we have stays
@@ -1268,6 +1267,34 @@ impl NodeTask {
         ));
     }
 
+    /// Reads a control stream from an admitted (or any, in an open mesh)
+    /// peer, within the per-peer and node-wide limits.
+    fn read_control(&mut self, peer: NodeId, stream: quic::Stream) {
+        let inflight = self.control_inflight.entry(peer).or_insert(0);
+        if *inflight >= MAX_CONTROL_READERS_PER_PEER {
+            self.stats.control_refused += 1;
+            tracing::debug!(%peer, "peer has too many control streams being read; refused one");
+            return;
+        }
+        match self.control_readers.clone().try_acquire_owned() {
+            Ok(permit) => {
+                *inflight += 1;
+                link::spawn_control_reader(
+                    &self.spawner,
+                    peer,
+                    stream,
+                    permit,
+                    self.control_tx.clone(),
+                )
+            }
+            Err(_) => {
+                // Dropping the stream resets it; SWIM tolerates the loss.
+                self.stats.control_refused += 1;
+                tracing::debug!(%peer, "too many control streams being read; refused one");
+            }
+        }
+    }
+
     fn handle_link_event(&mut self, ev: LinkEvent) {
         match ev {
             LinkEvent::Up { link, peer, hello } => {
@@ -1275,6 +1302,9 @@ impl NodeTask {
                     return;
                 }
                 self.admitted.insert(peer);
+                for stream in self.unadmitted_control.remove(&peer).unwrap_or_default() {
+                    self.read_control(peer, stream);
+                }
                 let shm_ok = self.shm_eligible(peer, &hello);
                 if shm_ok && self.local < peer {
                     self.offer_shm(peer, link);
@@ -1350,6 +1380,8 @@ impl NodeTask {
                 }
                 self.stats.auth_refused += 1;
                 self.admitted.remove(&peer);
+                let held = self.unadmitted_control.remove(&peer).map_or(0, |h| h.len());
+                self.stats.control_refused += held as u64;
                 if self.refused.note(peer) {
                     tracing::warn!(%peer, %reason, "refused a peer: not admitted to this private mesh");
                 } else {
@@ -1454,16 +1486,19 @@ impl NodeTask {
                     self.counters.no_subscriber += 1;
                 }
                 match seq {
-                    Some((session, rseq)) => {
+                    Some((session, rseq, to)) if to == self.session => {
                         if !self.accept_reliable(peer, session, rseq) {
                             return Ok(());
                         }
                         self.deliver(msg, &targets);
                     }
-                    // Not numbered: the publisher did not know of our
-                    // reliable subscriptions yet. They start with the first
-                    // numbered message, so their stream has no hole.
-                    None if !self.reliable_subs.is_empty()
+                    // Not numbered (the publisher did not know of our
+                    // reliable subscriptions yet), or numbered for an
+                    // earlier run of this node (the publisher held its
+                    // declaration). The reliable stream starts with the
+                    // first message numbered for this run, so it has no
+                    // hole.
+                    _ if !self.reliable_subs.is_empty()
                         && targets.iter().any(|t| self.reliable_subs.contains(t)) =>
                     {
                         let plain: Vec<SubId> = targets
@@ -1474,15 +1509,15 @@ impl NodeTask {
                         self.counters.unnumbered += (targets.len() - plain.len()) as u64;
                         self.deliver(msg, &plain);
                     }
-                    None => self.deliver(msg, &targets),
+                    _ => self.deliver(msg, &targets),
                 }
             }
-            Frame::Seq { session, rseq } => {
+            Frame::Seq { session, rseq, to } => {
                 let link = self
                     .links
                     .get_mut(&peer)
                     .ok_or(WireError::Unexpected("Seq"))?;
-                link.pending_seq = Some((session, rseq));
+                link.pending_seq = Some((session, rseq, to));
             }
             Frame::Resume { session, next } => self.resend(peer, session, next),
             Frame::Gossip(g) => {
@@ -1497,7 +1532,13 @@ impl NodeTask {
                 session,
                 missed,
                 next,
-            } => self.lagged(peer, session, missed, next),
+                to,
+            } => {
+                // A numbering for an earlier run of this node: not ours.
+                if to == self.session {
+                    self.lagged(peer, session, missed, next);
+                }
+            }
             Frame::Topic { id, name } => {
                 let link = self
                     .links
@@ -1857,6 +1898,7 @@ impl NodeTask {
                     session: self.session,
                     missed: first - next,
                     next: first,
+                    to: out.epoch,
                 },
             );
         }
@@ -1866,6 +1908,7 @@ impl NodeTask {
                 &Frame::Seq {
                     session: self.session,
                     rseq: k.rseq,
+                    to: out.epoch,
                 },
             );
             link.enc.encode(
@@ -2150,7 +2193,7 @@ impl NodeTask {
         }
         // Reliable subscribers get a numbered copy kept for resending,
         // even while down or unreachable: they fetch it when they are back.
-        let mut rseqs: Vec<(NodeId, u64)> = Vec::new();
+        let mut rseqs: Vec<(NodeId, u64, u64)> = Vec::new();
         if self.interest.has_reliable() {
             let access = &self.access;
             let reliable = self
@@ -2168,8 +2211,18 @@ impl NodeTask {
                     payload: payload.clone(),
                 };
                 let window = self.config.reliable_window;
-                let rseq = self.rel_out.entry(*peer).or_default().keep(kept, window);
-                rseqs.push((*peer, rseq));
+                // Numbered for the subscriber's current run: a newer
+                // declaration (a restart) starts a new numbering.
+                let epoch = self.interest.version_of(peer).map_or(0, |v| v.epoch);
+                let out = self.rel_out.entry(*peer).or_default();
+                if out.epoch != epoch {
+                    *out = RelOut {
+                        epoch,
+                        ..RelOut::default()
+                    };
+                }
+                let rseq = out.keep(kept, window);
+                rseqs.push((*peer, rseq, epoch));
             }
         }
         let session = self.session;
@@ -2203,12 +2256,13 @@ impl NodeTask {
                 self.counters.link_buffer_full += 1;
                 continue;
             }
-            if let Some((_, rseq)) = rseqs.iter().find(|(p, _)| p == peer) {
+            if let Some((_, rseq, to)) = rseqs.iter().find(|(p, _, _)| p == peer) {
                 wire::encode(
                     &mut link.scratch,
                     &Frame::Seq {
                         session,
                         rseq: *rseq,
+                        to: *to,
                     },
                 );
             }

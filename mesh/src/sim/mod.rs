@@ -362,9 +362,11 @@ impl Sim {
             disk: h.disk.clone(),
         };
         let builder = h.builder.clone().sim(hooks).identity(h.keypair.clone());
+        // Its tasks carry this span, so each log line names the node.
+        let span = tracing::info_span!("sim", node = %h.name);
         let node = self
             .rt
-            .block_on(builder.start())
+            .block_on(tracing::Instrument::instrument(builder.start(), span))
             .expect("a simulated node starts");
         self.hosts[index].node = Some(node.clone());
         node
