@@ -432,14 +432,7 @@ async fn overflowed(
     let a = net.start(None).await;
     let b = net.start(Some(&addr(&a).await)).await;
     let sub = b.subscribe_with(topic, options).await.unwrap();
-    eventually("b's subscription to reach a", || async {
-        a.remote_subscribers(topic)
-            .await
-            .unwrap()
-            .contains(&b.peer_id())
-            .then_some(())
-    })
-    .await;
+    until_routes_to(&a, topic, &b).await;
     net.linked(&a, &[b.peer_id()]).await;
     let p = a.publisher(topic).unwrap();
     for i in 0..n {
@@ -540,14 +533,7 @@ async fn peer_over_the_inbound_limit_is_slowed_not_dropped(net: Net) {
         .await
         .unwrap();
     let mut sub = b.subscribe("limited").await.unwrap();
-    eventually("b's subscription to reach a", || async {
-        a.remote_subscribers("limited")
-            .await
-            .unwrap()
-            .contains(&b.peer_id())
-            .then_some(())
-    })
-    .await;
+    until_routes_to(&a, "limited", &b).await;
     net.linked(&a, &[b.peer_id()]).await;
     let p = a.publisher("limited").unwrap();
     for i in 0..300u32 {

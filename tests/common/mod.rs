@@ -191,6 +191,23 @@ pub async fn next(sub: &mut Subscription) -> Message {
     }
 }
 
+/// Waits until `publisher` routes `topic` to `subscriber` (the declaration
+/// of its subscription has arrived), without publishing anything.
+pub async fn until_routes_to(publisher: &Node, topic: &str, subscriber: &Node) {
+    eventually(
+        &format!("{topic} to be routed to the subscriber"),
+        || async {
+            publisher
+                .remote_subscribers(topic)
+                .await
+                .unwrap()
+                .contains(&subscriber.peer_id())
+                .then_some(())
+        },
+    )
+    .await;
+}
+
 /// Publishes `probe` messages on `topic` until one reaches `sub`: the way to
 /// know a subscription has spread without sleeping. Later probes may still
 /// arrive; [`next`] skips them.
