@@ -887,6 +887,23 @@ async fn outbox_status_reads_an_application_database() {
     );
 }
 
+/// An unknown overflow policy is refused before anything starts, naming
+/// the ones there are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_overflow_policy_is_a_clear_error() {
+    let out = Command::new(BIN)
+        .args(["sub", "t", "--no-mdns", "--overflow", "drop-newest"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("backpressure, drop-oldest or disconnect"),
+        "{err}"
+    );
+}
+
 /// A missing outbox is a clear error; a corrupt one gives the store's
 /// typed message, from `outbox status`, from a durable send and from `mesh
 /// node --data-dir`, and the file is left as it was.
