@@ -96,6 +96,48 @@ async fn outsiders_can_neither_publish_subscribe_consume_nor_learn_topics() {
     }
 }
 
+/// Kademlia and identify are off in a private mesh: an outsider that
+/// connects learns no other member's id or address from it (they answered
+/// anyone before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outsiders_learn_no_members_through_discovery() {
+    use mesh_transports::quic;
+    let a = builder(&[S1], None).start().await.unwrap();
+    let a_addr = addr(&a).await;
+    let b = builder(&[S1], Some(&a_addr)).start().await.unwrap();
+    peer_state(&a, b.peer_id(), PeerState::Alive).await;
+    let (_outsider, mut events) = quic::start(
+        mesh_transports::identity::Keypair::generate_ed25519(),
+        quic::Config {
+            listen: vec![loopback()],
+            bootstrap: vec![a_addr],
+            mdns: false,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    // Everything the outsider hears for a while (Kademlia's first
+    // bootstrap query runs as soon as it knows a peer).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut connected_to_a = false;
+    while let Ok(Some(ev)) = tokio::time::timeout_at(deadline, events.recv()).await {
+        match ev {
+            quic::Event::Connected { peer, .. } => {
+                assert_ne!(peer, b.peer_id(), "the outsider reached b");
+                connected_to_a |= peer == a.peer_id();
+            }
+            quic::Event::Discovered { peer, .. } => {
+                assert_ne!(peer, b.peer_id(), "the outsider learned of b");
+            }
+            _ => {}
+        }
+    }
+    assert!(connected_to_a, "the outsider did connect to a");
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_restarted_with_a_rotated_secret_rejoins() {
     let a_key = mesh::Keypair::generate_ed25519();

@@ -53,6 +53,11 @@ pub struct Config {
     pub mdns: bool,
     /// How long a connection without streams stays open.
     pub idle_timeout: Duration,
+    /// Run Kademlia and identify, which answer whoever connects (their
+    /// peer id, listen addresses and every peer they know). A private mesh
+    /// turns them off: its members find each other through bootstrap
+    /// peers, mDNS and their membership's addresses.
+    pub discovery: bool,
 }
 
 impl Default for Config {
@@ -64,6 +69,7 @@ impl Default for Config {
             bootstrap: Vec::new(),
             mdns: true,
             idle_timeout: Duration::from_secs(30),
+            discovery: true,
         }
     }
 }
@@ -249,9 +255,17 @@ impl Handle {
 #[derive(NetworkBehaviour)]
 struct Behaviour {
     stream: libp2p_stream::Behaviour,
-    identify: identify::Behaviour,
-    kad: kad::Behaviour<kad::store::MemoryStore>,
+    identify: Toggle<identify::Behaviour>,
+    kad: Toggle<kad::Behaviour<kad::store::MemoryStore>>,
     mdns: Toggle<mdns::tokio::Behaviour>,
+}
+
+impl Behaviour {
+    fn kad_add_address(&mut self, peer: &PeerId, addr: Multiaddr) {
+        if let Some(kad) = self.kad.as_mut() {
+            kad.add_address(peer, addr);
+        }
+    }
 }
 
 /// Starts the swarm task. Events arrive on the returned receiver, which the
@@ -262,6 +276,7 @@ pub async fn start(
 ) -> Result<(Handle, mpsc::Receiver<Event>), StartError> {
     let local = keypair.public().to_peer_id();
     let mdns_on = config.mdns;
+    let discovery = config.discovery;
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_quic_config(|mut c| {
@@ -287,13 +302,14 @@ pub async fn start(
             } else {
                 None
             };
+            let identify = identify::Behaviour::new(identify::Config::new(
+                IDENTIFY_PROTOCOL.to_string(),
+                key.public(),
+            ));
             Ok(Behaviour {
                 stream: libp2p_stream::Behaviour::new(),
-                identify: identify::Behaviour::new(identify::Config::new(
-                    IDENTIFY_PROTOCOL.to_string(),
-                    key.public(),
-                )),
-                kad,
+                identify: Toggle::from(discovery.then_some(identify)),
+                kad: Toggle::from(discovery.then_some(kad)),
                 mdns: Toggle::from(mdns),
             })
         })
@@ -353,7 +369,7 @@ pub async fn start(
 
     for addr in &config.bootstrap {
         if let Some(peer) = peer_of(addr) {
-            swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+            swarm.behaviour_mut().kad_add_address(&peer, addr.clone());
         }
         if let Err(e) = swarm.dial(addr.clone()) {
             tracing::warn!(%addr, error = %e, "cannot dial bootstrap peer");
@@ -524,8 +540,7 @@ impl Driver {
                 if endpoint.is_dialer() {
                     self.swarm
                         .behaviour_mut()
-                        .kad
-                        .add_address(&peer_id, addr.clone());
+                        .kad_add_address(&peer_id, addr.clone());
                 }
                 if num_established.get() == 1 {
                     self.connected.insert(peer_id);
@@ -585,8 +600,7 @@ impl Driver {
                 for (peer, addr) in list {
                     self.swarm
                         .behaviour_mut()
-                        .kad
-                        .add_address(&peer, addr.clone());
+                        .kad_add_address(&peer, addr.clone());
                     emit(
                         &self.events,
                         Event::Discovered {
@@ -603,7 +617,7 @@ impl Driver {
                 ..
             })) => {
                 for addr in info.listen_addrs {
-                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                    self.swarm.behaviour_mut().kad_add_address(&peer_id, addr);
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::RoutingUpdated {

@@ -311,6 +311,9 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
                     listen: config.listen.clone(),
                     bootstrap: config.bootstrap.clone(),
                     mdns: config.mdns,
+                    // Kademlia and identify answer anyone who connects: a
+                    // private mesh does without them.
+                    discovery: !config.admission.is_private(),
                     ..quic::Config::default()
                 },
             )
