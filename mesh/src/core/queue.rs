@@ -55,6 +55,20 @@ pub fn dlq_name(queue: &str) -> String {
     format!("{queue}{DLQ_SUFFIX}")
 }
 
+/// What holding a message costs besides its payload and headers: the
+/// message, its slot and its place in the queue's lists.
+pub const MESSAGE_OVERHEAD: usize = 192;
+
+/// Bytes a message counts for against [`Config::max_total_bytes`].
+fn message_size(headers: &[(String, Bytes)], payload: &Bytes) -> usize {
+    payload.len()
+        + headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 56)
+            .sum::<usize>()
+        + MESSAGE_OVERHEAD
+}
+
 /// Host-side limits, the same for every queue of a host.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -68,6 +82,11 @@ pub struct Config {
     pub max_dedup_keys: usize,
     /// Most messages over all queues of the host.
     pub max_total_messages: usize,
+    /// Most bytes over all queues of the host: payloads, headers, and what
+    /// holding a message costs besides ([`MESSAGE_OVERHEAD`]), so that a
+    /// flood of large messages cannot exhaust memory before the message
+    /// counts are reached.
+    pub max_total_bytes: usize,
     /// Most queues (with or without messages) the host keeps; sends and
     /// consumers for further queues are refused.
     pub max_queues: usize,
@@ -80,6 +99,7 @@ impl Default for Config {
             dedup_window: Duration::from_secs(300),
             max_dedup_keys: 100_000,
             max_total_messages: 4_000_000,
+            max_total_bytes: 1024 * 1024 * 1024,
             max_queues: 16 * 1024,
         }
     }
@@ -170,6 +190,14 @@ pub enum SendError {
         /// The queue.
         queue: String,
         /// Its limit.
+        limit: usize,
+    },
+    /// The host holds its limit of bytes over all its queues.
+    #[error("the host of queue {queue:?} is full ({limit} bytes over all its queues)")]
+    HostFull {
+        /// The queue.
+        queue: String,
+        /// The host's limit ([`Config::max_total_bytes`]).
         limit: usize,
     },
 }
@@ -285,6 +313,9 @@ struct Msg {
     max_attempts: u32,
     last_error: Option<String>,
     dead: Option<(u32, String)>,
+    /// Bytes it counts for against [`Config::max_total_bytes`] (set when
+    /// it is put in a queue).
+    size: usize,
     state: State,
     /// Bumped on every state change; timers carry it, so a stale timer is
     /// told apart.
@@ -307,6 +338,7 @@ impl Msg {
             max_attempts: u32::MAX,
             last_error: None,
             dead,
+            size: 0,
             state: State::Ready,
             timer: 0,
         }
@@ -425,6 +457,8 @@ pub struct Queues<K> {
     /// 2^32 reuses of every slot).
     free: VecDeque<u32>,
     held: usize,
+    /// Bytes of the messages held ([`Config::max_total_bytes`]).
+    held_bytes: usize,
     next_order: u64,
     consumers: Vec<Option<Consumer<K>>>,
     free_consumers: Vec<u32>,
@@ -451,6 +485,7 @@ impl<K: Clone + Eq + Hash> Queues<K> {
             slots: Vec::new(),
             free: VecDeque::new(),
             held: 0,
+            held_bytes: 0,
             next_order: 0,
             consumers: Vec::new(),
             free_consumers: Vec::new(),
@@ -510,6 +545,7 @@ impl<K: Clone + Eq + Hash> Queues<K> {
     /// Whether `queue` has room for one more message.
     pub fn has_room(&self, queue: &str) -> bool {
         self.held < self.config.max_total_messages
+            && self.held_bytes + MESSAGE_OVERHEAD <= self.config.max_total_bytes
             && self
                 .by_name
                 .get(queue)
@@ -570,6 +606,7 @@ impl<K: Clone + Eq + Hash> Queues<K> {
         s.generation = s.generation.wrapping_add(1);
         self.free.push_back(i as u32);
         self.held -= 1;
+        self.held_bytes -= m.size;
         let q = &mut self.queues[m.queue as usize];
         q.held -= 1;
         Some(m)
@@ -595,6 +632,14 @@ impl<K: Clone + Eq + Hash> Queues<K> {
                 q.stats.deduplicated += 1;
                 return Ok(Accepted::Duplicate);
             }
+        }
+        let size = message_size(&msg.headers, &msg.payload);
+        if self.held_bytes + size > config.max_total_bytes {
+            q.stats.refused += 1;
+            return Err(SendError::HostFull {
+                queue: queue.to_owned(),
+                limit: config.max_total_bytes,
+            });
         }
         if q.held >= config.max_messages || total_full {
             q.stats.refused += 1;
@@ -648,6 +693,10 @@ impl<K: Clone + Eq + Hash> Queues<K> {
         };
         let tag = (u64::from(self.slots[i].generation) << 32) | i as u64;
         let qi = msg.queue;
+        msg.size = message_size(&msg.headers, &msg.payload)
+            + msg.last_error.as_ref().map_or(0, |e| e.len())
+            + msg.dead.as_ref().map_or(0, |(_, r)| r.len());
+        self.held_bytes += msg.size;
         let q = &mut self.queues[qi as usize];
         q.held += 1;
         match not_before.filter(|t| *t > now) {
@@ -1761,6 +1810,35 @@ mod tests {
             "a was evicted"
         );
         assert_eq!(q.stats("jobs").dedup_evicted, 2);
+    }
+
+    #[test]
+    fn the_host_s_bytes_are_bounded_and_freed_by_acks() {
+        let t0 = test_origin();
+        let big = "x".repeat(1000);
+        let one = 1000 + MESSAGE_OVERHEAD;
+        let mut q = Q::new(Config {
+            max_total_bytes: 2 * one,
+            ..Config::default()
+        });
+        q.send(t0, "a", msg(1, &big)).unwrap();
+        q.send(t0, "b", msg(2, &big)).unwrap();
+        assert_eq!(
+            q.send(t0, "a", msg(3, &big)),
+            Err(SendError::HostFull {
+                queue: "a".into(),
+                limit: 2 * one
+            })
+        );
+        // Small ones do not fit either: the bound is the host's.
+        assert!(matches!(
+            q.send(t0, "c", msg(4, "x")),
+            Err(SendError::HostFull { .. })
+        ));
+        q.set_consumer("a", "k", opts(5)).unwrap();
+        let d = drain(&mut q, t0);
+        q.ack(d[0].tag, &"k");
+        assert_eq!(q.send(t0, "a", msg(5, &big)), Ok(Accepted::Queued));
     }
 
     #[test]

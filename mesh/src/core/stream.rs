@@ -134,16 +134,25 @@ impl Record {
     }
 }
 
-/// Bytes a record counts for.
+/// Bytes a record counts for: its data and what holding it costs (the
+/// record and its slot in the log, about [`RECORD_OVERHEAD`], and each
+/// header's `String` and `Bytes`), so that byte limits hold for tiny
+/// records too (counting 32 per record undercounted them about 4x).
 pub fn record_size(key: &[u8], headers: &[(String, Bytes)], payload: &[u8]) -> u64 {
     (key.len()
         + payload.len()
         + headers
             .iter()
-            .map(|(k, v)| k.len() + v.len())
+            .map(|(k, v)| k.len() + v.len() + HEADER_OVERHEAD)
             .sum::<usize>()
-        + 32) as u64
+        + RECORD_OVERHEAD) as u64
 }
+
+/// What a stored record costs besides its data: the `Record` (key and
+/// payload `Bytes`, headers `Vec`, offset, timestamps) and its log slot.
+pub const RECORD_OVERHEAD: usize = 144;
+/// What each header costs besides its text: a `String` and a `Bytes`.
+const HEADER_OVERHEAD: usize = 56;
 
 /// Where a reader starts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1200,7 +1209,7 @@ mod tests {
                     "small".into(),
                     Retention {
                         max_records: u64::MAX,
-                        max_bytes: 2 * (32 + 10),
+                        max_bytes: 2 * (RECORD_OVERHEAD as u64 + 10),
                         max_age: None,
                     },
                 ),
@@ -1332,7 +1341,7 @@ mod tests {
         let mut s = Streams::<u32>::new(Config {
             partitions: 1,
             max_streams: 1,
-            max_total_bytes: 100,
+            max_total_bytes: 300,
             max_readers: 1,
             ..Config::default()
         });
@@ -1342,8 +1351,8 @@ mod tests {
             Err(AppendError::TooManyStreams { limit: 1 })
         ));
         assert!(matches!(
-            s.append(now, "a", vec![rec("", &"x".repeat(100))]),
-            Err(AppendError::Full { limit: 100 })
+            s.append(now, "a", vec![rec("", &"x".repeat(300))]),
+            Err(AppendError::Full { limit: 300 })
         ));
         assert_eq!(s.partitions("a")[0].next, 1, "nothing of a refused append");
         s.open(1, 1, "a", 0, &Start::Earliest, 1).unwrap();

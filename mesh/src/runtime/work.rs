@@ -1120,7 +1120,11 @@ impl NodeTask {
                     }
                     Err(e) => {
                         let reason = e.to_string();
-                        let full = matches!(e, core_queue::SendError::Full { .. });
+                        let full = matches!(
+                            e,
+                            core_queue::SendError::Full { .. }
+                                | core_queue::SendError::HostFull { .. }
+                        );
                         self.send_work(
                             peer,
                             &WorkWire::Refused {
