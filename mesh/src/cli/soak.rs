@@ -934,8 +934,10 @@ struct Action {
     back_after: Duration,
 }
 
-/// The seeded schedule: the host is killed once during the warm-up (if
-/// there is time for it), then every `kill_every` (jittered by ±25%) one
+/// The seeded schedule: the host is killed once early in the warm-up (if
+/// there is time for it: at an eighth of it, at least 1.5 s in, so that
+/// its bounded structures, the dedup window above all, refill before the
+/// warm-up ends), then every `kill_every` (jittered by ±25%) one
 /// of the killable processes is killed or paused.
 fn schedule(rng: &mut Rng, o: &Options, procs: &[Proc]) -> Vec<Action> {
     let mut actions = Vec::new();
@@ -943,7 +945,7 @@ fn schedule(rng: &mut Rng, o: &Options, procs: &[Proc]) -> Vec<Action> {
     if let Some(host) = host {
         if o.warmup >= Duration::from_secs(3) {
             actions.push(Action {
-                at: o.warmup / 2,
+                at: (o.warmup / 8).max(Duration::from_millis(1500)),
                 proc: host,
                 pause: false,
                 back_after: Duration::from_millis(200 + rng.below(800)),
