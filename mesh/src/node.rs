@@ -379,8 +379,8 @@ impl Builder {
         self
     }
 
-    /// Limits of the queues this node hosts (messages per queue, dedup
-    /// window and keys).
+    /// Limits of the queues this node hosts (messages per queue and in
+    /// all, bytes in all, dedup window and keys, queues).
     pub fn queue_limits(mut self, config: crate::queue::HostConfig) -> Self {
         self.config.queue = config;
         self
