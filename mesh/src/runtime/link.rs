@@ -473,15 +473,11 @@ async fn read_loop(
                             let ring = shm_rx.lock().unwrap_or_else(|e| e.into_inner()).take();
                             break match ring {
                                 Some(ring) => {
-                                    let ring_reader = RingReader {
-                                        link,
-                                        peer,
-                                        max_frame,
-                                        throttle,
-                                        gossip,
-                                        counts: limits.counts.clone(),
-                                    };
-                                    ring_reader.run(ring, &events).await
+                                    read_ring(link, ring, max_frame, &events, |frames| {
+                                        gossip.filter(peer, frames, &limits.counts);
+                                        throttle.as_mut().and_then(|t| t.charge(frames))
+                                    })
+                                    .await
                                 }
                                 None => Some("ShmSwitch without shared-memory rings".into()),
                             };
@@ -505,36 +501,9 @@ async fn read_loop(
 }
 
 /// Reads the rest of the link from its ring: `None` when the peer closed
-/// it cleanly, or what went wrong (a dead peer, a corrupt ring).
-/// The reader of a link that moved to its ring: what it carries over from
-/// the network stream's reader.
-struct RingReader {
-    link: LinkId,
-    peer: NodeId,
-    max_frame: usize,
-    throttle: Option<Throttle>,
-    gossip: GossipCheck,
-    counts: Arc<ReaderCounts>,
-}
-
-impl RingReader {
-    async fn run(self, ring: ShmRx, events: &mpsc::Sender<LinkEvent>) -> Option<String> {
-        let Self {
-            link,
-            peer,
-            max_frame,
-            mut throttle,
-            mut gossip,
-            counts,
-        } = self;
-        read_ring(link, ring, max_frame, events, |frames| {
-            gossip.filter(peer, frames, &counts);
-            throttle.as_mut().and_then(|t| t.charge(frames))
-        })
-        .await
-    }
-}
-
+/// it cleanly, or what went wrong (a dead peer, a corrupt ring). Each
+/// batch goes through `check` first (gossip signatures, the inbound
+/// limit), which says how long to pause after handing it on.
 async fn read_ring(
     link: LinkId,
     mut ring: ShmRx,
