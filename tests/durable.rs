@@ -451,3 +451,74 @@ async fn a_full_disk_holds_confirmations_and_loses_nothing() {
     assert_eq!(stats.waiting, 1100, "every confirmed message kept");
     host.shutdown().await;
 }
+
+async fn next_delivery(c: &mut mesh::queue::Consumer) -> mesh::queue::Delivery {
+    tokio::time::timeout(WAIT, c.next())
+        .await
+        .expect("a delivery")
+        .unwrap()
+}
+
+/// A late ack of a delivery made before the host restarted must not
+/// settle another message: the restarted host numbers its messages
+/// afresh, so without a host epoch in the tag the stale ack of M1 would
+/// land on whatever now has M1's old tag (M2 here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_ack_from_before_a_host_restart_settles_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = durable_host(dir.path()).await;
+    let q = host.queue("jobs").unwrap();
+    q.send_batch((0..10u32).map(|n| n.to_le_bytes().to_vec()))
+        .await
+        .unwrap();
+    let host_addr = common::addr(&host).await;
+    let consumer_node = Node::builder()
+        .listen(loopback())
+        .mdns(false)
+        .failure_detection(common::fast_fd())
+        .self_host(false)
+        .bootstrap(host_addr)
+        .start()
+        .await
+        .unwrap();
+    consumer_node.ready_timeout(WAIT).await.unwrap();
+    let mut consumer = consumer_node
+        .queue("jobs")
+        .unwrap()
+        .consume(ConsumeOptions::default().prefetch(1));
+    let m0 = next_delivery(&mut consumer).await;
+    assert_eq!(n_of(m0.payload()), 0);
+    m0.ack();
+    let m1 = next_delivery(&mut consumer).await;
+    assert_eq!(n_of(m1.payload()), 1);
+
+    // The host restarts (on the same data dir) while M1 is held.
+    host.shutdown().await;
+    drop((q, host));
+    let consumer_addr = common::addr(&consumer_node).await;
+    let host = Node::builder()
+        .listen(loopback())
+        .mdns(false)
+        .failure_detection(common::fast_fd())
+        .data_dir(dir.path())
+        .host_all()
+        .bootstrap(consumer_addr)
+        .start()
+        .await
+        .unwrap();
+
+    // The consumer re-registers and gets M1 again from the new run; only
+    // then is the old delivery of M1 acked.
+    let again = next_delivery(&mut consumer).await;
+    assert_eq!(n_of(again.payload()), 1, "M1 redelivered after the restart");
+    m1.ack();
+    again.ack();
+    let mut rest = Vec::new();
+    while rest.len() < 8 {
+        let d = next_delivery(&mut consumer).await;
+        rest.push(n_of(d.payload()));
+        d.ack();
+    }
+    assert_eq!(rest, (2..10).collect::<Vec<_>>(), "M2 and the rest kept");
+    host.shutdown().await;
+}

@@ -438,21 +438,29 @@ fn work_host<'a>(u: &mut Input<'a>) -> WorkWire<'a> {
         },
         3 => WorkWire::Acks {
             cid,
+            epoch: u.num(),
             tags: (0..u.count(1024)).map(|_| u.num()).collect(),
         },
         4 => WorkWire::Nack {
             cid,
+            epoch: u.num(),
             tag: u.num(),
             delay_ms: u.num(),
         },
-        5 => WorkWire::Release { cid, tag: u.num() },
+        5 => WorkWire::Release {
+            cid,
+            epoch: u.num(),
+            tag: u.num(),
+        },
         6 => WorkWire::Reject {
             cid,
+            epoch: u.num(),
             tag: u.num(),
             reason: u.name(),
         },
         7 => WorkWire::Extend {
             cid,
+            epoch: u.num(),
             tag: u.num(),
             ms: u.num(),
         },
@@ -483,6 +491,7 @@ fn work_consumer<'a>(u: &mut Input<'a>) -> WorkWire<'a> {
         0 | 1 => WorkWire::Deliver {
             queue: u.name(),
             cid: u.byte() as u32 % 4,
+            epoch: u.num(),
             msgs: (0..u.count(600))
                 .map(|_| DeliverWire {
                     tag: u.num(),
@@ -1217,7 +1226,7 @@ struct PeerLink {
 struct Consumer {
     prefetch: u32,
     // Bounded by inbox_limit(prefetch), as in the runtime.
-    inbox: VecDeque<(NodeId, u64)>,
+    inbox: VecDeque<(NodeId, u64, u64)>,
 }
 
 type ConsumerKey = (NodeId, u32);
@@ -1545,7 +1554,9 @@ impl Harness {
                 };
                 let _ = self.queues.set_consumer(queue, (peer, cid), options);
             }
-            WorkWire::Deliver { cid, msgs, .. } => {
+            WorkWire::Deliver {
+                cid, epoch, msgs, ..
+            } => {
                 let mut batch = Vec::with_capacity(msgs.len());
                 for m in msgs {
                     let publisher = match m.origin {
@@ -1555,7 +1566,7 @@ impl Harness {
                     let _ = headers_from_wire(body, &m.headers);
                     let _ = slice(body, m.payload.0);
                     let _ = (publisher, m.seq, m.attempt, m.dead);
-                    batch.push((peer, m.tag));
+                    batch.push((peer, epoch, m.tag));
                 }
                 let back = match self.consumers.get_mut(&cid) {
                     Some(c) if c.inbox.len() + batch.len() > inbox_limit(c.prefetch) => batch,
@@ -1566,27 +1577,34 @@ impl Harness {
                     None => batch,
                 };
                 // Given back at once, as the runtime does.
-                for (host, tag) in back {
+                for (host, epoch, tag) in back {
                     let _ = host;
-                    wire::encode(&mut self.out, &Frame::Work(WorkWire::Release { cid, tag }));
+                    wire::encode(
+                        &mut self.out,
+                        &Frame::Work(WorkWire::Release { cid, epoch, tag }),
+                    );
                 }
             }
-            WorkWire::Acks { cid, tags } => {
+            WorkWire::Acks { cid, tags, .. } => {
                 for tag in tags {
                     self.queues.ack(tag, &(peer, cid));
                 }
             }
-            WorkWire::Nack { cid, tag, delay_ms } => {
+            WorkWire::Nack {
+                cid, tag, delay_ms, ..
+            } => {
                 let delay = (delay_ms > 0).then(|| Duration::from_millis(delay_ms));
                 self.queues.nack(now, tag, &(peer, cid), delay);
             }
-            WorkWire::Release { cid, tag } => {
+            WorkWire::Release { cid, tag, .. } => {
                 self.queues.release(now, tag, &(peer, cid));
             }
-            WorkWire::Reject { cid, tag, reason } => {
+            WorkWire::Reject {
+                cid, tag, reason, ..
+            } => {
                 self.queues.reject(now, tag, &(peer, cid), reason);
             }
-            WorkWire::Extend { cid, tag, ms } => {
+            WorkWire::Extend { cid, tag, ms, .. } => {
                 self.queues
                     .extend(now, tag, &(peer, cid), Duration::from_millis(ms));
             }
@@ -1796,11 +1814,15 @@ impl Harness {
         while self.gossip.poll_event().is_some() {}
         // A local consumer takes its inbox and acks it.
         for (cid, c) in &mut self.consumers {
-            let tags: Vec<u64> = c.inbox.drain(..).map(|(_, tag)| tag).collect();
+            let tags: Vec<u64> = c.inbox.drain(..).map(|(_, _, tag)| tag).collect();
             if !tags.is_empty() {
                 wire::encode(
                     &mut self.out,
-                    &Frame::Work(WorkWire::Acks { cid: *cid, tags }),
+                    &Frame::Work(WorkWire::Acks {
+                        cid: *cid,
+                        epoch: 0,
+                        tags,
+                    }),
                 );
             }
         }

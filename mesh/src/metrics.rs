@@ -175,6 +175,10 @@ pub struct Queues {
     pub nacked: u64,
     /// Messages moved to a dead-letter queue.
     pub dead_lettered: u64,
+    /// Acks, nacks and extends ignored by the queues hosted here: for a
+    /// message not in flight to that consumer, or for a delivery of a
+    /// previous run of this host (before a restart).
+    pub stale: u64,
 }
 
 /// Stream counters.

@@ -456,6 +456,7 @@ impl Drop for Consumer {
             let _ = inner.work_control.push_now(Op::Settle {
                 host: d.host,
                 cid: d.cid,
+                epoch: d.epoch,
                 tag: d.tag,
                 how: Settle::Release,
             });
@@ -540,6 +541,7 @@ impl Delivery {
             let _ = self.node.inner.work_control.push_now(Op::Settle {
                 host: d.host,
                 cid: d.cid,
+                epoch: d.epoch,
                 tag: d.tag,
                 how,
             });
@@ -573,6 +575,7 @@ impl Delivery {
         let _ = self.node.inner.work_control.push_now(Op::Settle {
             host: d.host,
             cid: d.cid,
+            epoch: d.epoch,
             tag: d.tag,
             how: Settle::Extend(by),
         });

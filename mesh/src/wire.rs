@@ -16,7 +16,7 @@ use crate::core::{
 };
 
 /// The protocol version spoken by this build.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// [`Hello::features`] bit: the sender can move the link's data to
 /// shared-memory rings (see [`Frame::ShmOffer`]).
@@ -298,6 +298,9 @@ pub enum WorkWire<'a> {
         queue: &'a str,
         /// The consumer.
         cid: u32,
+        /// The host's run these tags belong to: settles carry it back, so
+        /// a tag from before a host restart settles nothing of the new run.
+        epoch: u64,
         /// The messages.
         #[serde(borrow)]
         msgs: Vec<DeliverWire<'a>>,
@@ -306,6 +309,8 @@ pub enum WorkWire<'a> {
     Acks {
         /// The consumer.
         cid: u32,
+        /// The host's run the tags are of (from `Deliver`).
+        epoch: u64,
         /// Their tags.
         tags: Vec<u64>,
     },
@@ -313,6 +318,8 @@ pub enum WorkWire<'a> {
     Nack {
         /// The consumer.
         cid: u32,
+        /// The host's run the tags are of (from `Deliver`).
+        epoch: u64,
         /// The message.
         tag: u64,
         /// Delay before redelivery, ms.
@@ -323,6 +330,8 @@ pub enum WorkWire<'a> {
     Release {
         /// The consumer.
         cid: u32,
+        /// The host's run the tags are of (from `Deliver`).
+        epoch: u64,
         /// The message.
         tag: u64,
     },
@@ -330,6 +339,8 @@ pub enum WorkWire<'a> {
     Reject {
         /// The consumer.
         cid: u32,
+        /// The host's run the tags are of (from `Deliver`).
+        epoch: u64,
         /// The message.
         tag: u64,
         /// Why.
@@ -339,6 +350,8 @@ pub enum WorkWire<'a> {
     Extend {
         /// The consumer.
         cid: u32,
+        /// The host's run the tags are of (from `Deliver`).
+        epoch: u64,
         /// The message.
         tag: u64,
         /// The new timeout, ms.

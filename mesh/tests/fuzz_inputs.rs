@@ -548,6 +548,7 @@ fn longest_lists() {
             "Acks",
             Frame::Work(WorkWire::Acks {
                 cid: 1,
+                epoch: 1,
                 tags: vec![1; n],
             }),
         ),
@@ -556,6 +557,7 @@ fn longest_lists() {
             Frame::Work(WorkWire::Deliver {
                 queue: "q",
                 cid: 1,
+                epoch: 1,
                 msgs: vec![
                     DeliverWire {
                         tag: 1,

@@ -317,6 +317,9 @@ struct Msg {
     /// it is put in a queue).
     size: usize,
     state: State,
+    /// The consumer (number) it last went to: after a timeout only that
+    /// one may still settle it with a late ack.
+    last: Option<u32>,
     /// Bumped on every state change; timers carry it, so a stale timer is
     /// told apart.
     timer: u32,
@@ -339,6 +342,7 @@ impl Msg {
             last_error: None,
             dead,
             size: 0,
+            last: None,
             state: State::Ready,
             timer: 0,
         }
@@ -469,6 +473,9 @@ pub struct Queues<K> {
     /// Changes for a durable host, when journaling.
     journal: Option<Vec<Journal>>,
     next_jid: u64,
+    /// Settles refused before they reached a queue (of a previous run of
+    /// the host, as its driver tells).
+    stale_runs: u64,
 }
 
 fn split(tag: u64) -> (usize, u32) {
@@ -493,7 +500,19 @@ impl<K: Clone + Eq + Hash> Queues<K> {
             dirty: Vec::new(),
             journal: None,
             next_jid: 0,
+            stale_runs: 0,
         }
+    }
+
+    /// Counts `n` settles the driver refused before naming a queue (tags of
+    /// a previous run of this host).
+    pub fn count_stale(&mut self, n: usize) {
+        self.stale_runs += n as u64;
+    }
+
+    /// Settles counted by [`Queues::count_stale`].
+    pub fn stale_runs(&self) -> u64 {
+        self.stale_runs
     }
 
     /// Starts (or stops) recording every change to the messages held, for
@@ -918,9 +937,14 @@ impl<K: Clone + Eq + Hash> Queues<K> {
             if !self.in_flight_to(tag, consumer) {
                 return false;
             }
-        } else if self.find_consumer(m.queue, consumer).is_none() {
-            // Waiting messages are settled only by a consumer of their
-            // queue (one whose delivery timed out), not by anyone.
+        } else if !m.last.is_some_and(|ci| {
+            self.consumers[ci as usize]
+                .as_ref()
+                .is_some_and(|c| c.key == *consumer)
+        }) {
+            // Waiting messages are settled only by the consumer whose
+            // delivery of it timed out (its late ack), not by anyone else
+            // (nor by a tag that was never delivered).
             let qi = m.queue as usize;
             self.queues[qi].stats.stale += 1;
             return false;
@@ -1175,6 +1199,7 @@ impl<K: Clone + Eq + Hash> Queues<K> {
                 consumer: ci,
                 deadline,
             };
+            m.last = Some(ci);
             c.deadlines.push_back((deadline, tag, m.timer));
             let q = &mut self.queues[qi as usize];
             q.in_flight += 1;
@@ -1590,6 +1615,29 @@ mod tests {
         // settles it.
         assert!(q.ack(d[0].tag, &"a"));
         assert_eq!(q.len(), 0);
+    }
+
+    #[test]
+    fn waiting_messages_are_settled_only_by_the_consumer_they_timed_out_from() {
+        let (t0, mut q) = consumed_by_a(1);
+        q.set_consumer("jobs", "b", opts(0)).unwrap();
+        q.send(t0, "jobs", msg(1, "x")).unwrap();
+        q.send(t0, "jobs", msg(2, "y")).unwrap();
+        let d = drain(&mut q, t0);
+        assert_eq!(d.len(), 1);
+        // The second message was never delivered: no consumer of the queue
+        // may settle it by guessing its tag (tags are slot numbers).
+        let (i, generation) = split(d[0].tag);
+        let guessed = (u64::from(generation) << 32) | (i as u64 + 1);
+        assert!(!q.ack(guessed, &"a"));
+        assert!(!q.ack(guessed, &"b"));
+        q.handle_timeout(t0 + Duration::from_secs(30));
+        // Timed out: another consumer of the queue cannot settle it, the
+        // one it went to can.
+        assert!(!q.ack(d[0].tag, &"b"));
+        assert_eq!(q.stats("jobs").stale, 3);
+        assert!(q.ack(d[0].tag, &"a"));
+        assert_eq!(q.len(), 1);
     }
 
     #[test]

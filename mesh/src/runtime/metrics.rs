@@ -131,6 +131,7 @@ impl NodeTask {
 
         let host = &self.work.host;
         m.queues.sent = c.queue_sent;
+        m.queues.stale = host.stale_runs();
         let mut queues: Vec<metrics::QueueGauges> = Vec::new();
         for name in host.all_names() {
             let s = host.stats(name);
@@ -141,6 +142,7 @@ impl NodeTask {
             m.queues.acked += s.acked;
             m.queues.nacked += s.nacked;
             m.queues.dead_lettered += s.dead_lettered;
+            m.queues.stale += s.stale;
             m.dropped.queue_deduplicated += s.deduplicated;
             if let Some(queue) = name.strip_suffix(crate::core::queue::DLQ_SUFFIX) {
                 // Dropped letters are counted on both queues; once here.

@@ -430,6 +430,9 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
         durable,
     };
     let mut task = task;
+    // Queue deliveries carry this run's start time: a restarted host
+    // (durable or not) refuses settles of tags it handed out before.
+    task.work.epoch = epoch;
     if let Some(loaded) = loaded {
         // A durable host keeps its run across restarts: its stored
         // partitions are the same logs, so readers resume where they were.

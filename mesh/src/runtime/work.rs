@@ -115,6 +115,8 @@ pub(crate) enum Settle {
 pub(crate) struct DeliveryData {
     pub(crate) host: NodeId,
     pub(crate) cid: u32,
+    /// The host's run the tag is of.
+    pub(crate) epoch: u64,
     pub(crate) tag: u64,
     pub(crate) attempt: u32,
     pub(crate) id: MessageId,
@@ -165,6 +167,7 @@ pub(crate) enum Op {
     Settle {
         host: NodeId,
         cid: u32,
+        epoch: u64,
         tag: u64,
         how: Settle,
     },
@@ -259,8 +262,11 @@ pub(crate) struct Work {
     host_queues: Vec<Arc<str>>,
     full_policy: QueueFull,
     consumers: FxHashMap<u32, LocalConsumer>,
-    /// Acks to send, per (host, consumer).
-    acks: FxHashMap<(NodeId, u32), Vec<u64>>,
+    /// Acks to send, per (host, consumer, host epoch).
+    acks: FxHashMap<(NodeId, u32, u64), Vec<u64>>,
+    /// This run of the host: in every delivery, checked on every settle,
+    /// so a tag of a previous run (before a restart) settles nothing.
+    pub(crate) epoch: u64,
     /// Sends answered, per sender.
     accepted: FxHashMap<NodeId, Vec<u64>>,
     pending_sends: FxHashMap<u64, PendingSend>,
@@ -299,6 +305,7 @@ impl Work {
             full_policy: config.queue_full,
             consumers: FxHashMap::default(),
             acks: FxHashMap::default(),
+            epoch: 0,
             accepted: FxHashMap::default(),
             pending_sends: FxHashMap::default(),
             retry: BinaryHeap::new(),
@@ -563,9 +570,10 @@ impl NodeTask {
             Op::Settle {
                 host,
                 cid,
+                epoch,
                 tag,
                 how,
-            } => self.settle(host, cid, tag, how),
+            } => self.settle(host, cid, epoch, tag, how),
             Op::Peek {
                 queue,
                 limit,
@@ -1000,7 +1008,7 @@ impl NodeTask {
         };
         // Deliveries never taken go back now.
         for d in c.inbox.close() {
-            self.settle(d.host, d.cid, d.tag, Settle::Release);
+            self.settle(d.host, d.cid, d.epoch, d.tag, Settle::Release);
         }
         let local = self.local;
         self.work
@@ -1020,22 +1028,28 @@ impl NodeTask {
         }
     }
 
-    fn settle(&mut self, host: NodeId, cid: u32, tag: u64, how: Settle) {
+    fn settle(&mut self, host: NodeId, cid: u32, epoch: u64, tag: u64, how: Settle) {
         if host == self.local {
             let key = ConsumerKey {
                 node: self.local,
                 cid,
             };
-            self.host_settle(key, tag, how);
+            self.host_settle(key, epoch, tag, how);
             return;
         }
         match how {
-            Settle::Ack => self.work.acks.entry((host, cid)).or_default().push(tag),
-            Settle::Release => self.send_work(host, &WorkWire::Release { cid, tag }),
+            Settle::Ack => self
+                .work
+                .acks
+                .entry((host, cid, epoch))
+                .or_default()
+                .push(tag),
+            Settle::Release => self.send_work(host, &WorkWire::Release { cid, epoch, tag }),
             Settle::Nack(delay) => self.send_work(
                 host,
                 &WorkWire::Nack {
                     cid,
+                    epoch,
                     tag,
                     delay_ms: delay.map(millis).unwrap_or(0),
                 },
@@ -1044,6 +1058,7 @@ impl NodeTask {
                 host,
                 &WorkWire::Reject {
                     cid,
+                    epoch,
                     tag,
                     reason: &reason,
                 },
@@ -1052,6 +1067,7 @@ impl NodeTask {
                 host,
                 &WorkWire::Extend {
                     cid,
+                    epoch,
                     tag,
                     ms: millis(by),
                 },
@@ -1059,7 +1075,14 @@ impl NodeTask {
         }
     }
 
-    fn host_settle(&mut self, key: ConsumerKey, tag: u64, how: Settle) {
+    fn host_settle(&mut self, key: ConsumerKey, epoch: u64, tag: u64, how: Settle) {
+        if epoch != self.work.epoch {
+            // A delivery of a previous run of this host: its tag may name
+            // another message now.
+            self.work.host.count_stale(1);
+            tracing::debug!(consumer = %key.node, epoch, "settle of a previous run ignored");
+            return;
+        }
         let now = now();
         let h = &mut self.work.host;
         match how {
@@ -1195,6 +1218,7 @@ impl NodeTask {
             WorkWire::Deliver {
                 queue: _,
                 cid,
+                epoch,
                 msgs,
             } => {
                 let mut batch = Vec::with_capacity(msgs.len());
@@ -1206,6 +1230,7 @@ impl NodeTask {
                     batch.push(DeliveryData {
                         host: peer,
                         cid,
+                        epoch,
                         tag: m.tag,
                         attempt: m.attempt,
                         id: MessageId {
@@ -1230,30 +1255,56 @@ impl NodeTask {
                 };
                 // That consumer is gone (or full): give them back at once.
                 for d in back.into_iter().flatten() {
-                    self.settle(peer, d.cid, d.tag, Settle::Release);
+                    self.settle(peer, d.cid, d.epoch, d.tag, Settle::Release);
                 }
             }
-            WorkWire::Acks { cid, tags } => {
+            WorkWire::Acks { cid, epoch, tags } => {
                 let key = ConsumerKey { node: peer, cid };
-                for tag in tags {
-                    self.work.host.ack(tag, &key);
+                if epoch != self.work.epoch {
+                    self.work.host.count_stale(tags.len());
+                    tracing::debug!(%peer, epoch, "acks of a previous run ignored");
+                } else {
+                    for tag in tags {
+                        self.work.host.ack(tag, &key);
+                    }
                 }
             }
-            WorkWire::Nack { cid, tag, delay_ms } => self.host_settle(
+            WorkWire::Nack {
+                cid,
+                epoch,
+                tag,
+                delay_ms,
+            } => self.host_settle(
                 ConsumerKey { node: peer, cid },
+                epoch,
                 tag,
                 Settle::Nack((delay_ms > 0).then(|| Duration::from_millis(delay_ms))),
             ),
-            WorkWire::Release { cid, tag } => {
-                self.host_settle(ConsumerKey { node: peer, cid }, tag, Settle::Release)
-            }
-            WorkWire::Reject { cid, tag, reason } => self.host_settle(
+            WorkWire::Release { cid, epoch, tag } => self.host_settle(
                 ConsumerKey { node: peer, cid },
+                epoch,
+                tag,
+                Settle::Release,
+            ),
+            WorkWire::Reject {
+                cid,
+                epoch,
+                tag,
+                reason,
+            } => self.host_settle(
+                ConsumerKey { node: peer, cid },
+                epoch,
                 tag,
                 Settle::Reject(reason.to_owned()),
             ),
-            WorkWire::Extend { cid, tag, ms } => self.host_settle(
+            WorkWire::Extend {
+                cid,
+                epoch,
+                tag,
+                ms,
+            } => self.host_settle(
                 ConsumerKey { node: peer, cid },
+                epoch,
                 tag,
                 Settle::Extend(Duration::from_millis(ms)),
             ),
@@ -1377,7 +1428,7 @@ impl NodeTask {
             c.granted.remove(&peer);
         }
         self.work.flows_at = (u64::MAX, u64::MAX);
-        self.work.acks.retain(|(h, _), _| *h != peer);
+        self.work.acks.retain(|(h, _, _), _| *h != peer);
         self.work.host_cache.clear();
         let mut again: Vec<u64> = self
             .work
@@ -1479,12 +1530,13 @@ impl NodeTask {
             self.deliver_work(consumer, ds);
         }
         self.work.dispatch = out;
-        for ((host, cid), tags) in std::mem::take(&mut self.work.acks) {
+        for ((host, cid, epoch), tags) in std::mem::take(&mut self.work.acks) {
             for chunk in tags.chunks(ACKS_PER_FRAME) {
                 self.send_work(
                     host,
                     &WorkWire::Acks {
                         cid,
+                        epoch,
                         tags: chunk.to_vec(),
                     },
                 );
@@ -1539,6 +1591,7 @@ impl NodeTask {
                 .map(|d| DeliveryData {
                     host: self.local,
                     cid: consumer.cid,
+                    epoch: self.work.epoch,
                     tag: d.tag,
                     attempt: d.attempt,
                     id: d.id,
@@ -1554,7 +1607,7 @@ impl NodeTask {
             if let Some(back) = back {
                 self.work.host.remove_consumers(now(), |k| *k == consumer);
                 for d in back {
-                    self.host_settle(consumer.clone(), d.tag, Settle::Release);
+                    self.host_settle(consumer.clone(), d.epoch, d.tag, Settle::Release);
                 }
             }
             return;
@@ -1571,6 +1624,7 @@ impl NodeTask {
             .iter()
             .map(|d| (d.id.publisher != local).then(|| d.id.publisher.to_bytes()))
             .collect();
+        let epoch = self.work.epoch;
         let link = link_entry(&mut self.links, &mut self.next_link, &self.space, peer);
         link.has_data = true;
         // Frames of at most DELIVER_BATCH messages and about
@@ -1612,6 +1666,7 @@ impl NodeTask {
                 &Frame::Work(WorkWire::Deliver {
                     queue: &ds[at].queue,
                     cid: consumer.cid,
+                    epoch,
                     msgs,
                 }),
             );
