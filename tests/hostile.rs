@@ -65,6 +65,125 @@ async fn send_raw(target: &mesh::Multiaddr, bytes: Vec<u8>) {
     assert!(read.is_ok(), "node did not close the link after bad input");
 }
 
+/// A raw peer speaking the wire protocol by hand: it sends whatever
+/// frames a test wants and reads what the node answers.
+struct RawPeer {
+    _handle: quic::Handle,
+    _events: tokio::sync::mpsc::Receiver<quic::Event>,
+    stream: quic::Stream,
+    buf: Vec<u8>,
+    #[allow(dead_code)]
+    id: mesh::PeerId,
+}
+
+impl RawPeer {
+    /// Connects to `target` and says `Hello` (not private).
+    async fn connect(target: &mesh::Multiaddr) -> RawPeer {
+        let key = Keypair::generate_ed25519();
+        let id = key.public().to_peer_id();
+        let (handle, mut events) = quic::start(
+            key,
+            quic::Config {
+                listen: vec![loopback()],
+                bootstrap: vec![target.clone()],
+                mdns: false,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let mut stream = loop {
+            match tokio::time::timeout(WAIT, events.recv())
+                .await
+                .expect("a stream in time")
+                .expect("events")
+            {
+                quic::Event::Stream { stream, .. } => break stream,
+                _ => continue,
+            }
+        };
+        stream.write_all(&hello(PROTOCOL_VERSION)).await.unwrap();
+        RawPeer {
+            _handle: handle,
+            _events: events,
+            stream,
+            buf: Vec::new(),
+            id,
+        }
+    }
+
+    async fn send(&mut self, f: &Frame<'_>) {
+        self.stream.write_all(&frame(f)).await.unwrap();
+        self.stream.flush().await.unwrap();
+    }
+
+    /// Reads frames until `f` picks one (within [`WAIT`]); `None` if the
+    /// node closed the link first.
+    async fn until<T>(&mut self, mut f: impl FnMut(&Frame<'_>) -> Option<T>) -> Option<T> {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            while self.buf.len() >= 4 {
+                let len = u32::from_le_bytes(self.buf[..4].try_into().unwrap()) as usize;
+                if self.buf.len() < 4 + len {
+                    break;
+                }
+                let body: Vec<u8> = self.buf.drain(..4 + len).skip(4).collect();
+                if let Ok(frame) = wire::decode(&body) {
+                    if let Some(v) = f(&frame) {
+                        return Some(v);
+                    }
+                }
+            }
+            let mut chunk = [0u8; 64 * 1024];
+            let n = tokio::time::timeout_at(deadline, self.stream.read(&mut chunk))
+                .await
+                .expect("the node answers in time");
+            match n {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+}
+
+/// A node that does not host queues nobody hosts (`self_host(false)`, a
+/// one-shot tool) refuses a peer's send to such a queue instead of taking
+/// it and exiting with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_shot_node_refuses_sends_for_queues_it_does_not_host() {
+    let a = mesh::Node::builder()
+        .listen(loopback())
+        .mdns(false)
+        .self_host(false)
+        .start()
+        .await
+        .unwrap();
+    let mut peer = RawPeer::connect(&addr(&a).await).await;
+    peer.send(&Frame::Work(wire::WorkWire::Send {
+        queue: "jobs",
+        seq: 7,
+        delay_ms: 0,
+        ttl_ms: 0,
+        dedup: None,
+        headers: vec![],
+        payload: wire::Raw(b"job"),
+    }))
+    .await;
+    let answer = peer
+        .until(|f| match f {
+            Frame::Work(wire::WorkWire::Accepted { seqs }) if seqs.contains(&7) => {
+                Some(Ok(()))
+            }
+            Frame::Work(wire::WorkWire::Refused { seq: 7, full, .. }) => Some(Err(*full)),
+            _ => None,
+        })
+        .await
+        .expect("an answer to the send");
+    assert_eq!(answer, Err(false), "refused, and not as full");
+    assert_eq!(a.metrics().await.unwrap().queues.accepted, 0);
+    a.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_peers_lose_their_link_and_the_node_lives_on() {
     let a = start(None).await;

@@ -200,6 +200,13 @@ pub enum SendError {
         /// The host's limit ([`Config::max_total_bytes`]).
         limit: usize,
     },
+    /// The node does not host the queue and takes no queue it is not
+    /// configured to host (a one-shot node, `self_host(false)`).
+    #[error("this node does not host queue {queue:?}")]
+    NotHosted {
+        /// The queue.
+        queue: String,
+    },
 }
 
 /// A send the queue took.

@@ -1127,11 +1127,18 @@ impl NodeTask {
                 // Its sender may think we host it when we do not (a
                 // declaration of a previous run of ours): take it rather
                 // than lose it, within this node's limits.
-                let hosted = self.work.hosts_locally(queue) || self.start_hosting(queue.into());
+                // A one-shot node (`self_host(false)`) takes nothing it
+                // would exit with.
+                let hosted = self.work.hosts_locally(queue)
+                    || (self.work.self_host && self.start_hosting(queue.into()));
                 tracing::trace!(local = %self.local, %peer, seq, "work: send received");
                 let now = now();
                 let result = if hosted {
                     self.work.host.send(now, queue, new_message(id, msg, now))
+                } else if !self.work.self_host {
+                    Err(core_queue::SendError::NotHosted {
+                        queue: queue.to_owned(),
+                    })
                 } else {
                     Err(core_queue::SendError::TooManyQueues {
                         limit: self.work.host.config().max_queues,
