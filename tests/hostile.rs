@@ -313,3 +313,112 @@ async fn altered_gossip_is_dropped_and_counted() {
     assert_eq!(m.dropped.gossip_forged, 1);
     a.shutdown().await;
 }
+
+/// The epoch a node's declarations carry (read from its `Sync`): what a
+/// publisher numbers reliable messages for.
+async fn declared_epoch(peer: &mut RawPeer, node: mesh::PeerId) -> u64 {
+    let id = node.to_bytes();
+    peer.until(|f| match f {
+        Frame::Sync(s) => s
+            .decls
+            .iter()
+            .find(|d| d.node.0 == id.as_slice())
+            .map(|d| d.epoch),
+        Frame::Declare(d) if d.node.0 == id.as_slice() => Some(d.epoch),
+        _ => None,
+    })
+    .await
+    .expect("the node's declaration")
+}
+
+/// A publisher that claims its reliable numbering jumped to `u64::MAX`
+/// (a `Lagged`) and then numbers a message `u64::MAX` cannot overflow the
+/// subscriber's counter: the claim is refused as malformed, the node
+/// lives on and its reliable subscription keeps working for others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reliable_numbering_at_the_top_of_u64_is_refused() {
+    let a = start(None).await;
+    let mut sub = a.subscribe_reliable("r.>").await.unwrap();
+    let mut peer = RawPeer::connect(&addr(&a).await).await;
+    let to = declared_epoch(&mut peer, a.peer_id()).await;
+    let malformed = a.metrics().await.unwrap().dropped.malformed;
+    peer.send(&Frame::Lagged {
+        session: 1,
+        missed: u64::MAX,
+        next: u64::MAX,
+        to,
+    })
+    .await;
+    peer.send(&Frame::Seq {
+        session: 1,
+        rseq: u64::MAX,
+        to,
+    })
+    .await;
+    peer.send(&Frame::Msg(wire::MsgWire {
+        topic: u32::MAX,
+        name: Some("r.x"),
+        seq_delta: 1,
+        ts_delta: 0,
+        headers: vec![],
+        payload: wire::Raw(b"x"),
+    }))
+    .await;
+    eventually("the claim to be refused as malformed", || async {
+        let m = a.metrics().await?;
+        (m.dropped.malformed > malformed).then_some(())
+    })
+    .await;
+    // Still alive and delivering.
+    let b = start(Some(&addr(&a).await)).await;
+    until_routes_to(&b, "r.ok", &a).await;
+    b.publish("r.ok", "ok").await.unwrap();
+    let got = tokio::time::timeout(WAIT, sub.recv())
+        .await
+        .expect("a delivery")
+        .expect("the subscription lives");
+    assert!(
+        matches!(&got, mesh::Delivery::Message(m) if m.payload == "ok"),
+        "{got:?}"
+    );
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
+/// A message with its topic inline (not interned, as after 16,384
+/// topics on a link, or forged so) is checked against the access policy
+/// like any other: a peer that may not publish `orders.>` gets nothing
+/// through on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inline_topic_names_are_checked_against_the_policy() {
+    let policy = mesh::security::AccessPolicy::new()
+        .allow("*", mesh::security::Op::Publish, &["public.>"])
+        .unwrap()
+        .allow("*", mesh::security::Op::Read, &[">"])
+        .unwrap();
+    let a = mesh::Node::builder()
+        .listen(loopback())
+        .mdns(false)
+        .access_policy(policy)
+        .start()
+        .await
+        .unwrap();
+    let mut sub = a.subscribe(">").await.unwrap();
+    let mut peer = RawPeer::connect(&addr(&a).await).await;
+    let inline = |name: &'static str| {
+        Frame::Msg(wire::MsgWire {
+            topic: u32::MAX,
+            name: Some(name),
+            seq_delta: 1,
+            ts_delta: 0,
+            headers: vec![],
+            payload: wire::Raw(name.as_bytes()),
+        })
+    };
+    peer.send(&inline("orders.forged")).await;
+    peer.send(&inline("public.news")).await;
+    // Per-link FIFO: had the forged one got through, it would come first.
+    assert_eq!(next(&mut sub).await.payload, "public.news");
+    assert!(a.metrics().await.unwrap().dropped.acl_denied >= 1);
+    a.shutdown().await;
+}

@@ -1487,6 +1487,15 @@ impl NodeTask {
                     return Ok(());
                 }
                 let (msg, targets) = link.dec.handle_msg(body, &m, &self.subs)?;
+                // An inline name was not checked with its `Topic` frame:
+                // check it here (every delivery path checks the policy).
+                if m.topic == u32::MAX {
+                    if let Some(a) = &mut self.access {
+                        if !a.check(&peer, crate::security::Op::Publish, msg.topic.as_str()) {
+                            return Ok(());
+                        }
+                    }
+                }
                 self.counters.received += 1;
                 if targets.is_empty() {
                     self.counters.no_subscriber += 1;
@@ -1519,6 +1528,11 @@ impl NodeTask {
                 }
             }
             Frame::Seq { session, rseq, to } => {
+                // Peer-supplied counters are checked before any arithmetic:
+                // the number after `u64::MAX` does not exist.
+                if rseq == u64::MAX {
+                    return Err(WireError::Malformed("Seq at u64::MAX".into()));
+                }
                 let link = self
                     .links
                     .get_mut(&peer)
@@ -1540,6 +1554,9 @@ impl NodeTask {
                 next,
                 to,
             } => {
+                if next == u64::MAX {
+                    return Err(WireError::Malformed("Lagged to u64::MAX".into()));
+                }
                 // A numbering for an earlier run of this node: not ours.
                 if to == self.session {
                     self.lagged(peer, session, missed, next);
@@ -1868,7 +1885,10 @@ impl NodeTask {
             return false;
         }
         if rseq == state.next {
-            state.next += 1;
+            let Some(after) = state.next.checked_add(1) else {
+                return false;
+            };
+            state.next = after;
             state.asked = None;
             return true;
         }
