@@ -422,3 +422,62 @@ async fn inline_topic_names_are_checked_against_the_policy() {
     assert!(a.metrics().await.unwrap().dropped.acl_denied >= 1);
     a.shutdown().await;
 }
+
+/// A reply counts only from the responder the request went to: a peer
+/// that floods replies for every id cannot answer someone else's request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_replies_from_another_peer_are_ignored() {
+    let a = start(None).await;
+    let a_addr = addr(&a).await;
+    let b = start(Some(&a_addr)).await;
+    linked(&a, &[b.peer_id()]).await;
+    let mut service = b.serve("svc").await.unwrap();
+    // Requests to "svc" reach b once its declaration is in at a.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        use futures::StreamExt;
+        let short = std::time::Duration::from_millis(200);
+        let probe = a.request("svc", "probe", short);
+        let serve = tokio::time::timeout(short, service.next());
+        let (_, got) = tokio::join!(probe, serve);
+        if let Ok(Some(req)) = got {
+            req.respond("probe");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "b's service never known to a");
+    }
+    let requester = a.clone();
+    let pending = tokio::spawn(async move { requester.request("svc", "real", WAIT).await });
+    let held = tokio::time::timeout(WAIT, futures::StreamExt::next(&mut service))
+        .await
+        .expect("the request reaches b")
+        .unwrap();
+    assert_eq!(held.payload().as_ref(), b"real");
+
+    let mut peer = RawPeer::connect(&a_addr).await;
+    for id in 0..=4096u64 {
+        peer.send(&Frame::Work(wire::WorkWire::Reply {
+            id,
+            status: wire::ReplyStatus::Ok,
+            payload: wire::Raw(b"forged"),
+        }))
+        .await;
+    }
+    // a answers a request of ours after it read every forged reply (one
+    // link, in order).
+    peer.send(&Frame::Work(wire::WorkWire::Request {
+        id: 7,
+        subject: "nobody.serves.this",
+        headers: vec![],
+        payload: wire::Raw(b""),
+    }))
+    .await;
+    peer.until(|f| matches!(f, Frame::Work(wire::WorkWire::Reply { id: 7, .. })).then_some(()))
+        .await
+        .expect("a answers");
+    held.respond("genuine");
+    let got = pending.await.unwrap().expect("the real reply");
+    assert_eq!(got.as_ref(), b"genuine");
+    a.shutdown().await;
+    b.shutdown().await;
+}

@@ -143,6 +143,9 @@ pub struct Dropped {
     /// Other nodes' declarations ignored because the interest table was
     /// full (`core::interest::MAX_TABLE_BYTES`).
     pub declarations_refused: u64,
+    /// Request replies from a peer the request did not go to (forged,
+    /// or aimed at another's request): ignored.
+    pub forged_replies: u64,
     /// Peers refused by the private-mesh check.
     pub auth_refused: u64,
     /// Operations refused by the access policy.

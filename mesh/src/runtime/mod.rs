@@ -433,6 +433,14 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
     // Queue deliveries carry this run's start time: a restarted host
     // (durable or not) refuses settles of tags it handed out before.
     task.work.epoch = epoch;
+    // Request ids are keyed: random in a real node, of the node's id in
+    // the simulator (so its runs repeat).
+    if task.config.sim.is_some() {
+        use sha2::Digest;
+        task.work.request_key = sha2::Sha256::digest(task.local.to_bytes()).into();
+    } else {
+        rand::thread_rng().fill_bytes(&mut task.work.request_key);
+    }
     if let Some(loaded) = loaded {
         // A durable host keeps its run across restarts: its stored
         // partitions are the same logs, so readers resume where they were.

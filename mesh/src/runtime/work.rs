@@ -236,6 +236,8 @@ struct PendingSend {
 }
 
 struct PendingRequest {
+    /// The responder it went to: only its reply counts.
+    to: NodeId,
     deadline: Instant,
     timeout: Duration,
     reply: oneshot::Sender<Result<Bytes, RequestError>>,
@@ -278,6 +280,10 @@ pub(crate) struct Work {
     requests: FxHashMap<u64, PendingRequest>,
     request_deadlines: BinaryHeap<std::cmp::Reverse<(Instant, u64)>>,
     next_request: u64,
+    /// Keys request ids: they are unguessable by other peers (a keyed
+    /// hash of a counter), so a peer cannot aim a reply at a request it
+    /// never saw even where the responder check would not catch it.
+    pub(crate) request_key: [u8; 32],
     gathers: FxHashMap<u64, Gather>,
     /// Host choices per queue, at an interest and link generation.
     host_cache: FxHashMap<Arc<str>, (Generation, Vec<NodeId>)>,
@@ -296,6 +302,23 @@ pub(crate) struct Work {
 }
 
 impl Work {
+    /// A fresh request id: a keyed hash of a counter, never 0, never one
+    /// in use.
+    fn request_id(&mut self) -> u64 {
+        use sha2::Digest;
+        loop {
+            self.next_request += 1;
+            let mut h = sha2::Sha256::new();
+            h.update(self.request_key);
+            h.update(self.next_request.to_le_bytes());
+            let digest = h.finalize();
+            let id = u64::from_le_bytes(digest[..8].try_into().expect("8 bytes"));
+            if id != 0 && !self.requests.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+
     pub(crate) fn new(config: &crate::node::Config) -> Self {
         Self {
             host: core_queue::Queues::new(config.queue.clone()),
@@ -315,6 +338,7 @@ impl Work {
             requests: FxHashMap::default(),
             request_deadlines: BinaryHeap::new(),
             next_request: 0,
+            request_key: [0; 32],
             gathers: FxHashMap::default(),
             host_cache: FxHashMap::default(),
             flows_at: (u64::MAX, u64::MAX),
@@ -909,12 +933,17 @@ impl NodeTask {
         }
         self.work.next_responder = self.work.next_responder.wrapping_add(1);
         let pick = self.work.next_responder % n;
-        self.work.next_request += 1;
-        let id = self.work.next_request;
+        let id = self.work.request_id();
+        let to = if pick < remote.len() {
+            remote[pick]
+        } else {
+            self.local
+        };
         let deadline = core_queue::after(now(), timeout);
         self.work.requests.insert(
             id,
             PendingRequest {
+                to,
                 deadline,
                 timeout,
                 reply,
@@ -976,7 +1005,8 @@ impl NodeTask {
 
     fn respond(&mut self, to: NodeId, id: u64, status: ReplyStatus, payload: Bytes) {
         if to == self.local {
-            self.reply_arrived(id, status, payload);
+            let local = self.local;
+            self.reply_arrived(local, id, status, payload);
             return;
         }
         self.send_work(
@@ -989,9 +1019,20 @@ impl NodeTask {
         );
     }
 
-    fn reply_arrived(&mut self, id: u64, status: ReplyStatus, payload: Bytes) {
+    fn reply_arrived(&mut self, from: NodeId, id: u64, status: ReplyStatus, payload: Bytes) {
+        match self.work.requests.get(&id) {
+            None => return, // timed out already
+            Some(p) if p.to != from => {
+                // Not from the responder it went to: forged, or a reply
+                // aimed at someone else's request.
+                tracing::debug!(%from, "reply from a peer the request did not go to ignored");
+                self.counters.forged_replies += 1;
+                return;
+            }
+            Some(_) => {}
+        }
         let Some(p) = self.work.requests.remove(&id) else {
-            return; // timed out already
+            return;
         };
         let result = match status {
             ReplyStatus::Ok => Ok(payload),
@@ -1405,7 +1446,7 @@ impl NodeTask {
                 id,
                 status,
                 payload,
-            } => self.reply_arrived(id, status, slice(body, payload.0)),
+            } => self.reply_arrived(peer, id, status, slice(body, payload.0)),
         }
         Ok(())
     }
