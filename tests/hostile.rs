@@ -171,9 +171,7 @@ async fn a_one_shot_node_refuses_sends_for_queues_it_does_not_host() {
     .await;
     let answer = peer
         .until(|f| match f {
-            Frame::Work(wire::WorkWire::Accepted { seqs }) if seqs.contains(&7) => {
-                Some(Ok(()))
-            }
+            Frame::Work(wire::WorkWire::Accepted { seqs }) if seqs.contains(&7) => Some(Ok(())),
             Frame::Work(wire::WorkWire::Refused { seq: 7, full, .. }) => Some(Err(*full)),
             _ => None,
         })
@@ -444,7 +442,10 @@ async fn forged_replies_from_another_peer_are_ignored() {
             req.respond("probe");
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "b's service never known to a");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "b's service never known to a"
+        );
     }
     let requester = a.clone();
     let pending = tokio::spawn(async move { requester.request("svc", "real", WAIT).await });

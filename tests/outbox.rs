@@ -334,3 +334,49 @@ async fn a_second_relay_of_one_outbox_is_refused() {
         .relay(&node, RelayOptions::default())
         .expect("free again once the first stopped");
 }
+
+/// A relay whose own node is not durable never counts its own in-memory
+/// hosting as a confirmation: with no host in the mesh the rows stay in
+/// the outbox (and the relay reports why), and they go, and only then are
+/// deleted, once a host appears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_keeps_rows_until_a_host_other_than_its_volatile_self_confirms() {
+    let relay_node = common::start(None).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (outbox, mut conn) = Outbox::open(dir.path().join("o.db")).unwrap();
+    let tx = conn.transaction().unwrap();
+    for n in 0..20u32 {
+        outbox
+            .enqueue(&tx, Destination::Queue("orders"), n.to_le_bytes())
+            .unwrap();
+        outbox
+            .enqueue(
+                &tx,
+                Destination::Stream {
+                    name: "audit",
+                    key: b"k",
+                },
+                n.to_le_bytes(),
+            )
+            .unwrap();
+    }
+    tx.commit().unwrap();
+    let relay = outbox.relay(&relay_node, RelayOptions::default()).unwrap();
+    eventually(
+        "the relay to report that nothing durable hosts them",
+        || async { (relay.stats().failures >= 2).then_some(()) },
+    )
+    .await;
+    assert_eq!(relay.stats().sent, 0, "{:?}", relay.stats());
+    assert_eq!(Outbox::status(&conn).unwrap().pending, 40);
+
+    // A host joins: the rows go to it, then leave the outbox.
+    let host = common::hosting_all(&common::addr(&relay_node).await).await;
+    assert!(relay.wait_idle(WAIT).await, "the relay sends every row");
+    assert_eq!(Outbox::status(&conn).unwrap().pending, 0);
+    let stats = host.queue("orders").unwrap().host_stats().await.unwrap();
+    assert_eq!(stats.waiting, 20, "every row at the host");
+    relay.stop();
+    host.shutdown().await;
+    relay_node.shutdown().await;
+}

@@ -275,6 +275,7 @@ impl Queue {
                 delay: options.delay,
                 ttl: options.ttl,
                 dedup: options.dedup_key,
+                durable: false,
             },
             reply: tx,
         };
@@ -293,6 +294,32 @@ impl Queue {
         I: IntoIterator<Item = (P, SendOptions)>,
         P: Into<Bytes>,
     {
+        self.send_batch_inner(messages, false).await
+    }
+
+    /// [`Queue::send_batch_with`] for an outbox relay: confirmed only by a
+    /// host that keeps the messages, never by this node hosting them in
+    /// memory (with no other host: `NoHost`, to retry later).
+    pub(crate) async fn send_batch_durable<I, P>(
+        &self,
+        messages: I,
+    ) -> Result<Vec<MessageId>, SendError>
+    where
+        I: IntoIterator<Item = (P, SendOptions)>,
+        P: Into<Bytes>,
+    {
+        self.send_batch_inner(messages, true).await
+    }
+
+    async fn send_batch_inner<I, P>(
+        &self,
+        messages: I,
+        durable: bool,
+    ) -> Result<Vec<MessageId>, SendError>
+    where
+        I: IntoIterator<Item = (P, SendOptions)>,
+        P: Into<Bytes>,
+    {
         let inner = &self.node.inner;
         let mut msgs = Vec::new();
         for (p, options) in messages {
@@ -304,6 +331,7 @@ impl Queue {
                 delay: options.delay,
                 ttl: options.ttl,
                 dedup: options.dedup_key,
+                durable,
             });
         }
         let (tx, rx) = oneshot::channel();

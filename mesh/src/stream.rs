@@ -392,7 +392,7 @@ impl Stream {
             headers: options.headers,
             payload: payload.into(),
         };
-        let mut placed = self.submit(vec![record]).await?;
+        let mut placed = self.submit(vec![record], false).await?;
         placed
             .pop()
             .ok_or_else(|| AppendError::Refused("the host answered nothing".into()))
@@ -418,7 +418,7 @@ impl Stream {
                 payload: p.into(),
             })
             .collect();
-        self.submit(records).await
+        self.submit(records, false).await
     }
 
     /// Appends many records, each with its own key, event time and
@@ -438,10 +438,38 @@ impl Stream {
                 payload: p.into(),
             })
             .collect();
-        self.submit(records).await
+        self.submit(records, false).await
     }
 
-    async fn submit(&self, records: Vec<NewRecord>) -> Result<Vec<RecordPos>, AppendError> {
+    /// [`Stream::append_batch_with`] for an outbox relay: confirmed only
+    /// by a host that keeps the records, never by this node hosting them
+    /// in memory (with no other host: `NoHost`, to retry later).
+    pub(crate) async fn append_batch_durable<I, P>(
+        &self,
+        records: I,
+    ) -> Result<Vec<RecordPos>, AppendError>
+    where
+        I: IntoIterator<Item = (P, AppendOptions)>,
+        P: Into<Bytes>,
+    {
+        let ts = now_ms();
+        let records = records
+            .into_iter()
+            .map(|(p, o)| NewRecord {
+                key: o.key,
+                timestamp_ms: o.timestamp.map_or(ts, unix_ms),
+                headers: o.headers,
+                payload: p.into(),
+            })
+            .collect();
+        self.submit(records, true).await
+    }
+
+    async fn submit(
+        &self,
+        records: Vec<NewRecord>,
+        durable: bool,
+    ) -> Result<Vec<RecordPos>, AppendError> {
         let inner = &self.node.inner;
         for r in &records {
             let size = r.payload.len()
@@ -474,6 +502,7 @@ impl Stream {
             .push(Op::Stream(StreamOp::Append {
                 stream: self.name.clone(),
                 records,
+                durable,
                 reply: tx,
             }))
             .await

@@ -308,3 +308,17 @@ pub fn example(name: &str) -> PathBuf {
     assert!(path.exists(), "{} was not built", path.display());
     path
 }
+
+/// A node that hosts every queue and stream (in memory), joined through
+/// `bootstrap`.
+pub async fn hosting_all(bootstrap: &Multiaddr) -> Node {
+    Node::builder()
+        .listen(loopback())
+        .mdns(false)
+        .failure_detection(fast_fd())
+        .host_all()
+        .bootstrap(bootstrap.clone())
+        .start()
+        .await
+        .expect("host starts")
+}

@@ -417,9 +417,16 @@ pub(super) async fn bench(b: BenchOutbox, net: super::bench::Net) -> anyhow::Res
     }
     // With the consumer hosting, never host here: a send before the host's
     // declaration arrived is retried by the relay rather than kept here.
+    // Hosting here, the node is durable (its own data dir): a relay takes
+    // no confirmation from a host that keeps the queue in memory only.
+    let node_dir = scratch.path().join("node");
     let (mut child, mut lines, node) =
         super::bench::start_pair_configured(mode, b.messages, net, &extra, |builder| {
-            builder.self_host(!b.host_consumer)
+            if b.host_consumer {
+                builder.self_host(false)
+            } else {
+                builder.self_host(true).data_dir(&node_dir)
+            }
         })
         .await?;
     let app = scratch.path().join("app.db");

@@ -109,6 +109,9 @@ pub(crate) enum StreamOp {
     Append {
         stream: Arc<str>,
         records: Vec<NewRecord>,
+        /// Confirmed only by a host that keeps it: never by this node
+        /// hosting it in memory (an outbox relay's sends).
+        durable: bool,
         reply: oneshot::Sender<Result<Vec<Placed>, AppendFailure>>,
     },
     Consume {
@@ -241,6 +244,8 @@ struct PendingAppend {
 }
 
 struct AppendCall {
+    /// See `StreamOp::Append::durable`.
+    durable: bool,
     placed: Vec<Option<Placed>>,
     remaining: usize,
     error: Option<AppendFailure>,
@@ -650,8 +655,9 @@ impl NodeTask {
             StreamOp::Append {
                 stream,
                 records,
+                durable,
                 reply,
-            } => self.append(stream, records, reply),
+            } => self.append(stream, records, durable, reply),
             StreamOp::Consume {
                 sid,
                 stream,
@@ -791,6 +797,7 @@ impl NodeTask {
         &mut self,
         stream: Arc<str>,
         records: Vec<NewRecord>,
+        durable: bool,
         reply: oneshot::Sender<Result<Vec<Placed>, AppendFailure>>,
     ) {
         self.streams.next_seq += 1;
@@ -799,6 +806,7 @@ impl NodeTask {
         self.streams.calls.insert(
             call,
             AppendCall {
+                durable,
                 placed: vec![None; n],
                 remaining: 0,
                 error: None,
@@ -822,7 +830,12 @@ impl NodeTask {
         // not go elsewhere meanwhile): its link is set up for it. A retry
         // after a link ended takes hosts linked now, else live ones but
         // the one whose link ended.
-        let hosts = if self.streams.hosts_locally(&stream) {
+        // A call that needs a durable confirmation is not kept in this
+        // node's memory alone.
+        let volatile =
+            self.durable.is_none() && self.streams.calls.get(&call).is_some_and(|c| c.durable);
+        let here = self.streams.hosts_locally(&stream) && !volatile;
+        let hosts = if here {
             Vec::new()
         } else if let Some(gone) = retry {
             // Linked ones first; if none is, any other live one (its link
@@ -839,6 +852,10 @@ impl NodeTask {
             self.live_stream_hosts(&stream)
         };
         if hosts.is_empty() {
+            if volatile {
+                self.fail_call(call, AppendFailure::NoHost);
+                return;
+            }
             if !self.streams.hosts_locally(&stream) {
                 if !self.streams.self_host {
                     self.fail_call(call, AppendFailure::NoHost);

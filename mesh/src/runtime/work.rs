@@ -96,6 +96,9 @@ pub(crate) struct OutMsg {
     pub(crate) delay: Option<Duration>,
     pub(crate) ttl: Option<Duration>,
     pub(crate) dedup: Option<String>,
+    /// Confirmed only by a host that keeps it: never by this node hosting
+    /// it in memory (an outbox relay's sends).
+    pub(crate) durable: bool,
 }
 
 /// How a consumer settles a message.
@@ -747,13 +750,23 @@ impl NodeTask {
             publisher: self.local,
             seq,
         };
-        let host = if self.work.hosts_locally(&queue) {
+        // A send that needs a durable confirmation is not kept in this
+        // node's memory alone.
+        let volatile = msg.durable && self.durable.is_none();
+        let host = if self.work.hosts_locally(&queue) && !volatile {
             None
         } else {
             let hosts = self.remote_hosts(&queue);
             rendezvous(&queue, &hosts)
         };
         let Some(host) = host else {
+            if volatile {
+                let e = SendError::NoHost(format!(
+                    "{queue} (no host keeps it, and this node holds queues in memory only)"
+                ));
+                self.resolve_send(reply, Err(e));
+                return;
+            }
             if !self.work.hosts_locally(&queue) {
                 if !self.work.self_host {
                     self.resolve_send(reply, Err(SendError::NoHost(queue.to_string())));
@@ -1164,6 +1177,7 @@ impl NodeTask {
                     delay: (delay_ms > 0).then(|| Duration::from_millis(delay_ms)),
                     ttl: (ttl_ms > 0).then(|| Duration::from_millis(ttl_ms)),
                     dedup: dedup.map(str::to_owned),
+                    durable: false,
                 };
                 // Its sender may think we host it when we do not (a
                 // declaration of a previous run of ours): take it rather
@@ -1328,12 +1342,9 @@ impl NodeTask {
                 tag,
                 Settle::Nack((delay_ms > 0).then(|| Duration::from_millis(delay_ms))),
             ),
-            WorkWire::Release { cid, epoch, tag } => self.host_settle(
-                ConsumerKey { node: peer, cid },
-                epoch,
-                tag,
-                Settle::Release,
-            ),
+            WorkWire::Release { cid, epoch, tag } => {
+                self.host_settle(ConsumerKey { node: peer, cid }, epoch, tag, Settle::Release)
+            }
             WorkWire::Reject {
                 cid,
                 epoch,

@@ -790,7 +790,7 @@ impl Lane {
                         },
                     )
                 });
-                match q.send_batch_with(msgs).await {
+                match q.send_batch_durable(msgs).await {
                     Ok(_) => Ok(()),
                     Err(crate::queue::SendError::Closed) => Err(Stop::Closed),
                     Err(e) => Err(Stop::Retry(e.to_string())),
@@ -813,7 +813,7 @@ impl Lane {
                         },
                     )
                 });
-                match s.append_batch_with(recs).await {
+                match s.append_batch_durable(recs).await {
                     Ok(_) => Ok(()),
                     Err(crate::stream::AppendError::Closed) => Err(Stop::Closed),
                     Err(e) => Err(Stop::Retry(e.to_string())),
