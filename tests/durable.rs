@@ -522,3 +522,45 @@ async fn a_late_ack_from_before_a_host_restart_settles_nothing_else() {
     assert_eq!(rest, (2..10).collect::<Vec<_>>(), "M2 and the rest kept");
     host.shutdown().await;
 }
+
+/// A durable host keeps the dedup keys of messages it delivered and had
+/// acked for the dedup window, across a restart: a resend of an acked
+/// message with the same key is dropped, not delivered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dedup_keys_of_acked_messages_survive_a_host_restart() {
+    use mesh::queue::SendOptions;
+    let dir = tempfile::tempdir().unwrap();
+    let keyed = |key: &str| SendOptions {
+        dedup_key: Some(key.to_owned()),
+        ..SendOptions::default()
+    };
+    let host = durable_host(dir.path()).await;
+    let q = host.queue("jobs").unwrap();
+    q.send_with("first", keyed("k1")).await.unwrap();
+    q.send_with("second", keyed("k2")).await.unwrap();
+    let mut consumer = q.consume(ConsumeOptions::default());
+    for _ in 0..2 {
+        next_delivery(&mut consumer).await.ack();
+    }
+    eventually("both acked", || async {
+        let s = q.host_stats().await.ok()?;
+        (s.waiting == 0 && s.in_flight == 0).then_some(())
+    })
+    .await;
+    drop(consumer);
+    host.shutdown().await;
+    drop((q, host));
+
+    let host = durable_host(dir.path()).await;
+    let q = host.queue("jobs").unwrap();
+    q.send_with("first again", keyed("k1")).await.unwrap();
+    q.send_with("new", keyed("k3")).await.unwrap();
+    let stats = q.host_stats().await.unwrap();
+    assert_eq!(stats.waiting, 1, "only the new key queued: {stats:?}");
+    let mut consumer = q.consume(ConsumeOptions::default());
+    assert_eq!(
+        next_delivery(&mut consumer).await.payload().as_ref(),
+        b"new"
+    );
+    host.shutdown().await;
+}

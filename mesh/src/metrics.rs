@@ -132,7 +132,9 @@ pub struct Dropped {
     pub control_refused: u64,
     /// Queue sends dropped as repeats of a dedup key.
     pub queue_deduplicated: u64,
-    /// Dead letters dropped because the dead-letter queue was full.
+    /// Messages that could not move to their full dead-letter queue: not
+    /// dropped, they stay in their queue and are offered again after
+    /// `core::queue::DLQ_FULL_RETRY`.
     pub dead_letters: u64,
     /// Stream records removed by retention (count, bytes or age).
     pub stream_retention: u64,

@@ -173,6 +173,23 @@ pub enum Journal {
         /// Its journal id.
         jid: u64,
     },
+    /// A dedup key is remembered until `until`: a durable host keeps it
+    /// across a restart, also once its message is gone.
+    Dedup {
+        /// The queue.
+        queue: Arc<str>,
+        /// The key.
+        key: String,
+        /// The end of its window.
+        until: Instant,
+    },
+    /// A dedup key is forgotten (its window ended, or it was evicted).
+    DedupGone {
+        /// The queue.
+        queue: Arc<str>,
+        /// The key.
+        key: String,
+    },
 }
 
 /// Why a send was refused.
@@ -284,7 +301,9 @@ pub struct QueueStats {
     pub redelivered: u64,
     /// Messages moved to the dead-letter queue.
     pub dead_lettered: u64,
-    /// Messages dropped because the dead-letter queue was full.
+    /// Messages that could not move to the dead-letter queue because it
+    /// was full: kept in their queue instead, and offered again after
+    /// [`DLQ_FULL_RETRY`] (not dropped).
     pub dead_letters_dropped: u64,
     /// Dedup keys forgotten before their window ended.
     pub dedup_evicted: u64,
@@ -415,7 +434,16 @@ impl Queue {
         !self.fresh.is_empty() || !self.again.is_empty()
     }
 
-    fn remember_dedup(&mut self, now: Instant, key: String, config: &Config) {
+    /// Remembers `key` until `until`, forgetting expired keys (and the
+    /// oldest beyond the limit); both changes go to `journal` if given.
+    fn remember_dedup(
+        &mut self,
+        now: Instant,
+        key: String,
+        until: Instant,
+        config: &Config,
+        mut journal: Option<&mut Vec<Journal>>,
+    ) {
         while let Some((t, _)) = self.dedup_order.front() {
             if *t > now && self.dedup_order.len() < config.max_dedup_keys {
                 break;
@@ -428,9 +456,21 @@ impl Queue {
             }
             if self.dedup.get(&k) == Some(&t) {
                 self.dedup.remove(&k);
+                if let Some(j) = journal.as_deref_mut() {
+                    j.push(Journal::DedupGone {
+                        queue: self.name.clone(),
+                        key: k,
+                    });
+                }
             }
         }
-        let until = after(now, config.dedup_window);
+        if let Some(j) = journal {
+            j.push(Journal::Dedup {
+                queue: self.name.clone(),
+                key: key.clone(),
+                until,
+            });
+        }
         self.dedup.insert(key.clone(), until);
         self.dedup_order.push_back((until, key));
     }
@@ -452,6 +492,10 @@ pub enum ConsumerError {
         queue: String,
     },
 }
+
+/// How long a message that could not be dead-lettered (its dead-letter
+/// queue was full) waits in its queue before it is offered again.
+pub const DLQ_FULL_RETRY: Duration = Duration::from_secs(5);
 
 /// Every queue a node hosts.
 ///
@@ -555,12 +599,31 @@ impl<K: Clone + Eq + Hash> Queues<K> {
     ) {
         let qi = self.index(queue);
         if let Some(key) = &msg.dedup_key {
-            let config = self.config.clone();
-            self.queues[qi as usize].remember_dedup(now, key.clone(), &config);
+            // Journaled: once the message is gone its key must still be on
+            // disk for the rest of its window.
+            let until = after(now, self.config.dedup_window);
+            self.queues[qi as usize].remember_dedup(
+                now,
+                key.clone(),
+                until,
+                &self.config,
+                self.journal.as_mut(),
+            );
         }
         self.next_jid = self.next_jid.max(jid);
         let not_before = msg.not_before;
         self.insert(now, Msg::new(qi, jid, msg, dead), not_before);
+    }
+
+    /// Puts back a dedup key a durable host had stored (after a restart):
+    /// repeats of it are dropped until `until`. Expired keys are ignored;
+    /// the journal does not record it again.
+    pub fn restore_dedup(&mut self, now: Instant, queue: &str, key: String, until: Instant) {
+        if until <= now {
+            return;
+        }
+        let qi = self.index(queue);
+        self.queues[qi as usize].remember_dedup(now, key, until, &self.config, None);
     }
 
     /// The limits.
@@ -695,8 +758,14 @@ impl<K: Clone + Eq + Hash> Queues<K> {
         };
         let mut msg = msg;
         if let Some(key) = msg.dedup_key.take() {
-            let config = self.config.clone();
-            self.queues[qi as usize].remember_dedup(now, key, &config);
+            let until = after(now, self.config.dedup_window);
+            self.queues[qi as usize].remember_dedup(
+                now,
+                key,
+                until,
+                &self.config,
+                self.journal.as_mut(),
+            );
         }
         let not_before = msg.not_before;
         self.insert(now, Msg::new(qi, jid, msg, None), not_before);
@@ -1074,15 +1143,21 @@ impl<K: Clone + Eq + Hash> Queues<K> {
             return;
         };
         let from = m.queue as usize;
-        self.queues[from].stats.dead_lettered += 1;
         let name = dlq_name(&self.queues[from].name);
         let di = self.index(&name);
         if self.queues[di as usize].held >= self.config.max_messages {
+            // The dead-letter queue is full: the message is not dropped. It
+            // stays in its queue (on disk too: nothing is journaled) and
+            // comes back after DLQ_FULL_RETRY, when its next failure tries
+            // the dead-letter queue again. Counted, so a full DLQ shows.
             self.queues[di as usize].stats.dead_letters_dropped += 1;
             self.queues[from].stats.dead_letters_dropped += 1;
-            self.record(|| Journal::Removed { jid: m.jid });
+            m.last_error = Some(reason);
+            m.timer = m.timer.wrapping_add(1);
+            self.insert(now, m, Some(after(now, DLQ_FULL_RETRY)));
             return;
         }
+        self.queues[from].stats.dead_lettered += 1;
         m.queue = di;
         let (jid, queue, dead) = (
             m.jid,
@@ -1490,6 +1565,8 @@ mod tests {
                     format!("move {jid} {queue} {:?}", dead.as_ref().map(|d| &d.1))
                 }
                 Journal::Removed { jid } => format!("del {jid}"),
+                Journal::Dedup { queue, key, .. } => format!("dedup {queue} {key}"),
+                Journal::DedupGone { queue, key } => format!("forget {queue} {key}"),
             })
             .collect();
         assert_eq!(
@@ -1528,6 +1605,51 @@ mod tests {
         r.send(now, "jobs", msg(9, "m9")).unwrap();
         r.drain_journal(&mut none);
         assert!(matches!(none[..], [Journal::Stored { jid: 5, .. }]));
+    }
+
+    /// Dedup keys are journaled when remembered and when forgotten, so a
+    /// durable host keeps them for their window after their message is
+    /// gone; restored keys drop repeats until their stored end.
+    #[test]
+    fn dedup_keys_are_journaled_and_restored() {
+        let (now, mut q) = consumed_by_a(10);
+        q.set_journal(true);
+        let keyed = |seq, key: &str| {
+            let mut m = msg(seq, "x");
+            m.dedup_key = Some(key.into());
+            m
+        };
+        q.send(now, "jobs", keyed(1, "k1")).unwrap();
+        let window = q.config().dedup_window;
+        let later = now + window + Duration::from_secs(1);
+        q.send(later, "jobs", keyed(2, "k2")).unwrap();
+        let mut j = Vec::new();
+        q.drain_journal(&mut j);
+        let keys: Vec<String> = j
+            .iter()
+            .filter_map(|e| match e {
+                Journal::Dedup { key, until, .. } => Some(format!("+{key}@{:?}", *until - now)),
+                Journal::DedupGone { key, .. } => Some(format!("-{key}")),
+                _ => None,
+            })
+            .collect();
+        let w2 = window + Duration::from_secs(1) + window;
+        assert_eq!(
+            keys,
+            [
+                format!("+k1@{window:?}"),
+                "-k1".into(),
+                format!("+k2@{w2:?}")
+            ]
+        );
+
+        let mut r = Q::new(Config::default());
+        r.restore_dedup(now, "jobs", "k3".into(), now + Duration::from_secs(5));
+        r.restore_dedup(now, "jobs", "old".into(), now);
+        assert_eq!(r.send(now, "jobs", keyed(3, "k3")), Ok(Accepted::Duplicate));
+        assert_eq!(r.send(now, "jobs", keyed(4, "old")), Ok(Accepted::Queued));
+        let after = now + Duration::from_secs(6);
+        assert_eq!(r.send(after, "jobs", keyed(5, "k3")), Ok(Accepted::Queued));
     }
 
     /// A fresh host whose queue `jobs` has consumer `a` with `prefetch`.
@@ -1933,6 +2055,41 @@ mod tests {
         let t1 = t0 + Duration::from_secs(2);
         assert_eq!(payloads(&drain(&mut q, t1)), ["fresh"]);
         assert_eq!(q.peek("jobs.dlq", 5)[0].dead, Some((0, "expired".into())));
+    }
+
+    /// A full dead-letter queue drops nothing: the message stays in its
+    /// queue, counted, and is offered again later; once the dead-letter
+    /// queue has room it moves there.
+    #[test]
+    fn a_full_dead_letter_queue_keeps_the_message_in_its_queue() {
+        let t0 = test_origin();
+        let mut q = Q::new(Config {
+            max_messages: 1,
+            ..Config::default()
+        });
+        q.set_consumer("jobs", "a", opts(5)).unwrap();
+        q.send(t0, "jobs", msg(1, "poison 1")).unwrap();
+        let d = drain(&mut q, t0);
+        assert!(q.reject(t0, d[0].tag, &"a", "bad"));
+        assert_eq!(q.stats("jobs.dlq").waiting, 1, "the DLQ is full now");
+        q.send(t0, "jobs", msg(2, "poison 2")).unwrap();
+        let d = drain(&mut q, t0);
+        assert!(q.reject(t0, d[0].tag, &"a", "bad"));
+        assert_eq!(q.stats("jobs").waiting, 1, "kept, not dropped");
+        assert_eq!(q.stats("jobs").dead_letters_dropped, 1);
+        assert!(drain(&mut q, t0).is_empty(), "not at once");
+        let t1 = t0 + DLQ_FULL_RETRY;
+        q.handle_timeout(t1);
+        let again = drain(&mut q, t1);
+        assert_eq!(payloads(&again), ["poison 2"]);
+        // The DLQ has room again: the next reject moves it there.
+        q.set_consumer("jobs.dlq", "b", opts(1)).unwrap();
+        let dead = drain(&mut q, t1);
+        assert_eq!(payloads(&dead), ["poison 1"]);
+        assert!(q.ack(dead[0].tag, &"b"));
+        assert!(q.reject(t1, again[0].tag, &"a", "bad"));
+        assert_eq!(q.stats("jobs.dlq").waiting, 1);
+        assert_eq!(q.peek("jobs.dlq", 5)[0].payload, "poison 2");
     }
 
     #[test]

@@ -55,6 +55,16 @@ pub(crate) enum WriteOp {
     QueueDel {
         jid: u64,
     },
+    /// A queue's dedup key, kept until `until_us` (Unix µs).
+    DedupPut {
+        queue: Arc<str>,
+        key: String,
+        until_us: i64,
+    },
+    DedupDel {
+        queue: Arc<str>,
+        key: String,
+    },
     StreamPut {
         stream: Arc<str>,
         index: u32,
@@ -116,6 +126,8 @@ pub(crate) struct StoredPartition {
 pub(crate) struct Loaded {
     pub(crate) epoch: Option<u64>,
     pub(crate) queue: Vec<StoredMsg>,
+    /// Dedup keys: (queue, key, until as Unix µs).
+    pub(crate) dedup: Vec<(String, String, i64)>,
     pub(crate) streams: Vec<StoredPartition>,
 }
 
@@ -129,6 +141,7 @@ pub(crate) struct Loaded {
 pub(crate) struct MemDisk {
     epoch: Option<u64>,
     queue: std::collections::BTreeMap<u64, StoredMsg>,
+    dedup: std::collections::BTreeMap<(String, String), i64>,
     streams: std::collections::BTreeMap<(String, u32), MemPartition>,
 }
 
@@ -177,6 +190,16 @@ impl MemDisk {
                 WriteOp::QueueDel { jid } => {
                     self.queue.remove(&jid);
                 }
+                WriteOp::DedupPut {
+                    queue,
+                    key,
+                    until_us,
+                } => {
+                    self.dedup.insert((queue.to_string(), key), until_us);
+                }
+                WriteOp::DedupDel { queue, key } => {
+                    self.dedup.remove(&(queue.to_string(), key));
+                }
                 WriteOp::StreamPut {
                     stream,
                     index,
@@ -216,6 +239,11 @@ impl MemDisk {
         Loaded {
             epoch: self.epoch,
             queue: self.queue.values().cloned().collect(),
+            dedup: self
+                .dedup
+                .iter()
+                .map(|((q, k), u)| (q.clone(), k.clone(), *u))
+                .collect(),
             streams: self
                 .streams
                 .iter()
@@ -435,6 +463,11 @@ impl NodeTask {
             };
             self.work.host.restore(now, &m.queue, m.jid, msg, m.dead);
         }
+        let keys = loaded.dedup.len();
+        for (queue, key, until_us) in loaded.dedup {
+            let until = from_unix(until_us, now, now_us);
+            self.work.host.restore_dedup(now, &queue, key, until);
+        }
         names.sort_unstable();
         names.dedup();
         for q in names {
@@ -466,6 +499,7 @@ impl NodeTask {
         tracing::info!(
             queues,
             messages = msgs,
+            dedup_keys = keys,
             streams,
             records,
             "durable state restored"
@@ -496,6 +530,12 @@ impl NodeTask {
                     },
                     Journal::Moved { jid, queue, dead } => WriteOp::QueueMove { jid, queue, dead },
                     Journal::Removed { jid } => WriteOp::QueueDel { jid },
+                    Journal::Dedup { queue, key, until } => WriteOp::DedupPut {
+                        queue,
+                        key,
+                        until_us: to_unix(until, now, now_us),
+                    },
+                    Journal::DedupGone { queue, key } => WriteOp::DedupDel { queue, key },
                 });
             }
         }

@@ -178,6 +178,14 @@ fn write(conn: &Connection, path: &Path, ops: &[WriteOp]) -> Result<(), StoreErr
         let mut del = tx
             .prepare_cached("DELETE FROM mesh_queue WHERE jid = ?1")
             .map_err(err)?;
+        let mut dedup_put = tx
+            .prepare_cached(
+                "INSERT OR REPLACE INTO mesh_queue_dedup (queue, key, until_us) VALUES (?1, ?2, ?3)",
+            )
+            .map_err(err)?;
+        let mut dedup_del = tx
+            .prepare_cached("DELETE FROM mesh_queue_dedup WHERE queue = ?1 AND key = ?2")
+            .map_err(err)?;
         let mut rec = tx
             .prepare_cached(
                 "INSERT OR REPLACE INTO mesh_stream (stream, part, off, ts_ms, key, headers, payload)
@@ -229,6 +237,20 @@ fn write(conn: &Connection, path: &Path, ops: &[WriteOp]) -> Result<(), StoreErr
                         continue;
                     }
                     del.execute([*jid as i64]).map_err(err)?;
+                }
+                WriteOp::DedupPut {
+                    queue,
+                    key,
+                    until_us,
+                } => {
+                    dedup_put
+                        .execute(rusqlite::params![&**queue, key, until_us])
+                        .map_err(err)?;
+                }
+                WriteOp::DedupDel { queue, key } => {
+                    dedup_del
+                        .execute(rusqlite::params![&**queue, key])
+                        .map_err(err)?;
                 }
                 WriteOp::StreamPut {
                     stream,
@@ -430,9 +452,24 @@ fn load(conn: &Connection, path: &Path) -> Result<Loaded, StoreError> {
     }
     let mut streams: Vec<StoredPartition> = parts.into_values().collect();
     streams.sort_by(|a, b| (&a.stream, a.index).cmp(&(&b.stream, b.index)));
+    let mut dedup = Vec::new();
+    {
+        let mut stmt = conn
+            .prepare("SELECT queue, key, until_us FROM mesh_queue_dedup ORDER BY until_us")
+            .map_err(err)?;
+        let mut rows = stmt.query([]).map_err(err)?;
+        while let Some(r) = rows.next().map_err(err)? {
+            dedup.push((
+                r.get(0).map_err(err)?,
+                r.get(1).map_err(err)?,
+                r.get(2).map_err(err)?,
+            ));
+        }
+    }
     Ok(Loaded {
         epoch: epoch.map(|e| e as u64),
         queue,
+        dedup,
         streams,
     })
 }

@@ -94,6 +94,14 @@ pub(crate) const HOST: Component = Component {
             off INTEGER NOT NULL,
             PRIMARY KEY (stream, part, grp)
         ) WITHOUT ROWID;",
+        // 2: dedup keys, kept for their window also once their message
+        // is gone (acked), so a resend after a restart is still dropped.
+        "CREATE TABLE mesh_queue_dedup (
+            queue TEXT NOT NULL,
+            key TEXT NOT NULL,
+            until_us INTEGER NOT NULL,
+            PRIMARY KEY (queue, key)
+        ) WITHOUT ROWID;",
     ],
 };
 
