@@ -14,6 +14,14 @@ use super::{outbox::ID_HEADER, path_of, schema, StoreError};
 pub trait InboxMessage {
     /// The id an [`Inbox`] records.
     fn inbox_id(&self) -> String;
+
+    /// When it was written (Unix µs), for messages that can be read again
+    /// long after (stream records): one written before the ids the inbox
+    /// pruned is refused with [`StoreError::BeyondInboxWindow`] rather
+    /// than processed a second time. `None`: not checked.
+    fn written_at_us(&self) -> Option<i64> {
+        None
+    }
 }
 
 /// The outbox id a message carries, if it came from an outbox.
@@ -53,6 +61,11 @@ impl InboxMessage for crate::stream::Record {
             )
         })
     }
+
+    /// Its timestamp (the append time, or the event time it was given).
+    fn written_at_us(&self) -> Option<i64> {
+        Some(i64::try_from(self.timestamp_ms()).unwrap_or(i64::MAX / 1000) * 1000)
+    }
 }
 
 impl InboxMessage for crate::Message {
@@ -86,7 +99,12 @@ impl InboxMessage for str {
 /// ```
 ///
 /// Ids are kept for [`Inbox::retention`] (7 days by default) and pruned
-/// as it goes: a message redelivered after that would be processed again.
+/// as it goes. A stream record written before the pruned ids (a replay
+/// from further back) is refused with [`StoreError::BeyondInboxWindow`]
+/// instead of processed again: give an inbox that serves a stream a
+/// retention at least as long as the stream's (`Duration::MAX`: never
+/// prune). A queue message redelivered after the retention would be
+/// processed again.
 #[derive(Debug)]
 pub struct Inbox {
     retention: Duration,
@@ -114,7 +132,7 @@ impl Inbox {
         })
     }
 
-    /// Keeps ids for `d` instead of 7 days.
+    /// Keeps ids for `d` instead of 7 days (`Duration::MAX`: for ever).
     pub fn retention(mut self, d: Duration) -> Self {
         self.retention = d;
         self
@@ -132,7 +150,17 @@ impl Inbox {
     where
         M: InboxMessage + ?Sized,
     {
-        if !self.record(tx, &msg.inbox_id())? {
+        let id = msg.inbox_id();
+        if let Some(written) = msg.written_at_us() {
+            if written < self.pruned_before(tx)? && !self.seen_id(tx, &id)? {
+                return Err(InboxError::Store(StoreError::BeyondInboxWindow {
+                    path: path_of(tx),
+                    id,
+                    retention: self.retention,
+                }));
+            }
+        }
+        if !self.record(tx, &id)? {
             return Ok(None);
         }
         f(tx).map(Some).map_err(InboxError::Handler)
@@ -162,21 +190,116 @@ impl Inbox {
         conn: &Connection,
         msg: &M,
     ) -> Result<bool, StoreError> {
+        self.seen_id(conn, &msg.inbox_id())
+    }
+
+    fn seen_id(&self, conn: &Connection, id: &str) -> Result<bool, StoreError> {
         let path = path_of(conn);
         conn.prepare_cached("SELECT 1 FROM mesh_inbox WHERE id = ?1")
-            .and_then(|mut s| s.exists([msg.inbox_id()]))
+            .and_then(|mut s| s.exists([id]))
+            .map_err(|e| StoreError::sqlite(&path, e))
+    }
+
+    /// Ids recorded before this (Unix µs) may have been pruned.
+    fn pruned_before(&self, conn: &Connection) -> Result<i64, StoreError> {
+        let path = path_of(conn);
+        conn.prepare_cached("SELECT value FROM mesh_inbox_state WHERE key = 'pruned_before'")
+            .and_then(|mut s| {
+                s.query_row([], |r| r.get::<_, i64>(0))
+                    .or_else(|e| match e {
+                        rusqlite::Error::QueryReturnedNoRows => Ok(i64::MIN),
+                        e => Err(e),
+                    })
+            })
             .map_err(|e| StoreError::sqlite(&path, e))
     }
 
     fn prune_in(&self, conn: &Connection, now: i64) -> Result<(), StoreError> {
         let path = path_of(conn);
+        let err = |e| StoreError::sqlite(&path, e);
         let before = now.saturating_sub(self.retention.as_micros().min(i64::MAX as u128) as i64);
-        conn.prepare_cached(
-            "DELETE FROM mesh_inbox WHERE id IN
-             (SELECT id FROM mesh_inbox WHERE at_us < ?1 ORDER BY at_us LIMIT 10000)",
+        let pruned = conn
+            .prepare_cached(
+                "DELETE FROM mesh_inbox WHERE id IN
+                 (SELECT id FROM mesh_inbox WHERE at_us < ?1 ORDER BY at_us LIMIT 10000)",
+            )
+            .and_then(|mut s| s.execute([before]))
+            .map_err(err)?;
+        if pruned > 0 {
+            // What was recorded before `before` may be gone: a message
+            // written before it cannot be told apart any more.
+            conn.prepare_cached(
+                "INSERT INTO mesh_inbox_state (key, value) VALUES ('pruned_before', ?1)
+                 ON CONFLICT(key) DO UPDATE SET value = max(value, excluded.value)",
+            )
+            .and_then(|mut s| s.execute([before]))
+            .map_err(err)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Written(&'static str, i64);
+
+    impl InboxMessage for Written {
+        fn inbox_id(&self) -> String {
+            self.0.to_owned()
+        }
+        fn written_at_us(&self) -> Option<i64> {
+            Some(self.1)
+        }
+    }
+
+    /// Once ids are pruned, a message written before them (a stream read
+    /// again from further back than the retention) is refused with a
+    /// typed error instead of processed again; later ones, and repeats
+    /// still remembered, go on as before.
+    #[test]
+    fn messages_written_before_the_pruned_ids_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = super::super::open(dir.path().join("i.db")).unwrap();
+        let inbox = Inbox::install(&conn)
+            .unwrap()
+            .retention(Duration::from_secs(3600));
+        let now = super::super::now_us();
+        let hour = 3_600_000_000i64;
+        let run = |conn: &mut Connection, m: &Written| {
+            let tx = conn.transaction().unwrap();
+            let r = inbox.process(&tx, m, |_| Ok::<_, std::convert::Infallible>(()));
+            tx.commit().unwrap();
+            r
+        };
+        assert!(matches!(
+            run(&mut conn, &Written("old", now - 3 * hour / 2)),
+            Ok(Some(()))
+        ));
+        assert!(matches!(
+            run(&mut conn, &Written("kept", now)),
+            Ok(Some(()))
+        ));
+        // Two hours on, "old" (recorded now) is pruned.
+        let tx = conn.transaction().unwrap();
+        tx.execute(
+            "UPDATE mesh_inbox SET at_us = ?1 WHERE id = 'old'",
+            [now - 2 * hour],
         )
-        .and_then(|mut s| s.execute([before]))
-        .map(|_| ())
-        .map_err(|e| StoreError::sqlite(&path, e))
+        .unwrap();
+        inbox.prune_in(&tx, now).unwrap();
+        tx.commit().unwrap();
+        assert!(!inbox.seen(&conn, "u:x").unwrap());
+        match run(&mut conn, &Written("old", now - 3 * hour / 2)) {
+            Err(InboxError::Store(StoreError::BeyondInboxWindow { id, .. })) => {
+                assert_eq!(id, "old")
+            }
+            other => panic!("expected BeyondInboxWindow, got {other:?}"),
+        }
+        // Remembered: a repeat, skipped as before.
+        assert!(matches!(run(&mut conn, &Written("kept", now)), Ok(None)));
+        // Written after the pruned ids: processed.
+        assert!(matches!(run(&mut conn, &Written("new", now)), Ok(Some(()))));
     }
 }

@@ -111,6 +111,20 @@ pub enum StoreError {
         /// What SQLite said.
         detail: String,
     },
+    /// An inbox was asked to process a message written before the ids it
+    /// pruned: it cannot tell whether that message was processed (a
+    /// stream replayed from further back than [`Inbox::retention`]).
+    /// Nothing was recorded; give the inbox a retention at least as long
+    /// as the stream's.
+    #[error("{path}: message {id} was written before the inbox's pruned ids (retention {retention:?}); cannot tell whether it was processed: give the inbox a retention at least as long as the stream's")]
+    BeyondInboxWindow {
+        /// The file.
+        path: PathBuf,
+        /// The message's inbox id.
+        id: String,
+        /// The inbox's retention.
+        retention: Duration,
+    },
     /// Another connection held the write lock for longer than
     /// [`BUSY_TIMEOUT`].
     #[error("{path}: database locked by another writer for longer than the busy timeout")]

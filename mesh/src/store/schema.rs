@@ -47,6 +47,9 @@ pub(crate) const INBOX: Component = Component {
         // 1: ids of processed messages, with when (for pruning).
         "CREATE TABLE mesh_inbox (id TEXT PRIMARY KEY, at_us INTEGER NOT NULL) WITHOUT ROWID;
         CREATE INDEX mesh_inbox_at ON mesh_inbox(at_us);",
+        // 2: how far pruning went ('pruned_before', Unix µs): a message
+        // written before that may have been processed and forgotten.
+        "CREATE TABLE mesh_inbox_state (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;",
     ],
 };
 
