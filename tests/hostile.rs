@@ -482,3 +482,104 @@ async fn forged_replies_from_another_peer_are_ignored() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// Serving, hosting and consumer-group membership are rights of the
+/// policy: a member without them that declares itself a responder, a
+/// queue host or a stream host gets no request, send or append; one with
+/// them does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declarations_of_serving_and_hosting_need_the_rights() {
+    use mesh::security::{AccessPolicy, Op};
+    let keys: Vec<mesh::Keypair> = (0..3).map(|_| mesh::Keypair::generate_ed25519()).collect();
+    let id = |i: usize| keys[i].public().to_peer_id().to_string();
+    // a sends and requests; b is a member with no rights to serve or
+    // host; c may host and serve.
+    let policy = AccessPolicy::new()
+        .allow("*", Op::Publish, &[">"])
+        .unwrap()
+        .allow("*", Op::Read, &[">"])
+        .unwrap()
+        // c hosts everything (`host_all` declares `>`).
+        .allow(&id(2), Op::Host, &[">"])
+        .unwrap()
+        .allow(&id(2), Op::Serve, &["svc.>"])
+        .unwrap();
+    let node = |i: usize, bootstrap: Option<mesh::Multiaddr>, host: bool| {
+        let mut b = mesh::Node::builder()
+            .listen(loopback())
+            .mdns(false)
+            .failure_detection(fast_fd())
+            .identity(keys[i].clone())
+            .access_policy(policy.clone());
+        if let Some(addr) = bootstrap {
+            b = b.bootstrap(addr);
+        }
+        b = if host {
+            b.host_all()
+        } else {
+            b.self_host(false)
+        };
+        b.start()
+    };
+    let a = node(0, None, false).await.unwrap();
+    let a_addr = addr(&a).await;
+    let b = node(1, Some(a_addr.clone()), true).await.unwrap();
+    linked(&a, &[b.peer_id()]).await;
+    let mut b_service = b.serve("svc.*").await.unwrap();
+    // b's declarations are in at a (its sync came with the link) but
+    // ignored: nothing goes to b.
+    let b_addr = addr(&b).await;
+    let _ = b_addr;
+    let err = a.queue("jobs").unwrap().send("job").await.unwrap_err();
+    assert!(matches!(err, mesh::queue::SendError::NoHost(_)), "{err}");
+    let err = a
+        .stream("events")
+        .unwrap()
+        .append("k", "e")
+        .await
+        .unwrap_err();
+    assert!(matches!(err, mesh::stream::AppendError::NoHost(_)), "{err}");
+    assert_eq!(
+        a.request("svc.x", "", WAIT).await,
+        Err(mesh::rpc::RequestError::NoResponders)
+    );
+    assert!(a.metrics().await.unwrap().dropped.acl_denied > 0);
+
+    // c has the rights: sends, appends and requests go to it.
+    let c = node(2, Some(a_addr), true).await.unwrap();
+    linked(&a, &[c.peer_id()]).await;
+    let mut c_service = c.serve("svc.*").await.unwrap();
+    tokio::spawn(async move {
+        use futures::StreamExt;
+        while let Some(r) = c_service.next().await {
+            r.respond("from c");
+        }
+    });
+    eventually("a request answered by c", || async {
+        a.request("svc.x", "", std::time::Duration::from_millis(500))
+            .await
+            .ok()
+            .map(|r| assert_eq!(r.as_ref(), b"from c"))
+    })
+    .await;
+    eventually("a send hosted by c", || async {
+        a.queue("jobs").unwrap().send("job").await.ok()
+    })
+    .await;
+    let stats = c.queue("jobs").unwrap().host_stats().await.unwrap();
+    assert_eq!(stats.waiting, 1);
+    let on_b = b.queue("jobs").unwrap().host_stats().await.unwrap();
+    assert_eq!(on_b.waiting, 0, "nothing went to b");
+    assert!(
+        tokio::time::timeout(
+            std::time::Duration::from_millis(1),
+            futures::StreamExt::next(&mut b_service)
+        )
+        .await
+        .is_err(),
+        "no request reached b"
+    );
+    for n in [a, b, c] {
+        n.shutdown().await;
+    }
+}

@@ -252,6 +252,11 @@ async fn the_access_policy_is_enforced_by_the_nodes_that_hold_or_forward_data() 
         .allow("*", Op::Read, &["public.>"])
         .unwrap()
         .allow(&id(3).to_string(), Op::Publish, &["public.>"])
+        .unwrap()
+        // a hosts every queue and stream; c serves svc.>.
+        .allow(&id(0).to_string(), Op::Host, &[">"])
+        .unwrap()
+        .allow(&id(2).to_string(), Op::Serve, &["svc.>"])
         .unwrap();
     let node = |i: usize, bootstrap: Option<&mesh::Multiaddr>| {
         let mut b = Net::Quic

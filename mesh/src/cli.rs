@@ -674,7 +674,7 @@ struct NetArgs {
     #[arg(long = "allow-peer", value_name = "PEER_ID")]
     allow_peers: Vec<libp2p::PeerId>,
     /// Access control: a policy file of `role NAME PEER...` and `allow
-    /// WHO publish|read PATTERN...` lines (see mesh::security::AccessPolicy).
+    /// WHO publish|read|consume|serve|host PATTERN...` lines (see mesh::security::AccessPolicy).
     #[arg(long, value_name = "FILE")]
     access_policy: Option<std::path::PathBuf>,
     /// Read at most this many bytes per second from each peer (a peer over

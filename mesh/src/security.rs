@@ -249,9 +249,18 @@ pub enum Op {
     /// Publish to a topic, send to a queue, append to a stream, send a
     /// request to a subject.
     Publish,
-    /// Receive a topic, consume or peek at a queue, read a stream or
-    /// commit a group's offsets on it.
+    /// Receive a topic, peek at a queue, read a stream or ask for its
+    /// offsets (`info`). Grants [`Op::Consume`] too.
     Read,
+    /// Consume a queue (take and settle its messages) and join a stream's
+    /// consumer groups (declare membership, commit offsets); implied by
+    /// [`Op::Read`].
+    Consume,
+    /// Answer requests on a subject (declare a responder for it).
+    Serve,
+    /// Host a queue (with its dead-letter queue) or a stream: declare
+    /// itself its host, so that sends, appends and consumers go to it.
+    Host,
 }
 
 /// Who a rule of an [`AccessPolicy`] is for.
@@ -278,13 +287,24 @@ struct Rule {
 /// per peer, name and operation) and counted. The node's own application
 /// is never checked. With a policy, what no rule allows is denied.
 ///
+/// Roles in the mesh are rights too: a peer's declaration that it serves
+/// a subject (`serve`), hosts a queue or stream (`host`) or belongs to a
+/// stream's consumer group (`consume`) is ignored by every node whose
+/// policy does not grant it, so no request, send, append or group
+/// partition is routed to it. A declared pattern counts as the name it
+/// spells: `allow X serve svc.>` covers a responder on `svc.*`, but
+/// `allow X serve svc.a` does not. `read` grants `consume`.
+///
 /// The text form, one rule per line (`#` starts a comment):
 ///
 /// ```text
 /// role billing 12D3KooW...A 12D3KooW...B
 /// allow role:billing publish invoices.> orders.*.paid
 /// allow role:billing read orders.>
+/// allow role:billing serve billing.>
+/// allow 12D3KooW...A host invoices
 /// allow 12D3KooW...C read >
+/// allow 12D3KooW...D consume jobs
 /// allow * read public.>
 /// ```
 ///
@@ -367,13 +387,20 @@ impl AccessPolicy {
                     let op = match *op {
                         "publish" => Op::Publish,
                         "read" => Op::Read,
-                        other => return Err(syntax(format!("{other:?} is not publish or read"))),
+                        "consume" => Op::Consume,
+                        "serve" => Op::Serve,
+                        "host" => Op::Host,
+                        other => {
+                            return Err(syntax(format!(
+                                "{other:?} is not publish, read, consume, serve or host"
+                            )))
+                        }
                     };
                     policy = policy.allow(who, op, patterns).map_err(syntax)?;
                 }
                 _ => {
                     return Err(syntax(
-                        "expected `role NAME PEER...` or `allow WHO publish|read PATTERN...`"
+                        "expected `role NAME PEER...` or `allow WHO publish|read|consume|serve|host PATTERN...`"
                             .into(),
                     ))
                 }
@@ -395,7 +422,7 @@ impl AccessPolicy {
     /// Whether `peer` may do `op` on `name`.
     pub fn permits(&self, peer: &NodeId, op: Op, name: &str) -> bool {
         self.rules.iter().any(|r| {
-            r.op == op
+            (r.op == op || (op == Op::Consume && r.op == Op::Read))
                 && match &r.who {
                     Who::Anyone => true,
                     Who::Peer(p) => p == peer,

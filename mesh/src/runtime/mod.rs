@@ -1836,8 +1836,22 @@ impl NodeTask {
     /// run.
     fn apply_declaration(
         &mut self,
-        decl: crate::core::interest::Declaration,
+        mut decl: crate::core::interest::Declaration,
     ) -> Result<(), crate::core::interest::DeclarationError> {
+        if decl.node != self.local {
+            if let Some(access) = &mut self.access {
+                // Serving, hosting and group membership are rights: a
+                // declaration of one the policy does not grant is ignored,
+                // so nothing is routed to that node for it.
+                let node = decl.node;
+                decl.patterns
+                    .retain(|p| reserved_declaration_permitted(access, &node, p.as_str()));
+                decl.reliable.retain(|p| {
+                    !p.as_str().starts_with('$')
+                        || reserved_declaration_permitted(access, &node, p.as_str())
+                });
+            }
+        }
         let node = decl.node;
         let epoch = decl.version.epoch;
         let before = self.interest.version_of(&node).map(|v| v.epoch);
@@ -2735,4 +2749,37 @@ impl NodeTask {
             queued_dropped,
         }
     }
+}
+
+/// Whether `node` may declare pattern `p`: reserved declarations (a
+/// responder, a queue or stream host, a consumer group member) need the
+/// matching right; subscriptions are checked where messages are routed.
+fn reserved_declaration_permitted(
+    access: &mut crate::security::Access,
+    node: &NodeId,
+    p: &str,
+) -> bool {
+    use crate::security::Op;
+    if let Some(subject) = p.strip_prefix(work::SERVE_PREFIX) {
+        return access.check(node, Op::Serve, subject);
+    }
+    if let Some(queue) = p.strip_prefix(work::HOST_PREFIX) {
+        let queue = queue
+            .strip_suffix(crate::core::queue::DLQ_SUFFIX)
+            .unwrap_or(queue);
+        return access.check(node, Op::Host, queue);
+    }
+    if let Some(stream) = p.strip_prefix(streams::HOST_PREFIX) {
+        return access.check(node, Op::Host, stream);
+    }
+    if let Some(rest) = p.strip_prefix(streams::GROUP_PREFIX) {
+        // `STREAM.GROUP`, where a stream name may have dots itself: any
+        // split whose stream part the node may consume.
+        return rest
+            .match_indices('.')
+            .any(|(i, _)| access.permits(node, Op::Consume, &rest[..i]))
+            // Refused: counted and logged once.
+            || access.check(node, Op::Consume, rest);
+    }
+    true
 }

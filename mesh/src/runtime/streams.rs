@@ -471,7 +471,8 @@ impl NodeTask {
             StreamWire::Append { stream, .. } => (Op::Publish, *stream),
             StreamWire::Watch { stream, .. }
             | StreamWire::Read { stream, .. }
-            | StreamWire::Commit { stream, .. } => (Op::Read, *stream),
+            | StreamWire::Info { stream, .. } => (Op::Read, *stream),
+            StreamWire::Commit { stream, .. } => (Op::Consume, *stream),
             _ => return true,
         };
         if access.check(&peer, op, name) {
@@ -479,7 +480,8 @@ impl NodeTask {
         }
         let verb = match op {
             Op::Publish => "append to",
-            Op::Read => "read",
+            Op::Consume => "consume",
+            _ => "read",
         };
         let reason = format!("access denied: this peer may not {verb} stream {name}");
         match w {
@@ -501,6 +503,18 @@ impl NodeTask {
                     reason: &reason,
                 },
             ),
+            // Offsets and group commits are not shown: an empty answer.
+            StreamWire::Info { req, .. } => {
+                let epoch = self.streams.epoch;
+                self.send_stream(
+                    peer,
+                    &StreamWire::InfoReply {
+                        req: *req,
+                        epoch,
+                        parts: Vec::new(),
+                    },
+                )
+            }
             _ => {}
         }
         false

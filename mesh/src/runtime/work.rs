@@ -691,7 +691,8 @@ impl NodeTask {
         let (op, name) = match w {
             WorkWire::Send { queue, .. } | WorkWire::Replay { queue, .. } => (Op::Publish, *queue),
             WorkWire::Request { subject, .. } => (Op::Publish, *subject),
-            WorkWire::Flow { queue, .. } | WorkWire::Peek { queue, .. } => (Op::Read, *queue),
+            WorkWire::Flow { queue, .. } => (Op::Consume, *queue),
+            WorkWire::Peek { queue, .. } => (Op::Read, *queue),
             _ => return true,
         };
         if access.check(&peer, op, name) {
