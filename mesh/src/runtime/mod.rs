@@ -1836,22 +1836,8 @@ impl NodeTask {
     /// run.
     fn apply_declaration(
         &mut self,
-        mut decl: crate::core::interest::Declaration,
+        decl: crate::core::interest::Declaration,
     ) -> Result<(), crate::core::interest::DeclarationError> {
-        if decl.node != self.local {
-            if let Some(access) = &mut self.access {
-                // Serving, hosting and group membership are rights: a
-                // declaration of one the policy does not grant is ignored,
-                // so nothing is routed to that node for it.
-                let node = decl.node;
-                decl.patterns
-                    .retain(|p| reserved_declaration_permitted(access, &node, p.as_str()));
-                decl.reliable.retain(|p| {
-                    !p.as_str().starts_with('$')
-                        || reserved_declaration_permitted(access, &node, p.as_str())
-                });
-            }
-        }
         let node = decl.node;
         let epoch = decl.version.epoch;
         let before = self.interest.version_of(&node).map(|v| v.epoch);
@@ -2751,35 +2737,40 @@ impl NodeTask {
     }
 }
 
-/// Whether `node` may declare pattern `p`: reserved declarations (a
-/// responder, a queue or stream host, a consumer group member) need the
-/// matching right; subscriptions are checked where messages are routed.
-fn reserved_declaration_permitted(
-    access: &mut crate::security::Access,
+/// Whether the policy lets `node` be what reserved name `name` makes it:
+/// the responder for a subject (`$r.SUBJECT`), a queue's or stream's host
+/// (`$q.h.QUEUE`, `$s.h.STREAM`) or a member of a stream's consumer group
+/// (`$s.g.STREAM.GROUP`). Checked where such declarations are looked up
+/// to route a request, send, append or group partition, so a node
+/// without the right is never chosen (its declaration stays as it was
+/// signed and is relayed unchanged).
+pub(crate) fn reserved_permitted(
+    access: Option<&crate::security::Access>,
     node: &NodeId,
-    p: &str,
+    name: &str,
 ) -> bool {
     use crate::security::Op;
-    if let Some(subject) = p.strip_prefix(work::SERVE_PREFIX) {
-        return access.check(node, Op::Serve, subject);
+    let Some(access) = access else {
+        return true;
+    };
+    if let Some(subject) = name.strip_prefix(work::SERVE_PREFIX) {
+        return access.permits(node, Op::Serve, subject);
     }
-    if let Some(queue) = p.strip_prefix(work::HOST_PREFIX) {
+    if let Some(queue) = name.strip_prefix(work::HOST_PREFIX) {
         let queue = queue
             .strip_suffix(crate::core::queue::DLQ_SUFFIX)
             .unwrap_or(queue);
-        return access.check(node, Op::Host, queue);
+        return access.permits(node, Op::Host, queue);
     }
-    if let Some(stream) = p.strip_prefix(streams::HOST_PREFIX) {
-        return access.check(node, Op::Host, stream);
+    if let Some(stream) = name.strip_prefix(streams::HOST_PREFIX) {
+        return access.permits(node, Op::Host, stream);
     }
-    if let Some(rest) = p.strip_prefix(streams::GROUP_PREFIX) {
+    if let Some(rest) = name.strip_prefix(streams::GROUP_PREFIX) {
         // `STREAM.GROUP`, where a stream name may have dots itself: any
         // split whose stream part the node may consume.
         return rest
             .match_indices('.')
-            .any(|(i, _)| access.permits(node, Op::Consume, &rest[..i]))
-            // Refused: counted and logged once.
-            || access.check(node, Op::Consume, rest);
+            .any(|(i, _)| access.permits(node, Op::Consume, &rest[..i]));
     }
     true
 }

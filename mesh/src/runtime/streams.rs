@@ -443,12 +443,14 @@ impl NodeTask {
 
     /// Remote hosts of `stream` alive by membership, with a link or not.
     fn live_stream_hosts(&self, stream: &str) -> Vec<NodeId> {
+        let name = format!("{HOST_PREFIX}{stream}");
         let mut hosts: Vec<NodeId> = self
             .interest
-            .reserved_interested(&format!("{HOST_PREFIX}{stream}"))
+            .reserved_interested(&name)
             .into_iter()
             .filter(|n| {
                 *n != self.local
+                    && super::reserved_permitted(self.access.as_ref(), n, &name)
                     && matches!(
                         self.membership.state_of(n),
                         Some(MemberState::Alive | MemberState::Suspect)

@@ -452,10 +452,12 @@ impl NodeTask {
             .reserved_interested(topic)
             .into_iter()
             .filter(|n| {
-                matches!(
-                    self.membership.state_of(n),
-                    Some(MemberState::Alive | MemberState::Suspect)
-                ) && self.links.get(n).is_some_and(|l| l.up)
+                super::reserved_permitted(self.access.as_ref(), n, topic)
+                    && matches!(
+                        self.membership.state_of(n),
+                        Some(MemberState::Alive | MemberState::Suspect)
+                    )
+                    && self.links.get(n).is_some_and(|l| l.up)
             })
             .collect()
     }
