@@ -583,3 +583,51 @@ async fn declarations_of_serving_and_hosting_need_the_rights() {
         n.shutdown().await;
     }
 }
+
+/// A declaration only its node can make: one relayed in a `Sync` without
+/// the node's signature (here, one that would pin another member's
+/// version at `u64::MAX` and silence it) is ignored and counted, and the
+/// member's own later declarations still count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_declaration_of_another_member_is_ignored() {
+    let a = start(None).await;
+    let a_addr = addr(&a).await;
+    let b = start(Some(&a_addr)).await;
+    linked(&a, &[b.peer_id()]).await;
+    let mut peer = RawPeer::connect(&a_addr).await;
+    let b_id = b.peer_id().to_bytes();
+    peer.send(&Frame::Sync(wire::SyncWire {
+        members: vec![],
+        decls: vec![wire::DeclWire {
+            node: wire::Raw(&b_id),
+            epoch: u64::MAX,
+            seq: u64::MAX,
+            patterns: vec!["$r.>", "$q.h.>"],
+            reliable: vec![],
+            sig: None,
+        }],
+        more: false,
+    }))
+    .await;
+    // a has read the Sync once it answers a later request of ours.
+    peer.send(&Frame::Work(wire::WorkWire::Request {
+        id: 7,
+        subject: "nobody.serves.this",
+        headers: vec![],
+        payload: wire::Raw(b""),
+    }))
+    .await;
+    peer.until(|f| matches!(f, Frame::Work(wire::WorkWire::Reply { id: 7, .. })).then_some(()))
+        .await
+        .expect("a answers");
+    assert!(a.metrics().await.unwrap().dropped.declarations_forged >= 1);
+    assert_eq!(
+        a.request("anything", "", WAIT).await,
+        Err(mesh::rpc::RequestError::NoResponders),
+        "the forged responder was not taken"
+    );
+    let _sub = b.subscribe("after.forgery").await.unwrap();
+    until_routes_to(&a, "after.forgery", &b).await;
+    a.shutdown().await;
+    b.shutdown().await;
+}

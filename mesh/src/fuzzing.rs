@@ -338,6 +338,7 @@ fn decl<'a>(u: &mut Input<'a>) -> DeclWire<'a> {
         seq: u.num(),
         patterns: (0..u.count(64)).map(|_| u.name()).collect(),
         reliable: (0..u.count(8)).map(|_| u.name()).collect(),
+        sig: None,
     }
 }
 

@@ -145,6 +145,9 @@ pub struct Dropped {
     /// Other nodes' declarations ignored because the interest table was
     /// full (`core::interest::MAX_TABLE_BYTES`).
     pub declarations_refused: u64,
+    /// Declarations without a valid signature of the node they are of
+    /// (forged, altered by a relay, or unsigned): ignored.
+    pub declarations_forged: u64,
     /// Request replies from a peer the request did not go to (forged,
     /// or aimed at another's request): ignored.
     pub forged_replies: u64,
@@ -380,6 +383,7 @@ mod prometheus {
                 ("acked", q.acked),
                 ("nacked", q.nacked),
                 ("dead_lettered", q.dead_lettered),
+                ("stale", q.stale),
             ] {
                 c("mesh_queue_messages_total", &one("event", event), v);
             }
@@ -616,7 +620,7 @@ mod prometheus {
 impl Dropped {
     /// Every reason with its count, in a fixed order (the names are the
     /// fields' and the Prometheus `reason` label's).
-    pub fn by_reason(&self) -> [(&'static str, u64); 26] {
+    pub fn by_reason(&self) -> [(&'static str, u64); 28] {
         [
             ("slow_consumer", self.slow_consumer),
             ("subscription_full", self.subscription_full),
@@ -644,6 +648,8 @@ impl Dropped {
             ("auth_refused", self.auth_refused),
             ("acl_denied", self.acl_denied),
             ("gossip_forged", self.gossip_forged),
+            ("declarations_forged", self.declarations_forged),
+            ("forged_replies", self.forged_replies),
         ]
     }
 }

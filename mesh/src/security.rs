@@ -544,6 +544,38 @@ impl Signer {
         h.finalize().into()
     }
 
+    /// What a declaration's signature covers: its node, version and
+    /// patterns (each length-prefixed), under a label of its own.
+    fn declaration_digest(d: &crate::core::interest::Declaration) -> [u8; 32] {
+        use sha2::Digest;
+        let mut h = Sha256::new();
+        h.update(b"mesh declaration v1");
+        let node = d.node.to_bytes();
+        h.update((node.len() as u64).to_be_bytes());
+        h.update(&node);
+        h.update(d.version.epoch.to_be_bytes());
+        h.update(d.version.seq.to_be_bytes());
+        for list in [&d.patterns, &d.reliable] {
+            h.update((list.len() as u64).to_be_bytes());
+            for p in list.iter() {
+                h.update((p.as_str().len() as u64).to_be_bytes());
+                h.update(p.as_str().as_bytes());
+            }
+        }
+        h.finalize().into()
+    }
+
+    /// Our signature of our own declaration.
+    pub(crate) fn sign_declaration(
+        &self,
+        d: &crate::core::interest::Declaration,
+    ) -> std::sync::Arc<[u8]> {
+        self.key
+            .sign(&Self::declaration_digest(d))
+            .unwrap_or_default()
+            .into()
+    }
+
     /// Our signature of a message we publish.
     pub(crate) fn sign(
         &self,
@@ -562,6 +594,32 @@ impl Signer {
 
 impl Verifier {
     const MAX_KEYS: usize = 4096;
+
+    /// Whether `d` carries its node's signature (patterns sorted as the
+    /// node sent them).
+    pub(crate) fn verify_declaration(&mut self, d: &crate::core::interest::Declaration) -> bool {
+        let Some(signature) = d.signature.as_deref() else {
+            return false;
+        };
+        let Some(key) = self.key_of(d.node) else {
+            return false;
+        };
+        key.verify(&Signer::declaration_digest(d), signature)
+    }
+
+    /// The public key inside `origin` (Ed25519 peer ids are the key).
+    fn key_of(&mut self, origin: NodeId) -> Option<&libp2p::identity::PublicKey> {
+        if !self.keys.contains_key(&origin) {
+            let k = libp2p::identity::PublicKey::try_decode_protobuf(origin.as_ref().digest())
+                .ok()
+                .filter(|k| k.to_peer_id() == origin)?;
+            if self.keys.len() >= Self::MAX_KEYS {
+                self.keys.clear();
+            }
+            self.keys.insert(origin, k);
+        }
+        self.keys.get(&origin)
+    }
 
     /// Whether `signature` is `origin`'s over this message.
     pub(crate) fn verify(

@@ -1084,6 +1084,10 @@ pub struct DeclWire<'a> {
     pub patterns: Vec<&'a str>,
     /// Patterns with a reliable subscription.
     pub reliable: Vec<&'a str>,
+    /// The node's Ed25519 signature of it (`security::declaration_digest`):
+    /// checked by every receiver, so a relayed one cannot be forged.
+    #[serde(borrow)]
+    pub sig: Option<Raw<'a>>,
 }
 
 /// A snapshot of the sender's view of the mesh.
@@ -1327,6 +1331,7 @@ pub fn decl_from_wire(d: &DeclWire<'_>) -> Result<Declaration, WireError> {
         },
         patterns,
         reliable,
+        signature: d.sig.map(|s| std::sync::Arc::from(s.0)),
     })
 }
 
@@ -1345,6 +1350,7 @@ pub fn decl_to_wire<'a>(d: &'a Declaration, id: &'a [u8]) -> DeclWire<'a> {
         seq: d.version.seq,
         patterns: d.patterns.iter().map(Pattern::as_str).collect(),
         reliable: d.reliable.iter().map(Pattern::as_str).collect(),
+        sig: d.signature.as_deref().map(Raw),
     }
 }
 
@@ -1517,6 +1523,7 @@ mod tests {
                 seq: 2,
                 patterns: vec!["a.*", "b.>"],
                 reliable: vec![],
+                sig: None,
             }),
             Frame::Member(MemberWire::PingReq {
                 seq: 4,
@@ -1535,6 +1542,7 @@ mod tests {
             seq: 2,
             patterns: vec!["a.*"],
             reliable: vec![],
+            sig: None,
         });
         let bytes = body(&d);
         let Frame::Declare(dw) = decode(&bytes).unwrap() else {
@@ -1562,6 +1570,7 @@ mod tests {
                     .map(|j| Pattern::new(&format!("p{i}.{j}.{}", "x".repeat(60))).unwrap())
                     .collect(),
                 reliable: Vec::new(),
+                signature: None,
             })
             .collect();
         let mut buf = Vec::new();
@@ -1604,6 +1613,7 @@ mod tests {
             seq: 0,
             patterns: vec![],
             reliable: vec![],
+            sig: None,
         };
         assert_eq!(decl_from_wire(&bad), Err(WireError::BadPeerId));
         let idb = NodeId::random().to_bytes();
@@ -1613,6 +1623,7 @@ mod tests {
             seq: 0,
             patterns: vec!["a..b"],
             reliable: vec![],
+            sig: None,
         };
         assert!(matches!(
             decl_from_wire(&bad),

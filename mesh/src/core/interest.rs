@@ -7,7 +7,7 @@
 //! is chosen by the driver at start (wall-clock micros in the runtime), so a
 //! restarted node's declarations outrank those of its previous life.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use super::{topic::Pattern, NodeId};
 
@@ -48,6 +48,10 @@ pub struct Declaration {
     /// The patterns (among `patterns`) with a reliable subscription:
     /// publishers keep a retransmit window of their messages for this node.
     pub reliable: Vec<Pattern>,
+    /// The declaring node's signature of it (opaque here: the driver signs
+    /// its own and checks others' before they reach the table, so a
+    /// relayed declaration cannot be forged). `None` on the local one.
+    pub signature: Option<Arc<[u8]>>,
 }
 
 /// Why a declaration was refused.
@@ -70,6 +74,7 @@ struct Entry {
     patterns: Vec<Pattern>,
     reliable: Vec<Pattern>,
     bytes: usize,
+    signature: Option<Arc<[u8]>>,
 }
 
 fn pattern_bytes(patterns: &[Pattern]) -> usize {
@@ -167,6 +172,7 @@ impl Interest {
                 .filter(|(_, (_, r))| *r > 0)
                 .map(|(p, _)| p.clone())
                 .collect(),
+            signature: None,
         }
     }
 
@@ -206,6 +212,7 @@ impl Interest {
                 patterns,
                 reliable,
                 bytes,
+                signature: decl.signature,
             },
         );
         if let Some(old) = old {
@@ -253,6 +260,7 @@ impl Interest {
             version: e.version,
             patterns: e.patterns.clone(),
             reliable: e.reliable.clone(),
+            signature: e.signature.clone(),
         }));
         out
     }
@@ -409,18 +417,21 @@ mod tests {
                 version: Version { epoch: 1, seq: 1 },
                 patterns: vec![p("x")],
                 reliable: vec![],
+                signature: None,
             },
             Declaration {
                 node: a,
                 version: Version { epoch: 1, seq: 2 },
                 patterns: vec![p("y")],
                 reliable: vec![],
+                signature: None,
             },
             Declaration {
                 node: a,
                 version: Version { epoch: 2, seq: 1 },
                 patterns: vec![p("z")],
                 reliable: vec![],
+                signature: None,
             },
         ];
         for order in [[0, 1, 2], [2, 1, 0], [1, 2, 0], [2, 0, 1]] {
@@ -445,6 +456,7 @@ mod tests {
             version: Version { epoch: 0, seq: 1 },
             patterns: vec![p("orders.*")],
             reliable: vec![],
+            signature: None,
         })
         .unwrap();
         assert_eq!(&*cache.route(&i, &t, |_| true), &[a]);
@@ -463,6 +475,7 @@ mod tests {
             version: Version::default(),
             patterns: vec![p("a"); MAX_PATTERNS_PER_NODE + 1],
             reliable: vec![],
+            signature: None,
         };
         assert!(matches!(
             i.handle_declaration(d),
@@ -502,6 +515,7 @@ mod tests {
             version: Version { epoch: 1, seq },
             patterns: patterns.to_vec(),
             reliable: vec![],
+            signature: None,
         };
         let mut nodes = Vec::new();
         let refused = loop {

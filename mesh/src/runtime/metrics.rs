@@ -27,6 +27,7 @@ pub(crate) struct Counters {
     pub(crate) subscription_cut: u64,
     pub(crate) declarations_refused: u64,
     pub(crate) forged_replies: u64,
+    pub(crate) declarations_forged: u64,
     pub(crate) link_buffer_full: u64,
     pub(crate) oversize: u64,
     pub(crate) malformed: u64,
@@ -105,6 +106,7 @@ impl NodeTask {
         d.subscription_cut = c.subscription_cut;
         d.declarations_refused = c.declarations_refused;
         d.forged_replies = c.forged_replies;
+        d.declarations_forged = c.declarations_forged;
         d.link_buffer_full = c.link_buffer_full;
         // `stats.dropped_unreachable` counts both ways a peer without a
         // link loses messages; the buffer-full ones are counted apart.

@@ -399,6 +399,7 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
         admission,
         access,
         signer,
+        decl_verifier: Default::default(),
         admitted: Default::default(),
         unadmitted_control: Default::default(),
         refused: Default::default(),
@@ -772,6 +773,9 @@ struct NodeTask {
     pub(crate) access: Option<crate::security::Access>,
     /// Signs our gossip messages and checks others'.
     signer: crate::security::Signer,
+    /// Checks the origin signature of every declaration taken into the
+    /// interest table (relayed ones in a `Sync` too).
+    decl_verifier: crate::security::Verifier,
     /// Connected peers that passed the handshake (bounded by the
     /// connections: removed on disconnect): in a private mesh, control
     /// traffic (membership) from anyone else is ignored.
@@ -1124,7 +1128,13 @@ impl NodeTask {
             state: m.state,
             addrs: m.addrs.clone(),
         }));
-        wire::encode_sync(buf, &members, &self.interest.snapshot());
+        let mut decls = self.interest.snapshot();
+        // The local declaration (first) goes signed; the others carry the
+        // signatures they came with.
+        if let Some(local) = decls.first_mut() {
+            local.signature = Some(self.signer.sign_declaration(local));
+        }
+        wire::encode_sync(buf, &members, &decls);
     }
 
     fn link_mut(&mut self, peer: NodeId) -> &mut Link {
@@ -1839,6 +1849,28 @@ impl NodeTask {
         decl: crate::core::interest::Declaration,
     ) -> Result<(), crate::core::interest::DeclarationError> {
         let node = decl.node;
+        let newer = node != self.local
+            && self
+                .interest
+                .version_of(&node)
+                .is_none_or(|v| v < decl.version);
+        if !newer {
+            return Ok(());
+        }
+        // Only its node can make a declaration: one relayed by another
+        // (in a `Sync`) or sent with a forged or missing signature is
+        // ignored, so no peer can speak for another or pin a version.
+        if !self.decl_verifier.verify_declaration(&decl) {
+            self.counters.declarations_forged += 1;
+            if self.counters.declarations_forged.is_power_of_two() {
+                tracing::warn!(
+                    %node,
+                    forged = self.counters.declarations_forged,
+                    "ignoring a declaration without its node's signature"
+                );
+            }
+            return Ok(());
+        }
         let epoch = decl.version.epoch;
         let before = self.interest.version_of(&node).map(|v| v.epoch);
         match self.interest.handle_declaration(decl) {
@@ -2166,8 +2198,10 @@ impl NodeTask {
     }
 
     fn announce(&mut self, decl: &crate::core::interest::Declaration) {
+        let mut signed = decl.clone();
+        signed.signature = Some(self.signer.sign_declaration(decl));
         let mut frame = Vec::new();
-        wire::encode_decl(&mut frame, decl);
+        wire::encode_decl(&mut frame, &signed);
         for link in self.links.values_mut() {
             link.scratch.extend_from_slice(&frame);
         }
