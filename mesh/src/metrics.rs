@@ -145,6 +145,10 @@ pub struct Dropped {
     /// Other nodes' declarations ignored because the interest table was
     /// full (`core::interest::MAX_TABLE_BYTES`).
     pub declarations_refused: u64,
+    /// Membership updates ignored: an incarnation implausibly far ahead
+    /// (`core::membership::MAX_INCARNATION_AHEAD`), or a member beyond
+    /// what one peer may introduce (`MAX_LEARNED_PER_PEER`).
+    pub membership_refused: u64,
     /// Declarations without a valid signature of the node they are of
     /// (forged, altered by a relay, or unsigned): ignored.
     pub declarations_forged: u64,
@@ -620,7 +624,7 @@ mod prometheus {
 impl Dropped {
     /// Every reason with its count, in a fixed order (the names are the
     /// fields' and the Prometheus `reason` label's).
-    pub fn by_reason(&self) -> [(&'static str, u64); 28] {
+    pub fn by_reason(&self) -> [(&'static str, u64); 29] {
         [
             ("slow_consumer", self.slow_consumer),
             ("subscription_full", self.subscription_full),
@@ -649,6 +653,7 @@ impl Dropped {
             ("acl_denied", self.acl_denied),
             ("gossip_forged", self.gossip_forged),
             ("declarations_forged", self.declarations_forged),
+            ("membership_refused", self.membership_refused),
             ("forged_replies", self.forged_replies),
         ]
     }

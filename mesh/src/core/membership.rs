@@ -39,6 +39,17 @@ use super::NodeId;
 /// never heard of is dropped (with a warning) until some are forgotten.
 pub const MAX_MEMBERS: usize = 16_384;
 
+/// Most members one peer may introduce (members first heard of in its
+/// syncs and piggybacked updates, while they are in the table): one peer
+/// cannot fill the table, nor make every node dial addresses it chose.
+pub const MAX_LEARNED_PER_PEER: usize = 2_048;
+
+/// How far ahead of the local clock an incarnation may be. Incarnations
+/// start at a node's start time (Unix µs) and grow by one per refutation;
+/// a record beyond now plus this (a day of clock skew) is implausible and
+/// ignored, so a forged "Down at u64::MAX" cannot be made unrefutable.
+pub const MAX_INCARNATION_AHEAD: u64 = 24 * 3600 * 1_000_000;
+
 /// Tuning of the failure detector.
 ///
 /// The defaults suit a LAN or a single region; for links with a round trip
@@ -218,6 +229,9 @@ impl MemberInfo {
 #[derive(Clone, Debug)]
 struct Member {
     info: MemberInfo,
+    /// The peer whose sync or message first told us of it (counted
+    /// against [`MAX_LEARNED_PER_PEER`] while it is in the table).
+    introducer: Option<NodeId>,
     /// Set while Suspect: when the member is declared Down unless it refutes.
     suspect_deadline: Option<Instant>,
     /// A Suspect/Down verdict that `handle_link_up` overrode locally without
@@ -298,6 +312,14 @@ pub struct Membership {
     /// number (one message's worth of updates at most).
     transmits: VecDeque<Transmit>,
     events: VecDeque<Event>,
+    /// Members each peer introduced, while in the table.
+    learned: BTreeMap<NodeId, usize>,
+    /// The starting incarnation and when it was: with the time since, the
+    /// highest plausible incarnation ([`MAX_INCARNATION_AHEAD`]).
+    started: (u64, Instant),
+    /// Updates ignored: implausible incarnations, or a peer over
+    /// [`MAX_LEARNED_PER_PEER`].
+    refused: u64,
 }
 
 impl Membership {
@@ -331,6 +353,9 @@ impl Membership {
             gossip_order: 0,
             transmits: VecDeque::new(),
             events: VecDeque::new(),
+            learned: BTreeMap::new(),
+            started: (incarnation, now),
+            refused: 0,
         };
         this.enqueue(this.local_update());
         this
@@ -466,8 +491,38 @@ impl Membership {
     /// with the same precedence rules as piggybacked ones.
     pub fn apply_updates(&mut self, now: Instant, updates: impl IntoIterator<Item = Update>) {
         for update in updates {
-            self.apply_update(now, update);
+            self.apply_update(now, None, update);
         }
+    }
+
+    /// [`Membership::apply_updates`] for updates `from` a peer (its sync):
+    /// the members it introduces count against [`MAX_LEARNED_PER_PEER`].
+    pub fn apply_updates_from(
+        &mut self,
+        now: Instant,
+        from: NodeId,
+        updates: impl IntoIterator<Item = Update>,
+    ) {
+        for update in updates {
+            self.apply_update(now, Some(from), update);
+        }
+    }
+
+    /// Updates ignored: implausible incarnations (beyond
+    /// [`MAX_INCARNATION_AHEAD`]) and members over a peer's
+    /// [`MAX_LEARNED_PER_PEER`].
+    pub fn refused(&self) -> u64 {
+        self.refused
+    }
+
+    /// The highest incarnation a record may plausibly have at `now`.
+    fn incarnation_ceiling(&self, now: Instant) -> u64 {
+        let (start, at) = self.started;
+        let elapsed = now.saturating_duration_since(at).as_micros();
+        start
+            .saturating_add(u64::try_from(elapsed).unwrap_or(u64::MAX))
+            .saturating_add(MAX_INCARNATION_AHEAD)
+            .max(self.incarnation.saturating_add(MAX_INCARNATION_AHEAD))
     }
 
     /// Advances timers to `now`: declares Down the Suspect members whose
@@ -505,7 +560,7 @@ impl Membership {
             .collect();
         for node in forgotten {
             tracing::debug!(%node, "forgetting down member");
-            self.members.remove(&node);
+            self.forget(&node);
             self.gossip.remove(&node);
         }
 
@@ -600,7 +655,7 @@ impl Membership {
 
     /// Applies piggybacked updates, then records a sender we had never heard of.
     fn absorb(&mut self, now: Instant, from: NodeId, updates: Vec<Update>) {
-        self.apply_updates(now, updates);
+        self.apply_updates_from(now, from, updates);
         // A message from `from` proves it alive at whatever incarnation it
         // has, which says nothing against a Suspect/Down record we hold (only
         // the member's own higher incarnation refutes). A stranger, though,
@@ -619,6 +674,7 @@ impl Membership {
                     },
                     suspect_deadline: None,
                     stale_verdict: None,
+                    introducer: None,
                 },
             );
             self.events.push_back(Event::Up {
@@ -629,7 +685,12 @@ impl Membership {
         }
     }
 
-    fn apply_update(&mut self, now: Instant, update: Update) {
+    fn apply_update(&mut self, now: Instant, from: Option<NodeId>, update: Update) {
+        if update.incarnation > self.incarnation_ceiling(now) {
+            self.refused += 1;
+            tracing::debug!(node = %update.node, incarnation = update.incarnation, "implausible incarnation ignored");
+            return;
+        }
         if update.node == self.local {
             self.apply_about_self(&update);
             return;
@@ -652,10 +713,39 @@ impl Membership {
                 tracing::warn!(node = %update.node, "member table full, dropping update");
                 false
             }
+            None if from.is_some_and(|f| {
+                self.learned.get(&f).copied().unwrap_or(0) >= MAX_LEARNED_PER_PEER
+            }) =>
+            {
+                self.refused += 1;
+                false
+            }
             None => true,
         };
         if accepted {
+            let new = !self.members.contains_key(&update.node);
+            let node = update.node;
             self.set_record(now, update);
+            if new {
+                if let (Some(f), Some(m)) = (from, self.members.get_mut(&node)) {
+                    m.introducer = Some(f);
+                    *self.learned.entry(f).or_default() += 1;
+                }
+            }
+        }
+    }
+
+    /// Takes `node` out of the table (and out of its introducer's count).
+    fn forget(&mut self, node: &NodeId) {
+        if let Some(m) = self.members.remove(node) {
+            if let Some(f) = m.introducer {
+                if let Some(n) = self.learned.get_mut(&f) {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.learned.remove(&f);
+                    }
+                }
+            }
         }
     }
 
@@ -718,6 +808,7 @@ impl Membership {
             },
             suspect_deadline: None,
             stale_verdict: None,
+            introducer: None,
         });
         if update.incarnation > member.info.incarnation {
             member.stale_verdict = None;
@@ -1464,6 +1555,63 @@ mod tests {
             |f: fn(&Message) -> bool| sim.log.iter().filter(|(_, _, t)| f(&t.message)).count();
         assert!(count(|m| matches!(m, Message::PingReq { .. })) > 10);
         assert!(count(|m| matches!(m, Message::IndirectAck { .. })) > 10);
+    }
+
+    /// A record claiming an incarnation implausibly far ahead ("Down at
+    /// u64::MAX", which no refutation could outrank) is ignored, about us
+    /// and about others; plausible ones still work.
+    #[test]
+    fn implausible_incarnations_are_ignored() {
+        let now = origin();
+        let (me, peer, other) = (node_id(0), node_id(1), node_id(2));
+        let mut m = Membership::new(me, addrs_of(0), 5, Config::default(), now);
+        m.handle_link_up(now, peer, addrs_of(1));
+        m.handle_link_up(now, other, addrs_of(2));
+        drain_events(&mut m);
+        m.handle_message(
+            now,
+            peer,
+            Message::Ping {
+                seq: 1,
+                updates: vec![
+                    with_state(me, u64::MAX, MemberState::Down),
+                    with_state(other, u64::MAX, MemberState::Down),
+                ],
+            },
+        );
+        assert_eq!(m.incarnation(), 5, "not pushed to u64::MAX");
+        assert_eq!(m.state_of(&other), Some(MemberState::Alive));
+        assert_eq!(m.refused(), 2);
+        // A plausible suspicion of us is refuted as before.
+        m.handle_message(
+            now,
+            peer,
+            Message::Ping {
+                seq: 2,
+                updates: vec![with_state(me, 9, MemberState::Suspect)],
+            },
+        );
+        assert_eq!(m.incarnation(), 10);
+    }
+
+    /// One peer introduces at most MAX_LEARNED_PER_PEER members; members it
+    /// already knows, and members others introduce, are not held back.
+    #[test]
+    fn one_peer_introduces_a_bounded_number_of_members() {
+        let now = origin();
+        let (me, peer, honest) = (node_id(0), node_id(1), node_id(2));
+        let mut m = Membership::new(me, addrs_of(0), 1, Config::default(), now);
+        m.handle_link_up(now, peer, addrs_of(1));
+        m.handle_link_up(now, honest, addrs_of(2));
+        let fakes: Vec<Update> = (0..MAX_LEARNED_PER_PEER + 100)
+            .map(|_| alive(NodeId::random(), 1))
+            .collect();
+        m.apply_updates_from(now, peer, fakes);
+        assert_eq!(m.members().count(), 2 + MAX_LEARNED_PER_PEER);
+        assert_eq!(m.refused(), 100);
+        let newcomer = node_id(3);
+        m.apply_updates_from(now, honest, [alive(newcomer, 1)]);
+        assert_eq!(m.state_of(&newcomer), Some(MemberState::Alive));
     }
 
     // (5), unit level.

@@ -107,6 +107,7 @@ impl NodeTask {
         d.declarations_refused = c.declarations_refused;
         d.forged_replies = c.forged_replies;
         d.declarations_forged = c.declarations_forged;
+        d.membership_refused = self.membership.refused();
         d.link_buffer_full = c.link_buffer_full;
         // `stats.dropped_unreachable` counts both ways a peer without a
         // link loses messages; the buffer-full ones are counted apart.

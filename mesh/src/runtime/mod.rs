@@ -1612,7 +1612,7 @@ impl NodeTask {
                     .iter()
                     .map(wire::update_from_wire)
                     .collect::<Result<Vec<_>, _>>()?;
-                self.membership.apply_updates(now, updates);
+                self.membership.apply_updates_from(now, peer, updates);
                 for d in &s.decls {
                     self.apply_declaration(wire::decl_from_wire(d)?)?;
                 }
