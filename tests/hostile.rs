@@ -631,3 +631,74 @@ async fn a_forged_declaration_of_another_member_is_ignored() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// A peer flooding costly requests (peeks here) gets a bounded number of
+/// real answers per second; the rest are answered empty and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peek_flood_gets_a_bounded_number_of_answers() {
+    let a = start(None).await;
+    a.queue("jobs").unwrap().send("job").await.unwrap();
+    let mut peer = RawPeer::connect(&addr(&a).await).await;
+    let n = 500u64;
+    for req in 0..n {
+        peer.send(&Frame::Work(wire::WorkWire::Peek {
+            req,
+            queue: "jobs",
+            limit: 10,
+        }))
+        .await;
+    }
+    let (mut answered, mut full) = (0u64, 0u64);
+    peer.until(|f| {
+        if let Frame::Work(wire::WorkWire::Peeked { msgs, .. }) = f {
+            answered += 1;
+            full += u64::from(!msgs.is_empty());
+        }
+        (answered == n).then_some(())
+    })
+    .await
+    .expect("every peek answered");
+    assert!(full < n, "{full} of {n} peeks scanned the queue");
+    let m = a.metrics().await.unwrap();
+    assert_eq!(m.dropped.requests_throttled, n - full);
+    a.shutdown().await;
+}
+
+/// A peer that asks for deliveries and never reads them cannot make the
+/// node hold them without bound: past 16 times the link buffer its link
+/// is closed, what waited for it freed, and the messages go back to the
+/// queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_does_not_read_loses_its_link_not_our_memory() {
+    let a = mesh::Node::builder()
+        .listen(loopback())
+        .mdns(false)
+        .link_buffer(64 * 1024)
+        .start()
+        .await
+        .unwrap();
+    let q = a.queue("jobs").unwrap();
+    let big = vec![7u8; 128 * 1024];
+    q.send_batch((0..300).map(|_| big.clone())).await.unwrap();
+    let mut peer = RawPeer::connect(&addr(&a).await).await;
+    peer.send(&Frame::Work(wire::WorkWire::Flow {
+        queue: "jobs",
+        cid: 1,
+        prefetch: 1000,
+        visibility_ms: 600_000,
+        max_attempts: 5,
+    }))
+    .await;
+    // It reads nothing from here on.
+    eventually("the unread link to be closed", || async {
+        (a.metrics().await?.dropped.outbox_overflow >= 1).then_some(())
+    })
+    .await;
+    eventually("the deliveries back in the queue", || async {
+        let s = q.host_stats().await.ok()?;
+        (s.waiting == 300 && s.in_flight == 0).then_some(())
+    })
+    .await;
+    drop(peer);
+    a.shutdown().await;
+}

@@ -145,6 +145,12 @@ pub struct Dropped {
     /// Other nodes' declarations ignored because the interest table was
     /// full (`core::interest::MAX_TABLE_BYTES`).
     pub declarations_refused: u64,
+    /// Peeks, stream infos and reliable resends over a peer's budget
+    /// (`runtime::REQUESTS_PER_SEC`): answered empty, or ignored.
+    pub requests_throttled: u64,
+    /// Links closed because their peer let more than 16 times the link
+    /// buffer pile up unread (what waited for it was dropped).
+    pub outbox_overflow: u64,
     /// Membership updates ignored: an incarnation implausibly far ahead
     /// (`core::membership::MAX_INCARNATION_AHEAD`), or a member beyond
     /// what one peer may introduce (`MAX_LEARNED_PER_PEER`).
@@ -624,7 +630,7 @@ mod prometheus {
 impl Dropped {
     /// Every reason with its count, in a fixed order (the names are the
     /// fields' and the Prometheus `reason` label's).
-    pub fn by_reason(&self) -> [(&'static str, u64); 29] {
+    pub fn by_reason(&self) -> [(&'static str, u64); 31] {
         [
             ("slow_consumer", self.slow_consumer),
             ("subscription_full", self.subscription_full),
@@ -654,6 +660,8 @@ impl Dropped {
             ("gossip_forged", self.gossip_forged),
             ("declarations_forged", self.declarations_forged),
             ("membership_refused", self.membership_refused),
+            ("requests_throttled", self.requests_throttled),
+            ("outbox_overflow", self.outbox_overflow),
             ("forged_replies", self.forged_replies),
         ]
     }

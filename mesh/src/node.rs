@@ -364,6 +364,15 @@ impl Builder {
         self
     }
 
+    /// Bytes buffered per link before publishers on this node wait
+    /// (default 8 MiB). A peer that lets 16 times this pile up unread
+    /// (answers and deliveries it asked for) loses its link, and what
+    /// waited for it is dropped (`dropped.outbox_overflow`).
+    pub fn link_buffer(mut self, bytes: usize) -> Self {
+        self.config.link_buffer = bytes.max(64 * 1024);
+        self
+    }
+
     /// Hosts every queue and stream (what a long-running `mesh node` does).
     pub fn host_all(mut self) -> Self {
         self.config.host_all = true;

@@ -28,6 +28,8 @@ pub(crate) struct Counters {
     pub(crate) declarations_refused: u64,
     pub(crate) forged_replies: u64,
     pub(crate) declarations_forged: u64,
+    pub(crate) requests_throttled: u64,
+    pub(crate) outbox_overflow: u64,
     pub(crate) link_buffer_full: u64,
     pub(crate) oversize: u64,
     pub(crate) malformed: u64,
@@ -107,6 +109,8 @@ impl NodeTask {
         d.declarations_refused = c.declarations_refused;
         d.forged_replies = c.forged_replies;
         d.declarations_forged = c.declarations_forged;
+        d.requests_throttled = c.requests_throttled;
+        d.outbox_overflow = c.outbox_overflow;
         d.membership_refused = self.membership.refused();
         d.link_buffer_full = c.link_buffer_full;
         // `stats.dropped_unreachable` counts both ways a peer without a

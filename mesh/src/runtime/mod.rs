@@ -526,6 +526,9 @@ impl RefusedPeers {
 const RELIABLE_WINDOW_BYTES: usize = 8 * 1024 * 1024;
 /// How long a receiver waits for a requested resend before asking again.
 const RESUME_RETRY: Duration = Duration::from_millis(500);
+/// A link's outbox may hold this many times `link_buffer` before the link
+/// is closed as not reading ([`NodeTask::shed_overflowing_links`]).
+const OUTBOX_CAP_FACTOR: usize = 16;
 
 /// A reliable message kept for resending.
 #[derive(Debug)]
@@ -627,6 +630,48 @@ struct Link {
     /// Topic ids of this peer that the access policy does not let it
     /// publish to: its messages on them are dropped (and counted).
     denied_topics: rustc_hash::FxHashSet<u32>,
+    /// Answers this peer may still ask for in this second (peeks, stream
+    /// infos, reliable resends): see [`REQUESTS_PER_SEC`].
+    budget: RequestBudget,
+}
+
+/// Costly answers one peer may ask for per second (a `Peek` scans and
+/// sorts a queue and answers with up to 256 KiB; a `Resume` re-encodes a
+/// reliable window of up to 8 MiB; an `Info` lists every partition).
+/// Beyond it a peek or info gets an empty answer and a resume is ignored
+/// (the subscriber asks again); each is counted.
+pub(crate) const REQUESTS_PER_SEC: u32 = 32;
+
+/// A peer's request budget: [`REQUESTS_PER_SEC`] per one-second window.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RequestBudget {
+    window: Option<Instant>,
+    used: u32,
+}
+
+impl RequestBudget {
+    fn new() -> Self {
+        Self {
+            window: None,
+            used: 0,
+        }
+    }
+
+    /// Whether one more request fits at `now`.
+    pub(crate) fn take(&mut self, now: Instant) -> bool {
+        if self
+            .window
+            .is_none_or(|w| now.saturating_duration_since(w) >= Duration::from_secs(1))
+        {
+            self.window = Some(now);
+            self.used = 0;
+        }
+        if self.used >= REQUESTS_PER_SEC {
+            return false;
+        }
+        self.used += 1;
+        true
+    }
 }
 
 /// How far a link's move to shared memory went.
@@ -664,6 +709,7 @@ impl Link {
             shm: ShmState::Off,
             shm_ok: false,
             denied_topics: Default::default(),
+            budget: RequestBudget::new(),
         }
     }
 
@@ -1043,6 +1089,50 @@ impl NodeTask {
             .any(|l| l.reader.is_some() && l.outbox.pending() > self.config.link_buffer)
     }
 
+    /// Whether `peer` may have one more costly answer now (its
+    /// [`RequestBudget`]); a refusal is counted.
+    pub(crate) fn request_allowed(&mut self, peer: NodeId) -> bool {
+        let now = now();
+        let ok = self
+            .links
+            .get_mut(&peer)
+            .is_some_and(|l| l.budget.take(now));
+        if !ok {
+            self.counters.requests_throttled += 1;
+            if self.counters.requests_throttled.is_power_of_two() {
+                tracing::warn!(%peer, throttled = self.counters.requests_throttled, "peer over its request budget; answering empty");
+            }
+        }
+        ok
+    }
+
+    /// Ends the links whose peers let more than `16 * link_buffer` bytes
+    /// pile up unread (answers to their requests, deliveries within their
+    /// credit): what waits for them is freed and the link is set up again.
+    /// A peer that reads keeps its outbox near `link_buffer` (publishers
+    /// wait beyond that), so only one that stopped reading gets here.
+    fn shed_overflowing_links(&mut self) {
+        let cap = self.config.link_buffer.saturating_mul(OUTBOX_CAP_FACTOR);
+        let over: Vec<NodeId> = self
+            .links
+            .iter()
+            .filter(|(_, l)| l.outbox.pending() > cap)
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in over {
+            tracing::warn!(%peer, cap, "peer does not read what it asked for; closing its link");
+            self.counters.outbox_overflow += 1;
+            if let Some(mut l) = self.links.remove(&peer) {
+                l.outbox.abort();
+                l.close();
+            }
+            self.membership.handle_link_down(now(), peer);
+            self.links_generation += 1;
+            self.work_link_down(peer);
+            self.schedule_relink(peer);
+        }
+    }
+
     /// Moves each link's scratch buffer into its outbox, and sends pending
     /// control frames.
     fn flush(&mut self) {
@@ -1059,11 +1149,16 @@ impl NodeTask {
             }
         }
         self.control_out.retain(|_, b| !b.is_empty());
+        let cap = self.config.link_buffer.saturating_mul(OUTBOX_CAP_FACTOR);
+        let mut over = false;
         for link in self.links.values_mut() {
             if !link.scratch.is_empty() {
                 self.counters.sent_bytes(link.shm, link.scratch.len());
-                link.outbox.push(&mut link.scratch);
+                over |= link.outbox.push(&mut link.scratch) > cap;
             }
+        }
+        if over {
+            self.shed_overflowing_links();
         }
     }
 
@@ -1557,7 +1652,11 @@ impl NodeTask {
                     .ok_or(WireError::Unexpected("Seq"))?;
                 link.pending_seq = Some((session, rseq, to));
             }
-            Frame::Resume { session, next } => self.resend(peer, session, next),
+            Frame::Resume { session, next } => {
+                if self.request_allowed(peer) {
+                    self.resend(peer, session, next);
+                }
+            }
             Frame::Gossip(g) => {
                 let msg = self.gossip_codec.decode(body, &g)?;
                 // Its origin's signature was checked by the link reader

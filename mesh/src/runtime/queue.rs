@@ -106,6 +106,17 @@ impl Outbox {
         lock(&self.inner).buf.len()
     }
 
+    /// No more pushes, and what was not written yet is dropped (the link
+    /// is being ended because its peer does not read).
+    pub(crate) fn abort(&self) {
+        let mut g = lock(&self.inner);
+        g.closed = true;
+        g.buf = Vec::new();
+        g.switch = None;
+        drop(g);
+        self.wake_writer.notify_one();
+    }
+
     /// No more pushes; the writer drains what is there and ends the stream.
     pub(crate) fn close(&self) {
         lock(&self.inner).closed = true;

@@ -1629,6 +1629,17 @@ impl NodeTask {
                     tracing::debug!(%peer, stream, group, index, "stream commit refused");
                 }
             }
+            StreamWire::Info { req, .. } if !self.request_allowed(peer) => {
+                let epoch = self.streams.epoch;
+                self.send_stream(
+                    peer,
+                    &StreamWire::InfoReply {
+                        req,
+                        epoch,
+                        parts: Vec::new(),
+                    },
+                );
+            }
             StreamWire::Info { req, stream } => {
                 let parts = self.streams.host.partitions(stream);
                 let wire_parts = parts

@@ -44,6 +44,9 @@ use crate::{
 
 /// Reserved pattern prefix of a queue host's declaration.
 pub(crate) const HOST_PREFIX: &str = "$q.h.";
+/// Most messages in flight to one remote consumer, whatever credit it
+/// grants.
+pub(crate) const MAX_REMOTE_PREFETCH: u32 = 65_536;
 /// Reserved pattern prefix of a responder's declaration.
 pub(crate) const SERVE_PREFIX: &str = "$r.";
 /// Most sends and requests waiting for an answer from another node; the
@@ -1272,7 +1275,9 @@ impl NodeTask {
                     .map_err(|e| WireError::BadTopic(e.to_string()))?;
                 let key = ConsumerKey { node: peer, cid };
                 let options = ConsumerOptions {
-                    prefetch,
+                    // A peer's credit is bounded here too: what it is
+                    // sent waits in its link's outbox until it reads.
+                    prefetch: prefetch.min(MAX_REMOTE_PREFETCH),
                     visibility_timeout: Duration::from_millis(visibility_ms),
                     max_attempts,
                 };
@@ -1370,6 +1375,15 @@ impl NodeTask {
                 tag,
                 Settle::Extend(Duration::from_millis(ms)),
             ),
+            WorkWire::Peek { req, .. } if !self.request_allowed(peer) => {
+                self.send_work(
+                    peer,
+                    &WorkWire::Peeked {
+                        req,
+                        msgs: Vec::new(),
+                    },
+                );
+            }
             WorkWire::Peek { req, queue, limit } => {
                 let msgs = self.work.host.peek(queue, (limit as usize).min(MAX_PEEK));
                 let ids: Vec<Vec<u8>> = msgs.iter().map(|m| m.id.publisher.to_bytes()).collect();
