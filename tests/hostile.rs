@@ -31,11 +31,17 @@ fn hello(version: u32) -> Vec<u8> {
     b
 }
 
-/// Connects a raw transport to `target`, writes `bytes` on the data stream,
-/// and waits until the node closes that stream.
-async fn send_raw(target: &mesh::Multiaddr, bytes: Vec<u8>) {
-    let (_handle, mut events) = quic::start(
-        Keypair::generate_ed25519(),
+/// A raw transport connected to `target`, and its data stream.
+async fn raw_stream(
+    target: &mesh::Multiaddr,
+    key: Keypair,
+) -> (
+    quic::Handle,
+    tokio::sync::mpsc::Receiver<quic::Event>,
+    quic::Stream,
+) {
+    let (handle, mut events) = quic::start(
+        key,
         quic::Config {
             listen: vec![loopback()],
             bootstrap: vec![target.clone()],
@@ -45,7 +51,7 @@ async fn send_raw(target: &mesh::Multiaddr, bytes: Vec<u8>) {
     )
     .await
     .unwrap();
-    let mut stream = loop {
+    let stream = loop {
         match tokio::time::timeout(WAIT, events.recv())
             .await
             .expect("a stream in time")
@@ -55,6 +61,13 @@ async fn send_raw(target: &mesh::Multiaddr, bytes: Vec<u8>) {
             _ => continue,
         }
     };
+    (handle, events, stream)
+}
+
+/// Connects a raw transport to `target`, writes `bytes` on the data stream,
+/// and waits until the node closes that stream.
+async fn send_raw(target: &mesh::Multiaddr, bytes: Vec<u8>) {
+    let (_handle, _events, mut stream) = raw_stream(target, Keypair::generate_ed25519()).await;
     stream.write_all(&bytes).await.unwrap();
     // End our side too, so a frame cut short is seen as truncated.
     stream.close().await.unwrap();
@@ -81,27 +94,7 @@ impl RawPeer {
     async fn connect(target: &mesh::Multiaddr) -> RawPeer {
         let key = Keypair::generate_ed25519();
         let id = key.public().to_peer_id();
-        let (handle, mut events) = quic::start(
-            key,
-            quic::Config {
-                listen: vec![loopback()],
-                bootstrap: vec![target.clone()],
-                mdns: false,
-                ..Default::default()
-            },
-        )
-        .await
-        .unwrap();
-        let mut stream = loop {
-            match tokio::time::timeout(WAIT, events.recv())
-                .await
-                .expect("a stream in time")
-                .expect("events")
-            {
-                quic::Event::Stream { stream, .. } => break stream,
-                _ => continue,
-            }
-        };
+        let (handle, events, mut stream) = raw_stream(target, key).await;
         stream.write_all(&hello(PROTOCOL_VERSION)).await.unwrap();
         RawPeer {
             _handle: handle,

@@ -428,17 +428,7 @@ impl Stream {
         I: IntoIterator<Item = (P, AppendOptions)>,
         P: Into<Bytes>,
     {
-        let ts = now_ms();
-        let records = records
-            .into_iter()
-            .map(|(p, o)| NewRecord {
-                key: o.key,
-                timestamp_ms: o.timestamp.map_or(ts, unix_ms),
-                headers: o.headers,
-                payload: p.into(),
-            })
-            .collect();
-        self.submit(records, false).await
+        self.submit(new_records(records), false).await
     }
 
     /// [`Stream::append_batch_with`] for an outbox relay: confirmed only
@@ -452,17 +442,7 @@ impl Stream {
         I: IntoIterator<Item = (P, AppendOptions)>,
         P: Into<Bytes>,
     {
-        let ts = now_ms();
-        let records = records
-            .into_iter()
-            .map(|(p, o)| NewRecord {
-                key: o.key,
-                timestamp_ms: o.timestamp.map_or(ts, unix_ms),
-                headers: o.headers,
-                payload: p.into(),
-            })
-            .collect();
-        self.submit(records, true).await
+        self.submit(new_records(records), true).await
     }
 
     async fn submit(
@@ -965,4 +945,22 @@ impl futures::Stream for StreamConsumer {
             }
         }
     }
+}
+
+/// Records to append, stamped now where they carry no event time.
+fn new_records<I, P>(records: I) -> Vec<NewRecord>
+where
+    I: IntoIterator<Item = (P, AppendOptions)>,
+    P: Into<Bytes>,
+{
+    let ts = now_ms();
+    records
+        .into_iter()
+        .map(|(p, o)| NewRecord {
+            key: o.key,
+            timestamp_ms: o.timestamp.map_or(ts, unix_ms),
+            headers: o.headers,
+            payload: p.into(),
+        })
+        .collect()
 }

@@ -506,20 +506,23 @@ impl NodeTask {
                 },
             ),
             // Offsets and group commits are not shown: an empty answer.
-            StreamWire::Info { req, .. } => {
-                let epoch = self.streams.epoch;
-                self.send_stream(
-                    peer,
-                    &StreamWire::InfoReply {
-                        req: *req,
-                        epoch,
-                        parts: Vec::new(),
-                    },
-                )
-            }
+            StreamWire::Info { req, .. } => self.send_empty_info(peer, *req),
             _ => {}
         }
         false
+    }
+
+    /// Answers an `Info` with no partitions (refused or over budget).
+    fn send_empty_info(&mut self, peer: NodeId, req: u64) {
+        let epoch = self.streams.epoch;
+        self.send_stream(
+            peer,
+            &StreamWire::InfoReply {
+                req,
+                epoch,
+                parts: Vec::new(),
+            },
+        );
     }
 
     fn send_stream(&mut self, peer: NodeId, w: &StreamWire<'_>) {
@@ -1630,15 +1633,7 @@ impl NodeTask {
                 }
             }
             StreamWire::Info { req, .. } if !self.request_allowed(peer) => {
-                let epoch = self.streams.epoch;
-                self.send_stream(
-                    peer,
-                    &StreamWire::InfoReply {
-                        req,
-                        epoch,
-                        parts: Vec::new(),
-                    },
-                );
+                self.send_empty_info(peer, req);
             }
             StreamWire::Info { req, stream } => {
                 let parts = self.streams.host.partitions(stream);
