@@ -85,8 +85,8 @@ struct RawPeer {
     _events: tokio::sync::mpsc::Receiver<quic::Event>,
     stream: quic::Stream,
     buf: Vec<u8>,
-    #[allow(dead_code)]
     id: mesh::PeerId,
+    key: Keypair,
 }
 
 impl RawPeer {
@@ -94,7 +94,7 @@ impl RawPeer {
     async fn connect(target: &mesh::Multiaddr) -> RawPeer {
         let key = Keypair::generate_ed25519();
         let id = key.public().to_peer_id();
-        let (handle, events, mut stream) = raw_stream(target, key).await;
+        let (handle, events, mut stream) = raw_stream(target, key.clone()).await;
         stream.write_all(&hello(PROTOCOL_VERSION)).await.unwrap();
         RawPeer {
             _handle: handle,
@@ -102,6 +102,7 @@ impl RawPeer {
             stream,
             buf: Vec::new(),
             id,
+            key,
         }
     }
 
@@ -693,5 +694,51 @@ async fn a_peer_that_does_not_read_loses_its_link_not_our_memory() {
     })
     .await;
     drop(peer);
+    a.shutdown().await;
+}
+
+/// A subscriber that floods `Resume` (each would re-encode the whole
+/// reliable window for it) gets a bounded number of resends per second;
+/// the rest are ignored and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_flood_gets_a_bounded_number_of_resends() {
+    let a = start(None).await;
+    let mut peer = RawPeer::connect(&addr(&a).await).await;
+    let session = declared_epoch(&mut peer, a.peer_id()).await;
+    // The raw peer declares a reliable subscription, signed as its own.
+    let id = peer.id.to_bytes();
+    let sig = mesh::fuzzing::sign_declaration(&peer.key, 1, 1, &["r.>"], &["r.>"]);
+    peer.send(&Frame::Declare(wire::DeclWire {
+        node: wire::Raw(&id),
+        epoch: 1,
+        seq: 1,
+        patterns: vec!["r.>"],
+        reliable: vec!["r.>"],
+        sig: Some(wire::Raw(&sig)),
+    }))
+    .await;
+    let me = peer.id;
+    eventually("a to route r.x to the raw peer", || async {
+        a.remote_subscribers("r.x")
+            .await
+            .ok()?
+            .contains(&me)
+            .then_some(())
+    })
+    .await;
+    for i in 0..50u32 {
+        a.publish("r.x", i.to_le_bytes().to_vec()).await.unwrap();
+    }
+    let n = 400u64;
+    for _ in 0..n {
+        peer.send(&Frame::Resume { session, next: 1 }).await;
+    }
+    eventually("resumes over the budget to be counted", || async {
+        let t = a.metrics().await?.dropped.requests_throttled;
+        (t > 0).then_some(())
+    })
+    .await;
+    let m = a.metrics().await.unwrap();
+    assert!(m.pubsub.resent < n * 50, "{} resent", m.pubsub.resent);
     a.shutdown().await;
 }

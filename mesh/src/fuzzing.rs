@@ -257,6 +257,32 @@ pub fn sign_gossip(
     )
 }
 
+/// The signature `key`'s node gives its declaration (for tests that
+/// speak the wire protocol by hand). Patterns must be valid.
+pub fn sign_declaration(
+    key: &libp2p::identity::Keypair,
+    epoch: u64,
+    seq: u64,
+    patterns: &[&str],
+    reliable: &[&str],
+) -> Vec<u8> {
+    let parse = |list: &[&str]| -> Vec<crate::core::topic::Pattern> {
+        list.iter()
+            .map(|p| crate::core::topic::Pattern::new(p).expect("a valid pattern"))
+            .collect()
+    };
+    let decl = crate::core::interest::Declaration {
+        node: key.public().to_peer_id(),
+        version: crate::core::interest::Version { epoch, seq },
+        patterns: parse(patterns),
+        reliable: parse(reliable),
+        signature: None,
+    };
+    crate::security::Signer::new(key.clone())
+        .sign_declaration(&decl)
+        .to_vec()
+}
+
 /// The id bytes of harness node `i` (modulo [`IDS`]).
 pub fn id_bytes(i: usize) -> &'static [u8] {
     let all = ids();
