@@ -1914,9 +1914,12 @@ impl NodeTask {
         } else {
             ring_path(to_you).and_then(|rx_path| {
                 let tx_path = ring_path(from_you)?;
-                let rx = shm::Ring::open(&rx_path, nonce, shm::Role::Consumer)
+                // Only rings in our own ring directory (a peer cannot
+                // make us open any other file).
+                let dir = &self.config.shm.dir;
+                let rx = shm::Ring::open_in(dir, &rx_path, nonce, shm::Role::Consumer)
                     .map_err(|e| e.to_string())?;
-                let tx = shm::Ring::open(&tx_path, nonce, shm::Role::Producer)
+                let tx = shm::Ring::open_in(dir, &tx_path, nonce, shm::Role::Producer)
                     .map_err(|e| e.to_string())?;
                 match (rx.consumer(wait), tx.producer(wait)) {
                     (Ok(rx), Ok(tx)) => Ok((rx, tx)),

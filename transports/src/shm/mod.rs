@@ -28,6 +28,27 @@
 //! unlinks it on drop, so files do not outlive a link;
 //! [`remove_stale`] removes those of processes that died in between.
 //!
+//! Rings offered by a peer are opened with [`Ring::open_in`]: only a
+//! ring-named file directly in this side's ring directory, never through
+//! a symlink (`O_NOFOLLOW`), only a regular file (a FIFO or device is
+//! refused before it is read, `O_NONBLOCK`), its size checked on the open
+//! descriptor before it is mapped.
+//!
+//! What a peer that shares the ring can still do: it is a process of the
+//! same user on the same host (the link checks both before offering), so
+//! it could already signal, ptrace or overwrite this process; the ring
+//! adds no power it lacks. It can write garbage records (the frame
+//! decoder refuses them and the link closes), and it can truncate the
+//! file after both sides mapped it, which raises SIGBUS here on the next
+//! access (a denial of service by a process that could `kill` us anyway).
+//! Records are handed to the reader as `&[u8]` over the shared mapping
+//! only between the reader's acquire of `tail` and its release of `head`:
+//! a well-behaved writer does not touch those bytes then; a hostile one
+//! can change them under the reader, which yields wrong bytes (refused by
+//! the decoder, which copies what it keeps), never memory outside the
+//! mapping: every offset is masked to the ring's capacity and every
+//! length checked against what is left of it before it is read.
+//!
 //! ```
 //! use mesh_transports::shm::{Ring, Role, WaitPolicy};
 //! let dir = std::env::temp_dir();
@@ -468,12 +489,24 @@ impl Ring {
             path: path.to_owned(),
             reason,
         };
+        // Never through a symlink; never blocking on a FIFO.
         let file = OpenOptions::new()
             .read(true)
             .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
             .open(path)
-            .map_err(io_err(path))?;
+            .map_err(|e| {
+                if e.raw_os_error() == Some(libc::ELOOP) {
+                    bad("a symlink, not a ring file".into())
+                } else {
+                    io_err(path)(e)
+                }
+            })?;
+        // Checked on the open descriptor (fstat), not the path.
         let meta = file.metadata().map_err(io_err(path))?;
+        if !meta.file_type().is_file() {
+            return Err(bad("not a regular file".into()));
+        }
         if meta.uid() != sys::uid() {
             return Err(bad(format!(
                 "owned by uid {}, not by us ({})",
@@ -537,6 +570,36 @@ impl Ring {
         map.unlink();
         start_beating(&map);
         Ok(Ring { map })
+    }
+
+    /// [`Ring::open`] for a path a peer offered: only a ring file directly
+    /// in `dir` (this side's ring directory), named as [`Ring::create`]
+    /// names them, with no `..` or other indirection.
+    pub fn open_in(dir: &Path, path: &Path, nonce: u64, role: Role) -> Result<Ring, ShmError> {
+        let bad = |reason: String| ShmError::BadFile {
+            path: path.to_owned(),
+            reason,
+        };
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .filter(|n| n.starts_with(PREFIX) && n.ends_with(SUFFIX))
+            .ok_or_else(|| bad("not a ring file name".into()))?;
+        let plain = path.components().all(|c| {
+            matches!(
+                c,
+                std::path::Component::RootDir | std::path::Component::Normal(_)
+            )
+        });
+        let parent = path.parent().filter(|_| plain && path.is_absolute());
+        let canon = |p: &Path| std::fs::canonicalize(p).ok();
+        match (parent.and_then(canon), canon(dir)) {
+            (Some(p), Some(d)) if p == d => Ring::open(&d.join(name), nonce, role),
+            _ => Err(bad(format!(
+                "not in this node's ring directory {}",
+                dir.display()
+            ))),
+        }
     }
 
     /// The ring file (gone once the other side has opened it).

@@ -258,3 +258,57 @@ fn ring_names_do_not_reveal_the_nonce() {
         .into_owned();
     assert!(!name.contains("123456789abcdef0"), "{name}");
 }
+
+/// A peer offers ring paths: only ring files directly in our ring
+/// directory are opened, never through a symlink, a `..`, another
+/// directory, or a file that is not a regular file of a ring's size.
+#[test]
+fn offered_paths_are_confined_to_the_ring_directory() {
+    let ours = TestDir::new("confine-ours");
+    let theirs = TestDir::new("confine-theirs");
+    let refused = |path: &Path| match Ring::open_in(&ours.0, path, 9, Role::Consumer) {
+        Err(ShmError::BadFile { reason, .. }) => reason,
+        Err(e) => panic!("{}: expected BadFile, got {e}", path.display()),
+        Ok(_) => panic!("{}: opened", path.display()),
+    };
+    // A genuine ring elsewhere: refused, though it is a valid ring.
+    let elsewhere = Ring::create(&theirs.0, 4096, 9, Role::Producer).unwrap();
+    assert!(refused(elsewhere.path()).contains("ring directory"));
+    // The same through `..` from our directory.
+    let name = elsewhere.path().file_name().unwrap().to_owned();
+    let dotted = ours
+        .0
+        .join("..")
+        .join(theirs.0.file_name().unwrap())
+        .join(&name);
+    assert!(refused(&dotted).contains("ring directory"));
+    // A symlink in our directory to it.
+    let link = ours.0.join("mesh-link-1-0.ring");
+    std::os::unix::fs::symlink(elsewhere.path(), &link).unwrap();
+    assert!(refused(&link).contains("symlink"));
+    // A FIFO named as a ring: refused without blocking.
+    let fifo = ours.0.join("mesh-fifo-1-0.ring");
+    let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid C string; mkfifo only creates a file.
+    #[allow(unsafe_code)]
+    let made = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
+    assert_eq!(made, 0);
+    assert!(refused(&fifo).contains("regular"));
+    // A ring-named file of the wrong size (a ring cut short before it was
+    // opened): refused before anything is mapped, so no SIGBUS.
+    let short = ours.0.join("mesh-short-1-0.ring");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&short)
+        .unwrap()
+        .set_len(100)
+        .unwrap();
+    assert!(refused(&short).contains("size"));
+    // Not a ring name.
+    assert!(refused(&ours.0.join("passwd")).contains("name"));
+    // The genuine case still opens.
+    let good = Ring::create(&ours.0, 4096, 9, Role::Producer).unwrap();
+    Ring::open_in(&ours.0, good.path(), 9, Role::Consumer).expect("a ring in our directory");
+}
