@@ -654,8 +654,12 @@ struct NetArgs {
     #[arg(long)]
     bootstrap: Vec<Multiaddr>,
     /// Do not use mDNS discovery.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "mdns")]
     no_mdns: bool,
+    /// Use mDNS discovery also in a private mesh (off there by default:
+    /// it announces this node's id and addresses on the LAN).
+    #[arg(long)]
+    mdns: bool,
     /// Keep data links to peers on this host on QUIC instead of moving
     /// them to shared-memory rings.
     #[arg(long)]
@@ -690,8 +694,10 @@ impl NetArgs {
     fn builder(&self) -> anyhow::Result<crate::Builder> {
         let mut b = Node::builder()
             .listen(self.listen.clone())
-            .mdns(!self.no_mdns)
             .shm(!self.no_shm);
+        if self.no_mdns || self.mdns {
+            b = b.mdns(self.mdns);
+        }
         for addr in &self.bootstrap {
             b = b.bootstrap(addr.clone());
         }

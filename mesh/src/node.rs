@@ -54,6 +54,9 @@ pub struct Config {
     /// With a data dir: hosted queues and streams live in its store.
     pub(crate) durable: bool,
     pub(crate) mdns: bool,
+    /// `mdns` was chosen with [`Builder::mdns`] (else it follows the
+    /// mesh: on, off in a private one).
+    pub(crate) mdns_chosen: bool,
     pub(crate) membership: membership::Config,
     pub(crate) join_timeout: Duration,
     pub(crate) max_frame: usize,
@@ -105,6 +108,17 @@ impl Default for ShmConfig {
     }
 }
 
+impl Config {
+    /// Whether mDNS runs: as chosen, else on unless the mesh is private.
+    pub(crate) fn mdns_enabled(&self) -> bool {
+        if self.mdns_chosen {
+            self.mdns
+        } else {
+            self.mdns && !self.admission.is_private()
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -115,6 +129,7 @@ impl Default for Config {
             data_dir: None,
             durable: true,
             mdns: true,
+            mdns_chosen: false,
             membership: membership::Config::default(),
             join_timeout: Duration::from_secs(5),
             max_frame: mesh_transports::frame::DEFAULT_MAX_FRAME,
@@ -190,9 +205,14 @@ impl Builder {
         self
     }
 
-    /// Turns mDNS discovery on or off (default on).
+    /// Turns mDNS discovery on or off. Default: on, but off in a private
+    /// mesh ([`mesh_secret`](Self::mesh_secret) or
+    /// [`allow_peers`](Self::allow_peers)), where it would announce this
+    /// node's id and addresses to anyone on the LAN and dial whoever
+    /// answers; call this to choose either way.
     pub fn mdns(mut self, on: bool) -> Self {
         self.config.mdns = on;
+        self.config.mdns_chosen = true;
         self
     }
 
@@ -1175,5 +1195,24 @@ impl futures::Stream for ReliableSubscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         let _ = self.unsubscribe.send(self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// mDNS announces a node's id and addresses to the LAN: off by default
+    /// in a private mesh, on in an open one, as chosen when chosen.
+    #[test]
+    fn mdns_is_off_by_default_in_a_private_mesh() {
+        let secret = || crate::security::MeshSecret::new("0123456789abcdef-secret").unwrap();
+        assert!(Node::builder().config.mdns_enabled());
+        assert!(!Node::builder().mesh_secret(secret()).config.mdns_enabled());
+        let allow = Node::builder().allow_peers([PeerId::random()]);
+        assert!(!allow.config.mdns_enabled());
+        let chosen = Node::builder().mesh_secret(secret()).mdns(true);
+        assert!(chosen.config.mdns_enabled());
+        assert!(!Node::builder().mdns(false).config.mdns_enabled());
     }
 }

@@ -310,7 +310,7 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
                 quic::Config {
                     listen: config.listen.clone(),
                     bootstrap: config.bootstrap.clone(),
-                    mdns: config.mdns,
+                    mdns: config.mdns_enabled(),
                     // Kademlia and identify answer anyone who connects: a
                     // private mesh does without them.
                     discovery: !config.admission.is_private(),
