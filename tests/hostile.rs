@@ -742,3 +742,20 @@ async fn a_resume_flood_gets_a_bounded_number_of_resends() {
     assert!(m.pubsub.resent < n * 50, "{} resent", m.pubsub.resent);
     a.shutdown().await;
 }
+
+/// Before its handshake is done a peer gets no more than a handshake's
+/// worth of buffer: a first frame announced at 1 MiB (under the 4 MiB
+/// frame limit) is refused as oversize at once, not waited for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_frame_before_the_handshake_is_refused() {
+    let a = start(None).await;
+    let before = a.metrics().await.unwrap().dropped.oversize;
+    let mut bytes = (1u32 << 20).to_le_bytes().to_vec();
+    bytes.extend_from_slice(&[0; 16]);
+    send_raw(&addr(&a).await, bytes).await;
+    eventually("the announced frame to be refused as oversize", || async {
+        (a.metrics().await?.dropped.oversize > before).then_some(())
+    })
+    .await;
+    a.shutdown().await;
+}

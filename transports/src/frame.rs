@@ -184,6 +184,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
+    /// Changes the largest frame taken from here on (a handshake reads
+    /// with a small limit, the link after it with the full one).
+    pub fn set_max_frame(&mut self, max_frame: usize) {
+        self.max_frame = max_frame;
+    }
+
     /// Bytes read but not yet returned as frames.
     pub fn buffered(&self) -> usize {
         self.buf.len()

@@ -22,6 +22,9 @@ use crate::{
 /// How long a peer may take to send its `Hello` and `Auth` after the
 /// stream opened.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// The largest frame read before the handshake is done: `Hello` and
+/// `Auth` are a few hundred bytes.
+const HANDSHAKE_MAX_FRAME: usize = 64 * 1024;
 
 /// Identifies one link (one stream) for the node task's lifetime.
 pub(crate) type LinkId = u64;
@@ -423,7 +426,10 @@ async fn read_loop(
     let max_frame = limits.max_frame;
     let mut throttle = Throttle::new(&limits);
     let mut gossip = GossipCheck::default();
-    let mut reader = FrameReader::new(io, max_frame);
+    // Until the handshake is done (and in a private mesh, the peer's
+    // proof checked) a peer gets no more than a handshake's worth of
+    // buffer: an announced 4 MiB frame is refused, not waited for.
+    let mut reader = FrameReader::new(io, HANDSHAKE_MAX_FRAME.min(max_frame));
     let ReaderStart {
         handshake: hs,
         peer_nonce,
@@ -439,6 +445,7 @@ async fn read_loop(
     .unwrap_or(Err(HandshakeError::Timeout));
     let error = match checked {
         Ok(hello) => {
+            reader.set_max_frame(max_frame);
             let _ = admitted.send(());
             if events
                 .send(LinkEvent::Up { link, peer, hello })
