@@ -759,3 +759,30 @@ async fn a_large_frame_before_the_handshake_is_refused() {
     .await;
     a.shutdown().await;
 }
+
+/// A private node holds at most 64 links waiting for their peer's proof:
+/// outsiders that open connections and never prove anything are refused
+/// past that, and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unproven_links_of_a_private_node_are_capped() {
+    let secret = mesh::security::MeshSecret::new("a secret of sixteen bytes or more").unwrap();
+    let a = mesh::Node::builder()
+        .listen(loopback())
+        .mdns(false)
+        .mesh_secret(secret)
+        .start()
+        .await
+        .unwrap();
+    let target = addr(&a).await;
+    let mut outsiders = Vec::new();
+    for _ in 0..72 {
+        // Each connects, gets a data stream, and says nothing.
+        outsiders.push(raw_stream(&target, Keypair::generate_ed25519()).await);
+    }
+    eventually("the links over the cap to be refused", || async {
+        (a.metrics().await?.dropped.unadmitted_refused >= 1).then_some(())
+    })
+    .await;
+    drop(outsiders);
+    a.shutdown().await;
+}

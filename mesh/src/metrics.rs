@@ -151,6 +151,9 @@ pub struct Dropped {
     /// Links closed because their peer let more than 16 times the link
     /// buffer pile up unread (what waited for it was dropped).
     pub outbox_overflow: u64,
+    /// Streams of a private node refused because 64 links were already
+    /// waiting for their peers' proofs.
+    pub unadmitted_refused: u64,
     /// Membership updates ignored: an incarnation implausibly far ahead
     /// (`core::membership::MAX_INCARNATION_AHEAD`), or a member beyond
     /// what one peer may introduce (`MAX_LEARNED_PER_PEER`).
@@ -630,7 +633,7 @@ mod prometheus {
 impl Dropped {
     /// Every reason with its count, in a fixed order (the names are the
     /// fields' and the Prometheus `reason` label's).
-    pub fn by_reason(&self) -> [(&'static str, u64); 31] {
+    pub fn by_reason(&self) -> [(&'static str, u64); 32] {
         [
             ("slow_consumer", self.slow_consumer),
             ("subscription_full", self.subscription_full),
@@ -662,6 +665,7 @@ impl Dropped {
             ("membership_refused", self.membership_refused),
             ("requests_throttled", self.requests_throttled),
             ("outbox_overflow", self.outbox_overflow),
+            ("unadmitted_refused", self.unadmitted_refused),
             ("forged_replies", self.forged_replies),
         ]
     }

@@ -30,6 +30,7 @@ pub(crate) struct Counters {
     pub(crate) declarations_forged: u64,
     pub(crate) requests_throttled: u64,
     pub(crate) outbox_overflow: u64,
+    pub(crate) unadmitted_refused: u64,
     pub(crate) link_buffer_full: u64,
     pub(crate) oversize: u64,
     pub(crate) malformed: u64,
@@ -111,6 +112,7 @@ impl NodeTask {
         d.declarations_forged = c.declarations_forged;
         d.requests_throttled = c.requests_throttled;
         d.outbox_overflow = c.outbox_overflow;
+        d.unadmitted_refused = c.unadmitted_refused;
         d.membership_refused = self.membership.refused();
         d.link_buffer_full = c.link_buffer_full;
         // `stats.dropped_unreachable` counts both ways a peer without a

@@ -529,6 +529,10 @@ const RESUME_RETRY: Duration = Duration::from_millis(500);
 /// A link's outbox may hold this many times `link_buffer` before the link
 /// is closed as not reading ([`NodeTask::shed_overflowing_links`]).
 const OUTBOX_CAP_FACTOR: usize = 16;
+/// Links of a private node waiting for their peer's proof at once; more
+/// streams are refused (`unadmitted_refused`) until some are admitted or
+/// time out (the handshake timeout, 10 s).
+const MAX_UNADMITTED: usize = 64;
 
 /// A reliable message kept for resending.
 #[derive(Debug)]
@@ -1349,6 +1353,22 @@ impl NodeTask {
             // Nothing to say to a new peer while leaving; dropping the
             // stream resets it.
             return;
+        }
+        if self.admission.is_private() && !self.links.get(&peer).is_some_and(|l| l.up) {
+            // Links still waiting for their peer's proof are capped: an
+            // outsider opening connections cannot make us hold many.
+            let waiting = self
+                .links
+                .values()
+                .filter(|l| l.reader.is_some() && !l.up)
+                .count();
+            if waiting >= MAX_UNADMITTED {
+                self.counters.unadmitted_refused += 1;
+                if self.counters.unadmitted_refused.is_power_of_two() {
+                    tracing::warn!(%peer, waiting, "too many links waiting for their proof; refused one");
+                }
+                return;
+            }
         }
         if !reuse {
             if let Some(mut old) = self.links.remove(&peer) {
