@@ -39,15 +39,33 @@
 //! it could already signal, ptrace or overwrite this process; the ring
 //! adds no power it lacks. It can write garbage records (the frame
 //! decoder refuses them and the link closes), and it can truncate the
-//! file after both sides mapped it, which raises SIGBUS here on the next
-//! access (a denial of service by a process that could `kill` us anyway).
-//! Records are handed to the reader as `&[u8]` over the shared mapping
-//! only between the reader's acquire of `tail` and its release of `head`:
-//! a well-behaved writer does not touch those bytes then; a hostile one
-//! can change them under the reader, which yields wrong bytes (refused by
-//! the decoder, which copies what it keeps), never memory outside the
-//! mapping: every offset is masked to the ring's capacity and every
-//! length checked against what is left of it before it is read.
+//! file after both sides mapped it. Shared bytes are only ever copied out
+//! through raw pointers (see [`ring`]): no `&[u8]` points into memory the
+//! peer can write, so a hostile writer changing bytes under the reader
+//! gives wrong bytes in the reader's own buffer (refused by the record
+//! checks and the frame decoder), never memory outside the mapping: every
+//! offset is masked to the ring's capacity and every length checked
+//! against what is left of it before it is read.
+//!
+//! Truncation: the size is checked (`fstat` on the descriptor that is
+//! mapped) before mapping, but the peer keeps a descriptor of the file and
+//! can shrink it afterwards; touching a page past the end then raises
+//! `SIGBUS`, whose default action kills the process. Sealing
+//! (`F_SEAL_SHRINK`) would forbid that in the kernel, but only memfds can
+//! be sealed, not files under `/dev/shm`, and a memfd has no path in the
+//! ring directory: the peer would have to offer `/proc/<pid>/fd/<n>`, a
+//! magic link that `O_NOFOLLOW` and the directory confinement refuse, or
+//! pass the descriptor over a Unix socket, which the link does not have.
+//! So, as Wayland compositors do for client buffers, each mapping is
+//! registered with a process-wide `SIGBUS` handler (module `guard`): a
+//! fault inside a ring mapping replaces that mapping with zero pages
+//! (`MAP_FIXED`) and marks it lost, and the ring's next operation fails
+//! with [`ShmError::Truncated`] (a record copied from the zeros is not
+//! handed out); faults elsewhere go to the handler that was there before.
+//! Limits: a program that installs its own `SIGBUS` handler after ours
+//! without chaining loses the protection; at most 1,024 rings are guarded
+//! at once (more are refused with [`ShmError::TooManyRings`]); outside
+//! Linux there is no handler.
 //!
 //! ```
 //! use mesh_transports::shm::{Ring, Role, WaitPolicy};
@@ -63,6 +81,7 @@
 //! assert_eq!(got, vec![b"hello".to_vec()]);
 //! ```
 
+mod guard;
 pub mod ring;
 mod sys;
 
@@ -210,6 +229,16 @@ pub enum ShmError {
     /// The other side closed the ring.
     #[error("the peer closed the ring")]
     Closed,
+    /// The file was truncated under our mapping (by the peer): the ring's
+    /// memory is lost and the link must be closed.
+    #[error("{path}: the ring file was truncated while mapped")]
+    Truncated {
+        /// The ring file (already unlinked, most likely).
+        path: PathBuf,
+    },
+    /// Too many rings are mapped at once to guard another one.
+    #[error("more than {} shared-memory rings are mapped at once", guard::SLOTS)]
+    TooManyRings,
 }
 
 /// One side's mapping of a ring file.
@@ -223,6 +252,8 @@ struct Mapping {
     created: bool,
     /// Our pid namespace: the peer's pid means something only in the same.
     pidns: u64,
+    /// Registration with the `SIGBUS` handler; `None` only while dropping.
+    guard: Option<guard::Guard>,
 }
 
 // SAFETY: the mapping is plain shared memory; all shared fields are
@@ -232,6 +263,47 @@ unsafe impl Send for Mapping {}
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
+    /// Takes over `len` bytes mapped at `ptr`, guarded against truncation;
+    /// unmaps them if they cannot be guarded.
+    fn new(
+        ptr: *mut u8,
+        len: usize,
+        role: Role,
+        path: PathBuf,
+        created: bool,
+    ) -> Result<Mapping, ShmError> {
+        let Some(guard) = guard::Guard::register(ptr, len) else {
+            // SAFETY: from `sys::map`, not used by anyone yet.
+            unsafe { sys::unmap(ptr, len) };
+            return Err(ShmError::TooManyRings);
+        };
+        Ok(Mapping {
+            ptr,
+            len,
+            cap: len - HEADER_SIZE,
+            role,
+            path,
+            created,
+            pidns: sys::namespace("pid"),
+            guard: Some(guard),
+        })
+    }
+
+    /// Whether the file was truncated under us (the memory is zeros now).
+    fn lost(&self) -> bool {
+        self.guard.as_ref().is_some_and(|g| g.lost())
+    }
+
+    /// `Err(Truncated)` once the memory is lost.
+    fn check_intact(&self) -> Result<(), ShmError> {
+        if self.lost() {
+            return Err(ShmError::Truncated {
+                path: self.path.clone(),
+            });
+        }
+        Ok(())
+    }
+
     fn u64_at(&self, off: usize) -> &AtomicU64 {
         debug_assert!(off.is_multiple_of(8) && off + 8 <= HEADER_SIZE);
         // SAFETY: in bounds of the header and 8-aligned (the mapping is
@@ -296,8 +368,9 @@ impl Mapping {
         }
     }
 
-    /// `Err` if the peer's process is gone.
+    /// `Err` if the peer's process is gone or the ring's memory is lost.
     fn check_peer(&self) -> Result<(), ShmError> {
+        self.check_intact()?;
         let slot = self.role.other().slot();
         let pid = self.u32_at(slot).load(Ordering::Acquire);
         if pid == 0 {
@@ -338,6 +411,8 @@ impl Drop for Mapping {
         if self.created {
             self.unlink();
         }
+        // Unguard first: once unmapped, the address may be reused.
+        drop(self.guard.take());
         // SAFETY: from `sys::map`; this is the last reference.
         unsafe { sys::unmap(self.ptr, self.len) };
     }
@@ -365,12 +440,14 @@ unsafe impl Memory for Mapping {
         debug_assert!(offset + src.len() <= self.cap);
         std::ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.add(HEADER_SIZE + offset), src.len());
     }
-    unsafe fn read<R>(&self, offset: usize, len: usize, f: impl FnOnce(&[u8]) -> R) -> R {
+    unsafe fn read(&self, offset: usize, dst: *mut u8, len: usize) {
         debug_assert!(offset + len <= self.cap);
-        f(std::slice::from_raw_parts(
-            self.ptr.add(HEADER_SIZE + offset),
-            len,
-        ))
+        // A raw copy, never a `&[u8]` over the shared bytes: a hostile
+        // producer writing them meanwhile only makes our copy garbage.
+        std::ptr::copy_nonoverlapping(self.ptr.add(HEADER_SIZE + offset), dst, len);
+    }
+    fn intact(&self) -> bool {
+        !self.lost()
     }
 }
 
@@ -452,15 +529,13 @@ impl Ring {
                 return Err(ShmError::Io { path, source: e });
             }
         };
-        let map = Arc::new(Mapping {
-            ptr,
-            len,
-            cap: capacity,
-            role,
-            path,
-            created: true,
-            pidns: sys::namespace("pid"),
-        });
+        let map = match Mapping::new(ptr, len, role, path.clone(), true) {
+            Ok(m) => Arc::new(m),
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                return Err(e);
+            }
+        };
         map.u32_at(OFF_VERSION)
             .store(LAYOUT_VERSION, Ordering::Relaxed);
         map.u64_at(OFF_CAPACITY)
@@ -529,15 +604,10 @@ impl Ring {
             return Err(bad(format!("size {len} is not a ring's")));
         }
         let ptr = sys::map(&file, len).map_err(io_err(path))?;
-        let map = Arc::new(Mapping {
-            ptr,
-            len,
-            cap,
-            role,
-            path: path.to_owned(),
-            created: false,
-            pidns: sys::namespace("pid"),
-        });
+        // Shrunk between the fstat and here, or later: the guard turns the
+        // fault into `Truncated` (or a bad magic, for a header now zeros).
+        let map = Arc::new(Mapping::new(ptr, len, role, path.to_owned(), false)?);
+        map.check_intact()?;
         let magic = map.u64_at(OFF_MAGIC).load(Ordering::Acquire);
         if magic != MAGIC {
             return Err(bad(format!("bad magic {magic:#018x}")));
@@ -795,6 +865,7 @@ impl Producer {
     /// Writes one record if there is room (not yet visible: see
     /// [`Producer::flush`]). `Ok(false)`: the ring is full.
     pub fn try_push(&mut self, record: &[u8]) -> Result<bool, ShmError> {
+        self.map.check_intact()?;
         Ok(self.state.try_push(&*self.map, record)?)
     }
 
@@ -875,7 +946,47 @@ impl Consumer {
         max: usize,
         f: impl FnMut(&[u8]) -> bool,
     ) -> Result<usize, ShmError> {
-        let n = self.state.poll(&*self.map, max, f)?;
+        self.map.check_intact()?;
+        let n = self
+            .state
+            .poll(&*self.map, max, f)
+            .map_err(|e| self.lost_or(e))?;
+        if n > 0 {
+            self.map.notify(OFF_PRODUCER_SLEEPING, OFF_SPACE_SEQ);
+        }
+        Ok(n)
+    }
+
+    /// `Truncated` if the memory was lost (whatever the ring made of the
+    /// zeros), else `e`.
+    fn lost_or(&self, e: RingError) -> ShmError {
+        match self.map.check_intact() {
+            Err(lost) => lost,
+            Ok(()) => e.into(),
+        }
+    }
+
+    /// Like [`Consumer::try_poll`], appending each payload to `out` (one
+    /// copy out of the shared memory) while `out` is shorter than
+    /// `max_bytes`.
+    fn try_read_into(&mut self, out: &mut BytesMut, max_bytes: usize) -> Result<usize, ShmError> {
+        self.map.check_intact()?;
+        let map = &*self.map;
+        let n = self
+            .state
+            .poll_payloads(map, usize::MAX, |p| {
+                let start = out.len();
+                out.reserve(p.len());
+                p.copy_to(out.spare_capacity_mut());
+                if !map.intact() {
+                    // Zeros from a lost mapping, not the peer's record.
+                    return None;
+                }
+                // SAFETY: `copy_to` initialised `p.len()` bytes past `start`.
+                unsafe { out.set_len(start + p.len()) };
+                Some(out.len() < max_bytes)
+            })
+            .map_err(|e| self.lost_or(e))?;
         if n > 0 {
             self.map.notify(OFF_PRODUCER_SLEEPING, OFF_SPACE_SEQ);
         }
@@ -913,16 +1024,12 @@ impl Consumer {
         out: &mut BytesMut,
         max_bytes: usize,
     ) -> Result<bool, ShmError> {
-        let mut take = |r: &[u8]| {
-            out.extend_from_slice(r);
-            out.len() < max_bytes
-        };
         loop {
-            if self.try_poll(usize::MAX, &mut take)? > 0 {
+            if self.try_read_into(out, max_bytes)? > 0 {
                 return Ok(true);
             }
             if self.map.peer_closed() {
-                return Ok(self.try_poll(usize::MAX, &mut take)? > 0);
+                return Ok(self.try_read_into(out, max_bytes)? > 0);
             }
             let (map, state) = (&self.map, &self.state);
             wait_async(map, self.wait, OFF_CONSUMER_SLEEPING, OFF_DATA_SEQ, || {

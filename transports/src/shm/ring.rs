@@ -19,11 +19,21 @@
 //! may be buggy or hostile): a length or kind that does not fit the ring is
 //! [`RingError::Corrupt`], and no read goes outside the data area.
 //!
+//! Bytes are copied out of the shared memory before anything looks at
+//! them: [`Memory::read`] copies through raw pointers into memory the
+//! reader owns, and no `&[u8]` ever points into the shared data area. A
+//! hostile producer can write published bytes while we copy them; that
+//! gives torn, garbage bytes in our buffer, which the record checks (for
+//! headers) and the frame decoder (for payloads) reject, but never a
+//! reference whose referent changes under it, so the optimiser's
+//! assumptions about shared references cannot be broken. Each header is
+//! read once into a local before it is checked and used.
+//!
 //! [`Memory`] abstracts the memory so that the protocol runs both on a
 //! mapped file ([`super::Mapping`]) and under the loom model checker (the
 //! tests below).
 
-use std::sync::atomic::Ordering;
+use std::{mem::MaybeUninit, sync::atomic::Ordering};
 
 /// Bytes of a record header.
 pub const RECORD_HEADER: usize = 8;
@@ -66,13 +76,66 @@ pub unsafe trait Memory {
     /// `offset + src.len() <= capacity()`, and the caller is the producer
     /// writing space that the consumer has released.
     unsafe fn write(&self, offset: usize, src: &[u8]);
-    /// Calls `f` with the `len` data bytes at `offset`.
+    /// Copies the `len` data bytes at `offset` to `dst`, without making a
+    /// reference to the shared bytes (the peer may be writing them).
     ///
     /// # Safety
     ///
-    /// `offset + len <= capacity()`, and the caller is the consumer reading
-    /// bytes that the producer has published.
-    unsafe fn read<R>(&self, offset: usize, len: usize, f: impl FnOnce(&[u8]) -> R) -> R;
+    /// `offset + len <= capacity()`, `dst` is valid for `len` bytes of
+    /// writes and does not overlap the shared memory, and the caller is
+    /// the consumer reading bytes that the producer has published.
+    unsafe fn read(&self, offset: usize, dst: *mut u8, len: usize);
+    /// `false` once the memory is known to be lost (the mapped file was
+    /// truncated under us and replaced by zeros): bytes read since then
+    /// are not the peer's. Checked after each record is copied.
+    fn intact(&self) -> bool {
+        true
+    }
+}
+
+/// One published record's payload, still in the shared memory: copy it
+/// out with [`Payload::copy_to`] to look at it. Made only by
+/// [`ConsumerState::poll_payloads`], with a checked offset and length.
+pub struct Payload<'a, M: ?Sized> {
+    mem: &'a M,
+    offset: usize,
+    len: usize,
+}
+
+impl<M: ?Sized> std::fmt::Debug for Payload<'_, M> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Payload")
+            .field("offset", &self.offset)
+            .field("len", &self.len)
+            .finish()
+    }
+}
+
+impl<M: Memory + ?Sized> Payload<'_, M> {
+    /// The payload's length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the payload is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Copies the payload to the start of `dst` and returns that part,
+    /// now initialised. Panics if `dst` is shorter than [`Payload::len`]
+    /// (a caller bug: the length is at most [`max_record`]).
+    pub fn copy_to<'d>(&self, dst: &'d mut [MaybeUninit<u8>]) -> &'d mut [u8] {
+        assert!(dst.len() >= self.len, "payload buffer too short");
+        let dst = dst.as_mut_ptr().cast::<u8>();
+        // SAFETY: `offset + len <= capacity()` and published (checked by
+        // `poll_payloads`, the only maker); `dst` has room for `len` bytes
+        // and is ours. Every byte is written, so the slice is initialised.
+        unsafe {
+            self.mem.read(self.offset, dst, self.len);
+            std::slice::from_raw_parts_mut(dst, self.len)
+        }
+    }
 }
 
 /// Errors of the ring protocol.
@@ -205,6 +268,10 @@ fn header(len: u32, kind: u32) -> [u8; RECORD_HEADER] {
 #[derive(Debug, Default)]
 pub struct ConsumerState {
     head: u64,
+    /// Where [`ConsumerState::poll`] copies each payload before handing it
+    /// out. Bounded: it grows to the largest record read, at most
+    /// [`max_record`] of the ring's capacity.
+    copy: Vec<u8>,
 }
 
 impl ConsumerState {
@@ -212,6 +279,7 @@ impl ConsumerState {
     pub fn new<M: Memory>(mem: &M) -> Self {
         Self {
             head: mem.load_head(Ordering::Acquire),
+            copy: Vec::new(),
         }
     }
 
@@ -220,14 +288,41 @@ impl ConsumerState {
         mem.load_tail(Ordering::Acquire) != self.head
     }
 
-    /// Reads published records, calling `f` with each payload, until `f`
-    /// returns `false`, `max_records` were read, or none is left; then
-    /// releases their space to the producer. Returns the records read.
+    /// Reads published records, calling `f` with a copy of each payload
+    /// (in a buffer of ours, not the shared memory), until `f` returns
+    /// `false`, `max_records` were read, or none is left; then releases
+    /// their space to the producer. Returns the records read.
     pub fn poll<M: Memory>(
         &mut self,
         mem: &M,
         max_records: usize,
         mut f: impl FnMut(&[u8]) -> bool,
+    ) -> Result<usize, RingError> {
+        let mut copy = std::mem::take(&mut self.copy);
+        let result = self.poll_payloads(mem, max_records, |p| {
+            copy.clear();
+            copy.reserve(p.len());
+            let bytes = p.copy_to(copy.spare_capacity_mut());
+            if !mem.intact() {
+                // Zeros from a lost mapping, not the peer's record.
+                return None;
+            }
+            Some(f(bytes))
+        });
+        self.copy = copy;
+        result
+    }
+
+    /// Like [`ConsumerState::poll`], but `f` gets each payload still in
+    /// the shared memory and copies it where it wants it (one copy, for
+    /// readers that keep the bytes). `f` returns `None` to stop with an
+    /// error (the memory was lost), `Some(more)` otherwise; the record it
+    /// was given counts as read either way.
+    pub fn poll_payloads<M: Memory>(
+        &mut self,
+        mem: &M,
+        max_records: usize,
+        mut f: impl FnMut(Payload<'_, M>) -> Option<bool>,
     ) -> Result<usize, RingError> {
         let cap = mem.capacity();
         let tail = mem.load_tail(Ordering::Acquire);
@@ -250,15 +345,13 @@ impl ConsumerState {
             if left < RECORD_HEADER {
                 break Err(RingError::Corrupt("partial record header".into()));
             }
-            // SAFETY: `at + 8 <= cap` and published (`left >= 8`).
-            let (len, kind) = unsafe {
-                mem.read(at, RECORD_HEADER, |h| {
-                    (
-                        u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize,
-                        u32::from_le_bytes([h[4], h[5], h[6], h[7]]),
-                    )
-                })
-            };
+            // Read once into a local: the checks below and the use after
+            // them see the same values whatever the peer writes meanwhile.
+            let mut h = [0u8; RECORD_HEADER];
+            // SAFETY: `at + 8 <= cap` and published (`left >= 8`); `h` is ours.
+            unsafe { mem.read(at, h.as_mut_ptr(), RECORD_HEADER) };
+            let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+            let kind = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
             match kind {
                 KIND_PAD => {
                     if len + RECORD_HEADER != to_end || to_end > left {
@@ -275,12 +368,22 @@ impl ConsumerState {
                             "record of {len} bytes at offset {at} overruns the ring"
                         )));
                     }
-                    // SAFETY: `at + need <= cap` and published (`need <= left`).
-                    let more = unsafe { mem.read(at + RECORD_HEADER, len, &mut f) };
+                    // Checked: `at + need <= cap` and published (`need <= left`).
+                    let more = f(Payload {
+                        mem,
+                        offset: at + RECORD_HEADER,
+                        len,
+                    });
                     head = head.wrapping_add(need as u64);
                     n += 1;
-                    if !more {
-                        break Ok(n);
+                    match more {
+                        Some(true) => {}
+                        Some(false) => break Ok(n),
+                        None => {
+                            break Err(RingError::Corrupt(
+                                "the shared memory was lost (file truncated)".into(),
+                            ))
+                        }
                     }
                 }
                 other => {
@@ -351,8 +454,9 @@ pub(crate) mod tests {
             self.writes.set(self.writes.get() + 1);
             (&mut *self.data.get())[offset..offset + src.len()].copy_from_slice(src)
         }
-        unsafe fn read<R>(&self, offset: usize, len: usize, f: impl FnOnce(&[u8]) -> R) -> R {
-            f(&(&*self.data.get())[offset..offset + len])
+        unsafe fn read(&self, offset: usize, dst: *mut u8, len: usize) {
+            let src = &(&*self.data.get())[offset..offset + len];
+            std::ptr::copy_nonoverlapping(src.as_ptr(), dst, len)
         }
     }
 
@@ -626,12 +730,12 @@ mod loom_tests {
                 });
             }
         }
-        unsafe fn read<R>(&self, offset: usize, len: usize, f: impl FnOnce(&[u8]) -> R) -> R {
+        unsafe fn read(&self, offset: usize, dst: *mut u8, len: usize) {
             let mut buf = Vec::with_capacity(len + 8);
             for i in 0..padded(len) / 8 {
                 buf.extend_from_slice(&self.words[offset / 8 + i].with(|w| (*w).to_le_bytes()));
             }
-            f(&buf[..len])
+            std::ptr::copy_nonoverlapping(buf.as_ptr(), dst, len)
         }
     }
 

@@ -312,3 +312,47 @@ fn offered_paths_are_confined_to_the_ring_directory() {
     let good = Ring::create(&ours.0, 4096, 9, Role::Producer).unwrap();
     Ring::open_in(&ours.0, good.path(), 9, Role::Consumer).expect("a ring in our directory");
 }
+
+/// A peer that shrinks the ring file after both sides mapped it costs the
+/// link, not the process: the SIGBUS of the next access is caught, and
+/// both sides fail with `Truncated` instead of handing out the zeros.
+#[tokio::test]
+async fn a_ring_truncated_under_the_mapping_fails_with_truncated() {
+    let ring = Ring::create(&dir(), 4096, 11, Role::Producer).unwrap();
+    // The hostile peer's own descriptor, taken before the file is unlinked.
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(ring.path())
+        .unwrap();
+    let other = Ring::open(ring.path(), 11, Role::Consumer).unwrap();
+    let mut tx = ring.producer(WaitPolicy::default()).unwrap();
+    let mut rx = other.consumer(WaitPolicy::default()).unwrap();
+    tx.push(b"before").unwrap();
+    tx.flush();
+    let mut got = BytesMut::new();
+    assert!(rx.read_into(&mut got, 1024).await.unwrap());
+    assert_eq!(&got[..], b"before");
+
+    tx.push(b"published, then lost").unwrap();
+    tx.flush();
+    file.set_len(0).unwrap();
+    got.clear();
+    let err = rx.read_into(&mut got, 1024).await.unwrap_err();
+    assert!(matches!(err, ShmError::Truncated { .. }), "{err}");
+    assert!(got.is_empty(), "no record is made of the zeros");
+    // The producer's side of the same mapping: the next write faults too.
+    let mut lost = false;
+    for _ in 0..2 {
+        match tx.try_push(&[7u8; 512]) {
+            Err(ShmError::Truncated { .. }) => {
+                lost = true;
+                break;
+            }
+            Ok(_) => tx.flush(),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(lost, "the producer sees the loss");
+    let err = rx.try_poll(usize::MAX, |_| true).unwrap_err();
+    assert!(matches!(err, ShmError::Truncated { .. }), "{err}");
+}
