@@ -626,6 +626,68 @@ async fn a_forged_declaration_of_another_member_is_ignored() {
     b.shutdown().await;
 }
 
+/// Membership claims about a member only it can make: a peer's `Sync`
+/// that introduces members without their signatures, or re-announces an
+/// honest member at a higher incarnation with the attacker's addresses,
+/// changes nothing and is counted; the honest member's own record stands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_membership_records_of_others_are_ignored() {
+    let a = start(None).await;
+    let a_addr = addr(&a).await;
+    let b = start(Some(&a_addr)).await;
+    linked(&a, &[b.peer_id()]).await;
+    let b_addrs = peer_info(&a, b.peer_id()).await.addrs;
+    let mut peer = RawPeer::connect(&a_addr).await;
+    let b_id = b.peer_id().to_bytes();
+    let bogus = b"/ip4/127.0.0.1/udp/9/quic-v1".to_vec();
+    let fakes: Vec<Vec<u8>> = (0..50).map(|_| mesh::PeerId::random().to_bytes()).collect();
+    let mut members = vec![wire::UpdateWire {
+        node: wire::Raw(&b_id),
+        incarnation: u64::from(u32::MAX),
+        state: mesh::core::membership::MemberState::Alive,
+        addrs: vec![wire::Raw(&bogus)],
+        sig: wire::Raw(&[7u8; 64]),
+    }];
+    members.extend(fakes.iter().map(|id| wire::UpdateWire {
+        node: wire::Raw(id),
+        incarnation: 1,
+        state: mesh::core::membership::MemberState::Alive,
+        addrs: vec![wire::Raw(&bogus)],
+        sig: wire::Raw(&[]),
+    }));
+    peer.send(&Frame::Sync(wire::SyncWire {
+        members,
+        decls: vec![],
+        more: false,
+    }))
+    .await;
+    // a has read the Sync once it answers a later request of ours.
+    peer.send(&Frame::Work(wire::WorkWire::Request {
+        id: 7,
+        subject: "nobody.serves.this",
+        headers: vec![],
+        payload: wire::Raw(b""),
+    }))
+    .await;
+    peer.until(|f| matches!(f, Frame::Work(wire::WorkWire::Reply { id: 7, .. })).then_some(()))
+        .await
+        .expect("a answers");
+    assert!(a.metrics().await.unwrap().dropped.membership_refused >= 51);
+    let peers = a.peers().await;
+    assert_eq!(peers.len(), 2, "only b and the raw peer: {peers:?}");
+    assert_eq!(peer_info(&a, b.peer_id()).await.addrs, b_addrs);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+async fn peer_info(node: &mesh::Node, id: mesh::PeerId) -> mesh::PeerInfo {
+    node.peers()
+        .await
+        .into_iter()
+        .find(|p| p.id == id)
+        .expect("a known peer")
+}
+
 /// A peer flooding costly requests (peeks here) gets a bounded number of
 /// real answers per second; the rest are answered empty and counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

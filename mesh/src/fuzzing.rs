@@ -350,6 +350,7 @@ fn update<'a>(u: &mut Input<'a>) -> UpdateWire<'a> {
             _ => MemberState::Down,
         },
         addrs: (0..u.count(16)).map(|_| Raw(u.bytes(64))).collect(),
+        sig: Raw(u.bytes(64)),
     }
 }
 
@@ -1485,6 +1486,7 @@ impl Harness {
                         incarnation: m.incarnation,
                         state: MemberState::Down,
                         addrs: m.addrs.clone(),
+                        signature: None,
                     }
                 });
                 if let Some(update) = update {

@@ -155,8 +155,9 @@ pub struct Dropped {
     /// waiting for their peers' proofs.
     pub unadmitted_refused: u64,
     /// Membership updates ignored: an incarnation implausibly far ahead
-    /// (`core::membership::MAX_INCARNATION_AHEAD`), or a member beyond
-    /// what one peer may introduce (`MAX_LEARNED_PER_PEER`).
+    /// (`core::membership::MAX_INCARNATION_AHEAD`), a member beyond what
+    /// one peer may introduce (`MAX_LEARNED_PER_PEER`), or an Alive claim
+    /// about another member without that member's signature.
     pub membership_refused: u64,
     /// Declarations without a valid signature of the node they are of
     /// (forged, altered by a relay, or unsigned): ignored.

@@ -565,6 +565,25 @@ impl Signer {
         h.finalize().into()
     }
 
+    /// What a membership record's signature covers: node, incarnation
+    /// and addrs (each length-prefixed), under a label of its own. Only
+    /// Alive records are signed (by the member about itself).
+    fn member_digest(u: &crate::core::membership::Update) -> [u8; 32] {
+        use sha2::Digest;
+        let mut h = Sha256::new();
+        h.update(b"mesh member alive v1");
+        let node = u.node.to_bytes();
+        h.update((node.len() as u64).to_be_bytes());
+        h.update(&node);
+        h.update(u.incarnation.to_be_bytes());
+        h.update((u.addrs.len() as u64).to_be_bytes());
+        for a in &u.addrs {
+            h.update((a.len() as u64).to_be_bytes());
+            h.update(a);
+        }
+        h.finalize().into()
+    }
+
     /// Our signature of our own declaration.
     pub(crate) fn sign_declaration(
         &self,
@@ -589,6 +608,44 @@ impl Signer {
         // Ed25519 signing cannot fail; an empty signature would be refused
         // by every receiver, never accepted.
         self.key.sign(&digest).unwrap_or_default().into()
+    }
+}
+
+/// Signs our membership records and checks others' (the core's
+/// [`crate::core::membership::Proofs`]).
+#[derive(Debug)]
+pub(crate) struct MemberProofs {
+    signer: Signer,
+    verifier: Verifier,
+}
+
+impl MemberProofs {
+    pub(crate) fn new(key: libp2p::identity::Keypair) -> Self {
+        Self {
+            signer: Signer::new(key),
+            verifier: Verifier::default(),
+        }
+    }
+}
+
+impl crate::core::membership::Proofs for MemberProofs {
+    fn sign(&self, update: &crate::core::membership::Update) -> std::sync::Arc<[u8]> {
+        // Ed25519 signing cannot fail; an empty signature is refused.
+        self.signer
+            .key
+            .sign(&Signer::member_digest(update))
+            .unwrap_or_default()
+            .into()
+    }
+
+    fn verify(&mut self, update: &crate::core::membership::Update) -> bool {
+        let Some(signature) = update.signature.as_deref() else {
+            return false;
+        };
+        let Some(key) = self.verifier.key_of(update.node) else {
+            return false;
+        };
+        key.verify(&Signer::member_digest(update), signature)
     }
 }
 

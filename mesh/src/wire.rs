@@ -16,7 +16,7 @@ use crate::core::{
 };
 
 /// The protocol version spoken by this build.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// [`Hello::features`] bit: the sender can move the link's data to
 /// shared-memory rings (see [`Frame::ShmOffer`]).
@@ -1029,6 +1029,9 @@ pub struct UpdateWire<'a> {
     pub state: MemberState,
     /// Multiaddr bytes.
     pub addrs: Vec<Raw<'a>>,
+    /// The member's signature of an Alive record about itself; empty when
+    /// unsigned.
+    pub sig: Raw<'a>,
 }
 
 /// A membership message on the wire.
@@ -1196,6 +1199,7 @@ pub fn update_to_wire<'a>(u: &'a membership::Update, ids: &'a [u8]) -> UpdateWir
         incarnation: u.incarnation,
         state: u.state,
         addrs: u.addrs.iter().map(|a| Raw(a)).collect(),
+        sig: Raw(u.signature.as_deref().unwrap_or_default()),
     }
 }
 
@@ -1206,6 +1210,7 @@ pub fn update_from_wire(u: &UpdateWire<'_>) -> Result<membership::Update, WireEr
         incarnation: u.incarnation,
         state: u.state,
         addrs: u.addrs.iter().map(|a| a.0.to_vec()).collect(),
+        signature: (!u.sig.0.is_empty()).then(|| u.sig.0.into()),
     })
 }
 
@@ -1560,6 +1565,7 @@ mod tests {
                 incarnation: i,
                 state: MemberState::Alive,
                 addrs: vec![b"/ip4/127.0.0.1/udp/1/quic-v1".to_vec()],
+                signature: None,
             })
             .collect();
         let decls: Vec<Declaration> = (0..300)

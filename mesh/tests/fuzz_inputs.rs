@@ -598,6 +598,7 @@ fn longest_lists() {
                         incarnation: 1,
                         state: mesh::core::membership::MemberState::Alive,
                         addrs: vec![],
+                        sig: Raw(&[]),
                     };
                     SIZE / (id.len() + 4)
                 ],

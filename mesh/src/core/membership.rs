@@ -26,6 +26,7 @@
 use std::cmp::Reverse;
 use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::seq::SliceRandom;
@@ -110,6 +111,32 @@ pub struct Update {
     pub state: MemberState,
     /// Opaque dialable addresses of the member (may be empty when unknown).
     pub addrs: Vec<Vec<u8>>,
+    /// For an Alive record, the member's own signature of it (node,
+    /// incarnation, addrs), made and checked by the driver's [`Proofs`]
+    /// and relayed as it came. A record about a member that would raise
+    /// its incarnation, introduce it or change its addresses is applied
+    /// only from the member itself or with this signature, so no third
+    /// party can refute a verdict on another node, keep a dead one alive
+    /// or point the mesh at addresses of its choosing. Suspect and Down
+    /// records are third-party verdicts and carry none.
+    pub signature: Option<Arc<[u8]>>,
+}
+
+/// Signs the local node's Alive records and checks other nodes' (with
+/// their identity keys; the core itself holds no keys).
+pub trait Proofs: Send {
+    /// The local node's signature of its own Alive record `update`.
+    fn sign(&self, update: &Update) -> Arc<[u8]>;
+    /// Whether `update.signature` is `update.node`'s over the record.
+    fn verify(&mut self, update: &Update) -> bool;
+}
+
+/// What a member signed about itself, kept to relay it as signed.
+#[derive(Clone, Debug)]
+struct Signed {
+    incarnation: u64,
+    addrs: Vec<Vec<u8>>,
+    signature: Arc<[u8]>,
 }
 
 /// Wire messages of the protocol. Encoding is the caller's business.
@@ -215,13 +242,28 @@ pub struct MemberInfo {
     pub since: Instant,
 }
 
-impl MemberInfo {
+impl Member {
+    /// Our record of the member: for Alive at the incarnation it signed,
+    /// its signed record; otherwise unsigned.
     fn to_update(&self) -> Update {
-        Update {
-            node: self.node,
-            incarnation: self.incarnation,
-            state: self.state,
-            addrs: self.addrs.clone(),
+        let info = &self.info;
+        match &self.signed {
+            Some(s) if info.state == MemberState::Alive && s.incarnation == info.incarnation => {
+                Update {
+                    node: info.node,
+                    incarnation: info.incarnation,
+                    state: info.state,
+                    addrs: s.addrs.clone(),
+                    signature: Some(s.signature.clone()),
+                }
+            }
+            _ => Update {
+                node: info.node,
+                incarnation: info.incarnation,
+                state: info.state,
+                addrs: info.addrs.clone(),
+                signature: None,
+            },
         }
     }
 }
@@ -232,6 +274,8 @@ struct Member {
     /// The peer whose sync or message first told us of it (counted
     /// against [`MAX_LEARNED_PER_PEER`] while it is in the table).
     introducer: Option<NodeId>,
+    /// Its newest signed Alive record.
+    signed: Option<Signed>,
     /// Set while Suspect: when the member is declared Down unless it refutes.
     suspect_deadline: Option<Instant>,
     /// A Suspect/Down verdict that `handle_link_up` overrode locally without
@@ -317,9 +361,20 @@ pub struct Membership {
     /// The starting incarnation and when it was: with the time since, the
     /// highest plausible incarnation ([`MAX_INCARNATION_AHEAD`]).
     started: (u64, Instant),
-    /// Updates ignored: implausible incarnations, or a peer over
-    /// [`MAX_LEARNED_PER_PEER`].
+    /// Updates ignored: implausible incarnations, a peer over
+    /// [`MAX_LEARNED_PER_PEER`], or unproven claims about others.
     refused: u64,
+    /// Signs our records and checks others'; without it (unit tests, the
+    /// fuzzer's models) records go unsigned and none is required.
+    proofs: Option<Box<dyn Proofs>>,
+    /// Our signature of [`Membership::local_update`] as it is now.
+    local_signature: Option<Arc<[u8]>>,
+}
+
+impl std::fmt::Debug for dyn Proofs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Proofs")
+    }
 }
 
 impl Membership {
@@ -356,9 +411,31 @@ impl Membership {
             learned: BTreeMap::new(),
             started: (incarnation, now),
             refused: 0,
+            proofs: None,
+            local_signature: None,
         };
         this.enqueue(this.local_update());
         this
+    }
+
+    /// Signs our Alive records with `proofs` and, from now on, applies an
+    /// Alive record about another member that raises its incarnation,
+    /// introduces it or changes its addresses only when it comes from the
+    /// member itself or carries its valid signature ([`Update::signature`]).
+    pub fn with_proofs(mut self, proofs: Box<dyn Proofs>) -> Self {
+        self.proofs = Some(proofs);
+        self.resign();
+        self.enqueue(self.local_update());
+        self
+    }
+
+    /// Signs the local record anew (its incarnation or addrs changed).
+    fn resign(&mut self) {
+        self.local_signature = None;
+        if let Some(p) = &self.proofs {
+            let sig = p.sign(&self.local_update());
+            self.local_signature = Some(sig);
+        }
     }
 
     /// The local node.
@@ -381,6 +458,7 @@ impl Membership {
     pub fn set_local_addrs(&mut self, addrs: Vec<Vec<u8>>) {
         self.local_addrs = addrs;
         self.incarnation = self.incarnation.saturating_add(1);
+        self.resign();
         self.enqueue(self.local_update());
     }
 
@@ -420,6 +498,7 @@ impl Membership {
                 incarnation,
                 state: MemberState::Alive,
                 addrs,
+                signature: None,
             },
         );
     }
@@ -439,6 +518,7 @@ impl Membership {
                     incarnation,
                     state: MemberState::Suspect,
                     addrs: Vec::new(),
+                    signature: None,
                 },
             );
         }
@@ -547,6 +627,7 @@ impl Membership {
                     incarnation,
                     state: MemberState::Down,
                     addrs: Vec::new(),
+                    signature: None,
                 },
             );
         }
@@ -637,6 +718,34 @@ impl Membership {
             incarnation: self.incarnation,
             state: MemberState::Alive,
             addrs: self.local_addrs.clone(),
+            signature: self.local_signature.clone(),
+        }
+    }
+
+    /// Our own record, signed if we sign (the first of a full sync).
+    pub fn local_record(&self) -> Update {
+        self.local_update()
+    }
+
+    /// Our record of every member, each Alive one with the signature it
+    /// came with (for a full sync).
+    pub fn records(&self) -> impl Iterator<Item = Update> + '_ {
+        self.members.values().map(Member::to_update)
+    }
+
+    /// Whether `update` claims more about another member than a third
+    /// party may without the member's signature: an Alive record that
+    /// would introduce it, raise its incarnation or change its addresses.
+    fn needs_proof(&self, from: Option<NodeId>, update: &Update) -> bool {
+        if update.state != MemberState::Alive || from == Some(update.node) {
+            return false;
+        }
+        match self.members.get(&update.node) {
+            None => true,
+            Some(m) => {
+                update.incarnation > m.info.incarnation
+                    || (!update.addrs.is_empty() && update.addrs != m.info.addrs)
+            }
         }
     }
 
@@ -675,6 +784,7 @@ impl Membership {
                     suspect_deadline: None,
                     stale_verdict: None,
                     introducer: None,
+                    signed: None,
                 },
             );
             self.events.push_back(Event::Up {
@@ -694,6 +804,19 @@ impl Membership {
         if update.node == self.local {
             self.apply_about_self(&update);
             return;
+        }
+        let mut update = update;
+        if self.proofs.is_some() && self.needs_proof(from, &update) {
+            let proven = update.signature.is_some()
+                && self.proofs.as_mut().is_some_and(|p| p.verify(&update));
+            if !proven {
+                self.refused += 1;
+                tracing::debug!(node = %update.node, incarnation = update.incarnation, ?from, "unsigned claim about another member ignored");
+                return;
+            }
+        } else if update.signature.is_some() && from != Some(update.node) {
+            // Not needed, so not checked: not to be kept or relayed either.
+            update.signature = None;
         }
         let accepted = match self.members.get(&update.node) {
             Some(m) if update.incarnation < m.info.incarnation => {
@@ -752,8 +875,24 @@ impl Membership {
     fn apply_about_self(&mut self, update: &Update) {
         let outranks_us = match update.state {
             MemberState::Suspect | MemberState::Down => update.incarnation >= self.incarnation,
-            // A record from an earlier run of this node, carrying stale addrs.
-            MemberState::Alive => update.incarnation > self.incarnation,
+            // A record from an earlier run of this node, carrying stale
+            // addrs: ours only if we signed it.
+            MemberState::Alive if update.incarnation > self.incarnation => {
+                let proven = match self.proofs.as_mut() {
+                    None => true,
+                    Some(p) => update.signature.is_some() && p.verify(update),
+                };
+                if !proven {
+                    self.refused += 1;
+                    tracing::debug!(
+                        incarnation = update.incarnation,
+                        "unsigned newer record of ours ignored"
+                    );
+                    return;
+                }
+                true
+            }
+            MemberState::Alive => false,
         };
         if outranks_us {
             self.incarnation = update.incarnation.saturating_add(1);
@@ -762,6 +901,7 @@ impl Membership {
                 incarnation = self.incarnation,
                 "refuting record about the local node"
             );
+            self.resign();
             self.enqueue(self.local_update());
             self.events.push_back(Event::Refuted {
                 incarnation: self.incarnation,
@@ -783,7 +923,7 @@ impl Membership {
         let record = if node == self.local {
             Some(self.local_update())
         } else {
-            self.members.get(&node).map(|m| m.info.to_update())
+            self.members.get(&node).map(Member::to_update)
         };
         if let Some(record) = record {
             self.enqueue(record);
@@ -809,11 +949,19 @@ impl Membership {
             suspect_deadline: None,
             stale_verdict: None,
             introducer: None,
+            signed: None,
         });
         if update.incarnation > member.info.incarnation {
             member.stale_verdict = None;
         }
         member.info.incarnation = update.incarnation;
+        if let (MemberState::Alive, Some(signature)) = (state, update.signature) {
+            member.signed = Some(Signed {
+                incarnation: update.incarnation,
+                addrs: update.addrs.clone(),
+                signature,
+            });
+        }
         let addrs_changed = !update.addrs.is_empty() && update.addrs != member.info.addrs;
         if addrs_changed {
             member.info.addrs = update.addrs;
@@ -829,7 +977,7 @@ impl Membership {
             }
             MemberState::Alive | MemberState::Down => None,
         };
-        let record = member.info.to_update();
+        let record = member.to_update();
 
         if prev != Some(state) {
             tracing::debug!(%node, ?prev, ?state, incarnation = record.incarnation, "member state changed");
@@ -903,6 +1051,7 @@ impl Membership {
             incarnation: m.info.incarnation,
             state,
             addrs: Vec::new(),
+            signature: None,
         })
     }
 
@@ -1035,6 +1184,7 @@ impl Membership {
                         incarnation,
                         state: MemberState::Suspect,
                         addrs: Vec::new(),
+                        signature: None,
                     },
                 );
             }
@@ -1127,12 +1277,21 @@ mod tests {
     /// Deterministic ids (unlike `PeerId::random`), so that BTreeMap orders
     /// and hence whole runs repeat for a given seed.
     fn node_id(i: usize) -> NodeId {
+        keypair(i).public().to_peer_id()
+    }
+
+    fn keypair(i: usize) -> libp2p::identity::Keypair {
         let mut secret = [7u8; 32];
         secret[..8].copy_from_slice(&(i as u64).to_le_bytes());
         libp2p::identity::Keypair::ed25519_from_bytes(secret)
             .expect("any 32 bytes are an ed25519 secret")
-            .public()
-            .to_peer_id()
+    }
+
+    /// Node `i`'s core as the runtime makes it: signing its records and
+    /// requiring others' signatures.
+    fn signed_node(i: usize, incarnation: u64, now: Instant) -> Membership {
+        Membership::new(node_id(i), addrs_of(i), incarnation, Config::default(), now)
+            .with_proofs(Box::new(crate::security::MemberProofs::new(keypair(i))))
     }
 
     fn addrs_of(i: usize) -> Vec<Vec<u8>> {
@@ -1145,6 +1304,7 @@ mod tests {
             incarnation,
             state: MemberState::Alive,
             addrs: Vec::new(),
+            signature: None,
         }
     }
 
@@ -1178,15 +1338,19 @@ mod tests {
         sent: u64,
         events: Vec<(Duration, usize, Event)>,
         log: Vec<(Duration, usize, Transmit)>,
+        /// Whether the nodes sign their records and require signatures.
+        signed: bool,
     }
 
     impl Sim {
         fn new(n: usize, seed: u64) -> Self {
+            Self::new_with(n, seed, false)
+        }
+
+        fn new_with(n: usize, seed: u64, signed: bool) -> Self {
             let start = origin();
             let ids: Vec<NodeId> = (0..n).map(node_id).collect();
-            let nodes = (0..n)
-                .map(|i| Membership::new(ids[i], addrs_of(i), 1, Config::default(), start))
-                .collect();
+            let nodes = (0..n).map(|i| Self::node(i, 1, start, signed)).collect();
             let rngs = (0..n)
                 .map(|i| SmallRng::seed_from_u64(seed.wrapping_mul(1000).wrapping_add(i as u64)))
                 .collect();
@@ -1203,12 +1367,25 @@ mod tests {
                 sent: 0,
                 events: Vec::new(),
                 log: Vec::new(),
+                signed,
+            }
+        }
+
+        fn node(i: usize, incarnation: u64, now: Instant, signed: bool) -> Membership {
+            if signed {
+                signed_node(i, incarnation, now)
+            } else {
+                Membership::new(node_id(i), addrs_of(i), incarnation, Config::default(), now)
             }
         }
 
         /// `n` nodes that all got a link up to each other at time zero.
         fn connected(n: usize, seed: u64) -> Self {
-            let mut sim = Self::new(n, seed);
+            Self::connected_with(n, seed, false)
+        }
+
+        fn connected_with(n: usize, seed: u64, signed: bool) -> Self {
+            let mut sim = Self::new_with(n, seed, signed);
             for a in 0..n {
                 for b in 0..n {
                     if a != b {
@@ -1515,7 +1692,13 @@ mod tests {
     // (3), readmission of a restarted node with a higher incarnation.
     #[test]
     fn restarted_node_with_higher_incarnation_is_readmitted() {
-        let mut sim = Sim::connected(3, 6);
+        for signed in [false, true] {
+            restarted_node_is_readmitted(signed);
+        }
+    }
+
+    fn restarted_node_is_readmitted(signed: bool) {
+        let mut sim = Sim::connected_with(3, 6, signed);
         sim.run_for(Duration::from_secs(5));
         sim.crashed.insert(2);
         crash_until_down(&mut sim, 2);
@@ -1525,7 +1708,7 @@ mod tests {
         sim.heal_all();
         let t0 = sim.elapsed();
         let now = sim.now;
-        sim.nodes[2] = Membership::new(sim.ids[2], addrs_of(2), 1000, Config::default(), now);
+        sim.nodes[2] = Sim::node(2, 1000, now, sim.signed);
         sim.link_up(2, 0);
         let took = sim.run_until(Duration::from_secs(10), Sim::all_alive);
         assert!(took.is_some(), "cluster did not heal: {:?}", sim.events);
@@ -1614,6 +1797,100 @@ mod tests {
         assert_eq!(m.state_of(&newcomer), Some(MemberState::Alive));
     }
 
+    /// With proofs on, a third party cannot introduce a member, raise its
+    /// incarnation (refuting a verdict on it), change its addresses or
+    /// claim a newer Alive record of ours; the member itself can, and so
+    /// can anyone relaying the member's signed record.
+    #[test]
+    fn unproven_claims_about_other_members_are_ignored() {
+        let now = origin();
+        let (me, liar, x, y) = (node_id(0), node_id(1), node_id(2), node_id(3));
+        let mut m = signed_node(0, 5, now);
+        m.handle_link_up(now, liar, addrs_of(1));
+        m.handle_link_up(now, x, addrs_of(2));
+        m.handle_link_down(now, x);
+        assert_eq!(m.state_of(&x), Some(MemberState::Suspect));
+        drain_events(&mut m);
+        drain_transmits(&mut m);
+        let forged = |node, inc, addrs: Vec<Vec<u8>>| Update {
+            addrs,
+            ..alive(node, inc)
+        };
+        m.handle_message(
+            now,
+            liar,
+            Message::Ping {
+                seq: 1,
+                updates: vec![
+                    forged(y, 3, addrs_of(9)),
+                    forged(x, 7, addrs_of(2)),
+                    forged(me, 6, addrs_of(9)),
+                ],
+            },
+        );
+        assert_eq!(m.state_of(&y), None, "not introduced");
+        assert_eq!(m.state_of(&x), Some(MemberState::Suspect), "not refuted");
+        assert_eq!(m.incarnation(), 5, "not pushed by a forged record of ours");
+        assert_eq!(m.refused(), 3);
+        // A signature by someone else (the liar's own) does not do either.
+        let mut theirs = forged(y, 3, addrs_of(9));
+        theirs.signature = Some(crate::security::MemberProofs::new(keypair(1)).sign(&theirs));
+        m.apply_updates_from(now, liar, [theirs]);
+        assert_eq!(m.state_of(&y), None);
+        // y's own signed record, relayed by anyone, introduces it.
+        let ys = signed_node(3, 3, now).local_record();
+        assert!(ys.signature.is_some());
+        m.apply_updates_from(now, liar, [ys.clone()]);
+        assert_eq!(m.state_of(&y), Some(MemberState::Alive));
+        // ... and changed addresses, signed, are taken.
+        let mut y2 = signed_node(3, 3, now);
+        y2.set_local_addrs(addrs_of(7));
+        m.apply_updates_from(now, liar, [y2.local_record()]);
+        let info = m.members().find(|i| i.node == y).cloned().unwrap();
+        assert_eq!((info.incarnation, info.addrs), (4, addrs_of(7)));
+        // x refutes for itself, unsigned or not: it is the sender.
+        m.handle_message(
+            now,
+            x,
+            Message::Ping {
+                seq: 2,
+                updates: vec![alive(x, 7)],
+            },
+        );
+        assert_eq!(m.state_of(&x), Some(MemberState::Alive));
+    }
+
+    /// Our records of others go out with the signatures they came with, so
+    /// a third node accepts what we relay; a signature whose record we
+    /// changed (a link-up readmission) is not sent with it.
+    #[test]
+    fn signed_records_are_relayed_with_their_signatures() {
+        let now = origin();
+        let (a, b, c) = (node_id(0), node_id(1), node_id(2));
+        let mut ma = signed_node(0, 1, now);
+        let mut mc = signed_node(2, 1, now);
+        let mb = signed_node(1, 4, now);
+        ma.handle_message(
+            now,
+            b,
+            Message::Ping {
+                seq: 1,
+                updates: vec![mb.local_record()],
+            },
+        );
+        let relayed: Vec<Update> = ma.records().collect();
+        let of_b = relayed.iter().find(|u| u.node == b).unwrap();
+        assert_eq!(of_b.incarnation, 4);
+        assert!(of_b.signature.is_some());
+        mc.apply_updates_from(now, a, relayed);
+        assert_eq!(mc.state_of(&b), Some(MemberState::Alive));
+        assert_eq!(mc.refused(), 0);
+        // Our own record is signed, so c also takes it from a relay.
+        let mut md = signed_node(3, 1, now);
+        md.apply_updates_from(now, c, [ma.local_record()]);
+        assert_eq!(md.state_of(&a), Some(MemberState::Alive));
+    }
+
     // (5), unit level.
     #[test]
     fn suspicion_about_self_bumps_incarnation() {
@@ -1662,7 +1939,8 @@ mod tests {
             node: me,
             incarnation: 6,
             state: MemberState::Alive,
-            addrs: addrs_of(0)
+            addrs: addrs_of(0),
+            signature: None,
         }));
 
         m.handle_message(
@@ -1683,7 +1961,13 @@ mod tests {
     // (5), cluster level.
     #[test]
     fn false_suspicion_is_refuted_and_everyone_ends_alive() {
-        let mut sim = Sim::connected(3, 8);
+        for signed in [false, true] {
+            false_suspicion_is_refuted(signed);
+        }
+    }
+
+    fn false_suspicion_is_refuted(signed: bool) {
+        let mut sim = Sim::connected_with(3, 8, signed);
         sim.run_for(Duration::from_secs(5));
         let t0 = sim.elapsed();
         let (now, id2) = (sim.now, sim.ids[2]);
@@ -2390,8 +2674,9 @@ mod tests {
         fn converges_after_arbitrary_faults(
             seed in any::<u64>(),
             faults in proptest::collection::vec((0u64..20_000, 0usize..4, 0usize..4, any::<bool>()), 0..12),
+            signed in any::<bool>(),
         ) {
-            let mut sim = Sim::connected(4, seed);
+            let mut sim = Sim::connected_with(4, seed, signed);
             let mut faults = faults;
             faults.sort();
             for (at_ms, a, b, cut) in faults {

@@ -303,6 +303,7 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
     };
     let local = keypair.public().to_peer_id();
     let signer = crate::security::Signer::new(keypair.clone());
+    let member_proofs = crate::security::MemberProofs::new(keypair.clone());
     let (transport, transport_events, spawner, clock, rng) = match &config.sim {
         None => {
             let (handle, events) = quic::start(
@@ -362,7 +363,8 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
     let (durable, loaded) = open_durable(&config)?;
     let task = NodeTask {
         local,
-        membership: Membership::new(local, Vec::new(), epoch, config.membership.clone(), now),
+        membership: Membership::new(local, Vec::new(), epoch, config.membership.clone(), now)
+            .with_proofs(Box::new(member_proofs)),
         interest: Interest::new(local, epoch),
         routes: RouteCache::default(),
         subs: LocalSubscriptions::default(),
@@ -1215,18 +1217,9 @@ impl NodeTask {
 
     /// Everything we know, for a peer whose link just came up.
     fn encode_sync(&self, buf: &mut Vec<u8>) {
-        let mut members = vec![membership::Update {
-            node: self.local,
-            incarnation: self.membership.incarnation(),
-            state: MemberState::Alive,
-            addrs: self.our_addrs(),
-        }];
-        members.extend(self.membership.members().map(|m| membership::Update {
-            node: m.node,
-            incarnation: m.incarnation,
-            state: m.state,
-            addrs: m.addrs.clone(),
-        }));
+        // Alive records go with their members' signatures (ours first).
+        let mut members = vec![self.membership.local_record()];
+        members.extend(self.membership.records());
         let mut decls = self.interest.snapshot();
         // The local declaration (first) goes signed; the others carry the
         // signatures they came with.
@@ -1774,6 +1767,7 @@ impl NodeTask {
                         incarnation: m.incarnation,
                         state: MemberState::Down,
                         addrs: m.addrs.clone(),
+                        signature: None,
                     }
                 });
                 if let Some(update) = update {
