@@ -439,6 +439,7 @@ fn our_handshake(private: bool) -> link::Handshake {
     };
     link::Handshake {
         hello: Vec::new(),
+        details: None,
         nonce: [3; 32],
         local,
         admission: std::sync::Arc::new(admission),
@@ -1382,7 +1383,7 @@ impl Harness {
                         peer,
                         |_| {},
                     )) {
-                        self.link_up(peer, h.addrs);
+                        self.link_up(peer, h.0.addrs);
                     }
                 }
             }

@@ -84,8 +84,12 @@ pub(crate) enum HandshakeError {
 
 /// Our side of a link's handshake: what we send and check.
 pub(crate) struct Handshake {
-    /// Our encoded `Hello` frame.
+    /// Our encoded `Hello` frame (in a private mesh a bare one: magic,
+    /// version and nonce only).
     pub(crate) hello: Vec<u8>,
+    /// In a private mesh, our full `Hello` (incarnation, addresses, host,
+    /// uid), sent once the peer's proof checked, before anything else.
+    pub(crate) details: Option<Vec<u8>>,
     /// The nonce in it.
     pub(crate) nonce: Nonce,
     pub(crate) local: NodeId,
@@ -411,7 +415,16 @@ where
         failed(e.to_string()).await;
         return false;
     }
-    start.admitted.await.is_ok()
+    if start.admitted.await.is_err() {
+        return false;
+    }
+    if let Some(details) = &hs.details {
+        if let Err(e) = io.write_all(details).await {
+            failed(e.to_string()).await;
+            return false;
+        }
+    }
+    true
 }
 
 async fn read_loop(
@@ -443,10 +456,23 @@ async fn read_loop(
     )
     .await
     .unwrap_or(Err(HandshakeError::Timeout));
+    let checked = match checked {
+        Ok((hello, nonce)) => {
+            let _ = admitted.send(());
+            if hs.admission.is_private() {
+                // The peer's details follow its proof, once it has ours.
+                tokio::time::timeout(HANDSHAKE_TIMEOUT, details(&mut reader, &nonce))
+                    .await
+                    .unwrap_or(Err(HandshakeError::Timeout))
+            } else {
+                Ok(hello)
+            }
+        }
+        Err(e) => Err(e),
+    };
     let error = match checked {
         Ok(hello) => {
             reader.set_max_frame(max_frame);
-            let _ = admitted.send(());
             if events
                 .send(LinkEvent::Up { link, peer, hello })
                 .await
@@ -607,20 +633,12 @@ pub(crate) async fn read_control<R: futures::AsyncRead + Unpin>(
     Ok(Ok(frames))
 }
 
-/// Reads and checks the peer's `Hello` (handing its nonce to `on_hello`,
-/// so the writer can send our proofs) and then its `Auth`.
-pub(crate) async fn handshake<R: futures::AsyncRead + Unpin>(
+/// Reads one `Hello` frame: its details and nonce.
+async fn read_hello<R: futures::AsyncRead + Unpin>(
     reader: &mut FrameReader<R>,
-    ours: &Handshake,
-    peer: NodeId,
-    on_hello: impl FnOnce(&Nonce),
-) -> Result<PeerHello, HandshakeError> {
-    // The allow-list first: an outsider gets nothing, not even our proofs.
-    if !ours.admission.allows(&peer) {
-        return Err(HandshakeError::Refused("not on this node's allow-list"));
-    }
+) -> Result<(PeerHello, Nonce), HandshakeError> {
     let first = reader.read_one().await?.ok_or(HandshakeError::Eof)?;
-    let (hello, nonce) = match wire::decode(&first)? {
+    match wire::decode(&first)? {
         Frame::Hello(h) => {
             if h.magic != MAGIC {
                 return Err(WireError::BadMagic(h.magic).into());
@@ -635,10 +653,39 @@ pub(crate) async fn handshake<R: futures::AsyncRead + Unpin>(
                 host: h.host.0.to_vec(),
                 uid: h.uid,
             };
-            (hello, h.nonce)
+            Ok((hello, h.nonce))
         }
-        _ => return Err(WireError::ExpectedHello.into()),
-    };
+        _ => Err(WireError::ExpectedHello.into()),
+    }
+}
+
+/// In a private mesh, reads the peer's full `Hello`, which follows its
+/// proof: the same nonce as its first.
+async fn details<R: futures::AsyncRead + Unpin>(
+    reader: &mut FrameReader<R>,
+    nonce: &Nonce,
+) -> Result<PeerHello, HandshakeError> {
+    let (hello, again) = read_hello(reader).await?;
+    if again != *nonce {
+        return Err(WireError::Unexpected("a second Hello of another link").into());
+    }
+    Ok(hello)
+}
+
+/// Reads and checks the peer's `Hello` (handing its nonce to `on_hello`,
+/// so the writer can send our proofs) and then its `Auth`. Returns the
+/// `Hello` (bare in a private mesh: [`details`] follow) and its nonce.
+pub(crate) async fn handshake<R: futures::AsyncRead + Unpin>(
+    reader: &mut FrameReader<R>,
+    ours: &Handshake,
+    peer: NodeId,
+    on_hello: impl FnOnce(&Nonce),
+) -> Result<(PeerHello, Nonce), HandshakeError> {
+    // The allow-list first: an outsider gets nothing, not even our proofs.
+    if !ours.admission.allows(&peer) {
+        return Err(HandshakeError::Refused("not on this node's allow-list"));
+    }
+    let (hello, nonce) = read_hello(reader).await?;
     on_hello(&nonce);
     let second = reader.read_one().await?.ok_or(HandshakeError::Eof)?;
     let Frame::Auth { proofs } = wire::decode(&second)? else {
@@ -657,7 +704,7 @@ pub(crate) async fn handshake<R: futures::AsyncRead + Unpin>(
             ));
         }
     }
-    Ok(hello)
+    Ok((hello, nonce))
 }
 
 #[cfg(test)]
@@ -674,6 +721,7 @@ mod tests {
     fn ours(admission: Admission) -> Handshake {
         Handshake {
             hello: Vec::new(),
+            details: None,
             nonce: [4; 32],
             local: NodeId::random(),
             admission: Arc::new(admission),
@@ -686,7 +734,7 @@ mod tests {
         bytes: Vec<u8>,
     ) -> Result<PeerHello, HandshakeError> {
         let mut r = FrameReader::new(futures::io::Cursor::new(bytes), 1024);
-        futures::executor::block_on(handshake(&mut r, ours, peer, |_| {}))
+        futures::executor::block_on(handshake(&mut r, ours, peer, |_| {})).map(|(h, _)| h)
     }
 
     fn run(bytes: Vec<u8>) -> Result<PeerHello, HandshakeError> {
@@ -827,7 +875,17 @@ mod tests {
             name: "payroll.secret",
         });
         outbox.push(&mut queued);
-        let our_hello = frame(&Frame::Hello(Hello {
+        let bare = Hello {
+            nonce: [1; 32],
+            features: 0,
+            incarnation: 0,
+            addrs: vec![],
+            host: Raw(&[]),
+            uid: 0,
+            ..hello()
+        };
+        let our_hello = frame(&Frame::Hello(bare));
+        let our_details = frame(&Frame::Hello(Hello {
             nonce: [1; 32],
             ..hello()
         }));
@@ -839,6 +897,7 @@ mod tests {
             Box::new(ours_io.compat()),
             Handshake {
                 hello: our_hello,
+                details: Some(our_details),
                 nonce: [1; 32],
                 local,
                 admission: Arc::new(Admission {
@@ -856,10 +915,17 @@ mod tests {
             events_tx,
         );
         let (mut rd, mut wr) = futures::AsyncReadExt::split(theirs_io.compat());
-        let mut theirs = frame(&Frame::Hello(hello()));
+        // The peer's bare Hello, its proof and (read only if the proof
+        // checked) its details.
+        let mut theirs = frame(&Frame::Hello(Hello {
+            addrs: vec![],
+            host: Raw(&[]),
+            ..hello()
+        }));
         theirs.extend(frame(&Frame::Auth {
             proofs: proofs(&peer, &local, &[1; 32]),
         }));
+        theirs.extend(frame(&Frame::Hello(hello())));
         wr.write_all(&theirs).await.unwrap();
         let event = events.recv().await.unwrap();
         // Our side is done with the handshake either way: close it and
@@ -885,7 +951,14 @@ mod tests {
             frames.push(f);
         }
         assert_eq!(frames.len(), 2, "only our Hello and Auth");
-        assert!(matches!(wire::decode(&frames[0]), Ok(Frame::Hello(_))));
+        // A bare Hello: nothing of our addresses, host or user.
+        match wire::decode(&frames[0]) {
+            Ok(Frame::Hello(h)) => {
+                assert!(h.addrs.is_empty() && h.host.0.is_empty(), "{h:?}");
+                assert_eq!((h.uid, h.incarnation, h.features), (0, 0, 0));
+            }
+            other => panic!("{other:?}"),
+        }
         assert!(matches!(wire::decode(&frames[1]), Ok(Frame::Auth { .. })));
 
         // The right proof: the link comes up and the queued frame follows.
@@ -893,7 +966,23 @@ mod tests {
             secret.proofs(peer, local, &[8; 32], our_nonce)
         })
         .await;
-        assert!(matches!(event, LinkEvent::Up { .. }), "{event:?}");
+        // The link is up with the details the peer sent after its proof.
+        match &event {
+            LinkEvent::Up { hello: h, .. } => {
+                assert_eq!((h.addrs.clone(), h.uid), (vec![b"a".to_vec()], 7))
+            }
+            other => panic!("{other:?}"),
+        }
+        // Ours followed our proof: a full Hello third.
+        let mut r = FrameReader::new(futures::io::Cursor::new(written.clone()), 1 << 20);
+        let mut frames = Vec::new();
+        while let Ok(Some(f)) = r.read_one().await {
+            frames.push(f);
+        }
+        match wire::decode(&frames[2]) {
+            Ok(Frame::Hello(h)) => assert!(!h.addrs.is_empty(), "{h:?}"),
+            other => panic!("{other:?}"),
+        }
         assert!(written
             .windows(b"payroll.secret".len())
             .any(|w| w == b"payroll.secret"));

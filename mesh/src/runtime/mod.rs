@@ -1189,26 +1189,46 @@ impl NodeTask {
             rand::thread_rng().fill_bytes(&mut nonce);
         }
         let addrs = self.our_addrs();
+        let full = Hello {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+            features: if self.shm_host.is_empty() {
+                0
+            } else {
+                FEATURE_SHM
+            },
+            incarnation: self.membership.incarnation(),
+            addrs: addrs.iter().map(|a| Raw(a)).collect(),
+            host: Raw(&self.shm_host),
+            uid: shm::uid(),
+            nonce,
+        };
         let mut buf = Vec::new();
-        wire::encode(
-            &mut buf,
-            &Frame::Hello(Hello {
-                magic: MAGIC,
-                version: PROTOCOL_VERSION,
-                features: if self.shm_host.is_empty() {
-                    0
-                } else {
-                    FEATURE_SHM
-                },
-                incarnation: self.membership.incarnation(),
-                addrs: addrs.iter().map(|a| Raw(a)).collect(),
-                host: Raw(&self.shm_host),
-                uid: shm::uid(),
-                nonce,
-            }),
-        );
+        let details = if self.admission.is_private() {
+            // An outsider learns nothing of us from the handshake: the
+            // first Hello is bare, the full one follows our proof and goes
+            // out only once the peer's proof checked.
+            wire::encode(
+                &mut buf,
+                &Frame::Hello(Hello {
+                    features: 0,
+                    incarnation: 0,
+                    addrs: Vec::new(),
+                    host: Raw(&[]),
+                    uid: 0,
+                    ..full.clone()
+                }),
+            );
+            let mut details = Vec::new();
+            wire::encode(&mut details, &Frame::Hello(full));
+            Some(details)
+        } else {
+            wire::encode(&mut buf, &Frame::Hello(full));
+            None
+        };
         link::Handshake {
             hello: buf,
+            details,
             nonce,
             local: self.local,
             admission: self.admission.clone(),
@@ -1300,8 +1320,12 @@ impl NodeTask {
                     // is done (a reconnect): it waits, unread, for that
                     // (dropping it cost SWIM its pings and falsely
                     // suspected members after every reconnect).
+                    // Held for at most as many peers as may wait for
+                    // their proof.
+                    let room = self.unadmitted_control.contains_key(&peer)
+                        || self.unadmitted_control.len() < MAX_UNADMITTED;
                     let held = self.unadmitted_control.entry(peer).or_default();
-                    if held.len() < MAX_CONTROL_READERS_PER_PEER {
+                    if room && held.len() < MAX_CONTROL_READERS_PER_PEER {
                         held.push(stream);
                     } else {
                         // Dropping the stream resets it.
