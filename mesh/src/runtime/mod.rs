@@ -1396,8 +1396,12 @@ impl NodeTask {
             }
         }
         let handshake = self.hello();
+        let private = self.admission.is_private();
         let mut sync = Vec::new();
-        self.encode_sync(&mut sync);
+        if !private {
+            // A private link's sync waits for the peer's proof (link up).
+            self.encode_sync(&mut sync);
+        }
         let limits = link::ReadLimits {
             max_frame: self.config.max_frame,
             rate: self.config.inbound_limit,
@@ -1406,10 +1410,15 @@ impl NodeTask {
         let events = self.link_events.clone();
         let spawner = self.spawner.clone();
         let link = self.link_mut(peer);
-        // State (sync, declarations) travels on the ordered, reliable data
-        // stream; the sync goes first so the peer is ready early.
-        sync.append(&mut link.scratch);
-        link.scratch = sync;
+        if private {
+            // Nothing goes out (nor is the sync made) before the proof.
+            link.outbox.hold();
+        } else {
+            // State (sync, declarations) travels on the ordered, reliable
+            // data stream; the sync goes first so the peer is ready early.
+            sync.append(&mut link.scratch);
+            link.scratch = sync;
+        }
         link.reader = Some(link::spawn(
             &spawner,
             link.id,
@@ -1468,6 +1477,16 @@ impl NodeTask {
                 let PeerHello {
                     incarnation, addrs, ..
                 } = hello;
+                if self.admission.is_private() {
+                    // The proof checked: our view of the mesh goes first,
+                    // before anything queued for the peer meanwhile.
+                    let mut sync = Vec::new();
+                    self.encode_sync(&mut sync);
+                    if let Some(l) = self.links.get(&peer) {
+                        self.counters.sent_bytes(l.shm, sync.len());
+                        l.outbox.release_front(&mut sync);
+                    }
+                }
                 let Some(l) = self.links.get_mut(&peer) else {
                     return;
                 };

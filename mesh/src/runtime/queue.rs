@@ -42,6 +42,9 @@ struct OutboxInner {
     closed: bool,
     /// Move to this ring once the first `.0` bytes of `buf` are written.
     switch: Option<(usize, ShmTx)>,
+    /// Nothing is handed to the writer until [`Outbox::release_front`]
+    /// (a private link waiting for its peer's proof).
+    held: bool,
 }
 
 /// The writing end of a link's shared-memory ring.
@@ -102,6 +105,30 @@ impl Outbox {
         self.wake_writer.notify_one();
     }
 
+    /// Hands nothing to the writer until [`Outbox::release_front`].
+    pub(crate) fn hold(&self) {
+        lock(&self.inner).held = true;
+    }
+
+    /// Puts `bytes` (whole frames) before everything pending and lets the
+    /// writer take it all.
+    pub(crate) fn release_front(&self, bytes: &mut Vec<u8>) {
+        let mut g = lock(&self.inner);
+        g.held = false;
+        if g.closed {
+            bytes.clear();
+        } else {
+            let n = bytes.len();
+            bytes.append(&mut g.buf);
+            std::mem::swap(&mut g.buf, bytes);
+            if let Some((at, _)) = g.switch.as_mut() {
+                *at += n;
+            }
+        }
+        drop(g);
+        self.wake_writer.notify_one();
+    }
+
     pub(crate) fn pending(&self) -> usize {
         lock(&self.inner).buf.len()
     }
@@ -129,19 +156,22 @@ impl Outbox {
         loop {
             {
                 let mut g = lock(&self.inner);
-                if let Some((at, ring)) = g.switch.take() {
+                if g.held && g.closed {
+                    return Taken::Closed;
+                }
+                if g.held {
+                    // Woken by `release_front` (or `close`).
+                } else if let Some((at, ring)) = g.switch.take() {
                     out.extend(g.buf.drain(..at));
                     drop(g);
                     self.space.notify_one();
                     return Taken::Switch(ring);
-                }
-                if !g.buf.is_empty() {
+                } else if !g.buf.is_empty() {
                     std::mem::swap(&mut g.buf, out);
                     drop(g);
                     self.space.notify_one();
                     return Taken::Bytes;
-                }
-                if g.closed {
+                } else if g.closed {
                     return Taken::Closed;
                 }
             }
@@ -646,6 +676,40 @@ mod tests {
             headers: Vec::new(),
             payload: bytes::Bytes::new(),
         }
+    }
+
+    /// A held outbox hands the writer nothing until released; what is
+    /// released goes before what was queued meanwhile.
+    #[test]
+    fn a_held_outbox_waits_and_then_leads_with_the_released_bytes() {
+        use std::future::Future as _;
+        let outbox = Outbox::new(Arc::new(Notify::new()));
+        outbox.hold();
+        outbox.push(&mut b"queued".to_vec());
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let mut out = Vec::new();
+        {
+            let mut take = std::pin::pin!(outbox.take(&mut out));
+            assert!(take.as_mut().poll(&mut cx).is_pending(), "held");
+            outbox.release_front(&mut b"sync ".to_vec());
+            assert!(matches!(
+                take.as_mut().poll(&mut cx),
+                Poll::Ready(Taken::Bytes)
+            ));
+        }
+        assert_eq!(out, b"sync queued");
+        // Closed while held: nothing is written.
+        let outbox = Outbox::new(Arc::new(Notify::new()));
+        outbox.hold();
+        outbox.push(&mut b"secret".to_vec());
+        outbox.close();
+        let mut out = Vec::new();
+        let mut take = std::pin::pin!(outbox.take(&mut out));
+        assert!(matches!(
+            take.as_mut().poll(&mut cx),
+            Poll::Ready(Taken::Closed)
+        ));
     }
 
     /// `(over, capped)` of a push.
