@@ -639,6 +639,8 @@ pub(crate) struct Inner {
     /// The metrics endpoint, if [`Builder::metrics_addr`] started one.
     #[cfg_attr(not(feature = "prometheus"), allow(dead_code))]
     pub(crate) metrics_server: MetricsSlot,
+    /// The node's wall clock (virtual in the simulator): stamps records.
+    pub(crate) clock: crate::runtime::WallClock,
 }
 
 #[cfg(feature = "prometheus")]

@@ -343,11 +343,13 @@ impl Node {
     }
 }
 
-fn now_ms() -> u64 {
-    unix_ms(SystemTime::now())
-}
-
 impl Stream {
+    /// Now by the node's wall clock, in Unix milliseconds: the time a
+    /// record without an event time is stamped with.
+    fn now_ms(&self) -> u64 {
+        self.node.inner.clock.unix_micros() / 1000
+    }
+
     /// Its name.
     pub fn name(&self) -> &str {
         &self.name
@@ -388,7 +390,7 @@ impl Stream {
     ) -> Result<RecordPos, AppendError> {
         let record = NewRecord {
             key: options.key,
-            timestamp_ms: options.timestamp.map_or_else(now_ms, unix_ms),
+            timestamp_ms: options.timestamp.map_or_else(|| self.now_ms(), unix_ms),
             headers: options.headers,
             payload: payload.into(),
         };
@@ -408,7 +410,7 @@ impl Stream {
         K: Into<Bytes>,
         P: Into<Bytes>,
     {
-        let ts = now_ms();
+        let ts = self.now_ms();
         let records = records
             .into_iter()
             .map(|(k, p)| NewRecord {
@@ -428,7 +430,8 @@ impl Stream {
         I: IntoIterator<Item = (P, AppendOptions)>,
         P: Into<Bytes>,
     {
-        self.submit(new_records(records), false).await
+        self.submit(new_records(records, self.now_ms()), false)
+            .await
     }
 
     /// [`Stream::append_batch_with`] for an outbox relay: confirmed only
@@ -442,7 +445,7 @@ impl Stream {
         I: IntoIterator<Item = (P, AppendOptions)>,
         P: Into<Bytes>,
     {
-        self.submit(new_records(records), true).await
+        self.submit(new_records(records, self.now_ms()), true).await
     }
 
     async fn submit(
@@ -948,12 +951,11 @@ impl futures::Stream for StreamConsumer {
 }
 
 /// Records to append, stamped now where they carry no event time.
-fn new_records<I, P>(records: I) -> Vec<NewRecord>
+fn new_records<I, P>(records: I, ts: u64) -> Vec<NewRecord>
 where
     I: IntoIterator<Item = (P, AppendOptions)>,
     P: Into<Bytes>,
 {
-    let ts = now_ms();
     records
         .into_iter()
         .map(|(p, o)| NewRecord {

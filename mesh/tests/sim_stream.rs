@@ -194,6 +194,37 @@ fn settle(
     }
 }
 
+/// Records are stamped by the node's clock, which in the simulator is
+/// virtual: a run's records (and so its bytes on the wire) do not depend
+/// on when it runs.
+#[test]
+fn records_are_stamped_with_virtual_time() {
+    let (mut sim, _) = setup(7);
+    // The simulator's wall clock starts at 2026-01-01T00:00:00Z.
+    const ORIGIN_MS: u64 = 1_767_225_600_000;
+    let p = sim.get("p").unwrap();
+    let c = sim.get("c1").unwrap();
+    sim.run_for(3 * S);
+    let before = sim.now().as_millis() as u64;
+    sim.block_on(p.stream("events").unwrap().append("k", "stamped"))
+        .expect("appended");
+    let after = sim.now().as_millis() as u64;
+    let mut consumer = c.stream("events").unwrap().consume(From::Earliest);
+    let r = sim
+        .block_on_for(30 * S, consumer.next())
+        .expect("read in time")
+        .expect("a record")
+        .expect("no error");
+    assert_eq!(r.payload(), "stamped".as_bytes());
+    let at = r.timestamp_ms();
+    assert!(
+        (ORIGIN_MS + before..=ORIGIN_MS + after).contains(&at),
+        "stamped {at}, appended between {} and {}",
+        ORIGIN_MS + before,
+        ORIGIN_MS + after
+    );
+}
+
 #[test]
 fn a_partition_between_host_and_reader_heals_with_no_gap_and_no_repeat() {
     let (mut sim, checker) = setup(1);

@@ -124,7 +124,7 @@ pub(crate) enum WallClock {
 }
 
 impl WallClock {
-    fn unix_micros(&self) -> u64 {
+    pub(crate) fn unix_micros(&self) -> u64 {
         match self {
             WallClock::System => SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -475,6 +475,7 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
             work_control,
             next_id: Default::default(),
             metrics_server: Default::default(),
+            clock,
         }),
     })
 }
