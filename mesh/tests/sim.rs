@@ -576,6 +576,11 @@ fn random_run(seed: u64, private: bool) -> Result<Outcome, String> {
         lines.extend(sim.trace_lines());
         std::fs::write(path, lines.join("\n")).expect("trace written");
     }
+    common::golden(
+        if private { "sim-private" } else { "sim" },
+        seed,
+        sim.trace_hash(),
+    );
     let report = checker.lock().unwrap().report();
     check_reliable(&sim, &rlog)?;
     let missing = reliable_missing_final(&rlog, &final_names);

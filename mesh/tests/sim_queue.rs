@@ -291,6 +291,11 @@ fn random_run(seed: u64, durable: bool) -> Result<mesh::sim::QueueReport, String
     .map_err(|e| format!("producers did not finish: {e}"))?;
     let c = checker.clone();
     let settled = sim.run_until(move |_| c.lock().unwrap().settled(), 180 * S);
+    common::golden(
+        if durable { "queue-durable" } else { "queue" },
+        seed,
+        sim.trace_hash(),
+    );
     let report = checker.lock().unwrap().report();
     if !report.ok() || settled.is_err() {
         return Err(format!("not settled or unsafe after the heal: {report}"));

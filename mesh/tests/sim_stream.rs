@@ -387,8 +387,13 @@ fn random_run(seed: u64, durable: bool) -> Result<mesh::sim::StreamReport, Strin
         120 * S,
     )
     .map_err(|e| format!("appenders did not finish: {e}"))?;
-    let mut reports = settled(&mut sim, &checker, Judge::Both, 180 * S)
-        .map_err(|e| format!("after the heal: {e}"))?;
+    let settled = settled(&mut sim, &checker, Judge::Both, 180 * S);
+    common::golden(
+        if durable { "stream-durable" } else { "stream" },
+        seed,
+        sim.trace_hash(),
+    );
+    let mut reports = settled.map_err(|e| format!("after the heal: {e}"))?;
     let report = reports.remove(0);
     if report.appended == 0 {
         return Err("nothing was appended".into());

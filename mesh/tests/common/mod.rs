@@ -116,3 +116,49 @@ impl Faults {
         restarted
     }
 }
+
+/// The golden master of the random sweeps: every run's simulator trace
+/// hash (each packet's time, path and bytes, each fault) must be the one
+/// recorded in `mesh/tests/golden/SUITE.txt` for its seed (seeds not
+/// recorded there are not checked), so a refactor that means to change
+/// nothing shows that it changed nothing.
+///
+/// With `MESH_GOLDEN_DIR` set, runs append `SEED HASH` to
+/// `MESH_GOLDEN_DIR/SUITE.txt` instead of checking: `scripts/golden
+/// record` keeps them as the new golden master (for a change that means
+/// to alter behaviour, saying why), `scripts/golden check` lists every
+/// seed that behaves differently.
+pub fn golden(suite: &str, seed: u64, hash: u64) {
+    if let Some(dir) = std::env::var_os("MESH_GOLDEN_DIR") {
+        use std::io::Write;
+        let path = std::path::Path::new(&dir).join(format!("{suite}.txt"));
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        // One write of one short line: appends from parallel tests do not mix.
+        f.write_all(format!("{seed} {hash:016x}\n").as_bytes())
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        return;
+    }
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(format!("{suite}.txt"));
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return;
+    };
+    let want = text.lines().find_map(|line| {
+        let (s, h) = line.split_once(' ')?;
+        (s.parse::<u64>().ok()? == seed).then(|| u64::from_str_radix(h, 16).ok())?
+    });
+    if let Some(want) = want {
+        assert_eq!(
+            hash,
+            want,
+            "suite {suite}, seed {seed}: the run went differently from the golden master \
+             ({}); if that is meant, run scripts/golden record and say why in the commit",
+            path.display()
+        );
+    }
+}
