@@ -1,4 +1,4 @@
 //! `cargo run -- ARGS` from the workspace root runs the `mesh` command line.
 fn main() -> anyhow::Result<()> {
-    mesh::cli::main()
+    mesh_cli::main()
 }

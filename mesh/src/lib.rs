@@ -66,9 +66,6 @@ pub mod sim;
 pub mod window;
 pub mod wire;
 
-#[cfg(feature = "cli")]
-pub mod cli;
-
 pub use crate::core::{
     pubsub::{Message, MessageId},
     topic::{Pattern, Topic, TopicError},

@@ -172,8 +172,10 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// Classifies a rusqlite error on `path`.
-    pub(crate) fn sqlite(path: &Path, e: rusqlite::Error) -> StoreError {
+    /// Classifies a rusqlite error on `path` (corrupt, full, busy, ...):
+    /// for the application's own statements in a transaction it shares
+    /// with the outbox or inbox.
+    pub fn sqlite(path: &Path, e: rusqlite::Error) -> StoreError {
         use rusqlite::ErrorCode as C;
         let path = path.to_path_buf();
         let detail = e.to_string();

@@ -472,8 +472,8 @@ struct StreamResult {
 
 /// A node in this process joined through `addr`; like the one-shot
 /// commands it never hosts a stream (the node processes do).
-async fn join_here(addr: &str) -> anyhow::Result<crate::Node> {
-    let node = crate::Node::builder()
+async fn join_here(addr: &str) -> anyhow::Result<mesh::Node> {
+    let node = mesh::Node::builder()
         .listen(LOOPBACK.parse()?)
         .mdns(false)
         .bootstrap(addr.parse()?)
@@ -487,7 +487,7 @@ async fn join_here(addr: &str) -> anyhow::Result<crate::Node> {
 }
 
 /// Waits until `node` has data links up to the nodes `names` lists.
-async fn linked_to(node: &crate::Node, names: &[(String, String)]) -> anyhow::Result<()> {
+async fn linked_to(node: &mesh::Node, names: &[(String, String)]) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let peers = node.peers().await;
@@ -508,7 +508,7 @@ async fn linked_to(node: &crate::Node, names: &[(String, String)]) -> anyhow::Re
 /// here averages each sensor's readings per 1 s window of event time with
 /// `mesh::window`.
 async fn stream_scene(addr: &str, names: &[(String, String)]) -> anyhow::Result<StreamResult> {
-    use crate::{
+    use mesh::{
         stream::{AppendOptions, From},
         window::{Mean, Windowed, Windows},
     };
@@ -529,7 +529,7 @@ async fn stream_scene(addr: &str, names: &[(String, String)]) -> anyhow::Result<
 
     // 1. The sensors, one after the other so that offsets come out the
     // same on every run; one key per sensor, so one partition each.
-    let mut placed: BTreeMap<&str, Vec<crate::stream::RecordPos>> = BTreeMap::new();
+    let mut placed: BTreeMap<&str, Vec<mesh::stream::RecordPos>> = BTreeMap::new();
     for (s, sensor) in SENSORS.iter().enumerate() {
         let node = join_here(addr).await?;
         // A keyed append goes to one of the hosts this node has a data link
@@ -723,7 +723,7 @@ impl OutboxResult {
 /// (`mesh demo-warehouse`) processes each order through an inbox in its
 /// own database, one transaction per batch, and acks after the commit.
 async fn outbox_scene(addr: &str) -> anyhow::Result<OutboxResult> {
-    use crate::store::{self, rusqlite};
+    use mesh::store::{self, rusqlite};
     println!("\n  transactional outbox (each order and its message commit together; the relay sends what is committed):");
     let scratch = super::outbox::ScratchDir::new(None, "mesh-demo-outbox")?;
     let shop_db = scratch.path().join("shop.db");
@@ -788,7 +788,7 @@ async fn outbox_scene(addr: &str) -> anyhow::Result<OutboxResult> {
         let orders: i64 = conn
             .query_row("SELECT count(*) FROM orders", [], |r| r.get(0))
             .context("reading the shop's orders")?;
-        let status = crate::store::Outbox::status(&conn)?;
+        let status = mesh::store::Outbox::status(&conn)?;
         (orders as u64, status.pending)
     };
     println!(

@@ -16,7 +16,7 @@ use anyhow::{bail, Context as _};
 use futures::{FutureExt, StreamExt};
 
 use super::NetArgs;
-use crate::{
+use mesh::{
     store::{self, rusqlite, Destination, Inbox, Outbox, Relay, RelayOptions, StoreError},
     Node,
 };
@@ -394,7 +394,7 @@ pub(super) struct BenchOutbox {
 /// transaction) while the relay sends them to the queue; a consumer
 /// process acks each (through an inbox with `--inbox`). The rate counts
 /// messages acked, from the first commit to the last ack.
-pub(super) async fn bench(b: BenchOutbox, net: super::bench::Net) -> anyhow::Result<()> {
+pub(super) async fn bench(b: BenchOutbox, net: crate::peers::Net) -> anyhow::Result<()> {
     if b.size < 8 {
         bail!("bench outbox numbers its messages: --size must be at least 8");
     }
@@ -421,7 +421,7 @@ pub(super) async fn bench(b: BenchOutbox, net: super::bench::Net) -> anyhow::Res
     // no confirmation from a host that keeps the queue in memory only.
     let node_dir = scratch.path().join("node");
     let (mut child, mut lines, node) =
-        super::bench::start_pair_configured(mode, b.messages, net, &extra, |builder| {
+        crate::peers::start_pair_configured(mode, b.messages, net, &extra, |builder| {
             if b.host_consumer {
                 builder.self_host(false)
             } else {
@@ -643,8 +643,8 @@ pub(super) async fn bench_peer(
     };
     let mut c = node
         .queue(BENCH_QUEUE)?
-        .consume(crate::queue::ConsumeOptions::default().prefetch(prefetch));
-    super::bench::print_addr(&node).await?;
+        .consume(mesh::queue::ConsumeOptions::default().prefetch(prefetch));
+    crate::peers::print_addr(&node).await?;
     let mut seen = vec![0u64; (messages as usize).div_ceil(64)];
     let (mut unique, mut duplicates, mut skipped, mut strange) = (0u64, 0u64, 0u64, 0u64);
     let mut first = None;
@@ -783,7 +783,7 @@ pub(super) async fn demo_warehouse(
     let node = net.join().await?;
     let mut deliveries = node
         .queue(&queue)?
-        .consume(crate::queue::ConsumeOptions::default().prefetch(512));
+        .consume(mesh::queue::ConsumeOptions::default().prefetch(512));
     let (mut processed, mut skipped) = (0u64, 0u64);
     while processed < orders {
         let Some(first) = deliveries.next().await else {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::metrics::Metrics;
+use mesh::metrics::Metrics;
 
 /// How long the node may take to answer.
 const TIMEOUT: Duration = Duration::from_secs(5);

@@ -10,7 +10,7 @@ use base64::Engine as _;
 use futures::StreamExt;
 
 use super::NetArgs;
-use crate::queue::ConsumeOptions;
+use mesh::queue::ConsumeOptions;
 
 fn payload_json(bytes: &[u8]) -> (String, &'static str) {
     match std::str::from_utf8(bytes) {
@@ -22,7 +22,7 @@ fn payload_json(bytes: &[u8]) -> (String, &'static str) {
     }
 }
 
-fn id_string(id: crate::MessageId) -> String {
+fn id_string(id: mesh::MessageId) -> String {
     format!("{}/{}", id.publisher, id.seq)
 }
 

@@ -1,4 +1,4 @@
 //! The `mesh` command line.
 fn main() -> anyhow::Result<()> {
-    mesh::cli::main()
+    mesh_cli::main()
 }

@@ -55,7 +55,7 @@ use tokio::{
     sync::mpsc,
 };
 
-use crate::{queue::SendOptions, Multiaddr, Node};
+use mesh::{queue::SendOptions, Multiaddr, Node};
 
 const QUEUE: &str = "soak.q";
 const TOPIC: &str = "soak.ps";
@@ -304,7 +304,7 @@ async fn producer(
 /// Prints `D PAYLOAD ATTEMPT` for each delivery, then acks it.
 async fn consumer(node: &Node, stop: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
     node.joined(STEP).await.ok();
-    let options = crate::queue::ConsumeOptions::default()
+    let options = mesh::queue::ConsumeOptions::default()
         .prefetch(32)
         .visibility_timeout(Duration::from_secs(10))
         .max_attempts(1000);
@@ -366,10 +366,10 @@ async fn subscriber(
         tokio::select! {
             _ = &mut stop => return Ok(()),
             d = sub.next() => match d {
-                Some(crate::Delivery::Message(m)) => {
+                Some(mesh::Delivery::Message(m)) => {
                     out(format_args!("M {}", String::from_utf8_lossy(&m.payload)));
                 }
-                Some(crate::Delivery::Lagged(l)) => {
+                Some(mesh::Delivery::Lagged(l)) => {
                     out(format_args!("LAG {} {}", l.publisher, l.missed));
                 }
                 None => return Ok(()),

@@ -1,8 +1,9 @@
 //! The `mesh` command line: run a node, publish, subscribe, list peers,
 //! queues, request/reply and streams, run the demo and the benchmarks.
 //!
-//! This is binary code that lives in the library so that both the `mesh`
-//! binary and the workspace root's binary (`cargo run -- ...`) share it.
+//! A crate of its own, so the library carries no argument parsing or
+//! benchmark code; a library so that both the `mesh` binary and the
+//! workspace root's binary (`cargo run -- ...`) share it.
 
 #![allow(missing_docs)]
 
@@ -17,7 +18,7 @@ use base64::Engine as _;
 use clap::{Args, Parser, Subcommand};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::{Message, Multiaddr, Node};
+use mesh::{Message, Multiaddr, Node};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -78,7 +79,7 @@ enum Cmd {
         /// (end the subscription). Dropped messages are printed as
         /// `{"lagged": N, "publisher": ID}`.
         #[arg(long, default_value = "backpressure")]
-        overflow: crate::Overflow,
+        overflow: mesh::Overflow,
         #[command(flatten)]
         net: NetArgs,
     },
@@ -671,12 +672,12 @@ struct NetArgs {
     /// 0600 (also `MESH_SECRET_FILE`; or the secret itself in
     /// `MESH_SECRET`). Only peers holding it are admitted. Never give the
     /// secret itself on the command line.
-    #[arg(long, env = crate::security::SECRET_FILE_ENV)]
+    #[arg(long, env = mesh::security::SECRET_FILE_ENV)]
     secret_file: Option<std::path::PathBuf>,
     /// Private mesh: admit only this peer id (repeatable; with a secret,
     /// a peer needs both).
     #[arg(long = "allow-peer", value_name = "PEER_ID")]
-    allow_peers: Vec<libp2p::PeerId>,
+    allow_peers: Vec<mesh::PeerId>,
     /// Access control: a policy file of `role NAME PEER...` and `allow
     /// WHO publish|read|consume|serve|host PATTERN...` lines (see mesh::security::AccessPolicy).
     #[arg(long, value_name = "FILE")]
@@ -691,7 +692,7 @@ struct NetArgs {
 }
 
 impl NetArgs {
-    fn builder(&self) -> anyhow::Result<crate::Builder> {
+    fn builder(&self) -> anyhow::Result<mesh::Builder> {
         let mut b = Node::builder()
             .listen(self.listen.clone())
             .shm(!self.no_shm);
@@ -702,21 +703,21 @@ impl NetArgs {
             b = b.bootstrap(addr.clone());
         }
         if let Some(path) = &self.secret_file {
-            b = b.mesh_secret(crate::security::MeshSecret::from_file(path)?);
-        } else if std::env::var_os(crate::security::SECRET_ENV).is_some() {
-            b = b.mesh_secret(crate::security::MeshSecret::from_env(
-                crate::security::SECRET_ENV,
+            b = b.mesh_secret(mesh::security::MeshSecret::from_file(path)?);
+        } else if std::env::var_os(mesh::security::SECRET_ENV).is_some() {
+            b = b.mesh_secret(mesh::security::MeshSecret::from_env(
+                mesh::security::SECRET_ENV,
             )?);
         }
         if !self.allow_peers.is_empty() {
             b = b.allow_peers(self.allow_peers.iter().copied());
         }
         if let Some(path) = &self.access_policy {
-            b = b.access_policy(crate::security::AccessPolicy::from_file(path)?);
+            b = b.access_policy(mesh::security::AccessPolicy::from_file(path)?);
         }
         if self.peer_bytes_per_sec.is_some() || self.peer_frames_per_sec.is_some() {
             let mut limit =
-                crate::InboundLimit::bytes_per_sec(self.peer_bytes_per_sec.unwrap_or(u64::MAX));
+                mesh::InboundLimit::bytes_per_sec(self.peer_bytes_per_sec.unwrap_or(u64::MAX));
             if let Some(frames) = self.peer_frames_per_sec {
                 limit = limit.frames_per_sec(frames);
             }
@@ -788,7 +789,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             overflow,
             net,
         } => {
-            let mut options = crate::SubscribeOptions::new().overflow(overflow);
+            let mut options = mesh::SubscribeOptions::new().overflow(overflow);
             if let Some(n) = buffer {
                 options = options.buffer(n);
             }
@@ -861,7 +862,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     net,
                 },
         } => {
-            let options = crate::queue::ConsumeOptions::default()
+            let options = mesh::queue::ConsumeOptions::default()
                 .prefetch(prefetch)
                 .max_attempts(max_attempts)
                 .visibility_timeout(Duration::from_secs_f64(visibility_timeout.max(0.001)));
@@ -916,7 +917,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             count,
             net,
         } => work::serve(pattern, prefix, count, net).await,
-        Cmd::Demo => crate::cli::demo::run().await,
+        Cmd::Demo => crate::demo::run().await,
         Cmd::Bench {
             which:
                 BenchCmd::Queue {
@@ -932,7 +933,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 size,
                 messages,
                 prefetch,
-                bench::Net::parse(&transport, &wait)?,
+                peers::Net::parse(&transport, &wait)?,
                 json,
             )
             .await
@@ -955,7 +956,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 messages,
                 bench::StreamRead { window, group },
                 bench::StreamHost::parse(&host)?,
-                bench::Net::parse(&transport, &wait)?,
+                peers::Net::parse(&transport, &wait)?,
                 json,
             )
             .await
@@ -996,7 +997,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 relay_in_flight,
                 json,
             };
-            outbox::bench(b, bench::Net::parse(&transport, &wait)?).await
+            outbox::bench(b, peers::Net::parse(&transport, &wait)?).await
         }
         Cmd::Bench {
             which:
@@ -1007,7 +1008,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     messages,
                     json,
                 },
-        } => bench::request(size, messages, bench::Net::parse(&transport, &wait)?, json).await,
+        } => bench::request(size, messages, peers::Net::parse(&transport, &wait)?, json).await,
         Cmd::Bench {
             which:
                 BenchCmd::Pubsub {
@@ -1021,10 +1022,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     json,
                 },
         } => {
-            let net = bench::Net::parse(&transport, &wait)?;
+            let net = peers::Net::parse(&transport, &wait)?;
             match mode.as_str() {
                 "direct" => bench::pubsub(size, messages, &pattern, net, json).await,
-                "gossip" if net == bench::Net::Quic => {
+                "gossip" if net == peers::Net::Quic => {
                     bench::gossip(nodes, size, messages, json).await
                 }
                 "gossip" => bail!("gossip mode is benchmarked over quic only"),
@@ -1121,7 +1122,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 &mode,
                 messages,
                 gossip_via,
-                bench::Net::parse(&transport, &wait)?,
+                peers::Net::parse(&transport, &wait)?,
                 bench::PeerOptions {
                     prefetch,
                     window,
@@ -1214,7 +1215,7 @@ fn print_changes(
 }
 
 /// What carries the data link to a peer, as the CLI prints it.
-fn link_kind(p: &crate::PeerInfo) -> &'static str {
+fn link_kind(p: &mesh::PeerInfo) -> &'static str {
     match (p.linked, p.shm) {
         (true, true) => "shm",
         (true, false) => "quic",
@@ -1258,10 +1259,10 @@ async fn run_sub(
     pattern: String,
     count: Option<u64>,
     reliable: bool,
-    options: crate::SubscribeOptions,
+    options: mesh::SubscribeOptions,
     net: NetArgs,
 ) -> anyhow::Result<()> {
-    crate::Pattern::new(&pattern)?;
+    mesh::Pattern::new(&pattern)?;
     let node = net.join().await?;
     let mut sub = if reliable {
         node.subscribe_reliable_with(&pattern, options)
@@ -1279,13 +1280,13 @@ async fn run_sub(
         }
         tokio::select! {
             m = sub.recv_delivery() => match m {
-                Some(crate::Delivery::Message(m)) => {
+                Some(mesh::Delivery::Message(m)) => {
                     seen += 1;
                     let mut out = stdout.lock();
                     writeln!(out, "{}", message_json(&m))?;
                     out.flush()?;
                 }
-                Some(crate::Delivery::Lagged(l)) => {
+                Some(mesh::Delivery::Lagged(l)) => {
                     let mut out = stdout.lock();
                     let line = serde_json::json!({
                         "lagged": l.missed,
@@ -1316,7 +1317,7 @@ async fn run_pub(
     interval_ms: u64,
     net: NetArgs,
 ) -> anyhow::Result<()> {
-    crate::Topic::new(&topic)?;
+    mesh::Topic::new(&topic)?;
     let node = net.join().await?;
     for i in 0..count {
         let mut payload = if count > 1 {
@@ -1429,6 +1430,7 @@ pub(crate) fn lines_of(
 mod bench;
 mod demo;
 mod outbox;
+mod peers;
 mod ring_bench;
 mod soak;
 mod stats;

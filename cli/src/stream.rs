@@ -9,7 +9,7 @@ use base64::Engine as _;
 use futures::StreamExt;
 
 use super::NetArgs;
-use crate::stream::{self, PartitionInfo, Record, RecordPos};
+use mesh::stream::{self, PartitionInfo, Record, RecordPos};
 
 /// Records per `append_batch` call of `append --count`.
 const BATCH: u64 = 1024;
@@ -67,7 +67,7 @@ pub(super) async fn append(
 ) -> anyhow::Result<()> {
     let node = net.join().await?;
     let s = node.stream(&stream)?;
-    let key = crate::Bytes::from(key.unwrap_or_default());
+    let key = mesh::Bytes::from(key.unwrap_or_default());
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let mut result = Ok(());

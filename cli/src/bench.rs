@@ -7,18 +7,15 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use futures::{FutureExt, StreamExt};
 
-use super::{lines_of, read_until, spawn_self, wait_addrs};
-use crate::Node;
+use crate::peers::{
+    loopback, one_way_p50_p99, print_addr, start_pair, start_pair_configured, start_pair_with, Net,
+};
+use crate::{lines_of, read_until, spawn_self, wait_addrs};
+use mesh::Node;
 
 const DATA: &str = "bench.data";
 const PING: &str = "bench.ping";
 const PONG: &str = "bench.pong";
-
-fn loopback() -> crate::Multiaddr {
-    "/ip4/127.0.0.1/udp/0/quic-v1"
-        .parse()
-        .expect("valid multiaddr")
-}
 
 /// Settings of a bench peer's consumer.
 #[derive(Debug, Clone)]
@@ -49,7 +46,7 @@ pub(super) struct StreamRead {
 pub(super) async fn peer(
     mode: &str,
     messages: u64,
-    gossip_via: Option<crate::Multiaddr>,
+    gossip_via: Option<mesh::Multiaddr>,
     net: Net,
     options: PeerOptions,
 ) -> anyhow::Result<()> {
@@ -57,7 +54,7 @@ pub(super) async fn peer(
     if let Some(addr) = &gossip_via {
         builder = builder
             .bootstrap(addr.clone())
-            .gossip(crate::Pattern::new("bench.>")?);
+            .gossip(mesh::Pattern::new("bench.>")?);
     }
     if mode == "stream-host" {
         builder = builder.host_streams([STREAM]);
@@ -129,21 +126,10 @@ pub(super) async fn peer(
     Ok(())
 }
 
-pub(super) async fn print_addr(node: &Node) -> anyhow::Result<()> {
-    let addr = wait_addrs(node)
-        .await
-        .into_iter()
-        .next()
-        .context("no listen address")?;
-    println!("ADDR {addr}");
-    Ok(())
-}
-
-/// The child side of `bench queue`: consumes `bench.q`, acking each.
 async fn consume_peer(node: Node, messages: u64, prefetch: u32) -> anyhow::Result<()> {
     let mut c = node
         .queue(QUEUE)?
-        .consume(crate::queue::ConsumeOptions::default().prefetch(prefetch));
+        .consume(mesh::queue::ConsumeOptions::default().prefetch(prefetch));
     print_addr(&node).await?;
     let mut seen = 0u64;
     let mut first = None;
@@ -176,21 +162,21 @@ async fn stream_peer(node: Node, messages: u64, window: u32, group: bool) -> any
     let mut c = if group {
         node.stream(STREAM)?
             .group("bench")?
-            .consume_with(crate::stream::GroupOptions {
+            .consume_with(mesh::stream::GroupOptions {
                 window,
                 ..Default::default()
             })
     } else {
         node.stream(STREAM)?.consume_with(
-            crate::stream::From::Earliest,
-            crate::stream::ConsumeOptions { window },
+            mesh::stream::From::Earliest,
+            mesh::stream::ConsumeOptions { window },
         )
     };
     print_addr(&node).await?;
     let mut seen = 0u64;
     let mut first = None;
     // Next offset expected per partition (the appender has 4).
-    let mut next: Vec<(crate::stream::PartitionId, u64)> = Vec::new();
+    let mut next: Vec<(mesh::stream::PartitionId, u64)> = Vec::new();
     let mut disorder = 0u64;
     let idle = Duration::from_secs(30);
     while seen < messages {
@@ -501,60 +487,6 @@ pub(super) async fn request(
     Ok(())
 }
 
-/// Which transport a benchmark's data link uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Net {
-    Quic,
-    /// Shared-memory rings, waiting as given.
-    Shm(crate::WaitPolicy),
-}
-
-impl Net {
-    pub(crate) fn parse(transport: &str, wait: &str) -> anyhow::Result<Net> {
-        let wait = super::ring_bench::wait_policy(wait)?;
-        match transport {
-            "quic" => Ok(Net::Quic),
-            "shm" => Ok(Net::Shm(wait)),
-            other => bail!("unknown transport {other:?}: use quic or shm"),
-        }
-    }
-
-    pub(super) fn name(self) -> &'static str {
-        match self {
-            Net::Quic => "quic",
-            Net::Shm(_) => "shm",
-        }
-    }
-
-    fn wait_name(self) -> &'static str {
-        match self {
-            Net::Shm(crate::WaitPolicy::BusySpin) => "spin",
-            _ => "adaptive",
-        }
-    }
-
-    /// A loopback node whose links to local peers use this transport.
-    fn builder(self) -> crate::Builder {
-        let b = Node::builder().listen(loopback()).mdns(false);
-        match self {
-            Net::Quic => b.shm(false),
-            Net::Shm(wait) => b.shm_config(crate::ShmConfig {
-                wait,
-                ..Default::default()
-            }),
-        }
-    }
-
-    fn args(self) -> Vec<String> {
-        vec![
-            "--transport".into(),
-            self.name().into(),
-            "--wait".into(),
-            self.wait_name().into(),
-        ]
-    }
-}
-
 pub(super) async fn pubsub(
     size: usize,
     messages: u64,
@@ -567,63 +499,6 @@ pub(super) async fn pubsub(
         "pingpong" => pingpong(size, messages, net, json).await,
         other => bail!("unknown pattern {other:?}: use throughput or pingpong"),
     }
-}
-
-pub(super) type Pair = (
-    tokio::process::Child,
-    tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
-    Node,
-);
-
-async fn start_pair(mode: &str, messages: u64, net: Net) -> anyhow::Result<Pair> {
-    start_pair_with(mode, messages, net, &[]).await
-}
-
-async fn start_pair_with(
-    mode: &str,
-    messages: u64,
-    net: Net,
-    extra: &[String],
-) -> anyhow::Result<Pair> {
-    start_pair_configured(mode, messages, net, extra, |b| b).await
-}
-
-/// [`start_pair_with`], this side's node configured by `configure`.
-pub(super) async fn start_pair_configured(
-    mode: &str,
-    messages: u64,
-    net: Net,
-    extra: &[String],
-    configure: impl FnOnce(crate::Builder) -> crate::Builder,
-) -> anyhow::Result<Pair> {
-    let mut args = vec![
-        "bench-peer".into(),
-        "--mode".into(),
-        mode.into(),
-        "--messages".into(),
-        messages.to_string(),
-    ];
-    args.extend(net.args());
-    args.extend_from_slice(extra);
-    let mut child = spawn_self(&args)?;
-    let mut lines = lines_of(&mut child)?;
-    let addr: crate::Multiaddr = read_until(&mut lines, "ADDR ", Duration::from_secs(20))
-        .await?
-        .parse()?;
-    let node = configure(net.builder().bootstrap(addr)).start().await?;
-    node.ready_timeout(Duration::from_secs(10))
-        .await
-        .context("bench peer did not answer")?;
-    if let Net::Shm(_) = net {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !node.peers().await.iter().any(|p| p.shm) {
-            if Instant::now() > deadline {
-                bail!("the link to the bench peer did not move to shared memory (see the log)");
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-    Ok((child, lines, node))
 }
 
 async fn throughput(size: usize, messages: u64, net: Net, json: bool) -> anyhow::Result<()> {
@@ -723,18 +598,7 @@ async fn pingpong(size: usize, messages: u64, net: Net, json: bool) -> anyhow::R
     Ok(())
 }
 
-/// One-way latency in µs (half the round trip) at p50 and p99, from round
-/// trips in nanoseconds.
-pub(super) fn one_way_p50_p99(rtts: &mut [u64]) -> (f64, f64) {
-    rtts.sort_unstable();
-    let pct = |p: f64| {
-        rtts.get(((rtts.len() as f64 - 1.0) * p) as usize)
-            .map_or(0.0, |ns| *ns as f64 / 2.0 / 1000.0)
-    };
-    (pct(0.5), pct(0.99))
-}
-
-/// `mesh bench gossip-sim`: see [`crate::sim::overlay`].
+/// `mesh bench gossip-sim`: see [`mesh::sim::overlay`].
 pub(super) fn gossip_sim(
     nodes: usize,
     messages: usize,
@@ -742,7 +606,7 @@ pub(super) fn gossip_sim(
     seed: u64,
     json: bool,
 ) -> anyhow::Result<()> {
-    use crate::sim::overlay::{run, OverlayRun, PhaseReport};
+    use mesh::sim::overlay::{run, OverlayRun, PhaseReport};
     let cfg = OverlayRun {
         messages,
         interval: Duration::from_millis(interval_ms),
@@ -814,7 +678,7 @@ pub(super) async fn gossip(
     let node = Node::builder()
         .listen(loopback())
         .mdns(false)
-        .gossip(crate::Pattern::new("bench.>")?)
+        .gossip(mesh::Pattern::new("bench.>")?)
         .start()
         .await?;
     let addr = wait_addrs(&node)

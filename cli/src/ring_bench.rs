@@ -9,7 +9,9 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
-use mesh_transports::shm::{self, Consumer, Producer, Ring, Role, WaitPolicy};
+use mesh_transports::shm::{self, Consumer, Producer, Ring, Role};
+
+use crate::peers::wait_policy;
 
 use super::{lines_of, read_until, spawn_self};
 
@@ -19,14 +21,6 @@ const BATCH: u64 = 32;
 const WARMUP: u64 = 10_000;
 
 /// `--wait spin|adaptive`.
-pub(super) fn wait_policy(name: &str) -> anyhow::Result<WaitPolicy> {
-    match name {
-        "spin" => Ok(WaitPolicy::BusySpin),
-        "adaptive" => Ok(WaitPolicy::default()),
-        other => bail!("unknown wait policy {other:?}: use spin or adaptive"),
-    }
-}
-
 fn nonce() -> u64 {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -102,7 +96,7 @@ pub(super) async fn run(
             .map_err(|_| anyhow::anyhow!("ring role"))?;
         let mut rtts =
             tokio::task::spawn_blocking(move || ping(&mut tx, &mut rx, size, messages)).await??;
-        let (p50, p99) = super::bench::one_way_p50_p99(&mut rtts);
+        let (p50, p99) = crate::peers::one_way_p50_p99(&mut rtts);
         if !json {
             println!(
                 "{messages} round trips of {size} B over two rings ({wait}); one-way latency p50 {p50:.2} µs, p99 {p99:.2} µs"
