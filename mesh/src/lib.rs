@@ -62,6 +62,7 @@ pub(crate) mod test_support {
         std::time::Instant::now()
     }
 }
+#[cfg(feature = "sim")]
 pub mod sim;
 pub mod window;
 pub mod wire;

@@ -80,7 +80,18 @@ pub struct Config {
     /// Where to serve metrics over HTTP.
     pub(crate) metrics_addr: Option<std::net::SocketAddr>,
     /// Set by the simulator: run over its network and clock.
+    #[cfg(feature = "sim")]
     pub(crate) sim: Option<crate::sim::Hooks>,
+}
+
+impl Config {
+    /// Whether this node runs in the simulator.
+    pub(crate) fn is_sim(&self) -> bool {
+        #[cfg(feature = "sim")]
+        return self.sim.is_some();
+        #[cfg(not(feature = "sim"))]
+        return false;
+    }
 }
 
 /// Shared-memory links between peers on the same host; see
@@ -151,6 +162,7 @@ impl Default for Config {
             admission: Default::default(),
             access: None,
             metrics_addr: None,
+            #[cfg(feature = "sim")]
             sim: None,
         }
     }
@@ -446,6 +458,7 @@ impl Builder {
         self
     }
 
+    #[cfg(feature = "sim")]
     pub(crate) fn sim(mut self, hooks: crate::sim::Hooks) -> Self {
         self.config.sim = Some(hooks);
         self.config.mdns = false;

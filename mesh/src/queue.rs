@@ -300,6 +300,7 @@ impl Queue {
     /// [`Queue::send_batch_with`] for an outbox relay: confirmed only by a
     /// host that keeps the messages, never by this node hosting them in
     /// memory (with no other host: `NoHost`, to retry later).
+    #[cfg(feature = "sqlite")]
     pub(crate) async fn send_batch_durable<I, P>(
         &self,
         messages: I,

@@ -437,6 +437,7 @@ impl Stream {
     /// [`Stream::append_batch_with`] for an outbox relay: confirmed only
     /// by a host that keeps the records, never by this node hosting them
     /// in memory (with no other host: `NoHost`, to retry later).
+    #[cfg(feature = "sqlite")]
     pub(crate) async fn append_batch_durable<I, P>(
         &self,
         records: I,

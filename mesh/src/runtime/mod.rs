@@ -117,6 +117,7 @@ fn far_future() -> Instant {
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum WallClock {
     System,
+    #[cfg_attr(not(feature = "sim"), allow(dead_code))]
     Virtual {
         unix_micros_at_origin: u64,
         origin: tokio::time::Instant,
@@ -142,6 +143,7 @@ impl WallClock {
 /// the node's [`crate::sim::Gate`], which can pause or kill them all.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Spawner {
+    #[cfg(feature = "sim")]
     gate: Option<Arc<crate::sim::Gate>>,
 }
 
@@ -150,11 +152,12 @@ impl Spawner {
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
-        match &self.gate {
-            None => tokio::spawn(fut).abort_handle(),
+        #[cfg(feature = "sim")]
+        if let Some(gate) = &self.gate {
             // A simulated node's tasks log inside its span (`node=NAME`).
-            Some(gate) => gate.spawn(tracing::Instrument::in_current_span(fut)),
+            return gate.spawn(tracing::Instrument::in_current_span(fut));
         }
+        tokio::spawn(fut).abort_handle()
     }
 }
 
@@ -162,6 +165,7 @@ impl Spawner {
 #[derive(Debug)]
 enum Transport {
     Quic(quic::Handle),
+    #[cfg(feature = "sim")]
     Sim(crate::sim::Endpoint),
 }
 
@@ -169,6 +173,7 @@ impl Transport {
     async fn dial_peer(&self, peer: NodeId, addrs: Vec<Multiaddr>) {
         match self {
             Transport::Quic(h) => h.dial_peer(peer, addrs).await,
+            #[cfg(feature = "sim")]
             Transport::Sim(e) => e.dial_peer(peer, addrs),
         }
     }
@@ -176,6 +181,7 @@ impl Transport {
     fn send_control(&self, peer: NodeId, bytes: Vec<u8>) -> bool {
         match self {
             Transport::Quic(h) => h.send_control(peer, bytes),
+            #[cfg(feature = "sim")]
             Transport::Sim(e) => e.send_control(peer, bytes),
         }
     }
@@ -183,6 +189,7 @@ impl Transport {
     async fn fresh_stream(&self, peer: NodeId) {
         match self {
             Transport::Quic(h) => h.fresh_stream(peer).await,
+            #[cfg(feature = "sim")]
             Transport::Sim(e) => e.fresh_stream(peer),
         }
     }
@@ -190,6 +197,7 @@ impl Transport {
     async fn open_stream(&self, peer: NodeId) {
         match self {
             Transport::Quic(h) => h.open_stream(peer).await,
+            #[cfg(feature = "sim")]
             Transport::Sim(e) => e.open_stream(peer),
         }
     }
@@ -197,6 +205,7 @@ impl Transport {
     async fn disconnect(&self, peer: NodeId) {
         match self {
             Transport::Quic(h) => h.disconnect(peer).await,
+            #[cfg(feature = "sim")]
             Transport::Sim(e) => e.disconnect(peer),
         }
     }
@@ -204,6 +213,7 @@ impl Transport {
     async fn shutdown(&self) {
         match self {
             Transport::Quic(h) => h.shutdown().await,
+            #[cfg(feature = "sim")]
             Transport::Sim(e) => e.shutdown(),
         }
     }
@@ -267,6 +277,7 @@ fn open_durable(
     let Some(dir) = config.data_dir.as_ref().filter(|_| config.durable && hosts) else {
         return Ok((None, None));
     };
+    #[cfg(feature = "sim")]
     if let Some(hooks) = &config.sim {
         let (backend, done, loaded) = durable::MemBackend::open(hooks.disk.clone());
         return Ok((Some(durable::Durable::new(backend, done)), Some(loaded)));
@@ -304,7 +315,23 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
     let local = keypair.public().to_peer_id();
     let signer = crate::security::Signer::new(keypair.clone());
     let member_proofs = crate::security::MemberProofs::new(keypair.clone());
-    let (transport, transport_events, spawner, clock, rng) = match &config.sim {
+    #[cfg(feature = "sim")]
+    let simulated = config.sim.as_ref().map(|hooks| {
+        let (endpoint, events) = hooks.attach(&config.bootstrap);
+        (
+            Transport::Sim(endpoint),
+            events,
+            Spawner {
+                gate: Some(hooks.gate.clone()),
+            },
+            hooks.clock,
+            SmallRng::seed_from_u64(hooks.seed),
+        )
+    });
+    #[cfg(not(feature = "sim"))]
+    let simulated = None;
+    let (transport, transport_events, spawner, clock, rng) = match simulated {
+        Some(parts) => parts,
         None => {
             let (handle, events) = quic::start(
                 keypair,
@@ -327,21 +354,9 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
                 SmallRng::from_entropy(),
             )
         }
-        Some(hooks) => {
-            let (endpoint, events) = hooks.attach(&config.bootstrap);
-            (
-                Transport::Sim(endpoint),
-                events,
-                Spawner {
-                    gate: Some(hooks.gate.clone()),
-                },
-                hooks.clock,
-                SmallRng::seed_from_u64(hooks.seed),
-            )
-        }
     };
 
-    let shm_host = if config.shm.enabled && config.sim.is_none() {
+    let shm_host = if config.shm.enabled && !config.is_sim() {
         // Rings of processes that died mid-handshake have nobody to unlink
         // them.
         shm::remove_stale(&config.shm.dir);
@@ -438,7 +453,7 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
     task.work.epoch = epoch;
     // Request ids are keyed: random in a real node, of the node's id in
     // the simulator (so its runs repeat).
-    if task.config.sim.is_some() {
+    if task.config.is_sim() {
         use sha2::Digest;
         task.work.request_key = sha2::Sha256::digest(task.local.to_bytes()).into();
     } else {
@@ -1179,7 +1194,7 @@ impl NodeTask {
     /// generator, so fault schedules stay as they were).
     fn hello(&mut self) -> link::Handshake {
         let mut nonce = [0u8; crate::security::NONCE_LEN];
-        if self.config.sim.is_some() {
+        if self.config.is_sim() {
             use sha2::Digest;
             let mut h = sha2::Sha256::new();
             h.update(self.local.to_bytes());

@@ -8,6 +8,9 @@
 //! nodes, minutes of mesh time take milliseconds, and the same seed gives
 //! the same run, event for event.
 //!
+//! Behind the `sim` feature, which brings tokio's `test-util` (the
+//! paused clock): enable it in your `[dev-dependencies]`.
+//!
 //! ```
 //! use std::time::Duration;
 //! use futures::StreamExt;
