@@ -79,18 +79,16 @@ pub struct Config {
     pub(crate) access: Option<crate::security::AccessPolicy>,
     /// Where to serve metrics over HTTP.
     pub(crate) metrics_addr: Option<std::net::SocketAddr>,
-    /// Set by the simulator: run over its network and clock.
-    #[cfg(feature = "sim")]
-    pub(crate) sim: Option<crate::sim::Hooks>,
+    /// Set by the simulator: run over its network, clock and disk.
+    pub(crate) env: Option<Arc<dyn crate::runtime::Environment>>,
 }
 
 impl Config {
-    /// Whether this node runs in the simulator.
-    pub(crate) fn is_sim(&self) -> bool {
-        #[cfg(feature = "sim")]
-        return self.sim.is_some();
-        #[cfg(not(feature = "sim"))]
-        return false;
+    /// Whether this node's runs must repeat (it runs in an environment,
+    /// the simulator's): randomness is then derived, never drawn, and no
+    /// real transport (shared memory) is used.
+    pub(crate) fn replayable(&self) -> bool {
+        self.env.is_some()
     }
 }
 
@@ -162,8 +160,7 @@ impl Default for Config {
             admission: Default::default(),
             access: None,
             metrics_addr: None,
-            #[cfg(feature = "sim")]
-            sim: None,
+            env: None,
         }
     }
 }
@@ -458,9 +455,11 @@ impl Builder {
         self
     }
 
-    #[cfg(feature = "sim")]
-    pub(crate) fn sim(mut self, hooks: crate::sim::Hooks) -> Self {
-        self.config.sim = Some(hooks);
+    /// Runs the node in `env` (the simulator's network, clock and disk)
+    /// instead of on QUIC, the system clock and SQLite.
+    #[cfg_attr(not(feature = "sim"), allow(dead_code))]
+    pub(crate) fn environment(mut self, env: Arc<dyn crate::runtime::Environment>) -> Self {
+        self.config.env = Some(env);
         self.config.mdns = false;
         // Simulated nodes share one process; their links are simulated.
         self.config.shm.enabled = false;

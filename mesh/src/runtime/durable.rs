@@ -131,11 +131,6 @@ pub(crate) struct Loaded {
     pub(crate) streams: Vec<StoredPartition>,
 }
 
-#[cfg(feature = "sim")]
-mod mem;
-#[cfg(feature = "sim")]
-pub(crate) use mem::{MemBackend, MemDisk};
-
 /// A confirmation waiting for its batch to be on disk.
 pub(crate) enum Held {
     /// `Accepted` frames for remote sends.

@@ -16,6 +16,7 @@
 // Without the `sqlite` feature no backend writes what it describes.
 #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
 pub(crate) mod durable;
+pub(crate) mod env;
 pub(crate) mod link;
 pub(crate) mod metrics;
 pub(crate) mod queue;
@@ -46,6 +47,8 @@ use crate::{
     node::{Config, Inner, Node, PeerInfo, StartError},
     wire::{self, Frame, Hello, Raw, WireError, FEATURE_SHM, MAGIC, PROTOCOL_VERSION},
 };
+use env::Transport;
+pub(crate) use env::{Environment, Spawner};
 use link::{LinkEvent, LinkId, PeerHello, ShmRxSlot};
 use mesh_transports::shm;
 use queue::{Outbox, PublishCmd, PublishQueue, ShmTx, SubQueue};
@@ -117,6 +120,8 @@ fn far_future() -> Instant {
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum WallClock {
     System,
+    /// Of an [`Environment`] (the simulator's): a fixed start plus
+    /// tokio's (paused) time.
     #[cfg_attr(not(feature = "sim"), allow(dead_code))]
     Virtual {
         unix_micros_at_origin: u64,
@@ -135,86 +140,6 @@ impl WallClock {
                 unix_micros_at_origin,
                 origin,
             } => *unix_micros_at_origin + origin.elapsed().as_micros() as u64,
-        }
-    }
-}
-
-/// Spawns the node's tasks: on tokio directly, or in the simulator through
-/// the node's [`crate::sim::Gate`], which can pause or kill them all.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct Spawner {
-    #[cfg(feature = "sim")]
-    gate: Option<Arc<crate::sim::Gate>>,
-}
-
-impl Spawner {
-    pub(crate) fn spawn<F>(&self, fut: F) -> tokio::task::AbortHandle
-    where
-        F: std::future::Future<Output = ()> + Send + 'static,
-    {
-        #[cfg(feature = "sim")]
-        if let Some(gate) = &self.gate {
-            // A simulated node's tasks log inside its span (`node=NAME`).
-            return gate.spawn(tracing::Instrument::in_current_span(fut));
-        }
-        tokio::spawn(fut).abort_handle()
-    }
-}
-
-/// What carries the node's links: the QUIC swarm, or the simulated network.
-#[derive(Debug)]
-enum Transport {
-    Quic(quic::Handle),
-    #[cfg(feature = "sim")]
-    Sim(crate::sim::Endpoint),
-}
-
-impl Transport {
-    async fn dial_peer(&self, peer: NodeId, addrs: Vec<Multiaddr>) {
-        match self {
-            Transport::Quic(h) => h.dial_peer(peer, addrs).await,
-            #[cfg(feature = "sim")]
-            Transport::Sim(e) => e.dial_peer(peer, addrs),
-        }
-    }
-
-    fn send_control(&self, peer: NodeId, bytes: Vec<u8>) -> bool {
-        match self {
-            Transport::Quic(h) => h.send_control(peer, bytes),
-            #[cfg(feature = "sim")]
-            Transport::Sim(e) => e.send_control(peer, bytes),
-        }
-    }
-
-    async fn fresh_stream(&self, peer: NodeId) {
-        match self {
-            Transport::Quic(h) => h.fresh_stream(peer).await,
-            #[cfg(feature = "sim")]
-            Transport::Sim(e) => e.fresh_stream(peer),
-        }
-    }
-
-    async fn open_stream(&self, peer: NodeId) {
-        match self {
-            Transport::Quic(h) => h.open_stream(peer).await,
-            #[cfg(feature = "sim")]
-            Transport::Sim(e) => e.open_stream(peer),
-        }
-    }
-
-    async fn disconnect(&self, peer: NodeId) {
-        match self {
-            Transport::Quic(h) => h.disconnect(peer).await,
-            #[cfg(feature = "sim")]
-            Transport::Sim(e) => e.disconnect(peer),
-        }
-    }
-
-    async fn shutdown(&self) {
-        match self {
-            Transport::Quic(h) => h.shutdown().await,
-            #[cfg(feature = "sim")]
-            Transport::Sim(e) => e.shutdown(),
         }
     }
 }
@@ -277,9 +202,8 @@ fn open_durable(
     let Some(dir) = config.data_dir.as_ref().filter(|_| config.durable && hosts) else {
         return Ok((None, None));
     };
-    #[cfg(feature = "sim")]
-    if let Some(hooks) = &config.sim {
-        let (backend, done, loaded) = durable::MemBackend::open(hooks.disk.clone());
+    if let Some(env) = &config.env {
+        let (backend, done, loaded) = env.open_store();
         return Ok((Some(durable::Durable::new(backend, done)), Some(loaded)));
     }
     open_sqlite(dir)
@@ -315,23 +239,17 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
     let local = keypair.public().to_peer_id();
     let signer = crate::security::Signer::new(keypair.clone());
     let member_proofs = crate::security::MemberProofs::new(keypair.clone());
-    #[cfg(feature = "sim")]
-    let simulated = config.sim.as_ref().map(|hooks| {
-        let (endpoint, events) = hooks.attach(&config.bootstrap);
-        (
-            Transport::Sim(endpoint),
-            events,
-            Spawner {
-                gate: Some(hooks.gate.clone()),
-            },
-            hooks.clock,
-            SmallRng::seed_from_u64(hooks.seed),
-        )
-    });
-    #[cfg(not(feature = "sim"))]
-    let simulated = None;
-    let (transport, transport_events, spawner, clock, rng) = match simulated {
-        Some(parts) => parts,
+    let (transport, transport_events, spawner, clock, rng) = match &config.env {
+        Some(env) => {
+            let (transport, events) = env.attach(&config.bootstrap);
+            (
+                transport,
+                events,
+                Spawner::new(env.spawn()),
+                env.wall_clock(),
+                SmallRng::seed_from_u64(env.seed()),
+            )
+        }
         None => {
             let (handle, events) = quic::start(
                 keypair,
@@ -347,7 +265,7 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
             )
             .await?;
             (
-                Transport::Quic(handle),
+                Box::new(handle) as Box<dyn Transport>,
                 events,
                 Spawner::default(),
                 WallClock::System,
@@ -356,7 +274,7 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
         }
     };
 
-    let shm_host = if config.shm.enabled && !config.is_sim() {
+    let shm_host = if config.shm.enabled && !config.replayable() {
         // Rings of processes that died mid-handshake have nobody to unlink
         // them.
         shm::remove_stale(&config.shm.dir);
@@ -453,7 +371,7 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
     task.work.epoch = epoch;
     // Request ids are keyed: random in a real node, of the node's id in
     // the simulator (so its runs repeat).
-    if task.config.is_sim() {
+    if task.config.replayable() {
         use sha2::Digest;
         task.work.request_key = sha2::Sha256::digest(task.local.to_bytes()).into();
     } else {
@@ -798,7 +716,7 @@ struct NodeTask {
     links: rustc_hash::FxHashMap<NodeId, Link>,
     next_link: LinkId,
     link_events: mpsc::Sender<LinkEvent>,
-    transport: Transport,
+    transport: Box<dyn Transport>,
     listen_addrs: Vec<Multiaddr>,
     /// Peers with a live connection, and the address seen.
     connected: rustc_hash::FxHashMap<NodeId, Multiaddr>,
@@ -1194,7 +1112,7 @@ impl NodeTask {
     /// generator, so fault schedules stay as they were).
     fn hello(&mut self) -> link::Handshake {
         let mut nonce = [0u8; crate::security::NONCE_LEN];
-        if self.config.is_sim() {
+        if self.config.replayable() {
             use sha2::Digest;
             let mut h = sha2::Sha256::new();
             h.update(self.local.to_bytes());

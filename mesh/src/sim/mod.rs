@@ -49,6 +49,7 @@
 //! (reliable ordered streams, lossy control messages, idle timeouts).
 
 mod check;
+mod disk;
 mod gate;
 mod net;
 pub mod overlay;
@@ -71,23 +72,24 @@ pub use stream_check::{StreamChecker, StreamReport};
 use crate::{
     core::NodeId,
     node::{Builder, Node, PeerState},
-    runtime::WallClock,
+    runtime::{env, Environment, WallClock},
 };
 use net::{HostId, NetHandle};
 
 /// Unix time (µs) at which every simulation starts: 2026-01-01T00:00:00Z.
 const SIM_EPOCH_MICROS: u64 = 1_767_225_600_000_000;
 
-/// What a simulated node's runtime needs from the simulator.
+/// A simulated node's environment: the simulated network, its gate, a
+/// virtual wall clock, a seed and its simulated disk.
 #[derive(Clone)]
 pub(crate) struct Hooks {
     net: NetHandle,
     host: HostId,
-    pub(crate) gate: std::sync::Arc<Gate>,
-    pub(crate) seed: u64,
-    pub(crate) clock: WallClock,
+    gate: std::sync::Arc<Gate>,
+    seed: u64,
+    clock: WallClock,
     /// The node's simulated disk (used when it has a data dir).
-    pub(crate) disk: std::sync::Arc<std::sync::Mutex<crate::runtime::durable::MemDisk>>,
+    pub(crate) disk: std::sync::Arc<std::sync::Mutex<disk::MemDisk>>,
 }
 
 impl std::fmt::Debug for Hooks {
@@ -96,12 +98,86 @@ impl std::fmt::Debug for Hooks {
     }
 }
 
-impl Hooks {
-    pub(crate) fn attach(
+impl Environment for Hooks {
+    fn attach(
         &self,
         bootstrap: &[libp2p::Multiaddr],
-    ) -> (Endpoint, mpsc::Receiver<mesh_transports::quic::Event>) {
-        self.net.attach(self.host, bootstrap)
+    ) -> (
+        Box<dyn env::Transport>,
+        mpsc::Receiver<mesh_transports::quic::Event>,
+    ) {
+        let (endpoint, events) = self.net.attach(self.host, bootstrap);
+        (Box::new(endpoint), events)
+    }
+
+    fn spawn(&self) -> std::sync::Arc<dyn env::Spawn> {
+        std::sync::Arc::new(GateSpawn(self.gate.clone()))
+    }
+
+    fn wall_clock(&self) -> WallClock {
+        self.clock
+    }
+
+    fn seed(&self) -> u64 {
+        self.seed
+    }
+
+    fn open_store(
+        &self,
+    ) -> (
+        Box<dyn crate::runtime::durable::Backend>,
+        mpsc::UnboundedReceiver<u64>,
+        crate::runtime::durable::Loaded,
+    ) {
+        disk::MemBackend::open(self.disk.clone())
+    }
+}
+
+/// Spawns a simulated node's tasks through its gate (which pauses or
+/// kills them all), each logging inside the node's span (`node=NAME`).
+#[derive(Debug)]
+struct GateSpawn(std::sync::Arc<Gate>);
+
+impl env::Spawn for GateSpawn {
+    fn spawn(&self, fut: futures::future::BoxFuture<'static, ()>) -> tokio::task::AbortHandle {
+        self.0.spawn(tracing::Instrument::in_current_span(fut))
+    }
+}
+
+/// The simulated network carries a simulated node's links. Its calls take
+/// effect at once (they schedule events on the network).
+impl env::Transport for Endpoint {
+    fn dial_peer(
+        &self,
+        peer: NodeId,
+        addrs: Vec<libp2p::Multiaddr>,
+    ) -> futures::future::BoxFuture<'_, ()> {
+        Endpoint::dial_peer(self, peer, addrs);
+        Box::pin(std::future::ready(()))
+    }
+
+    fn send_control(&self, peer: NodeId, bytes: Vec<u8>) -> bool {
+        Endpoint::send_control(self, peer, bytes)
+    }
+
+    fn fresh_stream(&self, peer: NodeId) -> futures::future::BoxFuture<'_, ()> {
+        Endpoint::fresh_stream(self, peer);
+        Box::pin(std::future::ready(()))
+    }
+
+    fn open_stream(&self, peer: NodeId) -> futures::future::BoxFuture<'_, ()> {
+        Endpoint::open_stream(self, peer);
+        Box::pin(std::future::ready(()))
+    }
+
+    fn disconnect(&self, peer: NodeId) -> futures::future::BoxFuture<'_, ()> {
+        Endpoint::disconnect(self, peer);
+        Box::pin(std::future::ready(()))
+    }
+
+    fn shutdown(&self) -> futures::future::BoxFuture<'_, ()> {
+        Endpoint::shutdown(self);
+        Box::pin(std::future::ready(()))
     }
 }
 
@@ -248,7 +324,7 @@ struct SimHost {
     gate: std::sync::Arc<Gate>,
     /// Survives crashes: a node with a data dir keeps its durable state
     /// here.
-    disk: std::sync::Arc<std::sync::Mutex<crate::runtime::durable::MemDisk>>,
+    disk: std::sync::Arc<std::sync::Mutex<disk::MemDisk>>,
 }
 
 /// A deterministic simulated mesh. See the [module docs](self).
@@ -364,7 +440,11 @@ impl Sim {
             },
             disk: h.disk.clone(),
         };
-        let builder = h.builder.clone().sim(hooks).identity(h.keypair.clone());
+        let builder = h
+            .builder
+            .clone()
+            .environment(std::sync::Arc::new(hooks))
+            .identity(h.keypair.clone());
         // Its tasks carry this span, so each log line names the node.
         let span = tracing::info_span!("sim", node = %h.name);
         let node = self

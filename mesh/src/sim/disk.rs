@@ -5,7 +5,10 @@ use std::{collections::VecDeque, sync::Arc};
 
 use tokio::sync::mpsc;
 
-use super::*;
+use crate::{
+    core::stream::Record,
+    runtime::durable::{Backend, Loaded, StoredMsg, StoredPartition, WriteOp},
+};
 
 /// The simulator's disk: what a simulated durable host wrote, kept across
 /// its crashes and restarts. A batch reaches it when the driver takes the
