@@ -1173,6 +1173,30 @@ async fn soak(b: &mut Bench, o: &Options, actions: &[Action]) -> anyhow::Result<
     for i in 0..b.procs.len() {
         b.revive(i).await?;
     }
+    // Every subscriber is back in the publisher's stream before it stops:
+    // pub/sub keeps no history, so one brought back just now that
+    // subscribed after the last message could get nothing of it (and the
+    // drain below would wait for it in vain).
+    let rejoin_deadline = tokio::time::Instant::now() + DRAIN;
+    loop {
+        b.take_events();
+        let run = b.publisher_run;
+        let rejoining = b.procs.iter().any(|p| {
+            p.role == Role::Subscriber
+                && !b
+                    .pubsub
+                    .spans
+                    .get(&(p.name.clone(), p.run))
+                    .is_some_and(|s| s.contains_key(&run))
+        });
+        if !rejoining {
+            break;
+        }
+        match tokio::time::timeout_at(rejoin_deadline, b.rx.recv()).await {
+            Ok(Some(ev)) => b.handle(ev),
+            Ok(None) | Err(_) => break,
+        }
+    }
     // Producers and the publisher stop (finishing what they had in flight).
     let senders: Vec<usize> = (0..b.procs.len())
         .filter(|&i| matches!(b.procs[i].role, Role::Producer | Role::Publisher))
