@@ -80,12 +80,7 @@ pub(super) async fn peer(
         other => bail!("unknown bench peer mode {other:?}"),
     };
     let mut sub = node.subscribe(topic).await?;
-    let addr = wait_addrs(&node)
-        .await
-        .into_iter()
-        .next()
-        .context("no listen address")?;
-    println!("ADDR {addr}");
+    print_addr(&node).await?;
     let mut seen = 0u64;
     let mut first = None;
     let mut warm = false;

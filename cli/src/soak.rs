@@ -872,6 +872,22 @@ impl Bench {
         }
     }
 
+    /// Takes events until `done` holds (true) or `within` has passed
+    /// (false).
+    async fn events_until(&mut self, within: Duration, done: impl Fn(&Self) -> bool) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            self.take_events();
+            if done(self) {
+                return true;
+            }
+            match tokio::time::timeout_at(deadline, self.rx.recv()).await {
+                Ok(Some(ev)) => self.handle(ev),
+                Ok(None) | Err(_) => return false,
+            }
+        }
+    }
+
     fn sample(&mut self) {
         let t = self.started.elapsed().as_secs_f64();
         for p in &mut self.procs {
@@ -1177,26 +1193,16 @@ async fn soak(b: &mut Bench, o: &Options, actions: &[Action]) -> anyhow::Result<
     // pub/sub keeps no history, so one brought back just now that
     // subscribed after the last message could get nothing of it (and the
     // drain below would wait for it in vain).
-    let rejoin_deadline = tokio::time::Instant::now() + DRAIN;
-    loop {
-        b.take_events();
-        let run = b.publisher_run;
-        let rejoining = b.procs.iter().any(|p| {
-            p.role == Role::Subscriber
-                && !b
-                    .pubsub
+    b.events_until(DRAIN, |b| {
+        b.procs.iter().all(|p| {
+            p.role != Role::Subscriber
+                || b.pubsub
                     .spans
                     .get(&(p.name.clone(), p.run))
-                    .is_some_and(|s| s.contains_key(&run))
-        });
-        if !rejoining {
-            break;
-        }
-        match tokio::time::timeout_at(rejoin_deadline, b.rx.recv()).await {
-            Ok(Some(ev)) => b.handle(ev),
-            Ok(None) | Err(_) => break,
-        }
-    }
+                    .is_some_and(|s| s.contains_key(&b.publisher_run))
+        })
+    })
+    .await;
     // Producers and the publisher stop (finishing what they had in flight).
     let senders: Vec<usize> = (0..b.procs.len())
         .filter(|&i| matches!(b.procs[i].role, Role::Producer | Role::Publisher))
@@ -1219,20 +1225,13 @@ async fn soak(b: &mut Bench, o: &Options, actions: &[Action]) -> anyhow::Result<
         .map(|p| (p.name.clone(), p.run))
         .collect();
     let last_run = b.publisher_run;
-    let drain_deadline = tokio::time::Instant::now() + DRAIN;
-    let drained = loop {
-        b.take_events();
-        let queue_done =
-            b.queue.lost().is_empty() && b.queue.stats.is_some_and(|s| s[0] == 0 && s[1] == 0);
-        let pubsub_behind = b.pubsub.behind(&live_subs, last_run);
-        if queue_done && pubsub_behind == 0 {
-            break true;
-        }
-        match tokio::time::timeout_at(drain_deadline, b.rx.recv()).await {
-            Ok(Some(ev)) => b.handle(ev),
-            Ok(None) | Err(_) => break false,
-        }
-    };
+    let drained = b
+        .events_until(DRAIN, |b| {
+            let queue_done =
+                b.queue.lost().is_empty() && b.queue.stats.is_some_and(|s| s[0] == 0 && s[1] == 0);
+            queue_done && b.pubsub.behind(&live_subs, last_run) == 0
+        })
+        .await;
     b.say(format!(
         "drain {}",
         if drained { "done" } else { "timed out" }
