@@ -39,6 +39,7 @@
 #![warn(missing_docs)]
 
 pub mod core;
+pub(crate) mod engine;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod metrics;

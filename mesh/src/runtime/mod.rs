@@ -44,6 +44,7 @@ use crate::{
         topic::Pattern,
         NodeId,
     },
+    engine::reliable::{Accept, Kept, Reliable},
     node::{Config, Inner, Node, PeerInfo, StartError},
     wire::{self, Frame, Hello, Raw, WireError, FEATURE_SHM, MAGIC, PROTOCOL_VERSION},
 };
@@ -348,10 +349,8 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
         control_readers: Arc::new(tokio::sync::Semaphore::new(MAX_CONTROL_READERS)),
         pending_delivery: Vec::new(),
         reliable_subs: Default::default(),
-        session: epoch,
+        reliable: Reliable::new(epoch),
         reliable_routes: RouteCache::reliable(),
-        rel_out: Default::default(),
-        rel_in: Default::default(),
         gossip: crate::core::gossip::Gossip::new(local, Default::default()),
         gossip_dial: Vec::new(),
         gossip_codec: Default::default(),
@@ -389,9 +388,11 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
         task.streams.host.set_gate(true);
         task.restore(loaded).map_err(StartError::Restore)?;
     }
-    for p in work::Work::host_patterns(&task.config)
+    for p in task
+        .work
+        .host_patterns()
         .into_iter()
-        .chain(streams::Streams::host_patterns(&task.config))
+        .chain(task.streams.host_patterns())
     {
         task.interest.subscribe(&p, false);
     }
@@ -458,10 +459,6 @@ impl RefusedPeers {
     }
 }
 
-/// Most payload bytes kept in one peer's retransmit window.
-const RELIABLE_WINDOW_BYTES: usize = 8 * 1024 * 1024;
-/// How long a receiver waits for a requested resend before asking again.
-const RESUME_RETRY: Duration = Duration::from_millis(500);
 /// A link's outbox may hold this many times `link_buffer` before the link
 /// is closed as not reading ([`NodeTask::shed_overflowing_links`]).
 const OUTBOX_CAP_FACTOR: usize = 16;
@@ -469,71 +466,6 @@ const OUTBOX_CAP_FACTOR: usize = 16;
 /// streams are refused (`unadmitted_refused`) until some are admitted or
 /// time out (the handshake timeout, 10 s).
 const MAX_UNADMITTED: usize = 64;
-
-/// A reliable message kept for resending.
-#[derive(Debug)]
-struct Kept {
-    rseq: u64,
-    seq: u64,
-    timestamp: u64,
-    topic: Arc<str>,
-    headers: Vec<(String, Bytes)>,
-    payload: Bytes,
-}
-
-/// The retransmit window for one peer: its reliable messages, numbered
-/// from 1 without gaps; the oldest leave when it is full.
-#[derive(Debug)]
-struct RelOut {
-    /// The subscriber's epoch (its declaration's) this numbering is for.
-    epoch: u64,
-    next: u64,
-    window: std::collections::VecDeque<Kept>,
-    bytes: usize,
-}
-
-impl Default for RelOut {
-    fn default() -> Self {
-        Self {
-            epoch: 0,
-            next: 1,
-            window: Default::default(),
-            bytes: 0,
-        }
-    }
-}
-
-impl RelOut {
-    fn keep(&mut self, mut kept: Kept, max: usize) -> u64 {
-        let rseq = self.next;
-        self.next += 1;
-        kept.rseq = rseq;
-        self.bytes += kept.payload.len();
-        self.window.push_back(kept);
-        while self.window.len() > max
-            || (self.bytes > RELIABLE_WINDOW_BYTES && self.window.len() > 1)
-        {
-            if let Some(old) = self.window.pop_front() {
-                self.bytes -= old.payload.len();
-            }
-        }
-        rseq
-    }
-
-    /// The first number still in the window.
-    fn first(&self) -> u64 {
-        self.window.front().map_or(self.next, |k| k.rseq)
-    }
-}
-
-/// What a node has received of one publisher's reliable messages to it.
-#[derive(Debug)]
-struct RelIn {
-    session: u64,
-    next: u64,
-    /// When we last asked for a resend (`None`: not waiting for one).
-    asked: Option<Instant>,
-}
 
 /// One peer's link as the node task sees it.
 struct Link {
@@ -793,14 +725,11 @@ struct NodeTask {
     pending_delivery: Vec<(SubId, Message)>,
     /// Reliable subscriptions (their patterns are declared reliable).
     reliable_subs: rustc_hash::FxHashSet<SubId>,
-    /// This run's reliable session id (its start time).
-    session: u64,
+    /// Retransmit windows and receipts of reliable pub/sub; its session
+    /// is this run's (its start time).
+    reliable: Reliable,
     /// Nodes with a reliable subscription per topic, whatever their state.
     reliable_routes: RouteCache,
-    /// Retransmit windows, per peer with a reliable subscription.
-    rel_out: rustc_hash::FxHashMap<NodeId, RelOut>,
-    /// What we have received of each publisher's reliable messages.
-    rel_in: rustc_hash::FxHashMap<NodeId, RelIn>,
     /// Gossip mode: the overlay and broadcast core.
     gossip: crate::core::gossip::Gossip,
     /// Peers the gossip core sent to that are not connected.
@@ -1431,11 +1360,7 @@ impl NodeTask {
                 // Fetch what this publisher kept for us while we were apart
                 // (everything it kept, if we never heard from it).
                 if !self.reliable_subs.is_empty() {
-                    let r = self.rel_in.entry(peer).or_insert(RelIn {
-                        session: 0,
-                        next: 1,
-                        asked: None,
-                    });
+                    let r = self.reliable.link_up(now(), peer);
                     wire::encode(
                         &mut l.scratch,
                         &Frame::Resume {
@@ -1443,7 +1368,6 @@ impl NodeTask {
                             next: r.next,
                         },
                     );
-                    r.asked = Some(now());
                 }
                 self.relink_backoff.remove(&peer);
                 tracing::debug!(%peer, incarnation, "link up");
@@ -1604,7 +1528,7 @@ impl NodeTask {
                     self.counters.no_subscriber += 1;
                 }
                 match seq {
-                    Some((session, rseq, to)) if to == self.session => {
+                    Some((session, rseq, to)) if to == self.reliable.session() => {
                         if !self.accept_reliable(peer, session, rseq) {
                             return Ok(());
                         }
@@ -1665,7 +1589,7 @@ impl NodeTask {
                     return Err(WireError::Malformed("Lagged to u64::MAX".into()));
                 }
                 // A numbering for an earlier run of this node: not ours.
-                if to == self.session {
+                if to == self.reliable.session() {
                     self.lagged(peer, session, missed, next);
                 }
             }
@@ -1968,7 +1892,7 @@ impl NodeTask {
         let before = self.interest.version_of(&node).map(|v| v.epoch);
         match self.interest.handle_declaration(decl) {
             Ok(true) if before.is_some_and(|e| e != epoch) => {
-                self.rel_out.remove(&node);
+                self.reliable.forget_window(&node);
             }
             Ok(_) => {}
             // Not the sender's fault alone (it may relay a sync): the
@@ -1989,85 +1913,52 @@ impl NodeTask {
     }
 
     /// Whether reliable message `rseq` of `peer`'s `session` is the next
-    /// one to deliver. Earlier ones are duplicates (of a resend); after a
-    /// gap we drop it and ask the publisher to resend from the gap, which
-    /// resends it too, in order.
+    /// one to deliver (see [`Reliable::accept`]); a `Resume` goes out
+    /// after a gap.
     fn accept_reliable(&mut self, peer: NodeId, session: u64, rseq: u64) -> bool {
-        let now = now();
-        // First contact: the publisher's window for us starts at 1 (it
-        // numbers only what it published after it knew of our interest).
-        let state = self.rel_in.entry(peer).or_insert(RelIn {
-            session,
-            next: 1,
-            asked: None,
-        });
-        if state.session == 0 {
-            // We asked before we knew its session.
-            state.session = session;
-        } else if state.session != session {
-            // The publisher restarted: its new session starts at 1.
-            *state = RelIn {
-                session,
-                next: 1,
-                asked: None,
-            };
-        }
-        tracing::trace!(%peer, session, rseq, next = state.next, "reliable message");
-        if rseq < state.next {
-            self.counters.duplicate += 1;
-            return false;
-        }
-        if rseq == state.next {
-            let Some(after) = state.next.checked_add(1) else {
-                return false;
-            };
-            state.next = after;
-            state.asked = None;
-            return true;
-        }
-        self.counters.out_of_order += 1;
-        if state
-            .asked
-            .is_none_or(|at| now.duration_since(at) >= RESUME_RETRY)
-        {
-            state.asked = Some(now);
-            let next = state.next;
-            if let Some(link) = self.links.get_mut(&peer) {
-                wire::encode(&mut link.scratch, &Frame::Resume { session, next });
+        match self.reliable.accept(now(), peer, session, rseq) {
+            Accept::Deliver => true,
+            Accept::Duplicate => {
+                self.counters.duplicate += 1;
+                false
+            }
+            Accept::Gap { resume } => {
+                self.counters.out_of_order += 1;
+                if let (Some(r), Some(link)) = (resume, self.links.get_mut(&peer)) {
+                    let (session, next) = (r.session, r.next);
+                    wire::encode(&mut link.scratch, &Frame::Resume { session, next });
+                }
+                false
             }
         }
-        false
     }
 
     /// `peer` asks for our reliable messages from `next` on.
     fn resend(&mut self, peer: NodeId, session: u64, next: u64) {
-        let Some(out) = self.rel_out.get(&peer) else {
+        let Some(resend) = self.reliable.resend(&peer, session, next) else {
             return;
         };
         let Some(link) = self.links.get_mut(&peer) else {
             return;
         };
-        // A peer that knows an older session of ours has nothing of this one.
-        let next = if session == self.session { next } else { 1 };
-        let first = out.first();
-        if next < first {
-            wire::encode(
-                &mut link.scratch,
-                &Frame::Lagged {
-                    session: self.session,
-                    missed: first - next,
-                    next: first,
-                    to: out.epoch,
-                },
-            );
+        let session = self.reliable.session();
+        let to = resend.to;
+        if let Some((missed, next)) = resend.lagged {
+            let lagged = Frame::Lagged {
+                session,
+                missed,
+                next,
+                to,
+            };
+            wire::encode(&mut link.scratch, &lagged);
         }
-        for k in out.window.iter().filter(|k| k.rseq >= next) {
+        for k in resend.messages() {
             wire::encode(
                 &mut link.scratch,
                 &Frame::Seq {
-                    session: self.session,
+                    session,
                     rseq: k.rseq,
-                    to: out.epoch,
+                    to,
                 },
             );
             link.enc.encode(
@@ -2088,22 +1979,10 @@ impl NodeTask {
     /// `peer` says its messages before `next` are gone: tell the reliable
     /// subscriptions, and go on from `next`.
     fn lagged(&mut self, peer: NodeId, session: u64, missed: u64, next: u64) {
-        let state = self.rel_in.entry(peer).or_insert(RelIn {
-            session,
-            next: 1,
-            asked: None,
-        });
-        if state.session != session {
-            state.session = session;
-            state.next = 1;
-        }
-        if next <= state.next {
+        let Some(missed) = self.reliable.lagged(peer, session, missed, next) else {
             return;
-        }
-        let missed = missed.min(next - state.next);
+        };
         self.counters.reliable_lagged += missed;
-        state.next = next;
-        state.asked = None;
         tracing::warn!(publisher = %peer, missed, "reliable messages left the publisher's window before we could fetch them");
         for id in &self.reliable_subs {
             if let Some(q) = self.sub_queues.get(id) {
@@ -2375,18 +2254,11 @@ impl NodeTask {
                 // Numbered for the subscriber's current run: a newer
                 // declaration (a restart) starts a new numbering.
                 let epoch = self.interest.version_of(peer).map_or(0, |v| v.epoch);
-                let out = self.rel_out.entry(*peer).or_default();
-                if out.epoch != epoch {
-                    *out = RelOut {
-                        epoch,
-                        ..RelOut::default()
-                    };
-                }
-                let rseq = out.keep(kept, window);
+                let rseq = self.reliable.keep(*peer, epoch, kept, window);
                 rseqs.push((*peer, rseq, epoch));
             }
         }
-        let session = self.session;
+        let session = self.reliable.session();
         let membership = &self.membership;
         let access = &self.access;
         let route = self.routes.route_ref(&self.interest, topic.as_arc(), |n| {
@@ -2722,8 +2594,7 @@ impl NodeTask {
         let membership = &self.membership;
         self.relink_backoff
             .retain(|n, _| membership.state_of(n).is_some());
-        self.rel_out.retain(|n, _| membership.state_of(n).is_some());
-        self.rel_in.retain(|n, _| membership.state_of(n).is_some());
+        self.reliable.retain(|n| membership.state_of(n).is_some());
     }
 
     fn addrs_of(&self, node: &NodeId) -> Vec<Multiaddr> {

@@ -45,6 +45,7 @@ use crate::{
         topic::{Pattern, Topic},
         NodeId,
     },
+    engine::hosting::{self, Gathered, Gathers, Hosting},
     wire::{self, AppendWire, Frame, PartWire, Raw, RecordWire, StartWire, StreamWire, WireError},
 };
 
@@ -252,20 +253,16 @@ struct AppendCall {
     reply: oneshot::Sender<Result<Vec<Placed>, AppendFailure>>,
 }
 
-struct Gather {
-    waiting: FxHashSet<NodeId>,
-    /// Hosts whose link ended before they answered.
-    missing: Vec<NodeId>,
-    deadline: Instant,
+/// An `info` call gathering the hosts' partitions.
+struct InfoGather {
     got: Vec<HostParts>,
     reply: oneshot::Sender<InfoReply>,
 }
 
-impl Gather {
-    fn finish(mut self) {
-        self.missing.extend(self.waiting);
-        let _ = self.reply.send((self.got, self.missing));
-    }
+/// Answers an `info` call: the partitions gathered, and the hosts that did
+/// not answer (their link ended, or time ran out).
+fn finish_info(done: Gathered<InfoGather>) {
+    let _ = done.reply.reply.send((done.reply.got, done.missing));
 }
 
 /// A commit's host, the host's run, stream, group and partition.
@@ -276,10 +273,8 @@ pub(crate) struct Streams {
     pub(crate) host: core_stream::Streams<NodeId>,
     /// This run of the node (partitions of another run are other logs).
     epoch: u64,
-    host_all: bool,
-    host_streams: Vec<Arc<str>>,
-    self_hosted: FxHashSet<Arc<str>>,
-    self_host: bool,
+    /// The streams this node hosts (configured, or taken on itself).
+    hosting: Hosting,
     consumers: FxHashMap<u64, LocalConsumer>,
     reads: FxHashMap<u64, Read>,
     next_rid: u64,
@@ -295,7 +290,7 @@ pub(crate) struct Streams {
     credits: FxHashMap<(NodeId, u64), u32>,
     /// Host side: consumers watching each stream.
     watchers: FxHashMap<Arc<str>, FxHashSet<(NodeId, u64)>>,
-    gathers: FxHashMap<u64, Gather>,
+    gathers: Gathers<InfoGather>,
     next_req: u64,
     /// Bumped when a consumer's view of the hosts' partitions changes.
     changed: u64,
@@ -314,10 +309,14 @@ impl Streams {
         Self {
             host,
             epoch,
-            host_all: config.host_all,
-            host_streams: config.host_streams.clone(),
-            self_hosted: FxHashSet::default(),
-            self_host: config.self_host,
+            hosting: Hosting::new(
+                "stream",
+                HOST_PREFIX,
+                config.host_all,
+                config.host_streams.clone(),
+                config.self_host,
+                config.stream.max_streams,
+            ),
             consumers: FxHashMap::default(),
             reads: FxHashMap::default(),
             next_rid: 0,
@@ -328,7 +327,7 @@ impl Streams {
             commits: FxHashMap::default(),
             credits: FxHashMap::default(),
             watchers: FxHashMap::default(),
-            gathers: FxHashMap::default(),
+            gathers: Gathers::default(),
             next_req: 0,
             changed: 0,
             retry_at: None,
@@ -338,22 +337,18 @@ impl Streams {
     }
 
     /// The patterns a node configured to host streams declares at start.
-    pub(crate) fn host_patterns(config: &crate::node::Config) -> Vec<Pattern> {
-        let mut out = Vec::new();
-        if config.host_all {
-            out.extend(Pattern::new(&format!("{HOST_PREFIX}>")));
-        }
-        for s in &config.host_streams {
-            out.extend(Pattern::new(&format!("{HOST_PREFIX}{s}")));
-        }
-        out
+    pub(crate) fn host_patterns(&self) -> Vec<Pattern> {
+        self.hosting.configured_patterns(|s| {
+            Pattern::new(&format!("{HOST_PREFIX}{s}"))
+                .into_iter()
+                .collect()
+        })
     }
 
+    /// Whether `stream` is hosted here: configured, taken, or holding
+    /// partitions (restored, or appended to by a peer).
     fn hosts_locally(&self, stream: &str) -> bool {
-        self.host_all
-            || self.self_hosted.contains(stream)
-            || self.host_streams.iter().any(|s| &**s == stream)
-            || self.host.has(stream)
+        self.hosting.hosts(stream) || self.host.has(stream)
     }
 
     /// Appends waiting for a host's answer.
@@ -362,44 +357,12 @@ impl Streams {
     }
 
     pub(crate) fn poll_timeout(&self) -> Option<Instant> {
-        let gather = self.gathers.values().map(|g| g.deadline).min();
+        let gather = self.gathers.poll_timeout();
         [self.host.poll_timeout(), gather, self.retry_at]
             .into_iter()
             .flatten()
             .min()
     }
-}
-
-/// Rendezvous hashing of a record's stream and key over hosts.
-fn rendezvous(stream: &str, key: &[u8], hosts: &[NodeId]) -> Option<NodeId> {
-    hosts
-        .iter()
-        .copied()
-        .max_by_key(|h| core_stream::stable_hash(&[stream.as_bytes(), key, &h.to_bytes()]))
-}
-
-/// The member a partition of a group goes to: rendezvous hashing of
-/// (stream, group, host, index, member) over the members.
-fn owner<T: Copy + Ord>(
-    stream: &str,
-    group: &str,
-    host: &NodeId,
-    index: u32,
-    members: &[T],
-    bytes: impl Fn(&T) -> Vec<u8>,
-) -> Option<T> {
-    let host = host.to_bytes();
-    let index = index.to_le_bytes();
-    members.iter().copied().max_by_key(|m| {
-        let h = core_stream::stable_hash(&[
-            stream.as_bytes(),
-            group.as_bytes(),
-            &host,
-            &index,
-            &bytes(m),
-        ]);
-        (h, *m)
-    })
 }
 
 fn start_to_wire(s: &Start) -> StartWire<'_> {
@@ -537,19 +500,23 @@ impl NodeTask {
         if self.streams.hosts_locally(stream) {
             return true;
         }
-        if !self.streams.self_host {
+        if !self.streams.hosting.self_host() {
             // A one-shot tool takes no records it would lose on exit.
             return false;
         }
-        let room = self.streams.self_hosted.len() < self.streams.host.config().max_streams;
         let Ok(p) = Pattern::new(&format!("{HOST_PREFIX}{stream}")) else {
             return false;
         };
-        if !room || !self.interest.has_room_for(&p) {
-            tracing::warn!(%stream, "cannot host another stream: at the limit of streams or declared patterns");
+        let interest = &self.interest;
+        if !self
+            .streams
+            .hosting
+            .take(stream, std::slice::from_ref(&p), |p| {
+                interest.has_room_for(p)
+            })
+        {
             return false;
         }
-        self.streams.self_hosted.insert(stream.clone());
         if let Some(decl) = self.interest.subscribe(&p, false) {
             self.announce(&decl);
         }
@@ -768,17 +735,10 @@ impl NodeTask {
                         },
                     );
                 }
-                let g = Gather {
-                    waiting: hosts.into_iter().collect(),
-                    missing: Vec::new(),
-                    deadline: now() + GATHER_TIMEOUT,
-                    got,
-                    reply,
-                };
-                if g.waiting.is_empty() {
-                    g.finish();
-                } else {
-                    self.streams.gathers.insert(req, g);
+                let deadline = now() + GATHER_TIMEOUT;
+                let info = InfoGather { got, reply };
+                if let Some(done) = self.streams.gathers.start(req, hosts, deadline, info) {
+                    finish_info(done);
                 }
             }
         }
@@ -876,7 +836,7 @@ impl NodeTask {
                 return;
             }
             if !self.streams.hosts_locally(&stream) {
-                if !self.streams.self_host {
+                if !self.streams.hosting.self_host() {
                     self.fail_call(call, AppendFailure::NoHost);
                     return;
                 }
@@ -928,7 +888,7 @@ impl NodeTask {
         for (r, slot) in records.into_iter().zip(slots) {
             let h = match hosts.as_slice() {
                 [only] => *only,
-                _ => match rendezvous(&stream, &r.key, &hosts) {
+                _ => match hosting::record_host(&stream, &r.key, &hosts) {
                     Some(h) => h,
                     None => continue,
                 },
@@ -1138,9 +1098,12 @@ impl NodeTask {
                 let mine = match &assignment {
                     None => true,
                     Some((g, members, locals)) => {
-                        owner(&stream, g, h, i, members, |m: &NodeId| m.to_bytes()) == Some(local)
-                            && owner(&stream, g, h, i, locals, |s: &u64| s.to_le_bytes().to_vec())
-                                == Some(sid)
+                        hosting::partition_owner(&stream, g, h, i, members, |m: &NodeId| {
+                            m.to_bytes()
+                        }) == Some(local)
+                            && hosting::partition_owner(&stream, g, h, i, locals, |s: &u64| {
+                                s.to_le_bytes().to_vec()
+                            }) == Some(sid)
                     }
                 };
                 if mine {
@@ -1394,7 +1357,7 @@ impl NodeTask {
                             e.to_string(),
                         )
                     })
-                } else if !self.streams.self_host {
+                } else if !self.streams.hosting.self_host() {
                     Err((false, format!("this node does not host stream {stream:?}")))
                 } else {
                     let e = core_stream::AppendError::TooManyStreams {
@@ -1670,39 +1633,33 @@ impl NodeTask {
                 epoch: _,
                 parts,
             } => {
-                let Some(g) = self.streams.gathers.get_mut(&req) else {
-                    return Ok(());
-                };
-                if !g.waiting.remove(&peer) {
-                    return Ok(());
-                }
                 // A host's own view of its partitions: offsets in order.
                 let parts: Vec<&PartWire<'_>> =
                     parts.iter().filter(|p| p.first <= p.next).collect();
-                if !parts.is_empty() {
-                    g.got.push(HostParts {
-                        host: peer,
-                        parts: parts
-                            .into_iter()
-                            .take(core_stream::MAX_PARTITIONS as usize)
-                            .map(|p| core_stream::PartitionState {
-                                index: p.index,
-                                first: p.first,
-                                next: p.next,
-                                bytes: p.bytes,
-                                committed: p
-                                    .committed
-                                    .iter()
-                                    .map(|(g, o)| (Arc::from(*g), *o))
-                                    .collect(),
-                            })
-                            .collect(),
-                    });
-                }
-                if g.waiting.is_empty() {
-                    if let Some(g) = self.streams.gathers.remove(&req) {
-                        g.finish();
-                    }
+                let got = (!parts.is_empty()).then(|| HostParts {
+                    host: peer,
+                    parts: parts
+                        .into_iter()
+                        .take(core_stream::MAX_PARTITIONS as usize)
+                        .map(|p| core_stream::PartitionState {
+                            index: p.index,
+                            first: p.first,
+                            next: p.next,
+                            bytes: p.bytes,
+                            committed: p
+                                .committed
+                                .iter()
+                                .map(|(g, o)| (Arc::from(*g), *o))
+                                .collect(),
+                        })
+                        .collect(),
+                });
+                let done = self
+                    .streams
+                    .gathers
+                    .answer(req, peer, |g| g.got.extend(got));
+                if let Some(done) = done {
+                    finish_info(done);
                 }
             }
         }
@@ -1758,24 +1715,8 @@ impl NodeTask {
                 self.finish_call_if_done(p.call);
             }
         }
-        let reqs: Vec<u64> = self
-            .streams
-            .gathers
-            .iter()
-            .filter(|(_, g)| g.waiting.contains(&peer))
-            .map(|(r, _)| *r)
-            .collect();
-        for req in reqs {
-            if let Some(g) = self.streams.gathers.get_mut(&req) {
-                if g.waiting.remove(&peer) {
-                    g.missing.push(peer);
-                }
-                if g.waiting.is_empty() {
-                    if let Some(g) = self.streams.gathers.remove(&req) {
-                        g.finish();
-                    }
-                }
-            }
+        for done in self.streams.gathers.link_down(peer) {
+            finish_info(done);
         }
     }
 
@@ -1789,21 +1730,12 @@ impl NodeTask {
         if self.streams.host.poll_timeout().is_some_and(|t| t <= now) {
             self.streams.host.handle_timeout(now);
         }
-        let expired: Vec<u64> = self
-            .streams
-            .gathers
-            .iter()
-            .filter(|(_, g)| g.deadline <= now)
-            .map(|(r, _)| *r)
-            .collect();
-        for req in expired {
-            if let Some(g) = self.streams.gathers.remove(&req) {
-                tracing::warn!(
-                    hosts = g.waiting.len(),
-                    "stream hosts did not answer in time; the answer lacks their part"
-                );
-                g.finish();
-            }
+        for done in self.streams.gathers.expire(now) {
+            tracing::warn!(
+                hosts = done.missing.len(),
+                "stream hosts did not answer in time; the answer lacks their part"
+            );
+            finish_info(done);
         }
     }
 

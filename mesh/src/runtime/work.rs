@@ -37,6 +37,7 @@ use crate::{
         topic::Pattern,
         NodeId,
     },
+    engine::hosting::{self, Gathers, Hosting},
     queue::{QueueFull, SendError},
     rpc::RequestError,
     wire::{self, DeliverWire, Frame, PeekedWire, Raw, ReplyStatus, WireError, WorkWire},
@@ -254,20 +255,13 @@ enum GatherReply {
     Replay(oneshot::Sender<u64>, u64),
 }
 
-struct Gather {
-    waiting: FxHashSet<NodeId>,
-    deadline: Instant,
-    reply: GatherReply,
-}
-
 /// The node task's queue and request/reply state.
 pub(crate) struct Work {
     pub(crate) host: core_queue::Queues<ConsumerKey>,
     /// Queues this node hosts without being configured to (it sent to them
     /// when nobody hosted them).
-    self_hosted: FxHashSet<Arc<str>>,
-    host_all: bool,
-    host_queues: Vec<Arc<str>>,
+    /// The queues this node hosts (configured, or taken on itself).
+    hosting: Hosting,
     full_policy: QueueFull,
     consumers: FxHashMap<u32, LocalConsumer>,
     /// Acks to send, per (host, consumer, host epoch).
@@ -290,14 +284,11 @@ pub(crate) struct Work {
     /// hash of a counter), so a peer cannot aim a reply at a request it
     /// never saw even where the responder check would not catch it.
     pub(crate) request_key: [u8; 32],
-    gathers: FxHashMap<u64, Gather>,
+    gathers: Gathers<GatherReply>,
     /// Host choices per queue, at an interest and link generation.
     host_cache: FxHashMap<Arc<str>, (Generation, Vec<NodeId>)>,
     /// The interest and link generation flows were last granted at.
     flows_at: Generation,
-    /// Host queues nobody hosts (off for one-shot tools: their sends
-    /// fail with `NoHost` instead).
-    self_host: bool,
     /// Deliveries from the host core to push at the end of the batch.
     dispatch: Vec<Dispatch<ConsumerKey>>,
     /// `send_batch` calls waiting for all their messages.
@@ -328,9 +319,14 @@ impl Work {
     pub(crate) fn new(config: &crate::node::Config) -> Self {
         Self {
             host: core_queue::Queues::new(config.queue.clone()),
-            self_hosted: FxHashSet::default(),
-            host_all: config.host_all,
-            host_queues: config.host_queues.clone(),
+            hosting: Hosting::new(
+                "queue",
+                HOST_PREFIX,
+                config.host_all,
+                config.host_queues.clone(),
+                config.self_host,
+                config.queue.max_queues,
+            ),
             full_policy: config.queue_full,
             consumers: FxHashMap::default(),
             acks: FxHashMap::default(),
@@ -345,10 +341,9 @@ impl Work {
             request_deadlines: BinaryHeap::new(),
             next_request: 0,
             request_key: [0; 32],
-            gathers: FxHashMap::default(),
+            gathers: Gathers::default(),
             host_cache: FxHashMap::default(),
             flows_at: (u64::MAX, u64::MAX),
-            self_host: config.self_host,
             dispatch: Vec::new(),
             batches: FxHashMap::default(),
             next_batch: 0,
@@ -357,24 +352,13 @@ impl Work {
     }
 
     /// The patterns a node configured to host queues declares at start.
-    pub(crate) fn host_patterns(config: &crate::node::Config) -> Vec<Pattern> {
-        let mut out = Vec::new();
-        if config.host_all {
-            out.extend(Pattern::new(&format!("{HOST_PREFIX}>")));
-        }
-        for q in &config.host_queues {
-            out.extend(host_patterns_of(q));
-        }
-        out
+    pub(crate) fn host_patterns(&self) -> Vec<Pattern> {
+        self.hosting.configured_patterns(host_patterns_of)
     }
 
+    /// Whether `queue` is hosted here (a dead-letter queue with its queue).
     fn hosts_locally(&self, queue: &str) -> bool {
-        let base = dlq_of(queue);
-        let named = |q: &str| q == queue || base == Some(q);
-        self.host_all
-            || self.self_hosted.contains(queue)
-            || base.is_some_and(|b| self.self_hosted.contains(b))
-            || self.host_queues.iter().any(|q| named(q))
+        self.hosting.hosts(queue) || dlq_of(queue).is_some_and(|b| self.hosting.hosts(b))
     }
 
     /// Whether the node may take more sends and requests from handles.
@@ -386,7 +370,7 @@ impl Work {
     pub(crate) fn poll_timeout(&mut self) -> Option<Instant> {
         let retry = self.retry.peek().map(|r| r.0 .0);
         let req = self.request_deadlines.peek().map(|r| r.0 .0);
-        let gather = self.gathers.values().map(|g| g.deadline).min();
+        let gather = self.gathers.poll_timeout();
         [self.host.poll_timeout(), retry, req, gather]
             .into_iter()
             .flatten()
@@ -408,17 +392,6 @@ fn host_patterns_of(queue: &str) -> Vec<Pattern> {
 /// The queue whose dead-letter queue `queue` is.
 fn dlq_of(queue: &str) -> Option<&str> {
     queue.strip_suffix(core_queue::DLQ_SUFFIX)
-}
-
-/// Rendezvous hashing: the host with the highest hash of (queue, host).
-fn rendezvous(queue: &str, hosts: &[NodeId]) -> Option<NodeId> {
-    use std::hash::{Hash, Hasher};
-    hosts.iter().copied().max_by_key(|h| {
-        let mut s = rustc_hash::FxHasher::default();
-        queue.hash(&mut s);
-        h.to_bytes().hash(&mut s);
-        s.finish()
-    })
 }
 
 pub(crate) fn headers_to_wire(headers: &[(String, Bytes)]) -> Vec<(&str, Raw<'_>)> {
@@ -672,15 +645,13 @@ impl NodeTask {
     fn gather(&mut self, hosts: &[NodeId], reply: GatherReply) -> u64 {
         self.work.next_request += 1;
         let req = self.work.next_request;
-        let g = Gather {
-            waiting: hosts.iter().copied().collect(),
-            deadline: now() + GATHER_TIMEOUT,
-            reply,
-        };
-        if g.waiting.is_empty() {
-            finish_gather(g);
-        } else {
-            self.work.gathers.insert(req, g);
+        let deadline = now() + GATHER_TIMEOUT;
+        if let Some(done) = self
+            .work
+            .gathers
+            .start(req, hosts.iter().copied(), deadline, reply)
+        {
+            finish_gather(done.reply);
         }
         req
     }
@@ -763,7 +734,7 @@ impl NodeTask {
             None
         } else {
             let hosts = self.remote_hosts(&queue);
-            rendezvous(&queue, &hosts)
+            hosting::queue_host(&queue, &hosts)
         };
         let Some(host) = host else {
             if volatile {
@@ -774,7 +745,7 @@ impl NodeTask {
                 return;
             }
             if !self.work.hosts_locally(&queue) {
-                if !self.work.self_host {
+                if !self.work.hosting.self_host() {
                     self.resolve_send(reply, Err(SendError::NoHost(queue.to_string())));
                     return;
                 }
@@ -850,13 +821,14 @@ impl NodeTask {
     /// declaration has no room for more patterns.
     fn start_hosting(&mut self, queue: Arc<str>) -> bool {
         let patterns = host_patterns_of(&queue);
-        let room = self.work.self_hosted.len() < self.work.host.config().max_queues
-            && patterns.iter().all(|p| self.interest.has_room_for(p));
-        if !room {
-            tracing::warn!(%queue, "cannot host another queue: at the limit of queues or declared patterns");
+        let interest = &self.interest;
+        if !self
+            .work
+            .hosting
+            .take(&queue, &patterns, |p| interest.has_room_for(p))
+        {
             return false;
         }
-        self.work.self_hosted.insert(queue.clone());
         self.declare(patterns);
         let local = self.local;
         for (cid, c) in &self.work.consumers {
@@ -1191,12 +1163,12 @@ impl NodeTask {
                 // A one-shot node (`self_host(false)`) takes nothing it
                 // would exit with.
                 let hosted = self.work.hosts_locally(queue)
-                    || (self.work.self_host && self.start_hosting(queue.into()));
+                    || (self.work.hosting.self_host() && self.start_hosting(queue.into()));
                 tracing::trace!(local = %self.local, %peer, seq, "work: send received");
                 let now = now();
                 let result = if hosted {
                     self.work.host.send(now, queue, new_message(id, msg, now))
-                } else if !self.work.self_host {
+                } else if !self.work.hosting.self_host() {
                     Err(core_queue::SendError::NotHosted {
                         queue: queue.to_owned(),
                     })
@@ -1480,17 +1452,8 @@ impl NodeTask {
     }
 
     fn gathered(&mut self, req: u64, peer: NodeId, add: impl FnOnce(&mut GatherReply)) {
-        let Some(g) = self.work.gathers.get_mut(&req) else {
-            return;
-        };
-        if !g.waiting.remove(&peer) {
-            return;
-        }
-        add(&mut g.reply);
-        if g.waiting.is_empty() {
-            if let Some(g) = self.work.gathers.remove(&req) {
-                finish_gather(g);
-            }
+        if let Some(done) = self.work.gathers.answer(req, peer, add) {
+            finish_gather(done.reply);
         }
     }
 
@@ -1520,15 +1483,8 @@ impl NodeTask {
                 self.route_send(seq, p.queue, p.msg, p.reply, p.full);
             }
         }
-        let reqs: Vec<u64> = self
-            .work
-            .gathers
-            .iter()
-            .filter(|(_, g)| g.waiting.contains(&peer))
-            .map(|(r, _)| *r)
-            .collect();
-        for req in reqs {
-            self.gathered(req, peer, |_| {});
+        for done in self.work.gathers.link_down(peer) {
+            finish_gather(done.reply);
         }
     }
 
@@ -1564,21 +1520,12 @@ impl NodeTask {
                 }
             }
         }
-        let expired: Vec<u64> = self
-            .work
-            .gathers
-            .iter()
-            .filter(|(_, g)| g.deadline <= now)
-            .map(|(r, _)| *r)
-            .collect();
-        for req in expired {
-            if let Some(g) = self.work.gathers.remove(&req) {
-                tracing::warn!(
-                    hosts = g.waiting.len(),
-                    "queue hosts did not answer in time; the answer lacks their part"
-                );
-                finish_gather(g);
-            }
+        for done in self.work.gathers.expire(now) {
+            tracing::warn!(
+                hosts = done.missing.len(),
+                "queue hosts did not answer in time; the answer lacks their part"
+            );
+            finish_gather(done.reply);
         }
     }
 
@@ -1775,8 +1722,8 @@ fn new_message(id: MessageId, msg: OutMsg, now: Instant) -> NewMessage {
     }
 }
 
-fn finish_gather(g: Gather) {
-    match g.reply {
+fn finish_gather(reply: GatherReply) {
+    match reply {
         GatherReply::Peek(reply, mut all, limit) => {
             all.truncate(limit);
             let _ = reply.send(all);
