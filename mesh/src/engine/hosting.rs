@@ -104,6 +104,74 @@ impl Hosting {
     }
 }
 
+/// Where a send or an append goes.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Route {
+    /// To remote hosts: one of these, by rendezvous (never empty).
+    Remote(Vec<NodeId>),
+    /// This node hosts it.
+    Here,
+    /// Nobody hosts it: this node takes it on, then it goes here.
+    TakeOn,
+    /// Nobody can take it: no host keeps it durably (`volatile`: it
+    /// needs a durable host and this node holds memory only), or this
+    /// node takes no names on itself.
+    NoHost { volatile: bool },
+}
+
+/// The routing rule of sends and appends. A name hosted here goes here,
+/// unless it needs a durable confirmation this node cannot give
+/// (`volatile`); then, or when not hosted here, to a remote host if
+/// `remote` names any. With none, a name hosted here still goes here
+/// (not volatile), else this node takes it on if it may.
+///
+/// Failover is this rule again after a host's link ended: the remote
+/// hosts no longer include that host ([`failover_hosts`] for appends).
+pub(crate) fn route(
+    hosted_here: bool,
+    volatile: bool,
+    self_host: bool,
+    remote: impl FnOnce() -> Vec<NodeId>,
+) -> Route {
+    if hosted_here && !volatile {
+        return Route::Here;
+    }
+    let hosts = remote();
+    if !hosts.is_empty() {
+        Route::Remote(hosts)
+    } else if volatile {
+        Route::NoHost { volatile: true }
+    } else if hosted_here {
+        Route::Here
+    } else if self_host {
+        Route::TakeOn
+    } else {
+        Route::NoHost { volatile: false }
+    }
+}
+
+/// The hosts an append may go to. A first try takes every live host,
+/// linked or not yet (a node that just joined is still linking to them,
+/// and a key must not go elsewhere meanwhile). A retry after the link to
+/// `gone` ended takes the hosts linked now; if none is, any other live
+/// one (its link is being set up) rather than host here after a blip.
+pub(crate) fn failover_hosts(
+    gone: Option<NodeId>,
+    linked: impl FnOnce() -> Vec<NodeId>,
+    live: impl FnOnce() -> Vec<NodeId>,
+) -> Vec<NodeId> {
+    let Some(gone) = gone else {
+        return live();
+    };
+    let linked = linked();
+    if !linked.is_empty() {
+        return linked;
+    }
+    let mut live = live();
+    live.retain(|h| *h != gone);
+    live
+}
+
 /// The host of queue `queue` among `hosts`: the highest hash of
 /// (queue, host). `hosts` need not be sorted.
 ///
@@ -377,6 +445,71 @@ mod tests {
         }
         assert_eq!(queue_host("q", &[]), None);
         assert_eq!(record_host("s", b"k", &[]), None);
+    }
+
+    #[test]
+    fn sends_go_here_to_a_remote_host_or_to_a_node_taking_them_on() {
+        let remote = || nodes(2);
+        let none = Vec::new;
+        // Hosted here: here, without asking for remote hosts.
+        let asked = std::cell::Cell::new(false);
+        let r = route(true, false, true, || {
+            asked.set(true);
+            nodes(2)
+        });
+        assert_eq!(r, Route::Here);
+        assert!(!asked.get());
+        // Hosted here but needing a durable host this node is not: remote.
+        assert_eq!(route(true, true, true, remote), Route::Remote(nodes(2)));
+        assert_eq!(
+            route(true, true, true, none),
+            Route::NoHost { volatile: true }
+        );
+        // Not hosted here.
+        assert_eq!(route(false, false, true, remote), Route::Remote(nodes(2)));
+        assert_eq!(route(false, false, true, none), Route::TakeOn);
+        assert_eq!(
+            route(false, false, false, none),
+            Route::NoHost { volatile: false }
+        );
+        assert_eq!(
+            route(false, true, true, none),
+            Route::NoHost { volatile: true }
+        );
+    }
+
+    #[test]
+    fn a_send_whose_host_went_away_fails_over_to_the_next_by_rendezvous() {
+        let hosts = nodes(4);
+        let first = queue_host("jobs", &hosts).expect("a host");
+        // Its link ends: the live hosts no longer include it.
+        let rest: Vec<NodeId> = hosts.iter().copied().filter(|h| *h != first).collect();
+        let Route::Remote(left) = route(false, false, true, || rest.clone()) else {
+            panic!("expected a remote host");
+        };
+        let second = queue_host("jobs", &left).expect("a host");
+        assert_ne!(second, first);
+        // Every sender fails over to the same one.
+        let mut shuffled = left.clone();
+        shuffled.rotate_left(1);
+        assert_eq!(queue_host("jobs", &shuffled), Some(second));
+        // The last host gone: this node takes the queue on.
+        assert_eq!(route(false, false, true, Vec::new), Route::TakeOn);
+    }
+
+    #[test]
+    fn an_append_retry_prefers_linked_hosts_then_live_ones_but_the_one_gone() {
+        let (a, b, c) = (node(1), node(2), node(3));
+        // A first try: every live host, linked or not.
+        assert_eq!(
+            failover_hosts(None, || vec![a], || vec![a, b, c]),
+            [a, b, c]
+        );
+        // A retry: the linked hosts...
+        assert_eq!(failover_hosts(Some(c), || vec![a], || vec![a, b, c]), [a]);
+        // ...or, with none linked, the live ones but the one gone.
+        assert_eq!(failover_hosts(Some(c), Vec::new, || vec![a, b, c]), [a, b]);
+        assert!(failover_hosts(Some(c), Vec::new, || vec![c]).is_empty());
     }
 
     #[test]

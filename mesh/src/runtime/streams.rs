@@ -45,7 +45,10 @@ use crate::{
         topic::{Pattern, Topic},
         NodeId,
     },
-    engine::hosting::{self, Gathered, Gathers, Hosting},
+    engine::{
+        group::{self, HostView},
+        hosting::{self, Gathered, Gathers, Hosting, Route},
+    },
     wire::{self, AppendWire, Frame, PartWire, Raw, RecordWire, StartWire, StreamWire, WireError},
 };
 
@@ -189,17 +192,6 @@ impl CommitBatch {
 pub(crate) struct HostParts {
     pub(crate) host: NodeId,
     pub(crate) parts: Vec<core_stream::PartitionState>,
-}
-
-/// A consumer's view of one host.
-#[derive(Debug, Clone, Copy)]
-struct HostView {
-    epoch: u64,
-    partitions: u32,
-    /// The stream appeared on this host (or the host restarted) after
-    /// this consumer first saw it: a consumer from `Latest` reads its
-    /// partitions from the start, since all they hold came later.
-    late: bool,
 }
 
 struct LocalConsumer {
@@ -804,84 +796,35 @@ impl NodeTask {
         slots: Vec<usize>,
         retry: Option<NodeId>,
     ) {
-        // A first try hashes over every live host, linked or not yet (a
-        // node that just joined is still linking to them, and a key must
-        // not go elsewhere meanwhile): its link is set up for it. A retry
-        // after a link ended takes hosts linked now, else live ones but
-        // the one whose link ended.
         // A call that needs a durable confirmation is not kept in this
         // node's memory alone.
         let volatile =
             self.durable.is_none() && self.streams.calls.get(&call).is_some_and(|c| c.durable);
-        let here = self.streams.hosts_locally(&stream) && !volatile;
-        let hosts = if here {
-            Vec::new()
-        } else if let Some(gone) = retry {
-            // Linked ones first; if none is, any other live one (its link
-            // is being set up) rather than host here after a blip.
-            let linked = self.stream_hosts(&stream);
-            if linked.is_empty() {
-                let mut live = self.live_stream_hosts(&stream);
-                live.retain(|h| *h != gone);
-                live
-            } else {
-                linked
-            }
-        } else {
-            self.live_stream_hosts(&stream)
+        let here = self.streams.hosts_locally(&stream);
+        let self_host = self.streams.hosting.self_host();
+        let remote = || {
+            hosting::failover_hosts(
+                retry,
+                || self.stream_hosts(&stream),
+                || self.live_stream_hosts(&stream),
+            )
         };
-        if hosts.is_empty() {
-            if volatile {
-                self.fail_call(call, AppendFailure::NoHost);
-                return;
-            }
-            if !self.streams.hosts_locally(&stream) {
-                if !self.streams.hosting.self_host() {
-                    self.fail_call(call, AppendFailure::NoHost);
-                    return;
-                }
+        let hosts = match hosting::route(here, volatile, self_host, remote) {
+            Route::Remote(hosts) => hosts,
+            Route::NoHost { .. } => return self.fail_call(call, AppendFailure::NoHost),
+            Route::TakeOn => {
                 tracing::debug!(%stream, "no host for stream; this node hosts its own partitions");
                 if !self.start_hosting_stream(&stream) {
-                    self.fail_call(
-                        call,
-                        AppendFailure::Refused {
-                            full: true,
-                            reason: format!(
-                                "stream {stream:?} has no host, and this node hosts as many streams as it may"
-                            ),
-                        },
+                    let reason = format!(
+                        "stream {stream:?} has no host, and this node hosts as many streams as it may"
                     );
-                    return;
+                    let e = AppendFailure::Refused { full: true, reason };
+                    return self.fail_call(call, e);
                 }
+                return self.append_local(call, &stream, records, slots);
             }
-            let local = self.local;
-            match self.append_here(&stream, records) {
-                Ok(placed) => {
-                    if let Some(c) = self.streams.calls.get_mut(&call) {
-                        for (slot, (index, offset)) in slots.into_iter().zip(placed) {
-                            c.placed[slot] = Some(Placed {
-                                host: local,
-                                index,
-                                offset,
-                            });
-                        }
-                        if let Some(d) = self.durable.as_mut() {
-                            // The call resolves once these are on disk.
-                            c.remaining += 1;
-                            d.hold(super::durable::Held::StreamCall(call));
-                        }
-                    }
-                }
-                Err(e) => self.fail_call(
-                    call,
-                    AppendFailure::Refused {
-                        full: matches!(e, core_stream::AppendError::Full { .. }),
-                        reason: e.to_string(),
-                    },
-                ),
-            }
-            return;
-        }
+            Route::Here => return self.append_local(call, &stream, records, slots),
+        };
         // Records per host, in order; frames of bounded size.
         let mut per_host: Vec<(NodeId, Vec<NewRecord>, Vec<usize>, usize)> = Vec::new();
         let mut open: FxHashMap<NodeId, usize> = FxHashMap::default();
@@ -947,6 +890,43 @@ impl NodeTask {
                     slots,
                 },
             );
+        }
+    }
+
+    /// An append's records go to this node's partitions; the call resolves
+    /// once they are placed (and on disk, if durable).
+    fn append_local(
+        &mut self,
+        call: u64,
+        stream: &Arc<str>,
+        records: Vec<NewRecord>,
+        slots: Vec<usize>,
+    ) {
+        let local = self.local;
+        match self.append_here(stream, records) {
+            Ok(placed) => {
+                if let Some(c) = self.streams.calls.get_mut(&call) {
+                    for (slot, (index, offset)) in slots.into_iter().zip(placed) {
+                        c.placed[slot] = Some(Placed {
+                            host: local,
+                            index,
+                            offset,
+                        });
+                    }
+                    if let Some(d) = self.durable.as_mut() {
+                        // The call resolves once these are on disk.
+                        c.remaining += 1;
+                        d.hold(super::durable::Held::StreamCall(call));
+                    }
+                }
+            }
+            Err(e) => self.fail_call(
+                call,
+                AppendFailure::Refused {
+                    full: matches!(e, core_stream::AppendError::Full { .. }),
+                    reason: e.to_string(),
+                },
+            ),
         }
     }
 
@@ -1092,26 +1072,14 @@ impl NodeTask {
         }
         // The partitions this consumer wants.
         c.refreshed = true;
-        let mut want: Vec<(NodeId, u32, u64, bool)> = Vec::new();
-        for (h, v) in &c.hosts {
-            for i in 0..v.partitions {
-                let mine = match &assignment {
-                    None => true,
-                    Some((g, members, locals)) => {
-                        hosting::partition_owner(&stream, g, h, i, members, |m: &NodeId| {
-                            m.to_bytes()
-                        }) == Some(local)
-                            && hosting::partition_owner(&stream, g, h, i, locals, |s: &u64| {
-                                s.to_le_bytes().to_vec()
-                            }) == Some(sid)
-                    }
-                };
-                if mine {
-                    want.push((*h, i, v.epoch, v.late));
-                }
-            }
-        }
-        want.sort_unstable();
+        let share = assignment
+            .as_ref()
+            .map(|(g, members, locals)| group::Assignment {
+                group: g,
+                members,
+                locals,
+            });
+        let want = group::wanted(&stream, local, sid, &c.hosts, share.as_ref());
         let wanted: FxHashSet<(NodeId, u32)> = want.iter().map(|(h, i, ..)| (*h, *i)).collect();
         let stop: Vec<((NodeId, u32), u64)> = c
             .active
@@ -1134,20 +1102,8 @@ impl NodeTask {
             if c.active.contains_key(&(h, i)) {
                 continue;
             }
-            // `Latest` means records appended after the consumer started:
-            // all of a partition that appeared later.
-            let latest = matches!(c.start, Start::Latest) && !late;
-            let from = match c.positions.get(&(h, i)) {
-                Some((e, next)) if *e == epoch => Start::Offset(*next),
-                _ => match (&c.group, &c.start) {
-                    (Some(g), _) => Start::Committed {
-                        group: g.clone(),
-                        latest,
-                    },
-                    (None, Start::Latest) if !latest => Start::Earliest,
-                    (None, s) => s.clone(),
-                },
-            };
+            let position = c.positions.get(&(h, i)).copied();
+            let from = group::read_from(&c.start, c.group.as_ref(), position, epoch, late);
             if let Start::Offset(o) = from {
                 c.positions.insert((h, i), (epoch, o));
             } else {

@@ -37,7 +37,7 @@ use crate::{
         topic::Pattern,
         NodeId,
     },
-    engine::hosting::{self, Gathers, Hosting},
+    engine::hosting::{self, Gathers, Hosting, Route},
     queue::{QueueFull, SendError},
     rpc::RequestError,
     wire::{self, DeliverWire, Frame, PeekedWire, Raw, ReplyStatus, WireError, WorkWire},
@@ -720,73 +720,38 @@ impl NodeTask {
     }
 
     /// Sends message `seq` to its host: this node if it hosts the queue,
-    /// else a remote host, else this node from now on.
+    /// else a remote host, else this node from now on
+    /// ([`hosting::route`]).
     fn route_send(&mut self, seq: u64, queue: Arc<str>, msg: OutMsg, reply: SendReply, full: u32) {
-        let now = self.work.now.unwrap_or_else(now);
-        let id = MessageId {
-            publisher: self.local,
-            seq,
-        };
         // A send that needs a durable confirmation is not kept in this
         // node's memory alone.
         let volatile = msg.durable && self.durable.is_none();
-        let host = if self.work.hosts_locally(&queue) && !volatile {
-            None
-        } else {
-            let hosts = self.remote_hosts(&queue);
-            hosting::queue_host(&queue, &hosts)
-        };
-        let Some(host) = host else {
-            if volatile {
-                let e = SendError::NoHost(format!(
-                    "{queue} (no host keeps it, and this node holds queues in memory only)"
-                ));
-                self.resolve_send(reply, Err(e));
-                return;
-            }
-            if !self.work.hosts_locally(&queue) {
-                if !self.work.hosting.self_host() {
-                    self.resolve_send(reply, Err(SendError::NoHost(queue.to_string())));
-                    return;
-                }
+        let here = self.work.hosts_locally(&queue);
+        let self_host = self.work.hosting.self_host();
+        let hosts = match hosting::route(here, volatile, self_host, || self.remote_hosts(&queue)) {
+            Route::Remote(hosts) => hosts,
+            Route::Here => return self.send_here(seq, queue, msg, reply, full),
+            Route::TakeOn => {
                 tracing::debug!(%queue, "no host for queue; this node hosts its own messages");
                 if !self.start_hosting(queue.clone()) {
                     let e = SendError::Full(format!(
                         "queue {queue:?} has no host, and this node hosts as many queues as it may"
                     ));
-                    self.resolve_send(reply, Err(e));
-                    return;
+                    return self.resolve_send(reply, Err(e));
                 }
+                return self.send_here(seq, queue, msg, reply, full);
             }
-            if !self.work.host.has_room(&queue) {
-                if self.work.full_policy == QueueFull::Wait {
-                    let p = PendingSend {
-                        queue,
-                        host: self.local,
-                        msg,
-                        reply,
-                        full,
-                        waiting: true,
-                    };
-                    self.wait_for_room(seq, p);
-                } else {
-                    let limit = self.work.host.config().max_messages;
-                    let e = SendError::Full(format!("queue {queue:?} is full ({limit} messages)"));
-                    self.resolve_send(reply, Err(e));
-                }
-                return;
+            Route::NoHost { volatile: true } => {
+                let e = SendError::NoHost(format!(
+                    "{queue} (no host keeps it, and this node holds queues in memory only)"
+                ));
+                return self.resolve_send(reply, Err(e));
             }
-            let result = self
-                .work
-                .host
-                .send(now, &queue, new_message(id, msg, now))
-                .map(|_| id)
-                .map_err(|e| SendError::Full(e.to_string()));
-            match self.durable.as_mut() {
-                // Confirmed once on disk.
-                Some(d) if result.is_ok() => d.hold(super::durable::Held::LocalSend(reply, result)),
-                _ => self.resolve_send(reply, result),
+            Route::NoHost { volatile: false } => {
+                return self.resolve_send(reply, Err(SendError::NoHost(queue.to_string())));
             }
+        };
+        let Some(host) = hosting::queue_host(&queue, &hosts) else {
             return;
         };
         let w = WorkWire::Send {
@@ -811,6 +776,46 @@ impl NodeTask {
             waiting: false,
         };
         self.work.pending_sends.insert(seq, p);
+    }
+
+    /// Message `seq` goes to this node's host core: it waits for room if
+    /// the queue is full and the policy says wait; a durable host confirms
+    /// it once on disk.
+    fn send_here(&mut self, seq: u64, queue: Arc<str>, msg: OutMsg, reply: SendReply, full: u32) {
+        let now = self.work.now.unwrap_or_else(now);
+        let id = MessageId {
+            publisher: self.local,
+            seq,
+        };
+        if !self.work.host.has_room(&queue) {
+            if self.work.full_policy == QueueFull::Wait {
+                let p = PendingSend {
+                    queue,
+                    host: self.local,
+                    msg,
+                    reply,
+                    full,
+                    waiting: true,
+                };
+                self.wait_for_room(seq, p);
+            } else {
+                let limit = self.work.host.config().max_messages;
+                let e = SendError::Full(format!("queue {queue:?} is full ({limit} messages)"));
+                self.resolve_send(reply, Err(e));
+            }
+            return;
+        }
+        let result = self
+            .work
+            .host
+            .send(now, &queue, new_message(id, msg, now))
+            .map(|_| id)
+            .map_err(|e| SendError::Full(e.to_string()));
+        match self.durable.as_mut() {
+            // Confirmed once on disk.
+            Some(d) if result.is_ok() => d.hold(super::durable::Held::LocalSend(reply, result)),
+            _ => self.resolve_send(reply, result),
+        }
     }
 
     /// This node hosts `queue` from now on: it says so to the mesh, and
