@@ -11,7 +11,8 @@
 //! Frames become core calls the way `runtime::NodeTask::handle_frame` (and
 //! `runtime::work`, `runtime::streams`) turn them into calls, without the
 //! async runtime; outputs are drained and encoded the way the runtime
-//! would, and dropped.
+//! would, and dropped. Reliable pub/sub frames (`Seq`, `Resume`, `Lagged`)
+//! drive the runtime's own rules (`engine::reliable`), not a copy.
 
 use std::{
     collections::VecDeque,
@@ -37,6 +38,7 @@ use crate::{
         topic::{Pattern, Topic},
         NodeId,
     },
+    engine::reliable::{Accept, Kept, Reliable, Resume},
     runtime::{
         link,
         streams::start_from_wire,
@@ -753,7 +755,8 @@ fn pubsub_frame<'a>(u: &mut Input<'a>) -> Frame<'a> {
         4 => Frame::Seq {
             session: u.num(),
             rseq: u.num(),
-            to: u.num(),
+            // Often for this node's run, so the windows see it.
+            to: if u.bool() { EPOCH } else { u.num() },
         },
         5 => Frame::Declare(decl(u)),
         6 => Frame::Sync(sync(u)),
@@ -766,7 +769,7 @@ fn pubsub_frame<'a>(u: &mut Input<'a>) -> Frame<'a> {
                 session: u.num(),
                 missed: u.num(),
                 next: u.num(),
-                to: u.num(),
+                to: if u.bool() { EPOCH } else { u.num() },
             },
         },
     }
@@ -1218,6 +1221,25 @@ pub fn one_frame(body: &[u8]) {
 /// The epoch of the harness node's stream host.
 const EPOCH: u64 = 7;
 
+/// The reliable windows of a node that published 6 messages to `peer`,
+/// numbered for its epoch [`EPOCH`], in a window of 4: a `Resume` from
+/// below 3 is answered with `Lagged`.
+fn kept_for(peer: NodeId) -> Reliable {
+    let mut r = Reliable::new(EPOCH);
+    for seq in 1..=6 {
+        let kept = Kept {
+            rseq: 0,
+            seq,
+            timestamp: seq,
+            topic: "orders.eu".into(),
+            headers: Vec::new(),
+            payload: Bytes::from_static(b"kept"),
+        };
+        r.keep(peer, EPOCH, kept, 4);
+    }
+    r
+}
+
 fn local() -> NodeId {
     id(0).unwrap_or_else(NodeId::random)
 }
@@ -1248,7 +1270,8 @@ pub fn drive(data: &[u8], family: Family) {
 #[derive(Debug)]
 struct PeerLink {
     dec: LinkDecoder,
-    pending_seq: Option<(u64, u64)>,
+    /// (session, rseq, to) of the next `Msg`.
+    pending_seq: Option<(u64, u64, u64)>,
 }
 
 #[derive(Debug)]
@@ -1274,6 +1297,8 @@ struct Harness {
     streams: Streams<NodeId>,
     consumers: FxHashMap<u32, Consumer>,
     pending_sends: FxHashMap<u64, NodeId>,
+    /// The runtime's reliable windows (`engine::reliable`), real.
+    reliable: Reliable,
     /// What the node would send, encoded (cleared after each step).
     out: Vec<u8>,
 }
@@ -1323,6 +1348,7 @@ impl Harness {
             streams,
             consumers,
             pending_sends: (1..=8).map(|s| (s, peer)).collect(),
+            reliable: kept_for(peer),
             out: Vec::new(),
         })
     }
@@ -1393,6 +1419,9 @@ impl Harness {
     }
 
     fn link_up(&mut self, peer: NodeId, addrs: Vec<Vec<u8>>) {
+        let resume = self.reliable.link_up(self.now, peer);
+        let Resume { session, next } = resume;
+        wire::encode(&mut self.out, &Frame::Resume { session, next });
         self.links.insert(
             peer,
             PeerLink {
@@ -1431,19 +1460,67 @@ impl Harness {
                     .links
                     .get_mut(&peer)
                     .ok_or(WireError::Unexpected("Msg"))?;
-                link.pending_seq.take();
+                let seq = link.pending_seq.take();
                 let (msg, targets) = link.dec.handle_msg(body, &m, &self.subs)?;
                 let _ = (msg, targets);
+                if let Some((session, rseq, to)) = seq {
+                    if to == self.reliable.session() {
+                        let a = self.reliable.accept(now, peer, session, rseq);
+                        if let Accept::Gap {
+                            resume: Some(Resume { session, next }),
+                        } = a
+                        {
+                            wire::encode(&mut self.out, &Frame::Resume { session, next });
+                        }
+                    }
+                }
             }
-            Frame::Seq { session, rseq, .. } => {
+            Frame::Seq { session, rseq, to } => {
+                if rseq == u64::MAX {
+                    return Err(WireError::Malformed("Seq at u64::MAX".into()));
+                }
                 let link = self
                     .links
                     .get_mut(&peer)
                     .ok_or(WireError::Unexpected("Seq"))?;
-                link.pending_seq = Some((session, rseq));
+                link.pending_seq = Some((session, rseq, to));
             }
-            // Reliable windows are runtime state, not a core's.
-            Frame::Resume { .. } | Frame::Lagged { .. } | Frame::ByeAck => {}
+            Frame::Resume { session, next } => {
+                if let Some(r) = self.reliable.resend(&peer, session, next) {
+                    let ours = self.reliable.session();
+                    if let Some((missed, next)) = r.lagged {
+                        let to = r.to;
+                        let session = ours;
+                        wire::encode(
+                            &mut self.out,
+                            &Frame::Lagged {
+                                session,
+                                missed,
+                                next,
+                                to,
+                            },
+                        );
+                    }
+                    for k in r.messages() {
+                        let (session, rseq, to) = (ours, k.rseq, r.to);
+                        wire::encode(&mut self.out, &Frame::Seq { session, rseq, to });
+                    }
+                }
+            }
+            Frame::Lagged {
+                session,
+                missed,
+                next,
+                to,
+            } => {
+                if next == u64::MAX {
+                    return Err(WireError::Malformed("Lagged to u64::MAX".into()));
+                }
+                if to == self.reliable.session() {
+                    let _ = self.reliable.lagged(peer, session, missed, next);
+                }
+            }
+            Frame::ByeAck => {}
             Frame::Gossip(g) => {
                 let msg = self.codec.decode(body, &g)?;
                 self.gossip.handle_message(now, peer, msg, &mut self.rng);
