@@ -383,6 +383,57 @@ pub(crate) fn start_from_wire(s: &StartWire<'_>) -> Start {
     }
 }
 
+/// An append's records, parsed (their bytes stay in the frame's buffer).
+fn new_records_from_wire(body: &Bytes, records: &[AppendWire<'_>]) -> Vec<NewRecord> {
+    records
+        .iter()
+        .map(|r| NewRecord {
+            key: slice(body, r.key.0),
+            timestamp_ms: r.ts_ms,
+            headers: headers_from_wire(body, &r.headers),
+            payload: slice(body, r.payload.0),
+        })
+        .collect()
+}
+
+/// Records a host sent a read, parsed.
+fn records_from_wire(body: &Bytes, records: &[RecordWire<'_>]) -> Vec<core_stream::Record> {
+    records
+        .iter()
+        .map(|r| core_stream::Record {
+            offset: r.offset,
+            key: slice(body, r.key.0),
+            timestamp_ms: r.ts_ms,
+            headers: headers_from_wire(body, &r.headers),
+            payload: slice(body, r.payload.0),
+        })
+        .collect()
+}
+
+/// A host's answer to `info`, parsed: its own view of its partitions,
+/// those with offsets in order, at most [`core_stream::MAX_PARTITIONS`].
+fn host_parts_from_wire(peer: NodeId, parts: &[PartWire<'_>]) -> Option<HostParts> {
+    let parts: Vec<&PartWire<'_>> = parts.iter().filter(|p| p.first <= p.next).collect();
+    (!parts.is_empty()).then(|| HostParts {
+        host: peer,
+        parts: parts
+            .into_iter()
+            .take(core_stream::MAX_PARTITIONS as usize)
+            .map(|p| core_stream::PartitionState {
+                index: p.index,
+                first: p.first,
+                next: p.next,
+                bytes: p.bytes,
+                committed: p
+                    .committed
+                    .iter()
+                    .map(|(g, o)| (Arc::from(*g), *o))
+                    .collect(),
+            })
+            .collect(),
+    })
+}
+
 /// The group pattern members of `group` on `stream` declare.
 pub(crate) fn group_pattern(stream: &str, group: &str) -> Option<Pattern> {
     Pattern::new(&format!("{GROUP_PREFIX}{stream}.{group}")).ok()
@@ -1133,40 +1184,54 @@ impl NodeTask {
             self.stop_read(rid);
         }
         for (host, index, rid, from) in start {
-            self.streams.reads.insert(
-                rid,
-                Read {
+            self.start_read(sid, &stream, window, (host, index, rid), &from);
+        }
+    }
+
+    /// Read `rid` of consumer `sid` starts on partition `index` of `host`
+    /// (this node's partitions read here, a remote host's asked for).
+    fn start_read(
+        &mut self,
+        sid: u64,
+        stream: &str,
+        window: u32,
+        (host, index, rid): (NodeId, u32, u64),
+        from: &Start,
+    ) {
+        let local = self.local;
+        self.streams.reads.insert(
+            rid,
+            Read {
+                sid,
+                host,
+                index,
+                credit: window,
+            },
+        );
+        if host == local {
+            match self
+                .streams
+                .host
+                .open(local, rid, stream, index, from, window)
+            {
+                Ok(at) => self.read_started(sid, host, index, at),
+                Err(e) => {
+                    tracing::warn!(%stream, index, error = %e, "stream read refused");
+                    self.read_refused(rid);
+                }
+            }
+        } else {
+            self.send_stream(
+                host,
+                &StreamWire::Read {
                     sid,
-                    host,
+                    rid,
+                    stream,
                     index,
+                    from: start_to_wire(from),
                     credit: window,
                 },
             );
-            if host == local {
-                match self
-                    .streams
-                    .host
-                    .open(local, rid, &stream, index, &from, window)
-                {
-                    Ok(at) => self.read_started(sid, host, index, at),
-                    Err(e) => {
-                        tracing::warn!(%stream, index, error = %e, "stream read refused");
-                        self.read_refused(rid);
-                    }
-                }
-            } else {
-                self.send_stream(
-                    host,
-                    &StreamWire::Read {
-                        sid,
-                        rid,
-                        stream: &stream,
-                        index,
-                        from: start_to_wire(&from),
-                        credit: window,
-                    },
-                );
-            }
         }
     }
 
@@ -1294,64 +1359,15 @@ impl NodeTask {
                 records,
             } => {
                 Topic::new(stream).map_err(|e| WireError::BadTopic(e.to_string()))?;
-                let records: Vec<NewRecord> = records
-                    .iter()
-                    .map(|r| NewRecord {
-                        key: slice(body, r.key.0),
-                        timestamp_ms: r.ts_ms,
-                        headers: headers_from_wire(body, &r.headers),
-                        payload: slice(body, r.payload.0),
-                    })
-                    .collect();
-                // Its appender may think we host it when we do not (a
-                // declaration of a previous run): take it, within limits.
-                let name: Arc<str> = stream.into();
-                let result = if self.start_hosting_stream(&name) {
-                    self.append_here(stream, records).map_err(|e| {
-                        (
-                            matches!(e, core_stream::AppendError::Full { .. }),
-                            e.to_string(),
-                        )
-                    })
-                } else if !self.streams.hosting.self_host() {
-                    Err((false, format!("this node does not host stream {stream:?}")))
-                } else {
-                    let e = core_stream::AppendError::TooManyStreams {
-                        limit: self.streams.host.config().max_streams,
-                    };
-                    Err((false, e.to_string()))
-                };
-                match result {
-                    Ok(placed) => match self.durable.as_mut() {
-                        Some(d) => {
-                            d.hold(super::durable::Held::StreamAppended { peer, seq, placed })
-                        }
-                        None => self.send_appended(peer, seq, placed),
-                    },
-                    Err((full, reason)) => self.send_stream(
-                        peer,
-                        &StreamWire::AppendRefused {
-                            seq,
-                            full,
-                            reason: &reason,
-                        },
-                    ),
-                }
+                let records = new_records_from_wire(body, &records);
+                self.host_append(peer, stream, seq, records);
             }
             StreamWire::Appended {
                 seq,
                 epoch: _,
                 placed,
             } => {
-                if self
-                    .streams
-                    .pending
-                    .get(&seq)
-                    .is_none_or(|p| p.host != peer)
-                {
-                    return Ok(());
-                }
-                let Some(p) = self.streams.pending.remove(&seq) else {
+                let Some(p) = self.answered_append(peer, seq) else {
                     return Ok(());
                 };
                 if let Some(c) = self.streams.calls.get_mut(&p.call) {
@@ -1369,15 +1385,7 @@ impl NodeTask {
                 self.finish_call_if_done(p.call);
             }
             StreamWire::AppendRefused { seq, full, reason } => {
-                if self
-                    .streams
-                    .pending
-                    .get(&seq)
-                    .is_none_or(|p| p.host != peer)
-                {
-                    return Ok(());
-                }
-                if let Some(p) = self.streams.pending.remove(&seq) {
+                if let Some(p) = self.answered_append(peer, seq) {
                     if let Some(c) = self.streams.calls.get_mut(&p.call) {
                         c.remaining -= 1;
                         c.error.get_or_insert(AppendFailure::Refused {
@@ -1390,37 +1398,7 @@ impl NodeTask {
             }
             StreamWire::Watch { sid, stream } => {
                 Topic::new(stream).map_err(|e| WireError::BadTopic(e.to_string()))?;
-                let total: usize = self.streams.watches.values().sum();
-                let mine = self.streams.watches.get(&peer).copied().unwrap_or(0);
-                let w = self.streams.watchers.entry(stream.into()).or_default();
-                let full = w.len() >= MAX_WATCHERS
-                    || total >= MAX_ALL_WATCHERS
-                    || mine >= MAX_WATCHES_PER_PEER;
-                if full && !w.contains(&(peer, sid)) {
-                    if w.is_empty() {
-                        self.streams.watchers.remove(stream);
-                    }
-                    tracing::warn!(%peer, %stream, "too many consumers watch this stream; refused");
-                    self.send_stream(peer, &StreamWire::WatchRefused { sid });
-                    return Ok(());
-                }
-                if w.insert((peer, sid)) {
-                    *self.streams.watches.entry(peer).or_default() += 1;
-                }
-                let partitions = if self.streams.host.has(stream) {
-                    self.streams.host.config().partitions
-                } else {
-                    0
-                };
-                let epoch = self.streams.epoch;
-                self.send_stream(
-                    peer,
-                    &StreamWire::Parts {
-                        sid,
-                        epoch,
-                        partitions,
-                    },
-                );
+                self.host_watch(peer, sid, stream);
             }
             StreamWire::WatchRefused { sid } => {
                 if let Some(c) = self.streams.consumers.get_mut(&sid) {
@@ -1433,50 +1411,14 @@ impl NodeTask {
                 }
             }
             StreamWire::Unwatch { sid } => {
-                let mut removed = 0;
-                self.streams.watchers.retain(|_, w| {
-                    removed += usize::from(w.remove(&(peer, sid)));
-                    !w.is_empty()
-                });
-                if let Some(n) = self.streams.watches.get_mut(&peer) {
-                    *n = n.saturating_sub(removed);
-                    if *n == 0 {
-                        self.streams.watches.remove(&peer);
-                    }
-                }
+                self.host_unwatch(peer, sid);
             }
             StreamWire::Parts {
                 sid,
                 epoch,
                 partitions,
             } => {
-                let Some(c) = self.streams.consumers.get_mut(&sid) else {
-                    return Ok(());
-                };
-                if !c.watched.contains(&peer) {
-                    return Ok(());
-                }
-                let partitions = partitions.min(core_stream::MAX_PARTITIONS);
-                let before = c.seen.get(&peer).copied();
-                if before.is_some_and(|(e, _)| e != epoch) {
-                    // The host restarted: its partitions are new logs.
-                    c.positions.retain(|(h, _), _| *h != peer);
-                }
-                let late = partitions == 0
-                    || !c.initial_hosts.contains(&peer)
-                    || before.is_some_and(|(e, late)| late || e != epoch);
-                if c.seen.len() < 4096 || before.is_some() {
-                    c.seen.insert(peer, (epoch, late));
-                }
-                c.hosts.insert(
-                    peer,
-                    HostView {
-                        epoch,
-                        partitions,
-                        late,
-                    },
-                );
-                self.streams.changed += 1;
+                self.parts_arrived(peer, sid, epoch, partitions);
             }
             StreamWire::Read {
                 sid: _,
@@ -1493,23 +1435,7 @@ impl NodeTask {
                         return Err(WireError::BadTopic("group name too long".into()));
                     }
                 }
-                match self
-                    .streams
-                    .host
-                    .open(peer, rid, stream, index, &start, credit)
-                {
-                    Ok(at) => self.send_stream(peer, &StreamWire::ReadStarted { rid, at }),
-                    Err(e) => {
-                        let reason = e.to_string();
-                        self.send_stream(
-                            peer,
-                            &StreamWire::ReadRefused {
-                                rid,
-                                reason: &reason,
-                            },
-                        );
-                    }
-                }
+                self.host_read(peer, rid, stream, index, &start, credit);
             }
             StreamWire::ReadStarted { rid, at } => {
                 if let Some(r) = self.streams.reads.get(&rid).filter(|r| r.host == peer) {
@@ -1524,16 +1450,7 @@ impl NodeTask {
                 }
             }
             StreamWire::Records { rid, gone, records } => {
-                let records = records
-                    .iter()
-                    .map(|r| core_stream::Record {
-                        offset: r.offset,
-                        key: slice(body, r.key.0),
-                        timestamp_ms: r.ts_ms,
-                        headers: headers_from_wire(body, &r.headers),
-                        payload: slice(body, r.payload.0),
-                    })
-                    .collect();
+                let records = records_from_wire(body, &records);
                 self.records_arrived(peer, rid, gone, records);
             }
             StreamWire::Credit { rid, n } => self.streams.host.credit(&peer, rid, n),
@@ -1555,61 +1472,14 @@ impl NodeTask {
                 self.send_empty_info(peer, req);
             }
             StreamWire::Info { req, stream } => {
-                let parts = self.streams.host.partitions(stream);
-                let wire_parts = parts
-                    .iter()
-                    .map(|p| PartWire {
-                        index: p.index,
-                        first: p.first,
-                        next: p.next,
-                        bytes: p.bytes,
-                        // Well under the frame limit: at most 16 groups
-                        // per partition (256 partitions of 16 groups of
-                        // at most 128 bytes: 512 KiB).
-                        committed: p
-                            .committed
-                            .iter()
-                            .take(16)
-                            .map(|(g, o)| (&**g, *o))
-                            .collect(),
-                    })
-                    .collect();
-                let epoch = self.streams.epoch;
-                self.send_stream(
-                    peer,
-                    &StreamWire::InfoReply {
-                        req,
-                        epoch,
-                        parts: wire_parts,
-                    },
-                );
+                self.host_info(peer, req, stream);
             }
             StreamWire::InfoReply {
                 req,
                 epoch: _,
                 parts,
             } => {
-                // A host's own view of its partitions: offsets in order.
-                let parts: Vec<&PartWire<'_>> =
-                    parts.iter().filter(|p| p.first <= p.next).collect();
-                let got = (!parts.is_empty()).then(|| HostParts {
-                    host: peer,
-                    parts: parts
-                        .into_iter()
-                        .take(core_stream::MAX_PARTITIONS as usize)
-                        .map(|p| core_stream::PartitionState {
-                            index: p.index,
-                            first: p.first,
-                            next: p.next,
-                            bytes: p.bytes,
-                            committed: p
-                                .committed
-                                .iter()
-                                .map(|(g, o)| (Arc::from(*g), *o))
-                                .collect(),
-                        })
-                        .collect(),
-                });
+                let got = host_parts_from_wire(peer, &parts);
                 let done = self
                     .streams
                     .gathers
@@ -1620,6 +1490,198 @@ impl NodeTask {
             }
         }
         Ok(())
+    }
+
+    /// A peer's append to a stream this node hosts (or takes on): placed
+    /// and answered (once on disk, if durable), or refused.
+    fn host_append(&mut self, peer: NodeId, stream: &str, seq: u64, records: Vec<NewRecord>) {
+        // Its appender may think we host it when we do not (a
+        // declaration of a previous run): take it, within limits.
+        let name: Arc<str> = stream.into();
+        let result = if self.start_hosting_stream(&name) {
+            self.append_here(stream, records).map_err(|e| {
+                (
+                    matches!(e, core_stream::AppendError::Full { .. }),
+                    e.to_string(),
+                )
+            })
+        } else if !self.streams.hosting.self_host() {
+            Err((false, format!("this node does not host stream {stream:?}")))
+        } else {
+            let e = core_stream::AppendError::TooManyStreams {
+                limit: self.streams.host.config().max_streams,
+            };
+            Err((false, e.to_string()))
+        };
+        match result {
+            Ok(placed) => match self.durable.as_mut() {
+                Some(d) => d.hold(super::durable::Held::StreamAppended { peer, seq, placed }),
+                None => self.send_appended(peer, seq, placed),
+            },
+            Err((full, reason)) => self.send_stream(
+                peer,
+                &StreamWire::AppendRefused {
+                    seq,
+                    full,
+                    reason: &reason,
+                },
+            ),
+        }
+    }
+
+    /// The append `seq` waiting for `peer`'s answer, taken out; `None` if
+    /// none does (only the host an append went to can answer it).
+    fn answered_append(&mut self, peer: NodeId, seq: u64) -> Option<PendingAppend> {
+        let ours = self
+            .streams
+            .pending
+            .get(&seq)
+            .is_some_and(|p| p.host == peer);
+        ours.then(|| self.streams.pending.remove(&seq)).flatten()
+    }
+
+    /// Consumer `sid` of `peer` watches `stream` here: it is told this
+    /// run's partitions (and told again when they appear), within the
+    /// watch quotas.
+    fn host_watch(&mut self, peer: NodeId, sid: u64, stream: &str) {
+        let total: usize = self.streams.watches.values().sum();
+        let mine = self.streams.watches.get(&peer).copied().unwrap_or(0);
+        let w = self.streams.watchers.entry(stream.into()).or_default();
+        let full =
+            w.len() >= MAX_WATCHERS || total >= MAX_ALL_WATCHERS || mine >= MAX_WATCHES_PER_PEER;
+        if full && !w.contains(&(peer, sid)) {
+            if w.is_empty() {
+                self.streams.watchers.remove(stream);
+            }
+            tracing::warn!(%peer, %stream, "too many consumers watch this stream; refused");
+            self.send_stream(peer, &StreamWire::WatchRefused { sid });
+            return;
+        }
+        if w.insert((peer, sid)) {
+            *self.streams.watches.entry(peer).or_default() += 1;
+        }
+        let partitions = if self.streams.host.has(stream) {
+            self.streams.host.config().partitions
+        } else {
+            0
+        };
+        let epoch = self.streams.epoch;
+        self.send_stream(
+            peer,
+            &StreamWire::Parts {
+                sid,
+                epoch,
+                partitions,
+            },
+        );
+    }
+
+    /// A peer's read of partition `index` of `stream` here: started (and
+    /// told where), or refused.
+    fn host_read(
+        &mut self,
+        peer: NodeId,
+        rid: u64,
+        stream: &str,
+        index: u32,
+        start: &Start,
+        credit: u32,
+    ) {
+        match self
+            .streams
+            .host
+            .open(peer, rid, stream, index, start, credit)
+        {
+            Ok(at) => self.send_stream(peer, &StreamWire::ReadStarted { rid, at }),
+            Err(e) => {
+                let reason = e.to_string();
+                self.send_stream(
+                    peer,
+                    &StreamWire::ReadRefused {
+                        rid,
+                        reason: &reason,
+                    },
+                );
+            }
+        }
+    }
+
+    /// Consumer `sid` of `peer` no longer watches.
+    fn host_unwatch(&mut self, peer: NodeId, sid: u64) {
+        let mut removed = 0;
+        self.streams.watchers.retain(|_, w| {
+            removed += usize::from(w.remove(&(peer, sid)));
+            !w.is_empty()
+        });
+        if let Some(n) = self.streams.watches.get_mut(&peer) {
+            *n = n.saturating_sub(removed);
+            if *n == 0 {
+                self.streams.watches.remove(&peer);
+            }
+        }
+    }
+
+    /// Host `peer` told consumer `sid` its run and partition count.
+    fn parts_arrived(&mut self, peer: NodeId, sid: u64, epoch: u64, partitions: u32) {
+        let Some(c) = self.streams.consumers.get_mut(&sid) else {
+            return;
+        };
+        if !c.watched.contains(&peer) {
+            return;
+        }
+        let partitions = partitions.min(core_stream::MAX_PARTITIONS);
+        let before = c.seen.get(&peer).copied();
+        if before.is_some_and(|(e, _)| e != epoch) {
+            // The host restarted: its partitions are new logs.
+            c.positions.retain(|(h, _), _| *h != peer);
+        }
+        let late = partitions == 0
+            || !c.initial_hosts.contains(&peer)
+            || before.is_some_and(|(e, late)| late || e != epoch);
+        if c.seen.len() < 4096 || before.is_some() {
+            c.seen.insert(peer, (epoch, late));
+        }
+        c.hosts.insert(
+            peer,
+            HostView {
+                epoch,
+                partitions,
+                late,
+            },
+        );
+        self.streams.changed += 1;
+    }
+
+    /// A peer asks for this host's partitions of `stream` (`info`).
+    fn host_info(&mut self, peer: NodeId, req: u64, stream: &str) {
+        let parts = self.streams.host.partitions(stream);
+        let wire_parts = parts
+            .iter()
+            .map(|p| PartWire {
+                index: p.index,
+                first: p.first,
+                next: p.next,
+                bytes: p.bytes,
+                // Well under the frame limit: at most 16 groups
+                // per partition (256 partitions of 16 groups of
+                // at most 128 bytes: 512 KiB).
+                committed: p
+                    .committed
+                    .iter()
+                    .take(16)
+                    .map(|(g, o)| (&**g, *o))
+                    .collect(),
+            })
+            .collect();
+        let epoch = self.streams.epoch;
+        self.send_stream(
+            peer,
+            &StreamWire::InfoReply {
+                req,
+                epoch,
+                parts: wire_parts,
+            },
+        );
     }
 
     /// The link to `peer` ended: its reads and watches here end, our reads

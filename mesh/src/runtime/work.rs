@@ -1150,10 +1150,6 @@ impl NodeTask {
             } => {
                 crate::core::topic::Topic::new(queue)
                     .map_err(|e| WireError::BadTopic(e.to_string()))?;
-                let id = MessageId {
-                    publisher: peer,
-                    seq,
-                };
                 let msg = OutMsg {
                     headers: headers_from_wire(body, &headers),
                     payload: slice(body, payload.0),
@@ -1162,61 +1158,12 @@ impl NodeTask {
                     dedup: dedup.map(str::to_owned),
                     durable: false,
                 };
-                // Its sender may think we host it when we do not (a
-                // declaration of a previous run of ours): take it rather
-                // than lose it, within this node's limits.
-                // A one-shot node (`self_host(false)`) takes nothing it
-                // would exit with.
-                let hosted = self.work.hosts_locally(queue)
-                    || (self.work.hosting.self_host() && self.start_hosting(queue.into()));
-                tracing::trace!(local = %self.local, %peer, seq, "work: send received");
-                let now = now();
-                let result = if hosted {
-                    self.work.host.send(now, queue, new_message(id, msg, now))
-                } else if !self.work.hosting.self_host() {
-                    Err(core_queue::SendError::NotHosted {
-                        queue: queue.to_owned(),
-                    })
-                } else {
-                    Err(core_queue::SendError::TooManyQueues {
-                        limit: self.work.host.config().max_queues,
-                    })
-                };
-                match result {
-                    Ok(Accepted::Queued | Accepted::Duplicate) => {
-                        self.work.accepted.entry(peer).or_default().push(seq)
-                    }
-                    Err(e) => {
-                        let reason = e.to_string();
-                        let full = matches!(
-                            e,
-                            core_queue::SendError::Full { .. }
-                                | core_queue::SendError::HostFull { .. }
-                        );
-                        self.send_work(
-                            peer,
-                            &WorkWire::Refused {
-                                seq,
-                                full,
-                                reason: &reason,
-                            },
-                        );
-                    }
-                }
+                self.host_send(peer, queue, seq, msg);
             }
             WorkWire::Accepted { seqs } => {
                 tracing::trace!(local = %self.local, %peer, ?seqs, "work: accepted");
                 for seq in seqs {
-                    // Only the host a send went to can settle it.
-                    let ours = self
-                        .work
-                        .pending_sends
-                        .get(&seq)
-                        .is_some_and(|p| p.host == peer && !p.waiting);
-                    if !ours {
-                        continue;
-                    }
-                    if let Some(p) = self.work.pending_sends.remove(&seq) {
+                    if let Some(p) = self.answered_send(peer, seq) {
                         let id = MessageId {
                             publisher: self.local,
                             seq,
@@ -1226,12 +1173,7 @@ impl NodeTask {
                 }
             }
             WorkWire::Refused { seq, full, reason } => {
-                let ours = self
-                    .work
-                    .pending_sends
-                    .get(&seq)
-                    .is_some_and(|p| p.host == peer && !p.waiting);
-                if let Some(p) = ours.then(|| self.work.pending_sends.remove(&seq)).flatten() {
+                if let Some(p) = self.answered_send(peer, seq) {
                     if full && self.work.full_policy == QueueFull::Wait {
                         self.wait_for_room(seq, p);
                     } else if full {
@@ -1250,7 +1192,6 @@ impl NodeTask {
             } => {
                 crate::core::topic::Topic::new(queue)
                     .map_err(|e| WireError::BadTopic(e.to_string()))?;
-                let key = ConsumerKey { node: peer, cid };
                 let options = ConsumerOptions {
                     // A peer's credit is bounded here too: what it is
                     // sent waits in its link's outbox until it reads.
@@ -1258,6 +1199,7 @@ impl NodeTask {
                     visibility_timeout: Duration::from_millis(visibility_ms),
                     max_attempts,
                 };
+                let key = ConsumerKey { node: peer, cid };
                 if let Err(e) = self.work.host.set_consumer(queue, key, options) {
                     tracing::warn!(%peer, error = %e, "consumer refused");
                 }
@@ -1268,90 +1210,17 @@ impl NodeTask {
                 epoch,
                 msgs,
             } => {
-                let mut batch = Vec::with_capacity(msgs.len());
-                for m in msgs {
-                    let publisher = match m.origin {
-                        Some(raw) => wire::node_id(raw)?,
-                        None => peer,
-                    };
-                    batch.push(DeliveryData {
-                        host: peer,
-                        cid,
-                        epoch,
-                        tag: m.tag,
-                        attempt: m.attempt,
-                        id: MessageId {
-                            publisher,
-                            seq: m.seq,
-                        },
-                        headers: headers_from_wire(body, &m.headers),
-                        payload: slice(body, m.payload.0),
-                        dead: m.dead.map(|(n, r)| (n, r.to_owned())),
-                    });
-                }
-                let back = match self.work.consumers.get(&cid) {
-                    // A host that ignores the credit we granted (a bug or a
-                    // hostile peer) cannot fill our memory: what is over
-                    // goes back.
-                    Some(c) if c.inbox.len() + batch.len() > inbox_limit(c.options.prefetch) => {
-                        tracing::warn!(%peer, cid, "queue host sent more than the credit granted; giving the excess back");
-                        Some(batch)
-                    }
-                    Some(c) => c.inbox.push_many(batch).err(),
-                    None => Some(batch),
-                };
-                // That consumer is gone (or full): give them back at once.
-                for d in back.into_iter().flatten() {
-                    self.settle(peer, d.cid, d.epoch, d.tag, Settle::Release);
+                self.deliveries_arrived(peer, body, cid, epoch, msgs)?;
+            }
+            WorkWire::Acks { cid, epoch, tags } => self.host_acks(peer, cid, epoch, tags),
+            w @ (WorkWire::Nack { .. }
+            | WorkWire::Release { .. }
+            | WorkWire::Reject { .. }
+            | WorkWire::Extend { .. }) => {
+                if let Some((cid, epoch, tag, how)) = settle_from_wire(&w) {
+                    self.host_settle(ConsumerKey { node: peer, cid }, epoch, tag, how);
                 }
             }
-            WorkWire::Acks { cid, epoch, tags } => {
-                let key = ConsumerKey { node: peer, cid };
-                if epoch != self.work.epoch {
-                    self.work.host.count_stale(tags.len());
-                    tracing::debug!(%peer, epoch, "acks of a previous run ignored");
-                } else {
-                    for tag in tags {
-                        self.work.host.ack(tag, &key);
-                    }
-                }
-            }
-            WorkWire::Nack {
-                cid,
-                epoch,
-                tag,
-                delay_ms,
-            } => self.host_settle(
-                ConsumerKey { node: peer, cid },
-                epoch,
-                tag,
-                Settle::Nack((delay_ms > 0).then(|| Duration::from_millis(delay_ms))),
-            ),
-            WorkWire::Release { cid, epoch, tag } => {
-                self.host_settle(ConsumerKey { node: peer, cid }, epoch, tag, Settle::Release)
-            }
-            WorkWire::Reject {
-                cid,
-                epoch,
-                tag,
-                reason,
-            } => self.host_settle(
-                ConsumerKey { node: peer, cid },
-                epoch,
-                tag,
-                Settle::Reject(reason.to_owned()),
-            ),
-            WorkWire::Extend {
-                cid,
-                epoch,
-                tag,
-                ms,
-            } => self.host_settle(
-                ConsumerKey { node: peer, cid },
-                epoch,
-                tag,
-                Settle::Extend(Duration::from_millis(ms)),
-            ),
             WorkWire::Peek { req, .. } if !self.request_allowed(peer) => {
                 self.send_work(
                     peer,
@@ -1362,60 +1231,10 @@ impl NodeTask {
                 );
             }
             WorkWire::Peek { req, queue, limit } => {
-                let msgs = self.work.host.peek(queue, (limit as usize).min(MAX_PEEK));
-                let ids: Vec<Vec<u8>> = msgs.iter().map(|m| m.id.publisher.to_bytes()).collect();
-                // The answer stays well under the frame limit.
-                let mut bytes = 0;
-                let fit = msgs
-                    .iter()
-                    .take_while(|m| {
-                        bytes += m.payload.len()
-                            + m.headers
-                                .iter()
-                                .map(|(k, v)| k.len() + v.len() + 10)
-                                .sum::<usize>()
-                            + 256;
-                        bytes <= DELIVER_BYTES
-                    })
-                    .count()
-                    .max(1)
-                    .min(msgs.len());
-                let wire_msgs = msgs[..fit]
-                    .iter()
-                    .zip(&ids)
-                    .map(|(m, id)| PeekedWire {
-                        origin: Raw(id),
-                        seq: m.id.seq,
-                        attempts: m.attempts,
-                        in_flight: m.in_flight,
-                        dead: m.dead.as_ref().map(|(n, r)| (*n, r.as_str())),
-                        headers: headers_to_wire(&m.headers),
-                        payload: Raw(&m.payload),
-                    })
-                    .collect();
-                self.send_work(
-                    peer,
-                    &WorkWire::Peeked {
-                        req,
-                        msgs: wire_msgs,
-                    },
-                );
+                self.host_peek(peer, req, queue, limit);
             }
             WorkWire::Peeked { req, msgs } => {
-                let mut got = Vec::with_capacity(msgs.len());
-                for m in msgs.iter().take(MAX_PEEK) {
-                    got.push(Peeked {
-                        id: MessageId {
-                            publisher: wire::node_id(m.origin)?,
-                            seq: m.seq,
-                        },
-                        attempts: m.attempts,
-                        dead: m.dead.map(|(n, r)| (n, r.to_owned())),
-                        in_flight: m.in_flight,
-                        headers: headers_from_wire(body, &m.headers),
-                        payload: slice(body, m.payload.0),
-                    });
-                }
+                let got = peeked_from_wire(body, &msgs)?;
                 self.gathered(req, peer, |r| {
                     if let GatherReply::Peek(_, all, _) = r {
                         all.extend(got);
@@ -1454,6 +1273,172 @@ impl NodeTask {
             } => self.reply_arrived(peer, id, status, slice(body, payload.0)),
         }
         Ok(())
+    }
+
+    /// `peer`'s consumer `cid` acks `tags` of host run `epoch` (those of
+    /// another run, before a restart, ack nothing).
+    fn host_acks(&mut self, peer: NodeId, cid: u32, epoch: u64, tags: Vec<u64>) {
+        let key = ConsumerKey { node: peer, cid };
+        if epoch != self.work.epoch {
+            self.work.host.count_stale(tags.len());
+            tracing::debug!(%peer, epoch, "acks of a previous run ignored");
+        } else {
+            for tag in tags {
+                self.work.host.ack(tag, &key);
+            }
+        }
+    }
+
+    /// The send `seq` waiting for `peer`'s answer, taken out; `None` if
+    /// none does (only the host a send went to can settle it).
+    fn answered_send(&mut self, peer: NodeId, seq: u64) -> Option<PendingSend> {
+        let ours = self
+            .work
+            .pending_sends
+            .get(&seq)
+            .is_some_and(|p| p.host == peer && !p.waiting);
+        ours.then(|| self.work.pending_sends.remove(&seq)).flatten()
+    }
+
+    /// A peer's send to a queue this node hosts (or takes on): accepted
+    /// with the next batch of `Accepted`, or refused at once.
+    fn host_send(&mut self, peer: NodeId, queue: &str, seq: u64, msg: OutMsg) {
+        let id = MessageId {
+            publisher: peer,
+            seq,
+        };
+        // Its sender may think we host it when we do not (a
+        // declaration of a previous run of ours): take it rather
+        // than lose it, within this node's limits.
+        // A one-shot node (`self_host(false)`) takes nothing it
+        // would exit with.
+        let hosted = self.work.hosts_locally(queue)
+            || (self.work.hosting.self_host() && self.start_hosting(queue.into()));
+        tracing::trace!(local = %self.local, %peer, seq, "work: send received");
+        let now = now();
+        let result = if hosted {
+            self.work.host.send(now, queue, new_message(id, msg, now))
+        } else if !self.work.hosting.self_host() {
+            Err(core_queue::SendError::NotHosted {
+                queue: queue.to_owned(),
+            })
+        } else {
+            Err(core_queue::SendError::TooManyQueues {
+                limit: self.work.host.config().max_queues,
+            })
+        };
+        match result {
+            Ok(Accepted::Queued | Accepted::Duplicate) => {
+                self.work.accepted.entry(peer).or_default().push(seq)
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                let full = matches!(
+                    e,
+                    core_queue::SendError::Full { .. } | core_queue::SendError::HostFull { .. }
+                );
+                self.send_work(
+                    peer,
+                    &WorkWire::Refused {
+                        seq,
+                        full,
+                        reason: &reason,
+                    },
+                );
+            }
+        }
+    }
+
+    /// A host delivered `msgs` to our consumer `cid`: into its inbox, or
+    /// back to the host if it is gone or over the credit it granted.
+    fn deliveries_arrived(
+        &mut self,
+        peer: NodeId,
+        body: &Bytes,
+        cid: u32,
+        epoch: u64,
+        msgs: Vec<DeliverWire<'_>>,
+    ) -> Result<(), WireError> {
+        let mut batch = Vec::with_capacity(msgs.len());
+        for m in msgs {
+            let publisher = match m.origin {
+                Some(raw) => wire::node_id(raw)?,
+                None => peer,
+            };
+            batch.push(DeliveryData {
+                host: peer,
+                cid,
+                epoch,
+                tag: m.tag,
+                attempt: m.attempt,
+                id: MessageId {
+                    publisher,
+                    seq: m.seq,
+                },
+                headers: headers_from_wire(body, &m.headers),
+                payload: slice(body, m.payload.0),
+                dead: m.dead.map(|(n, r)| (n, r.to_owned())),
+            });
+        }
+        let back = match self.work.consumers.get(&cid) {
+            // A host that ignores the credit we granted (a bug or a
+            // hostile peer) cannot fill our memory: what is over
+            // goes back.
+            Some(c) if c.inbox.len() + batch.len() > inbox_limit(c.options.prefetch) => {
+                tracing::warn!(%peer, cid, "queue host sent more than the credit granted; giving the excess back");
+                Some(batch)
+            }
+            Some(c) => c.inbox.push_many(batch).err(),
+            None => Some(batch),
+        };
+        // That consumer is gone (or full): give them back at once.
+        for d in back.into_iter().flatten() {
+            self.settle(peer, d.cid, d.epoch, d.tag, Settle::Release);
+        }
+        Ok(())
+    }
+
+    /// A peer peeks at `queue` here: what this node holds of it, within
+    /// one frame.
+    fn host_peek(&mut self, peer: NodeId, req: u64, queue: &str, limit: u32) {
+        let msgs = self.work.host.peek(queue, (limit as usize).min(MAX_PEEK));
+        let ids: Vec<Vec<u8>> = msgs.iter().map(|m| m.id.publisher.to_bytes()).collect();
+        // The answer stays well under the frame limit.
+        let mut bytes = 0;
+        let fit = msgs
+            .iter()
+            .take_while(|m| {
+                bytes += m.payload.len()
+                    + m.headers
+                        .iter()
+                        .map(|(k, v)| k.len() + v.len() + 10)
+                        .sum::<usize>()
+                    + 256;
+                bytes <= DELIVER_BYTES
+            })
+            .count()
+            .max(1)
+            .min(msgs.len());
+        let wire_msgs = msgs[..fit]
+            .iter()
+            .zip(&ids)
+            .map(|(m, id)| PeekedWire {
+                origin: Raw(id),
+                seq: m.id.seq,
+                attempts: m.attempts,
+                in_flight: m.in_flight,
+                dead: m.dead.as_ref().map(|(n, r)| (*n, r.as_str())),
+                headers: headers_to_wire(&m.headers),
+                payload: Raw(&m.payload),
+            })
+            .collect();
+        self.send_work(
+            peer,
+            &WorkWire::Peeked {
+                req,
+                msgs: wire_msgs,
+            },
+        );
     }
 
     fn gathered(&mut self, req: u64, peer: NodeId, add: impl FnOnce(&mut GatherReply)) {
@@ -1714,6 +1699,56 @@ impl NodeTask {
         }
         self.stream_close();
     }
+}
+
+/// A consumer's settlement of one delivery (`Nack`, `Release`, `Reject`,
+/// `Extend`): (consumer id, host epoch, tag, how); `None` for other frames.
+fn settle_from_wire(w: &WorkWire<'_>) -> Option<(u32, u64, u64, Settle)> {
+    Some(match *w {
+        WorkWire::Nack {
+            cid,
+            epoch,
+            tag,
+            delay_ms,
+        } => {
+            let delay = (delay_ms > 0).then(|| Duration::from_millis(delay_ms));
+            (cid, epoch, tag, Settle::Nack(delay))
+        }
+        WorkWire::Release { cid, epoch, tag } => (cid, epoch, tag, Settle::Release),
+        WorkWire::Reject {
+            cid,
+            epoch,
+            tag,
+            reason,
+        } => (cid, epoch, tag, Settle::Reject(reason.to_owned())),
+        WorkWire::Extend {
+            cid,
+            epoch,
+            tag,
+            ms,
+        } => (cid, epoch, tag, Settle::Extend(Duration::from_millis(ms))),
+        _ => return None,
+    })
+}
+
+/// A host's answer to a peek, parsed (at most [`MAX_PEEK`] messages).
+fn peeked_from_wire(body: &Bytes, msgs: &[PeekedWire<'_>]) -> Result<Vec<Peeked>, WireError> {
+    msgs.iter()
+        .take(MAX_PEEK)
+        .map(|m| {
+            Ok(Peeked {
+                id: MessageId {
+                    publisher: wire::node_id(m.origin)?,
+                    seq: m.seq,
+                },
+                attempts: m.attempts,
+                dead: m.dead.map(|(n, r)| (n, r.to_owned())),
+                in_flight: m.in_flight,
+                headers: headers_from_wire(body, &m.headers),
+                payload: slice(body, m.payload.0),
+            })
+        })
+        .collect()
 }
 
 fn new_message(id: MessageId, msg: OutMsg, now: Instant) -> NewMessage {
