@@ -140,88 +140,8 @@ impl NodeTask {
             .load(std::sync::atomic::Ordering::Relaxed);
         d.stream_repeats = c.stream_repeats;
 
-        let host = &self.work.host;
-        m.queues.sent = c.queue_sent;
-        m.queues.stale = host.stale_runs();
-        let mut queues: Vec<metrics::QueueGauges> = Vec::new();
-        for name in host.all_names() {
-            let s = host.stats(name);
-            m.queues.accepted += s.accepted;
-            m.queues.refused += s.refused;
-            m.queues.delivered += s.delivered;
-            m.queues.redelivered += s.redelivered;
-            m.queues.acked += s.acked;
-            m.queues.nacked += s.nacked;
-            m.queues.dead_lettered += s.dead_lettered;
-            m.queues.stale += s.stale;
-            m.dropped.queue_deduplicated += s.deduplicated;
-            if let Some(queue) = name.strip_suffix(crate::core::queue::DLQ_SUFFIX) {
-                // Dropped letters are counted on both queues; once here.
-                m.dropped.dead_letters += s.dead_letters_dropped;
-                if let Some(q) = queues.iter_mut().find(|q| q.name == queue) {
-                    q.dlq_depth = (s.waiting + s.in_flight) as u64;
-                    continue;
-                }
-                queues.push(metrics::QueueGauges {
-                    name: queue.to_owned(),
-                    dlq_depth: (s.waiting + s.in_flight) as u64,
-                    ..Default::default()
-                });
-                continue;
-            }
-            let gauges = metrics::QueueGauges {
-                name: name.to_string(),
-                depth: s.waiting as u64,
-                in_flight: s.in_flight as u64,
-                consumers: s.consumers as u64,
-                dlq_depth: 0,
-            };
-            match queues.iter_mut().find(|q| q.name == **name) {
-                Some(q) => {
-                    *q = metrics::QueueGauges {
-                        dlq_depth: q.dlq_depth,
-                        ..gauges
-                    }
-                }
-                None => queues.push(gauges),
-            }
-        }
-        queues.sort_by(|a, b| a.name.cmp(&b.name));
-        m.hosted_queues = queues;
-
-        let streams = self.streams.host.stats();
-        m.streams.appended = streams.appended;
-        m.streams.refused = streams.refused;
-        m.streams.dispatched = streams.dispatched;
-        m.streams.commits = streams.commits;
-        m.streams.received = c.stream_received;
-        m.dropped.stream_retention = streams.expired;
-        m.dropped.stream_evicted = streams.evicted;
-        let mut lags: Vec<metrics::GroupLag> = Vec::new();
-        for name in self.streams.host.names() {
-            for p in self.streams.host.partitions(name) {
-                for (group, committed) in &p.committed {
-                    let lag = p.next.saturating_sub(*committed);
-                    match lags
-                        .iter_mut()
-                        .find(|l| *l.stream == **name && *l.group == **group)
-                    {
-                        Some(l) => {
-                            l.lag += lag;
-                            l.partitions += 1;
-                        }
-                        None => lags.push(metrics::GroupLag {
-                            stream: name.to_string(),
-                            group: group.to_string(),
-                            lag,
-                            partitions: 1,
-                        }),
-                    }
-                }
-            }
-        }
-        lags.sort_by(|a, b| (&a.stream, &a.group).cmp(&(&b.stream, &b.group)));
-        m.group_lag = lags;
+        self.queue_metrics(&mut m);
+        self.stream_metrics(&mut m);
 
         m.bytes = metrics::TransportBytes {
             quic_sent: c.quic_sent,
@@ -272,6 +192,97 @@ impl NodeTask {
             }
         });
         m
+    }
+
+    /// The queue counters and gauges of what this node hosts.
+    fn queue_metrics(&self, m: &mut Metrics) {
+        let c = &self.counters;
+        let host = &self.work.host;
+        m.queues.sent = c.queue_sent;
+        m.queues.stale = host.stale_runs();
+        let mut queues: Vec<metrics::QueueGauges> = Vec::new();
+        for name in host.all_names() {
+            let s = host.stats(name);
+            m.queues.accepted += s.accepted;
+            m.queues.refused += s.refused;
+            m.queues.delivered += s.delivered;
+            m.queues.redelivered += s.redelivered;
+            m.queues.acked += s.acked;
+            m.queues.nacked += s.nacked;
+            m.queues.dead_lettered += s.dead_lettered;
+            m.queues.stale += s.stale;
+            m.dropped.queue_deduplicated += s.deduplicated;
+            if let Some(queue) = name.strip_suffix(crate::core::queue::DLQ_SUFFIX) {
+                // Dropped letters are counted on both queues; once here.
+                m.dropped.dead_letters += s.dead_letters_dropped;
+                if let Some(q) = queues.iter_mut().find(|q| q.name == queue) {
+                    q.dlq_depth = (s.waiting + s.in_flight) as u64;
+                    continue;
+                }
+                queues.push(metrics::QueueGauges {
+                    name: queue.to_owned(),
+                    dlq_depth: (s.waiting + s.in_flight) as u64,
+                    ..Default::default()
+                });
+                continue;
+            }
+            let gauges = metrics::QueueGauges {
+                name: name.to_string(),
+                depth: s.waiting as u64,
+                in_flight: s.in_flight as u64,
+                consumers: s.consumers as u64,
+                dlq_depth: 0,
+            };
+            match queues.iter_mut().find(|q| q.name == **name) {
+                Some(q) => {
+                    *q = metrics::QueueGauges {
+                        dlq_depth: q.dlq_depth,
+                        ..gauges
+                    }
+                }
+                None => queues.push(gauges),
+            }
+        }
+        queues.sort_by(|a, b| a.name.cmp(&b.name));
+        m.hosted_queues = queues;
+    }
+
+    /// The stream counters, and the lag of each consumer group.
+    fn stream_metrics(&self, m: &mut Metrics) {
+        let c = &self.counters;
+        let streams = self.streams.host.stats();
+        m.streams.appended = streams.appended;
+        m.streams.refused = streams.refused;
+        m.streams.dispatched = streams.dispatched;
+        m.streams.commits = streams.commits;
+        m.streams.received = c.stream_received;
+        m.dropped.stream_retention = streams.expired;
+        m.dropped.stream_evicted = streams.evicted;
+        let mut lags: Vec<metrics::GroupLag> = Vec::new();
+        for name in self.streams.host.names() {
+            for p in self.streams.host.partitions(name) {
+                for (group, committed) in &p.committed {
+                    let lag = p.next.saturating_sub(*committed);
+                    match lags
+                        .iter_mut()
+                        .find(|l| *l.stream == **name && *l.group == **group)
+                    {
+                        Some(l) => {
+                            l.lag += lag;
+                            l.partitions += 1;
+                        }
+                        None => lags.push(metrics::GroupLag {
+                            stream: name.to_string(),
+                            group: group.to_string(),
+                            lag,
+                            partitions: 1,
+                        }),
+                    }
+                }
+            }
+        }
+        lags.sort_by(|a, b| (&a.stream, &a.group).cmp(&(&b.stream, &b.group)));
+        m.group_lag = lags;
     }
 }
 

@@ -46,7 +46,9 @@ use crate::{
     },
     engine::reliable::{Accept, Kept, Reliable},
     node::{Config, Inner, Node, PeerInfo, StartError},
-    wire::{self, Frame, Hello, Raw, WireError, FEATURE_SHM, MAGIC, PROTOCOL_VERSION},
+    wire::{
+        self, Frame, Hello, MsgWire, Raw, SyncWire, WireError, FEATURE_SHM, MAGIC, PROTOCOL_VERSION,
+    },
 };
 use env::Transport;
 pub(crate) use env::{Environment, Spawner};
@@ -228,19 +230,20 @@ fn open_sqlite(
     Ok((None, None))
 }
 
-/// Starts the transport and the node task.
-pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
-    let admission = Arc::new(config.admission.clone());
-    let access = config.access.clone().map(crate::security::Access::new);
-    let keypair = match (&config.keypair, &config.data_dir) {
-        (Some(k), _) => k.clone(),
-        (None, Some(dir)) => load_identity(dir)?,
-        (None, None) => Keypair::generate_ed25519(),
-    };
-    let local = keypair.public().to_peer_id();
-    let signer = crate::security::Signer::new(keypair.clone());
-    let member_proofs = crate::security::MemberProofs::new(keypair.clone());
-    let (transport, transport_events, spawner, clock, rng) = match &config.env {
+/// What a node runs on: its transport and the transport's events, how it
+/// spawns tasks, its wall clock and its random numbers.
+type Attached = (
+    Box<dyn Transport>,
+    mpsc::Receiver<quic::Event>,
+    Spawner,
+    WallClock,
+    SmallRng,
+);
+
+/// Attaches to the configured environment (the simulator's), or starts
+/// the QUIC transport.
+async fn attach(config: &Config, keypair: Keypair) -> Result<Attached, StartError> {
+    Ok(match &config.env {
         Some(env) => {
             let (transport, events) = env.attach(&config.bootstrap);
             (
@@ -273,7 +276,22 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
                 SmallRng::from_entropy(),
             )
         }
+    })
+}
+
+/// Starts the transport and the node task.
+pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
+    let admission = Arc::new(config.admission.clone());
+    let access = config.access.clone().map(crate::security::Access::new);
+    let keypair = match (&config.keypair, &config.data_dir) {
+        (Some(k), _) => k.clone(),
+        (None, Some(dir)) => load_identity(dir)?,
+        (None, None) => Keypair::generate_ed25519(),
     };
+    let local = keypair.public().to_peer_id();
+    let signer = crate::security::Signer::new(keypair.clone());
+    let member_proofs = crate::security::MemberProofs::new(keypair.clone());
+    let (transport, transport_events, spawner, clock, rng) = attach(&config, keypair).await?;
 
     let shm_host = if config.shm.enabled && !config.replayable() {
         // Rings of processes that died mid-handshake have nobody to unlink
@@ -377,16 +395,7 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
         rand::thread_rng().fill_bytes(&mut task.work.request_key);
     }
     if let Some(loaded) = loaded {
-        // A durable host keeps its run across restarts: its stored
-        // partitions are the same logs, so readers resume where they were.
-        let stream_epoch = loaded.epoch.unwrap_or(epoch);
-        task.set_stream_epoch(stream_epoch);
-        if let Some(d) = task.durable.as_mut() {
-            d.push(durable::WriteOp::Epoch(stream_epoch));
-        }
-        task.work.host.set_journal(true);
-        task.streams.host.set_gate(true);
-        task.restore(loaded).map_err(StartError::Restore)?;
+        task.restore_durable(loaded, epoch)?;
     }
     for p in task
         .work
@@ -810,17 +819,7 @@ impl NodeTask {
             self.work_ops();
             self.work_flush();
             let work_room = self.work_room();
-            let timer = [
-                self.membership.poll_timeout(),
-                self.gossip.poll_timeout(),
-                self.work.poll_timeout(),
-                self.streams.poll_timeout(),
-            ]
-            .into_iter()
-            .flatten()
-            .min()
-            .map(tokio::time::Instant::from_std)
-            .unwrap_or_else(|| tokio::time::Instant::from_std(far_future()));
+            let timer = tokio::time::Instant::from_std(self.poll_timeout());
             self.flush();
             // `biased`: a fixed order of checks keeps the simulator's runs
             // reproducible (tokio's default picks a random branch first).
@@ -870,50 +869,11 @@ impl NodeTask {
                 Some(id) = unsubs.recv() => self.unsubscribe(id),
                 Some(upto) = next_stored(&mut stored) => self.durable_done(upto),
                 _ = tokio::time::sleep_until(timer) => {
-                    let now = now();
-                    if self.membership.poll_timeout().is_some_and(|t| t <= now) {
-                        self.membership.handle_timeout(now, &mut self.rng);
-                    }
-                    if self.gossip.poll_timeout().is_some_and(|t| t <= now) {
-                        let before = self.gossip.stats().clone();
-                        self.gossip.handle_timeout(now, &mut self.rng);
-                        let after = self.gossip.stats();
-                        if after.unrecovered > before.unrecovered || after.graft_misses > before.graft_misses {
-                            tracing::warn!(
-                                unrecovered = after.unrecovered,
-                                graft_misses = after.graft_misses,
-                                "gossip messages lost: announced but no neighbour could send them"
-                            );
-                        }
-                    }
-                    self.work_timeout();
-                    self.reconnect().await;
-                    self.expire_links();
-                    self.forget_departed();
+                    self.handle_timeout().await;
                 }
                 _ = self.space.notified(), if congested || !reading => {}
                 _ = tokio::time::sleep_until(tokio::time::Instant::from_std(slow_deadline.unwrap_or(far_future()))), if slow_deadline.is_some() => {
-                    let now = now();
-                    let timeout = self.config.slow_consumer_timeout;
-                    let expired: Vec<SubId> = self
-                        .blocked_subs
-                        .iter()
-                        .filter(|(_, (_, since))| *since + timeout <= now)
-                        .map(|(id, _)| *id)
-                        .collect();
-                    for id in expired {
-                        let Some((q, _)) = self.blocked_subs.remove(&id) else { continue };
-                        // It may have drained just now: then it is not slow.
-                        if let Some(backlog) = q.set_lagging() {
-                            self.stats.slow_consumers += 1;
-                            tracing::warn!(
-                                subscription = id,
-                                backlog,
-                                ?timeout,
-                                "slow consumer: subscription stayed full; dropping its messages (counted in Subscription::dropped) until it catches up"
-                            );
-                        }
-                    }
+                    self.cut_slow_consumers();
                 }
             }
             self.drive_membership().await;
@@ -946,6 +906,89 @@ impl NodeTask {
         if let Some(reply) = shutdown_reply {
             let _ = reply.send(report);
         }
+    }
+
+    /// A timer is due: the cores', the queues' and streams', reconnects,
+    /// links that never came up, departed members.
+    async fn handle_timeout(&mut self) {
+        let now = now();
+        if self.membership.poll_timeout().is_some_and(|t| t <= now) {
+            self.membership.handle_timeout(now, &mut self.rng);
+        }
+        if self.gossip.poll_timeout().is_some_and(|t| t <= now) {
+            let before = self.gossip.stats().clone();
+            self.gossip.handle_timeout(now, &mut self.rng);
+            let after = self.gossip.stats();
+            if after.unrecovered > before.unrecovered || after.graft_misses > before.graft_misses {
+                tracing::warn!(
+                    unrecovered = after.unrecovered,
+                    graft_misses = after.graft_misses,
+                    "gossip messages lost: announced but no neighbour could send them"
+                );
+            }
+        }
+        self.work_timeout();
+        self.reconnect().await;
+        self.expire_links();
+        self.forget_departed();
+    }
+
+    /// Subscriptions that stayed full past the slow-consumer timeout are
+    /// cut loose: their messages are dropped (and counted) until they
+    /// catch up.
+    fn cut_slow_consumers(&mut self) {
+        let now = now();
+        let timeout = self.config.slow_consumer_timeout;
+        let expired: Vec<SubId> = self
+            .blocked_subs
+            .iter()
+            .filter(|(_, (_, since))| *since + timeout <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            let Some((q, _)) = self.blocked_subs.remove(&id) else {
+                continue;
+            };
+            // It may have drained just now: then it is not slow.
+            if let Some(backlog) = q.set_lagging() {
+                self.stats.slow_consumers += 1;
+                tracing::warn!(
+                    subscription = id,
+                    backlog,
+                    ?timeout,
+                    "slow consumer: subscription stayed full; dropping its messages (counted in Subscription::dropped) until it catches up"
+                );
+            }
+        }
+    }
+
+    /// When a timer of the cores, the queues or the streams is next due.
+    fn poll_timeout(&mut self) -> Instant {
+        [
+            self.membership.poll_timeout(),
+            self.gossip.poll_timeout(),
+            self.work.poll_timeout(),
+            self.streams.poll_timeout(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or_else(far_future)
+    }
+
+    /// A durable host's store, loaded at start: its queues and streams
+    /// come back, and it keeps its stream run (`epoch` if it had none), so
+    /// its stored partitions are the same logs and readers resume where
+    /// they were.
+    fn restore_durable(&mut self, loaded: durable::Loaded, epoch: u64) -> Result<(), StartError> {
+        let stream_epoch = loaded.epoch.unwrap_or(epoch);
+        self.set_stream_epoch(stream_epoch);
+        if let Some(d) = self.durable.as_mut() {
+            d.push(durable::WriteOp::Epoch(stream_epoch));
+        }
+        self.work.host.set_journal(true);
+        self.streams.host.set_gate(true);
+        self.restore(loaded).map_err(StartError::Restore)
     }
 
     /// Whether a link with a stream has more than `link_buffer` bytes
@@ -1502,57 +1545,7 @@ impl NodeTask {
     fn handle_frame(&mut self, peer: NodeId, body: &Bytes) -> Result<(), WireError> {
         match wire::decode(body)? {
             Frame::Msg(m) => {
-                let link = self
-                    .links
-                    .get_mut(&peer)
-                    .ok_or(WireError::Unexpected("Msg"))?;
-                let seq = link.pending_seq.take();
-                if !link.denied_topics.is_empty() && link.denied_topics.contains(&m.topic) {
-                    if let Some(a) = &mut self.access {
-                        a.denied += 1;
-                    }
-                    return Ok(());
-                }
-                let (msg, targets) = link.dec.handle_msg(body, &m, &self.subs)?;
-                // An inline name was not checked with its `Topic` frame:
-                // check it here (every delivery path checks the policy).
-                if m.topic == u32::MAX {
-                    if let Some(a) = &mut self.access {
-                        if !a.check(&peer, crate::security::Op::Publish, msg.topic.as_str()) {
-                            return Ok(());
-                        }
-                    }
-                }
-                self.counters.received += 1;
-                if targets.is_empty() {
-                    self.counters.no_subscriber += 1;
-                }
-                match seq {
-                    Some((session, rseq, to)) if to == self.reliable.session() => {
-                        if !self.accept_reliable(peer, session, rseq) {
-                            return Ok(());
-                        }
-                        self.deliver(msg, &targets);
-                    }
-                    // Not numbered (the publisher did not know of our
-                    // reliable subscriptions yet), or numbered for an
-                    // earlier run of this node (the publisher held its
-                    // declaration). The reliable stream starts with the
-                    // first message numbered for this run, so it has no
-                    // hole.
-                    _ if !self.reliable_subs.is_empty()
-                        && targets.iter().any(|t| self.reliable_subs.contains(t)) =>
-                    {
-                        let plain: Vec<SubId> = targets
-                            .iter()
-                            .copied()
-                            .filter(|t| !self.reliable_subs.contains(t))
-                            .collect();
-                        self.counters.unnumbered += (targets.len() - plain.len()) as u64;
-                        self.deliver(msg, &plain);
-                    }
-                    _ => self.deliver(msg, &targets),
-                }
+                self.msg_arrived(peer, body, &m)?;
             }
             Frame::Seq { session, rseq, to } => {
                 // Peer-supplied counters are checked before any arithmetic:
@@ -1619,62 +1612,10 @@ impl NodeTask {
                 self.apply_declaration(decl)?;
             }
             Frame::Sync(s) => {
-                let now = now();
-                let updates = s
-                    .members
-                    .iter()
-                    .map(wire::update_from_wire)
-                    .collect::<Result<Vec<_>, _>>()?;
-                self.membership.apply_updates_from(now, peer, updates);
-                for d in &s.decls {
-                    self.apply_declaration(wire::decl_from_wire(d)?)?;
-                }
-                if s.more {
-                    return Ok(());
-                }
-                self.ready = true;
-                self.synced = true;
-                for w in self
-                    .ready_waiters
-                    .drain(..)
-                    .chain(self.joined_waiters.drain(..))
-                {
-                    let _ = w.send(());
-                }
+                self.sync_arrived(peer, &s)?;
             }
             Frame::Bye => {
-                let link = self
-                    .links
-                    .get_mut(&peer)
-                    .ok_or(WireError::Unexpected("Bye"))?;
-                wire::encode(&mut link.scratch, &Frame::ByeAck);
-                link.leaving = true;
-                // Our own Bye went out before this ack if we are shutting
-                // down: the peer's ack of it then proves nothing about this
-                // one, and the peer may wait for us to close first.
-                let linger = if self.shutting_down {
-                    BYE_LINGER
-                } else {
-                    BYE_TIMEOUT
-                };
-                self.lingering
-                    .insert(peer, tokio::time::Instant::now() + linger);
-                // A graceful leave: mark it down at its current incarnation
-                // now (the membership spreads it) instead of suspecting it
-                // after a timeout, and stop routing to it.
-                let update = self.membership.members().find(|m| m.node == peer).map(|m| {
-                    membership::Update {
-                        node: peer,
-                        incarnation: m.incarnation,
-                        state: MemberState::Down,
-                        addrs: m.addrs.clone(),
-                        signature: None,
-                    }
-                });
-                if let Some(update) = update {
-                    self.membership.apply_updates(now(), [update]);
-                }
-                self.routes.invalidate();
+                self.peer_leaving(peer)?;
             }
             Frame::ByeAck => {
                 if let Some(link) = self.links.get_mut(&peer) {
@@ -1711,26 +1652,7 @@ impl NodeTask {
                 }
             }
             Frame::ShmSwitch => {
-                // The reader has turned to the ring already.
-                let link = self
-                    .links
-                    .get_mut(&peer)
-                    .ok_or(WireError::Unexpected("ShmSwitch"))?;
-                match link.shm {
-                    ShmState::Offered => {
-                        let ring = link
-                            .shm_tx
-                            .take()
-                            .ok_or(WireError::Unexpected("ShmSwitch"))?;
-                        wire::encode(&mut link.scratch, &Frame::ShmSwitch);
-                        self.counters.quic_sent += link.scratch.len() as u64;
-                        link.outbox.push_and_switch(&mut link.scratch, ring);
-                    }
-                    ShmState::Opened => {}
-                    _ => return Err(WireError::Unexpected("ShmSwitch")),
-                }
-                link.shm = ShmState::On;
-                tracing::info!(%peer, "data link moved to shared memory");
+                self.shm_switch(peer)?;
             }
         }
         Ok(())
@@ -1738,6 +1660,163 @@ impl NodeTask {
 
     /// Whether the link to `peer` may move to shared memory: both sides
     /// want it, on one host, as one user.
+    /// A `Msg` from `peer`: checked against the access policy, decoded,
+    /// and delivered to the matching subscriptions (numbered ones through
+    /// the reliable window).
+    fn msg_arrived(
+        &mut self,
+        peer: NodeId,
+        body: &Bytes,
+        m: &MsgWire<'_>,
+    ) -> Result<(), WireError> {
+        let link = self
+            .links
+            .get_mut(&peer)
+            .ok_or(WireError::Unexpected("Msg"))?;
+        let seq = link.pending_seq.take();
+        if !link.denied_topics.is_empty() && link.denied_topics.contains(&m.topic) {
+            if let Some(a) = &mut self.access {
+                a.denied += 1;
+            }
+            return Ok(());
+        }
+        let (msg, targets) = link.dec.handle_msg(body, m, &self.subs)?;
+        // An inline name was not checked with its `Topic` frame:
+        // check it here (every delivery path checks the policy).
+        if m.topic == u32::MAX {
+            if let Some(a) = &mut self.access {
+                if !a.check(&peer, crate::security::Op::Publish, msg.topic.as_str()) {
+                    return Ok(());
+                }
+            }
+        }
+        self.counters.received += 1;
+        if targets.is_empty() {
+            self.counters.no_subscriber += 1;
+        }
+        match seq {
+            Some((session, rseq, to)) if to == self.reliable.session() => {
+                if !self.accept_reliable(peer, session, rseq) {
+                    return Ok(());
+                }
+                self.deliver(msg, &targets);
+            }
+            // Not numbered (the publisher did not know of our
+            // reliable subscriptions yet), or numbered for an
+            // earlier run of this node (the publisher held its
+            // declaration). The reliable stream starts with the
+            // first message numbered for this run, so it has no
+            // hole.
+            _ if !self.reliable_subs.is_empty()
+                && targets.iter().any(|t| self.reliable_subs.contains(t)) =>
+            {
+                let plain: Vec<SubId> = targets
+                    .iter()
+                    .copied()
+                    .filter(|t| !self.reliable_subs.contains(t))
+                    .collect();
+                self.counters.unnumbered += (targets.len() - plain.len()) as u64;
+                self.deliver(msg, &plain);
+            }
+            _ => self.deliver(msg, &targets),
+        }
+        Ok(())
+    }
+
+    /// A `Sync` from `peer`: the members and declarations it knows. The
+    /// last of them (not `more`) makes this node ready and joined.
+    fn sync_arrived(&mut self, peer: NodeId, s: &SyncWire<'_>) -> Result<(), WireError> {
+        let now = now();
+        let updates = s
+            .members
+            .iter()
+            .map(wire::update_from_wire)
+            .collect::<Result<Vec<_>, _>>()?;
+        self.membership.apply_updates_from(now, peer, updates);
+        for d in &s.decls {
+            self.apply_declaration(wire::decl_from_wire(d)?)?;
+        }
+        if s.more {
+            return Ok(());
+        }
+        self.ready = true;
+        self.synced = true;
+        for w in self
+            .ready_waiters
+            .drain(..)
+            .chain(self.joined_waiters.drain(..))
+        {
+            let _ = w.send(());
+        }
+        Ok(())
+    }
+
+    /// `peer` said `Bye`: acked, and marked down at once (a graceful
+    /// leave, not a failure to detect).
+    fn peer_leaving(&mut self, peer: NodeId) -> Result<(), WireError> {
+        let link = self
+            .links
+            .get_mut(&peer)
+            .ok_or(WireError::Unexpected("Bye"))?;
+        wire::encode(&mut link.scratch, &Frame::ByeAck);
+        link.leaving = true;
+        // Our own Bye went out before this ack if we are shutting
+        // down: the peer's ack of it then proves nothing about this
+        // one, and the peer may wait for us to close first.
+        let linger = if self.shutting_down {
+            BYE_LINGER
+        } else {
+            BYE_TIMEOUT
+        };
+        self.lingering
+            .insert(peer, tokio::time::Instant::now() + linger);
+        // A graceful leave: mark it down at its current incarnation
+        // now (the membership spreads it) instead of suspecting it
+        // after a timeout, and stop routing to it.
+        let update =
+            self.membership
+                .members()
+                .find(|m| m.node == peer)
+                .map(|m| membership::Update {
+                    node: peer,
+                    incarnation: m.incarnation,
+                    state: MemberState::Down,
+                    addrs: m.addrs.clone(),
+                    signature: None,
+                });
+        if let Some(update) = update {
+            self.membership.apply_updates(now(), [update]);
+        }
+        self.routes.invalidate();
+        Ok(())
+    }
+
+    /// `peer` moved its side of the data link to the shared-memory ring:
+    /// ours follows (after what is queued for QUIC).
+    fn shm_switch(&mut self, peer: NodeId) -> Result<(), WireError> {
+        // The reader has turned to the ring already.
+        let link = self
+            .links
+            .get_mut(&peer)
+            .ok_or(WireError::Unexpected("ShmSwitch"))?;
+        match link.shm {
+            ShmState::Offered => {
+                let ring = link
+                    .shm_tx
+                    .take()
+                    .ok_or(WireError::Unexpected("ShmSwitch"))?;
+                wire::encode(&mut link.scratch, &Frame::ShmSwitch);
+                self.counters.quic_sent += link.scratch.len() as u64;
+                link.outbox.push_and_switch(&mut link.scratch, ring);
+            }
+            ShmState::Opened => {}
+            _ => return Err(WireError::Unexpected("ShmSwitch")),
+        }
+        link.shm = ShmState::On;
+        tracing::info!(%peer, "data link moved to shared memory");
+        Ok(())
+    }
+
     fn shm_eligible(&self, peer: NodeId, hello: &PeerHello) -> bool {
         if self.shm_host.is_empty() || hello.features & FEATURE_SHM == 0 {
             return false;
