@@ -1,48 +1,50 @@
-//! Fuzzing entry points: every decoder of peer input, and each core fed
+//! Fuzzing entry points: every decoder of peer input, and the node fed
 //! with frames from peers. Not a public API (hidden from the docs); used by
 //! the cargo-fuzz targets in `fuzz/` and by the bounded property test
-//! `mesh/tests/fuzz_inputs.rs`.
+//! `mesh/tests/fuzz_inputs.rs`. Needs the `sim` feature (a paused clock).
 //!
-//! Each entry point takes arbitrary bytes and must never panic. The core
-//! harness ([`queue_host`], [`stream`], ...) reads its input as a sequence
-//! of steps (see [`Step`]): a raw frame body, a frame built from the input
-//! (structure-aware: valid peer ids, topic names and variants, so the
-//! fuzzer gets past the decoder), time passing, or a link going up or down.
-//! Frames become core calls the way `runtime::NodeTask::handle_frame` (and
-//! `runtime::work`, `runtime::streams`) turn them into calls, without the
-//! async runtime; outputs are drained and encoded the way the runtime
-//! would, and dropped. Reliable pub/sub frames (`Seq`, `Resume`, `Lagged`)
-//! drive the runtime's own rules (`engine::reliable`), not a copy.
+//! Each entry point takes arbitrary bytes and must never panic. The node
+//! targets ([`queue_host`], [`stream`], ...) drive the real node: a `Node`
+//! started on a current-thread tokio runtime with a paused clock, in an
+//! `Environment` whose transport carries nothing, so that the harness
+//! hands it connections and in-memory data streams as transport events.
+//! The node's own link tasks read them (handshake, frame limits, batches)
+//! and its node task handles the frames; nothing of the node is copied
+//! here. The input is a sequence of steps (see [`Step`]): a raw frame body,
+//! a frame built from the input (structure-aware: valid peer ids, topic
+//! names and variants, so the fuzzer gets past the decoder), time passing,
+//! or a link going up or down. After each step the node runs until all its
+//! tasks wait. What it sends is dropped.
 
 use std::{
     collections::VecDeque,
     pin::Pin,
     sync::OnceLock,
     task::{Context, Poll},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use bytes::{Bytes, BytesMut};
-use mesh_transports::frame::{self as tframe, FrameReader};
-use rand::{rngs::SmallRng, SeedableRng};
+use futures::future::BoxFuture;
+use mesh_transports::{
+    frame::{self as tframe, FrameReader},
+    quic,
+};
 use rustc_hash::FxHashMap;
 
 use crate::{
     core::{
-        gossip::Gossip,
-        interest::Interest,
-        membership::{self, MemberState, Membership},
-        pubsub::{LinkDecoder, LocalSubscriptions, MessageId},
-        queue::{self as core_queue, ConsumerOptions, NewMessage, Queues},
-        stream::{self as core_stream, NewRecord, Start, Streams},
-        topic::{Pattern, Topic},
+        membership::MemberState,
+        pubsub::{LinkDecoder, LocalSubscriptions},
+        topic::Topic,
         NodeId,
     },
-    engine::reliable::{Accept, Kept, Reliable, Resume},
     runtime::{
+        env::{Environment, Spawn, Transport},
         link,
         streams::start_from_wire,
-        work::{headers_from_wire, inbox_limit, slice, MAX_PEEK},
+        work::{headers_from_wire, slice, MAX_PEEK},
+        WallClock,
     },
     wire::{
         self, AppendWire, DeclWire, DeliverWire, Frame, GossipCodec, GossipWire, Hello, MemberWire,
@@ -1205,162 +1207,316 @@ pub fn node(data: &[u8]) {
 /// One frame body of any size from a peer whose link is up, into a node
 /// (the core targets' raw steps carry at most 64 KiB).
 pub fn one_frame(body: &[u8]) {
-    let Some(mut node) = Harness::new() else {
-        return;
-    };
-    let Some(peer) = id(1) else {
-        return;
-    };
-    node.link_up(peer, Vec::new());
-    node.frame(peer, Bytes::copy_from_slice(body));
-    node.run_timers();
-    node.drain();
-    node.finish();
+    let _ = through_node(body);
 }
 
-/// The epoch of the harness node's stream host.
-const EPOCH: u64 = 7;
-
-/// The reliable windows of a node that published 6 messages to `peer`,
-/// numbered for its epoch [`EPOCH`], in a window of 4: a `Resume` from
-/// below 3 is answered with `Lagged`.
-fn kept_for(peer: NodeId) -> Reliable {
-    let mut r = Reliable::new(EPOCH);
-    for seq in 1..=6 {
-        let kept = Kept {
-            rseq: 0,
-            seq,
-            timestamp: seq,
-            topic: "orders.eu".into(),
-            headers: Vec::new(),
-            payload: Bytes::from_static(b"kept"),
+/// [`one_frame`], and the node's metrics once the frame was handled and
+/// the link went down (what shows that the harness drives the node).
+pub fn through_node(body: &[u8]) -> Option<crate::Metrics> {
+    let mut metrics = None;
+    on_paused_clock(async {
+        let Some(mut node) = Harness::new().await else {
+            return;
         };
-        r.keep(peer, EPOCH, kept, 4);
-    }
-    r
+        let Some(peer) = id(1) else {
+            return;
+        };
+        node.link_up(peer, hello_bytes(&mut Input::new(&[]))).await;
+        node.frame(peer, body).await;
+        metrics = node.finish().await;
+    });
+    metrics
 }
 
+/// The harness node's id.
 fn local() -> NodeId {
     id(0).unwrap_or_else(NodeId::random)
 }
 
-/// Drives one harness node with the steps of `data`.
-pub fn drive(data: &[u8], family: Family) {
-    let Some(mut node) = Harness::new() else {
+/// The node's run (its epoch): the fixed wall-clock origin of the
+/// harness, in µs. Reliable sessions, stream host runs and queue host runs
+/// of the node are this, so structured frames can name them.
+const EPOCH: u64 = 7;
+
+/// Runs `fut` on a current-thread tokio runtime with a paused clock: time
+/// moves only when every task waits, so a run is the same every time.
+fn on_paused_clock(fut: impl std::future::Future<Output = ()>) {
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+    else {
         return;
     };
-    let mut u = Input::new(data);
-    for _ in 0..MAX_STEPS {
-        if u.is_empty() {
-            break;
-        }
-        let b = u.byte();
-        let peer = 1 + usize::from(b >> 6) % (PEERS - 1);
-        let step = match b & 0x3f {
-            0..=7 => Step::Raw,
-            8..=51 => Step::Structured,
-            52..=59 => Step::Wait,
-            _ => Step::Link,
+    rt.block_on(fut);
+}
+
+/// Drives the real node (`Node`, its node task and link tasks, on a paused
+/// clock) with the steps of `data`: frames from up to three peers on
+/// in-memory data streams, time passing, links coming and going.
+pub fn drive(data: &[u8], family: Family) {
+    on_paused_clock(async {
+        let Some(mut node) = Harness::new().await else {
+            return;
         };
-        node.step(&mut u, step, peer, family);
+        let mut u = Input::new(data);
+        for _ in 0..MAX_STEPS {
+            if u.is_empty() {
+                break;
+            }
+            let b = u.byte();
+            let peer = 1 + usize::from(b >> 6) % (PEERS - 1);
+            let step = match b & 0x3f {
+                0..=7 => Step::Raw,
+                8..=51 => Step::Structured,
+                52..=59 => Step::Wait,
+                _ => Step::Link,
+            };
+            node.step(&mut u, step, peer, family).await;
+        }
+        let _ = node.finish().await;
+    });
+}
+
+/// A `Hello` (built from the input) and the empty `Auth` of a node outside
+/// any private mesh: a peer's side of the handshake.
+fn hello_bytes(u: &mut Input<'_>) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    wire::encode(&mut bytes, &Frame::Hello(self::hello(u)));
+    wire::encode(&mut bytes, &Frame::Auth { proofs: Vec::new() });
+    bytes
+}
+
+/// What a peer has written to the node on one data stream, not read yet.
+#[derive(Debug, Default)]
+struct PipeState {
+    buf: VecDeque<u8>,
+    /// The peer closed its side: the node reads to the end, then EOF.
+    closed: bool,
+    reader: Option<std::task::Waker>,
+}
+
+type Pipe = std::sync::Arc<std::sync::Mutex<PipeState>>;
+
+fn lock(pipe: &Pipe) -> std::sync::MutexGuard<'_, PipeState> {
+    pipe.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Writes to `pipe` what a peer sends, and wakes the node's reader.
+fn send(pipe: &Pipe, bytes: &[u8]) {
+    let mut p = lock(pipe);
+    if p.closed {
+        return;
     }
-    node.finish();
+    p.buf.extend(bytes);
+    if let Some(w) = p.reader.take() {
+        w.wake();
+    }
+}
+
+fn close(pipe: &Pipe) {
+    let mut p = lock(pipe);
+    p.closed = true;
+    if let Some(w) = p.reader.take() {
+        w.wake();
+    }
+}
+
+/// The node's end of a data stream with a fuzzed peer: it reads what the
+/// harness wrote; what the node writes is dropped.
+#[derive(Debug)]
+struct PeerStream(Pipe);
+
+impl futures::AsyncRead for PeerStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut [u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let mut p = lock(&self.0);
+        if p.buf.is_empty() {
+            if p.closed {
+                return Poll::Ready(Ok(0));
+            }
+            p.reader = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        let n = out.len().min(p.buf.len());
+        for (o, b) in out.iter_mut().zip(p.buf.drain(..n)) {
+            *o = b;
+        }
+        Poll::Ready(Ok(n))
+    }
+}
+
+impl futures::AsyncWrite for PeerStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// A transport that carries nothing: the harness hands the node its
+/// streams as transport events.
+#[derive(Debug)]
+struct NoTransport;
+
+impl Transport for NoTransport {
+    fn dial_peer(&self, _: NodeId, _: Vec<libp2p::Multiaddr>) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+
+    fn send_control(&self, _: NodeId, _: Vec<u8>) -> bool {
+        false
+    }
+
+    fn fresh_stream(&self, _: NodeId) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+
+    fn open_stream(&self, _: NodeId) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+
+    fn disconnect(&self, _: NodeId) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
 }
 
 #[derive(Debug)]
-struct PeerLink {
-    dec: LinkDecoder,
-    /// (session, rseq, to) of the next `Msg`.
-    pending_seq: Option<(u64, u64, u64)>,
+struct TokioSpawn;
+
+impl Spawn for TokioSpawn {
+    fn spawn(&self, fut: BoxFuture<'static, ()>) -> tokio::task::AbortHandle {
+        tokio::spawn(fut).abort_handle()
+    }
 }
 
+/// The harness node's surroundings: no network but the events the
+/// harness sends, plain tokio tasks, a wall clock that starts at
+/// [`EPOCH`] µs, a fixed seed.
 #[derive(Debug)]
-struct Consumer {
-    prefetch: u32,
-    // Bounded by inbox_limit(prefetch), as in the runtime.
-    inbox: VecDeque<(NodeId, u64, u64)>,
+struct FuzzEnv {
+    events: std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<quic::Event>>>,
 }
 
-type ConsumerKey = (NodeId, u32);
+impl Environment for FuzzEnv {
+    fn attach(
+        &self,
+        _: &[libp2p::Multiaddr],
+    ) -> (Box<dyn Transport>, tokio::sync::mpsc::Receiver<quic::Event>) {
+        let events = self
+            .events
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .unwrap_or_else(|| tokio::sync::mpsc::channel(1).1);
+        (Box::new(NoTransport), events)
+    }
 
+    fn spawn(&self) -> std::sync::Arc<dyn Spawn> {
+        std::sync::Arc::new(TokioSpawn)
+    }
+
+    fn wall_clock(&self) -> WallClock {
+        WallClock::Virtual {
+            unix_micros_at_origin: EPOCH,
+            origin: tokio::time::Instant::now(),
+        }
+    }
+
+    fn seed(&self) -> u64 {
+        1
+    }
+
+    fn open_store(
+        &self,
+    ) -> (
+        Box<dyn crate::runtime::durable::Backend>,
+        tokio::sync::mpsc::UnboundedReceiver<u64>,
+        crate::runtime::durable::Loaded,
+    ) {
+        // Never called: the harness node has no data dir.
+        crate::sim::disk::MemBackend::open(Default::default())
+    }
+}
+
+/// The real node under fuzz and its fuzzed peers' data streams.
 struct Harness {
-    local: NodeId,
-    now: Instant,
-    rng: SmallRng,
-    links: FxHashMap<NodeId, PeerLink>,
-    subs: LocalSubscriptions,
-    membership: Membership,
-    interest: Interest,
-    gossip: Gossip,
-    codec: GossipCodec,
-    queues: Queues<ConsumerKey>,
-    streams: Streams<NodeId>,
-    consumers: FxHashMap<u32, Consumer>,
-    pending_sends: FxHashMap<u64, NodeId>,
-    /// The runtime's reliable windows (`engine::reliable`), real.
-    reliable: Reliable,
-    /// What the node would send, encoded (cleared after each step).
-    out: Vec<u8>,
+    node: crate::Node,
+    events: tokio::sync::mpsc::Sender<quic::Event>,
+    /// The data stream of each peer whose link the harness opened.
+    pipes: FxHashMap<NodeId, Pipe>,
+    /// Kept so the node keeps them: subscriptions (one reliable), queue
+    /// consumers (cids 1 and 2) and a stream consumer.
+    _subs: Vec<crate::Subscription>,
+    _reliable: crate::ReliableSubscription,
+    _consumers: Vec<crate::queue::Consumer>,
+    _stream: Option<crate::stream::StreamConsumer>,
 }
 
 impl Harness {
-    fn new() -> Option<Self> {
-        let local = id(0)?;
-        // The one clock read, made here in the driver's place.
-        let now = Instant::now();
-        let mut subs = LocalSubscriptions::default();
-        let mut interest = Interest::new(local, EPOCH);
-        for p in ["orders.>", "a.*", "s"] {
-            let p = Pattern::new(p).ok()?;
-            interest.subscribe(&p, false);
-            subs.add(p);
+    async fn new() -> Option<Self> {
+        let (events, rx) = tokio::sync::mpsc::channel(1024);
+        let env = std::sync::Arc::new(FuzzEnv {
+            events: std::sync::Mutex::new(Some(rx)),
+        });
+        let key = libp2p::identity::Keypair::ed25519_from_bytes([1; 32]).ok()?;
+        let node = crate::Node::builder()
+            .identity(key)
+            .environment(env)
+            .host_all()
+            .start()
+            .await
+            .ok()?;
+        let mut subs = Vec::new();
+        for p in ["orders.>", "s"] {
+            subs.push(node.subscribe(p).await.ok()?);
         }
-        let mut streams = Streams::new(core_stream::Config::default());
-        streams.exempt_from_quota(local);
-        let mut consumers = FxHashMap::default();
-        for (cid, prefetch) in [(1, 1), (2, 64)] {
-            consumers.insert(
-                cid,
-                Consumer {
-                    prefetch,
-                    inbox: VecDeque::new(),
-                },
-            );
-        }
-        let peer = id(1)?;
+        let reliable = node.subscribe_reliable("a.*").await.ok()?;
+        let queue = node.queue("q").ok()?;
+        let consumers = [1, 64]
+            .into_iter()
+            .map(|n| queue.consume(crate::queue::ConsumeOptions::default().prefetch(n)))
+            .collect();
+        let stream = node
+            .stream("s")
+            .ok()
+            .map(|s| s.consume(crate::stream::From::Earliest));
         Some(Self {
-            local,
-            now,
-            rng: SmallRng::seed_from_u64(1),
-            links: FxHashMap::default(),
-            subs,
-            membership: Membership::new(
-                local,
-                Vec::new(),
-                EPOCH,
-                membership::Config::default(),
-                now,
-            ),
-            interest,
-            gossip: Gossip::new(local, Default::default()),
-            codec: GossipCodec::default(),
-            queues: Queues::new(core_queue::Config::default()),
-            streams,
-            consumers,
-            pending_sends: (1..=8).map(|s| (s, peer)).collect(),
-            reliable: kept_for(peer),
-            out: Vec::new(),
+            node,
+            events,
+            pipes: FxHashMap::default(),
+            _subs: subs,
+            _reliable: reliable,
+            _consumers: consumers,
+            _stream: stream,
         })
     }
 
-    fn step(&mut self, u: &mut Input<'_>, step: Step, peer: usize, family: Family) {
+    async fn step(&mut self, u: &mut Input<'_>, step: Step, peer: usize, family: Family) {
         let Some(peer) = id(peer) else {
             return;
         };
         match step {
             Step::Raw => {
                 let body = u.bytes(usize::from(u16::MAX));
-                self.frame(peer, Bytes::copy_from_slice(body));
+                self.frame(peer, body).await;
             }
             Step::Structured => {
                 let body = arbitrary_body(u, family);
@@ -1380,7 +1536,7 @@ impl Harness {
                         b
                     }
                 };
-                self.frame(peer, Bytes::from(body));
+                self.frame(peer, &body).await;
             }
             Step::Wait => {
                 let ms = match u.byte() % 4 {
@@ -1389,567 +1545,80 @@ impl Harness {
                     2 => u64::from(u.u32()),
                     _ => 1000,
                 };
-                self.now = self
-                    .now
-                    .checked_add(Duration::from_millis(ms))
-                    .unwrap_or(self.now);
+                // At most a day: the node's timers run meanwhile.
+                tokio::time::sleep(Duration::from_millis(ms.min(86_400_000))).await;
             }
             Step::Link => {
-                if self.links.contains_key(&peer) && u.bool() {
-                    self.link_down(peer);
+                if self.pipes.contains_key(&peer) && u.bool() {
+                    self.link_down(peer).await;
                 } else {
-                    let mut hello = Vec::new();
-                    wire::encode(&mut hello, &Frame::Hello(self::hello(u)));
-                    wire::encode(&mut hello, &Frame::Auth { proofs: Vec::new() });
-                    let mut reader = FrameReader::new(futures::io::Cursor::new(hello), MAX_FRAME);
-                    let ours = our_handshake(false);
-                    if let Ok(h) = futures::executor::block_on(link::handshake(
-                        &mut reader,
-                        &ours,
-                        peer,
-                        |_| {},
-                    )) {
-                        self.link_up(peer, h.0.addrs);
-                    }
+                    let hello = hello_bytes(u);
+                    self.link_up(peer, hello).await;
                 }
             }
         }
-        self.run_timers();
-        self.drain();
     }
 
-    fn link_up(&mut self, peer: NodeId, addrs: Vec<Vec<u8>>) {
-        let resume = self.reliable.link_up(self.now, peer);
-        let Resume { session, next } = resume;
-        wire::encode(&mut self.out, &Frame::Resume { session, next });
-        self.links.insert(
+    /// Lets the node's tasks run until all of them wait (time moves on by
+    /// a millisecond, and the timers due meanwhile run).
+    async fn settle() {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+
+    /// A connection from `peer` and a data stream on it, whose first bytes
+    /// are `hello` (a newer stream replaces an older one, as in the node).
+    async fn link_up(&mut self, peer: NodeId, hello: Vec<u8>) {
+        let pipe = Pipe::default();
+        send(&pipe, &hello);
+        if let Some(old) = self.pipes.insert(peer, pipe.clone()) {
+            close(&old);
+        }
+        let addr = libp2p::Multiaddr::empty();
+        let _ = self
+            .events
+            .send(quic::Event::Connected { peer, addr })
+            .await;
+        let stream = quic::Event::Stream {
             peer,
-            PeerLink {
-                dec: LinkDecoder::new(peer),
-                pending_seq: None,
-            },
-        );
-        self.gossip.handle_peer_up(peer, &mut self.rng);
-        if self.gossip.active().is_empty() {
-            self.gossip.join(self.now, peer);
-        }
-        self.membership.handle_link_up(self.now, peer, addrs);
-    }
-
-    /// As the runtime does when a link ends or a peer sent a bad frame.
-    fn link_down(&mut self, peer: NodeId) {
-        self.links.remove(&peer);
-        self.membership.handle_link_down(self.now, peer);
-        self.streams.close_all(|k| *k == peer);
-        self.queues.remove_consumers(self.now, |k| k.0 == peer);
-        self.gossip.handle_link_down(peer, &mut self.rng);
-    }
-
-    fn frame(&mut self, peer: NodeId, body: Bytes) {
-        if self.handle_frame(peer, &body).is_err() {
-            self.link_down(peer);
-        }
-    }
-
-    /// Mirrors `runtime::NodeTask::handle_frame`.
-    fn handle_frame(&mut self, peer: NodeId, body: &Bytes) -> Result<(), WireError> {
-        let now = self.now;
-        match wire::decode(body)? {
-            Frame::Msg(m) => {
-                let link = self
-                    .links
-                    .get_mut(&peer)
-                    .ok_or(WireError::Unexpected("Msg"))?;
-                let seq = link.pending_seq.take();
-                let (msg, targets) = link.dec.handle_msg(body, &m, &self.subs)?;
-                let _ = (msg, targets);
-                if let Some((session, rseq, to)) = seq {
-                    if to == self.reliable.session() {
-                        let a = self.reliable.accept(now, peer, session, rseq);
-                        if let Accept::Gap {
-                            resume: Some(Resume { session, next }),
-                        } = a
-                        {
-                            wire::encode(&mut self.out, &Frame::Resume { session, next });
-                        }
-                    }
-                }
-            }
-            Frame::Seq { session, rseq, to } => {
-                if rseq == u64::MAX {
-                    return Err(WireError::Malformed("Seq at u64::MAX".into()));
-                }
-                let link = self
-                    .links
-                    .get_mut(&peer)
-                    .ok_or(WireError::Unexpected("Seq"))?;
-                link.pending_seq = Some((session, rseq, to));
-            }
-            Frame::Resume { session, next } => {
-                if let Some(r) = self.reliable.resend(&peer, session, next) {
-                    let ours = self.reliable.session();
-                    if let Some((missed, next)) = r.lagged {
-                        let to = r.to;
-                        let session = ours;
-                        wire::encode(
-                            &mut self.out,
-                            &Frame::Lagged {
-                                session,
-                                missed,
-                                next,
-                                to,
-                            },
-                        );
-                    }
-                    for k in r.messages() {
-                        let (session, rseq, to) = (ours, k.rseq, r.to);
-                        wire::encode(&mut self.out, &Frame::Seq { session, rseq, to });
-                    }
-                }
-            }
-            Frame::Lagged {
-                session,
-                missed,
-                next,
-                to,
-            } => {
-                if next == u64::MAX {
-                    return Err(WireError::Malformed("Lagged to u64::MAX".into()));
-                }
-                if to == self.reliable.session() {
-                    let _ = self.reliable.lagged(peer, session, missed, next);
-                }
-            }
-            Frame::ByeAck => {}
-            Frame::Gossip(g) => {
-                let msg = self.codec.decode(body, &g)?;
-                self.gossip.handle_message(now, peer, msg, &mut self.rng);
-            }
-            Frame::Topic { id, name } => {
-                let link = self
-                    .links
-                    .get_mut(&peer)
-                    .ok_or(WireError::Unexpected("Topic"))?;
-                link.dec.handle_topic(id, name)?;
-            }
-            Frame::Member(m) => {
-                let msg = wire::member_from_wire(&m)?;
-                self.membership.handle_message(now, peer, msg);
-            }
-            Frame::Declare(d) => {
-                let decl = wire::decl_from_wire(&d)?;
-                if decl.node != peer {
-                    return Err(WireError::Unexpected("Declare for another node"));
-                }
-                self.interest.handle_declaration(decl)?;
-            }
-            Frame::Sync(s) => {
-                let updates = s
-                    .members
-                    .iter()
-                    .map(wire::update_from_wire)
-                    .collect::<Result<Vec<_>, _>>()?;
-                self.membership.apply_updates(now, updates);
-                for d in &s.decls {
-                    self.interest.handle_declaration(wire::decl_from_wire(d)?)?;
-                }
-            }
-            Frame::Bye => {
-                self.links
-                    .get_mut(&peer)
-                    .ok_or(WireError::Unexpected("Bye"))?;
-                let update = self.membership.members().find(|m| m.node == peer).map(|m| {
-                    membership::Update {
-                        node: peer,
-                        incarnation: m.incarnation,
-                        state: MemberState::Down,
-                        addrs: m.addrs.clone(),
-                        signature: None,
-                    }
-                });
-                if let Some(update) = update {
-                    self.membership.apply_updates(now, [update]);
-                }
-            }
-            Frame::Hello(_) => return Err(WireError::Unexpected("second Hello")),
-            Frame::Auth { .. } => return Err(WireError::Unexpected("second Auth")),
-            Frame::Relink => return Err(WireError::Unexpected("Relink on a data stream")),
-            // Shared memory is never offered to this node (no shm host).
-            Frame::ShmOffer { .. } => return Err(WireError::Unexpected("ShmOffer")),
-            Frame::ShmRefuse { .. } => return Err(WireError::Unexpected("ShmRefuse")),
-            Frame::ShmSwitch => return Err(WireError::Unexpected("ShmSwitch")),
-            Frame::Work(w) => self.handle_work(peer, body, w)?,
-            Frame::Stream(s) => self.handle_stream(peer, body, s)?,
-        }
-        Ok(())
-    }
-
-    /// Mirrors `runtime::NodeTask::handle_work`.
-    fn handle_work(
-        &mut self,
-        peer: NodeId,
-        body: &Bytes,
-        w: WorkWire<'_>,
-    ) -> Result<(), WireError> {
-        let now = self.now;
-        let topic = |t: &str| {
-            Topic::new(t)
-                .map(|_| ())
-                .map_err(|e| WireError::BadTopic(e.to_string()))
+            stream: Box::new(PeerStream(pipe)),
+            outbound: false,
         };
-        match w {
-            WorkWire::Send {
-                queue,
-                seq,
-                delay_ms,
-                ttl_ms,
-                dedup,
-                headers,
-                payload,
-            } => {
-                topic(queue)?;
-                let msg = NewMessage {
-                    id: MessageId {
-                        publisher: peer,
-                        seq,
-                    },
-                    headers: headers_from_wire(body, &headers),
-                    payload: slice(body, payload.0),
-                    not_before: (delay_ms > 0)
-                        .then(|| core_queue::after(now, Duration::from_millis(delay_ms))),
-                    expires: (ttl_ms > 0)
-                        .then(|| core_queue::after(now, Duration::from_millis(ttl_ms))),
-                    dedup_key: dedup.map(str::to_owned),
-                };
-                if let Err(e) = self.queues.send(now, queue, msg) {
-                    let reason = e.to_string();
-                    let full = matches!(e, core_queue::SendError::Full { .. });
-                    wire::encode(
-                        &mut self.out,
-                        &Frame::Work(WorkWire::Refused {
-                            seq,
-                            full,
-                            reason: &reason,
-                        }),
-                    );
-                }
-            }
-            WorkWire::Accepted { seqs } => {
-                for seq in seqs {
-                    if self.pending_sends.get(&seq) == Some(&peer) {
-                        self.pending_sends.remove(&seq);
-                    }
-                }
-            }
-            WorkWire::Refused { seq, .. } => {
-                if self.pending_sends.get(&seq) == Some(&peer) {
-                    self.pending_sends.remove(&seq);
-                }
-            }
-            WorkWire::Flow {
-                queue,
-                cid,
-                prefetch,
-                visibility_ms,
-                max_attempts,
-            } => {
-                topic(queue)?;
-                let options = ConsumerOptions {
-                    prefetch,
-                    visibility_timeout: Duration::from_millis(visibility_ms),
-                    max_attempts,
-                };
-                let _ = self.queues.set_consumer(queue, (peer, cid), options);
-            }
-            WorkWire::Deliver {
-                cid, epoch, msgs, ..
-            } => {
-                let mut batch = Vec::with_capacity(msgs.len());
-                for m in msgs {
-                    let publisher = match m.origin {
-                        Some(raw) => wire::node_id(raw)?,
-                        None => peer,
-                    };
-                    let _ = headers_from_wire(body, &m.headers);
-                    let _ = slice(body, m.payload.0);
-                    let _ = (publisher, m.seq, m.attempt, m.dead);
-                    batch.push((peer, epoch, m.tag));
-                }
-                let back = match self.consumers.get_mut(&cid) {
-                    Some(c) if c.inbox.len() + batch.len() > inbox_limit(c.prefetch) => batch,
-                    Some(c) => {
-                        c.inbox.extend(batch);
-                        Vec::new()
-                    }
-                    None => batch,
-                };
-                // Given back at once, as the runtime does.
-                for (host, epoch, tag) in back {
-                    let _ = host;
-                    wire::encode(
-                        &mut self.out,
-                        &Frame::Work(WorkWire::Release { cid, epoch, tag }),
-                    );
-                }
-            }
-            WorkWire::Acks { cid, tags, .. } => {
-                for tag in tags {
-                    self.queues.ack(tag, &(peer, cid));
-                }
-            }
-            WorkWire::Nack {
-                cid, tag, delay_ms, ..
-            } => {
-                let delay = (delay_ms > 0).then(|| Duration::from_millis(delay_ms));
-                self.queues.nack(now, tag, &(peer, cid), delay);
-            }
-            WorkWire::Release { cid, tag, .. } => {
-                self.queues.release(now, tag, &(peer, cid));
-            }
-            WorkWire::Reject {
-                cid, tag, reason, ..
-            } => {
-                self.queues.reject(now, tag, &(peer, cid), reason);
-            }
-            WorkWire::Extend { cid, tag, ms, .. } => {
-                self.queues
-                    .extend(now, tag, &(peer, cid), Duration::from_millis(ms));
-            }
-            WorkWire::Peek { queue, limit, .. } => {
-                let msgs = self.queues.peek(queue, (limit as usize).min(MAX_PEEK));
-                let _ = msgs.len();
-            }
-            WorkWire::Peeked { msgs, .. } => {
-                for m in msgs.iter().take(MAX_PEEK) {
-                    wire::node_id(m.origin)?;
-                    let _ = headers_from_wire(body, &m.headers);
-                    let _ = slice(body, m.payload.0);
-                }
-            }
-            WorkWire::Replay { req, queue } => {
-                let moved = self.queues.replay_dead_letters(now, queue) as u64;
-                wire::encode(
-                    &mut self.out,
-                    &Frame::Work(WorkWire::Replayed { req, moved }),
-                );
-            }
-            WorkWire::Replayed { .. } => {}
-            WorkWire::Request {
-                subject,
-                headers,
-                payload,
-                ..
-            } => {
-                topic(subject)?;
-                let _ = headers_from_wire(body, &headers);
-                let _ = slice(body, payload.0);
-            }
-            WorkWire::Reply { payload, .. } => {
-                let _ = slice(body, payload.0);
-            }
-        }
-        Ok(())
+        let _ = self.events.send(stream).await;
+        Self::settle().await;
     }
 
-    /// Mirrors `runtime::NodeTask::handle_stream`.
-    fn handle_stream(
-        &mut self,
-        peer: NodeId,
-        body: &Bytes,
-        s: StreamWire<'_>,
-    ) -> Result<(), WireError> {
-        let now = self.now;
-        let topic = |t: &str| {
-            Topic::new(t)
-                .map(|_| ())
-                .map_err(|e| WireError::BadTopic(e.to_string()))
+    /// `peer`'s stream ends and its connection closes.
+    async fn link_down(&mut self, peer: NodeId) {
+        if let Some(pipe) = self.pipes.remove(&peer) {
+            close(&pipe);
+        }
+        let _ = self.events.send(quic::Event::Disconnected { peer }).await;
+        Self::settle().await;
+    }
+
+    /// `peer` sends frame `body` on its data stream, if it has one.
+    async fn frame(&mut self, peer: NodeId, body: &[u8]) {
+        let Some(pipe) = self.pipes.get(&peer) else {
+            return;
         };
-        match s {
-            StreamWire::Append {
-                stream, records, ..
-            } => {
-                topic(stream)?;
-                let records: Vec<NewRecord> = records
-                    .iter()
-                    .map(|r| NewRecord {
-                        key: slice(body, r.key.0),
-                        timestamp_ms: r.ts_ms,
-                        headers: headers_from_wire(body, &r.headers),
-                        payload: slice(body, r.payload.0),
-                    })
-                    .collect();
-                let _ = self.streams.append(now, stream, records);
-            }
-            StreamWire::Watch { stream, .. } => topic(stream)?,
-            StreamWire::Read {
-                rid,
-                stream,
-                index,
-                from,
-                credit,
-                ..
-            } => {
-                topic(stream)?;
-                let start = start_from_wire(&from);
-                if let Start::Committed { group, .. } = &start {
-                    if group.len() > core_stream::MAX_GROUP_LEN {
-                        return Err(WireError::BadTopic("group name too long".into()));
-                    }
-                }
-                let _ = self.streams.open(peer, rid, stream, index, &start, credit);
-            }
-            StreamWire::Records { records, .. } => {
-                let records: Vec<core_stream::Record> = records
-                    .iter()
-                    .map(|r| core_stream::Record {
-                        offset: r.offset,
-                        key: slice(body, r.key.0),
-                        timestamp_ms: r.ts_ms,
-                        headers: headers_from_wire(body, &r.headers),
-                        payload: slice(body, r.payload.0),
-                    })
-                    .collect();
-                let _ = records;
-            }
-            StreamWire::Credit { rid, n } => self.streams.credit(&peer, rid, n),
-            StreamWire::Stop { rid } => self.streams.close(&peer, rid),
-            StreamWire::Commit {
-                epoch,
-                stream,
-                group,
-                index,
-                offset,
-            } => {
-                if epoch == EPOCH {
-                    self.streams.commit(stream, group, index, offset);
-                }
-            }
-            StreamWire::Info { req, stream } => {
-                let parts = self.streams.partitions(stream);
-                let parts = parts
-                    .iter()
-                    .map(|p| PartWire {
-                        index: p.index,
-                        first: p.first,
-                        next: p.next,
-                        bytes: p.bytes,
-                        committed: p
-                            .committed
-                            .iter()
-                            .take(16)
-                            .map(|(g, o)| (&**g, *o))
-                            .collect(),
-                    })
-                    .collect();
-                wire::encode(
-                    &mut self.out,
-                    &Frame::Stream(StreamWire::InfoReply {
-                        req,
-                        epoch: EPOCH,
-                        parts,
-                    }),
-                );
-            }
-            StreamWire::InfoReply { parts, .. } => {
-                let parts: Vec<core_stream::PartitionState> = parts
-                    .iter()
-                    .filter(|p| p.first <= p.next)
-                    .take(core_stream::MAX_PARTITIONS as usize)
-                    .map(|p| core_stream::PartitionState {
-                        index: p.index,
-                        first: p.first,
-                        next: p.next,
-                        bytes: p.bytes,
-                        committed: p
-                            .committed
-                            .iter()
-                            .map(|(g, o)| (std::sync::Arc::from(*g), *o))
-                            .collect(),
-                    })
-                    .collect();
-                let _ = parts;
-            }
-            StreamWire::Parts { partitions, .. } => {
-                let _ = partitions.min(core_stream::MAX_PARTITIONS);
-            }
-            // The consumer's bookkeeping of its own appends and reads.
-            StreamWire::Appended { .. }
-            | StreamWire::AppendRefused { .. }
-            | StreamWire::WatchRefused { .. }
-            | StreamWire::Unwatch { .. }
-            | StreamWire::ReadStarted { .. }
-            | StreamWire::ReadRefused { .. } => {}
-        }
-        Ok(())
+        let Ok(len) = u32::try_from(body.len()) else {
+            return;
+        };
+        send(pipe, &len.to_le_bytes());
+        send(pipe, body);
+        Self::settle().await;
     }
 
-    fn run_timers(&mut self) {
-        let now = self.now;
-        if self.queues.poll_timeout().is_some_and(|t| t <= now) {
-            self.queues.handle_timeout(now);
-        }
-        if self.streams.poll_timeout().is_some_and(|t| t <= now) {
-            self.streams.handle_timeout(now);
-        }
-        if self.membership.poll_timeout().is_some_and(|t| t <= now) {
-            self.membership.handle_timeout(now, &mut self.rng);
-        }
-        if self.gossip.poll_timeout().is_some_and(|t| t <= now) {
-            self.gossip.handle_timeout(now, &mut self.rng);
-        }
-    }
-
-    /// Takes every output of the cores, encoding what would be sent.
-    fn drain(&mut self) {
-        let now = self.now;
-        while let Some(d) = self.queues.poll_dispatch(now) {
-            // The consumer acks at once (a live consumer).
-            if d.tag % 3 == 0 {
-                self.queues.ack(d.tag, &d.consumer);
-            }
-        }
-        while let Some(b) = self.streams.poll_dispatch() {
-            let _ = b;
-        }
-        while let Some(t) = self.membership.poll_transmit() {
-            wire::encode_member(&mut self.out, &t.message);
-        }
-        while self.membership.poll_event().is_some() {}
-        while let Some(t) = self.gossip.poll_transmit() {
-            self.codec.encode(&mut self.out, &t.message);
-        }
-        while self.gossip.poll_event().is_some() {}
-        // A local consumer takes its inbox and acks it.
-        for (cid, c) in &mut self.consumers {
-            let tags: Vec<u64> = c.inbox.drain(..).map(|(_, _, tag)| tag).collect();
-            if !tags.is_empty() {
-                wire::encode(
-                    &mut self.out,
-                    &Frame::Work(WorkWire::Acks {
-                        cid: *cid,
-                        epoch: 0,
-                        tags,
-                    }),
-                );
-            }
-        }
-        let _ = self.subs.matching("orders.eu");
-        let _ = self.interest.interested("orders.eu.created");
-        self.out.clear();
-    }
-
-    fn finish(&mut self) {
-        // Everything still held ends: links go down, timers run out.
-        let peers: Vec<NodeId> = self.links.keys().copied().collect();
+    /// Everything still held ends: links go down, timers run out, the
+    /// node shuts down. Its metrics from before the shutdown.
+    async fn finish(mut self) -> Option<crate::Metrics> {
+        let peers: Vec<NodeId> = self.pipes.keys().copied().collect();
         for p in peers {
-            self.link_down(p);
+            self.link_down(p).await;
         }
-        self.now = self
-            .now
-            .checked_add(Duration::from_secs(3600))
-            .unwrap_or(self.now);
-        self.run_timers();
-        self.drain();
-        let _ = self.local;
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        let metrics = self.node.metrics().await;
+        self.node.shutdown().await;
+        metrics
     }
 }

@@ -40,6 +40,8 @@
 
 pub mod core;
 pub(crate) mod engine;
+// It drives the real node on a paused clock: the simulator's feature.
+#[cfg(feature = "sim")]
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod metrics;

@@ -1359,6 +1359,29 @@ impl NodeTask {
         epoch: u64,
         msgs: Vec<DeliverWire<'_>>,
     ) -> Result<(), WireError> {
+        let fits = match self.work.consumers.get(&cid) {
+            // A host that ignores the credit we granted (a bug or a
+            // hostile peer) cannot fill our memory: what is over goes
+            // back, before anything is built for it.
+            Some(c) if c.inbox.len() + msgs.len() > inbox_limit(c.options.prefetch) => {
+                tracing::warn!(%peer, cid, "queue host sent more than the credit granted; giving the excess back");
+                false
+            }
+            Some(_) => true,
+            None => false,
+        };
+        if !fits {
+            // Checked as if taken: a bad origin ends the link either way.
+            for m in &msgs {
+                if let Some(raw) = m.origin {
+                    wire::node_id(raw)?;
+                }
+            }
+            for m in &msgs {
+                self.settle(peer, cid, epoch, m.tag, Settle::Release);
+            }
+            return Ok(());
+        }
         let mut batch = Vec::with_capacity(msgs.len());
         for m in msgs {
             let publisher = match m.origin {
@@ -1380,18 +1403,12 @@ impl NodeTask {
                 dead: m.dead.map(|(n, r)| (n, r.to_owned())),
             });
         }
-        let back = match self.work.consumers.get(&cid) {
-            // A host that ignores the credit we granted (a bug or a
-            // hostile peer) cannot fill our memory: what is over
-            // goes back.
-            Some(c) if c.inbox.len() + batch.len() > inbox_limit(c.options.prefetch) => {
-                tracing::warn!(%peer, cid, "queue host sent more than the credit granted; giving the excess back");
-                Some(batch)
-            }
-            Some(c) => c.inbox.push_many(batch).err(),
-            None => Some(batch),
-        };
-        // That consumer is gone (or full): give them back at once.
+        let back = self
+            .work
+            .consumers
+            .get(&cid)
+            .and_then(|c| c.inbox.push_many(batch).err());
+        // That consumer's inbox closed: give them back at once.
         for d in back.into_iter().flatten() {
             self.settle(peer, d.cid, d.epoch, d.tag, Settle::Release);
         }

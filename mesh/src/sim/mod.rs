@@ -49,7 +49,7 @@
 //! (reliable ordered streams, lossy control messages, idle timeouts).
 
 mod check;
-mod disk;
+pub(crate) mod disk;
 mod gate;
 mod net;
 pub mod overlay;
