@@ -146,7 +146,7 @@ pub struct Dropped {
     /// full (`core::interest::MAX_TABLE_BYTES`).
     pub declarations_refused: u64,
     /// Peeks, stream infos and reliable resends over a peer's budget
-    /// (`runtime::REQUESTS_PER_SEC`): answered empty, or ignored.
+    /// (`engine::access::REQUESTS_PER_SEC`): answered empty, or ignored.
     pub requests_throttled: u64,
     /// Links closed because their peer let more than 16 times the link
     /// buffer pile up unread (what waited for it was dropped).

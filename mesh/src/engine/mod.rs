@@ -4,12 +4,15 @@
 //!
 //! - `hosting`: which queues and streams this node hosts, which host a
 //!   message or record goes to (rendezvous), gathers over hosts.
+//! - `access`: the reserved names, who may declare and read what, and
+//!   each peer's budget of costly requests.
 //! - `group`: which partitions a stream consumer or group member reads,
 //!   and where each read starts.
 //! - `reliable`: the retransmit windows of reliable pub/sub and what a
 //!   receiver does with a numbered message (deliver, drop a duplicate, ask
 //!   for a resend, hear that messages were lost).
 
+pub(crate) mod access;
 pub(crate) mod group;
 pub(crate) mod hosting;
 pub(crate) mod reliable;

@@ -44,7 +44,10 @@ use crate::{
         topic::Pattern,
         NodeId,
     },
-    engine::reliable::{Accept, Kept, Reliable},
+    engine::{
+        access::{may_read, RequestBudget},
+        reliable::{Accept, Kept, Reliable},
+    },
     node::{Config, Inner, Node, PeerInfo, StartError},
     wire::{
         self, Frame, Hello, MsgWire, Raw, SyncWire, WireError, FEATURE_SHM, MAGIC, PROTOCOL_VERSION,
@@ -438,12 +441,6 @@ struct Stats {
 
 /// Whether the access policy (if any) lets `peer` receive `topic`: routes
 /// to subscribers leave out those it does not.
-fn may_read(access: &Option<crate::security::Access>, peer: &NodeId, topic: &str) -> bool {
-    access
-        .as_ref()
-        .is_none_or(|a| a.permits(peer, crate::security::Op::Read, topic))
-}
-
 /// Peers refused by the private-mesh check: their connections are closed
 /// from the node's async loop, and each is logged once (the set is
 /// bounded: past its limit it starts over, logging again).
@@ -512,47 +509,8 @@ struct Link {
     /// publish to: its messages on them are dropped (and counted).
     denied_topics: rustc_hash::FxHashSet<u32>,
     /// Answers this peer may still ask for in this second (peeks, stream
-    /// infos, reliable resends): see [`REQUESTS_PER_SEC`].
+    /// infos, reliable resends): see `engine::access::REQUESTS_PER_SEC`.
     budget: RequestBudget,
-}
-
-/// Costly answers one peer may ask for per second (a `Peek` scans and
-/// sorts a queue and answers with up to 256 KiB; a `Resume` re-encodes a
-/// reliable window of up to 8 MiB; an `Info` lists every partition).
-/// Beyond it a peek or info gets an empty answer and a resume is ignored
-/// (the subscriber asks again); each is counted.
-pub(crate) const REQUESTS_PER_SEC: u32 = 32;
-
-/// A peer's request budget: [`REQUESTS_PER_SEC`] per one-second window.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct RequestBudget {
-    window: Option<Instant>,
-    used: u32,
-}
-
-impl RequestBudget {
-    fn new() -> Self {
-        Self {
-            window: None,
-            used: 0,
-        }
-    }
-
-    /// Whether one more request fits at `now`.
-    pub(crate) fn take(&mut self, now: Instant) -> bool {
-        if self
-            .window
-            .is_none_or(|w| now.saturating_duration_since(w) >= Duration::from_secs(1))
-        {
-            self.window = Some(now);
-            self.used = 0;
-        }
-        if self.used >= REQUESTS_PER_SEC {
-            return false;
-        }
-        self.used += 1;
-        true
-    }
 }
 
 /// How far a link's move to shared memory went.
@@ -590,7 +548,7 @@ impl Link {
             shm: ShmState::Off,
             shm_ok: false,
             denied_topics: Default::default(),
-            budget: RequestBudget::new(),
+            budget: RequestBudget::default(),
         }
     }
 
@@ -2237,7 +2195,7 @@ impl NodeTask {
                     matches!(
                         membership.state_of(n),
                         Some(MemberState::Alive | MemberState::Suspect)
-                    ) && may_read(access, n, topic.as_str())
+                    ) && may_read(access.as_ref(), n, topic.as_str())
                 });
                 let _ = reply.send(route.to_vec());
             }
@@ -2318,7 +2276,7 @@ impl NodeTask {
             let reliable = self
                 .reliable_routes
                 .route(&self.interest, topic.as_arc(), |n| {
-                    may_read(access, n, topic.as_str())
+                    may_read(access.as_ref(), n, topic.as_str())
                 });
             for peer in reliable.iter() {
                 let kept = Kept {
@@ -2344,7 +2302,7 @@ impl NodeTask {
             matches!(
                 membership.state_of(n),
                 Some(MemberState::Alive | MemberState::Suspect)
-            ) && may_read(access, n, topic.as_str())
+            ) && may_read(access.as_ref(), n, topic.as_str())
         });
         let out = Outgoing {
             topic: topic.as_arc(),
@@ -2812,42 +2770,4 @@ impl NodeTask {
             queued_dropped,
         }
     }
-}
-
-/// Whether the policy lets `node` be what reserved name `name` makes it:
-/// the responder for a subject (`$r.SUBJECT`), a queue's or stream's host
-/// (`$q.h.QUEUE`, `$s.h.STREAM`) or a member of a stream's consumer group
-/// (`$s.g.STREAM.GROUP`). Checked where such declarations are looked up
-/// to route a request, send, append or group partition, so a node
-/// without the right is never chosen (its declaration stays as it was
-/// signed and is relayed unchanged).
-pub(crate) fn reserved_permitted(
-    access: Option<&crate::security::Access>,
-    node: &NodeId,
-    name: &str,
-) -> bool {
-    use crate::security::Op;
-    let Some(access) = access else {
-        return true;
-    };
-    if let Some(subject) = name.strip_prefix(work::SERVE_PREFIX) {
-        return access.permits(node, Op::Serve, subject);
-    }
-    if let Some(queue) = name.strip_prefix(work::HOST_PREFIX) {
-        let queue = queue
-            .strip_suffix(crate::core::queue::DLQ_SUFFIX)
-            .unwrap_or(queue);
-        return access.permits(node, Op::Host, queue);
-    }
-    if let Some(stream) = name.strip_prefix(streams::HOST_PREFIX) {
-        return access.permits(node, Op::Host, stream);
-    }
-    if let Some(rest) = name.strip_prefix(streams::GROUP_PREFIX) {
-        // `STREAM.GROUP`, where a stream name may have dots itself: any
-        // split whose stream part the node may consume.
-        return rest
-            .match_indices('.')
-            .any(|(i, _)| access.permits(node, Op::Consume, &rest[..i]));
-    }
-    true
 }

@@ -52,10 +52,9 @@ use crate::{
     wire::{self, AppendWire, Frame, PartWire, Raw, RecordWire, StartWire, StreamWire, WireError},
 };
 
-/// Reserved pattern prefix of a stream host's declaration.
-pub(crate) const HOST_PREFIX: &str = "$s.h.";
-/// Reserved pattern prefix of a consumer group member's declaration.
-pub(crate) const GROUP_PREFIX: &str = "$s.g.";
+/// Reserved pattern prefixes of a stream host's and a consumer group
+/// member's declarations.
+pub(crate) use crate::engine::access::{GROUP_PREFIX, STREAM_HOST_PREFIX as HOST_PREFIX};
 /// How long `info` waits for remote hosts.
 const GATHER_TIMEOUT: Duration = Duration::from_secs(2);
 /// Most records per `Append` frame.
@@ -456,7 +455,7 @@ impl NodeTask {
             .into_iter()
             .filter(|n| {
                 *n != self.local
-                    && super::reserved_permitted(self.access.as_ref(), n, &name)
+                    && crate::engine::access::reserved_permitted(self.access.as_ref(), n, &name)
                     && matches!(
                         self.membership.state_of(n),
                         Some(MemberState::Alive | MemberState::Suspect)

@@ -44,12 +44,12 @@ use crate::{
 };
 
 /// Reserved pattern prefix of a queue host's declaration.
-pub(crate) const HOST_PREFIX: &str = "$q.h.";
+pub(crate) use crate::engine::access::QUEUE_HOST_PREFIX as HOST_PREFIX;
 /// Most messages in flight to one remote consumer, whatever credit it
 /// grants.
 pub(crate) const MAX_REMOTE_PREFETCH: u32 = 65_536;
 /// Reserved pattern prefix of a responder's declaration.
-pub(crate) const SERVE_PREFIX: &str = "$r.";
+pub(crate) use crate::engine::access::SERVE_PREFIX;
 /// Most sends and requests waiting for an answer from another node; the
 /// node takes no more from handles until some are answered.
 pub(crate) const MAX_PENDING: usize = 64 * 1024;
@@ -428,7 +428,7 @@ impl NodeTask {
             .reserved_interested(topic)
             .into_iter()
             .filter(|n| {
-                super::reserved_permitted(self.access.as_ref(), n, topic)
+                crate::engine::access::reserved_permitted(self.access.as_ref(), n, topic)
                     && matches!(
                         self.membership.state_of(n),
                         Some(MemberState::Alive | MemberState::Suspect)
