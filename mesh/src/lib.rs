@@ -64,6 +64,14 @@ pub(crate) mod test_support {
     pub(crate) fn test_origin() -> std::time::Instant {
         std::time::Instant::now()
     }
+
+    /// A node id from a fixed key (`[i; 32]`): the same in every run.
+    pub(crate) fn node_id(i: u8) -> crate::core::NodeId {
+        libp2p::identity::Keypair::ed25519_from_bytes([i; 32])
+            .expect("any 32 bytes are an Ed25519 key")
+            .public()
+            .to_peer_id()
+    }
 }
 #[cfg(feature = "sim")]
 pub mod sim;

@@ -100,13 +100,7 @@ impl RequestBudget {
 mod tests {
     use super::*;
     use crate::security::AccessPolicy;
-
-    fn node(i: u8) -> NodeId {
-        libp2p::identity::Keypair::ed25519_from_bytes([i; 32])
-            .expect("a key")
-            .public()
-            .to_peer_id()
-    }
+    use crate::test_support::{node_id as node, test_origin};
 
     #[test]
     fn reserved_declarations_count_only_for_what_the_policy_allows() {
@@ -142,7 +136,7 @@ mod tests {
 
     #[test]
     fn a_peer_gets_its_budget_of_requests_per_second() {
-        let t0 = Instant::now();
+        let t0 = test_origin();
         let mut budget = RequestBudget::default();
         for _ in 0..REQUESTS_PER_SEC {
             assert!(budget.take(t0));

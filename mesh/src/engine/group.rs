@@ -103,13 +103,7 @@ pub(crate) fn read_from(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn node(i: u8) -> NodeId {
-        libp2p::identity::Keypair::ed25519_from_bytes([i; 32])
-            .expect("a key")
-            .public()
-            .to_peer_id()
-    }
+    use crate::test_support::node_id as node;
 
     fn hosts(n: u8, partitions: u32) -> FxHashMap<NodeId, HostView> {
         (1..=n)

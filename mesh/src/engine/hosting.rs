@@ -370,13 +370,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-
-    fn node(i: u8) -> NodeId {
-        libp2p::identity::Keypair::ed25519_from_bytes([i; 32])
-            .expect("a key")
-            .public()
-            .to_peer_id()
-    }
+    use crate::test_support::{node_id as node, test_origin};
 
     fn nodes(n: u8) -> Vec<NodeId> {
         (1..=n).map(node).collect()
@@ -540,7 +534,7 @@ mod tests {
 
     #[test]
     fn a_gather_ends_when_every_host_answered_left_or_ran_out_of_time() {
-        let t0 = Instant::now();
+        let t0 = test_origin();
         let deadline = t0 + Duration::from_secs(2);
         let mut g: Gathers<Vec<u8>> = Gathers::default();
         // Nobody to ask: done at once.

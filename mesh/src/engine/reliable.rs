@@ -297,15 +297,9 @@ impl Reliable {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::{node_id as node, test_origin};
 
     const SUB: u8 = 1;
-
-    fn node(i: u8) -> NodeId {
-        libp2p::identity::Keypair::ed25519_from_bytes([i; 32])
-            .expect("a key")
-            .public()
-            .to_peer_id()
-    }
 
     fn kept(seq: u64, size: usize) -> Kept {
         Kept {
@@ -339,7 +333,7 @@ mod tests {
                 subscriber: Reliable::new(200),
                 pub_id: node(2),
                 sub_id: node(SUB),
-                now: Instant::now(),
+                now: test_origin(),
                 delivered: Vec::new(),
                 lost: 0,
                 resumes: Vec::new(),
@@ -520,14 +514,11 @@ mod tests {
     fn a_subscriber_that_asked_before_it_knew_the_session_takes_the_first_it_hears() {
         let mut r = Reliable::new(1);
         let publisher = node(2);
-        let _ = r.link_up(Instant::now(), publisher);
-        assert_eq!(r.accept(Instant::now(), publisher, 55, 1), Accept::Deliver);
-        assert_eq!(
-            r.accept(Instant::now(), publisher, 55, 1),
-            Accept::Duplicate
-        );
+        let _ = r.link_up(test_origin(), publisher);
+        assert_eq!(r.accept(test_origin(), publisher, 55, 1), Accept::Deliver);
+        assert_eq!(r.accept(test_origin(), publisher, 55, 1), Accept::Duplicate);
         r.retain(|_| false);
         // Forgotten: 1 is new again.
-        assert_eq!(r.accept(Instant::now(), publisher, 55, 1), Accept::Deliver);
+        assert_eq!(r.accept(test_origin(), publisher, 55, 1), Accept::Deliver);
     }
 }

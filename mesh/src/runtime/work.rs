@@ -752,7 +752,8 @@ impl NodeTask {
             }
         };
         let Some(host) = hosting::queue_host(&queue, &hosts) else {
-            return;
+            // `Route::Remote` names a host; a caller still hears why not.
+            return self.resolve_send(reply, Err(SendError::NoHost(queue.to_string())));
         };
         let w = WorkWire::Send {
             queue: &queue,
