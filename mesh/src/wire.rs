@@ -1416,6 +1416,31 @@ pub fn encode_sync(buf: &mut Vec<u8>, members: &[membership::Update], decls: &[D
     }
 }
 
+/// The name of a frame's kind, for logs and errors.
+pub(crate) fn frame_name(f: &Frame<'_>) -> &'static str {
+    match f {
+        Frame::Hello(_) => "Hello",
+        Frame::Member(_) => "Member",
+        Frame::Declare(_) => "Declare",
+        Frame::Sync(_) => "Sync",
+        Frame::Topic { .. } => "Topic",
+        Frame::Msg(_) => "Msg",
+        Frame::Bye => "Bye",
+        Frame::ByeAck => "ByeAck",
+        Frame::Relink => "Relink",
+        Frame::Gossip(_) => "Gossip",
+        Frame::Seq { .. } => "Seq",
+        Frame::Resume { .. } => "Resume",
+        Frame::Lagged { .. } => "Lagged",
+        Frame::ShmOffer { .. } => "ShmOffer",
+        Frame::ShmRefuse { .. } => "ShmRefuse",
+        Frame::ShmSwitch => "ShmSwitch",
+        Frame::Work(_) => "Work",
+        Frame::Stream(_) => "Stream",
+        Frame::Auth { .. } => "Auth",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,93 +11,19 @@ use crate::{
 };
 
 use super::{NodeTask, ShmState};
-
-/// What the node task counts that its cores do not (the queue and stream
-/// hosts and the gossip core keep their own counters, read at snapshot
-/// time).
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    pub(crate) published: u64,
-    pub(crate) sent: u64,
-    pub(crate) resent: u64,
-    pub(crate) received: u64,
-    pub(crate) delivered: u64,
-    pub(crate) lagged_drops: u64,
-    pub(crate) subscription_evicted: u64,
-    pub(crate) subscription_cut: u64,
-    pub(crate) declarations_refused: u64,
-    pub(crate) forged_replies: u64,
-    pub(crate) declarations_forged: u64,
-    pub(crate) requests_throttled: u64,
-    pub(crate) outbox_overflow: u64,
-    pub(crate) unadmitted_refused: u64,
-    pub(crate) link_buffer_full: u64,
-    pub(crate) oversize: u64,
-    pub(crate) malformed: u64,
-    pub(crate) link_errors: u64,
-    pub(crate) duplicate: u64,
-    pub(crate) out_of_order: u64,
-    pub(crate) reliable_lagged: u64,
-    pub(crate) unnumbered: u64,
-    pub(crate) no_subscriber: u64,
-    pub(crate) control_sends: u64,
-    pub(crate) queue_sent: u64,
-    pub(crate) stream_received: u64,
-    pub(crate) stream_repeats: u64,
-    pub(crate) quic_sent: u64,
-    pub(crate) quic_received: u64,
-    pub(crate) shm_sent: u64,
-    pub(crate) shm_received: u64,
-    pub(crate) links_opened: u64,
-}
-
-/// How a link that ended with an error is counted.
-pub(crate) fn count_link_error(c: &mut Counters, error: &str) {
-    // The reader reports errors as text; an oversize frame is the frame
-    // reader's `FrameError::Oversize` (a unit test keeps the two in step).
-    if error.contains(OVERSIZE_MARK) {
-        c.oversize += 1;
-    } else {
-        c.link_errors += 1;
-    }
-}
-
-const OVERSIZE_MARK: &str = "bytes exceeds the limit of";
-
-impl Counters {
-    /// Bytes of frames the node task hands to a link's writer.
-    pub(super) fn sent_bytes(&mut self, shm: ShmState, n: usize) {
-        // Our side writes to the ring once it has switched: at once when it
-        // opened the peer's rings, on the peer's switch when it offered.
-        match shm {
-            ShmState::Opened | ShmState::On => self.shm_sent += n as u64,
-            ShmState::Off | ShmState::Offered => self.quic_sent += n as u64,
-        }
-    }
-
-    /// Bytes of frames a link's reader handed over (a batch is all from one
-    /// transport: the reader turns to the ring after a batch that ends
-    /// with the peer's `ShmSwitch`, which moves the link to `On`).
-    pub(super) fn received_bytes(&mut self, shm: ShmState, frames: &[bytes::Bytes]) {
-        let n: u64 = frames.iter().map(|f| f.len() as u64 + 4).sum();
-        match shm {
-            ShmState::On => self.shm_received += n,
-            _ => self.quic_received += n,
-        }
-    }
-}
+pub(crate) use crate::engine::counters::count_link_error;
 
 impl NodeTask {
     /// A snapshot of the counters and gauges.
     pub(crate) fn metrics(&self) -> Metrics {
-        let c = &self.counters;
+        let c = &self.engine.counters;
         let mut m = Metrics {
-            node: self.local.to_string(),
+            node: self.engine.local.to_string(),
             ..Default::default()
         };
 
         m.pubsub.published = c.published;
-        m.pubsub.sent = c.sent + self.gossip.stats().payloads;
+        m.pubsub.sent = c.sent + self.engine.gossip.stats().payloads;
         m.pubsub.resent = c.resent;
         m.pubsub.received = c.received;
         m.pubsub.delivered = c.delivered;
@@ -113,27 +39,25 @@ impl NodeTask {
         d.requests_throttled = c.requests_throttled;
         d.outbox_overflow = c.outbox_overflow;
         d.unadmitted_refused = c.unadmitted_refused;
-        d.membership_refused = self.membership.refused();
+        d.membership_refused = self.engine.membership.refused();
         d.link_buffer_full = c.link_buffer_full;
-        // `stats.dropped_unreachable` counts both ways a peer without a
-        // link loses messages; the buffer-full ones are counted apart.
-        d.unreachable = self
-            .stats
-            .dropped_unreachable
-            .saturating_sub(c.link_buffer_full);
+        // `dropped_unreachable` counts both ways a peer without a link
+        // loses messages; the buffer-full ones are counted apart.
+        d.unreachable = c.dropped_unreachable.saturating_sub(c.link_buffer_full);
         d.oversize = c.oversize;
         d.malformed = c.malformed;
         d.link_errors = c.link_errors;
-        d.duplicate = c.duplicate + self.gossip.stats().duplicates;
+        d.duplicate = c.duplicate + self.engine.gossip.stats().duplicates;
         d.out_of_order = c.out_of_order;
         d.reliable_lagged = c.reliable_lagged;
         d.unnumbered = c.unnumbered;
         d.no_subscriber = c.no_subscriber;
-        d.gossip_unrecovered = self.gossip.stats().unrecovered + self.gossip.stats().graft_misses;
+        d.gossip_unrecovered =
+            self.engine.gossip.stats().unrecovered + self.engine.gossip.stats().graft_misses;
         d.control_sends = c.control_sends;
         d.control_refused = self.stats.control_refused;
         d.auth_refused = self.stats.auth_refused;
-        d.acl_denied = self.access.as_ref().map_or(0, |a| a.denied);
+        d.acl_denied = self.engine.access.as_ref().map_or(0, |a| a.denied);
         d.gossip_forged = self
             .reader_counts
             .gossip_forged
@@ -151,7 +75,12 @@ impl NodeTask {
         };
 
         let (mut up_quic, mut up_shm) = (0, 0);
-        for l in self.links.values().filter(|l| l.up) {
+        for l in self
+            .links
+            .iter()
+            .filter(|(p, _)| self.engine.peers.is_up(p))
+            .map(|(_, l)| l)
+        {
             if l.shm == ShmState::On {
                 up_shm += 1;
             } else {
@@ -176,7 +105,7 @@ impl NodeTask {
                 / 1000,
         };
 
-        for member in self.membership.members() {
+        for member in self.engine.membership.members() {
             match member.state {
                 MemberState::Alive => m.peers.alive += 1,
                 MemberState::Suspect => m.peers.suspect += 1,
@@ -196,7 +125,7 @@ impl NodeTask {
 
     /// The queue counters and gauges of what this node hosts.
     fn queue_metrics(&self, m: &mut Metrics) {
-        let c = &self.counters;
+        let c = &self.engine.counters;
         let host = &self.work.host;
         m.queues.sent = c.queue_sent;
         m.queues.stale = host.stale_runs();
@@ -249,7 +178,7 @@ impl NodeTask {
 
     /// The stream counters, and the lag of each consumer group.
     fn stream_metrics(&self, m: &mut Metrics) {
-        let c = &self.counters;
+        let c = &self.engine.counters;
         let streams = self.streams.host.stats();
         m.streams.appended = streams.appended;
         m.streams.refused = streams.refused;
@@ -283,19 +212,5 @@ impl NodeTask {
         }
         lags.sort_by(|a, b| (&a.stream, &a.group).cmp(&(&b.stream, &b.group)));
         m.group_lag = lags;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn oversize_frames_are_told_from_other_link_errors() {
-        let oversize = mesh_transports::frame::FrameError::Oversize { len: 10, limit: 5 };
-        let mut c = Counters::default();
-        count_link_error(&mut c, &oversize.to_string());
-        count_link_error(&mut c, "write failed: broken pipe");
-        assert_eq!((c.oversize, c.link_errors), (1, 1));
     }
 }

@@ -36,28 +36,34 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::{
     core::{
-        interest::{Interest, RouteCache},
         membership::{self, MemberState, Membership},
-        pubsub::{
-            LinkDecoder, LinkEncoder, LocalSubscriptions, Message, MessageId, Outgoing, SubId,
-        },
+        pubsub::SubId,
         topic::Pattern,
         NodeId,
     },
-    engine::{
-        access::{may_read, RequestBudget},
-        reliable::{Accept, Kept, Reliable},
-    },
+    engine::{self, Engine, EngineConfig, Peer},
     node::{Config, Inner, Node, PeerInfo, StartError},
-    wire::{
-        self, Frame, Hello, MsgWire, Raw, SyncWire, WireError, FEATURE_SHM, MAGIC, PROTOCOL_VERSION,
-    },
+    wire::{self, Frame, Hello, Raw, WireError, FEATURE_SHM, MAGIC, PROTOCOL_VERSION},
 };
 use env::Transport;
 pub(crate) use env::{Environment, Spawner};
 use link::{LinkEvent, LinkId, PeerHello, ShmRxSlot};
 use mesh_transports::shm;
 use queue::{Outbox, PublishCmd, PublishQueue, ShmTx, SubQueue};
+
+/// The I/O half of `peer`'s link, created (waiting for a stream) if there
+/// is none.
+fn io_entry<'a>(
+    links: &'a mut rustc_hash::FxHashMap<NodeId, Link>,
+    next: &mut LinkId,
+    space: &Arc<Notify>,
+    peer: NodeId,
+) -> &'a mut Link {
+    links.entry(peer).or_insert_with(|| {
+        *next += 1;
+        Link::new(*next, space.clone(), now())
+    })
+}
 
 /// Commands from [`Node`] handles to the node task.
 #[derive(Debug)]
@@ -317,12 +323,28 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
     let config_for_work = config.clone();
     let (durable, loaded) = open_durable(&config)?;
     let task = NodeTask {
-        local,
-        membership: Membership::new(local, Vec::new(), epoch, config.membership.clone(), now)
-            .with_proofs(Box::new(member_proofs)),
-        interest: Interest::new(local, epoch),
-        routes: RouteCache::default(),
-        subs: LocalSubscriptions::default(),
+        engine: Engine::new(
+            EngineConfig {
+                link_buffer: config.link_buffer,
+                reliable_window: config.reliable_window,
+                gossip: config.gossip.clone(),
+            },
+            engine::Parts {
+                local,
+                membership: Membership::new(
+                    local,
+                    Vec::new(),
+                    epoch,
+                    config.membership.clone(),
+                    now,
+                )
+                .with_proofs(Box::new(member_proofs)),
+                epoch,
+                access,
+                signer,
+                rng,
+            },
+        ),
         sub_queues: Default::default(),
         links: Default::default(),
         next_link: 0,
@@ -330,10 +352,6 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
         transport,
         listen_addrs: Vec::new(),
         connected: Default::default(),
-        // Message ids stay unique and increasing across restarts: a new
-        // start numbers from its start time (16 per µs of uptime before a
-        // restart could reuse a number).
-        seq: epoch << 4,
         ready: config.bootstrap.is_empty(),
         ready_waiters: Vec::new(),
         synced: false,
@@ -341,22 +359,17 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
         listening_waiters: Vec::new(),
         space,
         reader_counts: Default::default(),
-        rng,
         next_reconnect: now + RECONNECT_INTERVAL,
         clock,
         spawner: spawner.clone(),
         config,
         blocked_subs: Default::default(),
         stats: Stats::default(),
-        counters: Default::default(),
         shutting_down: false,
         shm_host,
         broken: Default::default(),
         lingering: Default::default(),
         admission,
-        access,
-        signer,
-        decl_verifier: Default::default(),
         admitted: Default::default(),
         unadmitted_control: Default::default(),
         refused: Default::default(),
@@ -368,14 +381,6 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
         control_out: Default::default(),
         control_tx,
         control_readers: Arc::new(tokio::sync::Semaphore::new(MAX_CONTROL_READERS)),
-        pending_delivery: Vec::new(),
-        reliable_subs: Default::default(),
-        reliable: Reliable::new(epoch),
-        reliable_routes: RouteCache::reliable(),
-        gossip: crate::core::gossip::Gossip::new(local, Default::default()),
-        gossip_dial: Vec::new(),
-        gossip_codec: Default::default(),
-        gossip_targets: None,
         work: work::Work::new(&config_for_work),
         streams: streams::Streams::new(&config_for_work, epoch, local),
         work_bounded: work_bounded.clone(),
@@ -393,7 +398,7 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
     // the simulator (so its runs repeat).
     if task.config.replayable() {
         use sha2::Digest;
-        task.work.request_key = sha2::Sha256::digest(task.local.to_bytes()).into();
+        task.work.request_key = sha2::Sha256::digest(task.engine.local.to_bytes()).into();
     } else {
         rand::thread_rng().fill_bytes(&mut task.work.request_key);
     }
@@ -406,7 +411,7 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
         .into_iter()
         .chain(task.streams.host_patterns())
     {
-        task.interest.subscribe(&p, false);
+        task.engine.interest.subscribe(&p, false);
     }
     let max_payload = task.config.max_frame.saturating_sub(1024);
     spawner.spawn(task.run(cmd_rx, unsub_rx, link_rx, control_rx, transport_events));
@@ -435,7 +440,6 @@ struct Stats {
     /// check.
     slow_consumers: u64,
     dropped_slow_subscriber: u64,
-    dropped_unreachable: u64,
     control_refused: u64,
 }
 
@@ -473,29 +477,14 @@ const OUTBOX_CAP_FACTOR: usize = 16;
 /// time out (the handshake timeout, 10 s).
 const MAX_UNADMITTED: usize = 64;
 
-/// One peer's link as the node task sees it.
+/// The I/O half of one peer's link (its protocol half is the engine's
+/// [`Peer`]).
 struct Link {
     id: LinkId,
     outbox: Arc<Outbox>,
-    enc: LinkEncoder,
-    dec: LinkDecoder,
-    scratch: Vec<u8>,
     /// `None` while waiting for a stream (data is buffered meanwhile).
     reader: Option<tokio::task::AbortHandle>,
-    up: bool,
     created: Instant,
-    bye_acked: bool,
-    /// The peer said `Bye`: it is leaving, and will close the connection.
-    leaving: bool,
-    /// Messages were encoded for it (shutdown waits for those to go out).
-    has_data: bool,
-    /// The `Seq` frame just read: the next `Msg` is that reliable message.
-    /// (session, rseq, to) of the next `Msg`.
-    pending_seq: Option<(u64, u64, u64)>,
-    /// Messages dropped because its buffer was full before its stream came.
-    dropped: u64,
-    /// Messages buffered before its stream came.
-    queued: u64,
     /// Shared memory: the ring the reader turns to at the peer's
     /// `ShmSwitch`, our ring waiting for our own switch, and how far the
     /// move went.
@@ -505,12 +494,6 @@ struct Link {
     /// The peer's `Hello` said it shares our host and user (an offer from
     /// anyone else is refused).
     shm_ok: bool,
-    /// Topic ids of this peer that the access policy does not let it
-    /// publish to: its messages on them are dropped (and counted).
-    denied_topics: rustc_hash::FxHashSet<u32>,
-    /// Answers this peer may still ask for in this second (peeks, stream
-    /// infos, reliable resends): see `engine::access::REQUESTS_PER_SEC`.
-    budget: RequestBudget,
 }
 
 /// How far a link's move to shared memory went.
@@ -526,36 +509,39 @@ enum ShmState {
     On,
 }
 
+impl ShmState {
+    /// Our side writes to the ring once it has switched: at once when it
+    /// opened the peer's rings, on the peer's switch when it offered.
+    fn writes_ring(self) -> bool {
+        matches!(self, ShmState::Opened | ShmState::On)
+    }
+
+    /// The reader turns to the ring after a batch that ends with the
+    /// peer's `ShmSwitch`, which moves the link to `On`.
+    fn reads_ring(self) -> bool {
+        self == ShmState::On
+    }
+}
+
 impl Link {
-    fn new(id: LinkId, peer: NodeId, space: Arc<Notify>, now: Instant) -> Self {
+    fn new(id: LinkId, space: Arc<Notify>, now: Instant) -> Self {
         Self {
             id,
             outbox: Arc::new(Outbox::new(space)),
-            enc: LinkEncoder::default(),
-            dec: LinkDecoder::new(peer),
-            scratch: Vec::new(),
             reader: None,
-            up: false,
             created: now,
-            bye_acked: false,
-            leaving: false,
-            has_data: false,
-            pending_seq: None,
-            dropped: 0,
-            queued: 0,
             shm_rx: Default::default(),
             shm_tx: None,
             shm: ShmState::Off,
             shm_ok: false,
-            denied_topics: Default::default(),
-            budget: RequestBudget::default(),
         }
     }
 
-    /// Stops the link; whatever is already encoded is still written.
-    fn close(&mut self) {
-        if !self.scratch.is_empty() {
-            self.outbox.push(&mut self.scratch);
+    /// Stops the link; whatever is already encoded (`rest`: what the
+    /// engine held for it) is still written.
+    fn close(&mut self, rest: &mut Vec<u8>) {
+        if !rest.is_empty() {
+            self.outbox.push(rest);
         }
         self.outbox.close();
         if let Some(r) = self.reader.take() {
@@ -564,50 +550,11 @@ impl Link {
     }
 }
 
-fn frame_name(f: &Frame<'_>) -> &'static str {
-    match f {
-        Frame::Hello(_) => "Hello",
-        Frame::Member(_) => "Member",
-        Frame::Declare(_) => "Declare",
-        Frame::Sync(_) => "Sync",
-        Frame::Topic { .. } => "Topic",
-        Frame::Msg(_) => "Msg",
-        Frame::Bye => "Bye",
-        Frame::ByeAck => "ByeAck",
-        Frame::Relink => "Relink",
-        Frame::Gossip(_) => "Gossip",
-        Frame::Seq { .. } => "Seq",
-        Frame::Resume { .. } => "Resume",
-        Frame::Lagged { .. } => "Lagged",
-        Frame::ShmOffer { .. } => "ShmOffer",
-        Frame::ShmRefuse { .. } => "ShmRefuse",
-        Frame::ShmSwitch => "ShmSwitch",
-        Frame::Work(_) => "Work",
-        Frame::Stream(_) => "Stream",
-        Frame::Auth { .. } => "Auth",
-    }
-}
-
-/// The link to `peer`, created (waiting for a stream) if there is none.
-fn link_entry<'a>(
-    links: &'a mut rustc_hash::FxHashMap<NodeId, Link>,
-    next: &mut LinkId,
-    space: &Arc<Notify>,
-    peer: NodeId,
-) -> &'a mut Link {
-    links.entry(peer).or_insert_with(|| {
-        *next += 1;
-        Link::new(*next, peer, space.clone(), now())
-    })
-}
-
 struct NodeTask {
-    local: NodeId,
+    /// The protocol state: the cores, pub/sub, and each peer's protocol
+    /// half of its link (this task holds the I/O half in `links`).
+    engine: Engine,
     config: Config,
-    membership: Membership,
-    interest: Interest,
-    routes: RouteCache,
-    subs: LocalSubscriptions,
     sub_queues: rustc_hash::FxHashMap<SubId, Arc<SubQueue>>,
     /// One per peer we have, or are setting up, a data stream with.
     // Keyed by authenticated peer ids (bounded by connections): a fast
@@ -619,7 +566,6 @@ struct NodeTask {
     listen_addrs: Vec<Multiaddr>,
     /// Peers with a live connection, and the address seen.
     connected: rustc_hash::FxHashMap<NodeId, Multiaddr>,
-    seq: u64,
     ready: bool,
     ready_waiters: Vec<oneshot::Sender<()>>,
     /// A peer has sent us its view (Sync).
@@ -630,7 +576,6 @@ struct NodeTask {
     space: Arc<Notify>,
     /// What the link readers counted (inbound-limit pauses, forged gossip).
     reader_counts: Arc<link::ReaderCounts>,
-    rng: SmallRng,
     next_reconnect: Instant,
     clock: WallClock,
     spawner: Spawner,
@@ -638,7 +583,6 @@ struct NodeTask {
     /// Full subscriptions holding the node back, with when each filled.
     blocked_subs: std::collections::BTreeMap<SubId, (Arc<SubQueue>, Instant)>,
     stats: Stats,
-    counters: metrics::Counters,
     last_drop_warning: Option<Instant>,
     shutting_down: bool,
     /// This host as peers compare it (empty: shared memory off).
@@ -654,13 +598,6 @@ struct NodeTask {
     lingering: std::collections::HashMap<NodeId, tokio::time::Instant>,
     /// Who this node admits (see [`crate::security`]).
     admission: Arc<crate::security::Admission>,
-    /// The access policy, if any.
-    pub(crate) access: Option<crate::security::Access>,
-    /// Signs our gossip messages and checks others'.
-    signer: crate::security::Signer,
-    /// Checks the origin signature of every declaration taken into the
-    /// interest table (relayed ones in a `Sync` too).
-    decl_verifier: crate::security::Verifier,
     /// Connected peers that passed the handshake (bounded by the
     /// connections: removed on disconnect): in a private mesh, control
     /// traffic (membership) from anyone else is ignored.
@@ -687,24 +624,6 @@ struct NodeTask {
     /// Bounds the control streams read at once (each holds at most
     /// `link::MAX_CONTROL_BYTES`).
     control_readers: Arc<tokio::sync::Semaphore>,
-    /// Messages decoded in the current batch, pushed to their subscription
-    /// queues together at the end of it.
-    pending_delivery: Vec<(SubId, Message)>,
-    /// Reliable subscriptions (their patterns are declared reliable).
-    reliable_subs: rustc_hash::FxHashSet<SubId>,
-    /// Retransmit windows and receipts of reliable pub/sub; its session
-    /// is this run's (its start time).
-    reliable: Reliable,
-    /// Nodes with a reliable subscription per topic, whatever their state.
-    reliable_routes: RouteCache,
-    /// Gossip mode: the overlay and broadcast core.
-    gossip: crate::core::gossip::Gossip,
-    /// Peers the gossip core sent to that are not connected.
-    gossip_dial: Vec<NodeId>,
-    gossip_codec: wire::GossipCodec,
-    /// Subscriptions matching the last gossip topic delivered, at a
-    /// subscription generation.
-    gossip_targets: Option<(Arc<str>, u64, Arc<[SubId]>)>,
     /// Work queues and request/reply.
     work: work::Work,
     work_bounded: Arc<queue::HandOff<work::Op>>,
@@ -870,13 +789,20 @@ impl NodeTask {
     /// links that never came up, departed members.
     async fn handle_timeout(&mut self) {
         let now = now();
-        if self.membership.poll_timeout().is_some_and(|t| t <= now) {
-            self.membership.handle_timeout(now, &mut self.rng);
+        if self
+            .engine
+            .membership
+            .poll_timeout()
+            .is_some_and(|t| t <= now)
+        {
+            self.engine
+                .membership
+                .handle_timeout(now, &mut self.engine.rng);
         }
-        if self.gossip.poll_timeout().is_some_and(|t| t <= now) {
-            let before = self.gossip.stats().clone();
-            self.gossip.handle_timeout(now, &mut self.rng);
-            let after = self.gossip.stats();
+        if self.engine.gossip.poll_timeout().is_some_and(|t| t <= now) {
+            let before = self.engine.gossip.stats().clone();
+            self.engine.gossip.handle_timeout(now, &mut self.engine.rng);
+            let after = self.engine.gossip.stats();
             if after.unrecovered > before.unrecovered || after.graft_misses > before.graft_misses {
                 tracing::warn!(
                     unrecovered = after.unrecovered,
@@ -923,8 +849,8 @@ impl NodeTask {
     /// When a timer of the cores, the queues or the streams is next due.
     fn poll_timeout(&mut self) -> Instant {
         [
-            self.membership.poll_timeout(),
-            self.gossip.poll_timeout(),
+            self.engine.membership.poll_timeout(),
+            self.engine.gossip.poll_timeout(),
             self.work.poll_timeout(),
             self.streams.poll_timeout(),
         ]
@@ -959,21 +885,9 @@ impl NodeTask {
             .any(|l| l.reader.is_some() && l.outbox.pending() > self.config.link_buffer)
     }
 
-    /// Whether `peer` may have one more costly answer now (its
-    /// [`RequestBudget`]); a refusal is counted.
+    /// Whether `peer` may have one more costly answer now.
     pub(crate) fn request_allowed(&mut self, peer: NodeId) -> bool {
-        let now = now();
-        let ok = self
-            .links
-            .get_mut(&peer)
-            .is_some_and(|l| l.budget.take(now));
-        if !ok {
-            self.counters.requests_throttled += 1;
-            if self.counters.requests_throttled.is_power_of_two() {
-                tracing::warn!(%peer, throttled = self.counters.requests_throttled, "peer over its request budget; answering empty");
-            }
-        }
-        ok
+        self.engine.request_allowed(now(), peer)
     }
 
     /// Ends the links whose peers let more than `16 * link_buffer` bytes
@@ -991,12 +905,12 @@ impl NodeTask {
             .collect();
         for peer in over {
             tracing::warn!(%peer, cap, "peer does not read what it asked for; closing its link");
-            self.counters.outbox_overflow += 1;
-            if let Some(mut l) = self.links.remove(&peer) {
+            self.engine.counters.outbox_overflow += 1;
+            if let Some(l) = self.links.get(&peer) {
                 l.outbox.abort();
-                l.close();
             }
-            self.membership.handle_link_down(now(), peer);
+            self.remove_link(&peer);
+            self.engine.membership.handle_link_down(now(), peer);
             self.links_generation += 1;
             self.work_link_down(peer);
             self.schedule_relink(peer);
@@ -1012,21 +926,32 @@ impl NodeTask {
                 continue;
             }
             if self.transport.send_control(*peer, std::mem::take(bytes)) {
-                self.counters.quic_sent += n as u64;
+                self.engine.counters.quic_sent += n as u64;
             } else {
-                self.counters.control_sends += 1;
+                self.engine.counters.control_sends += 1;
                 tracing::debug!(%peer, "too many control sends in flight; dropped one");
             }
         }
         self.control_out.retain(|_, b| !b.is_empty());
         let cap = self.config.link_buffer.saturating_mul(OUTBOX_CAP_FACTOR);
+        self.create_links();
         let mut over = false;
-        for link in self.links.values_mut() {
-            if !link.scratch.is_empty() {
-                self.counters.sent_bytes(link.shm, link.scratch.len());
-                over |= link.outbox.push(&mut link.scratch) > cap;
+        let (links, next, space) = (&mut self.links, &mut self.next_link, &self.space);
+        let (mut quic, mut ring) = (0, 0);
+        self.engine.poll_transmit(|peer, bytes| {
+            let link = io_entry(links, next, space, *peer);
+            if !bytes.is_empty() {
+                if link.shm.writes_ring() {
+                    ring += bytes.len();
+                } else {
+                    quic += bytes.len();
+                }
+                over |= link.outbox.push(bytes) > cap;
             }
-        }
+            link.reader.is_none().then(|| link.outbox.pending())
+        });
+        self.engine.counters.sent_bytes(false, quic);
+        self.engine.counters.sent_bytes(true, ring);
         if over {
             self.shed_overflowing_links();
         }
@@ -1045,8 +970,8 @@ impl NodeTask {
         if self.config.replayable() {
             use sha2::Digest;
             let mut h = sha2::Sha256::new();
-            h.update(self.local.to_bytes());
-            h.update(self.membership.incarnation().to_be_bytes());
+            h.update(self.engine.local.to_bytes());
+            h.update(self.engine.membership.incarnation().to_be_bytes());
             h.update(self.next_link.to_be_bytes());
             nonce.copy_from_slice(&h.finalize());
         } else {
@@ -1061,7 +986,7 @@ impl NodeTask {
             } else {
                 FEATURE_SHM
             },
-            incarnation: self.membership.incarnation(),
+            incarnation: self.engine.membership.incarnation(),
             addrs: addrs.iter().map(|a| Raw(a)).collect(),
             host: Raw(&self.shm_host),
             uid: shm::uid(),
@@ -1094,27 +1019,39 @@ impl NodeTask {
             hello: buf,
             details,
             nonce,
-            local: self.local,
+            local: self.engine.local,
             admission: self.admission.clone(),
         }
     }
 
-    /// Everything we know, for a peer whose link just came up.
-    fn encode_sync(&self, buf: &mut Vec<u8>) {
-        // Alive records go with their members' signatures (ours first).
-        let mut members = vec![self.membership.local_record()];
-        members.extend(self.membership.records());
-        let mut decls = self.interest.snapshot();
-        // The local declaration (first) goes signed; the others carry the
-        // signatures they came with.
-        if let Some(local) = decls.first_mut() {
-            local.signature = Some(self.signer.sign_declaration(local));
-        }
-        wire::encode_sync(buf, &members, &decls);
+    /// The I/O half of `peer`'s link, created (waiting for a stream)
+    /// with its engine half if there is none.
+    fn link_mut(&mut self, peer: NodeId) -> &mut Link {
+        self.engine.peers.entry(peer);
+        self.create_links();
+        io_entry(&mut self.links, &mut self.next_link, &self.space, peer)
     }
 
-    fn link_mut(&mut self, peer: NodeId) -> &mut Link {
-        link_entry(&mut self.links, &mut self.next_link, &self.space, peer)
+    /// The I/O halves of the links the engine added (waiting for a
+    /// stream), in the order it added them.
+    fn create_links(&mut self) {
+        for peer in self.engine.peers.take_created() {
+            io_entry(&mut self.links, &mut self.next_link, &self.space, peer);
+        }
+    }
+
+    /// Ends `peer`'s link: what is encoded for it is still written, and
+    /// its protocol half (how it ended) comes back, if it had a link.
+    fn remove_link(&mut self, peer: &NodeId) -> Option<Peer> {
+        // Every link the engine added has its number, even one that ends
+        // before it is flushed (numbers stay those of the order links came).
+        self.create_links();
+        let mut rest = self.engine.peers.remove(peer);
+        if let Some(mut l) = self.links.remove(peer) {
+            let mut none = Vec::new();
+            l.close(rest.as_mut().map_or(&mut none, |p| &mut p.scratch));
+        }
+        rest
     }
 
     async fn handle_transport(&mut self, ev: quic::Event) {
@@ -1123,7 +1060,7 @@ impl NodeTask {
                 tracing::debug!(%addr, "listening");
                 if !self.listen_addrs.contains(&addr) {
                     self.listen_addrs.push(addr);
-                    self.membership.set_local_addrs(self.our_addrs());
+                    self.engine.membership.set_local_addrs(self.our_addrs());
                 }
                 for w in self.listening_waiters.drain(..) {
                     let _ = w.send(());
@@ -1131,7 +1068,7 @@ impl NodeTask {
             }
             quic::Event::ListenerClosed(addr) => {
                 self.listen_addrs.retain(|a| a != &addr);
-                self.membership.set_local_addrs(self.our_addrs());
+                self.engine.membership.set_local_addrs(self.our_addrs());
             }
             quic::Event::Connected { peer, addr } => {
                 tracing::debug!(%peer, %addr, "connected");
@@ -1144,26 +1081,27 @@ impl NodeTask {
                     return;
                 }
                 self.connected.insert(peer, addr);
+                self.engine.handle_connected(peer);
                 // The larger id waits for the peer's stream; if none comes
                 // in the grace period it asks for one.
-                if self.local > peer {
+                if self.engine.local > peer {
                     self.schedule_relink(peer);
                 }
             }
             quic::Event::Disconnected { peer } => {
                 tracing::debug!(%peer, "disconnected");
                 self.connected.remove(&peer);
+                self.engine.handle_disconnected(peer);
                 self.lingering.remove(&peer);
                 self.admitted.remove(&peer);
                 let held = self.unadmitted_control.remove(&peer).map_or(0, |h| h.len());
                 self.stats.control_refused += held as u64;
-                if let Some(mut link) = self.links.remove(&peer) {
-                    link.close();
+                if let Some(link) = self.remove_link(&peer) {
                     if self.shutting_down && link.has_data && !link.bye_acked && !link.leaving {
                         self.broken.insert(peer);
                     }
                     if link.up {
-                        self.membership.handle_link_down(now(), peer);
+                        self.engine.membership.handle_link_down(now(), peer);
                     }
                     self.links_generation += 1;
                     self.work_link_down(peer);
@@ -1212,9 +1150,9 @@ impl NodeTask {
                 self.schedule_relink(peer);
             }
             quic::Event::Discovered { peer, addrs } => {
-                if peer != self.local
+                if peer != self.engine.local
                     && !self.connected.contains_key(&peer)
-                    && self.membership.state_of(&peer) != Some(MemberState::Down)
+                    && self.engine.membership.state_of(&peer) != Some(MemberState::Down)
                 {
                     self.transport.dial_peer(peer, addrs).await;
                 }
@@ -1235,36 +1173,36 @@ impl NodeTask {
             // stream resets it.
             return;
         }
-        if self.admission.is_private() && !self.links.get(&peer).is_some_and(|l| l.up) {
+        if self.admission.is_private() && !self.engine.peers.is_up(&peer) {
             // Links still waiting for their peer's proof are capped: an
             // outsider opening connections cannot make us hold many.
             let waiting = self
                 .links
-                .values()
-                .filter(|l| l.reader.is_some() && !l.up)
+                .iter()
+                .filter(|(p, l)| l.reader.is_some() && !self.engine.peers.is_up(p))
                 .count();
             if waiting >= MAX_UNADMITTED {
-                self.counters.unadmitted_refused += 1;
-                if self.counters.unadmitted_refused.is_power_of_two() {
+                self.engine.counters.unadmitted_refused += 1;
+                if self.engine.counters.unadmitted_refused.is_power_of_two() {
                     tracing::warn!(%peer, waiting, "too many links waiting for their proof; refused one");
                 }
                 return;
             }
         }
-        if !reuse {
-            if let Some(mut old) = self.links.remove(&peer) {
-                old.close();
-                // What was in flight on it may be lost with it.
-                self.links_generation += 1;
-                self.work_link_down(peer);
-            }
+        if !reuse && self.remove_link(&peer).is_some() {
+            // What was in flight on it may be lost with it.
+            self.links_generation += 1;
+            self.work_link_down(peer);
         }
+        // Links the engine added get their numbers first, in order (the
+        // handshake's nonce in the simulator is made of the next one).
+        self.create_links();
         let handshake = self.hello();
         let private = self.admission.is_private();
         let mut sync = Vec::new();
         if !private {
             // A private link's sync waits for the peer's proof (link up).
-            self.encode_sync(&mut sync);
+            self.engine.encode_sync(&mut sync);
         }
         let limits = link::ReadLimits {
             max_frame: self.config.max_frame,
@@ -1277,11 +1215,6 @@ impl NodeTask {
         if private {
             // Nothing goes out (nor is the sync made) before the proof.
             link.outbox.hold();
-        } else {
-            // State (sync, declarations) travels on the ordered, reliable
-            // data stream; the sync goes first so the peer is ready early.
-            sync.append(&mut link.scratch);
-            link.scratch = sync;
         }
         link.reader = Some(link::spawn(
             &spawner,
@@ -1294,6 +1227,14 @@ impl NodeTask {
             limits,
             events,
         ));
+        let p = self.engine.peers.entry(peer);
+        p.unsent = None;
+        if !private {
+            // State (sync, declarations) travels on the ordered, reliable
+            // data stream; the sync goes first so the peer is ready early.
+            sync.append(&mut p.scratch);
+            p.scratch = sync;
+        }
     }
 
     /// Reads a control stream from an admitted (or any, in an open mesh)
@@ -1335,7 +1276,7 @@ impl NodeTask {
                     self.read_control(peer, stream);
                 }
                 let shm_ok = self.shm_eligible(peer, &hello);
-                if shm_ok && self.local < peer {
+                if shm_ok && self.engine.local < peer {
                     self.offer_shm(peer, link);
                 }
                 let PeerHello {
@@ -1345,38 +1286,22 @@ impl NodeTask {
                     // The proof checked: our view of the mesh goes first,
                     // before anything queued for the peer meanwhile.
                     let mut sync = Vec::new();
-                    self.encode_sync(&mut sync);
+                    self.engine.encode_sync(&mut sync);
                     if let Some(l) = self.links.get(&peer) {
-                        self.counters.sent_bytes(l.shm, sync.len());
+                        self.engine
+                            .counters
+                            .sent_bytes(l.shm.writes_ring(), sync.len());
                         l.outbox.release_front(&mut sync);
                     }
                 }
                 let Some(l) = self.links.get_mut(&peer) else {
                     return;
                 };
-                l.up = true;
                 l.shm_ok = shm_ok;
                 self.links_generation += 1;
-                self.counters.links_opened += 1;
-                // Fetch what this publisher kept for us while we were apart
-                // (everything it kept, if we never heard from it).
-                if !self.reliable_subs.is_empty() {
-                    let r = self.reliable.link_up(now(), peer);
-                    wire::encode(
-                        &mut l.scratch,
-                        &Frame::Resume {
-                            session: r.session,
-                            next: r.next,
-                        },
-                    );
-                }
                 self.relink_backoff.remove(&peer);
                 tracing::debug!(%peer, incarnation, "link up");
-                self.gossip.handle_peer_up(peer, &mut self.rng);
-                if self.gossip.active().is_empty() {
-                    self.gossip.join(now(), peer);
-                }
-                self.membership.handle_link_up(now(), peer, addrs);
+                self.engine.handle_link_up(now(), peer, addrs);
             }
             LinkEvent::Frames { link, frames } => {
                 let Some(peer) = self
@@ -1388,17 +1313,17 @@ impl NodeTask {
                     return;
                 };
                 if let Some(l) = self.links.get(&peer) {
-                    self.counters.received_bytes(l.shm, &frames);
+                    self.engine
+                        .counters
+                        .received_bytes(l.shm.reads_ring(), &frames);
                 }
                 for frame in frames {
                     if let Err(e) = self.handle_frame(peer, &frame) {
                         tracing::warn!(%peer, error = %e, "closing link: bad frame from peer");
                         self.stats.links_refused += 1;
-                        self.counters.malformed += 1;
-                        if let Some(mut l) = self.links.remove(&peer) {
-                            l.close();
-                        }
-                        self.membership.handle_link_down(now(), peer);
+                        self.engine.counters.malformed += 1;
+                        self.remove_link(&peer);
+                        self.engine.membership.handle_link_down(now(), peer);
                         self.links_generation += 1;
                         self.work_link_down(peer);
                         self.schedule_relink(peer);
@@ -1421,31 +1346,28 @@ impl NodeTask {
                 } else {
                     tracing::debug!(%peer, %reason, "refused a peer again");
                 }
-                if let Some(mut l) = self.links.remove(&peer) {
-                    l.close();
-                }
+                self.remove_link(&peer);
                 self.relink_backoff.remove(&peer);
                 self.links_generation += 1;
                 self.work_link_down(peer);
             }
             LinkEvent::Closed { link, peer, error } => {
-                let Some(l) = self.links.get(&peer).filter(|l| l.id == link) else {
+                if self.links.get(&peer).is_none_or(|l| l.id != link) {
                     return;
-                };
-                let was_up = l.up;
+                }
+                let was_up = self.engine.peers.is_up(&peer);
                 match &error {
                     Some(e) => {
                         tracing::warn!(%peer, error = %e, "link closed");
-                        metrics::count_link_error(&mut self.counters, e);
+                        metrics::count_link_error(&mut self.engine.counters, e);
                     }
                     None => tracing::debug!(%peer, "link closed by peer"),
                 }
                 if error.is_some() && !was_up {
                     self.stats.links_refused += 1;
                 }
-                let leaving = match self.links.remove(&peer) {
-                    Some(mut l) => {
-                        l.close();
+                let leaving = match self.remove_link(&peer) {
+                    Some(l) => {
                         if self.shutting_down && l.has_data && !l.bye_acked && !l.leaving {
                             self.broken.insert(peer);
                         }
@@ -1454,7 +1376,7 @@ impl NodeTask {
                     None => false,
                 };
                 if was_up {
-                    self.membership.handle_link_down(now(), peer);
+                    self.engine.membership.handle_link_down(now(), peer);
                 }
                 self.links_generation += 1;
                 self.work_link_down(peer);
@@ -1478,13 +1400,16 @@ impl NodeTask {
             }
         }
         let result = frames.and_then(|frames| {
-            self.counters.received_bytes(ShmState::Off, &frames);
+            self.engine.counters.received_bytes(false, &frames);
             for body in &frames {
                 match wire::decode(body).map_err(|e| e.to_string())? {
                     Frame::Member(_) => self.handle_frame(peer, body).map_err(|e| e.to_string())?,
                     Frame::Relink => relink = true,
                     other => {
-                        return Err(format!("{} frame on a control stream", frame_name(&other)))
+                        return Err(format!(
+                            "{} frame on a control stream",
+                            wire::frame_name(&other)
+                        ))
                     }
                 }
             }
@@ -1500,95 +1425,19 @@ impl NodeTask {
         }
     }
 
+    /// A data-stream frame from `peer`: the engine's, or (shared memory,
+    /// work queues, streams) still this task's.
     fn handle_frame(&mut self, peer: NodeId, body: &Bytes) -> Result<(), WireError> {
-        match wire::decode(body)? {
-            Frame::Msg(m) => {
-                self.msg_arrived(peer, body, &m)?;
-            }
-            Frame::Seq { session, rseq, to } => {
-                // Peer-supplied counters are checked before any arithmetic:
-                // the number after `u64::MAX` does not exist.
-                if rseq == u64::MAX {
-                    return Err(WireError::Malformed("Seq at u64::MAX".into()));
-                }
-                let link = self
-                    .links
-                    .get_mut(&peer)
-                    .ok_or(WireError::Unexpected("Seq"))?;
-                link.pending_seq = Some((session, rseq, to));
-            }
-            Frame::Resume { session, next } => {
-                if self.request_allowed(peer) {
-                    self.resend(peer, session, next);
-                }
-            }
-            Frame::Gossip(g) => {
-                let msg = self.gossip_codec.decode(body, &g)?;
-                // Its origin's signature was checked by the link reader
-                // (`link::GossipCheck`).
-                self.gossip.handle_message(now(), peer, msg, &mut self.rng);
-                self.gossip_events();
-                self.gossip_out();
-            }
-            Frame::Lagged {
-                session,
-                missed,
-                next,
-                to,
-            } => {
-                if next == u64::MAX {
-                    return Err(WireError::Malformed("Lagged to u64::MAX".into()));
-                }
-                // A numbering for an earlier run of this node: not ours.
-                if to == self.reliable.session() {
-                    self.lagged(peer, session, missed, next);
-                }
-            }
-            Frame::Topic { id, name } => {
-                let link = self
-                    .links
-                    .get_mut(&peer)
-                    .ok_or(WireError::Unexpected("Topic"))?;
-                link.dec.handle_topic(id, name)?;
-                if let Some(a) = &mut self.access {
-                    if !a.check(&peer, crate::security::Op::Publish, name) {
-                        link.denied_topics.insert(id);
-                    } else {
-                        link.denied_topics.remove(&id);
-                    }
-                }
-            }
-            Frame::Member(m) => {
-                let msg = wire::member_from_wire(&m)?;
-                self.membership.handle_message(now(), peer, msg);
-            }
-            Frame::Declare(d) => {
-                let decl = wire::decl_from_wire(&d)?;
-                if decl.node != peer {
-                    return Err(WireError::Unexpected("Declare for another node"));
-                }
-                self.apply_declaration(decl)?;
-            }
-            Frame::Sync(s) => {
-                self.sync_arrived(peer, &s)?;
-            }
-            Frame::Bye => {
-                self.peer_leaving(peer)?;
-            }
-            Frame::ByeAck => {
-                if let Some(link) = self.links.get_mut(&peer) {
-                    link.bye_acked = true;
-                }
-            }
-            Frame::Hello(_) => return Err(WireError::Unexpected("second Hello")),
-            Frame::Auth { .. } => return Err(WireError::Unexpected("second Auth")),
-            Frame::Relink => return Err(WireError::Unexpected("Relink on a data stream")),
-            Frame::ShmOffer {
+        let rest = self.engine.handle_frame(now(), peer, body);
+        self.engine_events();
+        match rest? {
+            None => {}
+            Some(Frame::ShmOffer {
                 nonce,
                 to_you,
                 from_you,
-            } => self.open_shm(peer, nonce, to_you, from_you)?,
-            Frame::ShmRefuse { reason } => {
+            }) => self.open_shm(peer, nonce, to_you, from_you)?,
+            Some(Frame::ShmRefuse { reason }) => {
                 let link = self
                     .links
                     .get_mut(&peer)
@@ -1599,154 +1448,57 @@ impl NodeTask {
                 link.shm_tx = None;
                 link.shm_rx.lock().unwrap_or_else(|e| e.into_inner()).take();
             }
-            Frame::Work(w) => {
-                if self.work_permitted(peer, &w) {
-                    self.handle_work(peer, body, w)?
-                }
+            Some(Frame::Work(w)) if self.work_permitted(peer, &w) => {
+                self.handle_work(peer, body, w)?
             }
-            Frame::Stream(w) => {
-                if self.stream_permitted(peer, &w) {
-                    self.handle_stream(peer, body, w)?
-                }
+            Some(Frame::Stream(w)) if self.stream_permitted(peer, &w) => {
+                self.handle_stream(peer, body, w)?
             }
-            Frame::ShmSwitch => {
-                self.shm_switch(peer)?;
-            }
+            Some(Frame::Work(_) | Frame::Stream(_)) => {}
+            Some(Frame::ShmSwitch) => self.shm_switch(peer)?,
+            Some(f) => unreachable!("the engine handles {} frames", wire::frame_name(&f)),
         }
         Ok(())
     }
 
-    /// Whether the link to `peer` may move to shared memory: both sides
-    /// want it, on one host, as one user.
-    /// A `Msg` from `peer`: checked against the access policy, decoded,
-    /// and delivered to the matching subscriptions (numbered ones through
-    /// the reliable window).
-    fn msg_arrived(
-        &mut self,
-        peer: NodeId,
-        body: &Bytes,
-        m: &MsgWire<'_>,
-    ) -> Result<(), WireError> {
-        let link = self
-            .links
-            .get_mut(&peer)
-            .ok_or(WireError::Unexpected("Msg"))?;
-        let seq = link.pending_seq.take();
-        if !link.denied_topics.is_empty() && link.denied_topics.contains(&m.topic) {
-            if let Some(a) = &mut self.access {
-                a.denied += 1;
-            }
-            return Ok(());
-        }
-        let (msg, targets) = link.dec.handle_msg(body, m, &self.subs)?;
-        // An inline name was not checked with its `Topic` frame:
-        // check it here (every delivery path checks the policy).
-        if m.topic == u32::MAX {
-            if let Some(a) = &mut self.access {
-                if !a.check(&peer, crate::security::Op::Publish, msg.topic.as_str()) {
-                    return Ok(());
+    /// Acts on what the engine said: reliable subscriptions hear of lost
+    /// messages, waiters of a sync, a leaving peer's connection lingers.
+    fn engine_events(&mut self) {
+        while let Some(ev) = self.engine.poll_event() {
+            match ev {
+                engine::Event::Lagged { publisher, missed } => {
+                    for id in &self.engine.reliable_subs {
+                        if let Some(q) = self.sub_queues.get(id) {
+                            q.push_lagged(crate::node::Lagged { publisher, missed });
+                        }
+                    }
+                }
+                engine::Event::Synced => {
+                    self.ready = true;
+                    self.synced = true;
+                    for w in self
+                        .ready_waiters
+                        .drain(..)
+                        .chain(self.joined_waiters.drain(..))
+                    {
+                        let _ = w.send(());
+                    }
+                }
+                engine::Event::Leaving(peer) => {
+                    // Our own Bye went out before this ack if we are
+                    // shutting down: the peer's ack of it then proves
+                    // nothing about this one, and the peer may wait for us
+                    // to close first.
+                    let linger = if self.shutting_down {
+                        BYE_LINGER
+                    } else {
+                        BYE_TIMEOUT
+                    };
+                    self.lingering
+                        .insert(peer, tokio::time::Instant::now() + linger);
                 }
             }
         }
-        self.counters.received += 1;
-        if targets.is_empty() {
-            self.counters.no_subscriber += 1;
-        }
-        match seq {
-            Some((session, rseq, to)) if to == self.reliable.session() => {
-                if !self.accept_reliable(peer, session, rseq) {
-                    return Ok(());
-                }
-                self.deliver(msg, &targets);
-            }
-            // Not numbered (the publisher did not know of our
-            // reliable subscriptions yet), or numbered for an
-            // earlier run of this node (the publisher held its
-            // declaration). The reliable stream starts with the
-            // first message numbered for this run, so it has no
-            // hole.
-            _ if !self.reliable_subs.is_empty()
-                && targets.iter().any(|t| self.reliable_subs.contains(t)) =>
-            {
-                let plain: Vec<SubId> = targets
-                    .iter()
-                    .copied()
-                    .filter(|t| !self.reliable_subs.contains(t))
-                    .collect();
-                self.counters.unnumbered += (targets.len() - plain.len()) as u64;
-                self.deliver(msg, &plain);
-            }
-            _ => self.deliver(msg, &targets),
-        }
-        Ok(())
-    }
-
-    /// A `Sync` from `peer`: the members and declarations it knows. The
-    /// last of them (not `more`) makes this node ready and joined.
-    fn sync_arrived(&mut self, peer: NodeId, s: &SyncWire<'_>) -> Result<(), WireError> {
-        let now = now();
-        let updates = s
-            .members
-            .iter()
-            .map(wire::update_from_wire)
-            .collect::<Result<Vec<_>, _>>()?;
-        self.membership.apply_updates_from(now, peer, updates);
-        for d in &s.decls {
-            self.apply_declaration(wire::decl_from_wire(d)?)?;
-        }
-        if s.more {
-            return Ok(());
-        }
-        self.ready = true;
-        self.synced = true;
-        for w in self
-            .ready_waiters
-            .drain(..)
-            .chain(self.joined_waiters.drain(..))
-        {
-            let _ = w.send(());
-        }
-        Ok(())
-    }
-
-    /// `peer` said `Bye`: acked, and marked down at once (a graceful
-    /// leave, not a failure to detect).
-    fn peer_leaving(&mut self, peer: NodeId) -> Result<(), WireError> {
-        let link = self
-            .links
-            .get_mut(&peer)
-            .ok_or(WireError::Unexpected("Bye"))?;
-        wire::encode(&mut link.scratch, &Frame::ByeAck);
-        link.leaving = true;
-        // Our own Bye went out before this ack if we are shutting
-        // down: the peer's ack of it then proves nothing about this
-        // one, and the peer may wait for us to close first.
-        let linger = if self.shutting_down {
-            BYE_LINGER
-        } else {
-            BYE_TIMEOUT
-        };
-        self.lingering
-            .insert(peer, tokio::time::Instant::now() + linger);
-        // A graceful leave: mark it down at its current incarnation
-        // now (the membership spreads it) instead of suspecting it
-        // after a timeout, and stop routing to it.
-        let update =
-            self.membership
-                .members()
-                .find(|m| m.node == peer)
-                .map(|m| membership::Update {
-                    node: peer,
-                    incarnation: m.incarnation,
-                    state: MemberState::Down,
-                    addrs: m.addrs.clone(),
-                    signature: None,
-                });
-        if let Some(update) = update {
-            self.membership.apply_updates(now(), [update]);
-        }
-        self.routes.invalidate();
-        Ok(())
     }
 
     /// `peer` moved its side of the data link to the shared-memory ring:
@@ -1763,9 +1515,10 @@ impl NodeTask {
                     .shm_tx
                     .take()
                     .ok_or(WireError::Unexpected("ShmSwitch"))?;
-                wire::encode(&mut link.scratch, &Frame::ShmSwitch);
-                self.counters.quic_sent += link.scratch.len() as u64;
-                link.outbox.push_and_switch(&mut link.scratch, ring);
+                let scratch = &mut self.engine.peers.entry(peer).scratch;
+                wire::encode(scratch, &Frame::ShmSwitch);
+                self.engine.counters.quic_sent += scratch.len() as u64;
+                link.outbox.push_and_switch(scratch, ring);
             }
             ShmState::Opened => {}
             _ => return Err(WireError::Unexpected("ShmSwitch")),
@@ -1788,7 +1541,7 @@ impl NodeTask {
 
     /// Smaller id: makes the link's two rings and offers them.
     fn offer_shm(&mut self, peer: NodeId, link_id: LinkId) {
-        let nonce = self.rng.next_u64();
+        let nonce = self.engine.rng.next_u64();
         let cfg = &self.config.shm;
         let made =
             shm::Ring::create(&cfg.dir, cfg.capacity, nonce, shm::Role::Producer).and_then(|tx| {
@@ -1817,7 +1570,7 @@ impl NodeTask {
             return;
         };
         wire::encode(
-            &mut link.scratch,
+            &mut self.engine.peers.entry(peer).scratch,
             &Frame::ShmOffer {
                 nonce,
                 to_you: &to_you,
@@ -1841,11 +1594,12 @@ impl NodeTask {
         let wait = self.config.shm.wait;
         let enabled = !self.shm_host.is_empty();
         // Offers come from the smaller id only, after its Hello.
-        let from_offerer = peer < self.local;
+        let from_offerer = peer < self.engine.local;
         let link = self
             .links
             .get_mut(&peer)
-            .filter(|l| l.shm == ShmState::Off && l.up && from_offerer)
+            .filter(|l| l.shm == ShmState::Off && from_offerer)
+            .filter(|_| self.engine.peers.is_up(&peer))
             .ok_or(WireError::Unexpected("ShmOffer"))?;
         let ring_path = |p: &str| {
             let path = std::path::Path::new(p);
@@ -1882,170 +1636,25 @@ impl NodeTask {
         match opened {
             Ok((rx, tx)) => {
                 *link.shm_rx.lock().unwrap_or_else(|e| e.into_inner()) = Some(rx);
-                wire::encode(&mut link.scratch, &Frame::ShmSwitch);
-                self.counters.quic_sent += link.scratch.len() as u64;
-                link.outbox.push_and_switch(&mut link.scratch, tx);
+                let scratch = &mut self.engine.peers.entry(peer).scratch;
+                wire::encode(scratch, &Frame::ShmSwitch);
+                self.engine.counters.quic_sent += scratch.len() as u64;
+                link.outbox.push_and_switch(scratch, tx);
                 link.shm = ShmState::Opened;
             }
             Err(reason) => {
                 tracing::warn!(%peer, %reason, "cannot open the peer's shared-memory rings; link stays on QUIC");
-                wire::encode(&mut link.scratch, &Frame::ShmRefuse { reason: &reason });
+                let scratch = &mut self.engine.peers.entry(peer).scratch;
+                wire::encode(scratch, &Frame::ShmRefuse { reason: &reason });
             }
         }
         Ok(())
-    }
-
-    /// Applies a declaration; a node that restarted (a new epoch) starts
-    /// with an empty retransmit window: what we kept was for its previous
-    /// run.
-    fn apply_declaration(
-        &mut self,
-        decl: crate::core::interest::Declaration,
-    ) -> Result<(), crate::core::interest::DeclarationError> {
-        let node = decl.node;
-        let newer = node != self.local
-            && self
-                .interest
-                .version_of(&node)
-                .is_none_or(|v| v < decl.version);
-        if !newer {
-            return Ok(());
-        }
-        // Only its node can make a declaration: one relayed by another
-        // (in a `Sync`) or sent with a forged or missing signature is
-        // ignored, so no peer can speak for another or pin a version.
-        if !self.decl_verifier.verify_declaration(&decl) {
-            self.counters.declarations_forged += 1;
-            if self.counters.declarations_forged.is_power_of_two() {
-                tracing::warn!(
-                    %node,
-                    forged = self.counters.declarations_forged,
-                    "ignoring a declaration without its node's signature"
-                );
-            }
-            return Ok(());
-        }
-        let epoch = decl.version.epoch;
-        let before = self.interest.version_of(&node).map(|v| v.epoch);
-        match self.interest.handle_declaration(decl) {
-            Ok(true) if before.is_some_and(|e| e != epoch) => {
-                self.reliable.forget_window(&node);
-            }
-            Ok(_) => {}
-            // Not the sender's fault alone (it may relay a sync): the
-            // declaration is ignored, the link kept.
-            Err(crate::core::interest::DeclarationError::TableFull) => {
-                self.counters.declarations_refused += 1;
-                if self.counters.declarations_refused.is_power_of_two() {
-                    tracing::warn!(
-                        %node,
-                        refused = self.counters.declarations_refused,
-                        "interest table full: ignoring declarations of nodes not yet known"
-                    );
-                }
-            }
-            Err(e) => return Err(e),
-        }
-        Ok(())
-    }
-
-    /// Whether reliable message `rseq` of `peer`'s `session` is the next
-    /// one to deliver (see [`Reliable::accept`]); a `Resume` goes out
-    /// after a gap.
-    fn accept_reliable(&mut self, peer: NodeId, session: u64, rseq: u64) -> bool {
-        match self.reliable.accept(now(), peer, session, rseq) {
-            Accept::Deliver => true,
-            Accept::Duplicate => {
-                self.counters.duplicate += 1;
-                false
-            }
-            Accept::Gap { resume } => {
-                self.counters.out_of_order += 1;
-                if let (Some(r), Some(link)) = (resume, self.links.get_mut(&peer)) {
-                    let (session, next) = (r.session, r.next);
-                    wire::encode(&mut link.scratch, &Frame::Resume { session, next });
-                }
-                false
-            }
-        }
-    }
-
-    /// `peer` asks for our reliable messages from `next` on.
-    fn resend(&mut self, peer: NodeId, session: u64, next: u64) {
-        let Some(resend) = self.reliable.resend(&peer, session, next) else {
-            return;
-        };
-        let Some(link) = self.links.get_mut(&peer) else {
-            return;
-        };
-        let session = self.reliable.session();
-        let to = resend.to;
-        if let Some((missed, next)) = resend.lagged {
-            let lagged = Frame::Lagged {
-                session,
-                missed,
-                next,
-                to,
-            };
-            wire::encode(&mut link.scratch, &lagged);
-        }
-        for k in resend.messages() {
-            wire::encode(
-                &mut link.scratch,
-                &Frame::Seq {
-                    session,
-                    rseq: k.rseq,
-                    to,
-                },
-            );
-            link.enc.encode(
-                &mut link.scratch,
-                &Outgoing {
-                    topic: &k.topic,
-                    seq: k.seq,
-                    timestamp: k.timestamp,
-                    headers: &k.headers,
-                    payload: &k.payload,
-                },
-            );
-            link.has_data = true;
-            self.counters.resent += 1;
-        }
-    }
-
-    /// `peer` says its messages before `next` are gone: tell the reliable
-    /// subscriptions, and go on from `next`.
-    fn lagged(&mut self, peer: NodeId, session: u64, missed: u64, next: u64) {
-        let Some(missed) = self.reliable.lagged(peer, session, missed, next) else {
-            return;
-        };
-        self.counters.reliable_lagged += missed;
-        tracing::warn!(publisher = %peer, missed, "reliable messages left the publisher's window before we could fetch them");
-        for id in &self.reliable_subs {
-            if let Some(q) = self.sub_queues.get(id) {
-                q.push_lagged(crate::node::Lagged {
-                    publisher: peer,
-                    missed,
-                });
-            }
-        }
-    }
-
-    fn deliver(&mut self, msg: Message, targets: &[SubId]) {
-        let Some((last, rest)) = targets.split_last() else {
-            return;
-        };
-        // Every target but the last gets a clone (reference counts only).
-        for id in rest {
-            self.pending_delivery.push((*id, msg.clone()));
-        }
-        self.pending_delivery.push((*last, msg));
     }
 
     /// Pushes decoded messages to their subscriptions, one lock per run of
     /// messages for the same subscription.
     fn flush_deliveries(&mut self, local: bool) {
-        let mut pending = std::mem::take(&mut self.pending_delivery);
+        let mut pending = self.engine.take_deliveries();
         let mut cut_off = Vec::new();
         let mut iter = pending.drain(..).peekable();
         while let Some((id, first)) = iter.next() {
@@ -2056,15 +1665,15 @@ impl NodeTask {
                 iter.next_if(|(next, _)| *next == id).map(|(_, m)| m)
             }));
             let Some(q) = self.sub_queues.get(&id) else {
-                self.counters.no_subscriber += run.count() as u64;
+                self.engine.counters.no_subscriber += run.count() as u64;
                 continue;
             };
             {
                 let pushed = q.push(run, local);
-                self.counters.delivered += pushed.delivered;
-                self.counters.lagged_drops += pushed.lagged;
-                self.counters.subscription_evicted += pushed.evicted;
-                self.counters.subscription_cut += pushed.cut;
+                self.engine.counters.delivered += pushed.delivered;
+                self.engine.counters.lagged_drops += pushed.lagged;
+                self.engine.counters.subscription_evicted += pushed.evicted;
+                self.engine.counters.subscription_cut += pushed.cut;
                 if pushed.cut_off {
                     cut_off.push(id);
                 }
@@ -2097,7 +1706,7 @@ impl NodeTask {
             }
         }
         drop(iter);
-        self.pending_delivery = pending;
+        self.engine.return_deliveries(pending);
         for id in cut_off {
             tracing::warn!(
                 subscription = id,
@@ -2115,23 +1724,16 @@ impl NodeTask {
                 options,
                 reply,
             } => {
-                if !self.interest.has_room_for(&pattern) {
+                let Some(id) = self.engine.subscribe(pattern, reliable) else {
                     let _ = reply.send(Err(crate::node::SubscribeError::TooManyPatterns));
                     return;
-                }
+                };
                 let queue = Arc::new(SubQueue::new(
                     options.buffer.unwrap_or(self.config.subscription_capacity),
                     options.overflow,
                     self.space.clone(),
                 ));
-                let id = self.subs.add(pattern.clone());
                 self.sub_queues.insert(id, queue.clone());
-                if reliable {
-                    self.reliable_subs.insert(id);
-                }
-                if let Some(decl) = self.interest.subscribe(&pattern, reliable) {
-                    self.announce(&decl);
-                }
                 if reply.send(Ok((id, queue))).is_err() {
                     self.unsubscribe(id);
                 }
@@ -2140,22 +1742,24 @@ impl NodeTask {
                 let addrs = self
                     .listen_addrs
                     .iter()
-                    .map(|a| a.clone().with(Protocol::P2p(self.local)))
+                    .map(|a| a.clone().with(Protocol::P2p(self.engine.local)))
                     .collect();
                 let _ = reply.send(addrs);
             }
             Command::Peers(reply) => {
                 let peers = self
+                    .engine
                     .membership
                     .members()
                     .map(|m| PeerInfo {
                         id: m.node,
                         state: m.state,
-                        linked: self.links.get(&m.node).is_some_and(|l| l.up),
+                        linked: self.engine.peers.is_up(&m.node),
                         shm: self
                             .links
                             .get(&m.node)
-                            .is_some_and(|l| l.up && l.shm == ShmState::On),
+                            .is_some_and(|l| l.shm == ShmState::On)
+                            && self.engine.peers.is_up(&m.node),
                         addrs: m
                             .addrs
                             .iter()
@@ -2189,30 +1793,12 @@ impl NodeTask {
                 }
             }
             Command::Route { topic, reply } => {
-                let membership = &self.membership;
-                let access = &self.access;
-                let route = self.routes.route_ref(&self.interest, topic.as_arc(), |n| {
-                    matches!(
-                        membership.state_of(n),
-                        Some(MemberState::Alive | MemberState::Suspect)
-                    ) && may_read(access.as_ref(), n, topic.as_str())
-                });
-                let _ = reply.send(route.to_vec());
+                let _ = reply.send(self.engine.route(&topic).to_vec());
             }
             Command::Metrics(reply) => {
                 let _ = reply.send(self.metrics());
             }
             Command::Shutdown(_) => unreachable!("handled by the loop"),
-        }
-    }
-
-    fn announce(&mut self, decl: &crate::core::interest::Declaration) {
-        let mut signed = decl.clone();
-        signed.signature = Some(self.signer.sign_declaration(decl));
-        let mut frame = Vec::new();
-        wire::encode_decl(&mut frame, &signed);
-        for link in self.links.values_mut() {
-            link.scratch.extend_from_slice(&frame);
         }
     }
 
@@ -2222,12 +1808,7 @@ impl NodeTask {
         }
         // A dropped subscription holds nothing back any more.
         self.blocked_subs.remove(&id);
-        let reliable = self.reliable_subs.remove(&id);
-        if let Some(pattern) = self.subs.remove(id) {
-            if let Some(decl) = self.interest.unsubscribe(&pattern, reliable) {
-                self.announce(&decl);
-            }
-        }
+        self.engine.unsubscribe(id);
     }
 
     fn publish_batch(&mut self, batch: &mut Vec<PublishCmd>) {
@@ -2236,217 +1817,25 @@ impl NodeTask {
         }
         // One clock read per batch: messages taken together share a time.
         let timestamp = self.clock.unix_micros();
-        self.counters.published += batch.len() as u64;
-        for cmd in batch.drain(..) {
-            self.publish(cmd, timestamp);
-        }
-        self.flush_deliveries(true);
-        self.gossip_out();
-    }
-
-    fn publish(&mut self, cmd: PublishCmd, timestamp: u64) {
-        self.seq += 1;
-        let PublishCmd {
+        self.engine.counters.published += batch.len() as u64;
+        let now = now();
+        for PublishCmd {
             topic,
             headers,
             payload,
-        } = cmd;
-        if self.config.gossip.iter().any(|p| p.matches(topic.as_str())) {
-            let signature =
-                self.signer
-                    .sign(self.local, self.seq, timestamp, topic.as_str(), &payload);
-            self.gossip.broadcast_with(
-                now(),
-                self.seq,
-                topic.as_arc().clone(),
-                payload.clone(),
-                crate::core::gossip::Stamp {
-                    timestamp,
-                    signature,
-                },
-            );
-            self.deliver_local(topic, timestamp, headers, payload);
-            return;
+        } in batch.drain(..)
+        {
+            self.engine.publish(now, topic, headers, payload, timestamp);
         }
-        // Reliable subscribers get a numbered copy kept for resending,
-        // even while down or unreachable: they fetch it when they are back.
-        let mut rseqs: Vec<(NodeId, u64, u64)> = Vec::new();
-        if self.interest.has_reliable() {
-            let access = &self.access;
-            let reliable = self
-                .reliable_routes
-                .route(&self.interest, topic.as_arc(), |n| {
-                    may_read(access.as_ref(), n, topic.as_str())
-                });
-            for peer in reliable.iter() {
-                let kept = Kept {
-                    rseq: 0,
-                    seq: self.seq,
-                    timestamp,
-                    topic: topic.as_arc().clone(),
-                    headers: headers.clone(),
-                    payload: payload.clone(),
-                };
-                let window = self.config.reliable_window;
-                // Numbered for the subscriber's current run: a newer
-                // declaration (a restart) starts a new numbering.
-                let epoch = self.interest.version_of(peer).map_or(0, |v| v.epoch);
-                let rseq = self.reliable.keep(*peer, epoch, kept, window);
-                rseqs.push((*peer, rseq, epoch));
-            }
-        }
-        let session = self.reliable.session();
-        let membership = &self.membership;
-        let access = &self.access;
-        let route = self.routes.route_ref(&self.interest, topic.as_arc(), |n| {
-            matches!(
-                membership.state_of(n),
-                Some(MemberState::Alive | MemberState::Suspect)
-            ) && may_read(access.as_ref(), n, topic.as_str())
-        });
-        let out = Outgoing {
-            topic: topic.as_arc(),
-            seq: self.seq,
-            timestamp,
-            headers: &headers,
-            payload: &payload,
-        };
-        for peer in route {
-            let link = link_entry(&mut self.links, &mut self.next_link, &self.space, *peer);
-            if link.reader.is_none()
-                && link.scratch.len() + link.outbox.pending() > self.config.link_buffer
-            {
-                // No stream yet and its buffer is full: drop, count, and say
-                // so once per link.
-                if link.dropped == 0 {
-                    tracing::warn!(%peer, "no link to peer yet and its buffer is full; dropping messages for it");
-                }
-                link.dropped += 1;
-                self.stats.dropped_unreachable += 1;
-                self.counters.link_buffer_full += 1;
-                continue;
-            }
-            if let Some((_, rseq, to)) = rseqs.iter().find(|(p, _, _)| p == peer) {
-                wire::encode(
-                    &mut link.scratch,
-                    &Frame::Seq {
-                        session,
-                        rseq: *rseq,
-                        to: *to,
-                    },
-                );
-            }
-            link.enc.encode(&mut link.scratch, &out);
-            link.has_data = true;
-            self.counters.sent += 1;
-            if link.reader.is_none() {
-                link.queued += 1;
-            }
-        }
-        self.deliver_local(topic, timestamp, headers, payload);
-    }
-
-    /// A message published here, to this node's own subscriptions.
-    fn deliver_local(
-        &mut self,
-        topic: crate::core::topic::Topic,
-        timestamp: u64,
-        headers: Vec<(String, Bytes)>,
-        payload: Bytes,
-    ) {
-        if self.subs.is_empty() {
-            return;
-        }
-        let targets = self.subs.matching(topic.as_str());
-        if !targets.is_empty() {
-            let msg = Message {
-                id: MessageId {
-                    publisher: self.local,
-                    seq: self.seq,
-                },
-                topic,
-                publisher: self.local,
-                timestamp,
-                headers,
-                payload,
-            };
-            self.deliver(msg, &targets);
-        }
-    }
-
-    /// Gossip messages received: to this node's subscriptions.
-    fn gossip_events(&mut self) {
-        while let Some(ev) = self.gossip.poll_event() {
-            let crate::core::gossip::Event::Deliver {
-                id,
-                topic,
-                payload,
-                stamp,
-                ..
-            } = ev
-            else {
-                continue;
-            };
-            // Every node relays gossip: one without a matching
-            // subscription drops nothing.
-            self.counters.received += 1;
-            if self.subs.is_empty() {
-                continue;
-            }
-            // The origin is authenticated (its signature was checked).
-            if let Some(a) = &mut self.access {
-                if !a.check(&id.0, crate::security::Op::Publish, &topic) {
-                    continue;
-                }
-            }
-            let generation = self.subs.generation();
-            let targets = match &self.gossip_targets {
-                Some((t, g, targets)) if *g == generation && **t == *topic => targets.clone(),
-                _ => {
-                    let targets: Arc<[SubId]> = self.subs.matching(&topic).into();
-                    self.gossip_targets = Some((topic.clone(), generation, targets.clone()));
-                    targets
-                }
-            };
-            if targets.is_empty() {
-                continue;
-            }
-            let msg = Message {
-                id: MessageId {
-                    publisher: id.0,
-                    seq: id.1,
-                },
-                topic: crate::core::topic::Topic::from_validated(topic),
-                publisher: id.0,
-                timestamp: stamp.timestamp,
-                headers: Vec::new(),
-                payload,
-            };
-            self.deliver(msg, &targets);
-        }
-    }
-
-    /// Encodes what the gossip core wants sent into the links' buffers;
-    /// peers not connected are dialed by `drive_gossip`.
-    fn gossip_out(&mut self) {
-        while let Some(t) = self.gossip.poll_transmit() {
-            if t.to == self.local {
-                continue;
-            }
-            if !self.connected.contains_key(&t.to) && !self.gossip_dial.contains(&t.to) {
-                self.gossip_dial.push(t.to);
-            }
-            let link = link_entry(&mut self.links, &mut self.next_link, &self.space, t.to);
-            self.gossip_codec.encode(&mut link.scratch, &t.message);
-            link.has_data = true;
-        }
+        self.flush_deliveries(true);
+        self.engine.gossip_out();
     }
 
     async fn drive_gossip(&mut self) {
-        self.gossip_events();
+        self.engine.gossip_events();
         self.flush_deliveries(false);
-        self.gossip_out();
-        for peer in std::mem::take(&mut self.gossip_dial) {
+        self.engine.gossip_out();
+        for peer in std::mem::take(&mut self.engine.gossip_dial) {
             let addrs = self.addrs_of(&peer);
             self.transport.dial_peer(peer, addrs).await;
         }
@@ -2470,9 +1859,9 @@ impl NodeTask {
             if !self.connected.contains_key(&peer) {
                 continue;
             }
-            if self.local < peer {
+            if self.engine.local < peer {
                 let alive = matches!(
-                    self.membership.state_of(&peer),
+                    self.engine.membership.state_of(&peer),
                     Some(MemberState::Alive | MemberState::Suspect)
                 );
                 if alive {
@@ -2496,7 +1885,7 @@ impl NodeTask {
     /// may belong to its previous run, lingering until QUIC's idle
     /// timeout). A stream we opened moments ago is still on its way.
     async fn relink_requested(&mut self, peer: NodeId) {
-        if self.local > peer || self.shutting_down {
+        if self.engine.local > peer || self.shutting_down {
             return;
         }
         let fresh = self.links.get(&peer).is_some_and(|l| {
@@ -2516,7 +1905,7 @@ impl NodeTask {
     /// until a link comes up, so a peer that fails the same way every time
     /// (another protocol version, say) is not retried in a tight loop.
     fn schedule_relink(&mut self, peer: NodeId) {
-        let base = if self.local < peer {
+        let base = if self.engine.local < peer {
             Duration::ZERO
         } else {
             RELINK_GRACE
@@ -2534,8 +1923,8 @@ impl NodeTask {
             self.transport.disconnect(peer).await;
         }
         self.relink().await;
-        while let Some(t) = self.membership.poll_transmit() {
-            if t.to == self.local {
+        while let Some(t) = self.engine.membership.poll_transmit() {
+            if t.to == self.engine.local {
                 continue;
             }
             // Membership messages go only on links that exist; to a member
@@ -2547,8 +1936,8 @@ impl NodeTask {
                 self.transport.dial_peer(t.to, addrs).await;
             }
         }
-        while let Some(ev) = self.membership.poll_event() {
-            self.routes.invalidate();
+        while let Some(ev) = self.engine.membership.poll_event() {
+            self.engine.routes.invalidate();
             match ev {
                 membership::Event::Up { node, addrs } => {
                     tracing::info!(peer = %node, "peer up");
@@ -2563,16 +1952,12 @@ impl NodeTask {
                 membership::Event::Suspect { node } => tracing::info!(peer = %node, "peer suspect"),
                 membership::Event::Down { node } => {
                     tracing::info!(peer = %node, "peer down");
-                    self.gossip.handle_link_down(node, &mut self.rng);
+                    self.engine
+                        .gossip
+                        .handle_link_down(node, &mut self.engine.rng);
                     self.links_generation += 1;
                     self.work_link_down(node);
-                    let leaving = match self.links.remove(&node) {
-                        Some(mut l) => {
-                            l.close();
-                            l.leaving
-                        }
-                        None => false,
-                    };
+                    let leaving = self.remove_link(&node).is_some_and(|l| l.leaving);
                     // A peer that said goodbye closes its own connection once
                     // it has our ByeAck; closing it here could lose that.
                     if !leaving {
@@ -2596,13 +1981,14 @@ impl NodeTask {
         }
         self.next_reconnect = now + RECONNECT_INTERVAL;
         let down: Vec<NodeId> = self
+            .engine
             .membership
             .members()
             .filter(|m| m.state == MemberState::Down && !self.connected.contains_key(&m.node))
             .map(|m| m.node)
             .collect();
         if !down.is_empty() {
-            let node = down[rand::Rng::gen_range(&mut self.rng, 0..down.len())];
+            let node = down[rand::Rng::gen_range(&mut self.engine.rng, 0..down.len())];
             let addrs = self.addrs_of(&node);
             self.transport.dial_peer(node, addrs).await;
         }
@@ -2621,21 +2007,25 @@ impl NodeTask {
     /// the membership timer, not per event: it walks every declaration.
     fn forget_departed(&mut self) {
         let gone: Vec<NodeId> = self
+            .engine
             .interest
             .nodes()
-            .filter(|n| self.membership.state_of(n).is_none())
+            .filter(|n| self.engine.membership.state_of(n).is_none())
             .collect();
         for node in gone {
-            self.interest.remove(&node);
+            self.engine.interest.remove(&node);
         }
-        let membership = &self.membership;
+        let membership = &self.engine.membership;
         self.relink_backoff
             .retain(|n, _| membership.state_of(n).is_some());
-        self.reliable.retain(|n| membership.state_of(n).is_some());
+        self.engine
+            .reliable
+            .retain(|n| membership.state_of(n).is_some());
     }
 
     fn addrs_of(&self, node: &NodeId) -> Vec<Multiaddr> {
-        self.membership
+        self.engine
+            .membership
             .members()
             .find(|m| &m.node == node)
             .map(|m| {
@@ -2659,10 +2049,9 @@ impl NodeTask {
             .map(|(p, _)| *p)
             .collect();
         for peer in stale {
-            if let Some(mut l) = self.links.remove(&peer) {
-                self.stats.dropped_unreachable += l.queued;
+            if let Some(l) = self.remove_link(&peer) {
+                self.engine.counters.dropped_unreachable += l.queued;
                 tracing::warn!(%peer, messages = l.queued, "no link to peer in time; dropped the messages buffered for it");
-                l.close();
                 self.links_generation += 1;
                 self.work_link_down(peer);
             }
@@ -2679,8 +2068,8 @@ impl NodeTask {
         // up get the same time to come up and drain).
         let deadline = tokio::time::Instant::now() + BYE_TIMEOUT;
         self.shutting_down = true;
-        for link in self.links.values_mut() {
-            wire::encode(&mut link.scratch, &Frame::Bye);
+        for p in self.engine.peers.values_mut() {
+            wire::encode(&mut p.scratch, &Frame::Bye);
         }
         self.flush();
         loop {
@@ -2693,9 +2082,10 @@ impl NodeTask {
             // do once they have our ByeAck), so the ack is not lost in
             // flight when we drop ours.
             let waiting = self
-                .links
+                .engine
+                .peers
                 .values()
-                .any(|l| !l.bye_acked && !l.leaving && (l.reader.is_some() || l.queued > 0));
+                .any(|p| !p.bye_acked && !p.leaving && (!p.waiting() || p.queued > 0));
             let now = tokio::time::Instant::now();
             self.lingering
                 .retain(|p, until| *until > now && self.connected.contains_key(p));
@@ -2718,8 +2108,8 @@ impl NodeTask {
                     if wake < deadline {
                         continue;
                     }
-                    for (peer, l) in self.links.iter().filter(|(_, l)| !l.bye_acked && !l.leaving) {
-                        tracing::debug!(%peer, up = l.up, stream = l.reader.is_some(), "shutdown: peer did not confirm in time");
+                    for (peer, p) in self.engine.peers.iter().filter(|(_, p)| !p.bye_acked && !p.leaving) {
+                        tracing::debug!(%peer, up = p.up, stream = !p.waiting(), "shutdown: peer did not confirm in time");
                     }
                     break;
                 }
@@ -2728,18 +2118,20 @@ impl NodeTask {
         }
         // Peers we sent messages to that did not confirm reading them.
         let mut unconfirmed: Vec<NodeId> = self
-            .links
+            .engine
+            .peers
             .iter()
-            .filter(|(_, l)| {
-                l.has_data && !l.bye_acked && !l.leaving && (l.reader.is_some() || l.queued > 0)
+            .filter(|(_, p)| {
+                p.has_data && !p.bye_acked && !p.leaving && (!p.waiting() || p.queued > 0)
             })
             .map(|(p, _)| *p)
             .chain(std::mem::take(&mut self.broken))
             .collect();
         unconfirmed.sort();
         unconfirmed.dedup();
-        for (_, mut l) in self.links.drain() {
-            l.close();
+        let peers: Vec<NodeId> = self.links.keys().copied().collect();
+        for peer in peers {
+            self.remove_link(&peer);
         }
         for (_, q) in self.sub_queues.drain() {
             q.close();
@@ -2747,7 +2139,7 @@ impl NodeTask {
         self.transport.shutdown().await;
         tracing::debug!(
             links_refused = self.stats.links_refused,
-            dropped_unreachable = self.stats.dropped_unreachable,
+            dropped_unreachable = self.engine.counters.dropped_unreachable,
             "node stopped"
         );
         // A durable host keeps them on disk for its next start.
@@ -2766,7 +2158,7 @@ impl NodeTask {
         }
         crate::node::ShutdownReport {
             unconfirmed,
-            dropped_unreachable: self.stats.dropped_unreachable,
+            dropped_unreachable: self.engine.counters.dropped_unreachable,
             queued_dropped,
         }
     }

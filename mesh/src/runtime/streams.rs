@@ -33,7 +33,7 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use tokio::sync::oneshot;
 
 use super::{
-    link_entry, now,
+    now,
     queue::Inbox,
     work::{headers_from_wire, headers_to_wire, slice},
     NodeTask,
@@ -450,14 +450,19 @@ impl NodeTask {
     fn live_stream_hosts(&self, stream: &str) -> Vec<NodeId> {
         let name = format!("{HOST_PREFIX}{stream}");
         let mut hosts: Vec<NodeId> = self
+            .engine
             .interest
             .reserved_interested(&name)
             .into_iter()
             .filter(|n| {
-                *n != self.local
-                    && crate::engine::access::reserved_permitted(self.access.as_ref(), n, &name)
+                *n != self.engine.local
+                    && crate::engine::access::reserved_permitted(
+                        self.engine.access.as_ref(),
+                        n,
+                        &name,
+                    )
                     && matches!(
-                        self.membership.state_of(n),
+                        self.engine.membership.state_of(n),
                         Some(MemberState::Alive | MemberState::Suspect)
                     )
             })
@@ -471,7 +476,7 @@ impl NodeTask {
     /// commits are dropped. Counted and logged either way.
     pub(crate) fn stream_permitted(&mut self, peer: NodeId, w: &StreamWire<'_>) -> bool {
         use crate::security::Op;
-        let Some(access) = &mut self.access else {
+        let Some(access) = &mut self.engine.access else {
             return true;
         };
         let (op, name) = match w {
@@ -531,7 +536,7 @@ impl NodeTask {
     }
 
     fn send_stream(&mut self, peer: NodeId, w: &StreamWire<'_>) {
-        let link = link_entry(&mut self.links, &mut self.next_link, &self.space, peer);
+        let link = self.engine.peers.entry(peer);
         wire::encode(&mut link.scratch, &Frame::Stream(w.clone()));
         link.has_data = true;
     }
@@ -549,7 +554,7 @@ impl NodeTask {
         let Ok(p) = Pattern::new(&format!("{HOST_PREFIX}{stream}")) else {
             return false;
         };
-        let interest = &self.interest;
+        let interest = &self.engine.interest;
         if !self
             .streams
             .hosting
@@ -559,8 +564,8 @@ impl NodeTask {
         {
             return false;
         }
-        if let Some(decl) = self.interest.subscribe(&p, false) {
-            self.announce(&decl);
+        if let Some(decl) = self.engine.interest.subscribe(&p, false) {
+            self.engine.announce(&decl);
         }
         true
     }
@@ -703,8 +708,8 @@ impl NodeTask {
                     *n += 1;
                     if *n == 1 {
                         if let Some(p) = group_pattern(&stream, g) {
-                            if let Some(decl) = self.interest.subscribe(&p, false) {
-                                self.announce(&decl);
+                            if let Some(decl) = self.engine.interest.subscribe(&p, false) {
+                                self.engine.announce(&decl);
                             }
                         }
                     }
@@ -739,7 +744,7 @@ impl NodeTask {
                 };
                 r.credit = r.credit.saturating_add(n);
                 let host = r.host;
-                if host == self.local {
+                if host == self.engine.local {
                     self.streams.host.credit(&host, rid, n);
                 } else {
                     *self.streams.credits.entry((host, rid)).or_default() += n;
@@ -761,7 +766,7 @@ impl NodeTask {
                 let mut got = Vec::new();
                 if self.streams.host.has(&stream) {
                     got.push(HostParts {
-                        host: self.local,
+                        host: self.engine.local,
                         parts: self.streams.host.partitions(&stream),
                     });
                 }
@@ -797,7 +802,7 @@ impl NodeTask {
         index: u32,
         offset: u64,
     ) {
-        if host == self.local {
+        if host == self.engine.local {
             if epoch == self.streams.epoch {
                 self.host_commit(&stream, &group, index, offset);
             }
@@ -917,7 +922,7 @@ impl NodeTask {
                     payload: Raw(&r.payload),
                 })
                 .collect();
-            let link = link_entry(&mut self.links, &mut self.next_link, &self.space, host);
+            let link = self.engine.peers.entry(host);
             wire::encode(
                 &mut link.scratch,
                 &Frame::Stream(StreamWire::Append {
@@ -952,7 +957,7 @@ impl NodeTask {
         records: Vec<NewRecord>,
         slots: Vec<usize>,
     ) {
-        let local = self.local;
+        let local = self.engine.local;
         match self.append_here(stream, records) {
             Ok(placed) => {
                 if let Some(c) = self.streams.calls.get_mut(&call) {
@@ -1012,7 +1017,7 @@ impl NodeTask {
             self.stop_read(rid);
         }
         for h in c.watched {
-            if h != self.local {
+            if h != self.engine.local {
                 self.send_stream(h, &StreamWire::Unwatch { sid });
             }
         }
@@ -1028,8 +1033,8 @@ impl NodeTask {
             if last {
                 self.streams.groups.remove(&key);
                 if let Some(p) = group_pattern(&c.stream, &g) {
-                    if let Some(decl) = self.interest.unsubscribe(&p, false) {
-                        self.announce(&decl);
+                    if let Some(decl) = self.engine.interest.unsubscribe(&p, false) {
+                        self.engine.announce(&decl);
                     }
                 }
             }
@@ -1043,9 +1048,9 @@ impl NodeTask {
             return;
         };
         self.streams.credits.remove(&(r.host, rid));
-        if r.host == self.local {
+        if r.host == self.engine.local {
             self.streams.host.close(&r.host, rid);
-        } else if self.links.get(&r.host).is_some_and(|l| l.up) {
+        } else if self.engine.peers.is_up(&r.host) {
             self.send_stream(r.host, &StreamWire::Stop { rid });
         }
     }
@@ -1060,7 +1065,7 @@ impl NodeTask {
     }
 
     fn refresh_consumer(&mut self, sid: u64) {
-        let local = self.local;
+        let local = self.engine.local;
         let Some(c) = self.streams.consumers.get(&sid) else {
             return;
         };
@@ -1197,7 +1202,7 @@ impl NodeTask {
         (host, index, rid): (NodeId, u32, u64),
         from: &Start,
     ) {
-        let local = self.local;
+        let local = self.engine.local;
         self.streams.reads.insert(
             rid,
             Read {
@@ -1336,8 +1341,8 @@ impl NodeTask {
         if c.inbox.push_many(items).is_err() {
             return;
         }
-        self.counters.stream_received += received as u64;
-        self.counters.stream_repeats += u64::from(skipped);
+        self.engine.counters.stream_received += received as u64;
+        self.engine.counters.stream_repeats += u64::from(skipped);
         if skipped > 0 {
             // Repeats take no room: their credit comes back at once.
             self.stream_op(StreamOp::Credit { rid, n: skipped });
@@ -1760,7 +1765,7 @@ impl NodeTask {
     /// readers are sent what their credit allows, credit and commits go out.
     pub(crate) fn stream_flush(&mut self) {
         let generation = (
-            self.interest.generation(),
+            self.engine.interest.generation(),
             self.links_generation,
             self.streams.changed,
         );
@@ -1769,13 +1774,13 @@ impl NodeTask {
             self.refresh_stream_consumers();
             // Refreshing may have changed things again (local reads).
             self.streams.refreshed_at = (
-                self.interest.generation(),
+                self.engine.interest.generation(),
                 self.links_generation,
                 self.streams.changed,
             );
         }
         while let Some(b) = self.streams.host.poll_dispatch() {
-            if b.key == self.local {
+            if b.key == self.engine.local {
                 self.records_arrived(b.key, b.rid, b.gone, b.records);
             } else {
                 self.send_records(b);
@@ -1802,7 +1807,7 @@ impl NodeTask {
 
     fn send_records(&mut self, b: core_stream::Batch<NodeId>) {
         let peer = b.key;
-        if !self.links.get(&peer).is_some_and(|l| l.up) {
+        if !self.engine.peers.is_up(&peer) {
             self.streams.host.close_all(|k| *k == peer);
             return;
         }
@@ -1817,7 +1822,7 @@ impl NodeTask {
                 payload: Raw(&r.payload),
             })
             .collect();
-        let link = link_entry(&mut self.links, &mut self.next_link, &self.space, peer);
+        let link = self.engine.peers.entry(peer);
         wire::encode(
             &mut link.scratch,
             &Frame::Stream(StreamWire::Records {

@@ -28,7 +28,7 @@ use bytes::Bytes;
 use rustc_hash::{FxHashMap, FxHashSet};
 use tokio::sync::oneshot;
 
-use super::{link_entry, now, queue::Inbox, NodeTask};
+use super::{now, queue::Inbox, NodeTask};
 use crate::{
     core::{
         membership::MemberState,
@@ -424,23 +424,24 @@ impl NodeTask {
     /// Live remote nodes declaring `topic` under a reserved prefix, with a
     /// link up.
     pub(crate) fn declared(&self, topic: &str) -> Vec<NodeId> {
-        self.interest
+        self.engine
+            .interest
             .reserved_interested(topic)
             .into_iter()
             .filter(|n| {
-                crate::engine::access::reserved_permitted(self.access.as_ref(), n, topic)
+                crate::engine::access::reserved_permitted(self.engine.access.as_ref(), n, topic)
                     && matches!(
-                        self.membership.state_of(n),
+                        self.engine.membership.state_of(n),
                         Some(MemberState::Alive | MemberState::Suspect)
                     )
-                    && self.links.get(n).is_some_and(|l| l.up)
+                    && self.engine.peers.is_up(n)
             })
             .collect()
     }
 
     /// Remote hosts of `queue` a send may go to now.
     fn remote_hosts(&mut self, queue: &Arc<str>) -> Vec<NodeId> {
-        let generation = (self.interest.generation(), self.links_generation);
+        let generation = (self.engine.interest.generation(), self.links_generation);
         if let Some((g, hosts)) = self.work.host_cache.get(queue) {
             if *g == generation {
                 return hosts.clone();
@@ -458,8 +459,8 @@ impl NodeTask {
 
     fn declare(&mut self, patterns: Vec<Pattern>) {
         for p in patterns {
-            if let Some(decl) = self.interest.subscribe(&p, false) {
-                self.announce(&decl);
+            if let Some(decl) = self.engine.interest.subscribe(&p, false) {
+                self.engine.announce(&decl);
             }
         }
     }
@@ -496,11 +497,11 @@ impl NodeTask {
     fn work_op(&mut self, op: Op) {
         match op {
             Op::Send { queue, msg, reply } => {
-                self.seq += 1;
-                self.counters.queue_sent += 1;
+                self.engine.seq += 1;
+                self.engine.counters.queue_sent += 1;
                 let id = MessageId {
-                    publisher: self.local,
-                    seq: self.seq,
+                    publisher: self.engine.local,
+                    seq: self.engine.seq,
                 };
                 self.route_send(id.seq, queue, msg, SendReply::One(reply), 0);
             }
@@ -508,14 +509,14 @@ impl NodeTask {
                 self.work.next_batch += 1;
                 let b = self.work.next_batch;
                 let n = msgs.len();
-                self.counters.queue_sent += n as u64;
-                let first = self.seq + 1;
+                self.engine.counters.queue_sent += n as u64;
+                let first = self.engine.seq + 1;
                 self.work.batches.insert(
                     b,
                     Batch {
                         ids: (0..n as u64)
                             .map(|i| MessageId {
-                                publisher: self.local,
+                                publisher: self.engine.local,
                                 seq: first + i,
                             })
                             .collect(),
@@ -528,14 +529,14 @@ impl NodeTask {
                     self.resolve_send(
                         SendReply::Batch(b),
                         Ok(MessageId {
-                            publisher: self.local,
+                            publisher: self.engine.local,
                             seq: 0,
                         }),
                     );
                 }
                 for msg in msgs {
-                    self.seq += 1;
-                    self.route_send(self.seq, queue.clone(), msg, SendReply::Batch(b), 0);
+                    self.engine.seq += 1;
+                    self.route_send(self.engine.seq, queue.clone(), msg, SendReply::Batch(b), 0);
                 }
             }
             Op::Request {
@@ -552,7 +553,7 @@ impl NodeTask {
                 inbox,
             } => {
                 let key = ConsumerKey {
-                    node: self.local,
+                    node: self.engine.local,
                     cid,
                 };
                 self.work.consumers.insert(
@@ -623,8 +624,8 @@ impl NodeTask {
             Op::Unserve { sid } => {
                 if let Some((pattern, inbox)) = self.work.servers.remove(&sid) {
                     if let Ok(p) = Pattern::new(&format!("{SERVE_PREFIX}{pattern}")) {
-                        if let Some(decl) = self.interest.unsubscribe(&p, false) {
-                            self.announce(&decl);
+                        if let Some(decl) = self.engine.interest.unsubscribe(&p, false) {
+                            self.engine.announce(&decl);
                         }
                     }
                     for r in inbox.close() {
@@ -661,7 +662,7 @@ impl NodeTask {
     /// the rest (credit, peeks) is dropped. Counted and logged either way.
     pub(crate) fn work_permitted(&mut self, peer: NodeId, w: &WorkWire<'_>) -> bool {
         use crate::security::Op;
-        let Some(access) = &mut self.access else {
+        let Some(access) = &mut self.engine.access else {
             return true;
         };
         let (op, name) = match w {
@@ -714,7 +715,7 @@ impl NodeTask {
     }
 
     fn send_work(&mut self, peer: NodeId, w: &WorkWire<'_>) {
-        let link = link_entry(&mut self.links, &mut self.next_link, &self.space, peer);
+        let link = self.engine.peers.entry(peer);
         wire::encode(&mut link.scratch, &Frame::Work(w.clone()));
         link.has_data = true;
     }
@@ -764,8 +765,8 @@ impl NodeTask {
             headers: headers_to_wire(&msg.headers),
             payload: Raw(&msg.payload),
         };
-        tracing::trace!(local = %self.local, %queue, seq, %host, "send handed to host");
-        let link = link_entry(&mut self.links, &mut self.next_link, &self.space, host);
+        tracing::trace!(local = %self.engine.local, %queue, seq, %host, "send handed to host");
+        let link = self.engine.peers.entry(host);
         wire::encode(&mut link.scratch, &Frame::Work(w));
         link.has_data = true;
         let p = PendingSend {
@@ -785,14 +786,14 @@ impl NodeTask {
     fn send_here(&mut self, seq: u64, queue: Arc<str>, msg: OutMsg, reply: SendReply, full: u32) {
         let now = self.work.now.unwrap_or_else(now);
         let id = MessageId {
-            publisher: self.local,
+            publisher: self.engine.local,
             seq,
         };
         if !self.work.host.has_room(&queue) {
             if self.work.full_policy == QueueFull::Wait {
                 let p = PendingSend {
                     queue,
-                    host: self.local,
+                    host: self.engine.local,
                     msg,
                     reply,
                     full,
@@ -827,7 +828,7 @@ impl NodeTask {
     /// declaration has no room for more patterns.
     fn start_hosting(&mut self, queue: Arc<str>) -> bool {
         let patterns = host_patterns_of(&queue);
-        let interest = &self.interest;
+        let interest = &self.engine.interest;
         if !self
             .work
             .hosting
@@ -836,7 +837,7 @@ impl NodeTask {
             return false;
         }
         self.declare(patterns);
-        let local = self.local;
+        let local = self.engine.local;
         for (cid, c) in &self.work.consumers {
             if c.queue == queue || dlq_of(&c.queue) == Some(&queue) {
                 let key = ConsumerKey {
@@ -934,7 +935,7 @@ impl NodeTask {
         let to = if pick < remote.len() {
             remote[pick]
         } else {
-            self.local
+            self.engine.local
         };
         let deadline = core_queue::after(now(), timeout);
         self.work.requests.insert(
@@ -960,7 +961,7 @@ impl NodeTask {
                 },
             );
         } else {
-            let from = self.local;
+            let from = self.engine.local;
             self.serve_locally(RequestData {
                 from,
                 id,
@@ -1001,8 +1002,8 @@ impl NodeTask {
     }
 
     fn respond(&mut self, to: NodeId, id: u64, status: ReplyStatus, payload: Bytes) {
-        if to == self.local {
-            let local = self.local;
+        if to == self.engine.local {
+            let local = self.engine.local;
             self.reply_arrived(local, id, status, payload);
             return;
         }
@@ -1023,7 +1024,7 @@ impl NodeTask {
                 // Not from the responder it went to: forged, or a reply
                 // aimed at someone else's request.
                 tracing::debug!(%from, "reply from a peer the request did not go to ignored");
-                self.counters.forged_replies += 1;
+                self.engine.counters.forged_replies += 1;
                 return;
             }
             Some(_) => {}
@@ -1048,7 +1049,7 @@ impl NodeTask {
         for d in c.inbox.close() {
             self.settle(d.host, d.cid, d.epoch, d.tag, Settle::Release);
         }
-        let local = self.local;
+        let local = self.engine.local;
         self.work
             .host
             .remove_consumers(now(), |k| k.node == local && k.cid == cid);
@@ -1067,9 +1068,9 @@ impl NodeTask {
     }
 
     fn settle(&mut self, host: NodeId, cid: u32, epoch: u64, tag: u64, how: Settle) {
-        if host == self.local {
+        if host == self.engine.local {
             let key = ConsumerKey {
-                node: self.local,
+                node: self.engine.local,
                 cid,
             };
             self.host_settle(key, epoch, tag, how);
@@ -1162,11 +1163,11 @@ impl NodeTask {
                 self.host_send(peer, queue, seq, msg);
             }
             WorkWire::Accepted { seqs } => {
-                tracing::trace!(local = %self.local, %peer, ?seqs, "work: accepted");
+                tracing::trace!(local = %self.engine.local, %peer, ?seqs, "work: accepted");
                 for seq in seqs {
                     if let Some(p) = self.answered_send(peer, seq) {
                         let id = MessageId {
-                            publisher: self.local,
+                            publisher: self.engine.local,
                             seq,
                         };
                         self.resolve_send(p.reply, Ok(id));
@@ -1315,7 +1316,7 @@ impl NodeTask {
         // would exit with.
         let hosted = self.work.hosts_locally(queue)
             || (self.work.hosting.self_host() && self.start_hosting(queue.into()));
-        tracing::trace!(local = %self.local, %peer, seq, "work: send received");
+        tracing::trace!(local = %self.engine.local, %peer, seq, "work: send received");
         let now = now();
         let result = if hosted {
             self.work.host.send(now, queue, new_message(id, msg, now))
@@ -1485,7 +1486,7 @@ impl NodeTask {
             .map(|(s, _)| *s)
             .collect();
         again.sort_unstable();
-        tracing::trace!(local = %self.local, %peer, resend = again.len(), "work: link down");
+        tracing::trace!(local = %self.engine.local, %peer, resend = again.len(), "work: link down");
         for seq in again {
             if let Some(p) = self.work.pending_sends.remove(&seq) {
                 self.route_send(seq, p.queue, p.msg, p.reply, p.full);
@@ -1540,7 +1541,7 @@ impl NodeTask {
     /// End of a batch: grant credit to new hosts, hand ready messages to
     /// consumers, send batched acks and acceptances.
     pub(crate) fn work_flush(&mut self) {
-        let generation = (self.interest.generation(), self.links_generation);
+        let generation = (self.engine.interest.generation(), self.links_generation);
         if self.work.flows_at != generation && !self.work.consumers.is_empty() {
             self.work.flows_at = generation;
             self.grant_flows();
@@ -1616,11 +1617,11 @@ impl NodeTask {
     /// Hands `ds` (dispatched in this order, all to `consumer`) over: to
     /// a local consumer's inbox, or in `Deliver` frames on its node's link.
     fn deliver_work(&mut self, consumer: ConsumerKey, ds: Vec<Dispatch<ConsumerKey>>) {
-        if consumer.node == self.local {
+        if consumer.node == self.engine.local {
             let data: Vec<DeliveryData> = ds
                 .into_iter()
                 .map(|d| DeliveryData {
-                    host: self.local,
+                    host: self.engine.local,
                     cid: consumer.cid,
                     epoch: self.work.epoch,
                     tag: d.tag,
@@ -1644,19 +1645,19 @@ impl NodeTask {
             return;
         }
         let peer = consumer.node;
-        if !self.links.get(&peer).is_some_and(|l| l.up) {
+        if !self.engine.peers.is_up(&peer) {
             // Its link went: the messages come back (the consumer is
             // removed by then, so this is rare: a race within a batch).
             self.work.host.remove_consumers(now(), |k| k.node == peer);
             return;
         }
-        let local = self.local;
+        let local = self.engine.local;
         let origins: Vec<Option<Vec<u8>>> = ds
             .iter()
             .map(|d| (d.id.publisher != local).then(|| d.id.publisher.to_bytes()))
             .collect();
         let epoch = self.work.epoch;
-        let link = link_entry(&mut self.links, &mut self.next_link, &self.space, peer);
+        let link = self.engine.peers.entry(peer);
         link.has_data = true;
         // Frames of at most DELIVER_BATCH messages and about
         // DELIVER_BYTES of payload.
