@@ -37,7 +37,7 @@ use crate::{
     core::{
         gossip::Gossip,
         interest::{Interest, RouteCache},
-        membership::Membership,
+        membership::{self, Membership},
         pubsub::{LinkDecoder, LinkEncoder, LocalSubscriptions, Message, SubId},
         topic::Pattern,
         NodeId,
@@ -120,6 +120,23 @@ pub(crate) enum Event {
     /// `peer` said it is leaving (its `Bye` is acked): its connection
     /// should close soon.
     Leaving(NodeId),
+}
+
+/// What membership asks of the driver, in order
+/// ([`Engine::poll_member_transmit`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum MemberOut {
+    /// A control frame for a connected peer (membership travels apart
+    /// from the data stream, so a probe measures liveness, not backlog).
+    Control { to: NodeId, frame: Vec<u8> },
+    /// Dial `to`: at `addrs`, or (`None`) where it was last known to be.
+    Dial {
+        to: NodeId,
+        addrs: Option<Vec<Vec<u8>>>,
+    },
+    /// `to` was declared down: its link ends and its connection closes
+    /// (unless it is leaving, and closes its own).
+    Down(NodeId),
 }
 
 /// Everything [`Engine::new`] needs besides the configuration.
@@ -210,6 +227,82 @@ impl Engine {
         if self.pending_delivery.is_empty() {
             self.pending_delivery = buf;
         }
+    }
+
+    /// When [`Engine::handle_timeout`] is next due.
+    #[must_use]
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        [self.membership.poll_timeout(), self.gossip.poll_timeout()]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Runs the timers that are due: membership probes and suspicion, the
+    /// gossip overlay's shuffles and pulls.
+    pub(crate) fn handle_timeout(&mut self, now: Instant) {
+        if self.membership.poll_timeout().is_some_and(|t| t <= now) {
+            self.membership.handle_timeout(now, &mut self.rng);
+        }
+        if self.gossip.poll_timeout().is_some_and(|t| t <= now) {
+            let before = self.gossip.stats().clone();
+            self.gossip.handle_timeout(now, &mut self.rng);
+            let after = self.gossip.stats();
+            if after.unrecovered > before.unrecovered || after.graft_misses > before.graft_misses {
+                tracing::warn!(
+                    unrecovered = after.unrecovered,
+                    graft_misses = after.graft_misses,
+                    "gossip messages lost: announced but no neighbour could send them"
+                );
+            }
+        }
+    }
+
+    /// What membership wants done: its messages (control frames to
+    /// connected peers, a dial to others) first, then what its events
+    /// mean (a member up and not connected is dialed; one down ends its
+    /// link). Routes are computed anew after any membership event.
+    #[must_use]
+    pub(crate) fn poll_member_transmit(&mut self) -> Option<MemberOut> {
+        while let Some(t) = self.membership.poll_transmit() {
+            if t.to == self.local {
+                continue;
+            }
+            // Membership messages go only on connections that exist; to a
+            // member with none we dial instead (the probe then fails or
+            // not).
+            let to = t.to;
+            if !self.connected.contains(&to) {
+                return Some(MemberOut::Dial { to, addrs: None });
+            }
+            let mut frame = Vec::new();
+            wire::encode_member(&mut frame, &t.message);
+            return Some(MemberOut::Control { to, frame });
+        }
+        while let Some(ev) = self.membership.poll_event() {
+            self.routes.invalidate();
+            match ev {
+                membership::Event::Up { node, addrs } => {
+                    tracing::info!(peer = %node, "peer up");
+                    if !self.connected.contains(&node) {
+                        let addrs = Some(addrs);
+                        return Some(MemberOut::Dial { to: node, addrs });
+                    }
+                }
+                membership::Event::Suspect { node } => {
+                    tracing::info!(peer = %node, "peer suspect")
+                }
+                membership::Event::Down { node } => {
+                    tracing::info!(peer = %node, "peer down");
+                    self.gossip.handle_link_down(node, &mut self.rng);
+                    return Some(MemberOut::Down(node));
+                }
+                membership::Event::Refuted { incarnation } => {
+                    tracing::debug!(incarnation, "refuted suspicion of this node");
+                }
+            }
+        }
+        None
     }
 
     /// A connection to `peer` is open.

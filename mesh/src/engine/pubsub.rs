@@ -930,4 +930,53 @@ mod tests {
             .handle_frame(now, b, &Bytes::from_static(b"\xff\xff"))
             .is_err());
     }
+
+    /// `from`'s timers run and its membership frames reach `to`; how many.
+    fn member_exchange(from: &mut Engine, to: &mut Engine, now: Instant) -> usize {
+        from.handle_timeout(now);
+        let mut n = 0;
+        while let Some(out) = from.poll_member_transmit() {
+            let crate::engine::MemberOut::Control { to: peer, frame } = out else {
+                panic!("a connected, answering peer is sent to: {out:?}");
+            };
+            assert_eq!(peer, to.local);
+            let body = Bytes::copy_from_slice(&frame[4..]);
+            assert!(to.handle_frame(now, from.local, &body).unwrap().is_none());
+            n += 1;
+        }
+        n
+    }
+
+    #[test]
+    fn membership_probes_go_as_control_frames_to_connected_peers_else_a_dial() {
+        use crate::engine::MemberOut;
+        let mut p = Pair::new(64);
+        let (a, b) = (p.a.local, p.b.local);
+        p.a.handle_connected(b);
+        p.b.handle_connected(a);
+        let mut probes = 0;
+        for _ in 0..20 {
+            p.now += std::time::Duration::from_secs(1);
+            let now = p.now;
+            probes += member_exchange(&mut p.a, &mut p.b, now);
+            probes += member_exchange(&mut p.b, &mut p.a, now);
+        }
+        assert!(probes > 0, "each probes its one member");
+        assert_eq!(p.a.membership.state_of(&b), Some(MemberState::Alive));
+        // Without a connection, what a has for b becomes a dial.
+        p.a.handle_disconnected(b);
+        let mut dialed = false;
+        for _ in 0..20 {
+            p.now += std::time::Duration::from_secs(1);
+            p.a.handle_timeout(p.now);
+            while let Some(out) = p.a.poll_member_transmit() {
+                match out {
+                    MemberOut::Dial { to, .. } => dialed |= to == b,
+                    MemberOut::Control { .. } => panic!("no control frame without a connection"),
+                    MemberOut::Down(_) => {}
+                }
+            }
+        }
+        assert!(dialed);
+    }
 }

@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::{
     core::{
-        membership::{self, MemberState, Membership},
+        membership::{MemberState, Membership},
         pubsub::SubId,
         topic::Pattern,
         NodeId,
@@ -788,29 +788,7 @@ impl NodeTask {
     /// A timer is due: the cores', the queues' and streams', reconnects,
     /// links that never came up, departed members.
     async fn handle_timeout(&mut self) {
-        let now = now();
-        if self
-            .engine
-            .membership
-            .poll_timeout()
-            .is_some_and(|t| t <= now)
-        {
-            self.engine
-                .membership
-                .handle_timeout(now, &mut self.engine.rng);
-        }
-        if self.engine.gossip.poll_timeout().is_some_and(|t| t <= now) {
-            let before = self.engine.gossip.stats().clone();
-            self.engine.gossip.handle_timeout(now, &mut self.engine.rng);
-            let after = self.engine.gossip.stats();
-            if after.unrecovered > before.unrecovered || after.graft_misses > before.graft_misses {
-                tracing::warn!(
-                    unrecovered = after.unrecovered,
-                    graft_misses = after.graft_misses,
-                    "gossip messages lost: announced but no neighbour could send them"
-                );
-            }
-        }
+        self.engine.handle_timeout(now());
         self.work_timeout();
         self.reconnect().await;
         self.expire_links();
@@ -849,8 +827,7 @@ impl NodeTask {
     /// When a timer of the cores, the queues or the streams is next due.
     fn poll_timeout(&mut self) -> Instant {
         [
-            self.engine.membership.poll_timeout(),
-            self.engine.gossip.poll_timeout(),
+            self.engine.poll_timeout(),
             self.work.poll_timeout(),
             self.streams.poll_timeout(),
         ]
@@ -1923,38 +1900,25 @@ impl NodeTask {
             self.transport.disconnect(peer).await;
         }
         self.relink().await;
-        while let Some(t) = self.engine.membership.poll_transmit() {
-            if t.to == self.engine.local {
-                continue;
-            }
-            // Membership messages go only on links that exist; to a member
-            // with no link we dial instead (the probe then fails or not).
-            if self.connected.contains_key(&t.to) {
-                wire::encode_member(self.control_out.entry(t.to).or_default(), &t.message);
-            } else {
-                let addrs = self.addrs_of(&t.to);
-                self.transport.dial_peer(t.to, addrs).await;
-            }
-        }
-        while let Some(ev) = self.engine.membership.poll_event() {
-            self.engine.routes.invalidate();
-            match ev {
-                membership::Event::Up { node, addrs } => {
-                    tracing::info!(peer = %node, "peer up");
-                    if !self.connected.contains_key(&node) {
-                        let addrs = addrs
+        while let Some(t) = self.engine.poll_member_transmit() {
+            match t {
+                engine::MemberOut::Control { to, frame } => {
+                    self.control_out
+                        .entry(to)
+                        .or_default()
+                        .extend_from_slice(&frame);
+                }
+                engine::MemberOut::Dial { to, addrs } => {
+                    let addrs = match addrs {
+                        Some(a) => a
                             .into_iter()
                             .filter_map(|a| Multiaddr::try_from(a).ok())
-                            .collect();
-                        self.transport.dial_peer(node, addrs).await;
-                    }
+                            .collect(),
+                        None => self.addrs_of(&to),
+                    };
+                    self.transport.dial_peer(to, addrs).await;
                 }
-                membership::Event::Suspect { node } => tracing::info!(peer = %node, "peer suspect"),
-                membership::Event::Down { node } => {
-                    tracing::info!(peer = %node, "peer down");
-                    self.engine
-                        .gossip
-                        .handle_link_down(node, &mut self.engine.rng);
+                engine::MemberOut::Down(node) => {
                     self.links_generation += 1;
                     self.work_link_down(node);
                     let leaving = self.remove_link(&node).is_some_and(|l| l.leaving);
@@ -1963,9 +1927,6 @@ impl NodeTask {
                     if !leaving {
                         self.transport.disconnect(node).await;
                     }
-                }
-                membership::Event::Refuted { incarnation } => {
-                    tracing::debug!(incarnation, "refuted suspicion of this node");
                 }
             }
         }
