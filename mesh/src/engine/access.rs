@@ -10,9 +10,11 @@
 
 use std::time::{Duration, Instant};
 
+use super::Engine;
 use crate::{
     core::NodeId,
     security::{Access, Op},
+    wire::{self, Frame, Raw, ReplyStatus, StreamWire, WorkWire},
 };
 
 /// Reserved pattern prefix of a queue host's declaration.
@@ -93,6 +95,141 @@ impl RequestBudget {
         }
         self.used += 1;
         true
+    }
+}
+
+impl Engine {
+    /// Whether the access policy lets `peer` do what `w` asks; if not, the
+    /// peer is told where it waits for an answer (a send, a request), and
+    /// the rest (credit, peeks) is dropped. Counted and logged either way.
+    pub(crate) fn work_permitted(&mut self, peer: NodeId, w: &WorkWire<'_>) -> bool {
+        let Some(access) = &mut self.access else {
+            return true;
+        };
+        let (op, name) = match w {
+            WorkWire::Send { queue, .. } | WorkWire::Replay { queue, .. } => (Op::Publish, *queue),
+            WorkWire::Request { subject, .. } => (Op::Publish, *subject),
+            WorkWire::Flow { queue, .. } => (Op::Consume, *queue),
+            WorkWire::Peek { queue, .. } => (Op::Read, *queue),
+            _ => return true,
+        };
+        if access.check(&peer, op, name) {
+            return true;
+        }
+        match w {
+            WorkWire::Send { seq, queue, .. } => {
+                let reason = format!("access denied: this peer may not send to queue {queue}");
+                self.send_work(
+                    peer,
+                    &WorkWire::Refused {
+                        seq: *seq,
+                        full: false,
+                        reason: &reason,
+                    },
+                );
+            }
+            WorkWire::Request { id, .. } => self.send_work(
+                peer,
+                &WorkWire::Reply {
+                    id: *id,
+                    status: ReplyStatus::Denied,
+                    payload: Raw(&[]),
+                },
+            ),
+            WorkWire::Peek { req, .. } => self.send_work(
+                peer,
+                &WorkWire::Peeked {
+                    req: *req,
+                    msgs: Vec::new(),
+                },
+            ),
+            WorkWire::Replay { req, .. } => self.send_work(
+                peer,
+                &WorkWire::Replayed {
+                    req: *req,
+                    moved: 0,
+                },
+            ),
+            _ => {}
+        }
+        false
+    }
+
+    /// Whether the access policy lets `peer` do what `w` asks; if not, it
+    /// gets the typed refusal it waits for (appends, watches, reads), and
+    /// commits are dropped. Counted and logged either way.
+    pub(crate) fn stream_permitted(&mut self, peer: NodeId, w: &StreamWire<'_>) -> bool {
+        let Some(access) = &mut self.access else {
+            return true;
+        };
+        let (op, name) = match w {
+            StreamWire::Append { stream, .. } => (Op::Publish, *stream),
+            StreamWire::Watch { stream, .. }
+            | StreamWire::Read { stream, .. }
+            | StreamWire::Info { stream, .. } => (Op::Read, *stream),
+            StreamWire::Commit { stream, .. } => (Op::Consume, *stream),
+            _ => return true,
+        };
+        if access.check(&peer, op, name) {
+            return true;
+        }
+        let verb = match op {
+            Op::Publish => "append to",
+            Op::Consume => "consume",
+            _ => "read",
+        };
+        let reason = format!("access denied: this peer may not {verb} stream {name}");
+        match w {
+            StreamWire::Append { seq, .. } => self.send_stream(
+                peer,
+                &StreamWire::AppendRefused {
+                    seq: *seq,
+                    full: false,
+                    reason: &reason,
+                },
+            ),
+            StreamWire::Watch { sid, .. } => {
+                self.send_stream(peer, &StreamWire::WatchRefused { sid: *sid })
+            }
+            StreamWire::Read { rid, .. } => self.send_stream(
+                peer,
+                &StreamWire::ReadRefused {
+                    rid: *rid,
+                    reason: &reason,
+                },
+            ),
+            // Offsets and group commits are not shown: an empty answer.
+            StreamWire::Info { req, .. } => self.send_empty_info(peer, *req),
+            _ => {}
+        }
+        false
+    }
+
+    /// Answers an `Info` with no partitions (refused or over budget).
+    pub(crate) fn send_empty_info(&mut self, peer: NodeId, req: u64) {
+        let epoch = self.stream_epoch;
+        self.send_stream(
+            peer,
+            &StreamWire::InfoReply {
+                req,
+                epoch,
+                parts: Vec::new(),
+            },
+        );
+    }
+
+    /// Encodes a work frame for `peer`.
+    pub(crate) fn send_work(&mut self, peer: NodeId, w: &WorkWire<'_>) {
+        let p = self.peers.entry(peer);
+        wire::encode(&mut p.scratch, &Frame::Work(w.clone()));
+        p.has_data = true;
+    }
+
+    /// Encodes a stream frame for `peer`.
+    pub(crate) fn send_stream(&mut self, peer: NodeId, w: &StreamWire<'_>) {
+        let p = self.peers.entry(peer);
+        wire::encode(&mut p.scratch, &Frame::Stream(w.clone()));
+        p.has_data = true;
     }
 }
 

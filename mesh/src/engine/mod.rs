@@ -96,6 +96,9 @@ pub(crate) struct Engine {
     pub(crate) decl_verifier: Verifier,
     /// The number of the last message published here.
     pub(crate) seq: u64,
+    /// This node's stream run (its partitions' epoch), as the driver's
+    /// stream state has it.
+    pub(crate) stream_epoch: u64,
     pub(crate) rng: SmallRng,
     /// Gossip mode: the overlay and broadcast core.
     pub(crate) gossip: Gossip,
@@ -183,6 +186,7 @@ impl Engine {
             // start numbers from its start time (16 per µs of uptime before
             // a restart could reuse a number).
             seq: epoch << 4,
+            stream_epoch: epoch,
             rng,
             gossip: Gossip::new(local, Default::default()),
             gossip_dial: Vec::new(),

@@ -20,8 +20,9 @@ use crate::{
 impl Engine {
     /// A frame from `peer`'s data stream, parsed once here. The frames of
     /// pub/sub, reliable pub/sub, gossip, membership, declarations and
-    /// leaving are handled here; the others (shared memory, work queues,
-    /// streams) come back for the driver, still in the runtime.
+    /// leaving are handled here, and the access checks of work and stream
+    /// frames; the others (shared memory, and the work and stream frames
+    /// the policy allows) come back for the driver, still in the runtime.
     pub(crate) fn handle_frame<'a>(
         &mut self,
         now: Instant,
@@ -104,6 +105,10 @@ impl Engine {
             Frame::Hello(_) => return Err(WireError::Unexpected("second Hello")),
             Frame::Auth { .. } => return Err(WireError::Unexpected("second Auth")),
             Frame::Relink => return Err(WireError::Unexpected("Relink on a data stream")),
+            // What the access policy refuses is answered (or dropped)
+            // here: the driver sees only what it may act on.
+            Frame::Work(w) if !self.work_permitted(peer, &w) => {}
+            Frame::Stream(w) if !self.stream_permitted(peer, &w) => {}
             f @ (Frame::ShmOffer { .. }
             | Frame::ShmRefuse { .. }
             | Frame::ShmSwitch
@@ -978,5 +983,44 @@ mod tests {
             }
         }
         assert!(dialed);
+    }
+
+    #[test]
+    fn work_the_policy_refuses_is_answered_here_and_the_rest_goes_to_the_driver() {
+        use crate::security::{Access, AccessPolicy, Op};
+        use crate::wire::WorkWire;
+        let mut p = Pair::new(64);
+        let b = p.b.local;
+        let policy = AccessPolicy::new()
+            .allow(&b.to_string(), Op::Read, &["open"])
+            .expect("a policy");
+        p.a.access = Some(Access::new(policy));
+        let peek = |queue: &str, req: u64| {
+            let mut buf = Vec::new();
+            let w = WorkWire::Peek {
+                req,
+                queue,
+                limit: 10,
+            };
+            wire::encode(&mut buf, &Frame::Work(w));
+            Bytes::copy_from_slice(&buf[4..])
+        };
+        let now = p.now;
+        let open = peek("open", 1);
+        let rest = p.a.handle_frame(now, b, &open).unwrap();
+        assert!(matches!(
+            rest,
+            Some(Frame::Work(WorkWire::Peek { req: 1, .. }))
+        ));
+        let closed = peek("closed", 2);
+        assert!(p.a.handle_frame(now, b, &closed).unwrap().is_none());
+        // The refused peek gets its empty answer, so b does not wait.
+        let (_, frames) = transmits(&mut p.a).pop().expect("an answer");
+        let answer = wire::decode(&frames[0]).unwrap();
+        assert!(
+            matches!(answer, Frame::Work(WorkWire::Peeked { req: 2, ref msgs }) if msgs.is_empty()),
+            "{answer:?}"
+        );
+        assert_eq!(p.a.access.as_ref().unwrap().denied, 1);
     }
 }

@@ -1425,13 +1425,8 @@ impl NodeTask {
                 link.shm_tx = None;
                 link.shm_rx.lock().unwrap_or_else(|e| e.into_inner()).take();
             }
-            Some(Frame::Work(w)) if self.work_permitted(peer, &w) => {
-                self.handle_work(peer, body, w)?
-            }
-            Some(Frame::Stream(w)) if self.stream_permitted(peer, &w) => {
-                self.handle_stream(peer, body, w)?
-            }
-            Some(Frame::Work(_) | Frame::Stream(_)) => {}
+            Some(Frame::Work(w)) => self.handle_work(peer, body, w)?,
+            Some(Frame::Stream(w)) => self.handle_stream(peer, body, w)?,
             Some(Frame::ShmSwitch) => self.shm_switch(peer)?,
             Some(f) => unreachable!("the engine handles {} frames", wire::frame_name(&f)),
         }

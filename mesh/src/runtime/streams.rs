@@ -471,74 +471,13 @@ impl NodeTask {
         hosts
     }
 
-    /// Whether the access policy lets `peer` do what `w` asks; if not, it
-    /// gets the typed refusal it waits for (appends, watches, reads), and
-    /// commits are dropped. Counted and logged either way.
-    pub(crate) fn stream_permitted(&mut self, peer: NodeId, w: &StreamWire<'_>) -> bool {
-        use crate::security::Op;
-        let Some(access) = &mut self.engine.access else {
-            return true;
-        };
-        let (op, name) = match w {
-            StreamWire::Append { stream, .. } => (Op::Publish, *stream),
-            StreamWire::Watch { stream, .. }
-            | StreamWire::Read { stream, .. }
-            | StreamWire::Info { stream, .. } => (Op::Read, *stream),
-            StreamWire::Commit { stream, .. } => (Op::Consume, *stream),
-            _ => return true,
-        };
-        if access.check(&peer, op, name) {
-            return true;
-        }
-        let verb = match op {
-            Op::Publish => "append to",
-            Op::Consume => "consume",
-            _ => "read",
-        };
-        let reason = format!("access denied: this peer may not {verb} stream {name}");
-        match w {
-            StreamWire::Append { seq, .. } => self.send_stream(
-                peer,
-                &StreamWire::AppendRefused {
-                    seq: *seq,
-                    full: false,
-                    reason: &reason,
-                },
-            ),
-            StreamWire::Watch { sid, .. } => {
-                self.send_stream(peer, &StreamWire::WatchRefused { sid: *sid })
-            }
-            StreamWire::Read { rid, .. } => self.send_stream(
-                peer,
-                &StreamWire::ReadRefused {
-                    rid: *rid,
-                    reason: &reason,
-                },
-            ),
-            // Offsets and group commits are not shown: an empty answer.
-            StreamWire::Info { req, .. } => self.send_empty_info(peer, *req),
-            _ => {}
-        }
-        false
-    }
-
     /// Answers an `Info` with no partitions (refused or over budget).
     fn send_empty_info(&mut self, peer: NodeId, req: u64) {
-        let epoch = self.streams.epoch;
-        self.send_stream(
-            peer,
-            &StreamWire::InfoReply {
-                req,
-                epoch,
-                parts: Vec::new(),
-            },
-        );
+        self.engine.send_empty_info(peer, req);
     }
 
     fn send_stream(&mut self, peer: NodeId, w: &StreamWire<'_>) {
-        let link = self.engine.peers.entry(peer);
-        wire::encode(&mut link.scratch, &Frame::Stream(w.clone()));
-        link.has_data = true;
+        self.engine.send_stream(peer, w);
     }
 
     /// This node hosts `stream` from now on (it appended to it when nobody
@@ -622,6 +561,7 @@ impl NodeTask {
     /// This run's epoch (a durable host keeps its stored one).
     pub(crate) fn set_stream_epoch(&mut self, epoch: u64) {
         self.streams.epoch = epoch;
+        self.engine.stream_epoch = epoch;
     }
 
     /// Appends locally; tells watchers when the stream is new.

@@ -657,67 +657,8 @@ impl NodeTask {
         req
     }
 
-    /// Whether the access policy lets `peer` do what `w` asks; if not, the
-    /// peer is told where it waits for an answer (a send, a request), and
-    /// the rest (credit, peeks) is dropped. Counted and logged either way.
-    pub(crate) fn work_permitted(&mut self, peer: NodeId, w: &WorkWire<'_>) -> bool {
-        use crate::security::Op;
-        let Some(access) = &mut self.engine.access else {
-            return true;
-        };
-        let (op, name) = match w {
-            WorkWire::Send { queue, .. } | WorkWire::Replay { queue, .. } => (Op::Publish, *queue),
-            WorkWire::Request { subject, .. } => (Op::Publish, *subject),
-            WorkWire::Flow { queue, .. } => (Op::Consume, *queue),
-            WorkWire::Peek { queue, .. } => (Op::Read, *queue),
-            _ => return true,
-        };
-        if access.check(&peer, op, name) {
-            return true;
-        }
-        match w {
-            WorkWire::Send { seq, queue, .. } => {
-                let reason = format!("access denied: this peer may not send to queue {queue}");
-                self.send_work(
-                    peer,
-                    &WorkWire::Refused {
-                        seq: *seq,
-                        full: false,
-                        reason: &reason,
-                    },
-                );
-            }
-            WorkWire::Request { id, .. } => self.send_work(
-                peer,
-                &WorkWire::Reply {
-                    id: *id,
-                    status: ReplyStatus::Denied,
-                    payload: Raw(&[]),
-                },
-            ),
-            WorkWire::Peek { req, .. } => self.send_work(
-                peer,
-                &WorkWire::Peeked {
-                    req: *req,
-                    msgs: Vec::new(),
-                },
-            ),
-            WorkWire::Replay { req, .. } => self.send_work(
-                peer,
-                &WorkWire::Replayed {
-                    req: *req,
-                    moved: 0,
-                },
-            ),
-            _ => {}
-        }
-        false
-    }
-
     fn send_work(&mut self, peer: NodeId, w: &WorkWire<'_>) {
-        let link = self.engine.peers.entry(peer);
-        wire::encode(&mut link.scratch, &Frame::Work(w.clone()));
-        link.has_data = true;
+        self.engine.send_work(peer, w);
     }
 
     /// Sends message `seq` to its host: this node if it hosts the queue,
