@@ -1,12 +1,17 @@
-//! The tokio driver: one task owns the node's state (the sans-IO cores, the
-//! links, the subscriptions) and runs the cores over the QUIC transport.
+//! The tokio driver: one task runs the [`Engine`] (the protocol state: the
+//! cores, pub/sub, each peer's protocol half of its link) over the QUIC
+//! transport, and holds the I/O: the links' outboxes, readers and rings,
+//! the subscription queues, the transport; and, still here, the queue and
+//! stream state (`work`, `streams`).
 //!
-//! Data path: `Node::publish` sends a command on a bounded channel; the node
-//! task takes commands in batches, routes each message, encodes it into the
-//! per-link scratch buffer, and at the end of the batch moves each buffer
-//! into the link's [`queue::Outbox`] for its writer task. Received frames
-//! come from the link reader tasks in batches, are decoded here and pushed
-//! to the matching [`queue::SubQueue`]s.
+//! Data path: `Node::publish` hands a command to the node task; it takes
+//! commands in batches, and `Engine::publish` routes each message and
+//! encodes it into the peers' buffers; at the end of the batch
+//! `Engine::poll_transmit` hands each buffer over and it goes into the
+//! link's [`queue::Outbox`] for its writer task. Received frames come from
+//! the link reader tasks in batches, go through `Engine::handle_frame`, and
+//! the messages it delivers are pushed to the matching
+//! [`queue::SubQueue`]s.
 //!
 //! Back-pressure: when a link has more than `link_buffer` bytes pending the
 //! node stops taking publish commands (so `publish` waits); when a
