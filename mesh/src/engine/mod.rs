@@ -80,12 +80,12 @@ pub(crate) struct Engine {
     /// Messages decoded or published in the current batch, for the driver
     /// to push to their subscription queues together
     /// ([`Engine::take_deliveries`]).
-    pub(crate) pending_delivery: Vec<(SubId, Message)>,
+    pending_delivery: Vec<(SubId, Message)>,
     /// Events for the driver ([`Engine::poll_event`]).
     events: std::collections::VecDeque<Event>,
     pub(crate) peers: Peers,
     /// Peers with a live connection (the driver says).
-    pub(crate) connected: rustc_hash::FxHashSet<NodeId>,
+    connected: rustc_hash::FxHashSet<NodeId>,
     pub(crate) counters: Counters,
     /// The access policy, if any.
     pub(crate) access: Option<Access>,
@@ -96,8 +96,8 @@ pub(crate) struct Engine {
     pub(crate) decl_verifier: Verifier,
     /// The number of the last message published here.
     pub(crate) seq: u64,
-    /// This node's stream run (its partitions' epoch), as the driver's
-    /// stream state has it.
+    /// This run of the node's streams (partitions of another run are other
+    /// logs): its start time, or a durable host's stored run.
     pub(crate) stream_epoch: u64,
     pub(crate) rng: SmallRng,
     /// Gossip mode: the overlay and broadcast core.

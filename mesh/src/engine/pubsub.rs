@@ -423,14 +423,13 @@ impl Engine {
     /// The live peers a message on `topic` goes to now (alive or
     /// suspected, and allowed to read it).
     pub(crate) fn route(&mut self, topic: &Topic) -> &[NodeId] {
-        let membership = &self.membership;
-        let access = &self.access;
-        self.routes.route_ref(&self.interest, topic.as_arc(), |n| {
-            matches!(
-                membership.state_of(n),
-                Some(MemberState::Alive | MemberState::Suspect)
-            ) && may_read(access.as_ref(), n, topic.as_str())
-        })
+        live_route(
+            &mut self.routes,
+            &self.interest,
+            &self.membership,
+            self.access.as_ref(),
+            topic,
+        )
     }
 
     /// Publishes one message stamped `timestamp` (µs since the Unix
@@ -467,14 +466,13 @@ impl Engine {
         let session = self.reliable.session();
         let seq = self.seq;
         let link_buffer = self.config.link_buffer;
-        let membership = &self.membership;
-        let access = &self.access;
-        let route = self.routes.route_ref(&self.interest, topic.as_arc(), |n| {
-            matches!(
-                membership.state_of(n),
-                Some(MemberState::Alive | MemberState::Suspect)
-            ) && may_read(access.as_ref(), n, topic.as_str())
-        });
+        let route = live_route(
+            &mut self.routes,
+            &self.interest,
+            &self.membership,
+            self.access.as_ref(),
+            &topic,
+        );
         let out = Outgoing {
             topic: topic.as_arc(),
             seq,
@@ -645,6 +643,24 @@ impl Engine {
             p.has_data = true;
         }
     }
+}
+
+/// The live nodes interested in `topic` (alive or suspected, and allowed
+/// to read it), from `routes`' cache: a function of the fields it needs, so
+/// `publish` can hold the route while it writes to the peers.
+fn live_route<'a>(
+    routes: &'a mut crate::core::interest::RouteCache,
+    interest: &crate::core::interest::Interest,
+    membership: &crate::core::membership::Membership,
+    access: Option<&crate::security::Access>,
+    topic: &Topic,
+) -> &'a [NodeId] {
+    routes.route_ref(interest, topic.as_arc(), |n| {
+        matches!(
+            membership.state_of(n),
+            Some(MemberState::Alive | MemberState::Suspect)
+        ) && may_read(access, n, topic.as_str())
+    })
 }
 
 #[cfg(test)]
@@ -902,7 +918,7 @@ mod tests {
         let frame = |f: &Frame<'_>| {
             let mut buf = Vec::new();
             wire::encode(&mut buf, f);
-            Bytes::copy_from_slice(&buf[4..])
+            Bytes::copy_from_slice(&buf[mesh_transports::frame::LEN_PREFIX..])
         };
         let now = p.now;
         let switch = frame(&Frame::ShmSwitch);
@@ -945,7 +961,7 @@ mod tests {
                 panic!("a connected, answering peer is sent to: {out:?}");
             };
             assert_eq!(peer, to.local);
-            let body = Bytes::copy_from_slice(&frame[4..]);
+            let body = Bytes::copy_from_slice(&frame[mesh_transports::frame::LEN_PREFIX..]);
             assert!(to.handle_frame(now, from.local, &body).unwrap().is_none());
             n += 1;
         }
@@ -1003,7 +1019,7 @@ mod tests {
                 limit: 10,
             };
             wire::encode(&mut buf, &Frame::Work(w));
-            Bytes::copy_from_slice(&buf[4..])
+            Bytes::copy_from_slice(&buf[mesh_transports::frame::LEN_PREFIX..])
         };
         let now = p.now;
         let open = peek("open", 1);

@@ -387,7 +387,7 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
         control_tx,
         control_readers: Arc::new(tokio::sync::Semaphore::new(MAX_CONTROL_READERS)),
         work: work::Work::new(&config_for_work),
-        streams: streams::Streams::new(&config_for_work, epoch, local),
+        streams: streams::Streams::new(&config_for_work, local),
         work_bounded: work_bounded.clone(),
         work_control: work_control.clone(),
         work_scratch: Vec::new(),

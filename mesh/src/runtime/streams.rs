@@ -262,8 +262,6 @@ type CommitKey = (NodeId, u64, Arc<str>, Arc<str>, u32);
 /// The node task's stream state.
 pub(crate) struct Streams {
     pub(crate) host: core_stream::Streams<NodeId>,
-    /// This run of the node (partitions of another run are other logs).
-    epoch: u64,
     /// The streams this node hosts (configured, or taken on itself).
     hosting: Hosting,
     consumers: FxHashMap<u64, LocalConsumer>,
@@ -294,12 +292,11 @@ pub(crate) struct Streams {
 }
 
 impl Streams {
-    pub(crate) fn new(config: &crate::node::Config, epoch: u64, local: NodeId) -> Self {
+    pub(crate) fn new(config: &crate::node::Config, local: NodeId) -> Self {
         let mut host = core_stream::Streams::new(config.stream.clone());
         host.exempt_from_quota(local);
         Self {
             host,
-            epoch,
             hosting: Hosting::new(
                 "stream",
                 HOST_PREFIX,
@@ -546,7 +543,7 @@ impl NodeTask {
 
     /// The `Appended` answer to a remote appender.
     pub(crate) fn send_appended(&mut self, peer: NodeId, seq: u64, placed: Vec<(u32, u64)>) {
-        let epoch = self.streams.epoch;
+        let epoch = self.engine.stream_epoch;
         self.send_stream(peer, &StreamWire::Appended { seq, epoch, placed });
     }
 
@@ -560,7 +557,6 @@ impl NodeTask {
 
     /// This run's epoch (a durable host keeps its stored one).
     pub(crate) fn set_stream_epoch(&mut self, epoch: u64) {
-        self.streams.epoch = epoch;
         self.engine.stream_epoch = epoch;
     }
 
@@ -604,7 +600,7 @@ impl NodeTask {
     fn stream_created(&mut self, stream: &str) {
         self.streams.changed += 1;
         let partitions = self.streams.host.config().partitions;
-        let epoch = self.streams.epoch;
+        let epoch = self.engine.stream_epoch;
         let watchers: Vec<(NodeId, u64)> = self
             .streams
             .watchers
@@ -743,7 +739,7 @@ impl NodeTask {
         offset: u64,
     ) {
         if host == self.engine.local {
-            if epoch == self.streams.epoch {
+            if epoch == self.engine.stream_epoch {
                 self.host_commit(&stream, &group, index, offset);
             }
         } else {
@@ -1028,7 +1024,7 @@ impl NodeTask {
             );
         }
         let local_view = self.streams.host.has(&stream).then(|| HostView {
-            epoch: self.streams.epoch,
+            epoch: self.engine.stream_epoch,
             partitions: self.streams.host.config().partitions,
             late: false,
         });
@@ -1184,7 +1180,7 @@ impl NodeTask {
     /// consumer is, so a read that ends before any record came resumes
     /// there, and a start past the end is not taken for a place.
     fn read_started(&mut self, sid: u64, host: NodeId, index: u32, at: u64) {
-        let local_epoch = self.streams.epoch;
+        let local_epoch = self.engine.stream_epoch;
         if let Some(c) = self.streams.consumers.get_mut(&sid) {
             let epoch = c.hosts.get(&host).map_or(local_epoch, |v| v.epoch);
             c.positions.insert((host, index), (epoch, at));
@@ -1237,7 +1233,7 @@ impl NodeTask {
             .consumers
             .get(&sid)
             .and_then(|c| c.hosts.get(&host))
-            .map_or(self.streams.epoch, |v| v.epoch);
+            .map_or(self.engine.stream_epoch, |v| v.epoch);
         let Some(c) = self.streams.consumers.get_mut(&sid) else {
             return;
         };
@@ -1406,7 +1402,7 @@ impl NodeTask {
                 index,
                 offset,
             } => {
-                if epoch != self.streams.epoch {
+                if epoch != self.engine.stream_epoch {
                     tracing::debug!(%peer, stream, group, index, "commit for an earlier run of this host ignored");
                 } else if !self.host_commit(stream, group, index, offset) {
                     tracing::debug!(%peer, stream, group, index, "stream commit refused");
@@ -1509,7 +1505,7 @@ impl NodeTask {
         } else {
             0
         };
-        let epoch = self.streams.epoch;
+        let epoch = self.engine.stream_epoch;
         self.send_stream(
             peer,
             &StreamWire::Parts {
@@ -1617,7 +1613,7 @@ impl NodeTask {
                     .collect(),
             })
             .collect();
-        let epoch = self.streams.epoch;
+        let epoch = self.engine.stream_epoch;
         self.send_stream(
             peer,
             &StreamWire::InfoReply {
