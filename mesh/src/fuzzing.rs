@@ -39,12 +39,13 @@ use crate::{
         topic::Topic,
         NodeId,
     },
-    runtime::{
-        env::{Environment, Spawn, Transport},
-        link,
+    engine::{
         streams::start_from_wire,
         work::{headers_from_wire, slice, MAX_PEEK},
-        WallClock,
+    },
+    runtime::{
+        env::{Environment, Spawn, Transport},
+        link, WallClock,
     },
     wire::{
         self, AppendWire, DeclWire, DeliverWire, Frame, GossipCodec, GossipWire, Hello, MemberWire,
@@ -1449,7 +1450,7 @@ impl Environment for FuzzEnv {
     ) -> (
         Box<dyn crate::runtime::durable::Backend>,
         tokio::sync::mpsc::UnboundedReceiver<u64>,
-        crate::runtime::durable::Loaded,
+        crate::engine::durable::Loaded,
     ) {
         // Never called: the harness node has no data dir.
         crate::sim::disk::MemBackend::open(Default::default())

@@ -642,10 +642,10 @@ pub(crate) struct Inner {
     pub(crate) unsubscribe: mpsc::UnboundedSender<u64>,
     pub(crate) max_payload: usize,
     /// Queue sends and requests (bounded: a full one makes them wait).
-    pub(crate) work_bounded: Arc<crate::runtime::queue::HandOff<crate::runtime::work::Op>>,
+    pub(crate) work_bounded: Arc<crate::runtime::queue::HandOff<crate::engine::work::Op>>,
     /// Everything else for queues and request/reply (acks, consumers,
     /// answers): bounded by credit and by the requests taken.
-    pub(crate) work_control: Arc<crate::runtime::queue::HandOff<crate::runtime::work::Op>>,
+    pub(crate) work_control: Arc<crate::runtime::queue::HandOff<crate::engine::work::Op>>,
     /// Numbers consumers and responders.
     pub(crate) next_id: std::sync::atomic::AtomicU32,
     /// The metrics endpoint, if [`Builder::metrics_addr`] started one.

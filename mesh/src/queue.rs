@@ -51,11 +51,11 @@ use tokio::sync::oneshot;
 pub use crate::core::queue::{Config as HostConfig, Peeked, QueueStats};
 use crate::{
     core::{pubsub::MessageId, queue::ConsumerOptions, topic::Topic},
-    node::Node,
-    runtime::{
-        queue::Inbox,
+    engine::{
+        inbox::Inbox,
         work::{DeliveryData, Op, OutMsg, Settle},
     },
+    node::Node,
     TopicError,
 };
 
@@ -277,7 +277,7 @@ impl Queue {
                 dedup: options.dedup_key,
                 durable: false,
             },
-            reply: tx,
+            reply: tx.into(),
         };
         inner
             .work_bounded
@@ -341,7 +341,7 @@ impl Queue {
             .push(Op::SendBatch {
                 queue: self.name.clone(),
                 msgs,
-                reply: tx,
+                reply: tx.into(),
             })
             .await
             .map_err(|_| SendError::Closed)?;
@@ -406,7 +406,7 @@ impl Queue {
         self.ask(|reply| Op::Peek {
             queue: self.name.clone(),
             limit,
-            reply,
+            reply: reply.into(),
         })
         .await
     }
@@ -417,7 +417,7 @@ impl Queue {
     pub async fn host_stats(&self) -> Result<QueueStats, QueueError> {
         self.ask(|reply| Op::Stats {
             queue: self.name.clone(),
-            reply,
+            reply: reply.into(),
         })
         .await
     }
@@ -427,7 +427,7 @@ impl Queue {
     pub async fn replay_dead_letters(&self) -> Result<u64, QueueError> {
         self.ask(|reply| Op::Replay {
             queue: self.name.clone(),
-            reply,
+            reply: reply.into(),
         })
         .await
     }

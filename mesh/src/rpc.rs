@@ -37,11 +37,11 @@ use tokio::sync::oneshot;
 
 use crate::{
     core::topic::{Pattern, Topic},
-    node::Node,
-    runtime::{
-        queue::Inbox,
+    engine::{
+        inbox::Inbox,
         work::{Op, RequestData},
     },
+    node::Node,
     wire::ReplyStatus,
     NodeId, TopicError,
 };
@@ -134,7 +134,7 @@ impl Node {
                 headers,
                 payload,
                 timeout,
-                reply: tx,
+                reply: tx.into(),
             })
             .await
             .map_err(|_| RequestError::Closed)?;

@@ -72,12 +72,12 @@ use crate::{
         stream::{NewRecord, Start},
         topic::Topic,
     },
-    node::Node,
-    runtime::{
-        queue::Inbox,
+    engine::{
+        inbox::Inbox,
         streams::{AppendFailure, CommitBatch, Placed, StreamItem, StreamOp},
         work::Op,
     },
+    node::Node,
     PeerId, TopicError,
 };
 
@@ -487,7 +487,7 @@ impl Stream {
                 stream: self.name.clone(),
                 records,
                 durable,
-                reply: tx,
+                reply: tx.into(),
             }))
             .await
             .map_err(|_| AppendError::Closed)?;
@@ -530,7 +530,7 @@ impl Stream {
             .work_control
             .push_now(Op::Stream(StreamOp::Info {
                 stream: self.name.clone(),
-                reply: tx,
+                reply: tx.into(),
             }))
             .map_err(|_| StreamError::Closed)?;
         let (hosts, mut missing) = rx.await.map_err(|_| StreamError::Closed)?;

@@ -24,10 +24,17 @@
 
 pub(crate) mod access;
 pub(crate) mod counters;
+// Without the `sqlite` feature no backend writes what it describes.
+#[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+pub(crate) mod durable;
 pub(crate) mod group;
 pub(crate) mod hosting;
+pub(crate) mod inbox;
 pub(crate) mod pubsub;
 pub(crate) mod reliable;
+pub(crate) mod reply;
+pub(crate) mod streams;
+pub(crate) mod work;
 
 use std::{sync::Arc, time::Instant};
 
@@ -108,6 +115,16 @@ pub(crate) struct Engine {
     /// Subscriptions matching the last gossip topic delivered, at a
     /// subscription generation.
     pub(crate) gossip_targets: Option<(Arc<str>, u64, Arc<[SubId]>)>,
+    /// Work queues and request/reply.
+    pub(crate) work: work::Work,
+    pub(crate) streams: streams::Streams,
+    /// Bumped whenever a link comes up or ends (queue hosts and consumers
+    /// re-check whom they talk to).
+    pub(crate) links_generation: u64,
+    /// A durable host's changes and confirmations waiting for its store.
+    pub(crate) durable: Option<durable::Store>,
+    /// The time of the input being handled (every input brings it).
+    pub(crate) now: Instant,
 }
 
 /// What the engine tells its driver (besides bytes to send and messages to
@@ -152,6 +169,12 @@ pub(crate) struct Parts {
     pub(crate) access: Option<Access>,
     pub(crate) signer: Signer,
     pub(crate) rng: SmallRng,
+    pub(crate) work: work::Work,
+    pub(crate) streams: streams::Streams,
+    /// Whether this node is a durable host (has a store).
+    pub(crate) durable: bool,
+    /// The time the engine starts at.
+    pub(crate) now: Instant,
 }
 
 impl Engine {
@@ -163,6 +186,10 @@ impl Engine {
             access,
             signer,
             rng,
+            work,
+            streams,
+            durable,
+            now,
         } = parts;
         Self {
             local,
@@ -192,6 +219,11 @@ impl Engine {
             gossip_dial: Vec::new(),
             gossip_codec: Default::default(),
             gossip_targets: None,
+            work,
+            streams,
+            links_generation: 0,
+            durable: durable.then(|| durable::Store::new(now)),
+            now,
         }
     }
 
@@ -235,11 +267,16 @@ impl Engine {
 
     /// When [`Engine::handle_timeout`] is next due.
     #[must_use]
-    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
-        [self.membership.poll_timeout(), self.gossip.poll_timeout()]
-            .into_iter()
-            .flatten()
-            .min()
+    pub(crate) fn poll_timeout(&mut self) -> Option<Instant> {
+        [
+            self.membership.poll_timeout(),
+            self.gossip.poll_timeout(),
+            self.work.poll_timeout(),
+            self.streams.poll_timeout(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Runs the timers that are due: membership probes and suspicion, the
@@ -260,6 +297,7 @@ impl Engine {
                 );
             }
         }
+        self.work_timeout(now);
     }
 
     /// What membership wants done: its messages (control frames to

@@ -18,17 +18,18 @@ use crate::{
 };
 
 impl Engine {
-    /// A frame from `peer`'s data stream, parsed once here. The frames of
-    /// pub/sub, reliable pub/sub, gossip, membership, declarations and
-    /// leaving are handled here, and the access checks of work and stream
-    /// frames; the others (shared memory, and the work and stream frames
-    /// the policy allows) come back for the driver, still in the runtime.
+    /// A frame from `peer`'s data stream, parsed once here and handled:
+    /// pub/sub, reliable pub/sub, gossip, membership, declarations,
+    /// leaving, and (past the access checks) work queues, requests and
+    /// streams. Only the shared-memory frames come back, for the driver
+    /// (they switch the link's I/O).
     pub(crate) fn handle_frame<'a>(
         &mut self,
         now: Instant,
         peer: NodeId,
         body: &'a Bytes,
     ) -> Result<Option<Frame<'a>>, WireError> {
+        self.now = now;
         match wire::decode(body)? {
             Frame::Msg(m) => self.msg_arrived(now, peer, body, &m)?,
             Frame::Seq { session, rseq, to } => {
@@ -109,11 +110,11 @@ impl Engine {
             // here: the driver sees only what it may act on.
             Frame::Work(w) if !self.work_permitted(peer, &w) => {}
             Frame::Stream(w) if !self.stream_permitted(peer, &w) => {}
-            f @ (Frame::ShmOffer { .. }
-            | Frame::ShmRefuse { .. }
-            | Frame::ShmSwitch
-            | Frame::Work(_)
-            | Frame::Stream(_)) => return Ok(Some(f)),
+            Frame::Work(w) => self.handle_work(peer, body, w)?,
+            Frame::Stream(w) => self.handle_stream(peer, body, w)?,
+            f @ (Frame::ShmOffer { .. } | Frame::ShmRefuse { .. } | Frame::ShmSwitch) => {
+                return Ok(Some(f))
+            }
         }
         Ok(None)
     }
@@ -697,6 +698,10 @@ mod tests {
                 access: None,
                 signer: Signer::new(key),
                 rng: SmallRng::seed_from_u64(u64::from(i)),
+                work: crate::engine::work::Work::new(&Default::default()),
+                streams: crate::engine::streams::Streams::new(&Default::default(), local),
+                durable: false,
+                now,
             },
         )
     }
@@ -1002,7 +1007,8 @@ mod tests {
     }
 
     #[test]
-    fn work_the_policy_refuses_is_answered_here_and_the_rest_goes_to_the_driver() {
+    fn a_peek_the_policy_refuses_is_answered_empty_and_an_allowed_one_in_full() {
+        use crate::engine::{reply::Reply, work};
         use crate::security::{Access, AccessPolicy, Op};
         use crate::wire::WorkWire;
         let mut p = Pair::new(64);
@@ -1011,6 +1017,28 @@ mod tests {
             .allow(&b.to_string(), Op::Read, &["open"])
             .expect("a policy");
         p.a.access = Some(Access::new(policy));
+        let now = p.now;
+        // a sends one message to each queue; nobody hosts them, so a does.
+        let sent = Arc::new(std::sync::Mutex::new(Vec::new()));
+        for queue in ["open", "closed"] {
+            let sent = sent.clone();
+            p.a.handle_command(
+                now,
+                work::Op::Send {
+                    queue: queue.into(),
+                    msg: work::OutMsg {
+                        headers: Vec::new(),
+                        payload: Bytes::from_static(b"job"),
+                        delay: None,
+                        ttl: None,
+                        dedup: None,
+                        durable: false,
+                    },
+                    reply: Reply::new(move |r: Result<_, _>| sent.lock().unwrap().push(r.is_ok())),
+                },
+            );
+        }
+        assert_eq!(*sent.lock().unwrap(), [true, true]);
         let peek = |queue: &str, req: u64| {
             let mut buf = Vec::new();
             let w = WorkWire::Peek {
@@ -1021,22 +1049,24 @@ mod tests {
             wire::encode(&mut buf, &Frame::Work(w));
             Bytes::copy_from_slice(&buf[mesh_transports::frame::LEN_PREFIX..])
         };
-        let now = p.now;
-        let open = peek("open", 1);
-        let rest = p.a.handle_frame(now, b, &open).unwrap();
-        assert!(matches!(
-            rest,
-            Some(Frame::Work(WorkWire::Peek { req: 1, .. }))
-        ));
-        let closed = peek("closed", 2);
-        assert!(p.a.handle_frame(now, b, &closed).unwrap().is_none());
-        // The refused peek gets its empty answer, so b does not wait.
-        let (_, frames) = transmits(&mut p.a).pop().expect("an answer");
-        let answer = wire::decode(&frames[0]).unwrap();
-        assert!(
-            matches!(answer, Frame::Work(WorkWire::Peeked { req: 2, ref msgs }) if msgs.is_empty()),
-            "{answer:?}"
-        );
+        for (queue, req) in [("open", 1), ("closed", 2)] {
+            assert!(p
+                .a
+                .handle_frame(now, b, &peek(queue, req))
+                .unwrap()
+                .is_none());
+        }
+        let (_, frames) = transmits(&mut p.a).pop().expect("answers");
+        let answers: Vec<(u64, usize)> = frames
+            .iter()
+            .filter_map(|f| match wire::decode(f).unwrap() {
+                Frame::Work(WorkWire::Peeked { req, msgs }) => Some((req, msgs.len())),
+                _ => None,
+            })
+            .collect();
+        // The allowed peek sees the message; the refused one gets an empty
+        // answer (so b does not wait) and is counted.
+        assert_eq!(answers, [(1, 1), (2, 0)]);
         assert_eq!(p.a.access.as_ref().unwrap().denied, 1);
     }
 }

@@ -39,7 +39,7 @@ pub(crate) trait Environment: Send + Sync + Debug {
     ) -> (
         Box<dyn durable::Backend>,
         mpsc::UnboundedReceiver<u64>,
-        durable::Loaded,
+        crate::engine::durable::Loaded,
     );
 }
 

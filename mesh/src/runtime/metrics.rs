@@ -113,7 +113,7 @@ impl NodeTask {
             }
         }
         m.subscriptions = self.sub_queues.len() as u64;
-        m.durable = self.durable.as_ref().map(|d| {
+        m.durable = self.engine.durable.as_ref().map(|d| {
             let (batches_pending, confirmations_held) = d.pending();
             metrics::Durable {
                 batches_pending,
@@ -126,7 +126,7 @@ impl NodeTask {
     /// The queue counters and gauges of what this node hosts.
     fn queue_metrics(&self, m: &mut Metrics) {
         let c = &self.engine.counters;
-        let host = &self.work.host;
+        let host = &self.engine.work.host;
         m.queues.sent = c.queue_sent;
         m.queues.stale = host.stale_runs();
         let mut queues: Vec<metrics::QueueGauges> = Vec::new();
@@ -179,7 +179,7 @@ impl NodeTask {
     /// The stream counters, and the lag of each consumer group.
     fn stream_metrics(&self, m: &mut Metrics) {
         let c = &self.engine.counters;
-        let streams = self.streams.host.stats();
+        let streams = self.engine.streams.host.stats();
         m.streams.appended = streams.appended;
         m.streams.refused = streams.refused;
         m.streams.dispatched = streams.dispatched;
@@ -188,8 +188,8 @@ impl NodeTask {
         m.dropped.stream_retention = streams.expired;
         m.dropped.stream_evicted = streams.evicted;
         let mut lags: Vec<metrics::GroupLag> = Vec::new();
-        for name in self.streams.host.names() {
-            for p in self.streams.host.partitions(name) {
+        for name in self.engine.streams.host.names() {
+            for p in self.engine.streams.host.partitions(name) {
                 for (group, committed) in &p.committed {
                     let lag = p.next.saturating_sub(*committed);
                     match lags

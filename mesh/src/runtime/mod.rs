@@ -19,14 +19,18 @@
 //! control slows the publishers). Membership timers keep running either way.
 
 // Without the `sqlite` feature no backend writes what it describes.
+mod connection;
+#[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
 #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
 pub(crate) mod durable;
 pub(crate) mod env;
 pub(crate) mod link;
 pub(crate) mod metrics;
 pub(crate) mod queue;
-pub(crate) mod streams;
-pub(crate) mod work;
+mod relink;
+mod shm_link;
+mod shutdown;
+mod start;
 
 use std::{
     sync::Arc,
@@ -46,7 +50,7 @@ use crate::{
         topic::Pattern,
         NodeId,
     },
-    engine::{self, Engine, EngineConfig, Peer},
+    engine::{self, work::Op, Engine, EngineConfig, Peer},
     node::{Config, Inner, Node, PeerInfo, StartError},
     wire::{self, Frame, Hello, Raw, WireError, FEATURE_SHM, MAGIC, PROTOCOL_VERSION},
 };
@@ -55,6 +59,7 @@ pub(crate) use env::{Environment, Spawner};
 use link::{LinkEvent, LinkId, PeerHello, ShmRxSlot};
 use mesh_transports::shm;
 use queue::{Outbox, PublishCmd, PublishQueue, ShmTx, SubQueue};
+pub(crate) use start::start;
 
 /// The I/O half of `peer`'s link, created (waiting for a stream) if there
 /// is none.
@@ -124,6 +129,15 @@ const BYE_LINGER: Duration = Duration::from_millis(200);
 
 /// The runtime's clock: tokio's, so that the simulator's virtual time
 /// (a paused tokio clock) drives every timer and timeout.
+/// A handle's `oneshot` channel as the engine's answer slot.
+impl<T: Send + 'static> From<oneshot::Sender<T>> for engine::reply::Reply<T> {
+    fn from(tx: oneshot::Sender<T>) -> Self {
+        Self::new(move |v| {
+            let _ = tx.send(v);
+        })
+    }
+}
+
 pub(crate) fn now() -> Instant {
     tokio::time::Instant::now().into_std()
 }
@@ -159,281 +173,6 @@ impl WallClock {
             } => *unix_micros_at_origin + origin.elapsed().as_micros() as u64,
         }
     }
-}
-
-/// Loads the identity from `dir/identity.key`, creating it (mode 0600) if
-/// missing.
-fn load_identity(dir: &std::path::Path) -> Result<Keypair, StartError> {
-    let path = dir.join("identity.key");
-    std::fs::create_dir_all(dir).map_err(|source| StartError::DataDir {
-        path: dir.to_owned(),
-        source,
-    })?;
-    match std::fs::read(&path) {
-        Ok(bytes) => Keypair::from_protobuf_encoding(&bytes).map_err(|e| StartError::Identity {
-            path,
-            reason: format!("not a valid key ({e}); move it away to generate a new identity"),
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let key = Keypair::generate_ed25519();
-            let bytes = key
-                .to_protobuf_encoding()
-                .map_err(|e| StartError::Identity {
-                    path: path.clone(),
-                    reason: e.to_string(),
-                })?;
-            write_private(&path, &bytes).map_err(|source| StartError::DataDir {
-                path: path.clone(),
-                source,
-            })?;
-            Ok(key)
-        }
-        Err(e) => Err(StartError::Identity {
-            path,
-            reason: e.to_string(),
-        }),
-    }
-}
-
-fn write_private(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-    let mut f = opts.open(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()
-}
-
-/// Opens the store of a durable host: one with a data dir that hosts
-/// (one-shot tools, which host nothing, keep only their identity there).
-/// A simulated node's data dir is its simulated disk.
-fn open_durable(
-    config: &Config,
-) -> Result<(Option<durable::Durable>, Option<durable::Loaded>), StartError> {
-    let hosts = config.self_host
-        || config.host_all
-        || !config.host_queues.is_empty()
-        || !config.host_streams.is_empty();
-    let Some(dir) = config.data_dir.as_ref().filter(|_| config.durable && hosts) else {
-        return Ok((None, None));
-    };
-    if let Some(env) = &config.env {
-        let (backend, done, loaded) = env.open_store();
-        return Ok((Some(durable::Durable::new(backend, done)), Some(loaded)));
-    }
-    open_sqlite(dir)
-}
-
-#[cfg(feature = "sqlite")]
-fn open_sqlite(
-    dir: &std::path::Path,
-) -> Result<(Option<durable::Durable>, Option<durable::Loaded>), StartError> {
-    let (store, loaded) = crate::store::host::HostStore::open(dir)?;
-    let (done_tx, done_rx) = mpsc::unbounded_channel();
-    let backend = store.spawn(done_tx)?;
-    Ok((Some(durable::Durable::new(backend, done_rx)), Some(loaded)))
-}
-
-#[cfg(not(feature = "sqlite"))]
-fn open_sqlite(
-    _: &std::path::Path,
-) -> Result<(Option<durable::Durable>, Option<durable::Loaded>), StartError> {
-    tracing::warn!("built without the sqlite feature: hosted queues and streams stay in memory");
-    Ok((None, None))
-}
-
-/// What a node runs on: its transport and the transport's events, how it
-/// spawns tasks, its wall clock and its random numbers.
-type Attached = (
-    Box<dyn Transport>,
-    mpsc::Receiver<quic::Event>,
-    Spawner,
-    WallClock,
-    SmallRng,
-);
-
-/// Attaches to the configured environment (the simulator's), or starts
-/// the QUIC transport.
-async fn attach(config: &Config, keypair: Keypair) -> Result<Attached, StartError> {
-    Ok(match &config.env {
-        Some(env) => {
-            let (transport, events) = env.attach(&config.bootstrap);
-            (
-                transport,
-                events,
-                Spawner::new(env.spawn()),
-                env.wall_clock(),
-                SmallRng::seed_from_u64(env.seed()),
-            )
-        }
-        None => {
-            let (handle, events) = quic::start(
-                keypair,
-                quic::Config {
-                    listen: config.listen.clone(),
-                    bootstrap: config.bootstrap.clone(),
-                    mdns: config.mdns_enabled(),
-                    // Kademlia and identify answer anyone who connects: a
-                    // private mesh does without them.
-                    discovery: !config.admission.is_private(),
-                    ..quic::Config::default()
-                },
-            )
-            .await?;
-            (
-                Box::new(handle) as Box<dyn Transport>,
-                events,
-                Spawner::default(),
-                WallClock::System,
-                SmallRng::from_entropy(),
-            )
-        }
-    })
-}
-
-/// Starts the transport and the node task.
-pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
-    let admission = Arc::new(config.admission.clone());
-    let access = config.access.clone().map(crate::security::Access::new);
-    let keypair = match (&config.keypair, &config.data_dir) {
-        (Some(k), _) => k.clone(),
-        (None, Some(dir)) => load_identity(dir)?,
-        (None, None) => Keypair::generate_ed25519(),
-    };
-    let local = keypair.public().to_peer_id();
-    let signer = crate::security::Signer::new(keypair.clone());
-    let member_proofs = crate::security::MemberProofs::new(keypair.clone());
-    let (transport, transport_events, spawner, clock, rng) = attach(&config, keypair).await?;
-
-    let shm_host = if config.shm.enabled && !config.replayable() {
-        // Rings of processes that died mid-handshake have nobody to unlink
-        // them.
-        shm::remove_stale(&config.shm.dir);
-        shm::host_id()
-    } else {
-        Vec::new()
-    };
-    let (cmd_tx, cmd_rx) = mpsc::channel(256);
-    let publishes = Arc::new(PublishQueue::new(PUBLISH_QUEUE));
-    let work_bounded = Arc::new(queue::HandOff::new(PUBLISH_QUEUE));
-    let work_control = Arc::new(queue::HandOff::new(usize::MAX));
-    let (unsub_tx, unsub_rx) = mpsc::unbounded_channel();
-    let (link_tx, link_rx) = mpsc::channel(64);
-    let (control_tx, control_rx) = mpsc::channel(256);
-    let now = now();
-    let epoch = clock.unix_micros();
-    let space = Arc::new(Notify::new());
-    let config_for_work = config.clone();
-    let (durable, loaded) = open_durable(&config)?;
-    let task = NodeTask {
-        engine: Engine::new(
-            EngineConfig {
-                link_buffer: config.link_buffer,
-                reliable_window: config.reliable_window,
-                gossip: config.gossip.clone(),
-            },
-            engine::Parts {
-                local,
-                membership: Membership::new(
-                    local,
-                    Vec::new(),
-                    epoch,
-                    config.membership.clone(),
-                    now,
-                )
-                .with_proofs(Box::new(member_proofs)),
-                epoch,
-                access,
-                signer,
-                rng,
-            },
-        ),
-        sub_queues: Default::default(),
-        links: Default::default(),
-        next_link: 0,
-        link_events: link_tx,
-        transport,
-        listen_addrs: Vec::new(),
-        connected: Default::default(),
-        ready: config.bootstrap.is_empty(),
-        ready_waiters: Vec::new(),
-        synced: false,
-        joined_waiters: Vec::new(),
-        listening_waiters: Vec::new(),
-        space,
-        reader_counts: Default::default(),
-        next_reconnect: now + RECONNECT_INTERVAL,
-        clock,
-        spawner: spawner.clone(),
-        config,
-        blocked_subs: Default::default(),
-        stats: Stats::default(),
-        shutting_down: false,
-        shm_host,
-        broken: Default::default(),
-        lingering: Default::default(),
-        admission,
-        admitted: Default::default(),
-        unadmitted_control: Default::default(),
-        refused: Default::default(),
-        last_drop_warning: None,
-        relink: Vec::new(),
-        relink_backoff: Default::default(),
-        control_inflight: Default::default(),
-        publishes: publishes.clone(),
-        control_out: Default::default(),
-        control_tx,
-        control_readers: Arc::new(tokio::sync::Semaphore::new(MAX_CONTROL_READERS)),
-        work: work::Work::new(&config_for_work),
-        streams: streams::Streams::new(&config_for_work, local),
-        work_bounded: work_bounded.clone(),
-        work_control: work_control.clone(),
-        work_scratch: Vec::new(),
-        work_scratch_bounded: Vec::new(),
-        links_generation: 0,
-        durable,
-    };
-    let mut task = task;
-    // Queue deliveries carry this run's start time: a restarted host
-    // (durable or not) refuses settles of tags it handed out before.
-    task.work.epoch = epoch;
-    // Request ids are keyed: random in a real node, of the node's id in
-    // the simulator (so its runs repeat).
-    if task.config.replayable() {
-        use sha2::Digest;
-        task.work.request_key = sha2::Sha256::digest(task.engine.local.to_bytes()).into();
-    } else {
-        rand::thread_rng().fill_bytes(&mut task.work.request_key);
-    }
-    if let Some(loaded) = loaded {
-        task.restore_durable(loaded, epoch)?;
-    }
-    for p in task
-        .work
-        .host_patterns()
-        .into_iter()
-        .chain(task.streams.host_patterns())
-    {
-        task.engine.interest.subscribe(&p, false);
-    }
-    let max_payload = task.config.max_frame.saturating_sub(1024);
-    spawner.spawn(task.run(cmd_rx, unsub_rx, link_rx, control_rx, transport_events));
-    Ok(Node {
-        inner: Arc::new(Inner {
-            peer_id: local,
-            cmd: cmd_tx,
-            publishes,
-            unsubscribe: unsub_tx,
-            max_payload,
-            work_bounded,
-            work_control,
-            next_id: Default::default(),
-            metrics_server: Default::default(),
-            clock,
-        }),
-    })
 }
 
 #[derive(Debug, Default)]
@@ -629,17 +368,11 @@ struct NodeTask {
     /// Bounds the control streams read at once (each holds at most
     /// `link::MAX_CONTROL_BYTES`).
     control_readers: Arc<tokio::sync::Semaphore>,
-    /// Work queues and request/reply.
-    work: work::Work,
-    work_bounded: Arc<queue::HandOff<work::Op>>,
-    work_control: Arc<queue::HandOff<work::Op>>,
-    work_scratch: Vec<work::Op>,
-    work_scratch_bounded: Vec<work::Op>,
-    /// Streams.
-    streams: streams::Streams,
-    /// Bumped whenever a link comes up or ends (queue hosts and consumers
-    /// re-check whom they talk to).
-    links_generation: u64,
+    /// Queue, request and stream calls from handles.
+    work_bounded: Arc<queue::HandOff<Op>>,
+    work_control: Arc<queue::HandOff<Op>>,
+    work_scratch: Vec<Op>,
+    work_scratch_bounded: Vec<Op>,
     /// A durable host's store (with a data dir).
     durable: Option<durable::Durable>,
 }
@@ -700,7 +433,7 @@ impl NodeTask {
                 .min();
             self.work_ops();
             self.work_flush();
-            let work_room = self.work_room();
+            let work_room = self.engine.work_room();
             let timer = tokio::time::Instant::from_std(self.poll_timeout());
             self.flush();
             // `biased`: a fixed order of checks keeps the simulator's runs
@@ -768,7 +501,7 @@ impl NodeTask {
         // A durable host's last batches reach the disk, and what they
         // confirm goes out with the rest.
         if let Some(rx) = stored.as_mut() {
-            while self.durable.as_ref().is_some_and(|d| d.waiting()) {
+            while self.engine.durable.as_ref().is_some_and(|d| d.waiting()) {
                 match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
                     Ok(Some(upto)) => self.durable_done(upto),
                     _ => {
@@ -794,7 +527,6 @@ impl NodeTask {
     /// links that never came up, departed members.
     async fn handle_timeout(&mut self) {
         self.engine.handle_timeout(now());
-        self.work_timeout();
         self.reconnect().await;
         self.expire_links();
         self.forget_departed();
@@ -829,32 +561,78 @@ impl NodeTask {
         }
     }
 
-    /// When a timer of the cores, the queues or the streams is next due.
+    /// When a timer of the engine is next due.
     fn poll_timeout(&mut self) -> Instant {
-        [
-            self.engine.poll_timeout(),
-            self.work.poll_timeout(),
-            self.streams.poll_timeout(),
-        ]
-        .into_iter()
-        .flatten()
-        .min()
-        .unwrap_or_else(far_future)
+        self.engine.poll_timeout().unwrap_or_else(far_future)
+    }
+
+    /// Takes what handles queued: control ops always, sends and requests
+    /// while fewer than [`engine::work::MAX_PENDING`] wait for answers.
+    fn work_ops(&mut self) {
+        let mut ops = std::mem::take(&mut self.work_scratch);
+        self.work_control.take(&mut ops);
+        if self.engine.work_room() {
+            let mut bounded = std::mem::take(&mut self.work_scratch_bounded);
+            self.work_bounded.take(&mut bounded);
+            ops.append(&mut bounded);
+            self.work_scratch_bounded = bounded;
+        }
+        if !ops.is_empty() {
+            // One clock read for the whole batch; control ops (acks,
+            // answers) go before new sends and requests.
+            let now = now();
+            for op in ops.drain(..) {
+                self.engine.handle_command(now, op);
+            }
+        }
+        self.work_scratch = ops;
+    }
+
+    /// End of a turn: the engine's batched queue and stream output, and a
+    /// durable host's changes to its store.
+    fn work_flush(&mut self) {
+        self.engine.work_flush(now());
+        let batch = self.engine.durable_flush(now(), self.clock.unix_micros());
+        if let (Some((seq, ops)), Some(d)) = (batch, self.durable.as_mut()) {
+            d.backend.submit(seq, ops);
+        }
+    }
+
+    /// The store has batches up to `upto` on disk: what they confirm goes
+    /// out.
+    fn durable_done(&mut self, upto: u64) {
+        if let Some(d) = self.durable.as_mut() {
+            d.backend.on_disk(upto);
+        }
+        self.engine.durable_done(now(), upto);
+    }
+
+    /// Shutdown: handles see the node gone.
+    fn work_close(&mut self) {
+        self.work_bounded.close();
+        self.work_control.close();
+        self.engine.work_close();
     }
 
     /// A durable host's store, loaded at start: its queues and streams
     /// come back, and it keeps its stream run (`epoch` if it had none), so
     /// its stored partitions are the same logs and readers resume where
     /// they were.
-    fn restore_durable(&mut self, loaded: durable::Loaded, epoch: u64) -> Result<(), StartError> {
+    fn restore_durable(
+        &mut self,
+        loaded: engine::durable::Loaded,
+        epoch: u64,
+    ) -> Result<(), StartError> {
         let stream_epoch = loaded.epoch.unwrap_or(epoch);
-        self.set_stream_epoch(stream_epoch);
-        if let Some(d) = self.durable.as_mut() {
-            d.push(durable::WriteOp::Epoch(stream_epoch));
+        self.engine.set_stream_epoch(stream_epoch);
+        if let Some(d) = self.engine.durable.as_mut() {
+            d.push(engine::durable::WriteOp::Epoch(stream_epoch));
         }
-        self.work.host.set_journal(true);
-        self.streams.host.set_gate(true);
-        self.restore(loaded).map_err(StartError::Restore)
+        self.engine.work.host.set_journal(true);
+        self.engine.streams.host.set_gate(true);
+        self.engine
+            .restore(now(), self.clock.unix_micros(), loaded)
+            .map_err(StartError::Restore)
     }
 
     /// Whether a link with a stream has more than `link_buffer` bytes
@@ -865,38 +643,6 @@ impl NodeTask {
         self.links
             .values()
             .any(|l| l.reader.is_some() && l.outbox.pending() > self.config.link_buffer)
-    }
-
-    /// Whether `peer` may have one more costly answer now.
-    pub(crate) fn request_allowed(&mut self, peer: NodeId) -> bool {
-        self.engine.request_allowed(now(), peer)
-    }
-
-    /// Ends the links whose peers let more than `16 * link_buffer` bytes
-    /// pile up unread (answers to their requests, deliveries within their
-    /// credit): what waits for them is freed and the link is set up again.
-    /// A peer that reads keeps its outbox near `link_buffer` (publishers
-    /// wait beyond that), so only one that stopped reading gets here.
-    fn shed_overflowing_links(&mut self) {
-        let cap = self.config.link_buffer.saturating_mul(OUTBOX_CAP_FACTOR);
-        let over: Vec<NodeId> = self
-            .links
-            .iter()
-            .filter(|(_, l)| l.outbox.pending() > cap)
-            .map(|(p, _)| *p)
-            .collect();
-        for peer in over {
-            tracing::warn!(%peer, cap, "peer does not read what it asked for; closing its link");
-            self.engine.counters.outbox_overflow += 1;
-            if let Some(l) = self.links.get(&peer) {
-                l.outbox.abort();
-            }
-            self.remove_link(&peer);
-            self.engine.membership.handle_link_down(now(), peer);
-            self.links_generation += 1;
-            self.work_link_down(peer);
-            self.schedule_relink(peer);
-        }
     }
 
     /// Moves each link's scratch buffer into its outbox, and sends pending
@@ -1036,217 +782,6 @@ impl NodeTask {
         rest
     }
 
-    async fn handle_transport(&mut self, ev: quic::Event) {
-        match ev {
-            quic::Event::Listening(addr) => {
-                tracing::debug!(%addr, "listening");
-                if !self.listen_addrs.contains(&addr) {
-                    self.listen_addrs.push(addr);
-                    self.engine.membership.set_local_addrs(self.our_addrs());
-                }
-                for w in self.listening_waiters.drain(..) {
-                    let _ = w.send(());
-                }
-            }
-            quic::Event::ListenerClosed(addr) => {
-                self.listen_addrs.retain(|a| a != &addr);
-                self.engine.membership.set_local_addrs(self.our_addrs());
-            }
-            quic::Event::Connected { peer, addr } => {
-                tracing::debug!(%peer, %addr, "connected");
-                if !self.admission.allows(&peer) {
-                    self.stats.auth_refused += 1;
-                    if self.refused.note(peer) {
-                        tracing::warn!(%peer, "refused a peer that is not on the allow-list");
-                    }
-                    self.transport.disconnect(peer).await;
-                    return;
-                }
-                self.connected.insert(peer, addr);
-                self.engine.handle_connected(peer);
-                // The larger id waits for the peer's stream; if none comes
-                // in the grace period it asks for one.
-                if self.engine.local > peer {
-                    self.schedule_relink(peer);
-                }
-            }
-            quic::Event::Disconnected { peer } => {
-                tracing::debug!(%peer, "disconnected");
-                self.connected.remove(&peer);
-                self.engine.handle_disconnected(peer);
-                self.lingering.remove(&peer);
-                self.admitted.remove(&peer);
-                let held = self.unadmitted_control.remove(&peer).map_or(0, |h| h.len());
-                self.stats.control_refused += held as u64;
-                if let Some(link) = self.remove_link(&peer) {
-                    if self.shutting_down && link.has_data && !link.bye_acked && !link.leaving {
-                        self.broken.insert(peer);
-                    }
-                    if link.up {
-                        self.engine.membership.handle_link_down(now(), peer);
-                    }
-                    self.links_generation += 1;
-                    self.work_link_down(peer);
-                }
-            }
-            quic::Event::Stream {
-                peer,
-                stream,
-                outbound,
-            } => {
-                tracing::debug!(%peer, outbound, "data stream");
-                self.attach_stream(peer, stream);
-            }
-            quic::Event::ControlStream { peer, stream } => {
-                if self.admission.is_private() && !self.admitted.contains(&peer) {
-                    // A private mesh listens to members only. A member's
-                    // control stream may come before its link's handshake
-                    // is done (a reconnect): it waits, unread, for that
-                    // (dropping it cost SWIM its pings and falsely
-                    // suspected members after every reconnect).
-                    // Held for at most as many peers as may wait for
-                    // their proof.
-                    let room = self.unadmitted_control.contains_key(&peer)
-                        || self.unadmitted_control.len() < MAX_UNADMITTED;
-                    let held = self.unadmitted_control.entry(peer).or_default();
-                    if room && held.len() < MAX_CONTROL_READERS_PER_PEER {
-                        held.push(stream);
-                    } else {
-                        // Dropping the stream resets it.
-                        self.stats.control_refused += 1;
-                        tracing::debug!(%peer, "control streams from a peer not admitted yet; refused one");
-                    }
-                    return;
-                }
-                self.read_control(peer, stream);
-            }
-            quic::Event::ExtraConnection { peer } => {
-                // A simultaneous or late dial: the data stream we have stays
-                // (closing its connection would lose what is in flight on
-                // it). A restarted peer tells us instead: it opens a stream
-                // itself (smaller id) or asks for one (`Relink`).
-                tracing::debug!(%peer, "extra connection");
-            }
-            quic::Event::StreamFailed { peer, error } => {
-                tracing::debug!(%peer, %error, "data stream failed to open");
-                self.schedule_relink(peer);
-            }
-            quic::Event::Discovered { peer, addrs } => {
-                if peer != self.engine.local
-                    && !self.connected.contains_key(&peer)
-                    && self.engine.membership.state_of(&peer) != Some(MemberState::Down)
-                {
-                    self.transport.dial_peer(peer, addrs).await;
-                }
-            }
-            quic::Event::DialFailed { peer, error } => {
-                tracing::debug!(?peer, %error, "dial failed");
-            }
-        }
-    }
-
-    fn attach_stream(&mut self, peer: NodeId, stream: quic::Stream) {
-        // A newer stream replaces an older one: the older was from a
-        // connection that is going away. Bytes buffered while waiting for
-        // a first stream go out on it.
-        let reuse = matches!(self.links.get(&peer), Some(l) if l.reader.is_none());
-        if self.shutting_down && !reuse {
-            // Nothing to say to a new peer while leaving; dropping the
-            // stream resets it.
-            return;
-        }
-        if self.admission.is_private() && !self.engine.peers.is_up(&peer) {
-            // Links still waiting for their peer's proof are capped: an
-            // outsider opening connections cannot make us hold many.
-            let waiting = self
-                .links
-                .iter()
-                .filter(|(p, l)| l.reader.is_some() && !self.engine.peers.is_up(p))
-                .count();
-            if waiting >= MAX_UNADMITTED {
-                self.engine.counters.unadmitted_refused += 1;
-                if self.engine.counters.unadmitted_refused.is_power_of_two() {
-                    tracing::warn!(%peer, waiting, "too many links waiting for their proof; refused one");
-                }
-                return;
-            }
-        }
-        if !reuse && self.remove_link(&peer).is_some() {
-            // What was in flight on it may be lost with it.
-            self.links_generation += 1;
-            self.work_link_down(peer);
-        }
-        // Links the engine added get their numbers first, in order (the
-        // handshake's nonce in the simulator is made of the next one).
-        self.create_links();
-        let handshake = self.hello();
-        let private = self.admission.is_private();
-        let mut sync = Vec::new();
-        if !private {
-            // A private link's sync waits for the peer's proof (link up).
-            self.engine.encode_sync(&mut sync);
-        }
-        let limits = link::ReadLimits {
-            max_frame: self.config.max_frame,
-            rate: self.config.inbound_limit,
-            counts: self.reader_counts.clone(),
-        };
-        let events = self.link_events.clone();
-        let spawner = self.spawner.clone();
-        let link = self.link_mut(peer);
-        if private {
-            // Nothing goes out (nor is the sync made) before the proof.
-            link.outbox.hold();
-        }
-        link.reader = Some(link::spawn(
-            &spawner,
-            link.id,
-            peer,
-            stream,
-            handshake,
-            link.outbox.clone(),
-            link.shm_rx.clone(),
-            limits,
-            events,
-        ));
-        let p = self.engine.peers.entry(peer);
-        p.unsent = None;
-        if !private {
-            // State (sync, declarations) travels on the ordered, reliable
-            // data stream; the sync goes first so the peer is ready early.
-            sync.append(&mut p.scratch);
-            p.scratch = sync;
-        }
-    }
-
-    /// Reads a control stream from an admitted (or any, in an open mesh)
-    /// peer, within the per-peer and node-wide limits.
-    fn read_control(&mut self, peer: NodeId, stream: quic::Stream) {
-        let inflight = self.control_inflight.entry(peer).or_insert(0);
-        if *inflight >= MAX_CONTROL_READERS_PER_PEER {
-            self.stats.control_refused += 1;
-            tracing::debug!(%peer, "peer has too many control streams being read; refused one");
-            return;
-        }
-        match self.control_readers.clone().try_acquire_owned() {
-            Ok(permit) => {
-                *inflight += 1;
-                link::spawn_control_reader(
-                    &self.spawner,
-                    peer,
-                    stream,
-                    permit,
-                    self.control_tx.clone(),
-                )
-            }
-            Err(_) => {
-                // Dropping the stream resets it; SWIM tolerates the loss.
-                self.stats.control_refused += 1;
-                tracing::debug!(%peer, "too many control streams being read; refused one");
-            }
-        }
-    }
-
     fn handle_link_event(&mut self, ev: LinkEvent) {
         match ev {
             LinkEvent::Up { link, peer, hello } => {
@@ -1280,7 +815,7 @@ impl NodeTask {
                     return;
                 };
                 l.shm_ok = shm_ok;
-                self.links_generation += 1;
+                self.engine.links_generation += 1;
                 self.relink_backoff.remove(&peer);
                 tracing::debug!(%peer, incarnation, "link up");
                 self.engine.handle_link_up(now(), peer, addrs);
@@ -1306,8 +841,8 @@ impl NodeTask {
                         self.engine.counters.malformed += 1;
                         self.remove_link(&peer);
                         self.engine.membership.handle_link_down(now(), peer);
-                        self.links_generation += 1;
-                        self.work_link_down(peer);
+                        self.engine.links_generation += 1;
+                        self.engine.work_link_down(now(), peer);
                         self.schedule_relink(peer);
                         break;
                     }
@@ -1330,8 +865,8 @@ impl NodeTask {
                 }
                 self.remove_link(&peer);
                 self.relink_backoff.remove(&peer);
-                self.links_generation += 1;
-                self.work_link_down(peer);
+                self.engine.links_generation += 1;
+                self.engine.work_link_down(now(), peer);
             }
             LinkEvent::Closed { link, peer, error } => {
                 if self.links.get(&peer).is_none_or(|l| l.id != link) {
@@ -1360,50 +895,12 @@ impl NodeTask {
                 if was_up {
                     self.engine.membership.handle_link_down(now(), peer);
                 }
-                self.links_generation += 1;
-                self.work_link_down(peer);
+                self.engine.links_generation += 1;
+                self.engine.work_link_down(now(), peer);
                 if !leaving {
                     self.schedule_relink(peer);
                 }
             }
-        }
-    }
-
-    /// Frames from a control stream: only membership messages belong there.
-    /// They travel apart from the data stream so that a probe measures
-    /// whether the peer is alive, not how much data is queued before it
-    /// (a subscriber pushing back stops reading its data streams).
-    async fn handle_control(&mut self, peer: NodeId, frames: Result<Vec<Bytes>, String>) {
-        let mut relink = false;
-        if let Some(n) = self.control_inflight.get_mut(&peer) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                self.control_inflight.remove(&peer);
-            }
-        }
-        let result = frames.and_then(|frames| {
-            self.engine.counters.received_bytes(false, &frames);
-            for body in &frames {
-                match wire::decode(body).map_err(|e| e.to_string())? {
-                    Frame::Member(_) => self.handle_frame(peer, body).map_err(|e| e.to_string())?,
-                    Frame::Relink => relink = true,
-                    other => {
-                        return Err(format!(
-                            "{} frame on a control stream",
-                            wire::frame_name(&other)
-                        ))
-                    }
-                }
-            }
-            Ok(())
-        });
-        if let Err(e) = result {
-            // Only this batch is refused: control traffic is periodic, and a
-            // reset or slow control stream says nothing about the data link.
-            self.stats.control_refused += 1;
-            tracing::warn!(%peer, error = %e, "refused a control stream from peer");
-        } else if relink {
-            self.relink_requested(peer).await;
         }
     }
 
@@ -1430,8 +927,6 @@ impl NodeTask {
                 link.shm_tx = None;
                 link.shm_rx.lock().unwrap_or_else(|e| e.into_inner()).take();
             }
-            Some(Frame::Work(w)) => self.handle_work(peer, body, w)?,
-            Some(Frame::Stream(w)) => self.handle_stream(peer, body, w)?,
             Some(Frame::ShmSwitch) => self.shm_switch(peer)?,
             Some(f) => unreachable!("the engine handles {} frames", wire::frame_name(&f)),
         }
@@ -1476,156 +971,6 @@ impl NodeTask {
                 }
             }
         }
-    }
-
-    /// `peer` moved its side of the data link to the shared-memory ring:
-    /// ours follows (after what is queued for QUIC).
-    fn shm_switch(&mut self, peer: NodeId) -> Result<(), WireError> {
-        // The reader has turned to the ring already.
-        let link = self
-            .links
-            .get_mut(&peer)
-            .ok_or(WireError::Unexpected("ShmSwitch"))?;
-        match link.shm {
-            ShmState::Offered => {
-                let ring = link
-                    .shm_tx
-                    .take()
-                    .ok_or(WireError::Unexpected("ShmSwitch"))?;
-                let scratch = &mut self.engine.peers.entry(peer).scratch;
-                wire::encode(scratch, &Frame::ShmSwitch);
-                self.engine.counters.quic_sent += scratch.len() as u64;
-                link.outbox.push_and_switch(scratch, ring);
-            }
-            ShmState::Opened => {}
-            _ => return Err(WireError::Unexpected("ShmSwitch")),
-        }
-        link.shm = ShmState::On;
-        tracing::info!(%peer, "data link moved to shared memory");
-        Ok(())
-    }
-
-    fn shm_eligible(&self, peer: NodeId, hello: &PeerHello) -> bool {
-        if self.shm_host.is_empty() || hello.features & FEATURE_SHM == 0 {
-            return false;
-        }
-        if hello.host != self.shm_host || hello.uid != shm::uid() {
-            tracing::debug!(%peer, "peer is on another host or user; data stays on QUIC");
-            return false;
-        }
-        true
-    }
-
-    /// Smaller id: makes the link's two rings and offers them.
-    fn offer_shm(&mut self, peer: NodeId, link_id: LinkId) {
-        let nonce = self.engine.rng.next_u64();
-        let cfg = &self.config.shm;
-        let made =
-            shm::Ring::create(&cfg.dir, cfg.capacity, nonce, shm::Role::Producer).and_then(|tx| {
-                let rx = shm::Ring::create(&cfg.dir, cfg.capacity, nonce, shm::Role::Consumer)?;
-                Ok((tx, rx))
-            });
-        let (tx, rx) = match made {
-            Ok(rings) => rings,
-            Err(e) => {
-                tracing::warn!(%peer, error = %e, "cannot make shared-memory rings; link stays on QUIC");
-                return;
-            }
-        };
-        let wait = cfg.wait;
-        let (to_you, from_you) = (
-            tx.path().to_string_lossy().into_owned(),
-            rx.path().to_string_lossy().into_owned(),
-        );
-        // The files stay until the peer opens them (it unlinks them) or
-        // these rings are dropped.
-        let (Ok(tx), Ok(rx)) = (tx.producer(wait), rx.consumer(wait)) else {
-            tracing::warn!(%peer, "shared-memory rings made with the wrong roles; link stays on QUIC");
-            return;
-        };
-        let Some(link) = self.links.get_mut(&peer).filter(|l| l.id == link_id) else {
-            return;
-        };
-        wire::encode(
-            &mut self.engine.peers.entry(peer).scratch,
-            &Frame::ShmOffer {
-                nonce,
-                to_you: &to_you,
-                from_you: &from_you,
-            },
-        );
-        *link.shm_rx.lock().unwrap_or_else(|e| e.into_inner()) = Some(rx);
-        link.shm_tx = Some(tx);
-        link.shm = ShmState::Offered;
-    }
-
-    /// Larger id: opens the peer's rings and switches our side to them,
-    /// or refuses (the link stays on QUIC).
-    fn open_shm(
-        &mut self,
-        peer: NodeId,
-        nonce: u64,
-        to_you: &str,
-        from_you: &str,
-    ) -> Result<(), WireError> {
-        let wait = self.config.shm.wait;
-        let enabled = !self.shm_host.is_empty();
-        // Offers come from the smaller id only, after its Hello.
-        let from_offerer = peer < self.engine.local;
-        let link = self
-            .links
-            .get_mut(&peer)
-            .filter(|l| l.shm == ShmState::Off && from_offerer)
-            .filter(|_| self.engine.peers.is_up(&peer))
-            .ok_or(WireError::Unexpected("ShmOffer"))?;
-        let ring_path = |p: &str| {
-            let path = std::path::Path::new(p);
-            let named = path
-                .file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("mesh-") && n.ends_with(".ring"));
-            if path.is_absolute() && named {
-                Ok(path.to_owned())
-            } else {
-                Err(format!("{p:?} is not a ring file"))
-            }
-        };
-        let opened = if !enabled {
-            Err("shared memory is off on this node".to_owned())
-        } else if !link.shm_ok {
-            Err("the peer is not on this host as this user".to_owned())
-        } else {
-            ring_path(to_you).and_then(|rx_path| {
-                let tx_path = ring_path(from_you)?;
-                // Only rings in our own ring directory (a peer cannot
-                // make us open any other file).
-                let dir = &self.config.shm.dir;
-                let rx = shm::Ring::open_in(dir, &rx_path, nonce, shm::Role::Consumer)
-                    .map_err(|e| e.to_string())?;
-                let tx = shm::Ring::open_in(dir, &tx_path, nonce, shm::Role::Producer)
-                    .map_err(|e| e.to_string())?;
-                match (rx.consumer(wait), tx.producer(wait)) {
-                    (Ok(rx), Ok(tx)) => Ok((rx, tx)),
-                    _ => Err("ring roles do not match".to_owned()),
-                }
-            })
-        };
-        match opened {
-            Ok((rx, tx)) => {
-                *link.shm_rx.lock().unwrap_or_else(|e| e.into_inner()) = Some(rx);
-                let scratch = &mut self.engine.peers.entry(peer).scratch;
-                wire::encode(scratch, &Frame::ShmSwitch);
-                self.engine.counters.quic_sent += scratch.len() as u64;
-                link.outbox.push_and_switch(scratch, tx);
-                link.shm = ShmState::Opened;
-            }
-            Err(reason) => {
-                tracing::warn!(%peer, %reason, "cannot open the peer's shared-memory rings; link stays on QUIC");
-                let scratch = &mut self.engine.peers.entry(peer).scratch;
-                wire::encode(scratch, &Frame::ShmRefuse { reason: &reason });
-            }
-        }
-        Ok(())
     }
 
     /// Pushes decoded messages to their subscriptions, one lock per run of
@@ -1815,312 +1160,6 @@ impl NodeTask {
         for peer in std::mem::take(&mut self.engine.gossip_dial) {
             let addrs = self.addrs_of(&peer);
             self.transport.dial_peer(peer, addrs).await;
-        }
-    }
-
-    /// Acts on what the membership core wants: transmits and events.
-    /// A link ended while its peer may still be alive: get a new one. The
-    /// smaller id opens a stream on the live connection; the larger, which
-    /// must not open one (both would, and each side would keep a different
-    /// stream), drops the connection so the next dial starts afresh.
-    async fn relink(&mut self) {
-        let now = now();
-        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.relink)
-            .into_iter()
-            .partition(|(at, _)| *at <= now);
-        self.relink = later;
-        for (_, peer) in due {
-            if self.shutting_down || self.links.get(&peer).is_some_and(|l| l.reader.is_some()) {
-                continue;
-            }
-            if !self.connected.contains_key(&peer) {
-                continue;
-            }
-            if self.engine.local < peer {
-                let alive = matches!(
-                    self.engine.membership.state_of(&peer),
-                    Some(MemberState::Alive | MemberState::Suspect)
-                );
-                if alive {
-                    self.transport.open_stream(peer).await;
-                }
-            } else {
-                // Ask again later if no stream comes (backing off).
-                let mut frame = Vec::new();
-                wire::encode(&mut frame, &Frame::Relink);
-                self.control_out
-                    .entry(peer)
-                    .or_default()
-                    .extend_from_slice(&frame);
-                self.schedule_relink(peer);
-            }
-        }
-    }
-
-    /// The peer (larger id) has a connection but no data stream from us:
-    /// open a fresh one on its newest connection, closing older ones (they
-    /// may belong to its previous run, lingering until QUIC's idle
-    /// timeout). A stream we opened moments ago is still on its way.
-    async fn relink_requested(&mut self, peer: NodeId) {
-        if self.engine.local > peer || self.shutting_down {
-            return;
-        }
-        let fresh = self.links.get(&peer).is_some_and(|l| {
-            l.reader.is_some() && now().duration_since(l.created) < RELINK_GRACE / 2
-        });
-        if fresh {
-            return;
-        }
-        tracing::debug!(%peer, "peer asked for a fresh data stream");
-        self.transport.fresh_stream(peer).await;
-    }
-
-    /// Schedules `relink` for `peer`: at once on the side that opens
-    /// streams; on the other after a grace period, in which the opener's
-    /// new stream usually arrives and nothing needs tearing down.
-    /// Repeated failures back off exponentially (250 ms doubling to 30 s)
-    /// until a link comes up, so a peer that fails the same way every time
-    /// (another protocol version, say) is not retried in a tight loop.
-    fn schedule_relink(&mut self, peer: NodeId) {
-        let base = if self.engine.local < peer {
-            Duration::ZERO
-        } else {
-            RELINK_GRACE
-        };
-        let backoff = self.relink_backoff.entry(peer).or_insert(Duration::ZERO);
-        let delay = base + *backoff;
-        *backoff = (*backoff * 2).clamp(Duration::from_millis(250), Duration::from_secs(30));
-        if !self.relink.iter().any(|(_, p)| *p == peer) {
-            self.relink.push((now() + delay, peer));
-        }
-    }
-
-    async fn drive_membership(&mut self) {
-        for peer in std::mem::take(&mut self.refused.to_disconnect) {
-            self.transport.disconnect(peer).await;
-        }
-        self.relink().await;
-        while let Some(t) = self.engine.poll_member_transmit() {
-            match t {
-                engine::MemberOut::Control { to, frame } => {
-                    self.control_out
-                        .entry(to)
-                        .or_default()
-                        .extend_from_slice(&frame);
-                }
-                engine::MemberOut::Dial { to, addrs } => {
-                    let addrs = match addrs {
-                        Some(a) => a
-                            .into_iter()
-                            .filter_map(|a| Multiaddr::try_from(a).ok())
-                            .collect(),
-                        None => self.addrs_of(&to),
-                    };
-                    self.transport.dial_peer(to, addrs).await;
-                }
-                engine::MemberOut::Down(node) => {
-                    self.links_generation += 1;
-                    self.work_link_down(node);
-                    let leaving = self.remove_link(&node).is_some_and(|l| l.leaving);
-                    // A peer that said goodbye closes its own connection once
-                    // it has our ByeAck; closing it here could lose that.
-                    if !leaving {
-                        self.transport.disconnect(node).await;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Every [`RECONNECT_INTERVAL`]: dials one member declared down (chosen
-    /// at random) and every bootstrap peer not connected. A down member
-    /// that answers is readmitted when its link comes up.
-    async fn reconnect(&mut self) {
-        let now = now();
-        if now < self.next_reconnect || self.shutting_down {
-            return;
-        }
-        self.next_reconnect = now + RECONNECT_INTERVAL;
-        let down: Vec<NodeId> = self
-            .engine
-            .membership
-            .members()
-            .filter(|m| m.state == MemberState::Down && !self.connected.contains_key(&m.node))
-            .map(|m| m.node)
-            .collect();
-        if !down.is_empty() {
-            let node = down[rand::Rng::gen_range(&mut self.engine.rng, 0..down.len())];
-            let addrs = self.addrs_of(&node);
-            self.transport.dial_peer(node, addrs).await;
-        }
-        for addr in self.config.bootstrap.clone() {
-            match quic::peer_of(&addr) {
-                Some(peer) if self.connected.contains_key(&peer) => {}
-                Some(peer) => self.transport.dial_peer(peer, vec![addr]).await,
-                // Without a peer id we cannot tell whether we are connected;
-                // it was dialed at start.
-                None => {}
-            }
-        }
-    }
-
-    /// Forgets the interest of members the membership has forgotten. Run on
-    /// the membership timer, not per event: it walks every declaration.
-    fn forget_departed(&mut self) {
-        let gone: Vec<NodeId> = self
-            .engine
-            .interest
-            .nodes()
-            .filter(|n| self.engine.membership.state_of(n).is_none())
-            .collect();
-        for node in gone {
-            self.engine.interest.remove(&node);
-        }
-        let membership = &self.engine.membership;
-        self.relink_backoff
-            .retain(|n, _| membership.state_of(n).is_some());
-        self.engine
-            .reliable
-            .retain(|n| membership.state_of(n).is_some());
-    }
-
-    fn addrs_of(&self, node: &NodeId) -> Vec<Multiaddr> {
-        self.engine
-            .membership
-            .members()
-            .find(|m| &m.node == node)
-            .map(|m| {
-                m.addrs
-                    .iter()
-                    .filter_map(|a| Multiaddr::try_from(a.clone()).ok())
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    /// Drops buffers for peers whose stream never came.
-    fn expire_links(&mut self) {
-        let now = now();
-        let stale: Vec<NodeId> = self
-            .links
-            .iter()
-            .filter(|(_, l)| {
-                l.reader.is_none() && now.duration_since(l.created) > LINK_SETUP_TIMEOUT
-            })
-            .map(|(p, _)| *p)
-            .collect();
-        for peer in stale {
-            if let Some(l) = self.remove_link(&peer) {
-                self.engine.counters.dropped_unreachable += l.queued;
-                tracing::warn!(%peer, messages = l.queued, "no link to peer in time; dropped the messages buffered for it");
-                self.links_generation += 1;
-                self.work_link_down(peer);
-            }
-        }
-    }
-
-    async fn shutdown(
-        &mut self,
-        links: &mut mpsc::Receiver<LinkEvent>,
-        transport: &mut mpsc::Receiver<quic::Event>,
-    ) -> crate::node::ShutdownReport {
-        // Say goodbye after everything already queued, then wait until every
-        // peer confirms it has read up to the goodbye (links still being set
-        // up get the same time to come up and drain).
-        let deadline = tokio::time::Instant::now() + BYE_TIMEOUT;
-        self.shutting_down = true;
-        for p in self.engine.peers.values_mut() {
-            wire::encode(&mut p.scratch, &Frame::Bye);
-        }
-        self.flush();
-        loop {
-            // Wait for peers with a stream, and for those we still owe
-            // messages to (their stream may yet come up). A link that never
-            // came up and holds no message (only our own declarations, say
-            // to a peer that has left meanwhile) owes nothing.
-            //
-            // And for peers that said Bye to close their connection (they
-            // do once they have our ByeAck), so the ack is not lost in
-            // flight when we drop ours.
-            let waiting = self
-                .engine
-                .peers
-                .values()
-                .any(|p| !p.bye_acked && !p.leaving && (!p.waiting() || p.queued > 0));
-            let now = tokio::time::Instant::now();
-            self.lingering
-                .retain(|p, until| *until > now && self.connected.contains_key(p));
-            let linger = self.lingering.values().min().copied();
-            if !waiting && linger.is_none() {
-                break;
-            }
-            let wake = linger.map_or(deadline, |l| l.min(deadline));
-            tokio::select! {
-                biased;
-                ev = links.recv() => match ev {
-                    Some(ev) => self.handle_link_event(ev),
-                    None => break,
-                },
-                ev = transport.recv() => match ev {
-                    Some(ev) => self.handle_transport(ev).await,
-                    None => break,
-                },
-                _ = tokio::time::sleep_until(wake) => {
-                    if wake < deadline {
-                        continue;
-                    }
-                    for (peer, p) in self.engine.peers.iter().filter(|(_, p)| !p.bye_acked && !p.leaving) {
-                        tracing::debug!(%peer, up = p.up, stream = !p.waiting(), "shutdown: peer did not confirm in time");
-                    }
-                    break;
-                }
-            }
-            self.flush();
-        }
-        // Peers we sent messages to that did not confirm reading them.
-        let mut unconfirmed: Vec<NodeId> = self
-            .engine
-            .peers
-            .iter()
-            .filter(|(_, p)| {
-                p.has_data && !p.bye_acked && !p.leaving && (!p.waiting() || p.queued > 0)
-            })
-            .map(|(p, _)| *p)
-            .chain(std::mem::take(&mut self.broken))
-            .collect();
-        unconfirmed.sort();
-        unconfirmed.dedup();
-        let peers: Vec<NodeId> = self.links.keys().copied().collect();
-        for peer in peers {
-            self.remove_link(&peer);
-        }
-        for (_, q) in self.sub_queues.drain() {
-            q.close();
-        }
-        self.transport.shutdown().await;
-        tracing::debug!(
-            links_refused = self.stats.links_refused,
-            dropped_unreachable = self.engine.counters.dropped_unreachable,
-            "node stopped"
-        );
-        // A durable host keeps them on disk for its next start.
-        let queued_dropped = if self.durable.is_some() {
-            0
-        } else {
-            self.work.host.len() as u64
-        };
-        if queued_dropped > 0 {
-            let queues: Vec<String> = self.work.host.names().map(|n| n.to_string()).collect();
-            tracing::warn!(
-                messages = queued_dropped,
-                ?queues,
-                "shutting down with queue messages not acked yet; they are lost with this node (hosts keep messages in memory)"
-            );
-        }
-        crate::node::ShutdownReport {
-            unconfirmed,
-            dropped_unreachable: self.engine.counters.dropped_unreachable,
-            queued_dropped,
         }
     }
 }

@@ -7,7 +7,8 @@ use tokio::sync::mpsc;
 
 use crate::{
     core::stream::Record,
-    runtime::durable::{Backend, Loaded, StoredMsg, StoredPartition, WriteOp},
+    engine::durable::{Loaded, StoredMsg, StoredPartition, WriteOp},
+    runtime::durable::Backend,
 };
 
 /// The simulator's disk: what a simulated durable host wrote, kept across

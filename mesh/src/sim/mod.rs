@@ -127,7 +127,7 @@ impl Environment for Hooks {
     ) -> (
         Box<dyn crate::runtime::durable::Backend>,
         mpsc::UnboundedReceiver<u64>,
-        crate::runtime::durable::Loaded,
+        crate::engine::durable::Loaded,
     ) {
         disk::MemBackend::open(self.disk.clone())
     }

@@ -15,7 +15,8 @@ use tokio::sync::mpsc;
 use super::{schema, StoreError};
 use crate::{
     core::{pubsub::MessageId, stream::Record, NodeId},
-    runtime::durable::{Backend, Loaded, StoredMsg, StoredPartition, WriteOp},
+    engine::durable::{Loaded, StoredMsg, StoredPartition, WriteOp},
+    runtime::durable::Backend,
 };
 
 /// The file of a node's durable state in its data dir.

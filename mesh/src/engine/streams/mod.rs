@@ -23,20 +23,25 @@
 //!   it got from the group's committed offset. Commits go to the
 //!   partition's host.
 
+mod append;
+mod read;
+
+use append::new_records_from_wire;
+use read::records_from_wire;
+
 use std::{
     sync::Arc,
     time::{Duration, Instant},
 };
 
+use crate::engine::reply::Reply;
 use bytes::Bytes;
 use rustc_hash::{FxHashMap, FxHashSet};
-use tokio::sync::oneshot;
 
 use super::{
-    now,
-    queue::Inbox,
+    inbox::Inbox,
     work::{headers_from_wire, headers_to_wire, slice},
-    NodeTask,
+    Engine,
 };
 use crate::{
     core::{
@@ -115,7 +120,7 @@ pub(crate) enum StreamOp {
         /// Confirmed only by a host that keeps it: never by this node
         /// hosting it in memory (an outbox relay's sends).
         durable: bool,
-        reply: oneshot::Sender<Result<Vec<Placed>, AppendFailure>>,
+        reply: Reply<Result<Vec<Placed>, AppendFailure>>,
     },
     Consume {
         sid: u64,
@@ -139,7 +144,7 @@ pub(crate) enum StreamOp {
     },
     Info {
         stream: Arc<str>,
-        reply: oneshot::Sender<InfoReply>,
+        reply: Reply<InfoReply>,
     },
 }
 
@@ -241,19 +246,19 @@ struct AppendCall {
     placed: Vec<Option<Placed>>,
     remaining: usize,
     error: Option<AppendFailure>,
-    reply: oneshot::Sender<Result<Vec<Placed>, AppendFailure>>,
+    reply: Reply<Result<Vec<Placed>, AppendFailure>>,
 }
 
 /// An `info` call gathering the hosts' partitions.
 struct InfoGather {
     got: Vec<HostParts>,
-    reply: oneshot::Sender<InfoReply>,
+    reply: Reply<InfoReply>,
 }
 
 /// Answers an `info` call: the partitions gathered, and the hosts that did
 /// not answer (their link ended, or time ran out).
 fn finish_info(done: Gathered<InfoGather>) {
-    let _ = done.reply.reply.send((done.reply.got, done.missing));
+    done.reply.reply.send((done.reply.got, done.missing));
 }
 
 /// A commit's host, the host's run, stream, group and partition.
@@ -353,19 +358,6 @@ impl Streams {
     }
 }
 
-fn start_to_wire(s: &Start) -> StartWire<'_> {
-    match s {
-        Start::Earliest => StartWire::Earliest,
-        Start::Latest => StartWire::Latest,
-        Start::Offset(o) => StartWire::Offset(*o),
-        Start::Time(t) => StartWire::Time(*t),
-        Start::Committed { group, latest } => StartWire::Committed {
-            group,
-            latest: *latest,
-        },
-    }
-}
-
 pub(crate) fn start_from_wire(s: &StartWire<'_>) -> Start {
     match s {
         StartWire::Earliest => Start::Earliest,
@@ -377,33 +369,6 @@ pub(crate) fn start_from_wire(s: &StartWire<'_>) -> Start {
             latest: *latest,
         },
     }
-}
-
-/// An append's records, parsed (their bytes stay in the frame's buffer).
-fn new_records_from_wire(body: &Bytes, records: &[AppendWire<'_>]) -> Vec<NewRecord> {
-    records
-        .iter()
-        .map(|r| NewRecord {
-            key: slice(body, r.key.0),
-            timestamp_ms: r.ts_ms,
-            headers: headers_from_wire(body, &r.headers),
-            payload: slice(body, r.payload.0),
-        })
-        .collect()
-}
-
-/// Records a host sent a read, parsed.
-fn records_from_wire(body: &Bytes, records: &[RecordWire<'_>]) -> Vec<core_stream::Record> {
-    records
-        .iter()
-        .map(|r| core_stream::Record {
-            offset: r.offset,
-            key: slice(body, r.key.0),
-            timestamp_ms: r.ts_ms,
-            headers: headers_from_wire(body, &r.headers),
-            payload: slice(body, r.payload.0),
-        })
-        .collect()
 }
 
 /// A host's answer to `info`, parsed: its own view of its partitions,
@@ -435,7 +400,7 @@ pub(crate) fn group_pattern(stream: &str, group: &str) -> Option<Pattern> {
     Pattern::new(&format!("{GROUP_PREFIX}{stream}.{group}")).ok()
 }
 
-impl NodeTask {
+impl Engine {
     /// Live remote hosts of `stream`, with a link up.
     fn stream_hosts(&self, stream: &str) -> Vec<NodeId> {
         let mut hosts = self.declared(&format!("{HOST_PREFIX}{stream}"));
@@ -447,34 +412,20 @@ impl NodeTask {
     fn live_stream_hosts(&self, stream: &str) -> Vec<NodeId> {
         let name = format!("{HOST_PREFIX}{stream}");
         let mut hosts: Vec<NodeId> = self
-            .engine
             .interest
             .reserved_interested(&name)
             .into_iter()
             .filter(|n| {
-                *n != self.engine.local
-                    && crate::engine::access::reserved_permitted(
-                        self.engine.access.as_ref(),
-                        n,
-                        &name,
-                    )
+                *n != self.local
+                    && crate::engine::access::reserved_permitted(self.access.as_ref(), n, &name)
                     && matches!(
-                        self.engine.membership.state_of(n),
+                        self.membership.state_of(n),
                         Some(MemberState::Alive | MemberState::Suspect)
                     )
             })
             .collect();
         hosts.sort_unstable();
         hosts
-    }
-
-    /// Answers an `Info` with no partitions (refused or over budget).
-    fn send_empty_info(&mut self, peer: NodeId, req: u64) {
-        self.engine.send_empty_info(peer, req);
-    }
-
-    fn send_stream(&mut self, peer: NodeId, w: &StreamWire<'_>) {
-        self.engine.send_stream(peer, w);
     }
 
     /// This node hosts `stream` from now on (it appended to it when nobody
@@ -490,7 +441,7 @@ impl NodeTask {
         let Ok(p) = Pattern::new(&format!("{HOST_PREFIX}{stream}")) else {
             return false;
         };
-        let interest = &self.engine.interest;
+        let interest = &self.interest;
         if !self
             .streams
             .hosting
@@ -500,8 +451,8 @@ impl NodeTask {
         {
             return false;
         }
-        if let Some(decl) = self.engine.interest.subscribe(&p, false) {
-            self.engine.announce(&decl);
+        if let Some(decl) = self.interest.subscribe(&p, false) {
+            self.announce(&decl);
         }
         true
     }
@@ -541,66 +492,16 @@ impl NodeTask {
         true
     }
 
-    /// The `Appended` answer to a remote appender.
-    pub(crate) fn send_appended(&mut self, peer: NodeId, seq: u64, placed: Vec<(u32, u64)>) {
-        let epoch = self.engine.stream_epoch;
-        self.send_stream(peer, &StreamWire::Appended { seq, epoch, placed });
-    }
-
-    /// A local append call's records stored here are on disk.
-    pub(crate) fn stream_call_stored(&mut self, call: u64) {
-        if let Some(c) = self.streams.calls.get_mut(&call) {
-            c.remaining = c.remaining.saturating_sub(1);
-        }
-        self.finish_call_if_done(call);
-    }
-
     /// This run's epoch (a durable host keeps its stored one).
     pub(crate) fn set_stream_epoch(&mut self, epoch: u64) {
-        self.engine.stream_epoch = epoch;
-    }
-
-    /// Appends locally; tells watchers when the stream is new.
-    fn append_here(
-        &mut self,
-        stream: &str,
-        records: Vec<NewRecord>,
-    ) -> Result<Vec<(u32, u64)>, core_stream::AppendError> {
-        let existed = self.streams.host.has(stream);
-        let kept = self.durable.is_some().then(|| records.clone());
-        let placed = self.streams.host.append(now(), stream, records)?;
-        if let (Some(d), Some(kept)) = (self.durable.as_mut(), kept) {
-            let name: Arc<str> = self
-                .streams
-                .host
-                .name(stream)
-                .cloned()
-                .unwrap_or_else(|| stream.into());
-            for (r, (index, offset)) in kept.into_iter().zip(&placed) {
-                d.stored(
-                    &name,
-                    *index,
-                    core_stream::Record {
-                        offset: *offset,
-                        key: r.key,
-                        timestamp_ms: r.timestamp_ms,
-                        headers: r.headers,
-                        payload: r.payload,
-                    },
-                );
-            }
-        }
-        if !existed {
-            self.stream_created(stream);
-        }
-        Ok(placed)
+        self.stream_epoch = epoch;
     }
 
     /// A stream appeared on this host: its watchers learn its partitions.
     fn stream_created(&mut self, stream: &str) {
         self.streams.changed += 1;
         let partitions = self.streams.host.config().partitions;
-        let epoch = self.engine.stream_epoch;
+        let epoch = self.stream_epoch;
         let watchers: Vec<(NodeId, u64)> = self
             .streams
             .watchers
@@ -644,8 +545,8 @@ impl NodeTask {
                     *n += 1;
                     if *n == 1 {
                         if let Some(p) = group_pattern(&stream, g) {
-                            if let Some(decl) = self.engine.interest.subscribe(&p, false) {
-                                self.engine.announce(&decl);
+                            if let Some(decl) = self.interest.subscribe(&p, false) {
+                                self.announce(&decl);
                             }
                         }
                     }
@@ -680,7 +581,7 @@ impl NodeTask {
                 };
                 r.credit = r.credit.saturating_add(n);
                 let host = r.host;
-                if host == self.engine.local {
+                if host == self.local {
                     self.streams.host.credit(&host, rid, n);
                 } else {
                     *self.streams.credits.entry((host, rid)).or_default() += n;
@@ -702,7 +603,7 @@ impl NodeTask {
                 let mut got = Vec::new();
                 if self.streams.host.has(&stream) {
                     got.push(HostParts {
-                        host: self.engine.local,
+                        host: self.local,
                         parts: self.streams.host.partitions(&stream),
                     });
                 }
@@ -718,7 +619,7 @@ impl NodeTask {
                         },
                     );
                 }
-                let deadline = now() + GATHER_TIMEOUT;
+                let deadline = self.now + GATHER_TIMEOUT;
                 let info = InfoGather { got, reply };
                 if let Some(done) = self.streams.gathers.start(req, hosts, deadline, info) {
                     finish_info(done);
@@ -738,8 +639,8 @@ impl NodeTask {
         index: u32,
         offset: u64,
     ) {
-        if host == self.engine.local {
-            if epoch == self.engine.stream_epoch {
+        if host == self.local {
+            if epoch == self.stream_epoch {
                 self.host_commit(&stream, &group, index, offset);
             }
         } else {
@@ -750,538 +651,6 @@ impl NodeTask {
                 .entry((host, epoch, stream, group, index))
                 .or_default();
             *c = (*c).max(offset);
-        }
-    }
-
-    /// Routes an append call's records: here if this node hosts the
-    /// stream, else to live hosts by key, else here from now on.
-    fn append(
-        &mut self,
-        stream: Arc<str>,
-        records: Vec<NewRecord>,
-        durable: bool,
-        reply: oneshot::Sender<Result<Vec<Placed>, AppendFailure>>,
-    ) {
-        self.streams.next_seq += 1;
-        let call = self.streams.next_seq;
-        let n = records.len();
-        self.streams.calls.insert(
-            call,
-            AppendCall {
-                durable,
-                placed: vec![None; n],
-                remaining: 0,
-                error: None,
-                reply,
-            },
-        );
-        self.route_append(call, stream, records, (0..n).collect(), None);
-        self.finish_call_if_done(call);
-    }
-
-    fn route_append(
-        &mut self,
-        call: u64,
-        stream: Arc<str>,
-        records: Vec<NewRecord>,
-        slots: Vec<usize>,
-        retry: Option<NodeId>,
-    ) {
-        // A call that needs a durable confirmation is not kept in this
-        // node's memory alone.
-        let volatile =
-            self.durable.is_none() && self.streams.calls.get(&call).is_some_and(|c| c.durable);
-        let here = self.streams.hosts_locally(&stream);
-        let self_host = self.streams.hosting.self_host();
-        let remote = || {
-            hosting::failover_hosts(
-                retry,
-                || self.stream_hosts(&stream),
-                || self.live_stream_hosts(&stream),
-            )
-        };
-        let hosts = match hosting::route(here, volatile, self_host, remote) {
-            Route::Remote(hosts) => hosts,
-            Route::NoHost { .. } => return self.fail_call(call, AppendFailure::NoHost),
-            Route::TakeOn => {
-                tracing::debug!(%stream, "no host for stream; this node hosts its own partitions");
-                if !self.start_hosting_stream(&stream) {
-                    let reason = format!(
-                        "stream {stream:?} has no host, and this node hosts as many streams as it may"
-                    );
-                    let e = AppendFailure::Refused { full: true, reason };
-                    return self.fail_call(call, e);
-                }
-                return self.append_local(call, &stream, records, slots);
-            }
-            Route::Here => return self.append_local(call, &stream, records, slots),
-        };
-        // Records per host, in order; frames of bounded size.
-        let mut per_host: Vec<(NodeId, Vec<NewRecord>, Vec<usize>, usize)> = Vec::new();
-        let mut open: FxHashMap<NodeId, usize> = FxHashMap::default();
-        for (r, slot) in records.into_iter().zip(slots) {
-            let h = match hosts.as_slice() {
-                [only] => *only,
-                _ => match hosting::record_host(&stream, &r.key, &hosts) {
-                    Some(h) => h,
-                    None => continue,
-                },
-            };
-            let size = core_stream::record_size(&r.key, &r.headers, &r.payload) as usize;
-            let at = match open.get(&h) {
-                Some(&i)
-                    if per_host[i].1.len() < APPEND_BATCH
-                        && per_host[i].3 + size <= FRAME_BYTES =>
-                {
-                    i
-                }
-                _ => {
-                    per_host.push((h, Vec::new(), Vec::new(), 0));
-                    open.insert(h, per_host.len() - 1);
-                    per_host.len() - 1
-                }
-            };
-            let chunk = &mut per_host[at];
-            chunk.1.push(r);
-            chunk.2.push(slot);
-            chunk.3 += size;
-        }
-        for (host, records, slots, _) in per_host {
-            self.streams.next_seq += 1;
-            let seq = self.streams.next_seq;
-            let wire_records: Vec<AppendWire<'_>> = records
-                .iter()
-                .map(|r| AppendWire {
-                    key: Raw(&r.key),
-                    ts_ms: r.timestamp_ms,
-                    headers: headers_to_wire(&r.headers),
-                    payload: Raw(&r.payload),
-                })
-                .collect();
-            let link = self.engine.peers.entry(host);
-            wire::encode(
-                &mut link.scratch,
-                &Frame::Stream(StreamWire::Append {
-                    stream: &stream,
-                    seq,
-                    records: wire_records,
-                }),
-            );
-            link.has_data = true;
-            if let Some(c) = self.streams.calls.get_mut(&call) {
-                c.remaining += 1;
-            }
-            self.streams.pending.insert(
-                seq,
-                PendingAppend {
-                    stream: stream.clone(),
-                    host,
-                    records,
-                    call,
-                    slots,
-                },
-            );
-        }
-    }
-
-    /// An append's records go to this node's partitions; the call resolves
-    /// once they are placed (and on disk, if durable).
-    fn append_local(
-        &mut self,
-        call: u64,
-        stream: &Arc<str>,
-        records: Vec<NewRecord>,
-        slots: Vec<usize>,
-    ) {
-        let local = self.engine.local;
-        match self.append_here(stream, records) {
-            Ok(placed) => {
-                if let Some(c) = self.streams.calls.get_mut(&call) {
-                    for (slot, (index, offset)) in slots.into_iter().zip(placed) {
-                        c.placed[slot] = Some(Placed {
-                            host: local,
-                            index,
-                            offset,
-                        });
-                    }
-                    if let Some(d) = self.durable.as_mut() {
-                        // The call resolves once these are on disk.
-                        c.remaining += 1;
-                        d.hold(super::durable::Held::StreamCall(call));
-                    }
-                }
-            }
-            Err(e) => self.fail_call(
-                call,
-                AppendFailure::Refused {
-                    full: matches!(e, core_stream::AppendError::Full { .. }),
-                    reason: e.to_string(),
-                },
-            ),
-        }
-    }
-
-    fn fail_call(&mut self, call: u64, e: AppendFailure) {
-        if let Some(c) = self.streams.calls.get_mut(&call) {
-            c.error.get_or_insert(e);
-        }
-    }
-
-    fn finish_call_if_done(&mut self, call: u64) {
-        if self
-            .streams
-            .calls
-            .get(&call)
-            .is_some_and(|c| c.remaining == 0)
-        {
-            if let Some(c) = self.streams.calls.remove(&call) {
-                let result = match c.error {
-                    Some(e) => Err(e),
-                    None => Ok(c.placed.into_iter().flatten().collect()),
-                };
-                let _ = c.reply.send(result);
-            }
-        }
-    }
-
-    fn cancel_stream_consumer(&mut self, sid: u64) {
-        let Some(c) = self.streams.consumers.remove(&sid) else {
-            return;
-        };
-        c.inbox.close();
-        for (_, rid) in c.active {
-            self.stop_read(rid);
-        }
-        for h in c.watched {
-            if h != self.engine.local {
-                self.send_stream(h, &StreamWire::Unwatch { sid });
-            }
-        }
-        if let Some(g) = c.group {
-            let key = (c.stream.clone(), g.clone());
-            let last = match self.streams.groups.get_mut(&key) {
-                Some(n) => {
-                    *n -= 1;
-                    *n == 0
-                }
-                None => false,
-            };
-            if last {
-                self.streams.groups.remove(&key);
-                if let Some(p) = group_pattern(&c.stream, &g) {
-                    if let Some(decl) = self.engine.interest.unsubscribe(&p, false) {
-                        self.engine.announce(&decl);
-                    }
-                }
-            }
-            // The group's other local members may take its partitions.
-            self.streams.changed += 1;
-        }
-    }
-
-    fn stop_read(&mut self, rid: u64) {
-        let Some(r) = self.streams.reads.remove(&rid) else {
-            return;
-        };
-        self.streams.credits.remove(&(r.host, rid));
-        if r.host == self.engine.local {
-            self.streams.host.close(&r.host, rid);
-        } else if self.engine.peers.is_up(&r.host) {
-            self.send_stream(r.host, &StreamWire::Stop { rid });
-        }
-    }
-
-    /// Decides, for every consumer, which partitions it reads, and starts
-    /// and stops reads to match.
-    fn refresh_stream_consumers(&mut self) {
-        let sids: Vec<u64> = self.streams.consumers.keys().copied().collect();
-        for sid in sids {
-            self.refresh_consumer(sid);
-        }
-    }
-
-    fn refresh_consumer(&mut self, sid: u64) {
-        let local = self.engine.local;
-        let Some(c) = self.streams.consumers.get(&sid) else {
-            return;
-        };
-        let stream = c.stream.clone();
-        let group = c.group.clone();
-        let remote = self.stream_hosts(&stream);
-        // Watch new hosts.
-        let to_watch: Vec<NodeId> = remote
-            .iter()
-            .filter(|h| !c.watched.contains(h))
-            .copied()
-            .collect();
-        for h in &to_watch {
-            self.send_stream(
-                *h,
-                &StreamWire::Watch {
-                    sid,
-                    stream: &stream,
-                },
-            );
-        }
-        let local_view = self.streams.host.has(&stream).then(|| HostView {
-            epoch: self.engine.stream_epoch,
-            partitions: self.streams.host.config().partitions,
-            late: false,
-        });
-        // Members of the group, and this node's members of it.
-        let assignment = group.as_ref().map(|g| {
-            let mut members = self.declared(&format!("{GROUP_PREFIX}{stream}.{g}"));
-            members.push(local);
-            members.sort_unstable();
-            members.dedup();
-            let mut locals: Vec<u64> = self
-                .streams
-                .consumers
-                .iter()
-                .filter(|(_, o)| o.stream == stream && o.group.as_ref() == Some(g))
-                .map(|(s, _)| *s)
-                .collect();
-            locals.sort_unstable();
-            (g.clone(), members, locals)
-        });
-        let Some(c) = self.streams.consumers.get_mut(&sid) else {
-            return;
-        };
-        c.watched.extend(to_watch);
-        let live: FxHashSet<NodeId> = remote.iter().copied().collect();
-        c.watched.retain(|h| live.contains(h));
-        c.hosts.retain(|h, _| live.contains(h));
-        match local_view {
-            Some(mut v) => {
-                // Created here after this consumer started: late.
-                v.late = c.hosts.get(&local).map_or(c.refreshed, |old| old.late);
-                c.hosts.insert(local, v);
-            }
-            None => {
-                c.hosts.remove(&local);
-            }
-        }
-        // The partitions this consumer wants.
-        c.refreshed = true;
-        let share = assignment
-            .as_ref()
-            .map(|(g, members, locals)| group::Assignment {
-                group: g,
-                members,
-                locals,
-            });
-        let want = group::wanted(&stream, local, sid, &c.hosts, share.as_ref());
-        let wanted: FxHashSet<(NodeId, u32)> = want.iter().map(|(h, i, ..)| (*h, *i)).collect();
-        let stop: Vec<((NodeId, u32), u64)> = c
-            .active
-            .iter()
-            .filter(|(p, _)| !wanted.contains(p))
-            .map(|(p, r)| (*p, *r))
-            .collect();
-        for (p, _) in &stop {
-            c.active.remove(p);
-            // A group partition that went to another member resumes there
-            // from the commit; a host that is only out of reach keeps our
-            // place.
-            if c.group.is_some() && c.hosts.contains_key(&p.0) {
-                c.positions.remove(p);
-            }
-        }
-        let window = c.window;
-        let mut start = Vec::new();
-        for (h, i, epoch, late) in want {
-            if c.active.contains_key(&(h, i)) {
-                continue;
-            }
-            let position = c.positions.get(&(h, i)).copied();
-            let from = group::read_from(&c.start, c.group.as_ref(), position, epoch, late);
-            if let Start::Offset(o) = from {
-                c.positions.insert((h, i), (epoch, o));
-            } else {
-                c.positions.remove(&(h, i));
-            }
-            self.streams.next_rid += 1;
-            let rid = self.streams.next_rid;
-            c.active.insert((h, i), rid);
-            start.push((h, i, rid, from));
-        }
-        if let Some((g, members, _)) = &assignment {
-            let assigned = (members.len(), c.active.len());
-            if assigned != c.assigned || !stop.is_empty() || !start.is_empty() {
-                c.assigned = assigned;
-                // What Kafka logs as a rebalance: operators (and tests)
-                // see when the members or this member's share change.
-                tracing::info!(
-                    %stream,
-                    group = %g,
-                    members = members.len(),
-                    partitions = c.active.len(),
-                    "group assignment changed"
-                );
-            }
-        }
-        for (_, rid) in stop {
-            self.stop_read(rid);
-        }
-        for (host, index, rid, from) in start {
-            self.start_read(sid, &stream, window, (host, index, rid), &from);
-        }
-    }
-
-    /// Read `rid` of consumer `sid` starts on partition `index` of `host`
-    /// (this node's partitions read here, a remote host's asked for).
-    fn start_read(
-        &mut self,
-        sid: u64,
-        stream: &str,
-        window: u32,
-        (host, index, rid): (NodeId, u32, u64),
-        from: &Start,
-    ) {
-        let local = self.engine.local;
-        self.streams.reads.insert(
-            rid,
-            Read {
-                sid,
-                host,
-                index,
-                credit: window,
-            },
-        );
-        if host == local {
-            match self
-                .streams
-                .host
-                .open(local, rid, stream, index, from, window)
-            {
-                Ok(at) => self.read_started(sid, host, index, at),
-                Err(e) => {
-                    tracing::warn!(%stream, index, error = %e, "stream read refused");
-                    self.read_refused(rid);
-                }
-            }
-        } else {
-            self.send_stream(
-                host,
-                &StreamWire::Read {
-                    sid,
-                    rid,
-                    stream,
-                    index,
-                    from: start_to_wire(from),
-                    credit: window,
-                },
-            );
-        }
-    }
-
-    /// A local read starts at `at`: that is where the consumer is.
-    /// A read starts at `at` (the host resolved where): that is where the
-    /// consumer is, so a read that ends before any record came resumes
-    /// there, and a start past the end is not taken for a place.
-    fn read_started(&mut self, sid: u64, host: NodeId, index: u32, at: u64) {
-        let local_epoch = self.engine.stream_epoch;
-        if let Some(c) = self.streams.consumers.get_mut(&sid) {
-            let epoch = c.hosts.get(&host).map_or(local_epoch, |v| v.epoch);
-            c.positions.insert((host, index), (epoch, at));
-        }
-    }
-
-    /// A read that could not start is tried again a second later.
-    fn read_refused(&mut self, rid: u64) {
-        if let Some(r) = self.streams.reads.remove(&rid) {
-            if let Some(c) = self.streams.consumers.get_mut(&r.sid) {
-                c.active.remove(&(r.host, r.index));
-            }
-        }
-        self.streams
-            .retry_at
-            .get_or_insert_with(|| now() + READ_RETRY);
-    }
-
-    /// Records of read `rid` from `host`, in order: onto the consumer's
-    /// inbox, with what was already seen dropped.
-    fn records_arrived(
-        &mut self,
-        host: NodeId,
-        rid: u64,
-        gone: Option<(u64, u64)>,
-        records: Vec<core_stream::Record>,
-    ) {
-        let Some(r) = self.streams.reads.get_mut(&rid) else {
-            return; // stopped meanwhile
-        };
-        if r.host != host {
-            return;
-        }
-        if records.len() > r.credit as usize {
-            // A host that ignores the credit (a bug or a hostile peer)
-            // cannot fill our memory: read again from where we are.
-            tracing::warn!(%host, rid, "stream host sent more than the credit granted; reading again");
-            let (sid, index) = (r.sid, r.index);
-            self.stop_read(rid);
-            if let Some(c) = self.streams.consumers.get_mut(&sid) {
-                c.active.remove(&(host, index));
-            }
-            self.streams.changed += 1;
-            return;
-        }
-        r.credit -= records.len() as u32;
-        let (sid, index) = (r.sid, r.index);
-        let epoch = self
-            .streams
-            .consumers
-            .get(&sid)
-            .and_then(|c| c.hosts.get(&host))
-            .map_or(self.engine.stream_epoch, |v| v.epoch);
-        let Some(c) = self.streams.consumers.get_mut(&sid) else {
-            return;
-        };
-        let pos = c.positions.get(&(host, index)).map(|(_, n)| *n);
-        let mut next = pos;
-        let mut items = Vec::with_capacity(records.len() + 1);
-        let mut skipped = 0u32;
-        if let Some((wanted, first)) = gone {
-            items.push(StreamItem::Gone {
-                host,
-                index,
-                wanted,
-                first,
-            });
-            next = Some(first);
-        }
-        for record in records {
-            match next {
-                Some(n) if record.offset < n => {
-                    skipped += 1;
-                    continue;
-                }
-                Some(n) if record.offset > n => {
-                    tracing::warn!(%host, index, expected = n, got = record.offset, "stream records skipped an offset");
-                }
-                _ => {}
-            }
-            next = Some(record.offset.saturating_add(1));
-            items.push(StreamItem::Record {
-                host,
-                epoch,
-                rid,
-                index,
-                record,
-            });
-        }
-        if let Some(n) = next {
-            c.positions.insert((host, index), (epoch, n));
-        }
-        let received = items.len() - usize::from(gone.is_some());
-        if c.inbox.push_many(items).is_err() {
-            return;
-        }
-        self.engine.counters.stream_received += received as u64;
-        self.engine.counters.stream_repeats += u64::from(skipped);
-        if skipped > 0 {
-            // Repeats take no room: their credit comes back at once.
-            self.stream_op(StreamOp::Credit { rid, n: skipped });
         }
     }
 
@@ -1346,7 +715,7 @@ impl NodeTask {
                         tracing::warn!(%peer, sid, "stream host refused our watch (its quota is used); trying again in a second");
                         self.streams
                             .retry_at
-                            .get_or_insert_with(|| now() + READ_RETRY);
+                            .get_or_insert_with(|| self.now + READ_RETRY);
                     }
                 }
             }
@@ -1402,13 +771,13 @@ impl NodeTask {
                 index,
                 offset,
             } => {
-                if epoch != self.engine.stream_epoch {
+                if epoch != self.stream_epoch {
                     tracing::debug!(%peer, stream, group, index, "commit for an earlier run of this host ignored");
                 } else if !self.host_commit(stream, group, index, offset) {
                     tracing::debug!(%peer, stream, group, index, "stream commit refused");
                 }
             }
-            StreamWire::Info { req, .. } if !self.request_allowed(peer) => {
+            StreamWire::Info { req, .. } if !self.request_allowed(self.now, peer) => {
                 self.send_empty_info(peer, req);
             }
             StreamWire::Info { req, stream } => {
@@ -1432,166 +801,6 @@ impl NodeTask {
         Ok(())
     }
 
-    /// A peer's append to a stream this node hosts (or takes on): placed
-    /// and answered (once on disk, if durable), or refused.
-    fn host_append(&mut self, peer: NodeId, stream: &str, seq: u64, records: Vec<NewRecord>) {
-        // Its appender may think we host it when we do not (a
-        // declaration of a previous run): take it, within limits.
-        let name: Arc<str> = stream.into();
-        let result = if self.start_hosting_stream(&name) {
-            self.append_here(stream, records).map_err(|e| {
-                (
-                    matches!(e, core_stream::AppendError::Full { .. }),
-                    e.to_string(),
-                )
-            })
-        } else if !self.streams.hosting.self_host() {
-            Err((false, format!("this node does not host stream {stream:?}")))
-        } else {
-            let e = core_stream::AppendError::TooManyStreams {
-                limit: self.streams.host.config().max_streams,
-            };
-            Err((false, e.to_string()))
-        };
-        match result {
-            Ok(placed) => match self.durable.as_mut() {
-                Some(d) => d.hold(super::durable::Held::StreamAppended { peer, seq, placed }),
-                None => self.send_appended(peer, seq, placed),
-            },
-            Err((full, reason)) => self.send_stream(
-                peer,
-                &StreamWire::AppendRefused {
-                    seq,
-                    full,
-                    reason: &reason,
-                },
-            ),
-        }
-    }
-
-    /// The append `seq` waiting for `peer`'s answer, taken out; `None` if
-    /// none does (only the host an append went to can answer it).
-    fn answered_append(&mut self, peer: NodeId, seq: u64) -> Option<PendingAppend> {
-        let ours = self
-            .streams
-            .pending
-            .get(&seq)
-            .is_some_and(|p| p.host == peer);
-        ours.then(|| self.streams.pending.remove(&seq)).flatten()
-    }
-
-    /// Consumer `sid` of `peer` watches `stream` here: it is told this
-    /// run's partitions (and told again when they appear), within the
-    /// watch quotas.
-    fn host_watch(&mut self, peer: NodeId, sid: u64, stream: &str) {
-        let total: usize = self.streams.watches.values().sum();
-        let mine = self.streams.watches.get(&peer).copied().unwrap_or(0);
-        let w = self.streams.watchers.entry(stream.into()).or_default();
-        let full =
-            w.len() >= MAX_WATCHERS || total >= MAX_ALL_WATCHERS || mine >= MAX_WATCHES_PER_PEER;
-        if full && !w.contains(&(peer, sid)) {
-            if w.is_empty() {
-                self.streams.watchers.remove(stream);
-            }
-            tracing::warn!(%peer, %stream, "too many consumers watch this stream; refused");
-            self.send_stream(peer, &StreamWire::WatchRefused { sid });
-            return;
-        }
-        if w.insert((peer, sid)) {
-            *self.streams.watches.entry(peer).or_default() += 1;
-        }
-        let partitions = if self.streams.host.has(stream) {
-            self.streams.host.config().partitions
-        } else {
-            0
-        };
-        let epoch = self.engine.stream_epoch;
-        self.send_stream(
-            peer,
-            &StreamWire::Parts {
-                sid,
-                epoch,
-                partitions,
-            },
-        );
-    }
-
-    /// A peer's read of partition `index` of `stream` here: started (and
-    /// told where), or refused.
-    fn host_read(
-        &mut self,
-        peer: NodeId,
-        rid: u64,
-        stream: &str,
-        index: u32,
-        start: &Start,
-        credit: u32,
-    ) {
-        match self
-            .streams
-            .host
-            .open(peer, rid, stream, index, start, credit)
-        {
-            Ok(at) => self.send_stream(peer, &StreamWire::ReadStarted { rid, at }),
-            Err(e) => {
-                let reason = e.to_string();
-                self.send_stream(
-                    peer,
-                    &StreamWire::ReadRefused {
-                        rid,
-                        reason: &reason,
-                    },
-                );
-            }
-        }
-    }
-
-    /// Consumer `sid` of `peer` no longer watches.
-    fn host_unwatch(&mut self, peer: NodeId, sid: u64) {
-        let mut removed = 0;
-        self.streams.watchers.retain(|_, w| {
-            removed += usize::from(w.remove(&(peer, sid)));
-            !w.is_empty()
-        });
-        if let Some(n) = self.streams.watches.get_mut(&peer) {
-            *n = n.saturating_sub(removed);
-            if *n == 0 {
-                self.streams.watches.remove(&peer);
-            }
-        }
-    }
-
-    /// Host `peer` told consumer `sid` its run and partition count.
-    fn parts_arrived(&mut self, peer: NodeId, sid: u64, epoch: u64, partitions: u32) {
-        let Some(c) = self.streams.consumers.get_mut(&sid) else {
-            return;
-        };
-        if !c.watched.contains(&peer) {
-            return;
-        }
-        let partitions = partitions.min(core_stream::MAX_PARTITIONS);
-        let before = c.seen.get(&peer).copied();
-        if before.is_some_and(|(e, _)| e != epoch) {
-            // The host restarted: its partitions are new logs.
-            c.positions.retain(|(h, _), _| *h != peer);
-        }
-        let late = partitions == 0
-            || !c.initial_hosts.contains(&peer)
-            || before.is_some_and(|(e, late)| late || e != epoch);
-        if c.seen.len() < 4096 || before.is_some() {
-            c.seen.insert(peer, (epoch, late));
-        }
-        c.hosts.insert(
-            peer,
-            HostView {
-                epoch,
-                partitions,
-                late,
-            },
-        );
-        self.streams.changed += 1;
-    }
-
     /// A peer asks for this host's partitions of `stream` (`info`).
     fn host_info(&mut self, peer: NodeId, req: u64, stream: &str) {
         let parts = self.streams.host.partitions(stream);
@@ -1613,7 +822,7 @@ impl NodeTask {
                     .collect(),
             })
             .collect();
-        let epoch = self.engine.stream_epoch;
+        let epoch = self.stream_epoch;
         self.send_stream(
             peer,
             &StreamWire::InfoReply {
@@ -1680,7 +889,7 @@ impl NodeTask {
 
     /// Timers: retention by age, `info` answers that did not come.
     pub(crate) fn stream_timeout(&mut self) {
-        let now = now();
+        let now = self.now;
         if self.streams.retry_at.is_some_and(|t| t <= now) {
             self.streams.retry_at = None;
             self.streams.changed += 1;
@@ -1701,7 +910,7 @@ impl NodeTask {
     /// readers are sent what their credit allows, credit and commits go out.
     pub(crate) fn stream_flush(&mut self) {
         let generation = (
-            self.engine.interest.generation(),
+            self.interest.generation(),
             self.links_generation,
             self.streams.changed,
         );
@@ -1710,13 +919,13 @@ impl NodeTask {
             self.refresh_stream_consumers();
             // Refreshing may have changed things again (local reads).
             self.streams.refreshed_at = (
-                self.engine.interest.generation(),
+                self.interest.generation(),
                 self.links_generation,
                 self.streams.changed,
             );
         }
         while let Some(b) = self.streams.host.poll_dispatch() {
-            if b.key == self.engine.local {
+            if b.key == self.local {
                 self.records_arrived(b.key, b.rid, b.gone, b.records);
             } else {
                 self.send_records(b);
@@ -1739,35 +948,6 @@ impl NodeTask {
                 },
             );
         }
-    }
-
-    fn send_records(&mut self, b: core_stream::Batch<NodeId>) {
-        let peer = b.key;
-        if !self.engine.peers.is_up(&peer) {
-            self.streams.host.close_all(|k| *k == peer);
-            return;
-        }
-        let records: Vec<RecordWire<'_>> = b
-            .records
-            .iter()
-            .map(|r| RecordWire {
-                offset: r.offset,
-                key: Raw(&r.key),
-                ts_ms: r.timestamp_ms,
-                headers: headers_to_wire(&r.headers),
-                payload: Raw(&r.payload),
-            })
-            .collect();
-        let link = self.engine.peers.entry(peer);
-        wire::encode(
-            &mut link.scratch,
-            &Frame::Stream(StreamWire::Records {
-                rid: b.rid,
-                gone: b.gone,
-                records,
-            }),
-        );
-        link.has_data = true;
     }
 
     /// Shutdown: handles see the node gone.

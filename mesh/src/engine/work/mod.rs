@@ -18,17 +18,23 @@
 //!   node (round-robin), which hands it to one local responder
 //!   (round-robin) and answers on the link it came from.
 
+mod consume;
+mod request;
+mod send;
+
+use consume::settle_from_wire;
+
 use std::{
     collections::BinaryHeap,
     sync::Arc,
     time::{Duration, Instant},
 };
 
+use crate::engine::reply::Reply;
 use bytes::Bytes;
 use rustc_hash::{FxHashMap, FxHashSet};
-use tokio::sync::oneshot;
 
-use super::{now, queue::Inbox, NodeTask};
+use super::{inbox::Inbox, Engine};
 use crate::{
     core::{
         membership::MemberState,
@@ -148,19 +154,19 @@ pub(crate) enum Op {
     Send {
         queue: Arc<str>,
         msg: OutMsg,
-        reply: oneshot::Sender<Result<MessageId, SendError>>,
+        reply: Reply<Result<MessageId, SendError>>,
     },
     SendBatch {
         queue: Arc<str>,
         msgs: Vec<OutMsg>,
-        reply: oneshot::Sender<Result<Vec<MessageId>, SendError>>,
+        reply: Reply<Result<Vec<MessageId>, SendError>>,
     },
     Request {
         subject: Arc<str>,
         headers: Vec<(String, Bytes)>,
         payload: Bytes,
         timeout: Duration,
-        reply: oneshot::Sender<Result<Bytes, RequestError>>,
+        reply: Reply<Result<Bytes, RequestError>>,
     },
     Consume {
         cid: u32,
@@ -181,15 +187,15 @@ pub(crate) enum Op {
     Peek {
         queue: Arc<str>,
         limit: usize,
-        reply: oneshot::Sender<Vec<Peeked>>,
+        reply: Reply<Vec<Peeked>>,
     },
     Replay {
         queue: Arc<str>,
-        reply: oneshot::Sender<u64>,
+        reply: Reply<u64>,
     },
     Stats {
         queue: Arc<str>,
-        reply: oneshot::Sender<core_queue::QueueStats>,
+        reply: Reply<core_queue::QueueStats>,
     },
     Serve {
         sid: u32,
@@ -219,7 +225,7 @@ struct LocalConsumer {
 
 /// Whom a send's outcome goes to.
 pub(crate) enum SendReply {
-    One(oneshot::Sender<Result<MessageId, SendError>>),
+    One(Reply<Result<MessageId, SendError>>),
     /// A message of batch `id` (see `Work::batches`).
     Batch(u64),
 }
@@ -228,7 +234,7 @@ struct Batch {
     ids: Vec<MessageId>,
     remaining: usize,
     error: Option<SendError>,
-    reply: oneshot::Sender<Result<Vec<MessageId>, SendError>>,
+    reply: Reply<Result<Vec<MessageId>, SendError>>,
 }
 
 struct PendingSend {
@@ -247,12 +253,12 @@ struct PendingRequest {
     to: NodeId,
     deadline: Instant,
     timeout: Duration,
-    reply: oneshot::Sender<Result<Bytes, RequestError>>,
+    reply: Reply<Result<Bytes, RequestError>>,
 }
 
 enum GatherReply {
-    Peek(oneshot::Sender<Vec<Peeked>>, Vec<Peeked>, usize),
-    Replay(oneshot::Sender<u64>, u64),
+    Peek(Reply<Vec<Peeked>>, Vec<Peeked>, usize),
+    Replay(Reply<u64>, u64),
 }
 
 /// The node task's queue and request/reply state.
@@ -294,8 +300,6 @@ pub(crate) struct Work {
     /// `send_batch` calls waiting for all their messages.
     batches: FxHashMap<u64, Batch>,
     next_batch: u64,
-    /// The time while a batch of operations is handled.
-    now: Option<Instant>,
 }
 
 impl Work {
@@ -347,7 +351,6 @@ impl Work {
             dispatch: Vec::new(),
             batches: FxHashMap::default(),
             next_batch: 0,
-            now: None,
         }
     }
 
@@ -420,28 +423,27 @@ fn millis(d: Duration) -> u64 {
     d.as_millis().min(u128::from(u64::MAX)) as u64
 }
 
-impl NodeTask {
+impl Engine {
     /// Live remote nodes declaring `topic` under a reserved prefix, with a
     /// link up.
     pub(crate) fn declared(&self, topic: &str) -> Vec<NodeId> {
-        self.engine
-            .interest
+        self.interest
             .reserved_interested(topic)
             .into_iter()
             .filter(|n| {
-                crate::engine::access::reserved_permitted(self.engine.access.as_ref(), n, topic)
+                crate::engine::access::reserved_permitted(self.access.as_ref(), n, topic)
                     && matches!(
-                        self.engine.membership.state_of(n),
+                        self.membership.state_of(n),
                         Some(MemberState::Alive | MemberState::Suspect)
                     )
-                    && self.engine.peers.is_up(n)
+                    && self.peers.is_up(n)
             })
             .collect()
     }
 
     /// Remote hosts of `queue` a send may go to now.
     fn remote_hosts(&mut self, queue: &Arc<str>) -> Vec<NodeId> {
-        let generation = (self.engine.interest.generation(), self.links_generation);
+        let generation = (self.interest.generation(), self.links_generation);
         if let Some((g, hosts)) = self.work.host_cache.get(queue) {
             if *g == generation {
                 return hosts.clone();
@@ -459,33 +461,10 @@ impl NodeTask {
 
     fn declare(&mut self, patterns: Vec<Pattern>) {
         for p in patterns {
-            if let Some(decl) = self.engine.interest.subscribe(&p, false) {
-                self.engine.announce(&decl);
+            if let Some(decl) = self.interest.subscribe(&p, false) {
+                self.announce(&decl);
             }
         }
-    }
-
-    /// Takes what handles queued: control ops always, sends and requests
-    /// while fewer than [`MAX_PENDING`] wait for answers.
-    pub(crate) fn work_ops(&mut self) {
-        let mut ops = std::mem::take(&mut self.work_scratch);
-        self.work_control.take(&mut ops);
-        if self.work_room() {
-            let mut bounded = std::mem::take(&mut self.work_scratch_bounded);
-            self.work_bounded.take(&mut bounded);
-            ops.append(&mut bounded);
-            self.work_scratch_bounded = bounded;
-        }
-        if !ops.is_empty() {
-            // One clock read for the whole batch; control ops (acks,
-            // answers) go before new sends and requests.
-            self.work.now = Some(now());
-            for op in ops.drain(..) {
-                self.work_op(op);
-            }
-            self.work.now = None;
-        }
-        self.work_scratch = ops;
     }
 
     /// Whether the node may take more sends, appends and requests from
@@ -494,14 +473,17 @@ impl NodeTask {
         self.work.has_room() && self.streams.pending() < MAX_PENDING
     }
 
-    fn work_op(&mut self, op: Op) {
+    /// A call of a handle: a send, a request, a consumer or responder
+    /// starting or ending, a settlement, a peek, a stream call.
+    pub(crate) fn handle_command(&mut self, now: Instant, op: Op) {
+        self.now = now;
         match op {
             Op::Send { queue, msg, reply } => {
-                self.engine.seq += 1;
-                self.engine.counters.queue_sent += 1;
+                self.seq += 1;
+                self.counters.queue_sent += 1;
                 let id = MessageId {
-                    publisher: self.engine.local,
-                    seq: self.engine.seq,
+                    publisher: self.local,
+                    seq: self.seq,
                 };
                 self.route_send(id.seq, queue, msg, SendReply::One(reply), 0);
             }
@@ -509,14 +491,14 @@ impl NodeTask {
                 self.work.next_batch += 1;
                 let b = self.work.next_batch;
                 let n = msgs.len();
-                self.engine.counters.queue_sent += n as u64;
-                let first = self.engine.seq + 1;
+                self.counters.queue_sent += n as u64;
+                let first = self.seq + 1;
                 self.work.batches.insert(
                     b,
                     Batch {
                         ids: (0..n as u64)
                             .map(|i| MessageId {
-                                publisher: self.engine.local,
+                                publisher: self.local,
                                 seq: first + i,
                             })
                             .collect(),
@@ -529,14 +511,14 @@ impl NodeTask {
                     self.resolve_send(
                         SendReply::Batch(b),
                         Ok(MessageId {
-                            publisher: self.engine.local,
+                            publisher: self.local,
                             seq: 0,
                         }),
                     );
                 }
                 for msg in msgs {
-                    self.engine.seq += 1;
-                    self.route_send(self.engine.seq, queue.clone(), msg, SendReply::Batch(b), 0);
+                    self.seq += 1;
+                    self.route_send(self.seq, queue.clone(), msg, SendReply::Batch(b), 0);
                 }
             }
             Op::Request {
@@ -553,7 +535,7 @@ impl NodeTask {
                 inbox,
             } => {
                 let key = ConsumerKey {
-                    node: self.engine.local,
+                    node: self.local,
                     cid,
                 };
                 self.work.consumers.insert(
@@ -601,7 +583,7 @@ impl NodeTask {
                 }
             }
             Op::Replay { queue, reply } => {
-                let moved = self.work.host.replay_dead_letters(now(), &queue) as u64;
+                let moved = self.work.host.replay_dead_letters(self.now, &queue) as u64;
                 let hosts = self.remote_hosts(&queue);
                 let req = self.gather(&hosts, GatherReply::Replay(reply, moved));
                 for h in hosts {
@@ -609,7 +591,7 @@ impl NodeTask {
                 }
             }
             Op::Stats { queue, reply } => {
-                let _ = reply.send(self.work.host.stats(&queue));
+                reply.send(self.work.host.stats(&queue));
             }
             Op::Serve {
                 sid,
@@ -624,8 +606,8 @@ impl NodeTask {
             Op::Unserve { sid } => {
                 if let Some((pattern, inbox)) = self.work.servers.remove(&sid) {
                     if let Ok(p) = Pattern::new(&format!("{SERVE_PREFIX}{pattern}")) {
-                        if let Some(decl) = self.engine.interest.unsubscribe(&p, false) {
-                            self.engine.announce(&decl);
+                        if let Some(decl) = self.interest.unsubscribe(&p, false) {
+                            self.announce(&decl);
                         }
                     }
                     for r in inbox.close() {
@@ -646,7 +628,7 @@ impl NodeTask {
     fn gather(&mut self, hosts: &[NodeId], reply: GatherReply) -> u64 {
         self.work.next_request += 1;
         let req = self.work.next_request;
-        let deadline = now() + GATHER_TIMEOUT;
+        let deadline = self.now + GATHER_TIMEOUT;
         if let Some(done) = self
             .work
             .gathers
@@ -655,423 +637,6 @@ impl NodeTask {
             finish_gather(done.reply);
         }
         req
-    }
-
-    fn send_work(&mut self, peer: NodeId, w: &WorkWire<'_>) {
-        self.engine.send_work(peer, w);
-    }
-
-    /// Sends message `seq` to its host: this node if it hosts the queue,
-    /// else a remote host, else this node from now on
-    /// ([`hosting::route`]).
-    fn route_send(&mut self, seq: u64, queue: Arc<str>, msg: OutMsg, reply: SendReply, full: u32) {
-        // A send that needs a durable confirmation is not kept in this
-        // node's memory alone.
-        let volatile = msg.durable && self.durable.is_none();
-        let here = self.work.hosts_locally(&queue);
-        let self_host = self.work.hosting.self_host();
-        let hosts = match hosting::route(here, volatile, self_host, || self.remote_hosts(&queue)) {
-            Route::Remote(hosts) => hosts,
-            Route::Here => return self.send_here(seq, queue, msg, reply, full),
-            Route::TakeOn => {
-                tracing::debug!(%queue, "no host for queue; this node hosts its own messages");
-                if !self.start_hosting(queue.clone()) {
-                    let e = SendError::Full(format!(
-                        "queue {queue:?} has no host, and this node hosts as many queues as it may"
-                    ));
-                    return self.resolve_send(reply, Err(e));
-                }
-                return self.send_here(seq, queue, msg, reply, full);
-            }
-            Route::NoHost { volatile: true } => {
-                let e = SendError::NoHost(format!(
-                    "{queue} (no host keeps it, and this node holds queues in memory only)"
-                ));
-                return self.resolve_send(reply, Err(e));
-            }
-            Route::NoHost { volatile: false } => {
-                return self.resolve_send(reply, Err(SendError::NoHost(queue.to_string())));
-            }
-        };
-        let Some(host) = hosting::queue_host(&queue, &hosts) else {
-            // `Route::Remote` names a host; a caller still hears why not.
-            return self.resolve_send(reply, Err(SendError::NoHost(queue.to_string())));
-        };
-        let w = WorkWire::Send {
-            queue: &queue,
-            seq,
-            delay_ms: msg.delay.map(millis).unwrap_or(0),
-            ttl_ms: msg.ttl.map(millis).unwrap_or(0),
-            dedup: msg.dedup.as_deref(),
-            headers: headers_to_wire(&msg.headers),
-            payload: Raw(&msg.payload),
-        };
-        tracing::trace!(local = %self.engine.local, %queue, seq, %host, "send handed to host");
-        let link = self.engine.peers.entry(host);
-        wire::encode(&mut link.scratch, &Frame::Work(w));
-        link.has_data = true;
-        let p = PendingSend {
-            queue,
-            host,
-            msg,
-            reply,
-            full,
-            waiting: false,
-        };
-        self.work.pending_sends.insert(seq, p);
-    }
-
-    /// Message `seq` goes to this node's host core: it waits for room if
-    /// the queue is full and the policy says wait; a durable host confirms
-    /// it once on disk.
-    fn send_here(&mut self, seq: u64, queue: Arc<str>, msg: OutMsg, reply: SendReply, full: u32) {
-        let now = self.work.now.unwrap_or_else(now);
-        let id = MessageId {
-            publisher: self.engine.local,
-            seq,
-        };
-        if !self.work.host.has_room(&queue) {
-            if self.work.full_policy == QueueFull::Wait {
-                let p = PendingSend {
-                    queue,
-                    host: self.engine.local,
-                    msg,
-                    reply,
-                    full,
-                    waiting: true,
-                };
-                self.wait_for_room(seq, p);
-            } else {
-                let limit = self.work.host.config().max_messages;
-                let e = SendError::Full(format!("queue {queue:?} is full ({limit} messages)"));
-                self.resolve_send(reply, Err(e));
-            }
-            return;
-        }
-        let result = self
-            .work
-            .host
-            .send(now, &queue, new_message(id, msg, now))
-            .map(|_| id)
-            .map_err(|e| SendError::Full(e.to_string()));
-        match self.durable.as_mut() {
-            // Confirmed once on disk.
-            Some(d) if result.is_ok() => d.hold(super::durable::Held::LocalSend(reply, result)),
-            _ => self.resolve_send(reply, result),
-        }
-    }
-
-    /// This node hosts `queue` from now on: it says so to the mesh, and
-    /// its own consumers of the queue (and of its dead-letter queue)
-    /// consume here too.
-    ///
-    /// Refused (false) when this node hosts its limit of queues or its
-    /// declaration has no room for more patterns.
-    fn start_hosting(&mut self, queue: Arc<str>) -> bool {
-        let patterns = host_patterns_of(&queue);
-        let interest = &self.engine.interest;
-        if !self
-            .work
-            .hosting
-            .take(&queue, &patterns, |p| interest.has_room_for(p))
-        {
-            return false;
-        }
-        self.declare(patterns);
-        let local = self.engine.local;
-        for (cid, c) in &self.work.consumers {
-            if c.queue == queue || dlq_of(&c.queue) == Some(&queue) {
-                let key = ConsumerKey {
-                    node: local,
-                    cid: *cid,
-                };
-                if let Err(e) = self.work.host.set_consumer(&c.queue, key, c.options) {
-                    tracing::warn!(error = %e, "consumer refused");
-                }
-            }
-        }
-        true
-    }
-
-    /// Tells a send's caller how it ended (a batch once all its messages
-    /// did).
-    pub(crate) fn resolve_send_now(
-        &mut self,
-        reply: SendReply,
-        result: Result<MessageId, SendError>,
-    ) {
-        self.resolve_send(reply, result);
-    }
-
-    /// A queue restored from the store is hosted here (a dead-letter queue
-    /// with its queue).
-    pub(crate) fn host_restored_queue(&mut self, queue: Arc<str>) {
-        let base: Arc<str> = dlq_of(&queue).map_or(queue.clone(), Arc::from);
-        if !self.work.hosts_locally(&base) && !self.start_hosting(base.clone()) {
-            tracing::error!(queue = %base, "restored queue cannot be declared hosted (at the limit of queues); its messages are held but not offered");
-        }
-    }
-
-    /// `Accepted` frames for remote sends.
-    pub(crate) fn send_accepted(&mut self, accepted: FxHashMap<NodeId, Vec<u64>>) {
-        for (peer, seqs) in accepted {
-            self.send_work(peer, &WorkWire::Accepted { seqs });
-        }
-    }
-
-    fn resolve_send(&mut self, reply: SendReply, result: Result<MessageId, SendError>) {
-        match reply {
-            SendReply::One(tx) => {
-                let _ = tx.send(result);
-            }
-            SendReply::Batch(b) => {
-                let Some(batch) = self.work.batches.get_mut(&b) else {
-                    return;
-                };
-                if let Err(e) = result {
-                    batch.error.get_or_insert(e);
-                }
-                batch.remaining = batch.remaining.saturating_sub(1);
-                if batch.remaining == 0 {
-                    if let Some(batch) = self.work.batches.remove(&b) {
-                        let _ = batch.reply.send(match batch.error {
-                            Some(e) => Err(e),
-                            None => Ok(batch.ids),
-                        });
-                    }
-                }
-            }
-        }
-    }
-
-    /// Tries send `seq` again later (its queue was full).
-    fn wait_for_room(&mut self, seq: u64, mut p: PendingSend) {
-        p.full += 1;
-        p.waiting = true;
-        let wait = FULL_RETRY
-            .saturating_mul(1 << p.full.min(5))
-            .min(FULL_RETRY_MAX);
-        self.work.retry.push(std::cmp::Reverse((now() + wait, seq)));
-        self.work.pending_sends.insert(seq, p);
-    }
-
-    fn request(
-        &mut self,
-        subject: Arc<str>,
-        headers: Vec<(String, Bytes)>,
-        payload: Bytes,
-        timeout: Duration,
-        reply: oneshot::Sender<Result<Bytes, RequestError>>,
-    ) {
-        let local = self.work.servers.values().any(|(p, _)| p.matches(&subject));
-        let remote = self.declared(&format!("{SERVE_PREFIX}{subject}"));
-        let n = remote.len() + usize::from(local);
-        if n == 0 {
-            let _ = reply.send(Err(RequestError::NoResponders));
-            return;
-        }
-        self.work.next_responder = self.work.next_responder.wrapping_add(1);
-        let pick = self.work.next_responder % n;
-        let id = self.work.request_id();
-        let to = if pick < remote.len() {
-            remote[pick]
-        } else {
-            self.engine.local
-        };
-        let deadline = core_queue::after(now(), timeout);
-        self.work.requests.insert(
-            id,
-            PendingRequest {
-                to,
-                deadline,
-                timeout,
-                reply,
-            },
-        );
-        self.work
-            .request_deadlines
-            .push(std::cmp::Reverse((deadline, id)));
-        if pick < remote.len() {
-            self.send_work(
-                remote[pick],
-                &WorkWire::Request {
-                    id,
-                    subject: &subject,
-                    headers: headers_to_wire(&headers),
-                    payload: Raw(&payload),
-                },
-            );
-        } else {
-            let from = self.engine.local;
-            self.serve_locally(RequestData {
-                from,
-                id,
-                subject,
-                headers,
-                payload,
-            });
-        }
-    }
-
-    /// Hands a request to one local responder, or answers that there is
-    /// none.
-    fn serve_locally(&mut self, r: RequestData) {
-        let mut matching: Vec<u32> = self
-            .work
-            .servers
-            .iter()
-            .filter(|(_, (p, _))| p.matches(&r.subject))
-            .map(|(sid, _)| *sid)
-            .collect();
-        matching.sort_unstable();
-        let mut r = r;
-        for i in 0..matching.len() {
-            self.work.next_server = self.work.next_server.wrapping_add(1);
-            let sid = matching[(self.work.next_server + i) % matching.len()];
-            let Some((_, inbox)) = self.work.servers.get(&sid) else {
-                continue;
-            };
-            if inbox.len() >= MAX_WAITING_REQUESTS {
-                continue;
-            }
-            match inbox.push(r) {
-                Ok(()) => return,
-                Err(back) => r = back,
-            }
-        }
-        self.respond(r.from, r.id, ReplyStatus::NoResponders, Bytes::new());
-    }
-
-    fn respond(&mut self, to: NodeId, id: u64, status: ReplyStatus, payload: Bytes) {
-        if to == self.engine.local {
-            let local = self.engine.local;
-            self.reply_arrived(local, id, status, payload);
-            return;
-        }
-        self.send_work(
-            to,
-            &WorkWire::Reply {
-                id,
-                status,
-                payload: Raw(&payload),
-            },
-        );
-    }
-
-    fn reply_arrived(&mut self, from: NodeId, id: u64, status: ReplyStatus, payload: Bytes) {
-        match self.work.requests.get(&id) {
-            None => return, // timed out already
-            Some(p) if p.to != from => {
-                // Not from the responder it went to: forged, or a reply
-                // aimed at someone else's request.
-                tracing::debug!(%from, "reply from a peer the request did not go to ignored");
-                self.engine.counters.forged_replies += 1;
-                return;
-            }
-            Some(_) => {}
-        }
-        let Some(p) = self.work.requests.remove(&id) else {
-            return;
-        };
-        let result = match status {
-            ReplyStatus::Ok => Ok(payload),
-            ReplyStatus::NoResponders => Err(RequestError::NoResponders),
-            ReplyStatus::Dropped => Err(RequestError::NoReply),
-            ReplyStatus::Denied => Err(RequestError::Denied),
-        };
-        let _ = p.reply.send(result);
-    }
-
-    fn cancel_consumer(&mut self, cid: u32) {
-        let Some(c) = self.work.consumers.remove(&cid) else {
-            return;
-        };
-        // Deliveries never taken go back now.
-        for d in c.inbox.close() {
-            self.settle(d.host, d.cid, d.epoch, d.tag, Settle::Release);
-        }
-        let local = self.engine.local;
-        self.work
-            .host
-            .remove_consumers(now(), |k| k.node == local && k.cid == cid);
-        for h in c.granted {
-            self.send_work(
-                h,
-                &WorkWire::Flow {
-                    queue: &c.queue,
-                    cid,
-                    prefetch: 0,
-                    visibility_ms: 0,
-                    max_attempts: 0,
-                },
-            );
-        }
-    }
-
-    fn settle(&mut self, host: NodeId, cid: u32, epoch: u64, tag: u64, how: Settle) {
-        if host == self.engine.local {
-            let key = ConsumerKey {
-                node: self.engine.local,
-                cid,
-            };
-            self.host_settle(key, epoch, tag, how);
-            return;
-        }
-        match how {
-            Settle::Ack => self
-                .work
-                .acks
-                .entry((host, cid, epoch))
-                .or_default()
-                .push(tag),
-            Settle::Release => self.send_work(host, &WorkWire::Release { cid, epoch, tag }),
-            Settle::Nack(delay) => self.send_work(
-                host,
-                &WorkWire::Nack {
-                    cid,
-                    epoch,
-                    tag,
-                    delay_ms: delay.map(millis).unwrap_or(0),
-                },
-            ),
-            Settle::Reject(reason) => self.send_work(
-                host,
-                &WorkWire::Reject {
-                    cid,
-                    epoch,
-                    tag,
-                    reason: &reason,
-                },
-            ),
-            Settle::Extend(by) => self.send_work(
-                host,
-                &WorkWire::Extend {
-                    cid,
-                    epoch,
-                    tag,
-                    ms: millis(by),
-                },
-            ),
-        }
-    }
-
-    fn host_settle(&mut self, key: ConsumerKey, epoch: u64, tag: u64, how: Settle) {
-        if epoch != self.work.epoch {
-            // A delivery of a previous run of this host: its tag may name
-            // another message now.
-            self.work.host.count_stale(1);
-            tracing::debug!(consumer = %key.node, epoch, "settle of a previous run ignored");
-            return;
-        }
-        let now = now();
-        let h = &mut self.work.host;
-        match how {
-            Settle::Ack => h.ack(tag, &key),
-            Settle::Release => h.release(now, tag, &key),
-            Settle::Nack(delay) => h.nack(now, tag, &key, delay),
-            Settle::Reject(reason) => h.reject(now, tag, &key, &reason),
-            Settle::Extend(by) => h.extend(now, tag, &key, by),
-        };
     }
 
     /// A work frame from `peer`.
@@ -1104,11 +669,11 @@ impl NodeTask {
                 self.host_send(peer, queue, seq, msg);
             }
             WorkWire::Accepted { seqs } => {
-                tracing::trace!(local = %self.engine.local, %peer, ?seqs, "work: accepted");
+                tracing::trace!(local = %self.local, %peer, ?seqs, "work: accepted");
                 for seq in seqs {
                     if let Some(p) = self.answered_send(peer, seq) {
                         let id = MessageId {
-                            publisher: self.engine.local,
+                            publisher: self.local,
                             seq,
                         };
                         self.resolve_send(p.reply, Ok(id));
@@ -1164,7 +729,7 @@ impl NodeTask {
                     self.host_settle(ConsumerKey { node: peer, cid }, epoch, tag, how);
                 }
             }
-            WorkWire::Peek { req, .. } if !self.request_allowed(peer) => {
+            WorkWire::Peek { req, .. } if !self.request_allowed(self.now, peer) => {
                 self.send_work(
                     peer,
                     &WorkWire::Peeked {
@@ -1185,7 +750,7 @@ impl NodeTask {
                 });
             }
             WorkWire::Replay { req, queue } => {
-                let moved = self.work.host.replay_dead_letters(now(), queue) as u64;
+                let moved = self.work.host.replay_dead_letters(self.now, queue) as u64;
                 self.send_work(peer, &WorkWire::Replayed { req, moved });
             }
             WorkWire::Replayed { req, moved } => self.gathered(req, peer, |r| {
@@ -1214,146 +779,6 @@ impl NodeTask {
                 status,
                 payload,
             } => self.reply_arrived(peer, id, status, slice(body, payload.0)),
-        }
-        Ok(())
-    }
-
-    /// `peer`'s consumer `cid` acks `tags` of host run `epoch` (those of
-    /// another run, before a restart, ack nothing).
-    fn host_acks(&mut self, peer: NodeId, cid: u32, epoch: u64, tags: Vec<u64>) {
-        let key = ConsumerKey { node: peer, cid };
-        if epoch != self.work.epoch {
-            self.work.host.count_stale(tags.len());
-            tracing::debug!(%peer, epoch, "acks of a previous run ignored");
-        } else {
-            for tag in tags {
-                self.work.host.ack(tag, &key);
-            }
-        }
-    }
-
-    /// The send `seq` waiting for `peer`'s answer, taken out; `None` if
-    /// none does (only the host a send went to can settle it).
-    fn answered_send(&mut self, peer: NodeId, seq: u64) -> Option<PendingSend> {
-        let ours = self
-            .work
-            .pending_sends
-            .get(&seq)
-            .is_some_and(|p| p.host == peer && !p.waiting);
-        ours.then(|| self.work.pending_sends.remove(&seq)).flatten()
-    }
-
-    /// A peer's send to a queue this node hosts (or takes on): accepted
-    /// with the next batch of `Accepted`, or refused at once.
-    fn host_send(&mut self, peer: NodeId, queue: &str, seq: u64, msg: OutMsg) {
-        let id = MessageId {
-            publisher: peer,
-            seq,
-        };
-        // Its sender may think we host it when we do not (a
-        // declaration of a previous run of ours): take it rather
-        // than lose it, within this node's limits.
-        // A one-shot node (`self_host(false)`) takes nothing it
-        // would exit with.
-        let hosted = self.work.hosts_locally(queue)
-            || (self.work.hosting.self_host() && self.start_hosting(queue.into()));
-        tracing::trace!(local = %self.engine.local, %peer, seq, "work: send received");
-        let now = now();
-        let result = if hosted {
-            self.work.host.send(now, queue, new_message(id, msg, now))
-        } else if !self.work.hosting.self_host() {
-            Err(core_queue::SendError::NotHosted {
-                queue: queue.to_owned(),
-            })
-        } else {
-            Err(core_queue::SendError::TooManyQueues {
-                limit: self.work.host.config().max_queues,
-            })
-        };
-        match result {
-            Ok(Accepted::Queued | Accepted::Duplicate) => {
-                self.work.accepted.entry(peer).or_default().push(seq)
-            }
-            Err(e) => {
-                let reason = e.to_string();
-                let full = matches!(
-                    e,
-                    core_queue::SendError::Full { .. } | core_queue::SendError::HostFull { .. }
-                );
-                self.send_work(
-                    peer,
-                    &WorkWire::Refused {
-                        seq,
-                        full,
-                        reason: &reason,
-                    },
-                );
-            }
-        }
-    }
-
-    /// A host delivered `msgs` to our consumer `cid`: into its inbox, or
-    /// back to the host if it is gone or over the credit it granted.
-    fn deliveries_arrived(
-        &mut self,
-        peer: NodeId,
-        body: &Bytes,
-        cid: u32,
-        epoch: u64,
-        msgs: Vec<DeliverWire<'_>>,
-    ) -> Result<(), WireError> {
-        let fits = match self.work.consumers.get(&cid) {
-            // A host that ignores the credit we granted (a bug or a
-            // hostile peer) cannot fill our memory: what is over goes
-            // back, before anything is built for it.
-            Some(c) if c.inbox.len() + msgs.len() > inbox_limit(c.options.prefetch) => {
-                tracing::warn!(%peer, cid, "queue host sent more than the credit granted; giving the excess back");
-                false
-            }
-            Some(_) => true,
-            None => false,
-        };
-        if !fits {
-            // Checked as if taken: a bad origin ends the link either way.
-            for m in &msgs {
-                if let Some(raw) = m.origin {
-                    wire::node_id(raw)?;
-                }
-            }
-            for m in &msgs {
-                self.settle(peer, cid, epoch, m.tag, Settle::Release);
-            }
-            return Ok(());
-        }
-        let mut batch = Vec::with_capacity(msgs.len());
-        for m in msgs {
-            let publisher = match m.origin {
-                Some(raw) => wire::node_id(raw)?,
-                None => peer,
-            };
-            batch.push(DeliveryData {
-                host: peer,
-                cid,
-                epoch,
-                tag: m.tag,
-                attempt: m.attempt,
-                id: MessageId {
-                    publisher,
-                    seq: m.seq,
-                },
-                headers: headers_from_wire(body, &m.headers),
-                payload: slice(body, m.payload.0),
-                dead: m.dead.map(|(n, r)| (n, r.to_owned())),
-            });
-        }
-        let back = self
-            .work
-            .consumers
-            .get(&cid)
-            .and_then(|c| c.inbox.push_many(batch).err());
-        // That consumer's inbox closed: give them back at once.
-        for d in back.into_iter().flatten() {
-            self.settle(peer, d.cid, d.epoch, d.tag, Settle::Release);
         }
         Ok(())
     }
@@ -1410,9 +835,12 @@ impl NodeTask {
     /// The link to `peer` ended (or it went down): its consumers' messages
     /// come back, sends waiting for it go elsewhere, it no longer has our
     /// credit, and what we asked of it is answered without it.
-    pub(crate) fn work_link_down(&mut self, peer: NodeId) {
+    pub(crate) fn work_link_down(&mut self, now: Instant, peer: NodeId) {
+        self.now = now;
         self.stream_link_down(peer);
-        self.work.host.remove_consumers(now(), |k| k.node == peer);
+        self.work
+            .host
+            .remove_consumers(self.now, |k| k.node == peer);
         for c in self.work.consumers.values_mut() {
             c.granted.remove(&peer);
         }
@@ -1427,7 +855,7 @@ impl NodeTask {
             .map(|(s, _)| *s)
             .collect();
         again.sort_unstable();
-        tracing::trace!(local = %self.engine.local, %peer, resend = again.len(), "work: link down");
+        tracing::trace!(local = %self.local, %peer, resend = again.len(), "work: link down");
         for seq in again {
             if let Some(p) = self.work.pending_sends.remove(&seq) {
                 self.route_send(seq, p.queue, p.msg, p.reply, p.full);
@@ -1440,9 +868,9 @@ impl NodeTask {
 
     /// Timers: the host core's, sends to retry, requests and gathers that
     /// ran out of time.
-    pub(crate) fn work_timeout(&mut self) {
+    pub(crate) fn work_timeout(&mut self, now: Instant) {
+        self.now = now;
         self.stream_timeout();
-        let now = now();
         if self.work.host.poll_timeout().is_some_and(|t| t <= now) {
             self.work.host.handle_timeout(now);
         }
@@ -1465,7 +893,7 @@ impl NodeTask {
             if let Some(p) = self.work.requests.get(&id) {
                 if p.deadline <= now {
                     if let Some(p) = self.work.requests.remove(&id) {
-                        let _ = p.reply.send(Err(RequestError::Timeout(p.timeout)));
+                        p.reply.send(Err(RequestError::Timeout(p.timeout)));
                     }
                 }
             }
@@ -1481,13 +909,13 @@ impl NodeTask {
 
     /// End of a batch: grant credit to new hosts, hand ready messages to
     /// consumers, send batched acks and acceptances.
-    pub(crate) fn work_flush(&mut self) {
-        let generation = (self.engine.interest.generation(), self.links_generation);
+    pub(crate) fn work_flush(&mut self, now: Instant) {
+        self.now = now;
+        let generation = (self.interest.generation(), self.links_generation);
         if self.work.flows_at != generation && !self.work.consumers.is_empty() {
             self.work.flows_at = generation;
             self.grant_flows();
         }
-        let now = now();
         let mut out = std::mem::take(&mut self.work.dispatch);
         while let Some(d) = self.work.host.poll_dispatch(now) {
             out.push(d);
@@ -1523,134 +951,10 @@ impl NodeTask {
             }
         }
         self.stream_flush();
-        self.durable_flush();
-    }
-
-    fn grant_flows(&mut self) {
-        let cids: Vec<u32> = self.work.consumers.keys().copied().collect();
-        for cid in cids {
-            let Some(queue) = self.work.consumers.get(&cid).map(|c| c.queue.clone()) else {
-                continue;
-            };
-            let hosts = self.declared(&format!("{HOST_PREFIX}{queue}"));
-            for h in hosts {
-                let Some(c) = self.work.consumers.get_mut(&cid) else {
-                    break;
-                };
-                if !c.granted.insert(h) {
-                    continue;
-                }
-                let o = c.options;
-                self.send_work(
-                    h,
-                    &WorkWire::Flow {
-                        queue: &queue,
-                        cid,
-                        prefetch: o.prefetch,
-                        visibility_ms: millis(o.visibility_timeout),
-                        max_attempts: o.max_attempts,
-                    },
-                );
-            }
-        }
-    }
-
-    /// Hands `ds` (dispatched in this order, all to `consumer`) over: to
-    /// a local consumer's inbox, or in `Deliver` frames on its node's link.
-    fn deliver_work(&mut self, consumer: ConsumerKey, ds: Vec<Dispatch<ConsumerKey>>) {
-        if consumer.node == self.engine.local {
-            let data: Vec<DeliveryData> = ds
-                .into_iter()
-                .map(|d| DeliveryData {
-                    host: self.engine.local,
-                    cid: consumer.cid,
-                    epoch: self.work.epoch,
-                    tag: d.tag,
-                    attempt: d.attempt,
-                    id: d.id,
-                    headers: d.headers,
-                    payload: d.payload,
-                    dead: d.dead,
-                })
-                .collect();
-            let back = match self.work.consumers.get(&consumer.cid) {
-                Some(c) => c.inbox.push_many(data).err(),
-                None => Some(data),
-            };
-            if let Some(back) = back {
-                self.work.host.remove_consumers(now(), |k| *k == consumer);
-                for d in back {
-                    self.host_settle(consumer.clone(), d.epoch, d.tag, Settle::Release);
-                }
-            }
-            return;
-        }
-        let peer = consumer.node;
-        if !self.engine.peers.is_up(&peer) {
-            // Its link went: the messages come back (the consumer is
-            // removed by then, so this is rare: a race within a batch).
-            self.work.host.remove_consumers(now(), |k| k.node == peer);
-            return;
-        }
-        let local = self.engine.local;
-        let origins: Vec<Option<Vec<u8>>> = ds
-            .iter()
-            .map(|d| (d.id.publisher != local).then(|| d.id.publisher.to_bytes()))
-            .collect();
-        let epoch = self.work.epoch;
-        let link = self.engine.peers.entry(peer);
-        link.has_data = true;
-        // Frames of at most DELIVER_BATCH messages and about
-        // DELIVER_BYTES of payload.
-        let mut at = 0;
-        while at < ds.len() {
-            let mut end = at;
-            let mut bytes = 0;
-            while end < ds.len() && end - at < DELIVER_BATCH {
-                let d = &ds[end];
-                let size = d.payload.len()
-                    + d.headers
-                        .iter()
-                        .map(|(k, v)| k.len() + v.len() + 10)
-                        .sum::<usize>()
-                    + d.dead.as_ref().map_or(0, |(_, r)| r.len())
-                    + 128;
-                if end > at && bytes + size > DELIVER_BYTES {
-                    break;
-                }
-                bytes += size;
-                end += 1;
-            }
-            let msgs = ds[at..end]
-                .iter()
-                .zip(&origins[at..end])
-                .map(|(d, o)| DeliverWire {
-                    tag: d.tag,
-                    attempt: d.attempt,
-                    origin: o.as_deref().map(Raw),
-                    seq: d.id.seq,
-                    dead: d.dead.as_ref().map(|(n, r)| (*n, r.as_str())),
-                    headers: headers_to_wire(&d.headers),
-                    payload: Raw(&d.payload),
-                })
-                .collect();
-            wire::encode(
-                &mut link.scratch,
-                &Frame::Work(WorkWire::Deliver {
-                    queue: &ds[at].queue,
-                    cid: consumer.cid,
-                    epoch,
-                    msgs,
-                }),
-            );
-            at = end;
-        }
     }
 
     /// Shutdown: handles see the node gone.
     pub(crate) fn work_close(&mut self) {
-        self.work_bounded.close();
-        self.work_control.close();
         for c in self.work.consumers.values() {
             c.inbox.close();
         }
@@ -1659,36 +963,6 @@ impl NodeTask {
         }
         self.stream_close();
     }
-}
-
-/// A consumer's settlement of one delivery (`Nack`, `Release`, `Reject`,
-/// `Extend`): (consumer id, host epoch, tag, how); `None` for other frames.
-fn settle_from_wire(w: &WorkWire<'_>) -> Option<(u32, u64, u64, Settle)> {
-    Some(match *w {
-        WorkWire::Nack {
-            cid,
-            epoch,
-            tag,
-            delay_ms,
-        } => {
-            let delay = (delay_ms > 0).then(|| Duration::from_millis(delay_ms));
-            (cid, epoch, tag, Settle::Nack(delay))
-        }
-        WorkWire::Release { cid, epoch, tag } => (cid, epoch, tag, Settle::Release),
-        WorkWire::Reject {
-            cid,
-            epoch,
-            tag,
-            reason,
-        } => (cid, epoch, tag, Settle::Reject(reason.to_owned())),
-        WorkWire::Extend {
-            cid,
-            epoch,
-            tag,
-            ms,
-        } => (cid, epoch, tag, Settle::Extend(Duration::from_millis(ms))),
-        _ => return None,
-    })
 }
 
 /// A host's answer to a peek, parsed (at most [`MAX_PEEK`] messages).
@@ -1711,25 +985,14 @@ fn peeked_from_wire(body: &Bytes, msgs: &[PeekedWire<'_>]) -> Result<Vec<Peeked>
         .collect()
 }
 
-fn new_message(id: MessageId, msg: OutMsg, now: Instant) -> NewMessage {
-    NewMessage {
-        id,
-        headers: msg.headers,
-        payload: msg.payload,
-        not_before: msg.delay.map(|d| core_queue::after(now, d)),
-        expires: msg.ttl.map(|d| core_queue::after(now, d)),
-        dedup_key: msg.dedup,
-    }
-}
-
 fn finish_gather(reply: GatherReply) {
     match reply {
         GatherReply::Peek(reply, mut all, limit) => {
             all.truncate(limit);
-            let _ = reply.send(all);
+            reply.send(all);
         }
         GatherReply::Replay(reply, n) => {
-            let _ = reply.send(n);
+            reply.send(n);
         }
     }
 }

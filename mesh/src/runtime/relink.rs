@@ -1,0 +1,238 @@
+//! Links that end and come back: what membership asks for (dials,
+//! control frames, members down), setting a link up again after it ended
+//! (with back-off), redialing peers membership wants, dropping links that
+//! never came up or that a peer stopped reading, and forgetting members
+//! that left.
+
+use super::*;
+
+impl NodeTask {
+    /// A link ended while its peer may still be alive: get a new one. The
+    /// smaller id opens a stream on the live connection; the larger, which
+    /// must not open one (both would, and each side would keep a different
+    /// stream), drops the connection so the next dial starts afresh.
+    pub(super) async fn relink(&mut self) {
+        let now = now();
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.relink)
+            .into_iter()
+            .partition(|(at, _)| *at <= now);
+        self.relink = later;
+        for (_, peer) in due {
+            if self.shutting_down || self.links.get(&peer).is_some_and(|l| l.reader.is_some()) {
+                continue;
+            }
+            if !self.connected.contains_key(&peer) {
+                continue;
+            }
+            if self.engine.local < peer {
+                let alive = matches!(
+                    self.engine.membership.state_of(&peer),
+                    Some(MemberState::Alive | MemberState::Suspect)
+                );
+                if alive {
+                    self.transport.open_stream(peer).await;
+                }
+            } else {
+                // Ask again later if no stream comes (backing off).
+                let mut frame = Vec::new();
+                wire::encode(&mut frame, &Frame::Relink);
+                self.control_out
+                    .entry(peer)
+                    .or_default()
+                    .extend_from_slice(&frame);
+                self.schedule_relink(peer);
+            }
+        }
+    }
+
+    /// The peer (larger id) has a connection but no data stream from us:
+    /// open a fresh one on its newest connection, closing older ones (they
+    /// may belong to its previous run, lingering until QUIC's idle
+    /// timeout). A stream we opened moments ago is still on its way.
+    pub(super) async fn relink_requested(&mut self, peer: NodeId) {
+        if self.engine.local > peer || self.shutting_down {
+            return;
+        }
+        let fresh = self.links.get(&peer).is_some_and(|l| {
+            l.reader.is_some() && now().duration_since(l.created) < RELINK_GRACE / 2
+        });
+        if fresh {
+            return;
+        }
+        tracing::debug!(%peer, "peer asked for a fresh data stream");
+        self.transport.fresh_stream(peer).await;
+    }
+
+    /// Schedules `relink` for `peer`: at once on the side that opens
+    /// streams; on the other after a grace period, in which the opener's
+    /// new stream usually arrives and nothing needs tearing down.
+    /// Repeated failures back off exponentially (250 ms doubling to 30 s)
+    /// until a link comes up, so a peer that fails the same way every time
+    /// (another protocol version, say) is not retried in a tight loop.
+    pub(super) fn schedule_relink(&mut self, peer: NodeId) {
+        let base = if self.engine.local < peer {
+            Duration::ZERO
+        } else {
+            RELINK_GRACE
+        };
+        let backoff = self.relink_backoff.entry(peer).or_insert(Duration::ZERO);
+        let delay = base + *backoff;
+        *backoff = (*backoff * 2).clamp(Duration::from_millis(250), Duration::from_secs(30));
+        if !self.relink.iter().any(|(_, p)| *p == peer) {
+            self.relink.push((now() + delay, peer));
+        }
+    }
+
+    /// Every [`RECONNECT_INTERVAL`]: dials one member declared down (chosen
+    /// at random) and every bootstrap peer not connected. A down member
+    /// that answers is readmitted when its link comes up.
+    pub(super) async fn reconnect(&mut self) {
+        let now = now();
+        if now < self.next_reconnect || self.shutting_down {
+            return;
+        }
+        self.next_reconnect = now + RECONNECT_INTERVAL;
+        let down: Vec<NodeId> = self
+            .engine
+            .membership
+            .members()
+            .filter(|m| m.state == MemberState::Down && !self.connected.contains_key(&m.node))
+            .map(|m| m.node)
+            .collect();
+        if !down.is_empty() {
+            let node = down[rand::Rng::gen_range(&mut self.engine.rng, 0..down.len())];
+            let addrs = self.addrs_of(&node);
+            self.transport.dial_peer(node, addrs).await;
+        }
+        for addr in self.config.bootstrap.clone() {
+            match quic::peer_of(&addr) {
+                Some(peer) if self.connected.contains_key(&peer) => {}
+                Some(peer) => self.transport.dial_peer(peer, vec![addr]).await,
+                // Without a peer id we cannot tell whether we are connected;
+                // it was dialed at start.
+                None => {}
+            }
+        }
+    }
+
+    /// Forgets the interest of members the membership has forgotten. Run on
+    /// the membership timer, not per event: it walks every declaration.
+    pub(super) fn forget_departed(&mut self) {
+        let gone: Vec<NodeId> = self
+            .engine
+            .interest
+            .nodes()
+            .filter(|n| self.engine.membership.state_of(n).is_none())
+            .collect();
+        for node in gone {
+            self.engine.interest.remove(&node);
+        }
+        let membership = &self.engine.membership;
+        self.relink_backoff
+            .retain(|n, _| membership.state_of(n).is_some());
+        self.engine
+            .reliable
+            .retain(|n| membership.state_of(n).is_some());
+    }
+
+    pub(super) fn addrs_of(&self, node: &NodeId) -> Vec<Multiaddr> {
+        self.engine
+            .membership
+            .members()
+            .find(|m| &m.node == node)
+            .map(|m| {
+                m.addrs
+                    .iter()
+                    .filter_map(|a| Multiaddr::try_from(a.clone()).ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Drops buffers for peers whose stream never came.
+    pub(super) fn expire_links(&mut self) {
+        let now = now();
+        let stale: Vec<NodeId> = self
+            .links
+            .iter()
+            .filter(|(_, l)| {
+                l.reader.is_none() && now.duration_since(l.created) > LINK_SETUP_TIMEOUT
+            })
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in stale {
+            if let Some(l) = self.remove_link(&peer) {
+                self.engine.counters.dropped_unreachable += l.queued;
+                tracing::warn!(%peer, messages = l.queued, "no link to peer in time; dropped the messages buffered for it");
+                self.engine.links_generation += 1;
+                self.engine.work_link_down(now, peer);
+            }
+        }
+    }
+
+    /// Ends the links whose peers let more than `16 * link_buffer` bytes
+    /// pile up unread (answers to their requests, deliveries within their
+    /// credit): what waits for them is freed and the link is set up again.
+    /// A peer that reads keeps its outbox near `link_buffer` (publishers
+    /// wait beyond that), so only one that stopped reading gets here.
+    pub(super) fn shed_overflowing_links(&mut self) {
+        let cap = self.config.link_buffer.saturating_mul(OUTBOX_CAP_FACTOR);
+        let over: Vec<NodeId> = self
+            .links
+            .iter()
+            .filter(|(_, l)| l.outbox.pending() > cap)
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in over {
+            tracing::warn!(%peer, cap, "peer does not read what it asked for; closing its link");
+            self.engine.counters.outbox_overflow += 1;
+            if let Some(l) = self.links.get(&peer) {
+                l.outbox.abort();
+            }
+            self.remove_link(&peer);
+            self.engine.membership.handle_link_down(now(), peer);
+            self.engine.links_generation += 1;
+            self.engine.work_link_down(now(), peer);
+            self.schedule_relink(peer);
+        }
+    }
+
+    /// Acts on what membership wants, in order: control frames, dials,
+    /// members declared down.
+    pub(super) async fn drive_membership(&mut self) {
+        for peer in std::mem::take(&mut self.refused.to_disconnect) {
+            self.transport.disconnect(peer).await;
+        }
+        self.relink().await;
+        while let Some(t) = self.engine.poll_member_transmit() {
+            match t {
+                engine::MemberOut::Control { to, frame } => {
+                    self.control_out
+                        .entry(to)
+                        .or_default()
+                        .extend_from_slice(&frame);
+                }
+                engine::MemberOut::Dial { to, addrs } => {
+                    let addrs = match addrs {
+                        Some(a) => a
+                            .into_iter()
+                            .filter_map(|a| Multiaddr::try_from(a).ok())
+                            .collect(),
+                        None => self.addrs_of(&to),
+                    };
+                    self.transport.dial_peer(to, addrs).await;
+                }
+                engine::MemberOut::Down(node) => {
+                    self.engine.links_generation += 1;
+                    self.engine.work_link_down(now(), node);
+                    let leaving = self.remove_link(&node).is_some_and(|l| l.leaving);
+                    // A peer that said goodbye closes its own connection once
+                    // it has our ByeAck; closing it here could lose that.
+                    if !leaving {
+                        self.transport.disconnect(node).await;
+                    }
+                }
+            }
+        }
+    }
+}
