@@ -34,6 +34,8 @@ pub(crate) mod pubsub;
 pub(crate) mod reliable;
 pub(crate) mod reply;
 pub(crate) mod streams;
+#[cfg(test)]
+pub(crate) mod testing;
 pub(crate) mod work;
 
 use std::{sync::Arc, time::Instant};

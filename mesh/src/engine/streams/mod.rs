@@ -25,6 +25,8 @@
 
 mod append;
 mod read;
+#[cfg(test)]
+mod tests;
 
 use append::new_records_from_wire;
 use read::records_from_wire;

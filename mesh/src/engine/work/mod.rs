@@ -21,6 +21,8 @@
 mod consume;
 mod request;
 mod send;
+#[cfg(test)]
+pub(crate) mod tests;
 
 use consume::settle_from_wire;
 
