@@ -614,7 +614,7 @@ async fn a_killed_group_member_s_partitions_move_to_the_other_process() {
         let mut child = Command::new(BIN)
             .args(["stream", "read", "jobs", "--group", "workers"])
             .args(["--no-mdns", "--listen", LOOP, "--bootstrap", &addr])
-            .env("RUST_LOG", "warn,mesh::runtime::streams=info")
+            .env("RUST_LOG", "warn,mesh::engine::streams=info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)

@@ -213,7 +213,7 @@ pub(crate) enum Op {
         status: ReplyStatus,
         payload: Bytes,
     },
-    /// Streams (see `runtime::streams`).
+    /// Streams (see `engine::streams`).
     Stream(super::streams::StreamOp),
 }
 
