@@ -30,6 +30,7 @@ pub(crate) mod durable;
 pub(crate) mod group;
 pub(crate) mod hosting;
 pub(crate) mod inbox;
+pub(crate) mod links;
 pub(crate) mod pubsub;
 pub(crate) mod reliable;
 pub(crate) mod reply;
@@ -127,6 +128,8 @@ pub(crate) struct Engine {
     pub(crate) durable: Option<durable::Store>,
     /// The time of the input being handled (every input brings it).
     pub(crate) now: Instant,
+    /// Links that ended and may need a new one.
+    pub(crate) relinks: links::Relinks,
 }
 
 /// What the engine tells its driver (besides bytes to send and messages to
@@ -226,6 +229,7 @@ impl Engine {
             links_generation: 0,
             durable: durable.then(|| durable::Store::new(now)),
             now,
+            relinks: Default::default(),
         }
     }
 

@@ -111,10 +111,6 @@ const LINK_SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_CONTROL_READERS: usize = 256;
 /// Control streams read at once from one peer.
 const MAX_CONTROL_READERS_PER_PEER: usize = 16;
-/// How long the side that does not open streams waits for one before it
-/// asks the peer for a fresh stream (`Relink`); a stream younger than half
-/// of it is taken to be still on its way and not replaced.
-const RELINK_GRACE: Duration = Duration::from_millis(500);
 /// How often a node tries to reach a peer it declared down, and bootstrap
 /// peers it is not connected to: a partition that lasted past the failure
 /// detector must still heal without outside help (Serf's reconnect).
@@ -353,11 +349,6 @@ struct NodeTask {
     /// Peers refused in the handshake, to disconnect, and whether each was
     /// logged already (one warning per peer; bounded).
     refused: RefusedPeers,
-    /// Peers whose link ended and may need a new one, and when to act
-    /// (see `relink`). Bounded by the number of peers with links.
-    relink: Vec<(Instant, NodeId)>,
-    /// Current relink back-off per peer; cleared when a link comes up.
-    relink_backoff: rustc_hash::FxHashMap<NodeId, Duration>,
     /// Control streams being read, per peer (bounded per peer so one peer
     /// cannot take every reader).
     control_inflight: rustc_hash::FxHashMap<NodeId, usize>,
@@ -529,7 +520,7 @@ impl NodeTask {
         self.engine.handle_timeout(now());
         self.reconnect().await;
         self.expire_links();
-        self.forget_departed();
+        self.engine.forget_departed();
     }
 
     /// Subscriptions that stayed full past the slow-consumer timeout are
@@ -816,7 +807,7 @@ impl NodeTask {
                 };
                 l.shm_ok = shm_ok;
                 self.engine.links_generation += 1;
-                self.relink_backoff.remove(&peer);
+                self.engine.relink_done(&peer);
                 tracing::debug!(%peer, incarnation, "link up");
                 self.engine.handle_link_up(now(), peer, addrs);
             }
@@ -864,7 +855,7 @@ impl NodeTask {
                     tracing::debug!(%peer, %reason, "refused a peer again");
                 }
                 self.remove_link(&peer);
-                self.relink_backoff.remove(&peer);
+                self.engine.relink_done(&peer);
                 self.engine.links_generation += 1;
                 self.engine.work_link_down(now(), peer);
             }

@@ -7,40 +7,32 @@
 use super::*;
 
 impl NodeTask {
-    /// A link ended while its peer may still be alive: get a new one. The
-    /// smaller id opens a stream on the live connection; the larger, which
-    /// must not open one (both would, and each side would keep a different
-    /// stream), drops the connection so the next dial starts afresh.
+    /// Relinks that are due (`Engine::poll_relinks`): the smaller id opens
+    /// a stream on the live connection; the larger, which must not open one
+    /// (both would, and each side would keep a different stream), asks
+    /// for one with `Relink`.
     pub(super) async fn relink(&mut self) {
-        let now = now();
-        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.relink)
-            .into_iter()
-            .partition(|(at, _)| *at <= now);
-        self.relink = later;
-        for (_, peer) in due {
-            if self.shutting_down || self.links.get(&peer).is_some_and(|l| l.reader.is_some()) {
-                continue;
-            }
-            if !self.connected.contains_key(&peer) {
-                continue;
-            }
-            if self.engine.local < peer {
-                let alive = matches!(
-                    self.engine.membership.state_of(&peer),
-                    Some(MemberState::Alive | MemberState::Suspect)
-                );
-                if alive {
-                    self.transport.open_stream(peer).await;
+        if self.shutting_down {
+            return;
+        }
+        let links = &self.links;
+        let connected = &self.connected;
+        let due = self.engine.poll_relinks(
+            now(),
+            |p| links.get(p).is_some_and(|l| l.reader.is_some()),
+            |p| connected.contains_key(p),
+        );
+        for r in due {
+            match r {
+                engine::links::Relink::Open(peer) => self.transport.open_stream(peer).await,
+                engine::links::Relink::Ask(peer) => {
+                    let mut frame = Vec::new();
+                    wire::encode(&mut frame, &Frame::Relink);
+                    self.control_out
+                        .entry(peer)
+                        .or_default()
+                        .extend_from_slice(&frame);
                 }
-            } else {
-                // Ask again later if no stream comes (backing off).
-                let mut frame = Vec::new();
-                wire::encode(&mut frame, &Frame::Relink);
-                self.control_out
-                    .entry(peer)
-                    .or_default()
-                    .extend_from_slice(&frame);
-                self.schedule_relink(peer);
             }
         }
     }
@@ -48,59 +40,39 @@ impl NodeTask {
     /// The peer (larger id) has a connection but no data stream from us:
     /// open a fresh one on its newest connection, closing older ones (they
     /// may belong to its previous run, lingering until QUIC's idle
-    /// timeout). A stream we opened moments ago is still on its way.
+    /// timeout), unless ours is on its way (`Engine::relink_asked`).
     pub(super) async fn relink_requested(&mut self, peer: NodeId) {
-        if self.engine.local > peer || self.shutting_down {
+        if self.shutting_down {
             return;
         }
-        let fresh = self.links.get(&peer).is_some_and(|l| {
-            l.reader.is_some() && now().duration_since(l.created) < RELINK_GRACE / 2
-        });
-        if fresh {
+        let now = now();
+        let age = self
+            .links
+            .get(&peer)
+            .filter(|l| l.reader.is_some())
+            .map(|l| now.duration_since(l.created));
+        if !self.engine.relink_asked(&peer, age) {
             return;
         }
         tracing::debug!(%peer, "peer asked for a fresh data stream");
         self.transport.fresh_stream(peer).await;
     }
 
-    /// Schedules `relink` for `peer`: at once on the side that opens
-    /// streams; on the other after a grace period, in which the opener's
-    /// new stream usually arrives and nothing needs tearing down.
-    /// Repeated failures back off exponentially (250 ms doubling to 30 s)
-    /// until a link comes up, so a peer that fails the same way every time
-    /// (another protocol version, say) is not retried in a tight loop.
+    /// See `Engine::schedule_relink`.
     pub(super) fn schedule_relink(&mut self, peer: NodeId) {
-        let base = if self.engine.local < peer {
-            Duration::ZERO
-        } else {
-            RELINK_GRACE
-        };
-        let backoff = self.relink_backoff.entry(peer).or_insert(Duration::ZERO);
-        let delay = base + *backoff;
-        *backoff = (*backoff * 2).clamp(Duration::from_millis(250), Duration::from_secs(30));
-        if !self.relink.iter().any(|(_, p)| *p == peer) {
-            self.relink.push((now() + delay, peer));
-        }
+        self.engine.schedule_relink(now(), peer);
     }
 
-    /// Every [`RECONNECT_INTERVAL`]: dials one member declared down (chosen
-    /// at random) and every bootstrap peer not connected. A down member
-    /// that answers is readmitted when its link comes up.
+    /// Every [`RECONNECT_INTERVAL`]: dials one member declared down (the
+    /// engine picks it) and every bootstrap peer not connected.
     pub(super) async fn reconnect(&mut self) {
         let now = now();
         if now < self.next_reconnect || self.shutting_down {
             return;
         }
         self.next_reconnect = now + RECONNECT_INTERVAL;
-        let down: Vec<NodeId> = self
-            .engine
-            .membership
-            .members()
-            .filter(|m| m.state == MemberState::Down && !self.connected.contains_key(&m.node))
-            .map(|m| m.node)
-            .collect();
-        if !down.is_empty() {
-            let node = down[rand::Rng::gen_range(&mut self.engine.rng, 0..down.len())];
+        let connected = &self.connected;
+        if let Some(node) = self.engine.reconnect_target(|n| connected.contains_key(n)) {
             let addrs = self.addrs_of(&node);
             self.transport.dial_peer(node, addrs).await;
         }
@@ -113,26 +85,6 @@ impl NodeTask {
                 None => {}
             }
         }
-    }
-
-    /// Forgets the interest of members the membership has forgotten. Run on
-    /// the membership timer, not per event: it walks every declaration.
-    pub(super) fn forget_departed(&mut self) {
-        let gone: Vec<NodeId> = self
-            .engine
-            .interest
-            .nodes()
-            .filter(|n| self.engine.membership.state_of(n).is_none())
-            .collect();
-        for node in gone {
-            self.engine.interest.remove(&node);
-        }
-        let membership = &self.engine.membership;
-        self.relink_backoff
-            .retain(|n, _| membership.state_of(n).is_some());
-        self.engine
-            .reliable
-            .retain(|n| membership.state_of(n).is_some());
     }
 
     pub(super) fn addrs_of(&self, node: &NodeId) -> Vec<Multiaddr> {

@@ -225,8 +225,6 @@ pub(crate) async fn start(config: Config) -> Result<Node, StartError> {
         unadmitted_control: Default::default(),
         refused: Default::default(),
         last_drop_warning: None,
-        relink: Vec::new(),
-        relink_backoff: Default::default(),
         control_inflight: Default::default(),
         publishes: publishes.clone(),
         control_out: Default::default(),
