@@ -130,6 +130,7 @@ const TARGETS: &[(&str, Target)] = &[
     ("membership", fuzzing::membership),
     ("pubsub", fuzzing::pubsub),
     ("node", fuzzing::node),
+    ("engine", fuzzing::engine),
 ];
 
 fn target(name: &str) -> Target {
@@ -418,6 +419,12 @@ fn node() {
     run("node", 22, core_steps(Family::Any));
 }
 
+#[test]
+fn engine() {
+    run("engine", 23, random_bytes());
+    run("engine", 24, core_steps(Family::Any));
+}
+
 /// The harness drives the real node: a peer's `Send` to a queue is
 /// accepted by the node's queue host, a `Msg` on a topic it has not named
 /// closes the link as malformed, and a garbage frame too.
@@ -537,6 +544,7 @@ fn write_seed_corpus() {
             "membership",
             "pubsub",
             "node",
+            "engine",
         ] {
             write(t, i, &steps);
         }

@@ -16,6 +16,10 @@
 //! or a link going up or down. After each step the node runs until all its
 //! tasks wait. What it sends is dropped.
 
+mod engine;
+
+pub use engine::engine;
+
 use std::{
     collections::VecDeque,
     pin::Pin,
