@@ -13,6 +13,14 @@ impl NodeTask {
             .get_mut(&peer)
             .ok_or(WireError::Unexpected("ShmSwitch"))?;
         match link.shm {
+            // Our `Bye` went out on the network stream: nothing may follow
+            // it there, since a peer that read it may drop that stream (and
+            // our write would fail, losing the link before its `ByeAck`
+            // comes in on the ring). Our reader reads the ring; our side
+            // has nothing more to send.
+            ShmState::Offered if self.shutting_down => {
+                link.shm_tx = None;
+            }
             ShmState::Offered => {
                 let ring = link
                     .shm_tx
@@ -42,8 +50,12 @@ impl NodeTask {
         true
     }
 
-    /// Smaller id: makes the link's two rings and offers them.
+    /// Smaller id: makes the link's two rings and offers them (not once
+    /// this node said `Bye`: nothing follows it on a link).
     pub(super) fn offer_shm(&mut self, peer: NodeId, link_id: LinkId) {
+        if self.shutting_down {
+            return;
+        }
         let nonce = self.engine.rng.next_u64();
         let cfg = &self.config.shm;
         let made =
@@ -94,6 +106,11 @@ impl NodeTask {
         to_you: &str,
         from_you: &str,
     ) -> Result<(), WireError> {
+        if self.shutting_down {
+            // Our `Bye` is out: nothing may follow it on this stream (see
+            // `shm_switch`), not even a refusal. The link stays on QUIC.
+            return Ok(());
+        }
         let wait = self.config.shm.wait;
         let enabled = !self.shm_host.is_empty();
         // Offers come from the smaller id only, after its Hello.
