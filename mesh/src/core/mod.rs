@@ -14,6 +14,8 @@
 //!   dead letters.
 //! - [`stream`]: stream partitions on their host: append, retention,
 //!   credit-based readers, committed group offsets.
+//! - [`raft`]: consensus for one replica set (election with pre-vote and
+//!   check-quorum, log replication, the commit rule, term fencing).
 //! - [`pubsub`]: routing published messages to interested peers, and
 //!   delivering received ones to local subscriptions.
 
@@ -22,6 +24,7 @@ pub mod interest;
 pub mod membership;
 pub mod pubsub;
 pub mod queue;
+pub mod raft;
 pub mod stream;
 pub mod topic;
 
