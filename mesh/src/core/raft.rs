@@ -252,6 +252,39 @@ pub struct Refused {
     pub outsider: u64,
     /// Votes not granted because a leader was heard from recently.
     pub sticky: u64,
+    /// Malformed: the last term there is, or entries out of order, of a
+    /// later term than their append, or more than `max_append` of them.
+    pub malformed: u64,
+    /// Appends that would have removed committed entries.
+    pub below_commit: u64,
+}
+
+/// What a correct replica sends: entries numbered on from `prev_index`,
+/// terms that never decrease and are not past the message's, and no more
+/// of them than an append carries.
+fn well_formed<C>(message: &Message<C>, max_append: usize) -> bool {
+    let Message::Append {
+        term,
+        prev_index,
+        prev_term,
+        entries,
+        ..
+    } = message
+    else {
+        return true;
+    };
+    if entries.len() > max_append || prev_term > term {
+        return false;
+    }
+    let mut last_term = *prev_term;
+    for (i, e) in entries.iter().enumerate() {
+        let expected = prev_index.checked_add(i as u64 + 1);
+        if Some(e.index) != expected || e.term < last_term || e.term > *term || e.term == 0 {
+            return false;
+        }
+        last_term = e.term;
+    }
+    true
 }
 
 /// One replica of a replica set.
@@ -423,6 +456,12 @@ where
             return;
         }
         let term = message.term();
+        if term == Term::MAX || !well_formed(&message, self.config.max_append) {
+            // No term after it exists: taking it would leave the set
+            // unable to elect anyone.
+            self.refused.malformed += 1;
+            return;
+        }
         match message {
             // Pre-votes never change terms: they ask about the future.
             Message::PreVote {
@@ -441,7 +480,10 @@ where
                 return;
             }
             Message::PreVoteReply { term, granted } => {
-                if self.role == Role::PreCandidate && granted && term == self.state.term + 1 {
+                if self.role == Role::PreCandidate
+                    && granted
+                    && term == self.state.term.saturating_add(1)
+                {
                     self.votes.insert(from);
                     if self.votes.len() >= self.quorum() {
                         self.start_election(now, rng);
@@ -611,7 +653,7 @@ where
             return;
         }
         let (last_index, last_term) = (self.last_index(), self.last_term());
-        let term = self.state.term + 1;
+        let term = self.state.term.saturating_add(1);
         for to in self.others() {
             self.send(
                 to,
@@ -626,7 +668,7 @@ where
 
     fn start_election(&mut self, now: Instant, rng: &mut impl RngCore) {
         self.state = HardState {
-            term: self.state.term + 1,
+            term: self.state.term.saturating_add(1),
             voted_for: Some(self.id),
         };
         self.persist(Vec::new());
@@ -796,6 +838,15 @@ where
             Some(_) => {}
         }
         let last_new = prev_index + entries.len() as u64;
+        let conflict = entries
+            .iter()
+            .find(|e| self.term_at(e.index).is_some_and(|t| t != e.term));
+        if conflict.is_some_and(|e| e.index <= self.commit) {
+            // Only a leader without a committed entry could send this: a
+            // bug or a forgery, never the state machine's loss.
+            self.refused.below_commit += 1;
+            return;
+        }
         let mut new = Vec::new();
         for e in entries {
             match self.term_at(e.index) {
@@ -847,9 +898,10 @@ where
             if self.progress.get(&from).is_some_and(|p| p.next <= last) {
                 self.send_append(from);
             }
-        } else if index > p.matched {
+        } else {
             // Back to where the follower says it diverges (never below
-            // what it matched, and a stale refusal moves nothing up).
+            // what it matched: its hint may be, as it cannot know that),
+            // and a stale refusal moves nothing up.
             let next = index.clamp(p.matched + 1, last + 1);
             if next < p.next {
                 p.next = next;

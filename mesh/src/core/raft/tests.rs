@@ -424,11 +424,7 @@ fn messages_from_outside_the_set_and_of_old_terms_are_refused_and_counted() {
         term: term - 1,
         prev_index: 0,
         prev_term: 0,
-        entries: vec![Entry {
-            term: term - 1,
-            index: 1,
-            payload: Payload::Data(666),
-        }],
+        entries: Vec::new(),
         commit: 1,
     };
     r.handle_message(now, f, stale, &mut rng);
@@ -598,4 +594,103 @@ fn the_same_seed_gives_the_same_run() {
         (c.leaders.clone(), c.applied.clone())
     };
     assert_eq!(run(77), run(77));
+}
+
+/// A follower's hint may lie below what the leader knows matched (it
+/// points at the start of the conflicting term): the leader still backs
+/// up, to just past the match, instead of waiting forever.
+#[test]
+fn a_refusal_hinting_below_the_match_still_moves_the_follower_back() {
+    let now = test_origin();
+    let mut rng = SmallRng::seed_from_u64(3);
+    let entry = |index| Entry {
+        term: 1,
+        index,
+        payload: Payload::Data(index as u32),
+    };
+    let mut r: Raft<Node, u32> = Raft::new(
+        1,
+        [1, 2, 3],
+        Config::default(),
+        HardState {
+            term: 2,
+            voted_for: Some(1),
+        },
+        vec![entry(1), entry(2), entry(3)],
+        now,
+        &mut rng,
+    );
+    r.become_leader(now);
+    while r.poll_output().is_some() {}
+    let p = r.progress.get_mut(&2).unwrap();
+    (p.matched, p.next) = (2, 5);
+    let refusal = Message::AppendReply {
+        term: 2,
+        success: false,
+        index: 1,
+    };
+    r.handle_message(now, 2, refusal, &mut rng);
+    assert_eq!(r.progress[&2].next, 5, "sent on at once: 3 and 4 went out");
+    let sent: Vec<(Index, usize)> = std::iter::from_fn(|| r.poll_output())
+        .filter_map(|o| match o {
+            Output::Send {
+                to: 2,
+                message:
+                    Message::Append {
+                        prev_index,
+                        entries,
+                        ..
+                    },
+            } => Some((prev_index, entries.len())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(sent, [(2, 2)]);
+}
+
+#[test]
+fn malformed_appends_are_refused_and_counted_and_change_nothing() {
+    let now = test_origin();
+    let mut rng = SmallRng::seed_from_u64(4);
+    let mut r: Raft<Node, u32> = Raft::new(
+        1,
+        [1, 2, 3],
+        Config::default(),
+        HardState::default(),
+        Vec::new(),
+        now,
+        &mut rng,
+    );
+    let append = |term, prev_index, entries: Vec<(Term, Index)>| Message::Append {
+        term,
+        prev_index,
+        prev_term: 0,
+        entries: entries
+            .into_iter()
+            .map(|(term, index)| Entry {
+                term,
+                index,
+                payload: Payload::Data(0),
+            })
+            .collect(),
+        commit: 5,
+    };
+    for bad in [
+        append(1, 0, vec![(1, 5)]),         // a gap
+        append(1, 0, vec![(1, 1), (1, 1)]), // the same index twice
+        append(1, 0, vec![(2, 1)]),         // a term past the append's
+        append(2, 0, vec![(2, 1), (1, 2)]), // terms going down
+        append(Term::MAX, 0, vec![]),       // no term after it
+        append(1, u64::MAX, vec![(1, 0)]),  // numbered past the end
+    ] {
+        r.handle_message(now, 2, bad, &mut rng);
+    }
+    assert_eq!(r.refused().malformed, 6);
+    assert_eq!((r.term(), r.last_index(), r.commit_index()), (0, 0, 0));
+    // A committed entry is never taken back, whatever a leader says.
+    r.handle_message(now, 2, append(1, 0, vec![(1, 1)]), &mut rng);
+    assert_eq!(r.commit_index(), 1);
+    r.handle_message(now, 3, append(2, 0, vec![(2, 1)]), &mut rng);
+    assert_eq!(r.refused().below_commit, 1);
+    assert_eq!(r.log()[0].term, 1);
 }
