@@ -247,6 +247,10 @@ enum ShmState {
     Opened,
     /// Both directions run over the rings.
     On,
+    /// The peer switched while we were shutting down: our reader reads
+    /// the ring, our side stays on the network (after our `Bye` nothing
+    /// more goes out; see `shm_switch`).
+    RingIn,
 }
 
 impl ShmState {
@@ -259,7 +263,7 @@ impl ShmState {
     /// The reader turns to the ring after a batch that ends with the
     /// peer's `ShmSwitch`, which moves the link to `On`.
     fn reads_ring(self) -> bool {
-        self == ShmState::On
+        matches!(self, ShmState::On | ShmState::RingIn)
     }
 }
 

@@ -20,6 +20,8 @@ impl NodeTask {
             // has nothing more to send.
             ShmState::Offered if self.shutting_down => {
                 link.shm_tx = None;
+                link.shm = ShmState::RingIn;
+                return Ok(());
             }
             ShmState::Offered => {
                 let ring = link
