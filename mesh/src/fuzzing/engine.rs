@@ -258,9 +258,12 @@ impl EngineHarness {
         }
     }
 
+    /// As the node task does when a link ends (or its connection).
     fn link_down(&mut self, peer: NodeId) {
         self.linked.retain(|p| *p != peer);
-        self.engine.peers.remove(&peer);
+        if self.engine.peers.remove(&peer).is_some_and(|p| p.up) {
+            self.engine.membership.handle_link_down(self.now, peer);
+        }
         self.engine.handle_disconnected(peer);
         self.engine.links_generation += 1;
         self.engine.work_link_down(self.now, peer);
