@@ -115,18 +115,26 @@ impl Net {
     /// transport.
     pub async fn linked(self, node: &Node, peers: &[PeerId]) {
         let shm = self == Net::Shm;
-        eventually(&format!("links over {self:?}"), || async {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
             let known = node.peers().await;
-            peers
-                .iter()
-                .all(|p| {
-                    known.iter().any(|k| {
-                        &k.id == p && k.linked && k.state == PeerState::Alive && k.shm == shm
-                    })
-                })
-                .then_some(())
-        })
-        .await
+            let done = peers.iter().all(|p| {
+                known
+                    .iter()
+                    .any(|k| &k.id == p && k.linked && k.state == PeerState::Alive && k.shm == shm)
+            });
+            if done {
+                return;
+            }
+            // What the node last saw goes into the failure message.
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for links over {self:?} to {peers:?}; {} last saw {:?}",
+                node.peer_id(),
+                known
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 }
 
