@@ -78,22 +78,111 @@ impl Default for Config {
 
 /// What an entry carries.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Payload<C> {
+pub enum Payload<N, C> {
     /// Appended by a new leader so that earlier entries can commit.
     Noop,
     /// The state machine's command.
     Data(C),
+    /// The replica set from this entry on (in effect once appended).
+    Members(Members<N>),
+}
+
+/// Who is in a replica set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Members<N> {
+    /// They vote, and count for majorities (sorted, no repeats).
+    pub voters: Vec<N>,
+    /// They get the log (to catch up before they vote) but do not count
+    /// (sorted, no repeats, none a voter).
+    pub learners: Vec<N>,
+}
+
+impl<N: Ord + Copy> Members<N> {
+    /// A set of `voters` and no learners.
+    pub fn of(voters: impl IntoIterator<Item = N>) -> Self {
+        let mut voters: Vec<N> = voters.into_iter().collect();
+        voters.sort_unstable();
+        voters.dedup();
+        Self {
+            voters,
+            learners: Vec::new(),
+        }
+    }
+
+    /// `n` votes.
+    pub fn is_voter(&self, n: &N) -> bool {
+        self.voters.binary_search(n).is_ok()
+    }
+
+    /// `n` is a voter or a learner.
+    pub fn contains(&self, n: &N) -> bool {
+        self.is_voter(n) || self.learners.binary_search(n).is_ok()
+    }
+
+    /// This set after `change`, if it applies.
+    fn after(&self, change: Change<N>) -> Option<Self> {
+        let mut next = self.clone();
+        let insert = |v: &mut Vec<N>, n: N| match v.binary_search(&n) {
+            Ok(_) => false,
+            Err(at) => {
+                v.insert(at, n);
+                true
+            }
+        };
+        let remove = |v: &mut Vec<N>, n: &N| match v.binary_search(n) {
+            Ok(at) => {
+                v.remove(at);
+                true
+            }
+            Err(_) => false,
+        };
+        let valid = match change {
+            Change::AddLearner(n) => !self.contains(&n) && insert(&mut next.learners, n),
+            Change::Promote(n) => remove(&mut next.learners, &n) && insert(&mut next.voters, n),
+            Change::Remove(n) => {
+                let was = remove(&mut next.voters, &n) | remove(&mut next.learners, &n);
+                was && !next.voters.is_empty()
+            }
+        };
+        valid.then_some(next)
+    }
+}
+
+/// One membership change (one at a time, each committed before the next).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change<N> {
+    /// Start copying the log to a new replica.
+    AddLearner(N),
+    /// A learner becomes a voter.
+    Promote(N),
+    /// A voter or learner leaves (a leader that removes itself steps down
+    /// once the change commits).
+    Remove(N),
+}
+
+/// Why a membership change was not taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeError<N> {
+    /// Only the leader changes the set; this is the one it knows of.
+    NotLeader(Option<N>),
+    /// The previous change is not committed yet, or the leader has not
+    /// committed an entry of its own term (a change before that could
+    /// overlap an uncommitted change of an earlier leader).
+    Pending,
+    /// The change does not apply (a learner that is already in the set,
+    /// a promotion of a non-learner, removing the last voter).
+    Invalid,
 }
 
 /// One log entry.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Entry<C> {
+pub struct Entry<N, C> {
     /// The term of the leader that appended it.
     pub term: Term,
     /// Its position in the log.
     pub index: Index,
     /// What it carries.
-    pub payload: Payload<C>,
+    pub payload: Payload<N, C>,
 }
 
 /// What survives a crash besides the log.
@@ -107,7 +196,7 @@ pub struct HardState<N> {
 
 /// A message between replicas.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Message<C> {
+pub enum Message<N, C> {
     /// Would you vote for me in `term` (the sender's term + 1; the sender
     /// has not taken it)?
     PreVote {
@@ -151,7 +240,7 @@ pub enum Message<C> {
         /// The term of the entry at `prev_index`.
         prev_term: Term,
         /// Entries from `prev_index + 1` on.
-        entries: Vec<Entry<C>>,
+        entries: Vec<Entry<N, C>>,
         /// The leader's commit index.
         commit: Index,
     },
@@ -168,7 +257,7 @@ pub enum Message<C> {
     },
 }
 
-impl<C> Message<C> {
+impl<N, C> Message<N, C> {
     /// The term the message is of.
     pub fn term(&self) -> Term {
         match self {
@@ -192,17 +281,17 @@ pub enum Output<N, C> {
         /// The term and vote to keep.
         state: HardState<N>,
         /// Log entries to write, in order.
-        entries: Vec<Entry<C>>,
+        entries: Vec<Entry<N, C>>,
     },
     /// Send `message` to replica `to`.
     Send {
         /// The replica it is for.
         to: N,
         /// The message.
-        message: Message<C>,
+        message: Message<N, C>,
     },
     /// Entry committed: apply it (each once, in index order).
-    Apply(Entry<C>),
+    Apply(Entry<N, C>),
     /// This replica's role or leader changed.
     Role {
         /// The new role.
@@ -262,7 +351,7 @@ pub struct Refused {
 /// What a correct replica sends: entries numbered on from `prev_index`,
 /// terms that never decrease and are not past the message's, and no more
 /// of them than an append carries.
-fn well_formed<C>(message: &Message<C>, max_append: usize) -> bool {
+fn well_formed<N, C>(message: &Message<N, C>, max_append: usize) -> bool {
     let Message::Append {
         term,
         prev_index,
@@ -291,11 +380,17 @@ fn well_formed<C>(message: &Message<C>, max_append: usize) -> bool {
 #[derive(Debug)]
 pub struct Raft<N, C> {
     id: N,
-    /// Every voter, this one included.
-    voters: BTreeSet<N>,
+    /// The replica set in effect: the last in the log, or `initial`.
+    members: Members<N>,
+    initial: Members<N>,
+    /// The index of the entry `members` comes from (0: `initial`).
+    members_at: Index,
+    /// Replicas its driver vouches for besides `members` (see
+    /// [`Raft::vouch`]).
+    vouched: BTreeSet<N>,
     config: Config,
     state: HardState<N>,
-    log: Vec<Entry<C>>,
+    log: Vec<Entry<N, C>>,
     commit: Index,
     applied: Index,
     role: Role,
@@ -319,22 +414,25 @@ where
     N: Copy + Ord + Debug,
     C: Clone + Debug,
 {
-    /// A replica of the set `voters` (which holds `id`), with what it had
-    /// kept (`state`, `log`; both empty for a new one), as a follower.
+    /// A replica of the set `members` (unless its log says otherwise),
+    /// with what it had kept (`state`, `log`; both empty for a new one), as
+    /// a follower. A replica being added is made with the set that adds it
+    /// (as a learner), so that it takes appends from the leader.
     pub fn new(
         id: N,
-        voters: impl IntoIterator<Item = N>,
+        members: Members<N>,
         config: Config,
         state: HardState<N>,
-        log: Vec<Entry<C>>,
+        log: Vec<Entry<N, C>>,
         now: Instant,
         rng: &mut impl RngCore,
     ) -> Self {
-        let mut voters: BTreeSet<N> = voters.into_iter().collect();
-        voters.insert(id);
         let mut r = Self {
             id,
-            voters,
+            members: members.clone(),
+            initial: members,
+            members_at: 0,
+            vouched: BTreeSet::new(),
             config,
             state,
             log,
@@ -350,8 +448,39 @@ where
             out: VecDeque::new(),
             refused: Refused::default(),
         };
+        r.refresh_members();
         r.reset_election(now, rng);
         r
+    }
+
+    /// The replica set in effect.
+    pub fn members(&self) -> &Members<N> {
+        &self.members
+    }
+
+    /// Replicas whose messages it takes besides those of its set: who the
+    /// driver knows may hold this replica set. A replica that missed the
+    /// change adding a later leader (it was down) would otherwise refuse
+    /// that leader's appends and never catch up. Votes still go to voters
+    /// of its own set only.
+    pub fn vouch(&mut self, peers: impl IntoIterator<Item = N>) {
+        self.vouched = peers.into_iter().filter(|n| *n != self.id).collect();
+    }
+
+    /// Proposes a membership change (leaders only): its index once
+    /// appended. It is in effect at once; the next may follow once it is
+    /// committed.
+    pub fn propose_change(&mut self, change: Change<N>) -> Result<Index, ChangeError<N>> {
+        if self.role != Role::Leader {
+            return Err(ChangeError::NotLeader(self.leader));
+        }
+        if self.members_at > self.commit || self.term_at(self.commit) != Some(self.state.term) {
+            return Err(ChangeError::Pending);
+        }
+        let next = self.members.after(change).ok_or(ChangeError::Invalid)?;
+        let index = self.append_local(Payload::Members(next));
+        self.broadcast_append();
+        Ok(index)
     }
 
     /// This replica.
@@ -379,7 +508,7 @@ where
         self.log.last().map_or(0, |e| e.index)
     }
     /// Its log.
-    pub fn log(&self) -> &[Entry<C>] {
+    pub fn log(&self) -> &[Entry<N, C>] {
         &self.log
     }
     /// What it refused, counted.
@@ -424,7 +553,13 @@ where
     pub fn handle_timeout(&mut self, now: Instant, rng: &mut impl RngCore) {
         if self.role == Role::Leader {
             if now >= self.election_at {
-                let active = 1 + self.progress.values().filter(|p| p.active).count();
+                let m = &self.members;
+                let active = usize::from(m.is_voter(&self.id))
+                    + self
+                        .progress
+                        .iter()
+                        .filter(|(n, p)| p.active && m.is_voter(n))
+                        .count();
                 if active < self.quorum() {
                     self.become_follower(now, self.state.term, None, rng);
                     return;
@@ -439,7 +574,12 @@ where
                 self.heartbeat_at = now + self.config.heartbeat;
             }
         } else if now >= self.election_at {
-            self.start_pre_vote(now, rng);
+            if self.members.is_voter(&self.id) {
+                self.start_pre_vote(now, rng);
+            } else {
+                // A learner, or removed: it never campaigns.
+                self.reset_election(now, rng);
+            }
         }
     }
 
@@ -448,10 +588,10 @@ where
         &mut self,
         now: Instant,
         from: N,
-        message: Message<C>,
+        message: Message<N, C>,
         rng: &mut impl RngCore,
     ) {
-        if !self.voters.contains(&from) || from == self.id {
+        if !(self.members.contains(&from) || self.vouched.contains(&from)) || from == self.id {
             self.refused.outsider += 1;
             return;
         }
@@ -470,6 +610,7 @@ where
                 last_term,
             } => {
                 let granted = term > self.state.term
+                    && self.members.is_voter(&from)
                     && !self.sticky(now)
                     && self.up_to_date(last_index, last_term);
                 if !granted && term > self.state.term {
@@ -482,6 +623,7 @@ where
             Message::PreVoteReply { term, granted } => {
                 if self.role == Role::PreCandidate
                     && granted
+                    && self.members.is_voter(&from)
                     && term == self.state.term.saturating_add(1)
                 {
                     self.votes.insert(from);
@@ -536,8 +678,10 @@ where
                 last_term,
             } => {
                 let free = self.state.voted_for.is_none_or(|v| v == from);
-                let granted =
-                    free && self.leader.is_none() && self.up_to_date(last_index, last_term);
+                let granted = free
+                    && self.leader.is_none()
+                    && self.members.is_voter(&from)
+                    && self.up_to_date(last_index, last_term);
                 if granted {
                     self.state.voted_for = Some(from);
                     self.persist(Vec::new());
@@ -546,7 +690,7 @@ where
                 self.send(from, Message::VoteReply { term, granted });
             }
             Message::VoteReply { granted, .. } => {
-                if self.role == Role::Candidate && granted {
+                if self.role == Role::Candidate && granted && self.members.is_voter(&from) {
                     self.votes.insert(from);
                     if self.votes.len() >= self.quorum() {
                         self.become_leader(now);
@@ -568,7 +712,31 @@ where
     }
 
     fn quorum(&self) -> usize {
-        self.voters.len() / 2 + 1
+        self.members.voters.len() / 2 + 1
+    }
+
+    /// `members` anew from the log (after entries were appended or
+    /// dropped); a leader tracks whoever is in it.
+    fn refresh_members(&mut self) {
+        let last = self.log.iter().rev().find_map(|e| match &e.payload {
+            Payload::Members(m) => Some((e.index, m.clone())),
+            _ => None,
+        });
+        let (at, members) = last.unwrap_or((0, self.initial.clone()));
+        self.members_at = at;
+        self.members = members;
+        if self.role == Role::Leader {
+            let next = self.last_index() + 1;
+            let peers = self.peers();
+            self.progress.retain(|n, _| peers.contains(n));
+            for n in peers {
+                self.progress.entry(n).or_insert(Progress {
+                    next,
+                    matched: 0,
+                    active: true,
+                });
+            }
+        }
     }
 
     /// A leader was heard from within the minimum election timeout.
@@ -597,11 +765,11 @@ where
         (last_term, last_index) >= (self.last_term(), self.last_index())
     }
 
-    fn send(&mut self, to: N, message: Message<C>) {
+    fn send(&mut self, to: N, message: Message<N, C>) {
         self.out.push_back(Output::Send { to, message });
     }
 
-    fn persist(&mut self, entries: Vec<Entry<C>>) {
+    fn persist(&mut self, entries: Vec<Entry<N, C>>) {
         self.out.push_back(Output::Persist {
             state: self.state,
             entries,
@@ -654,7 +822,7 @@ where
         }
         let (last_index, last_term) = (self.last_index(), self.last_term());
         let term = self.state.term.saturating_add(1);
-        for to in self.others() {
+        for to in self.other_voters() {
             self.send(
                 to,
                 Message::PreVote {
@@ -682,7 +850,7 @@ where
         }
         let (last_index, last_term) = (self.last_index(), self.last_term());
         let term = self.state.term;
-        for to in self.others() {
+        for to in self.other_voters() {
             self.send(
                 to,
                 Message::Vote {
@@ -699,7 +867,7 @@ where
         self.votes.clear();
         let next = self.last_index() + 1;
         self.progress = self
-            .others()
+            .peers()
             .into_iter()
             .map(|n| {
                 (
@@ -719,32 +887,42 @@ where
         self.advance_commit();
     }
 
-    fn others(&self) -> Vec<N> {
-        self.voters
+    /// Everyone else in the set: they get appends.
+    fn peers(&self) -> Vec<N> {
+        let m = &self.members;
+        m.voters
             .iter()
+            .chain(&m.learners)
             .copied()
             .filter(|n| *n != self.id)
             .collect()
     }
 
+    fn other_voters(&self) -> Vec<N> {
+        let v = &self.members.voters;
+        v.iter().copied().filter(|n| *n != self.id).collect()
+    }
+
     /// Appends to the leader's own log (persisted first).
-    fn append_local(&mut self, payload: Payload<C>) -> Index {
+    fn append_local(&mut self, payload: Payload<N, C>) -> Index {
         let entry = Entry {
             term: self.state.term,
             index: self.last_index() + 1,
             payload,
         };
         let index = entry.index;
+        let members = matches!(entry.payload, Payload::Members(_));
         self.log.push(entry.clone());
         self.persist(vec![entry]);
-        if self.voters.len() == 1 {
-            self.advance_commit();
+        if members {
+            self.refresh_members();
         }
+        self.advance_commit();
         index
     }
 
     fn broadcast_append(&mut self) {
-        for to in self.others() {
+        for to in self.peers() {
             self.send_append(to);
         }
     }
@@ -762,7 +940,7 @@ where
         };
         let first = self.log.first().map_or(1, |e| e.index);
         let from = usize::try_from(next.saturating_sub(first)).unwrap_or(usize::MAX);
-        let entries: Vec<Entry<C>> = self
+        let entries: Vec<Entry<N, C>> = self
             .log
             .iter()
             .skip(from)
@@ -791,7 +969,7 @@ where
         from: N,
         prev_index: Index,
         prev_term: Term,
-        entries: Vec<Entry<C>>,
+        entries: Vec<Entry<N, C>>,
         commit: Index,
         rng: &mut impl RngCore,
     ) {
@@ -861,8 +1039,13 @@ where
             }
         }
         if !new.is_empty() {
+            let truncated = self.members_at >= new[0].index;
+            let members = new.iter().any(|e| matches!(e.payload, Payload::Members(_)));
             self.log.extend(new.iter().cloned());
             self.persist(new);
+            if members || truncated {
+                self.refresh_members();
+            }
         }
         let commit = commit.min(last_new);
         if commit > self.commit {
@@ -913,13 +1096,33 @@ where
     /// The leader's commit index moves to the highest index a majority has
     /// whose entry is of the current term.
     fn advance_commit(&mut self) {
-        let mut matched: Vec<Index> = self.progress.values().map(|p| p.matched).collect();
-        matched.push(self.last_index());
+        if self.role != Role::Leader {
+            return;
+        }
+        let m = &self.members;
+        let mut matched: Vec<Index> = self
+            .progress
+            .iter()
+            .filter(|(n, _)| m.is_voter(n))
+            .map(|(_, p)| p.matched)
+            .collect();
+        if m.is_voter(&self.id) {
+            matched.push(self.last_index());
+        }
         matched.sort_unstable_by(|a, b| b.cmp(a));
-        let n = matched[self.quorum() - 1];
+        let Some(&n) = matched.get(self.quorum() - 1) else {
+            return;
+        };
         if n > self.commit && self.term_at(n) == Some(self.state.term) {
             self.commit = n;
             self.apply();
+            // A leader that removed itself leads until that change is
+            // committed, then steps down.
+            if !self.members.is_voter(&self.id) && self.commit >= self.members_at {
+                self.votes.clear();
+                self.progress.clear();
+                self.set_role(Role::Follower, None);
+            }
         }
     }
 

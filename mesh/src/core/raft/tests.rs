@@ -17,11 +17,11 @@ type Node = u8;
 #[derive(Debug, Clone, Default)]
 struct Disk {
     state: HardState<Node>,
-    log: Vec<Entry<u32>>,
+    log: Vec<Entry<Node, u32>>,
 }
 
 impl Disk {
-    fn write(&mut self, state: HardState<Node>, entries: &[Entry<u32>]) {
+    fn write(&mut self, state: HardState<Node>, entries: &[Entry<Node, u32>]) {
         self.state = state;
         if let Some(first) = entries.first() {
             self.log.retain(|e| e.index < first.index);
@@ -37,7 +37,7 @@ struct InFlight {
     seq: u64,
     from: Node,
     to: Node,
-    message: Message<u32>,
+    message: Message<Node, u32>,
 }
 
 struct Cluster {
@@ -45,6 +45,10 @@ struct Cluster {
     rng: SmallRng,
     config: Config,
     nodes: BTreeMap<Node, Option<Raft<Node, u32>>>,
+    /// The replica set never changes.
+    fixed: bool,
+    /// The set each replica was made with.
+    initial: BTreeMap<Node, Members<Node>>,
     disks: BTreeMap<Node, Disk>,
     net: Vec<InFlight>,
     seq: u64,
@@ -57,7 +61,7 @@ struct Cluster {
     leaders: BTreeMap<Term, Node>,
     /// The committed log as applied (the first replica to apply an index
     /// sets it; every other must apply the same).
-    applied: BTreeMap<Index, Entry<u32>>,
+    applied: BTreeMap<Index, Entry<Node, u32>>,
     /// Per replica, the last index applied (reset by a crash: the state
     /// machine is rebuilt from the log).
     applied_at: BTreeMap<Node, Index>,
@@ -73,7 +77,7 @@ impl Cluster {
         for &i in &ids {
             let r = Raft::new(
                 i,
-                ids.clone(),
+                Members::of(ids.clone()),
                 config.clone(),
                 HardState::default(),
                 Vec::new(),
@@ -88,6 +92,8 @@ impl Cluster {
             config,
             disks: ids.iter().map(|i| (*i, Disk::default())).collect(),
             applied_at: ids.iter().map(|i| (*i, 0)).collect(),
+            initial: ids.iter().map(|i| (*i, Members::of(ids.clone()))).collect(),
+            fixed: true,
             nodes,
             net: Vec::new(),
             seq: 0,
@@ -147,7 +153,7 @@ impl Cluster {
                     if role == Role::Leader {
                         let r = self.node(i).unwrap();
                         let term = r.term();
-                        let log: Vec<Entry<u32>> = r.log().to_vec();
+                        let log: Vec<Entry<Node, u32>> = r.log().to_vec();
                         if let Some(other) = self.leaders.insert(term, i) {
                             assert_eq!(other, i, "two leaders in term {term}");
                         }
@@ -168,7 +174,8 @@ impl Cluster {
     /// Logs match: where two replicas hold an entry of the same index and
     /// term, everything before it is the same.
     fn check_logs(&self) {
-        let logs: Vec<&[Entry<u32>]> = self.nodes.values().flatten().map(|r| r.log()).collect();
+        let logs: Vec<&[Entry<Node, u32>]> =
+            self.nodes.values().flatten().map(|r| r.log()).collect();
         for a in &logs {
             for b in &logs {
                 let n = a.len().min(b.len());
@@ -177,8 +184,9 @@ impl Cluster {
                 }
             }
         }
-        // Nothing applied is missing from a majority's disks.
-        for (index, e) in &self.applied {
+        // Nothing applied is missing from a majority's disks (of a fixed
+        // set: a changing one is checked by its own test).
+        for (index, e) in self.applied.iter().filter(|_| self.fixed) {
             let holders = self
                 .disks
                 .values()
@@ -258,11 +266,10 @@ impl Cluster {
     }
 
     fn restart(&mut self, i: Node) {
-        let ids: Vec<Node> = self.nodes.keys().copied().collect();
         let disk = self.disks[&i].clone();
         let r = Raft::new(
             i,
-            ids,
+            self.initial[&i].clone(),
             self.config.clone(),
             disk.state,
             disk.log,
@@ -270,6 +277,37 @@ impl Cluster {
             &mut self.rng,
         );
         self.nodes.insert(i, Some(r));
+        if !self.fixed {
+            self.vouch_all();
+        }
+    }
+
+    /// A new, empty replica `i`, made with the set that adds it.
+    fn add_node(&mut self, i: Node, members: Members<Node>) {
+        self.fixed = false;
+        let r = Raft::new(
+            i,
+            members.clone(),
+            self.config.clone(),
+            HardState::default(),
+            Vec::new(),
+            self.now,
+            &mut self.rng,
+        );
+        self.nodes.insert(i, Some(r));
+        self.disks.insert(i, Disk::default());
+        self.applied_at.insert(i, 0);
+        self.initial.insert(i, members);
+        self.vouch_all();
+    }
+
+    /// Every replica takes messages from every other (as a driver that
+    /// knows who may hold the set).
+    fn vouch_all(&mut self) {
+        let ids: Vec<Node> = self.nodes.keys().copied().collect();
+        for r in self.nodes.values_mut().flatten() {
+            r.vouch(ids.iter().copied());
+        }
     }
 
     fn isolate(&mut self, i: Node) {
@@ -298,7 +336,7 @@ impl Cluster {
             .values()
             .filter_map(|e| match e.payload {
                 Payload::Data(v) => Some(v),
-                Payload::Noop => None,
+                Payload::Noop | Payload::Members(_) => None,
             })
             .collect()
     }
@@ -533,7 +571,7 @@ fn a_leader_commits_earlier_terms_only_through_an_entry_of_its_own() {
     };
     let mut r: Raft<Node, u32> = Raft::new(
         1,
-        [1, 2, 3],
+        Members::of([1, 2, 3]),
         Config::default(),
         HardState {
             term: 3,
@@ -610,7 +648,7 @@ fn a_refusal_hinting_below_the_match_still_moves_the_follower_back() {
     };
     let mut r: Raft<Node, u32> = Raft::new(
         1,
-        [1, 2, 3],
+        Members::of([1, 2, 3]),
         Config::default(),
         HardState {
             term: 2,
@@ -654,7 +692,7 @@ fn malformed_appends_are_refused_and_counted_and_change_nothing() {
     let mut rng = SmallRng::seed_from_u64(4);
     let mut r: Raft<Node, u32> = Raft::new(
         1,
-        [1, 2, 3],
+        Members::of([1, 2, 3]),
         Config::default(),
         HardState::default(),
         Vec::new(),
@@ -693,4 +731,180 @@ fn malformed_appends_are_refused_and_counted_and_change_nothing() {
     r.handle_message(now, 3, append(2, 0, vec![(2, 1)]), &mut rng);
     assert_eq!(r.refused().below_commit, 1);
     assert_eq!(r.log()[0].term, 1);
+}
+
+/// A replica joins as a learner, catches up and is promoted; then the
+/// leader removes itself, steps down once that commits, and the new set
+/// elects a leader and goes on. One change at a time.
+#[test]
+fn a_replica_joins_catches_up_is_promoted_and_a_leader_removes_itself() {
+    let mut c = Cluster::new(3, 6);
+    c.run_for(Duration::from_secs(5));
+    for v in 1..=5 {
+        c.propose(v).unwrap();
+    }
+    c.run_for(Duration::from_secs(1));
+    let l = c.leader().unwrap();
+    let mut with_4 = Members::of([1, 2, 3]);
+    with_4.learners.push(4);
+    c.add_node(4, with_4);
+    c.node(l)
+        .unwrap()
+        .propose_change(Change::AddLearner(4))
+        .unwrap();
+    // The next change waits for this one to commit.
+    assert_eq!(
+        c.node(l).unwrap().propose_change(Change::Promote(4)),
+        Err(ChangeError::Pending)
+    );
+    c.drain(l);
+    c.run_for(Duration::from_secs(1));
+    let last = *c.applied.keys().last().unwrap();
+    assert_eq!(c.applied_at[&4], last, "the learner caught up");
+    assert_eq!(c.node(4).unwrap().role(), Role::Follower);
+    c.node(l)
+        .unwrap()
+        .propose_change(Change::Promote(4))
+        .unwrap();
+    c.drain(l);
+    c.run_for(Duration::from_secs(1));
+    for i in 1..=4 {
+        let m = c.node(i).unwrap().members().clone();
+        assert_eq!(m, Members::of([1, 2, 3, 4]), "replica {i}");
+    }
+    assert_eq!(
+        c.node(l).unwrap().propose_change(Change::Promote(4)),
+        Err(ChangeError::Invalid)
+    );
+    c.node(l)
+        .unwrap()
+        .propose_change(Change::Remove(l))
+        .unwrap();
+    c.drain(l);
+    c.run_for(Duration::from_secs(6));
+    assert_ne!(c.node(l).unwrap().role(), Role::Leader, "stepped down");
+    let new = c.leader().expect("a new leader");
+    assert_ne!(new, l);
+    let removed_term = c.node(l).unwrap().term();
+    c.propose(100).unwrap();
+    c.run_for(Duration::from_secs(5));
+    assert_eq!(c.applied_values().last(), Some(&100));
+    let last = *c.applied.keys().last().unwrap();
+    for i in (1..=4).filter(|i| *i != l) {
+        assert_eq!(c.applied_at[&i], last, "replica {i}");
+    }
+    // The removed replica does not campaign and disturbs nobody.
+    assert_eq!(c.node(l).unwrap().term(), removed_term);
+    assert_eq!(c.leader(), Some(new));
+}
+
+/// Seeded random runs with membership changes among the faults: replicas
+/// join as learners, are promoted and removed (one change at a time, as
+/// the leader allows), while links are cut and replicas crash. Safety is
+/// checked after every step; once faults stop, the final set applies
+/// everything.
+#[test]
+fn random_membership_changes_with_faults_keep_safety() {
+    let seeds: u64 = std::env::var("MESH_RAFT_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .map_or(30, |n: u64| n / 2);
+    for seed in 0..seeds {
+        random_changes(seed);
+    }
+}
+
+fn random_changes(seed: u64) {
+    let mut c = Cluster::new(3, 5000 + seed);
+    c.loss = 30;
+    let mut next_id: Node = 4;
+    let mut down: Option<Node> = None;
+    let mut v = 0;
+    for _ in 0..60 {
+        let leader = c.leader();
+        match c.rng.gen_range(0..12) {
+            0 | 1 => {
+                // A new replica joins as a learner.
+                if let Some(l) = leader.filter(|_| next_id < 10) {
+                    let members = c.node(l).unwrap().members().clone();
+                    if let Some(after) = members.after(Change::AddLearner(next_id)) {
+                        if c.node(l)
+                            .unwrap()
+                            .propose_change(Change::AddLearner(next_id))
+                            .is_ok()
+                        {
+                            c.add_node(next_id, after);
+                            next_id += 1;
+                        }
+                        c.drain(l);
+                    }
+                }
+            }
+            2 | 3 => {
+                if let Some(l) = leader {
+                    let learner = c.node(l).unwrap().members().learners.first().copied();
+                    if let Some(n) = learner {
+                        let _ = c.node(l).unwrap().propose_change(Change::Promote(n));
+                        c.drain(l);
+                    }
+                }
+            }
+            4 => {
+                if let Some(l) = leader {
+                    let voters = c.node(l).unwrap().members().voters.clone();
+                    if voters.len() > 3 {
+                        let n = voters[c.rng.gen_range(0..voters.len())];
+                        let _ = c.node(l).unwrap().propose_change(Change::Remove(n));
+                        c.drain(l);
+                    }
+                }
+            }
+            5 => {
+                if down.is_none() {
+                    let ids: Vec<Node> = c.nodes.keys().copied().collect();
+                    let i = ids[c.rng.gen_range(0..ids.len())];
+                    c.crash(i);
+                    down = Some(i);
+                }
+            }
+            6 => {
+                if let Some(i) = down.take() {
+                    c.restart(i);
+                }
+            }
+            7 => {
+                let ids: Vec<Node> = c.nodes.keys().copied().collect();
+                let i = ids[c.rng.gen_range(0..ids.len())];
+                c.isolate(i);
+            }
+            8 => c.heal(),
+            _ => {
+                v += 1;
+                let _ = c.propose(v);
+            }
+        }
+        let d = Duration::from_millis(c.rng.gen_range(10..2000));
+        c.run_for(d);
+    }
+    c.heal();
+    c.loss = 0;
+    if let Some(i) = down.take() {
+        c.restart(i);
+    }
+    c.run_for(Duration::from_secs(15));
+    let leader = c
+        .leader()
+        .unwrap_or_else(|| panic!("seed {seed}: no leader after healing"));
+    v += 1;
+    c.propose(v).unwrap();
+    c.run_for(Duration::from_secs(3));
+    let members = c.node(leader).unwrap().members().clone();
+    let last = *c.applied.keys().last().unwrap();
+    for n in members.voters.iter().chain(&members.learners) {
+        assert_eq!(
+            c.applied_at[n], last,
+            "seed {seed}: replica {n} of {members:?} did not apply up to {last}"
+        );
+    }
+    assert_eq!(c.applied_values().last(), Some(&v), "seed {seed}");
 }
