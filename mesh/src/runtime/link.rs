@@ -360,6 +360,7 @@ async fn write_loop(
             failed(e).await;
             return;
         }
+        outbox.written();
         if let Some(r) = switch {
             // Everything before the switch is on the network stream; the
             // peer reads it all before it turns to the ring.

@@ -524,6 +524,7 @@ impl NodeTask {
         self.engine.handle_timeout(now());
         self.reconnect().await;
         self.expire_links();
+        self.shed_overflowing_links();
         self.engine.forget_departed();
     }
 

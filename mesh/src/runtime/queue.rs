@@ -45,6 +45,9 @@ struct OutboxInner {
     /// Nothing is handed to the writer until [`Outbox::release_front`]
     /// (a private link waiting for its peer's proof).
     held: bool,
+    /// Bytes the writer took and has not finished writing (a peer that
+    /// stops reading leaves them there).
+    writing: usize,
 }
 
 /// The writing end of a link's shared-memory ring.
@@ -71,7 +74,8 @@ impl Outbox {
         }
     }
 
-    /// Appends `bytes` (whole frames); returns the bytes now pending.
+    /// Appends `bytes` (whole frames); returns the link's backlog (see
+    /// [`Outbox::backlog`]).
     pub(crate) fn push(&self, bytes: &mut Vec<u8>) -> usize {
         let mut g = lock(&self.inner);
         if g.closed {
@@ -84,10 +88,10 @@ impl Outbox {
             g.buf.extend_from_slice(bytes);
             bytes.clear();
         }
-        let pending = g.buf.len();
+        let backlog = g.buf.len() + g.writing;
         drop(g);
         self.wake_writer.notify_one();
-        pending
+        backlog
     }
 
     /// Appends `bytes` (ending with the `ShmSwitch` frame); the writer
@@ -133,6 +137,19 @@ impl Outbox {
         lock(&self.inner).buf.len()
     }
 
+    /// Bytes not written yet: pending, and those the writer holds while a
+    /// write waits for the peer to read. What a peer that does not read
+    /// makes us keep.
+    pub(crate) fn backlog(&self) -> usize {
+        let g = lock(&self.inner);
+        g.buf.len() + g.writing
+    }
+
+    /// The writer has written what it last took.
+    pub(crate) fn written(&self) {
+        lock(&self.inner).writing = 0;
+    }
+
     /// No more pushes, and what was not written yet is dropped (the link
     /// is being ended because its peer does not read).
     pub(crate) fn abort(&self) {
@@ -140,6 +157,7 @@ impl Outbox {
         g.closed = true;
         g.buf = Vec::new();
         g.switch = None;
+        g.writing = 0;
         drop(g);
         self.wake_writer.notify_one();
     }
@@ -163,11 +181,13 @@ impl Outbox {
                     // Woken by `release_front` (or `close`).
                 } else if let Some((at, ring)) = g.switch.take() {
                     out.extend(g.buf.drain(..at));
+                    g.writing = out.len();
                     drop(g);
                     self.space.notify_one();
                     return Taken::Switch(ring);
                 } else if !g.buf.is_empty() {
                     std::mem::swap(&mut g.buf, out);
+                    g.writing = out.len();
                     drop(g);
                     self.space.notify_one();
                     return Taken::Bytes;

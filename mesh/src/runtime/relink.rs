@@ -124,7 +124,11 @@ impl NodeTask {
 
     /// Ends the links whose peers let more than `16 * link_buffer` bytes
     /// pile up unread (answers to their requests, deliveries within their
-    /// credit): what waits for them is freed and the link is set up again.
+    /// credit; counted in the outbox and in the writer's hands while a
+    /// write waits for the peer): what waits for them is freed and the
+    /// link is set up again. Checked as bytes are pushed and on every
+    /// timer, since a writer may take a large batch and then block with
+    /// nothing more pushed.
     /// A peer that reads keeps its outbox near `link_buffer` (publishers
     /// wait beyond that), so only one that stopped reading gets here.
     pub(super) fn shed_overflowing_links(&mut self) {
@@ -132,7 +136,7 @@ impl NodeTask {
         let over: Vec<NodeId> = self
             .links
             .iter()
-            .filter(|(_, l)| l.outbox.pending() > cap)
+            .filter(|(_, l)| l.outbox.backlog() > cap)
             .map(|(p, _)| *p)
             .collect();
         for peer in over {
