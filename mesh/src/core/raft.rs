@@ -6,11 +6,11 @@
 //! compaction are not here yet (the replica set is fixed at creation).
 //!
 //! Why a hand-written core and not a crate: `raft` (raft-rs) is sans-IO
-//! but draws election timeouts from `thread_rng()` (no seed, so the
-//! simulator's runs would not repeat), has had no release since 2023, and
-//! brings protobuf 2 and slog into the wire and the build; `openraft` owns
-//! its tasks and timers behind async traits, which the simulator cannot
-//! step. Neither batches heartbeats across groups or lets idle groups
+//! but draws election timeouts from an unseeded generator of its own (so
+//! the simulator's runs would not repeat), has had no release since 2023,
+//! and brings protobuf 2 and slog into the wire and the build; `openraft`
+//! owns its tasks and timers behind async traits, which the simulator
+//! cannot step. Neither batches heartbeats across groups or lets idle groups
 //! sleep, which a node hosting thousands of replica sets needs anyway.
 //!
 //! The rules, from the Raft paper (Ongaro & Ousterhout, 2014) and the
@@ -982,38 +982,28 @@ where
         self.leader_seen = Some(now);
         self.reset_election(now, rng);
         let term = self.state.term;
-        match self.term_at(prev_index) {
-            None => {
-                let hint = self.last_index() + 1;
-                self.send(
-                    from,
-                    Message::AppendReply {
-                        term,
-                        success: false,
-                        index: hint,
-                    },
-                );
-                return;
-            }
-            Some(t) if t != prev_term => {
-                // Skip the whole conflicting term at once.
-                let hint = self
-                    .log
+        let refused = match self.term_at(prev_index) {
+            None => Some(self.last_index() + 1),
+            // Skip the whole conflicting term at once.
+            Some(t) if t != prev_term => Some(
+                self.log
                     .iter()
                     .find(|e| e.term == t)
                     .map_or(prev_index, |e| e.index)
-                    .max(self.commit + 1);
-                self.send(
-                    from,
-                    Message::AppendReply {
-                        term,
-                        success: false,
-                        index: hint,
-                    },
-                );
-                return;
-            }
-            Some(_) => {}
+                    .max(self.commit + 1),
+            ),
+            Some(_) => None,
+        };
+        if let Some(hint) = refused {
+            self.send(
+                from,
+                Message::AppendReply {
+                    term,
+                    success: false,
+                    index: hint,
+                },
+            );
+            return;
         }
         let last_new = prev_index + entries.len() as u64;
         let conflict = entries

@@ -12,7 +12,7 @@ use std::{
 use bytes::Bytes;
 use rand::{rngs::SmallRng, SeedableRng};
 
-use super::{arbitrary_body, id, Family, Input, Step, EPOCH, MAX_STEPS, PEERS};
+use super::{id, structured_body, wait, Family, Input, Step, EPOCH, MAX_STEPS, PEERS};
 use crate::{
     core::{membership::Membership, stream::Start, topic::Pattern, NodeId},
     engine::{
@@ -160,32 +160,11 @@ impl EngineHarness {
                 self.frame(peer, body);
             }
             Step::Structured => {
-                let body = arbitrary_body(u, Family::Any);
-                let body = match u.byte() {
-                    0..=239 => body,
-                    240..=247 => {
-                        let cut = u.below(body.len() + 1);
-                        body[..cut].to_vec()
-                    }
-                    _ => {
-                        let mut b = body;
-                        let i = u.below(b.len());
-                        if let Some(x) = b.get_mut(i) {
-                            *x ^= 1 << (u.byte() % 8);
-                        }
-                        b
-                    }
-                };
+                let body = structured_body(u, Family::Any);
                 self.frame(peer, body);
             }
             Step::Wait => {
-                let ms = match u.byte() % 4 {
-                    0 => u64::from(u.byte()),
-                    1 => u64::from(u.u16()),
-                    2 => u64::from(u.u32()),
-                    _ => 1000,
-                };
-                self.now += Duration::from_millis(ms.min(86_400_000));
+                self.now += wait(u);
                 self.timers();
             }
             Step::Link => {

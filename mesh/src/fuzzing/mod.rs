@@ -1283,6 +1283,38 @@ pub fn drive(data: &[u8], family: Family) {
     });
 }
 
+/// A frame body built from the input, sometimes mangled (cut, or a byte
+/// flipped): a structured step of the node and engine targets.
+fn structured_body(u: &mut Input<'_>, family: Family) -> Vec<u8> {
+    let body = arbitrary_body(u, family);
+    match u.byte() {
+        0..=239 => body,
+        240..=247 => {
+            let cut = u.below(body.len() + 1);
+            body[..cut].to_vec()
+        }
+        _ => {
+            let mut b = body;
+            let i = u.below(b.len());
+            if let Some(x) = b.get_mut(i) {
+                *x ^= 1 << (u.byte() % 8);
+            }
+            b
+        }
+    }
+}
+
+/// How long a wait step lets time pass: at most a day.
+fn wait(u: &mut Input<'_>) -> Duration {
+    let ms = match u.byte() % 4 {
+        0 => u64::from(u.byte()),
+        1 => u64::from(u.u16()),
+        2 => u64::from(u.u32()),
+        _ => 1000,
+    };
+    Duration::from_millis(ms.min(86_400_000))
+}
+
 /// A `Hello` (built from the input) and the empty `Auth` of a node outside
 /// any private mesh: a peer's side of the handshake.
 fn hello_bytes(u: &mut Input<'_>) -> Vec<u8> {
@@ -1524,34 +1556,12 @@ impl Harness {
                 self.frame(peer, body).await;
             }
             Step::Structured => {
-                let body = arbitrary_body(u, family);
-                // Sometimes mangled: cut, or a byte flipped.
-                let body = match u.byte() {
-                    0..=239 => body,
-                    240..=247 => {
-                        let cut = u.below(body.len() + 1);
-                        body[..cut].to_vec()
-                    }
-                    _ => {
-                        let mut b = body;
-                        let i = u.below(b.len());
-                        if let Some(x) = b.get_mut(i) {
-                            *x ^= 1 << (u.byte() % 8);
-                        }
-                        b
-                    }
-                };
+                let body = structured_body(u, family);
                 self.frame(peer, &body).await;
             }
             Step::Wait => {
-                let ms = match u.byte() % 4 {
-                    0 => u64::from(u.byte()),
-                    1 => u64::from(u.u16()),
-                    2 => u64::from(u.u32()),
-                    _ => 1000,
-                };
-                // At most a day: the node's timers run meanwhile.
-                tokio::time::sleep(Duration::from_millis(ms.min(86_400_000))).await;
+                // The node's timers run meanwhile.
+                tokio::time::sleep(wait(u)).await;
             }
             Step::Link => {
                 if self.pipes.contains_key(&peer) && u.bool() {

@@ -39,6 +39,22 @@ fn sender_and_host(host: Config) -> Pair {
     Pair::with(&Config::default(), &host)
 }
 
+/// The consumer on `e` acks delivery `d`.
+fn ack(e: &mut Engine, now: Instant, d: &DeliveryData) {
+    let how = Settle::Ack;
+    let (host, cid, epoch, tag) = (d.host, d.cid, d.epoch, d.tag);
+    e.handle_command(
+        now,
+        Op::Settle {
+            host,
+            cid,
+            epoch,
+            tag,
+            how,
+        },
+    );
+}
+
 fn send(p: &mut Pair, reply: Reply<Result<MessageId, SendError>>, payload: &'static str) {
     p.a.handle_command(
         p.now,
@@ -135,16 +151,7 @@ fn a_send_the_full_host_refuses_waits_and_goes_again_when_there_is_room() {
     p.drive();
     let d = take(&inbox).into_iter().next().expect("the first message");
     assert_eq!(&d.payload[..], b"one");
-    p.b.handle_command(
-        p.now,
-        Op::Settle {
-            host: d.host,
-            cid: d.cid,
-            epoch: d.epoch,
-            tag: d.tag,
-            how: Settle::Ack,
-        },
-    );
+    ack(&mut p.b, p.now, &d);
     p.drive();
     p.advance(FULL_RETRY_MAX);
     let got = got.lock().unwrap();
@@ -189,16 +196,7 @@ fn a_remote_consumer_gets_credit_deliveries_and_its_acks_settle_them() {
     assert_eq!(p.b.work.host.stats("jobs").in_flight, 2);
     for d in &first {
         assert_eq!((d.host, d.cid), (p.b.local, 7));
-        p.a.handle_command(
-            p.now,
-            Op::Settle {
-                host: d.host,
-                cid: d.cid,
-                epoch: d.epoch,
-                tag: d.tag,
-                how: Settle::Ack,
-            },
-        );
+        ack(&mut p.a, p.now, d);
     }
     // The acks go out batched at the end of the turn; the credit they
     // free brings the third.
