@@ -28,6 +28,13 @@ pub(crate) struct Relinks {
     backoff: FxHashMap<NodeId, Duration>,
 }
 
+impl Relinks {
+    /// When the earliest relink is due.
+    pub(crate) fn next_due(&self) -> Option<Instant> {
+        self.due.iter().map(|(at, _)| *at).min()
+    }
+}
+
 /// What a relink that is due asks of the driver.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Relink {
@@ -93,6 +100,13 @@ impl Engine {
                 );
                 if alive {
                     out.push(Relink::Open(peer));
+                } else {
+                    // Down for now, but connected: membership may take it
+                    // back (a refuted suspicion) with nothing else to
+                    // set the link up again, so try later. A member
+                    // that stays down is disconnected, and then dropped
+                    // from here.
+                    self.schedule_relink(now, peer);
                 }
             } else {
                 out.push(Relink::Ask(peer));
@@ -214,6 +228,44 @@ mod tests {
             l.poll_relinks(at + RELINK_GRACE, |_| false, |_| true),
             [Relink::Ask(small)]
         );
+    }
+
+    #[test]
+    fn a_relink_to_a_connected_member_not_alive_yet_is_tried_again() {
+        let now = crate::test_support::test_origin();
+        let mut s = crate::engine::testing::engine(1, &Config::default(), now);
+        // A peer with a larger id that membership does not have alive
+        // (here: does not know at all), still connected.
+        let peer = (2..=255)
+            .map(|i| {
+                libp2p::identity::Keypair::ed25519_from_bytes([i; 32])
+                    .expect("any 32 bytes are a key")
+                    .public()
+                    .to_peer_id()
+            })
+            .find(|p| *p > s.local)
+            .expect("some key has a larger id");
+        s.schedule_relink(now, peer);
+        assert!(s.poll_relinks(now, |_| false, |_| true).is_empty());
+        // Membership takes it back; the relink comes after the back-off
+        // rather than never.
+        s.membership.handle_link_up(now, peer, Vec::new());
+        let later = now + BACKOFF_FIRST;
+        assert_eq!(s.relinks.next_due(), Some(later));
+        assert!(
+            s.poll_timeout().is_some_and(|t| t <= later),
+            "the relink is a timer"
+        );
+        assert_eq!(
+            s.poll_relinks(later, |_| false, |_| true),
+            [Relink::Open(peer)]
+        );
+        // Not connected any more: dropped.
+        s.schedule_relink(later, peer);
+        assert!(s
+            .poll_relinks(later + BACKOFF_MAX * 2, |_| false, |_| false)
+            .is_empty());
+        assert!(s.relinks.next_due().is_none());
     }
 
     #[test]

@@ -279,6 +279,7 @@ impl Engine {
             self.gossip.poll_timeout(),
             self.work.poll_timeout(),
             self.streams.poll_timeout(),
+            self.relinks.next_due(),
         ]
         .into_iter()
         .flatten()

@@ -559,7 +559,12 @@ impl NodeTask {
 
     /// When a timer of the engine is next due.
     fn poll_timeout(&mut self) -> Instant {
-        self.engine.poll_timeout().unwrap_or_else(far_future)
+        let reconnect = (!self.shutting_down).then_some(self.next_reconnect);
+        [self.engine.poll_timeout(), reconnect]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or_else(far_future)
     }
 
     /// Takes what handles queued: control ops always, sends and requests

@@ -118,6 +118,11 @@ impl NodeTask {
                 tracing::warn!(%peer, messages = l.queued, "no link to peer in time; dropped the messages buffered for it");
                 self.engine.links_generation += 1;
                 self.engine.work_link_down(now, peer);
+                // Still connected: the link is wanted again (with
+                // back-off); nothing else would set it up.
+                if self.connected.contains_key(&peer) {
+                    self.schedule_relink(peer);
+                }
             }
         }
     }
