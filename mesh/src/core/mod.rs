@@ -16,6 +16,8 @@
 //!   credit-based readers, committed group offsets.
 //! - [`raft`]: consensus for one replica set (election with pre-vote and
 //!   check-quorum, log replication, the commit rule, term fencing).
+//! - [`replica`]: a queue replicated over a Raft group: the ops its
+//!   replicas copy, the state they build, confirm-on-commit and serving.
 //! - [`pubsub`]: routing published messages to interested peers, and
 //!   delivering received ones to local subscriptions.
 
@@ -25,6 +27,7 @@ pub mod membership;
 pub mod pubsub;
 pub mod queue;
 pub mod raft;
+pub mod replica;
 pub mod stream;
 pub mod topic;
 

@@ -2,8 +2,9 @@
 //! election with pre-vote and check-quorum, log replication, the commit
 //! rule, and term fencing. Sans-IO like the other cores: time and
 //! randomness come in, messages, writes for the disk and committed entries
-//! go out through [`Raft::poll_output`]. Membership changes and log
-//! compaction are not here yet (the replica set is fixed at creation).
+//! go out through [`Raft::poll_output`]. The replica set changes one
+//! server at a time ([`Change`]); log compaction is not here yet.
+//! [`super::replica`] builds a replicated queue on it.
 //!
 //! Why a hand-written core and not a crate: `raft` (raft-rs) is sans-IO
 //! but draws election timeouts from an unseeded generator of its own (so

@@ -18,14 +18,15 @@
 
 use std::{collections::VecDeque, sync::Arc, time::Instant};
 
-use bytes::Bytes;
 use rustc_hash::FxHashMap;
 
 use super::{work::SendReply, Engine};
+pub(crate) use crate::core::replica::StoredMessage;
 use crate::{
     core::{
         pubsub::MessageId,
-        queue::{Journal, NewMessage},
+        queue::Journal,
+        replica::{restore_messages, QueueOp},
         stream::Record,
         NodeId,
     },
@@ -35,35 +36,8 @@ use crate::{
 /// One change for the store.
 #[derive(Debug)]
 pub(crate) enum WriteOp {
-    /// A queued message, with its times as Unix µs.
-    QueuePut {
-        jid: u64,
-        queue: Arc<str>,
-        id: MessageId,
-        headers: Vec<(String, Bytes)>,
-        payload: Bytes,
-        not_before_us: Option<i64>,
-        expires_us: Option<i64>,
-        dedup: Option<String>,
-    },
-    QueueMove {
-        jid: u64,
-        queue: Arc<str>,
-        dead: Option<(u32, String)>,
-    },
-    QueueDel {
-        jid: u64,
-    },
-    /// A queue's dedup key, kept until `until_us` (Unix µs).
-    DedupPut {
-        queue: Arc<str>,
-        key: String,
-        until_us: i64,
-    },
-    DedupDel {
-        queue: Arc<str>,
-        key: String,
-    },
+    /// A change to the messages of a hosted queue.
+    Queue(QueueOp),
     StreamPut {
         stream: Arc<str>,
         index: u32,
@@ -84,20 +58,6 @@ pub(crate) enum WriteOp {
     Epoch(u64),
 }
 
-/// A stored queue message, as loaded at start.
-#[derive(Debug, Clone)]
-pub(crate) struct StoredMsg {
-    pub(crate) jid: u64,
-    pub(crate) queue: String,
-    pub(crate) id: MessageId,
-    pub(crate) headers: Vec<(String, Bytes)>,
-    pub(crate) payload: Bytes,
-    pub(crate) not_before_us: Option<i64>,
-    pub(crate) expires_us: Option<i64>,
-    pub(crate) dedup: Option<String>,
-    pub(crate) dead: Option<(u32, String)>,
-}
-
 /// A stored stream partition, as loaded at start.
 #[derive(Debug)]
 pub(crate) struct StoredPartition {
@@ -112,7 +72,7 @@ pub(crate) struct StoredPartition {
 #[derive(Debug, Default)]
 pub(crate) struct Loaded {
     pub(crate) epoch: Option<u64>,
-    pub(crate) queue: Vec<StoredMsg>,
+    pub(crate) queue: Vec<StoredMessage>,
     /// Dedup keys: (queue, key, until as Unix µs).
     pub(crate) dedup: Vec<(String, String, i64)>,
     pub(crate) streams: Vec<StoredPartition>,
@@ -216,27 +176,6 @@ impl Store {
     }
 }
 
-/// Unix µs of `at`, by the clock's `now` and `now_us`.
-pub(crate) fn to_unix(at: Instant, now: Instant, now_us: u64) -> i64 {
-    let us = if at >= now {
-        now_us.saturating_add(at.duration_since(now).as_micros() as u64)
-    } else {
-        now_us.saturating_sub(now.duration_since(at).as_micros() as u64)
-    };
-    us.min(i64::MAX as u64) as i64
-}
-
-/// The instant of Unix µs `us`, by the clock's `now` and `now_us`.
-pub(crate) fn from_unix(us: i64, now: Instant, now_us: u64) -> Instant {
-    let us = us.max(0) as u64;
-    if us >= now_us {
-        crate::core::queue::after(now, std::time::Duration::from_micros(us - now_us))
-    } else {
-        now.checked_sub(std::time::Duration::from_micros(now_us - us))
-            .unwrap_or(now)
-    }
-}
-
 impl Engine {
     /// Puts back what the store held: queue messages in journal order,
     /// stream partitions with their commits, and declares them hosted.
@@ -251,30 +190,9 @@ impl Engine {
     ) -> Result<(), String> {
         self.now = now;
         let (mut queues, mut streams) = (0usize, 0usize);
-        let mut msgs = 0usize;
-        let mut names: Vec<Arc<str>> = Vec::new();
-        for m in loaded.queue {
-            msgs += 1;
-            if names.last().is_none_or(|n| **n != *m.queue) {
-                names.push(m.queue.as_str().into());
-            }
-            let msg = NewMessage {
-                id: m.id,
-                headers: m.headers,
-                payload: m.payload,
-                not_before: m.not_before_us.map(|t| from_unix(t, now, now_us)),
-                expires: m.expires_us.map(|t| from_unix(t, now, now_us)),
-                dedup_key: m.dedup,
-            };
-            self.work.host.restore(now, &m.queue, m.jid, msg, m.dead);
-        }
+        let msgs = loaded.queue.len();
         let keys = loaded.dedup.len();
-        for (queue, key, until_us) in loaded.dedup {
-            let until = from_unix(until_us, now, now_us);
-            self.work.host.restore_dedup(now, &queue, key, until);
-        }
-        names.sort_unstable();
-        names.dedup();
+        let names = restore_messages(&mut self.work.host, now, now_us, loaded.queue, loaded.dedup);
         for q in names {
             queues += 1;
             self.host_restored_queue(q);
@@ -326,26 +244,8 @@ impl Engine {
         self.work.host.drain_journal(&mut d.journal);
         if !d.journal.is_empty() {
             for j in d.journal.drain(..) {
-                d.ops.push(match j {
-                    Journal::Stored { jid, queue, msg } => WriteOp::QueuePut {
-                        jid,
-                        queue,
-                        id: msg.id,
-                        headers: msg.headers,
-                        payload: msg.payload,
-                        not_before_us: msg.not_before.map(|t| to_unix(t, now, now_us)),
-                        expires_us: msg.expires.map(|t| to_unix(t, now, now_us)),
-                        dedup: msg.dedup_key,
-                    },
-                    Journal::Moved { jid, queue, dead } => WriteOp::QueueMove { jid, queue, dead },
-                    Journal::Removed { jid } => WriteOp::QueueDel { jid },
-                    Journal::Dedup { queue, key, until } => WriteOp::DedupPut {
-                        queue,
-                        key,
-                        until_us: to_unix(until, now, now_us),
-                    },
-                    Journal::DedupGone { queue, key } => WriteOp::DedupDel { queue, key },
-                });
+                d.ops
+                    .push(WriteOp::Queue(QueueOp::from_journal(j, now, now_us)));
             }
         }
         if now >= d.next_trim {

@@ -6,8 +6,8 @@ use std::{collections::VecDeque, sync::Arc};
 use tokio::sync::mpsc;
 
 use crate::{
-    core::stream::Record,
-    engine::durable::{Loaded, StoredMsg, StoredPartition, WriteOp},
+    core::{replica::QueueState, stream::Record},
+    engine::durable::{Loaded, StoredPartition, WriteOp},
     runtime::durable::Backend,
 };
 
@@ -20,8 +20,7 @@ use crate::{
 #[derive(Debug, Default)]
 pub(crate) struct MemDisk {
     epoch: Option<u64>,
-    queue: std::collections::BTreeMap<u64, StoredMsg>,
-    dedup: std::collections::BTreeMap<(String, String), i64>,
+    queue: QueueState,
     streams: std::collections::BTreeMap<(String, u32), MemPartition>,
 }
 
@@ -36,50 +35,7 @@ impl MemDisk {
     fn apply(&mut self, ops: Vec<WriteOp>) {
         for op in ops {
             match op {
-                WriteOp::QueuePut {
-                    jid,
-                    queue,
-                    id,
-                    headers,
-                    payload,
-                    not_before_us,
-                    expires_us,
-                    dedup,
-                } => {
-                    self.queue.insert(
-                        jid,
-                        StoredMsg {
-                            jid,
-                            queue: queue.to_string(),
-                            id,
-                            headers,
-                            payload,
-                            not_before_us,
-                            expires_us,
-                            dedup,
-                            dead: None,
-                        },
-                    );
-                }
-                WriteOp::QueueMove { jid, queue, dead } => {
-                    if let Some(m) = self.queue.get_mut(&jid) {
-                        m.queue = queue.to_string();
-                        m.dead = dead;
-                    }
-                }
-                WriteOp::QueueDel { jid } => {
-                    self.queue.remove(&jid);
-                }
-                WriteOp::DedupPut {
-                    queue,
-                    key,
-                    until_us,
-                } => {
-                    self.dedup.insert((queue.to_string(), key), until_us);
-                }
-                WriteOp::DedupDel { queue, key } => {
-                    self.dedup.remove(&(queue.to_string(), key));
-                }
+                WriteOp::Queue(op) => self.queue.apply(op),
                 WriteOp::StreamPut {
                     stream,
                     index,
@@ -118,11 +74,11 @@ impl MemDisk {
     fn load(&self) -> Loaded {
         Loaded {
             epoch: self.epoch,
-            queue: self.queue.values().cloned().collect(),
+            queue: self.queue.messages().cloned().collect(),
             dedup: self
-                .dedup
-                .iter()
-                .map(|((q, k), u)| (q.clone(), k.clone(), *u))
+                .queue
+                .dedup_keys()
+                .map(|(q, k, u)| (q.to_string(), k.to_string(), u))
                 .collect(),
             streams: self
                 .streams

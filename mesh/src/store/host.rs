@@ -14,8 +14,8 @@ use tokio::sync::mpsc;
 
 use super::{schema, StoreError};
 use crate::{
-    core::{pubsub::MessageId, stream::Record, NodeId},
-    engine::durable::{Loaded, StoredMsg, StoredPartition, WriteOp},
+    core::{pubsub::MessageId, replica::QueueOp, stream::Record, NodeId},
+    engine::durable::{Loaded, StoredMessage, StoredPartition, WriteOp},
     runtime::durable::Backend,
 };
 
@@ -156,7 +156,7 @@ fn write(conn: &Connection, path: &Path, ops: &[WriteOp]) -> Result<(), StoreErr
     let gone: FxHashSet<u64> = ops
         .iter()
         .filter_map(|o| match o {
-            WriteOp::QueueDel { jid } => Some(*jid),
+            WriteOp::Queue(QueueOp::Del { jid }) => Some(*jid),
             _ => None,
         })
         .collect();
@@ -195,7 +195,7 @@ fn write(conn: &Connection, path: &Path, ops: &[WriteOp]) -> Result<(), StoreErr
             .map_err(err)?;
         for op in ops {
             match op {
-                WriteOp::QueuePut {
+                WriteOp::Queue(QueueOp::Put {
                     jid,
                     queue,
                     id,
@@ -204,7 +204,7 @@ fn write(conn: &Connection, path: &Path, ops: &[WriteOp]) -> Result<(), StoreErr
                     not_before_us,
                     expires_us,
                     dedup,
-                } => {
+                }) => {
                     if gone.contains(jid) {
                         put_here.insert(*jid);
                         continue;
@@ -222,7 +222,7 @@ fn write(conn: &Connection, path: &Path, ops: &[WriteOp]) -> Result<(), StoreErr
                     ])
                     .map_err(err)?;
                 }
-                WriteOp::QueueMove { jid, queue, dead } => {
+                WriteOp::Queue(QueueOp::Move { jid, queue, dead }) => {
                     if put_here.contains(jid) {
                         continue;
                     }
@@ -233,22 +233,22 @@ fn write(conn: &Connection, path: &Path, ops: &[WriteOp]) -> Result<(), StoreErr
                     mv.execute(rusqlite::params![*jid as i64, &**queue, attempts, reason])
                         .map_err(err)?;
                 }
-                WriteOp::QueueDel { jid } => {
+                WriteOp::Queue(QueueOp::Del { jid }) => {
                     if put_here.contains(jid) {
                         continue;
                     }
                     del.execute([*jid as i64]).map_err(err)?;
                 }
-                WriteOp::DedupPut {
+                WriteOp::Queue(QueueOp::Dedup {
                     queue,
                     key,
                     until_us,
-                } => {
+                }) => {
                     dedup_put
                         .execute(rusqlite::params![&**queue, key, until_us])
                         .map_err(err)?;
                 }
-                WriteOp::DedupDel { queue, key } => {
+                WriteOp::Queue(QueueOp::DedupGone { queue, key }) => {
                     dedup_del
                         .execute(rusqlite::params![&**queue, key])
                         .map_err(err)?;
@@ -366,7 +366,7 @@ fn load(conn: &Connection, path: &Path) -> Result<Loaded, StoreError> {
             let payload: Vec<u8> = r.get(5).map_err(err)?;
             let dead_attempts: Option<i64> = r.get(9).map_err(err)?;
             let dead_reason: Option<String> = r.get(10).map_err(err)?;
-            queue.push(StoredMsg {
+            queue.push(StoredMessage {
                 jid: jid as u64,
                 queue: r.get(1).map_err(err)?,
                 id: MessageId {
