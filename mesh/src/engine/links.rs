@@ -94,19 +94,18 @@ impl Engine {
                 continue;
             }
             if self.local < peer {
-                let alive = matches!(
-                    self.membership.state_of(&peer),
-                    Some(MemberState::Alive | MemberState::Suspect)
-                );
-                if alive {
-                    out.push(Relink::Open(peer));
-                } else {
+                match self.membership.state_of(&peer) {
+                    Some(MemberState::Alive | MemberState::Suspect) => {
+                        out.push(Relink::Open(peer));
+                    }
                     // Down for now, but connected: membership may take it
-                    // back (a refuted suspicion) with nothing else to
-                    // set the link up again, so try later. A member
-                    // that stays down is disconnected, and then dropped
-                    // from here.
-                    self.schedule_relink(now, peer);
+                    // back (a refuted suspicion) with nothing else to set
+                    // the link up again, so try later, backing off. A
+                    // member that stays down is disconnected, and then
+                    // dropped from here.
+                    Some(MemberState::Down) => self.schedule_relink(now, peer),
+                    // Not a member (any more): nothing to set up.
+                    None => {}
                 }
             } else {
                 out.push(Relink::Ask(peer));
@@ -154,9 +153,12 @@ impl Engine {
             self.interest.remove(&node);
         }
         let membership = &self.membership;
+        let due = &self.relinks.due;
+        // A relink still due keeps its back-off, or it would come round
+        // again at once.
         self.relinks
             .backoff
-            .retain(|n, _| membership.state_of(n).is_some());
+            .retain(|n, _| membership.state_of(n).is_some() || due.iter().any(|(_, p)| p == n));
         self.reliable.retain(|n| membership.state_of(n).is_some());
     }
 }
@@ -231,31 +233,44 @@ mod tests {
     }
 
     #[test]
-    fn a_relink_to_a_connected_member_not_alive_yet_is_tried_again() {
-        let now = crate::test_support::test_origin();
-        let mut s = crate::engine::testing::engine(1, &Config::default(), now);
-        // A peer with a larger id that membership does not have alive
-        // (here: does not know at all), still connected.
-        let peer = (2..=255)
-            .map(|i| {
-                libp2p::identity::Keypair::ed25519_from_bytes([i; 32])
-                    .expect("any 32 bytes are a key")
-                    .public()
-                    .to_peer_id()
-            })
-            .find(|p| *p > s.local)
-            .expect("some key has a larger id");
+    fn a_relink_to_a_connected_member_down_for_now_is_tried_again() {
+        use rand::SeedableRng;
+        let start = crate::test_support::test_origin();
+        let mut s = crate::engine::testing::engine(1, &Config::default(), start);
+        let mut rng = rand::rngs::SmallRng::seed_from_u64(1);
+        // Peers with larger ids: one membership declares down (its
+        // connection still up), one it does not know.
+        let mut larger = (2..=255).filter_map(|i| {
+            let p = libp2p::identity::Keypair::ed25519_from_bytes([i; 32])
+                .expect("any 32 bytes are a key")
+                .public()
+                .to_peer_id();
+            (p > s.local).then_some(p)
+        });
+        let (peer, stranger) = (larger.next().unwrap(), larger.next().unwrap());
+        s.membership.handle_link_up(start, peer, Vec::new());
+        s.membership.handle_link_down(start, peer);
+        let mut now = start;
+        while s.membership.state_of(&peer) != Some(MemberState::Down) {
+            now += Duration::from_millis(100);
+            assert!(now < start + Duration::from_secs(600), "never down");
+            s.membership.handle_timeout(now, &mut rng);
+        }
         s.schedule_relink(now, peer);
+        s.schedule_relink(now, stranger);
         assert!(s.poll_relinks(now, |_| false, |_| true).is_empty());
-        // Membership takes it back; the relink comes after the back-off
-        // rather than never.
-        s.membership.handle_link_up(now, peer, Vec::new());
+        // The stranger is dropped; the member down is tried again after
+        // the back-off (forgetting departed members keeps it), not at
+        // once and not never.
+        s.forget_departed();
         let later = now + BACKOFF_FIRST;
         assert_eq!(s.relinks.next_due(), Some(later));
         assert!(
             s.poll_timeout().is_some_and(|t| t <= later),
             "the relink is a timer"
         );
+        // Membership takes it back (a refuted suspicion).
+        s.membership.handle_link_up(later, peer, Vec::new());
         assert_eq!(
             s.poll_relinks(later, |_| false, |_| true),
             [Relink::Open(peer)]

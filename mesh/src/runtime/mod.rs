@@ -559,8 +559,7 @@ impl NodeTask {
 
     /// When a timer of the engine is next due.
     fn poll_timeout(&mut self) -> Instant {
-        let reconnect = (!self.shutting_down).then_some(self.next_reconnect);
-        [self.engine.poll_timeout(), reconnect]
+        [self.engine.poll_timeout(), Some(self.next_reconnect)]
             .into_iter()
             .flatten()
             .min()
