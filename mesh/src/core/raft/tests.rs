@@ -557,6 +557,24 @@ fn random_run(seed: u64) {
     }
 }
 
+/// Replica 1 of the set {1, 2, 3}, with what it kept.
+fn replica_1_of_3(
+    state: HardState<Node>,
+    log: Vec<Entry<Node, u32>>,
+    now: Instant,
+    rng: &mut SmallRng,
+) -> Raft<Node, u32> {
+    Raft::new(
+        1,
+        Members::of([1, 2, 3]),
+        Config::default(),
+        state,
+        log,
+        now,
+        rng,
+    )
+}
+
 /// Figure 8 of the Raft paper: a leader must not count replicas to commit
 /// an entry of an earlier term; it commits once an entry of its own term
 /// is on a majority (and the earlier ones with it).
@@ -569,10 +587,7 @@ fn a_leader_commits_earlier_terms_only_through_an_entry_of_its_own() {
         index,
         payload: Payload::Data(index as u32),
     };
-    let mut r: Raft<Node, u32> = Raft::new(
-        1,
-        Members::of([1, 2, 3]),
-        Config::default(),
+    let mut r = replica_1_of_3(
         HardState {
             term: 3,
             voted_for: Some(1),
@@ -646,10 +661,7 @@ fn a_refusal_hinting_below_the_match_still_moves_the_follower_back() {
         index,
         payload: Payload::Data(index as u32),
     };
-    let mut r: Raft<Node, u32> = Raft::new(
-        1,
-        Members::of([1, 2, 3]),
-        Config::default(),
+    let mut r = replica_1_of_3(
         HardState {
             term: 2,
             voted_for: Some(1),
@@ -690,15 +702,7 @@ fn a_refusal_hinting_below_the_match_still_moves_the_follower_back() {
 fn malformed_appends_are_refused_and_counted_and_change_nothing() {
     let now = test_origin();
     let mut rng = SmallRng::seed_from_u64(4);
-    let mut r: Raft<Node, u32> = Raft::new(
-        1,
-        Members::of([1, 2, 3]),
-        Config::default(),
-        HardState::default(),
-        Vec::new(),
-        now,
-        &mut rng,
-    );
+    let mut r = replica_1_of_3(HardState::default(), Vec::new(), now, &mut rng);
     let append = |term, prev_index, entries: Vec<(Term, Index)>| Message::Append {
         term,
         prev_index,
